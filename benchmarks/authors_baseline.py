@@ -1,0 +1,175 @@
+"""The authors' structure, for the side-by-side: same weights, their way of running them.
+
+REFERENCE.md ("RM2S: what the authors' code does"): both networks in PyTorch eager FP32; the
+stage-1 output goes to the host (``.cpu()``), the middle step runs there with OpenCV Sobel
+(``ksize=5``) and scikit-learn ``KMeans(n_clusters=2)`` on the non-zero confidence values,
+the 9-channel stage-2 input goes back to the device, and stage 2 runs. Each of those is a
+timed stage (:data:`AuthorsPipeline.stages`), with the device synchronised at every boundary,
+as their ``.cpu()`` calls do anyway.
+
+Also the middle step alone, four ways (:func:`middle_step_samples`): the fused CUDA kernel
+(cupy, GPU only), this SDK's CPU step (``middle_step_cpu``), the plain torch implementation
+(``dereflect.train.confidence_torch``) and the authors' OpenCV + scikit-learn step.
+
+Needs the ``train`` extra (torch, scikit-learn). Used by ``gpu_suite.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import cv2
+import numpy as np
+from dereflect.bench import CudaEventTimer, MonotonicTimer, StageTimer, time_calls
+
+LUMA = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
+EPS = 1e-7
+#: scikit-learn's KMeans default before 1.4 (then "auto", one k-means++ run): what code of the
+#: authors' time ran with.
+AUTHORS_N_INIT = 10
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    return (image @ LUMA).astype(np.float32)
+
+
+def _sobel_magnitude(gray: np.ndarray) -> np.ndarray:
+    gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=5)
+    gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=5)
+    return np.sqrt(gx * gx + gy * gy)
+
+
+def authors_middle_step(
+    image: np.ndarray, stage1: np.ndarray, c1: float = 0.5, c2: float = 0.5,
+    n_init: int = AUTHORS_N_INIT, seed: int = 0,
+) -> Tuple[np.ndarray, Dict[str, float]]:
+    """HxWx3 float32 I and B1 in [0, 1] -> HxWx9 stage-2 input, and the K-means centres."""
+    from sklearn.cluster import KMeans
+
+    g_i = _sobel_magnitude(_gray(image))
+    g_b = _sobel_magnitude(_gray(stage1))
+    g_r = _sobel_magnitude(_gray(image - stage1))
+    confidence = np.log(g_r / (g_b + EPS) + 1) * (g_i > 1)
+    values = confidence[confidence != 0].reshape(-1, 1)
+    if np.unique(values).size < 2:
+        high = low = float(values.mean()) if values.size else 0.0
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            centres = KMeans(n_clusters=2, n_init=n_init, random_state=seed).fit(values).cluster_centers_
+        high, low = float(centres.max()), float(centres.min())
+    mask_reflection = confidence > high - c1 * (high - low)
+    mask_background = (confidence > 0) & (confidence < low + c2 * (high - low))
+    stage2_input = np.concatenate(
+        [image, image * mask_background[:, :, None], image * mask_reflection[:, :, None]], axis=2
+    )
+    return stage2_input.astype(np.float32), {"high": high, "low": low, "edges": float(values.size)}
+
+
+def _checkpoint_networks(checkpoint: Any) -> Tuple[Any, Any]:
+    from dereflect.train.checkpoint import load_checkpoint
+    from dereflect.train.models.common import PaddedModel
+
+    loaded = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    have = loaded.metadata["networks"]
+    second = "stage2" if "stage2" in have else "generator"
+    return PaddedModel(loaded.build("stage1")), PaddedModel(loaded.build(second))
+
+
+class AuthorsPipeline:
+    """Stage 1 -> host -> OpenCV + scikit-learn -> device -> stage 2, eager FP32, one frame at a time."""
+
+    stages = ("upload", "stage1", "to_host", "middle", "to_device", "stage2", "download")
+
+    def __init__(self, checkpoint: Any, device: str = "cuda", c1: float = 0.5, c2: float = 0.5,
+                 n_init: int = AUTHORS_N_INIT) -> None:
+        import torch
+
+        self._torch = torch
+        self.device = torch.device(device)
+        stage1, stage2 = _checkpoint_networks(checkpoint)
+        self.stage1 = stage1.float().eval().to(self.device)
+        self.stage2 = stage2.float().eval().to(self.device)
+        self.c1, self.c2, self.n_init = c1, c2, n_init
+
+    def timer(self) -> StageTimer:
+        cuda = self.device.type == "cuda"
+        return MonotonicTimer(sync=self._torch.cuda.synchronize if cuda else None)
+
+    def run(self, image: np.ndarray, timer: StageTimer) -> np.ndarray:
+        torch = self._torch
+        with torch.no_grad():
+            with timer.stage("upload"):
+                frame = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[None])).to(self.device)
+            with timer.stage("stage1"):
+                stage1 = self.stage1(frame)
+            with timer.stage("to_host"):
+                stage1_host = stage1.clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
+            with timer.stage("middle"):
+                stage2_input, _ = authors_middle_step(image, stage1_host, self.c1, self.c2, self.n_init)
+            with timer.stage("to_device"):
+                batch = torch.from_numpy(np.ascontiguousarray(stage2_input.transpose(2, 0, 1)[None]))
+                batch = batch.to(self.device)
+            with timer.stage("stage2"):
+                out = self.stage2(batch)
+            with timer.stage("download"):
+                return out.clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
+
+
+def _device_samples(call: Callable[[], Any], make_timer: Callable[[], StageTimer], warmup: int,
+                    runs: int) -> List[float]:
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(runs):
+        timer = make_timer()
+        with timer.stage("call"):
+            call()
+        samples.append(timer.read()["call"])
+    return samples
+
+
+def middle_step_samples(
+    image: np.ndarray, stage1: np.ndarray, device: str, warmup: int, runs: int,
+    authors_runs: Optional[int] = None, c1: float = 0.5, c2: float = 0.5,
+) -> Dict[str, Any]:
+    """Samples (ms) of the middle step on one frame, per implementation; None where unavailable.
+
+    GPU implementations are timed with CUDA events (device time, tensors already on the GPU);
+    CPU ones with the host clock. ``authors_runs`` (default ``runs``) bounds the slow
+    scikit-learn step.
+    """
+    import torch
+    from dereflect.middle_step import middle_step_cpu
+    from dereflect.train.confidence_torch import stage2_input_torch
+
+    results: Dict[str, Any] = {
+        "cpu step (middle_step_cpu)": time_calls(lambda: middle_step_cpu(image, stage1, c1, c2), warmup, runs),
+        "authors (OpenCV + scikit-learn)": time_calls(
+            lambda: authors_middle_step(image, stage1, c1, c2), min(warmup, 1), authors_runs or runs),
+    }
+    target = torch.device(device)
+    image_t = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[None])).to(target)
+    stage1_t = torch.from_numpy(np.ascontiguousarray(stage1.transpose(2, 0, 1)[None])).to(target)
+    if target.type == "cuda":
+        def make_timer() -> StageTimer:
+            return CudaEventTimer(torch)
+    else:
+        make_timer = MonotonicTimer
+    results[f"torch step ({target.type})"] = _device_samples(
+        lambda: stage2_input_torch(image_t, stage1_t, c1, c2), make_timer, warmup, runs)
+    results["fused kernel (cupy)"] = None
+    if target.type == "cuda":
+        try:
+            import cupy
+            from dereflect.cuda_confidence import CupyConfidence
+        except ImportError:
+            return results
+        kernel = CupyConfidence()
+        image_c, stage1_c = cupy.asarray(image_t), cupy.asarray(stage1_t)
+        stream = torch.cuda.current_stream().cuda_stream
+        results["fused kernel (cupy)"] = _device_samples(
+            lambda: kernel(image_c, stage1_c, c1=c1, c2=c2, stream=stream), make_timer, warmup, runs)
+    return results

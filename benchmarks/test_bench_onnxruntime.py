@@ -1,0 +1,42 @@
+"""ONNX Runtime (CPU) latency by size: each lite U-Net alone and the whole staged RM2S frame.
+
+The model is a lite U-Net pair with random weights exported on the fly (random_export.py);
+latency does not depend on the weights. Skipped without torch (the ``train`` extra).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from dereflect.bench import MonotonicTimer, RunnerStages, synthetic_frame
+from dereflect.manifest import load_manifest
+
+pytest.importorskip("torch", reason="exporting the lite U-Net needs torch (pip install 'dereflect[train]')")
+from dereflect.backends.onnxruntime import open_networks  # noqa: E402
+from random_export import make_random_export  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def lite(tmp_path_factory):
+    manifest = load_manifest(make_random_export(tmp_path_factory.mktemp("lite"), "lite"))
+    runners = open_networks(manifest, device="cpu")
+    yield manifest, runners
+    for runner in runners.values():
+        runner.deactivate()
+
+
+@pytest.mark.parametrize("network,channels", [("stage1", 3), ("stage2", 9)])
+def test_network(benchmark, lite, size, network, channels):
+    manifest, runners = lite
+    feed = {manifest.networks[network].inputs[0].name:
+            np.random.default_rng(0).random((1, channels) + size, dtype=np.float32)}
+    out = benchmark(runners[network].infer, feed)
+    assert out["background"].shape == (1, 3) + size
+
+
+def test_rm2s_frame(benchmark, lite, size):
+    manifest, runners = lite
+    stages = RunnerStages(manifest, runners, 0.5, 0.5)
+    image = synthetic_frame(*size)
+    background = benchmark(lambda: stages.run(image, MonotonicTimer()))
+    assert background.shape == image.shape and np.isfinite(background).all()

@@ -1,0 +1,405 @@
+"""``dereflect export onnx``: a checkpoint to an export directory (ONNX, FP16 ONNX, goldens, manifest).
+
+Each network of the checkpoint's method is wrapped in ``PaddedModel`` (edge padding to the
+network's stride and minimum size, and the crop back, happen inside the graph) and exported
+with ``torch.onnx.export(..., dynamo=False, opset_version=17)`` with dynamic batch, height
+and width. Exporting in eval mode folds BatchNorm into the preceding Conv; this module also
+folds the BatchNorm after a ConvTranspose (the exporter leaves those) and removes the
+Identity nodes the exporter inserts for de-duplicated weights, so the graph TensorRT parses
+is plain Conv/ConvTranspose/activation layers.
+
+Then, in a temporary directory next to the target: parity with PyTorch (ONNX Runtime CPU),
+the FP16 file (checked against the FP32 one on natural-looking images), golden files, the
+static TensorRT compatibility check, and ``manifest.json``. Only when all of that succeeded is
+the directory moved into place. An existing non-empty target is refused unless ``force``,
+and even then only if it is an earlier export (never an arbitrary directory).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+from dereflect import __version__
+from dereflect.errors import InputError, ModelError, require
+from dereflect.manifest import MANIFEST_NAME, Manifest, NetworkSpec, TensorSpec, sha256_file
+
+log = logging.getLogger("dereflect.export")
+
+#: Lowest FP16-vs-FP32 PSNR (dB) accepted on natural-looking images.
+FP16_MIN_PSNR = 45.0
+#: Nominal value ranges of the outputs (used for PSNR peaks and parity tolerances).
+OUTPUT_RANGES = {"background": (0.0, 1.0), "reflection": (-1.0, 1.0), "gradient": (0.0, 1.5)}
+#: (export name, checkpoint network, input name, output names) per method.
+METHOD_LAYOUT = {
+    "rm2s": (("stage1", "stage1", "image", ("background",)),
+             ("stage2", "generator", "stage2_input", ("background",))),
+    "crrn": (("crrn", "crrn", "image", ("background", "reflection", "gradient")),),
+}
+SUPPORTED_OPSETS = range(13, 21)
+#: (N, H, W) of the natural-looking images for FP16 calibration and measurement (different seeds).
+CALIBRATION_SHAPE = (2, 128, 192)
+MEASURE_SHAPE = (2, 160, 224)
+
+
+def _layout(checkpoint) -> Tuple[Tuple[str, str, str, Tuple[str, ...]], ...]:
+    method = checkpoint.method
+    if method not in METHOD_LAYOUT:
+        raise ModelError(f"{checkpoint.path}: cannot export method {method!r} "
+                         f"(known: {', '.join(METHOD_LAYOUT)})")
+    have = set(checkpoint.metadata["networks"])
+    if method == "rm2s" and "generator" not in have:
+        raise ModelError(
+            f"{checkpoint.path} is an RM2S stage-1 checkpoint; RM2S runs two networks, so export needs "
+            "the stage-2 checkpoint (it contains stage 1 too). Train stage 2 first "
+            "(dereflect train rm2s-stage2 --stage1 CKPT ...), then export its checkpoint"
+        )
+    layout = METHOD_LAYOUT[method]
+    missing = [source for _, source, _, _ in layout if source not in have]
+    if missing:
+        raise ModelError(f"{checkpoint.path}: a {method} checkpoint needs networks {missing} "
+                         f"(it has {sorted(have)})")
+    return layout
+
+
+def _is_export_dir(path: Path) -> bool:
+    manifest = path / MANIFEST_NAME
+    try:
+        return manifest.is_file() and '"dereflect-export"' in manifest.read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _check_target(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ModelError(f"{out_dir} exists and is not a directory")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not force:
+        raise ModelError(f"{out_dir} is not empty; choose a new directory or pass --force to replace an "
+                         "earlier export")
+    if not _is_export_dir(out_dir):
+        raise ModelError(
+            f"{out_dir} is not empty and is not a dereflect export directory; refusing to replace it even "
+            "with --force"
+        )
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    backup.rmdir()
+    os.replace(out_dir, backup)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        os.replace(backup, out_dir)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+# --- graph clean-up ---------------------------------------------------------------------------------
+
+def _fold_identities(graph) -> int:
+    """Point consumers of ``Identity(initializer)`` at the initializer itself and drop the Identity."""
+    initializers = {init.name for init in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in initializers and node.output[0] not in outputs:
+            alias[node.output[0]] = node.input[0]
+        else:
+            keep.append(node)
+    for node in keep:
+        node.input[:] = [alias.get(name, name) for name in node.input]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(alias)
+
+
+def _fold_batchnorm(graph) -> int:
+    """Fold ``BatchNormalization`` into a preceding Conv/ConvTranspose (group 1) used only by it.
+
+    BN(y) = s * (y - mean) + beta with s = gamma / sqrt(var + eps), so the layer's weights are
+    scaled per output channel by s and its bias becomes s * (bias - mean) + beta.
+    """
+    from onnx import helper, numpy_helper
+
+    initializers = {init.name: init for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: Dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    outputs = {o.name for o in graph.output}
+    removed = set()
+    folded = 0
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
+            continue
+        layer = producers.get(bn.input[0])
+        params = bn.input[1:5]
+        if (layer is None or layer.op_type not in ("Conv", "ConvTranspose") or consumers.get(bn.input[0]) != 1
+                or bn.input[0] in outputs or not all(p in initializers for p in params)
+                or layer.input[1] not in initializers
+                or (len(layer.input) > 2 and layer.input[2] and layer.input[2] not in initializers)):
+            continue
+        group = next((helper.get_attribute_value(a) for a in layer.attribute if a.name == "group"), 1)
+        if group != 1:
+            continue
+        epsilon = next((helper.get_attribute_value(a) for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (numpy_helper.to_array(initializers[p]).astype(np.float64) for p in params)
+        scale = gamma / np.sqrt(var + epsilon)
+        weight = numpy_helper.to_array(initializers[layer.input[1]]).astype(np.float64)
+        has_bias = len(layer.input) > 2 and bool(layer.input[2])
+        bias = numpy_helper.to_array(initializers[layer.input[2]]).astype(np.float64) if has_bias else 0.0
+        channel_axis = 1 if layer.op_type == "ConvTranspose" else 0
+        shape = [1] * weight.ndim
+        shape[channel_axis] = -1
+        base = layer.name or layer.output[0]
+        weight_name, bias_name = f"{base}.folded_weight", f"{base}.folded_bias"
+        graph.initializer.extend([
+            numpy_helper.from_array((weight * scale.reshape(shape)).astype(np.float32), weight_name),
+            numpy_helper.from_array(((bias - mean) * scale + beta).astype(np.float32), bias_name),
+        ])
+        layer.input[:] = [layer.input[0], weight_name, bias_name]
+        layer.output[0] = bn.output[0]
+        removed.add(id(bn))
+        folded += 1
+    keep = [node for node in graph.node if id(node) not in removed]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return folded
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def clean_graph(model) -> Dict[str, int]:
+    """Fold Identity-of-weights and BatchNorm-after-(Transposed)Conv in place; returns the counts."""
+    import onnx
+
+    graph = model.graph
+    counts = {"identities": _fold_identities(graph), "batchnorms": _fold_batchnorm(graph)}
+    _drop_unused_initializers(graph)
+    del graph.value_info[:]
+    onnx.checker.check_model(model)
+    return counts
+
+
+# --- export -------------------------------------------------------------------------------------------
+
+def _trace_size(stride: int, min_size: int) -> Tuple[int, int]:
+    # Any size works (padding is in the graph); one that needs padding exercises that path.
+    base = max(stride, min_size) + stride // 2 + 1
+    return base, base + stride
+
+
+def _export_network(torch, module, path: Path, input_name: str, channels: int, output_names, opset: int,
+                    stride: int, min_size: int) -> Dict[str, int]:
+    import onnx
+
+    height, width = _trace_size(stride, min_size)
+    dummy = torch.rand(1, channels, height, width)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    with warnings.catch_warnings():
+        # Tracer and deprecation warnings are about the exporter, not about anything the user can fix.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, (dummy,), str(path), input_names=[input_name], output_names=list(output_names),
+            dynamic_axes={name: axes for name in [input_name, *output_names]},
+            opset_version=opset, dynamo=False, do_constant_folding=True,
+        )
+    model = onnx.load(str(path))
+    counts = clean_graph(model)
+    onnx.save(model, str(path))
+    return counts
+
+
+def _output_spec(name: str, channels: int) -> TensorSpec:
+    return TensorSpec(name=name, channels=channels, value_range=OUTPUT_RANGES.get(name, (0.0, 1.0)))
+
+
+def _data_ranges(spec: NetworkSpec) -> Dict[str, float]:
+    return {o.name: float(o.value_range[1] - o.value_range[0]) or 1.0 for o in spec.outputs}
+
+
+def export_onnx(
+    checkpoint_path: os.PathLike,
+    out_dir: os.PathLike,
+    fp16: bool = True,
+    opset: int = 17,
+    golden: bool = True,
+    force: bool = False,
+) -> Manifest:
+    """Export ``checkpoint_path`` into ``out_dir`` and return the written manifest.
+
+    Raises ModelError when the checkpoint is incomplete, the target is not replaceable, parity
+    with PyTorch fails, or the FP16 file is below :data:`FP16_MIN_PSNR` against the FP32 one.
+    """
+    torch = require("torch", "export", "exporting checkpoints")
+    onnx = require("onnx", "export", "exporting checkpoints")
+    from dereflect.train.checkpoint import load_checkpoint
+    from dereflect.train.models.common import PaddedModel
+
+    from . import parity as parity_mod
+    from .fp16 import compare_models, convert_to_fp16, emulate_fp16
+    from .trt_support import check_trt_compat
+    from .verify import natural_images, ort_infer, pipeline_feeds, write_goldens
+
+    if opset not in SUPPORTED_OPSETS:
+        raise InputError(f"opset {opset} is not supported; use 13-20 (17 keeps TensorRT 8.5 reachable)")
+    checkpoint_path = Path(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path)
+    layout = _layout(checkpoint)
+    out_dir = Path(out_dir).expanduser().resolve()
+    _check_target(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    # mkdtemp makes the directory private (0700); the export should get the usual permissions.
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        modules: Dict[str, Any] = {}
+        networks: Dict[str, NetworkSpec] = {}
+        cleaned: Dict[str, Dict[str, int]] = {}
+        for name, source, input_name, output_names in layout:
+            net = checkpoint.build(source)
+            stride, min_size = int(getattr(net, "stride", 1)), int(getattr(net, "min_size", 0))
+            module = PaddedModel(net).eval()
+            channels = int(checkpoint.network_spec(source)["config"].get("in_channels", 3))
+            with torch.no_grad():
+                probe = module(torch.rand(1, channels, *_trace_size(stride, min_size)))
+            probe = probe if isinstance(probe, (tuple, list)) else (probe,)
+            if len(probe) != len(output_names):
+                raise ModelError(f"{name}: the network returns {len(probe)} outputs, "
+                                 f"expected {list(output_names)}")
+            path = tmp / f"{name}.onnx"
+            cleaned[name] = _export_network(torch, module, path, input_name, channels, output_names, opset,
+                                            stride, min_size)
+            modules[name] = module
+            networks[name] = NetworkSpec(
+                name=name, onnx=path.name, sha256=sha256_file(path),
+                inputs=[TensorSpec(name=input_name, channels=channels)],
+                outputs=[_output_spec(o, int(t.shape[1])) for o, t in zip(output_names, probe)],
+                stride=stride, min_size=min_size,
+            )
+        metadata = checkpoint.metadata
+        manifest = Manifest(
+            method=checkpoint.method,
+            name=str(metadata.get("name") or checkpoint_path.stem),
+            networks=networks,
+            directory=tmp,
+            middle_step=dict(metadata.get("middle_step") or {}),
+            checkpoint={"file": checkpoint_path.name, "sha256": sha256_file(checkpoint_path),
+                        "metadata": {k: v for k, v in metadata.items() if k != "optimizers"}},
+        )
+        extra: Dict[str, Any] = {
+            "dereflect_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "export": {"opset": opset, "torch": torch.__version__, "onnx": onnx.__version__,
+                       "graph_cleanup": cleaned},
+        }
+
+        # Parity: random inputs at several sizes, plus natural-looking images along the pipeline.
+        fp32_infer = ort_infer(manifest)
+        natural = pipeline_feeds(manifest, natural_images(*MEASURE_SHAPE, seed=7), fp32_infer)
+        report = None
+        for name, spec in networks.items():
+            cases = parity_mod.random_cases(spec.inputs[0].name, spec.inputs[0].channels)
+            cases.append(("natural", natural[name]))
+            report = parity_mod.check_parity(name, modules[name], str(tmp / spec.onnx), cases,
+                                             _data_ranges(spec), report=report)
+        if not report.passed:
+            raise ModelError("ONNX Runtime and PyTorch disagree beyond the tolerance:\n" + report.format())
+        extra["parity"] = report.to_dict()
+        log.info("%s", report.format())
+
+        if fp16:
+            calibration = pipeline_feeds(manifest, natural_images(*CALIBRATION_SHAPE, seed=11), fp32_infer)
+            fp16_record: Dict[str, Any] = {
+                "io_dtype": "float32",
+                "measured": "worst PSNR per output against the FP32 file on natural-looking images "
+                            f"{list(MEASURE_SHAPE)} (N, H, W), ONNX Runtime CPU. 'outputs': the FP16 graph "
+                            "emulated with every float16 weight and tensor rounded to float16 (arithmetic "
+                            "inside each node in float32); 'outputs_onnxruntime': the FP16 file as ONNX "
+                            "Runtime's CPU provider runs it (mostly float32 between casts it removes)",
+                "min_psnr_db": FP16_MIN_PSNR,
+                "networks": {},
+            }
+            for name, spec in networks.items():
+                converted, plan = convert_to_fp16(onnx.load(str(tmp / spec.onnx)),
+                                                  calibration=[calibration[name]])
+                path16 = tmp / f"{name}.fp16.onnx"
+                onnx.save(converted, str(path16))
+                spec.onnx_fp16, spec.sha256_fp16 = path16.name, sha256_file(path16)
+                reference, ranges = str(tmp / spec.onnx), _data_ranges(spec)
+                measured = compare_models(reference, emulate_fp16(converted), [natural[name]], ranges)
+                direct = compare_models(reference, str(path16), [natural[name]], ranges)
+                fp16_record["networks"][name] = {**plan.summary(), "outputs": measured,
+                                                 "outputs_onnxruntime": direct}
+                worst = min(m["psnr_db"] for m in measured.values())
+                if not worst >= FP16_MIN_PSNR:
+                    raise ModelError(
+                        f"{name}: the FP16 ONNX reaches only {worst:.1f} dB PSNR against FP32 (needs "
+                        f">= {FP16_MIN_PSNR:g}); export with --no-fp16 and build FP32 engines"
+                    )
+            extra["fp16"] = fp16_record
+
+        if golden:
+            extra["golden"] = write_goldens(manifest)
+
+        checks: Dict[str, Dict[str, bool]] = {}
+        for spec in networks.values():
+            for filename in filter(None, (spec.onnx, spec.onnx_fp16)):
+                compat = check_trt_compat(tmp / filename)
+                checks[filename] = compat.summary()
+                if not compat.passed:
+                    log.warning("%s", compat.format())
+        extra["tensorrt_check"] = checks
+        manifest.extra = extra
+        manifest.save()
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest.directory = out_dir
+    return manifest
+
+
+def export_summary(manifest: Manifest) -> List[str]:
+    """Human-readable lines describing an export (for the command line)."""
+    lines = [f"exported {manifest.method} ({manifest.name}) to {manifest.directory}"]
+    for name, spec in manifest.networks.items():
+        files = spec.onnx + (f", {spec.onnx_fp16}" if spec.onnx_fp16 else "")
+        ins = ", ".join(f"{t.name}[{t.channels}]" for t in spec.inputs)
+        outs = ", ".join(f"{t.name}[{t.channels}]" for t in spec.outputs)
+        lines.append(f"  {name}: {files}  ({ins} -> {outs})")
+    parity = manifest.extra.get("parity") or {}
+    if parity:
+        lines.append(f"  parity vs PyTorch: worst max |diff| {parity['worst_max_abs']:.2e} "
+                     f"(tolerance {parity['tolerance']:g}) over {parity['cases']} cases")
+    for name, record in ((manifest.extra.get("fp16") or {}).get("networks") or {}).items():
+        psnrs = ", ".join(f"{o} {m['psnr_db']:.1f} dB" for o, m in record["outputs"].items())
+        lines.append(f"  FP16 vs FP32 {name}: {psnrs}; {record['nodes_float32']} nodes kept float32")
+    for filename, result in (manifest.extra.get("tensorrt_check") or {}).items():
+        verdict = ", ".join(f"{v} {'ok' if ok else 'UNSUPPORTED'}" for v, ok in result.items())
+        lines.append(f"  TensorRT parser check {filename}: {verdict}")
+    return lines

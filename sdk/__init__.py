@@ -1,0 +1,29 @@
+"""dereflect: remove glass reflections from photos and video frames.
+
+The runtime imports no torch: ``import dereflect`` needs only numpy, OpenCV and ONNX Runtime.
+Training lives in ``dereflect.train`` and export in ``dereflect.export`` (extras ``train``
+and ``export``).
+"""
+
+from __future__ import annotations
+
+from .errors import DereflectError, InputError, MissingDependencyError, ModelError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DereflectError",
+    "InputError",
+    "MissingDependencyError",
+    "ModelError",
+    "Remover",
+    "__version__",
+]
+
+
+def __getattr__(name: str):
+    if name == "Remover":
+        from .pipeline import Remover
+
+        return Remover
+    raise AttributeError(f"module 'dereflect' has no attribute {name!r}")

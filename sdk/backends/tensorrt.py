@@ -1,0 +1,512 @@
+"""TensorRT backend: serialized engines, pycuda for memory, streams and the fused middle-step kernel.
+
+Engines live next to the ONNX files of an export directory as ``<network>.engine`` with a
+sidecar ``<network>.engine.json`` (:mod:`dereflect.trt_api`); they are built on the target
+device (``dereflect export engine DIR``) because an engine only loads in the TensorRT version
+and on the GPU that built it. The sidecar is checked before deserialising, and
+``deserialize_cuda_engine`` returning None is reported as a ModelError.
+
+TensorRT >= 8.5 is required: I/O is name-based (``set_input_shape``, ``set_tensor_address``,
+``execute_async_v3``), which 8.5 (JetPack 5), 10.x and 11.x share. Each thread gets its own
+execution context, CUDA stream and pinned host buffers (TensorRT contexts must not be shared
+between threads); every call pushes the device's primary CUDA context, so any thread may call.
+
+RM2S on the device (:class:`TensorRTDeviceRM2S`): the frame is copied in once, engine 1, the
+four passes of ``kernels/confidence.cu`` (compiled with pycuda's ``SourceModule``, launched
+with :func:`dereflect.cuda_confidence.launch_config`'s geometry) and engine 2 are enqueued on
+one stream with no host synchronisation between them, and the result is copied out once. For
+a repeated frame size the whole sequence is captured once in a CUDA graph and replayed
+(``use_graph=True``); when capture fails it falls back to plain enqueueing.
+
+This module cannot be exercised without TensorRT, pycuda and a GPU; its pure parts are tested
+with fake modules, and the real tests skip elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import InputError, ModelError
+from ..manifest import Manifest
+from .base import Runner, require_backend_module
+
+MIN_TENSORRT = (8, 5, 0)
+B1_NAME = "background"
+HW = Tuple[int, int]
+OUT_NAME = "background"
+
+
+@dataclass
+class TensorIO:
+    """One engine I/O tensor: name, direction and numpy dtype."""
+
+    name: str
+    is_input: bool
+    dtype: np.dtype
+
+
+def engine_io(engine: Any, trt: Any) -> List[TensorIO]:
+    """The engine's I/O tensors via the name-based API of TensorRT >= 8.5."""
+    tensors = []
+    for index in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(index)
+        is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        tensors.append(TensorIO(name, is_input, np.dtype(trt.nptype(engine.get_tensor_dtype(name)))))
+    return tensors
+
+
+def profile_hw(engine: Any, names: Sequence[str], profile: int = 0) -> Tuple[Optional[HW], Optional[HW]]:
+    """The (H, W) range every NCHW input of optimisation profile ``profile`` accepts: (smallest, largest)."""
+    lows, highs = [], []
+    for name in names:
+        smallest, _, largest = engine.get_tensor_profile_shape(name, profile)
+        smallest, largest = tuple(int(v) for v in smallest), tuple(int(v) for v in largest)
+        if len(largest) == 4:
+            lows.append((smallest[2], smallest[3]))
+            highs.append((largest[2], largest[3]))
+    if not highs:
+        return None, None
+    low = (max(h for h, _ in lows), max(w for _, w in lows))
+    high = (min(h for h, _ in highs), min(w for _, w in highs))
+    return low, high
+
+
+def check_version(trt: Any) -> Tuple[int, int, int]:
+    from ..trt_api import trt_version_tuple
+
+    version = trt_version_tuple(trt)
+    if version < MIN_TENSORRT:
+        raise ModelError(
+            f"TensorRT {trt.__version__} is too old: dereflect needs >= 8.5 "
+            "(name-based I/O, execute_async_v3); JetPack 5 ships 8.5"
+        )
+    return version
+
+
+def engine_for(manifest: Manifest, network: str, trt_version: str, gpu: Tuple[str, str]) -> Path:
+    """The engine file of ``network`` in the export directory, after checking its sidecar."""
+    from ..trt_api import check_engine_compatible, engine_paths, read_engine_info
+
+    engine, sidecar = engine_paths(manifest.directory, network)
+    if not engine.is_file():
+        raise ModelError(
+            f"{manifest.directory} has no TensorRT engine for network {network!r} ({engine.name}); "
+            f"build it on this device with: dereflect export engine {manifest.directory}"
+        )
+    info = read_engine_info(sidecar)
+    spec = manifest.networks[network]
+    onnx_sha = spec.sha256_fp16 if spec.onnx_fp16 and info.onnx == spec.onnx_fp16 else spec.sha256
+    check_engine_compatible(info, trt_version, gpu[0], gpu[1], str(onnx_sha))
+    return engine
+
+
+def _grow(current: Optional[Tuple[Any, int]], nbytes: int, allocate: Any) -> Tuple[Any, int]:
+    """Reuse ``current`` (allocation, capacity) when it is large enough, else allocate anew."""
+    if current is not None and current[1] >= nbytes:
+        return current
+    return allocate(max(nbytes, 1)), nbytes
+
+
+class _HostDevice:
+    """A pinned host buffer and a device buffer of the same capacity, viewed at the current shape."""
+
+    def __init__(self, cuda: Any) -> None:
+        self._cuda = cuda
+        self.host: Optional[Tuple[Any, int]] = None
+        self.device: Optional[Tuple[Any, int]] = None
+        self.shape: Tuple[int, ...] = ()
+        self.dtype = np.dtype(np.float32)
+
+    def fit(self, shape: Sequence[int], dtype: np.dtype) -> None:
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        self.host = _grow(self.host, nbytes, lambda n: self._cuda.pagelocked_empty(n, np.uint8))
+        self.device = _grow(self.device, nbytes, self._cuda.mem_alloc)
+
+    @property
+    def array(self) -> np.ndarray:
+        """The pinned host memory as an array of the current shape and dtype (a view)."""
+        count = int(np.prod(self.shape))
+        return self.host[0][: count * self.dtype.itemsize].view(self.dtype).reshape(self.shape)
+
+    @property
+    def pointer(self) -> int:
+        return int(self.device[0])
+
+
+class TensorRTRunner(Runner):
+    """One serialized engine; per-thread execution contexts, streams and pinned buffers."""
+
+    def __init__(self, engine_path: Any, device: int = 0, name: Optional[str] = None) -> None:
+        super().__init__()
+        self.path = Path(engine_path)
+        self.device_index = int(device)
+        self.name = name or self.path.stem
+        self.engine: Any = None
+        self.min_input_hw: Optional[Tuple[int, int]] = None
+        self.max_input_hw: Optional[Tuple[int, int]] = None
+        self._trt: Any = None
+        self._cuda: Any = None
+        self._cuda_context: Any = None
+        self._io: List[TensorIO] = []
+        self._local = threading.local()
+        self._states: List[Any] = []
+        self._states_lock = threading.Lock()
+
+    @property
+    def input_names(self) -> List[str]:
+        return [t.name for t in self._io if t.is_input]
+
+    @property
+    def output_names(self) -> List[str]:
+        return [t.name for t in self._io if not t.is_input]
+
+    def dtype_of(self, name: str) -> np.dtype:
+        return next(t.dtype for t in self._io if t.name == name)
+
+    @contextlib.contextmanager
+    def pushed(self) -> Iterator[None]:
+        """Make this runner's CUDA context current in the calling thread for the block."""
+        self._cuda_context.push()
+        try:
+            yield
+        finally:
+            self._cuda.Context.pop()
+
+    def _activate(self) -> None:
+        self._trt = require_backend_module("tensorrt", "tensorrt")
+        self._cuda = require_backend_module("pycuda.driver", "tensorrt", "CUDA memory and streams")
+        check_version(self._trt)
+        if not self.path.is_file():
+            raise ModelError(f"TensorRT engine not found: {self.path}")
+        self._cuda.init()
+        self._cuda_context = self._cuda.Device(self.device_index).retain_primary_context()
+        with self.pushed():
+            self._logger = self._trt.Logger(self._trt.Logger.WARNING)
+            self._runtime = self._trt.Runtime(self._logger)
+            self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise ModelError(
+                f"TensorRT could not deserialize {self.path} (built by another TensorRT version or for "
+                "another GPU, or corrupt); rebuild it on this device with: dereflect export engine DIR"
+            )
+        self._io = engine_io(self.engine, self._trt)
+        self.min_input_hw, self.max_input_hw = profile_hw(self.engine, self.input_names)
+
+    def _deactivate(self) -> None:
+        with self.pushed():
+            with self._states_lock:
+                self._states.clear()
+            self._local = threading.local()
+            self.engine = None
+            self._runtime = None
+
+    def thread_state(self) -> Any:
+        """This thread's execution context, stream and buffers (created on first use)."""
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = _ThreadState(context=self.new_context(), stream=self._cuda.Stream(), buffers={})
+            self._local.state = state
+            with self._states_lock:
+                self._states.append(state)
+        return state
+
+    def new_context(self) -> Any:
+        context = self.engine.create_execution_context()
+        if context is None:
+            raise ModelError(
+                f"{self.path}: TensorRT could not create an execution context (out of GPU memory?)"
+            )
+        return context
+
+    def set_shapes(self, context: Any, shapes: Dict[str, Tuple[int, ...]]) -> None:
+        for name, shape in shapes.items():
+            if not context.set_input_shape(name, tuple(int(s) for s in shape)):
+                smallest, _, largest = self.engine.get_tensor_profile_shape(name, 0)
+                raise InputError(
+                    f"{self.path.name}: input {name} of shape {tuple(shape)} is outside the engine's profile "
+                    f"({tuple(smallest)} to {tuple(largest)}); rebuild the engine with --min/--max "
+                    "covering it"
+                )
+
+    def _infer(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        cuda = self._cuda
+        with self.pushed():
+            state = self.thread_state()
+            arrays = {name: np.ascontiguousarray(feeds[name], dtype=self.dtype_of(name))
+                      for name in self.input_names}
+            self.set_shapes(state.context, {name: a.shape for name, a in arrays.items()})
+            for name, array in arrays.items():
+                buf = state.buffers.setdefault(name, _HostDevice(cuda))
+                buf.fit(array.shape, array.dtype)
+                buf.array[...] = array
+                cuda.memcpy_htod_async(buf.device[0], buf.array, state.stream)
+                state.context.set_tensor_address(name, buf.pointer)
+            for name in self.output_names:
+                buf = state.buffers.setdefault(name, _HostDevice(cuda))
+                buf.fit(tuple(state.context.get_tensor_shape(name)), self.dtype_of(name))
+                state.context.set_tensor_address(name, buf.pointer)
+            if not state.context.execute_async_v3(state.stream.handle):
+                raise ModelError(f"{self.path.name}: TensorRT execute_async_v3 failed")
+            for name in self.output_names:
+                buf = state.buffers[name]
+                cuda.memcpy_dtoh_async(buf.array, buf.device[0], state.stream)
+            state.stream.synchronize()
+            return {name: state.buffers[name].array.astype(np.float32) for name in self.output_names}
+
+
+@dataclass
+class _ThreadState:
+    context: Any
+    stream: Any
+    buffers: Dict[str, Any]
+
+
+def create_runner(model: Any, device: int = 0, **_: Any) -> TensorRTRunner:
+    """A runner for one serialized engine file."""
+    return TensorRTRunner(model, device=device)
+
+
+def _device_index(device: Any) -> int:
+    text = str(device).lower()
+    if text in ("auto", "cuda"):
+        return 0
+    if text.startswith("cuda:"):
+        text = text[5:]
+    if text.isdigit():
+        return int(text)
+    raise InputError(f"device must be auto, cuda, cuda:N or N for the tensorrt backend, not {device!r}")
+
+
+def open_networks(
+    manifest: Manifest, device: Any = "auto", precision: str = "auto", **_: Any
+) -> Dict[str, Runner]:
+    """Activated runners for the engines of every network in the export directory.
+
+    The precision is the engine's own (fixed when it was built); ``precision`` is not used.
+    """
+    from ..trt_api import gpu_info
+
+    trt = require_backend_module("tensorrt", "tensorrt")
+    require_backend_module("pycuda.driver", "tensorrt", "CUDA memory and streams")
+    check_version(trt)
+    gpu = gpu_info()
+    index = _device_index(device)
+    runners: Dict[str, Runner] = {}
+    for name in manifest.networks:
+        path = engine_for(manifest, name, str(trt.__version__), gpu)
+        runners[name] = TensorRTRunner(path, device=index, name=name).activate()
+    return runners
+
+
+# -- RM2S on the device -------------------------------------------------------------------
+
+def kernel_names(stage1_dtype: np.dtype, stage2_dtype: np.dtype) -> Tuple[str, str]:
+    """The confidence and stage-2 kernels for the engines' stage-1 output and stage-2 input types."""
+    for dtype in (stage1_dtype, stage2_dtype):
+        if np.dtype(dtype) not in (np.float32, np.float16):
+            raise ModelError(
+                f"the fused kernel takes float32 or float16 engine tensors, not {np.dtype(dtype)}"
+            )
+    confidence = "rm2s_confidence_b1f16" if np.dtype(stage1_dtype) == np.float16 else "rm2s_confidence_f32"
+    stage2 = "rm2s_stage2_input_f16" if np.dtype(stage2_dtype) == np.float16 else "rm2s_stage2_input_f32"
+    return confidence, stage2
+
+
+def workspace_bytes(height: int, width: int, batch: int = 1) -> Dict[str, int]:
+    """Byte sizes of the kernel's device workspace, from the shared launch configuration."""
+    from ..cuda_confidence import launch_config
+
+    sizes = launch_config(height, width, batch)["workspace"]
+    return {
+        "confidence": sizes["confidence"] * 4,
+        "max_bits": sizes["max_bits"] * 4,
+        "hist_count": sizes["hist_count"] * 4,
+        "hist_sum": sizes["hist_sum"] * 8,
+        "result": sizes["result"] * 4,
+    }
+
+
+class _DeviceState:
+    """One thread's execution contexts (its own, apart from the runners'), stream and frame plan."""
+
+    def __init__(self, context1: Any, context2: Any, stream: Any) -> None:
+        self.context1 = context1
+        self.context2 = context2
+        self.stream = stream
+        self.shape: Optional[Tuple[int, int, int]] = None
+        self.buffers: Dict[str, Any] = {}
+        self.workspace: Dict[str, Any] = {}
+        self.graph: Any = None
+
+
+class TensorRTDeviceRM2S:
+    """Engine 1 -> fused middle-step kernel -> engine 2 on one stream, optionally as a CUDA graph.
+
+    Each thread gets its own pair of execution contexts and stream, separate from the runners'
+    (so a plain ``infer`` on the same runners never rebinds what a captured graph uses), and
+    one plan for the current frame shape: a new shape rebinds shapes and buffers and is
+    captured again.
+    """
+
+    def __init__(self, stage1: TensorRTRunner, stage2: TensorRTRunner, c1: float, c2: float,
+                 use_graph: bool = True, kernel_options: Sequence[str] = ()) -> None:
+        from ..confidence import EPS, GRADIENT_THRESHOLD
+        from ..cuda_confidence import KERNELS, kernel_defines, kernel_source
+
+        if stage1.device_index != stage2.device_index:
+            raise ModelError("both RM2S engines must run on the same GPU")
+        self.stage1 = stage1
+        self.stage2 = stage2
+        self.c1 = np.float32(c1)
+        self.c2 = np.float32(c2)
+        self.use_graph = bool(use_graph)
+        self._cuda = stage1._cuda
+        self._image_name = stage1.input_names[0]
+        self._s2_name = stage2.input_names[0]
+        self._kernels_for = kernel_names(stage1.dtype_of(B1_NAME), stage2.dtype_of(self._s2_name))
+        self._gradient_threshold = np.float32(GRADIENT_THRESHOLD)
+        self._eps = np.float32(EPS)
+        compiler = require_backend_module("pycuda.compiler", "tensorrt", "compiling the CUDA kernel")
+        with stage1.pushed():
+            module = compiler.SourceModule(kernel_source(), no_extern_c=True,
+                                           options=list(kernel_defines()) + list(kernel_options))
+            self._functions = {name: module.get_function(name) for name in KERNELS}
+        self._local = threading.local()
+
+    def _state(self) -> _DeviceState:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = _DeviceState(self.stage1.new_context(), self.stage2.new_context(), self._cuda.Stream())
+            self._local.state = state
+        return state
+
+    def _prepare(self, state: _DeviceState, batch: int, height: int, width: int) -> None:
+        """Shapes, buffers, workspace and tensor addresses for a new frame shape."""
+        cuda = self._cuda
+        self.stage1.set_shapes(state.context1, {self._image_name: (batch, 3, height, width)})
+        self.stage2.set_shapes(state.context2, {self._s2_name: (batch, 9, height, width)})
+        image_dtype = self.stage1.dtype_of(self._image_name)
+        specs = {
+            "image": ((batch, 3, height, width), np.float32),
+            "b1": ((batch, 3, height, width), self.stage1.dtype_of(B1_NAME)),
+            "stage2_input": ((batch, 9, height, width), self.stage2.dtype_of(self._s2_name)),
+            "out": ((batch, 3, height, width), self.stage2.dtype_of(OUT_NAME)),
+        }
+        if image_dtype != np.float32:
+            # The kernel reads I as float32; an FP16 engine input gets its own converted copy.
+            specs["image_engine"] = ((batch, 3, height, width), image_dtype)
+        state.buffers = {}
+        for key, (shape, dtype) in specs.items():
+            buf = _HostDevice(cuda)
+            buf.fit(shape, dtype)
+            state.buffers[key] = buf
+        state.workspace = {}
+        for key, nbytes in workspace_bytes(height, width, batch).items():
+            state.workspace[key] = cuda.mem_alloc(nbytes)
+            # Zeroed once: the two-means pass leaves max_bits and the histogram zeroed again.
+            cuda.memset_d8(state.workspace[key], 0, nbytes)
+        engine_image = state.buffers.get("image_engine", state.buffers["image"])
+        state.context1.set_tensor_address(self._image_name, engine_image.pointer)
+        state.context1.set_tensor_address(B1_NAME, state.buffers["b1"].pointer)
+        state.context2.set_tensor_address(self._s2_name, state.buffers["stage2_input"].pointer)
+        state.context2.set_tensor_address(OUT_NAME, state.buffers["out"].pointer)
+        state.shape = (batch, height, width)
+        state.graph = None
+
+    def launches(self, state: _DeviceState) -> List[Tuple[str, str, tuple]]:
+        """(kernel, launch_config step, arguments) of the four passes, in stream order."""
+        batch, height, width = state.shape
+        buffers, work = state.buffers, state.workspace
+        h, w = np.int32(height), np.int32(width)
+        null = np.intp(0)
+        confidence_kernel, stage2_kernel = self._kernels_for
+        image = buffers["image"].device[0]
+        return [
+            (confidence_kernel, "confidence",
+             (image, buffers["b1"].device[0], h, w, self._gradient_threshold, self._eps,
+              work["confidence"], null, work["max_bits"])),
+            ("rm2s_histogram", "histogram",
+             (work["confidence"], h, w, work["max_bits"], work["hist_count"], work["hist_sum"])),
+            ("rm2s_two_means", "two_means",
+             (work["hist_count"], work["hist_sum"], work["max_bits"], self.c1, self.c2, work["result"])),
+            (stage2_kernel, "stage2",
+             (image, work["confidence"], work["result"], h, w, buffers["stage2_input"].device[0],
+              null, null)),
+        ]
+
+    def _enqueue(self, state: _DeviceState) -> None:
+        from ..cuda_confidence import launch_config
+
+        cuda, stream = self._cuda, state.stream
+        for key in ("image", "image_engine"):
+            if key in state.buffers:
+                cuda.memcpy_htod_async(state.buffers[key].device[0], state.buffers[key].array, stream)
+        if not state.context1.execute_async_v3(stream.handle):
+            raise ModelError("TensorRT execute_async_v3 failed for stage 1")
+        config = launch_config(*state.shape[1:], batch=state.shape[0])
+        for name, step, args in self.launches(state):
+            geometry = config[step]
+            self._functions[name](*args, block=geometry["block"], grid=geometry["grid"], stream=stream)
+        if not state.context2.execute_async_v3(stream.handle):
+            raise ModelError("TensorRT execute_async_v3 failed for stage 2")
+        cuda.memcpy_dtoh_async(state.buffers["out"].array, state.buffers["out"].device[0], stream)
+
+    def _capture(self, state: _DeviceState) -> None:
+        """Record the whole sequence as a CUDA graph; on failure keep plain enqueueing."""
+        try:
+            state.stream.begin_capture()
+            try:
+                self._enqueue(state)
+            finally:
+                graph = state.stream.end_capture()
+            state.graph = graph.instantiate()
+        except Exception:  # noqa: BLE001 - capture is an optimisation; the plain path stays correct
+            state.graph = None
+            self.use_graph = False
+
+    def close(self) -> None:
+        """Free the contexts, buffers and graphs of every thread (with the CUDA context current)."""
+        with self.stage1.pushed():
+            self._local = threading.local()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """N x 3 x H x W float32 host image -> N x 3 x H x W float32 host background."""
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise InputError(f"expected an N x 3 x H x W batch, got shape {batch.shape}")
+        n, _, height, width = batch.shape
+        with self.stage1.pushed():
+            state = self._state()
+            if state.shape != (n, height, width):
+                self._prepare(state, n, height, width)
+            state.buffers["image"].array[...] = batch
+            if "image_engine" in state.buffers:
+                state.buffers["image_engine"].array[...] = batch
+            if state.graph is not None:
+                state.graph.launch(state.stream)
+                state.stream.synchronize()
+                return state.buffers["out"].array.astype(np.float32)
+            self._enqueue(state)
+            state.stream.synchronize()
+            out = state.buffers["out"].array.astype(np.float32)
+            # TensorRT applies deferred shape updates on the first enqueue, so capture only
+            # after one plain run with this shape.
+            if self.use_graph:
+                self._capture(state)
+            return out
+
+
+def open_device_rm2s(manifest: Manifest, runners: Dict[str, Runner], c1: float, c2: float,
+                     use_graph: bool = True, **_: Any) -> Optional[TensorRTDeviceRM2S]:
+    """The on-device RM2S path for TensorRT engines (engine 1 -> kernel -> engine 2, one stream)."""
+    stage1, stage2 = runners.get("stage1"), runners.get("stage2")
+    if not isinstance(stage1, TensorRTRunner) or not isinstance(stage2, TensorRTRunner):
+        return None
+    return TensorRTDeviceRM2S(stage1, stage2, c1, c2, use_graph=use_graph)

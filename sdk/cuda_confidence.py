@@ -1,0 +1,335 @@
+"""Host side of the fused CUDA middle step (``kernels/confidence.cu``).
+
+The launch geometry lives in :func:`launch_config` (pure Python, so a pycuda or
+cuda-python launcher reuses it); :func:`compile_with_nvcc` builds cubins/PTX ahead of time;
+:class:`CupyConfidence` runs the four passes on a cupy stream with a reused workspace.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from .confidence import EPS, GRADIENT_THRESHOLD, HISTOGRAM_BINS
+from .errors import InputError, MissingDependencyError, ModelError, require
+
+KERNEL_FILE = "confidence.cu"
+NVCC_ARCHS = ("sm_72", "sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_110")
+
+# Launch geometry shared with the kernel through -D defines (kernel_defines); the .cu file's
+# defaults are the same numbers, which the tests check.
+TILE_W = 32
+TILE_H = 8
+HIST_THREADS = 256
+SCAN_THREADS = 1024
+STAGE2_THREADS = 256
+RESULT_SIZE = 8
+# The histogram pass is a grid-stride loop: enough blocks to fill a GPU, few enough that the
+# per-block flush of up to BINS global atomics stays small next to the pixel work.
+HIST_PIXELS_PER_THREAD = 32
+HIST_MAX_BLOCKS = 128
+MAX_GRID_YZ = 65535
+
+RESULT_FIELDS = (
+    "low", "high", "background_upper", "reflection_lower", "max", "count", "split_bin", "bin_width"
+)
+
+KERNELS = (
+    "rm2s_confidence_f32",
+    "rm2s_confidence_b1f16",
+    "rm2s_histogram",
+    "rm2s_two_means",
+    "rm2s_stage2_input_f32",
+    "rm2s_stage2_input_f16",
+)
+
+
+def kernel_defines() -> Tuple[str, ...]:
+    """``-D`` options fixing the kernel's compile-time sizes to this module's constants."""
+    values = {
+        "RM2S_TILE_W": TILE_W,
+        "RM2S_TILE_H": TILE_H,
+        "RM2S_BINS": HISTOGRAM_BINS,
+        "RM2S_HIST_THREADS": HIST_THREADS,
+        "RM2S_SCAN_THREADS": SCAN_THREADS,
+        "RM2S_STAGE2_THREADS": STAGE2_THREADS,
+        "RM2S_RESULT_SIZE": RESULT_SIZE,
+    }
+    return tuple(f"-D{name}={value}" for name, value in values.items())
+
+
+def kernel_path() -> Path:
+    """Filesystem path of the kernel source (for nvcc)."""
+    return Path(__file__).resolve().parent / "kernels" / KERNEL_FILE
+
+
+def kernel_source() -> str:
+    """Text of ``kernels/confidence.cu`` shipped as package data."""
+    try:
+        from importlib.resources import files
+    except ImportError:  # Python 3.8 (JetPack 5): no importlib.resources.files
+        return kernel_path().read_text(encoding="utf-8")
+    return (files("dereflect") / "kernels" / KERNEL_FILE).read_text(encoding="utf-8")
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def launch_config(height: int, width: int, batch: int = 1) -> Dict[str, Any]:
+    """Grid/block sizes of the four passes and the workspace sizes (in elements) for NxHxW."""
+    for name, value in (("height", height), ("width", width), ("batch", batch)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    height, width, batch = int(height), int(width), int(batch)
+    pixels = height * width
+    if pixels >= 2**31:
+        raise InputError(f"{height}x{width} has {pixels} pixels; the kernel takes images below 2**31 pixels")
+    if batch > MAX_GRID_YZ or _ceil_div(height, TILE_H) > MAX_GRID_YZ:
+        raise InputError(f"batch {batch} or height {height} exceeds the grid limit ({MAX_GRID_YZ} blocks)")
+    hist_blocks = min(max(_ceil_div(pixels, HIST_THREADS * HIST_PIXELS_PER_THREAD), 1), HIST_MAX_BLOCKS)
+    return {
+        "confidence": {
+            "grid": (_ceil_div(width, TILE_W), _ceil_div(height, TILE_H), batch),
+            "block": (TILE_W, TILE_H, 1),
+        },
+        "histogram": {"grid": (hist_blocks, 1, batch), "block": (HIST_THREADS, 1, 1)},
+        "two_means": {"grid": (batch, 1, 1), "block": (SCAN_THREADS, 1, 1)},
+        "stage2": {"grid": (_ceil_div(pixels, STAGE2_THREADS), 1, batch), "block": (STAGE2_THREADS, 1, 1)},
+        "bins": HISTOGRAM_BINS,
+        "result_size": RESULT_SIZE,
+        "workspace": {
+            "confidence": batch * pixels,
+            "max_bits": batch,
+            "hist_count": batch * HISTOGRAM_BINS,
+            "hist_sum": batch * HISTOGRAM_BINS,
+            "result": batch * RESULT_SIZE,
+        },
+    }
+
+
+def find_nvcc() -> str:
+    """Path of nvcc: on PATH, else under $CUDA_HOME/$CUDA_PATH or /usr/local/cuda."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and (Path(root) / "bin" / "nvcc").is_file():
+            return str(Path(root) / "bin" / "nvcc")
+    raise MissingDependencyError(
+        "nvcc (the CUDA toolkit compiler) was not found on PATH, $CUDA_HOME or /usr/local/cuda; "
+        "install the CUDA toolkit (on Jetson: JetPack's cuda-toolkit) or add its bin folder to PATH"
+    )
+
+
+@lru_cache(maxsize=8)
+def nvcc_targets(nvcc: str) -> Tuple[str, ...]:
+    """``sm_*`` and ``compute_*`` targets this nvcc builds (empty if it cannot list them)."""
+    targets = []
+    for flag in ("--list-gpu-code", "--list-gpu-arch"):
+        try:
+            proc = subprocess.run([nvcc, flag], capture_output=True, text=True, timeout=60, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return ()
+        if proc.returncode != 0:
+            return ()
+        targets.extend(proc.stdout.split())
+    return tuple(targets)
+
+
+def compile_with_nvcc(arch: str, out_dir: Union[str, Path], nvcc: Optional[str] = None) -> Path:
+    """Compile the kernel for one target: ``sm_XY`` gives a cubin, ``compute_XY`` a PTX file."""
+    match = re.fullmatch(r"(sm|compute)_(\d+[a-z]?)", arch)
+    if not match:
+        raise InputError(f"arch must look like 'sm_87' or 'compute_87', got {arch!r}")
+    nvcc = nvcc or find_nvcc()
+    targets = nvcc_targets(nvcc)
+    if targets and arch not in targets:
+        raise InputError(
+            f"{nvcc} cannot build {arch} (it builds {', '.join(t for t in targets if t.startswith('sm_'))}). "
+            "CUDA 13 dropped sm_72 (Jetson Xavier): build that with the CUDA 11.4-12.x of JetPack 5"
+        )
+    kind = "cubin" if match.group(1) == "sm" else "ptx"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{Path(KERNEL_FILE).stem}_{arch}.{kind}"
+    cmd = [nvcc, f"-{kind}", f"-arch={arch}", "-O3", *kernel_defines(), "-o", str(out), str(kernel_path())]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ModelError(f"could not run {' '.join(cmd)}: {exc}") from exc
+    if proc.returncode != 0 or not out.is_file():
+        raise ModelError(f"nvcc failed for {arch} (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return out
+
+
+@dataclass
+class CudaMiddleStepResult:
+    """Device arrays of one call; ``result`` is N x RESULT_SIZE float32 laid out as RESULT_FIELDS."""
+
+    confidence: Any
+    gradient_mask: Any
+    mask_background: Any
+    mask_reflection: Any
+    result: Any
+    stage2_input: Any
+
+
+class CupyConfidence:
+    """The fused CUDA middle step on cupy arrays (N x 3 x H x W, or 3 x H x W, C-contiguous).
+
+    Workspace and, unless ``out_dev`` is given, the output are allocated once per shape and
+    reused: the returned arrays are overwritten by the next call with the same shape.
+    One instance per thread/stream.
+    """
+
+    def __init__(
+        self,
+        gradient_threshold: float = GRADIENT_THRESHOLD,
+        eps: float = EPS,
+        options: Tuple[str, ...] = (),
+    ) -> None:
+        self._cp = require("cupy", "gpu", "the fused CUDA confidence kernel")
+        module = self._cp.RawModule(code=kernel_source(), options=kernel_defines() + tuple(options))
+        self._kernels = {name: module.get_function(name) for name in KERNELS}
+        self._gradient_threshold = np.float32(gradient_threshold)
+        self._eps = np.float32(eps)
+        self._shape: Optional[Tuple[int, int, int]] = None
+        self._buffers: Dict[str, Any] = {}
+
+    def _prepare(self, batch: int, height: int, width: int, dtype: str, masks: bool) -> None:
+        cp = self._cp
+        if self._shape != (batch, height, width):
+            self._shape = (batch, height, width)
+            sizes = launch_config(height, width, batch)["workspace"]
+            # Zeroed once: the two-means pass leaves max and histogram zeroed for the next frame.
+            self._buffers = {
+                "confidence": cp.empty((batch, height, width), dtype=cp.float32),
+                "max_bits": cp.zeros(sizes["max_bits"], dtype=cp.int32),
+                "hist_count": cp.zeros(sizes["hist_count"], dtype=cp.uint32),
+                "hist_sum": cp.zeros(sizes["hist_sum"], dtype=cp.float64),
+                "result": cp.zeros((batch, RESULT_SIZE), dtype=cp.float32),
+            }
+        if masks and "gradient_mask" not in self._buffers:
+            for name in ("gradient_mask", "mask_background", "mask_reflection"):
+                self._buffers[name] = cp.empty((batch, height, width), dtype=cp.uint8)
+        out_name = f"stage2_{dtype}"
+        if out_name not in self._buffers:
+            self._buffers[out_name] = cp.empty((batch, 9, height, width), dtype=dtype)
+
+    @property
+    def workspace(self) -> Dict[str, Any]:
+        """The device buffers by name (confidence, max_bits, hist_count, hist_sum, result, ...)."""
+        return dict(self._buffers)
+
+    def reset(self) -> None:
+        """Zero the workspace (only needed after a failed launch left it half-used)."""
+        for name in ("max_bits", "hist_count", "hist_sum"):
+            if name in self._buffers:
+                self._buffers[name].fill(0)
+
+    def _check(self, array: Any, name: str, dtypes: Tuple[str, ...]) -> Any:
+        cp = self._cp
+        if not isinstance(array, cp.ndarray):
+            raise InputError(f"{name} must be a cupy array on the GPU, got {type(array).__name__}")
+        if array.ndim == 3:
+            array = array[None]
+        if array.ndim != 4 or array.shape[1] != 3:
+            raise InputError(f"{name} must be N x 3 x H x W (or 3 x H x W), got shape {array.shape}")
+        if array.dtype.name not in dtypes:
+            raise InputError(f"{name} must be {' or '.join(dtypes)}, got {array.dtype}")
+        if not array.flags.c_contiguous:
+            raise InputError(f"{name} must be C-contiguous; pass cupy.ascontiguousarray({name})")
+        return array
+
+    def __call__(
+        self,
+        image_dev: Any,
+        stage1_dev: Any,
+        out_dev: Any = None,
+        c1: float = 0.5,
+        c2: float = 0.5,
+        stream: Any = None,
+        dtype: str = "float32",
+        return_masks: bool = False,
+    ) -> CudaMiddleStepResult:
+        """Run the four passes on ``stream`` (cupy stream, raw handle int, or None: current)."""
+        if dtype not in ("float32", "float16"):
+            raise InputError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+        image = self._check(image_dev, "image_dev", ("float32",))
+        stage1 = self._check(stage1_dev, "stage1_dev", ("float32", "float16"))
+        if image.shape != stage1.shape:
+            raise InputError(f"image_dev {image.shape} and stage1_dev {stage1.shape} differ in shape")
+        batch, _, height, width = image.shape
+        config = launch_config(height, width, batch)
+        self._prepare(batch, height, width, dtype, return_masks)
+        buf = self._buffers
+        out = buf[f"stage2_{dtype}"] if out_dev is None else out_dev
+        if (
+            not isinstance(out, self._cp.ndarray)
+            or out.shape != (batch, 9, height, width)
+            or out.dtype.name != dtype
+            or not out.flags.c_contiguous
+        ):
+            expected = (batch, 9, height, width)
+            raise InputError(f"out_dev must be a C-contiguous {dtype} cupy array of shape {expected}")
+        # A null pointer for the optional outputs: a pointer-sized zero.
+        null = np.uintp(0)
+        gradient_mask = buf["gradient_mask"] if return_masks else null
+        mask_background = buf["mask_background"] if return_masks else null
+        mask_reflection = buf["mask_reflection"] if return_masks else null
+        h, w = np.int32(height), np.int32(width)
+        if isinstance(stream, int):
+            stream = self._cp.cuda.ExternalStream(stream)
+        b1_half = stage1.dtype.name == "float16"
+        confidence_kernel = "rm2s_confidence_b1f16" if b1_half else "rm2s_confidence_f32"
+        stage2_kernel = "rm2s_stage2_input_f32" if dtype == "float32" else "rm2s_stage2_input_f16"
+        launches = [
+            (
+                confidence_kernel,
+                "confidence",
+                (image, stage1, h, w, self._gradient_threshold, self._eps, buf["confidence"], gradient_mask,
+                 buf["max_bits"]),
+            ),
+            (
+                "rm2s_histogram",
+                "histogram",
+                (buf["confidence"], h, w, buf["max_bits"], buf["hist_count"], buf["hist_sum"]),
+            ),
+            (
+                "rm2s_two_means",
+                "two_means",
+                (buf["hist_count"], buf["hist_sum"], buf["max_bits"], np.float32(c1), np.float32(c2),
+                 buf["result"]),
+            ),
+            (
+                stage2_kernel,
+                "stage2",
+                (image, buf["confidence"], buf["result"], h, w, out, mask_background, mask_reflection),
+            ),
+        ]
+        if stream is None:
+            self._launch(launches, config)
+        else:
+            with stream:
+                self._launch(launches, config)
+        return CudaMiddleStepResult(
+            confidence=buf["confidence"],
+            gradient_mask=buf["gradient_mask"] if return_masks else None,
+            mask_background=buf["mask_background"] if return_masks else None,
+            mask_reflection=buf["mask_reflection"] if return_masks else None,
+            result=buf["result"],
+            stage2_input=out,
+        )
+
+    def _launch(self, launches: List[Tuple[str, str, tuple]], config: Dict[str, Any]) -> None:
+        for kernel, step, args in launches:
+            self._kernels[kernel](config[step]["grid"], config[step]["block"], args)

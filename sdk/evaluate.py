@@ -1,0 +1,888 @@
+"""``dereflect eval``: score a model against ground truth, beside a "do nothing" baseline.
+
+::
+
+    from dereflect.evaluate import evaluate
+    report = evaluate("exports/rm2s-lite", "data/real20_420", resize="short:420", out_dir="eval/real20")
+    print(report.to_markdown())
+
+**Dataset layouts** (``layout=``; ``"auto"`` tries them in this order):
+
+* ``paired`` (aliases ``real20``, ``nature``): ``DIR/blended/NAME.*`` (input) with
+  ``DIR/transmission_layer/NAME.*`` (ground-truth background), the layout Real20 and Nature
+  are distributed in; or ``DIR/input/`` with ``DIR/target/``. Files pair by stem, so the
+  extensions may differ.
+* ``ceilnet``: CEILNet's synthetic triplets, ``DIR/NAME-input.*`` with ``DIR/NAME-label1.*``
+  (background); ``NAME-label2.*`` (reflection) may be present and is not needed.
+* ``sir2``: SIR^2 (SolidObject, Postcard and WildScene subsets) in either of its two common
+  forms, searched recursively below ``DIR`` (hidden folders skipped):
+
+  - as repackaged by most reflection-removal code (ERRNet and later):
+    ``DIR/<subset>/blended/NAME.*`` with ``DIR/<subset>/transmission_layer/NAME.*``
+    (``reflection_layer/`` ignored); image names are ``<subset>/NAME``;
+  - as captured, with one letter per layer: ``m`` mixture (input), ``g`` ground-truth
+    background, ``r`` reflection (ignored). Either files ``m.*``, ``g.*`` in a folder per scene
+    (the name is the folder's path below ``DIR``), or ``PREFIX_m.*``, ``PREFIX_g.*`` (the name
+    is ``<folder>/PREFIX``). Letters match case-insensitively.
+
+A name present on one side only (an input without ground truth or the reverse) raises
+InputError listing them: a silently smaller test set would give incomparable numbers.
+
+**Region masks** (``masks=DIR``) give the regional SSIMr / SIr of CRRN: ``DIR/<name>.*`` per
+image (nested folders for SIR2 names), white (> 0.5) where the region is. Every image needs
+one; an all-black mask leaves that image's regional scores empty (null) and out of the mean.
+
+**Resize protocol** (``resize=``): ``"native"`` scores at the files' resolution;
+``"short:N"`` first resizes input, ground truth and mask so the short side is N pixels (aspect
+kept, long side rounded; OpenCV INTER_AREA when shrinking, INTER_CUBIC when enlarging, nearest
+for masks). Published Real20 numbers differ by up to 1 dB between short sides 300, 420 and
+512, so the protocol is written into every report. Independently, the runtime runs the
+networks at most ``max_side`` pixels on the long side (the Remover default, 1024) and
+guided-upsamples the result; the report records that limit and how many images it touched.
+
+**Metrics** are computed on the background as RGB float in [0, 1] (data range 1) with
+:mod:`dereflect.metrics`: PSNR, SSIM (skimage's Gaussian-window definition), SI, and with
+masks SSIMr / SIr. Means are plain means of the per-image values. The baseline row scores the
+input itself as the background.
+
+**Models**: an export directory (ONNX Runtime by default, any runtime backend), a training
+checkpoint ``.safetensors`` (PyTorch, extra ``train``; an RM2S stage-1 checkpoint is scored
+as stage 1 alone), or any object with ``remove_with_intermediates(image) -> Result`` such as
+a :class:`~dereflect.pipeline.Remover`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+
+from . import __version__
+from .errors import InputError, ModelError, require
+from .imageio import IMAGE_EXTENSIONS, as_float_rgb, read_image, write_image
+from .manifest import DEFAULT_MIDDLE_STEP, MANIFEST_NAME, Manifest, NetworkSpec, TensorSpec
+from .metrics import WINDOW, psnr, si, si_region, ssim, ssim_region
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+LAYOUTS = ("auto", "paired", "real20", "nature", "ceilnet", "sir2")
+LAYOUT_ALIASES = {"real20": "paired", "nature": "paired"}
+PAIRED_FOLDERS = (("blended", "transmission_layer"), ("input", "target"))
+BASE_METRICS = ("psnr", "ssim", "si")
+REGION_METRICS = ("ssimr", "sir")
+METRIC_LABELS = {"psnr": "PSNR", "ssim": "SSIM", "si": "SI", "ssimr": "SSIMr", "sir": "SIr"}
+BASELINE_LABEL = "do nothing (input as output)"
+CONTACT_COLUMNS = ("input", "stage 1", "confidence", "result", "ground truth")
+CONTACT_TILE = 160
+DEFAULT_CONTACT_IMAGES = 4
+REPORT_FILES = {"markdown": "report.md", "json": "report.json", "contact_sheet": "contact_sheet.png"}
+
+_LOOKED_FOR = (
+    "paired / Real20 / Nature: DIR/blended/ + DIR/transmission_layer/ (or DIR/input/ + DIR/target/); "
+    "CEILNet: DIR/NAME-input.* + DIR/NAME-label1.*; "
+    "SIR2: sub-folders holding blended/ + transmission_layer/, or m.* + g.* (or NAME_m.* + NAME_g.*) files"
+)
+_SIR2_FILE = re.compile(r"^(?:(?P<prefix>.+)_)?(?P<letter>[mgr])$", re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------- dataset readers
+
+
+@dataclass
+class Pair:
+    """One scored image: its name, input file, ground-truth background file and optional mask."""
+
+    name: str
+    input: Path
+    target: Path
+    mask: Optional[Path] = None
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _shown(names: Sequence[str], limit: int = 5) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _by_stem(folder: Path) -> Dict[str, Path]:
+    """Images directly in ``folder`` by stem; two files with one stem raise InputError."""
+    found: Dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not _is_image(path):
+            continue
+        if path.stem in found:
+            raise InputError(
+                f"{folder} holds two images named {path.stem!r} ({found[path.stem].name}, {path.name}); "
+                "images are paired by name, keep one"
+            )
+        found[path.stem] = path
+    return found
+
+
+def _match(inputs: Dict[str, Path], targets: Dict[str, Path], where: str, input_what: str,
+           target_what: str, prefix: str = "") -> List[Pair]:
+    only_in = sorted(set(inputs) - set(targets))
+    only_gt = sorted(set(targets) - set(inputs))
+    if only_in or only_gt:
+        parts = []
+        if only_in:
+            parts.append(f"{len(only_in)} {input_what} without ground truth ({_shown(only_in)})")
+        if only_gt:
+            parts.append(f"{len(only_gt)} {target_what} without an input ({_shown(only_gt)})")
+        raise InputError(f"{where}: inputs and ground truths are matched by name, but " + "; ".join(parts))
+    return [Pair(prefix + key, inputs[key], targets[key]) for key in sorted(inputs)]
+
+
+def _paired_dirs(root: Path) -> Optional[Tuple[Path, Path]]:
+    for input_dir, target_dir in PAIRED_FOLDERS:
+        if (root / input_dir).is_dir() and (root / target_dir).is_dir():
+            return root / input_dir, root / target_dir
+    return None
+
+
+def _read_paired_dirs(root: Path, prefix: str = "") -> List[Pair]:
+    dirs = _paired_dirs(root)
+    if dirs is None:
+        raise InputError(
+            f"{root}: no paired folders; expected blended/ + transmission_layer/ or input/ + target/ "
+            "side by side"
+        )
+    input_dir, target_dir = dirs
+    return _match(_by_stem(input_dir), _by_stem(target_dir), str(root),
+                  f"image(s) in {input_dir.name}/", f"image(s) in {target_dir.name}/", prefix)
+
+
+def _check_dir(root: PathLike) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"data folder not found: {root}")
+    return root
+
+
+def _nonempty(pairs: List[Pair], root: Path, what: str) -> List[Pair]:
+    if not pairs:
+        raise InputError(f"{root}: no {what} found ({', '.join(IMAGE_EXTENSIONS)})")
+    return pairs
+
+
+def read_paired(root: PathLike) -> List[Pair]:
+    """Real20 / Nature / plain pairs: ``blended/`` + ``transmission_layer/`` or ``input/`` + ``target/``."""
+    root = _check_dir(root)
+    return _nonempty(_read_paired_dirs(root), root, "image pairs")
+
+
+def read_ceilnet(root: PathLike) -> List[Pair]:
+    """CEILNet triplets: ``NAME-input.*`` (input) and ``NAME-label1.*`` (background) in one folder."""
+    root = _check_dir(root)
+    inputs: Dict[str, Path] = {}
+    targets: Dict[str, Path] = {}
+    for path in sorted(root.iterdir()):
+        if not _is_image(path):
+            continue
+        for suffix, bucket in (("-input", inputs), ("-label1", targets)):
+            if path.stem.endswith(suffix):
+                key = path.stem[: -len(suffix)]
+                if key in bucket:
+                    raise InputError(f"{root}: two files for {key}{suffix} ({bucket[key].name}, {path.name})")
+                bucket[key] = path
+    pairs = _match(inputs, targets, str(root), "NAME-input file(s)", "NAME-label1 file(s)")
+    return _nonempty(pairs, root, "NAME-input.* / NAME-label1.* triplets")
+
+
+def read_sir2(root: PathLike) -> List[Pair]:
+    """SIR^2 below ``root``: paired sub-folders and/or ``m``/``g`` files (see the module doc)."""
+    root = _check_dir(root)
+    pairs: List[Pair] = []
+    mixtures: Dict[str, Path] = {}
+    grounds: Dict[str, Path] = {}
+    for folder, subdirs, files in os.walk(root):
+        here = Path(folder)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        rel = here.relative_to(root).as_posix()
+        prefix = "" if rel == "." else rel + "/"
+        if _paired_dirs(here) is not None:
+            pairs.extend(_read_paired_dirs(here, prefix))
+            # The layer folders hold plain names, not m/g letters; nothing more to find in them.
+            subdirs[:] = [d for d in subdirs if all(d not in names for names in PAIRED_FOLDERS)
+                          and d != "reflection_layer"]
+        for filename in sorted(files):
+            path = here / filename
+            match = _SIR2_FILE.match(path.stem)
+            if not match or not _is_image(path):
+                continue
+            letter = match.group("letter").lower()
+            if letter == "r":
+                continue
+            key = prefix + match.group("prefix") if match.group("prefix") else rel
+            if key == ".":
+                key = root.name
+            bucket = mixtures if letter == "m" else grounds
+            if key in bucket:
+                raise InputError(f"{here}: two {letter} files for {key!r} ({bucket[key].name}, {filename})")
+            bucket[key] = path
+    pairs.extend(_match(mixtures, grounds, str(root), "mixture file(s) (m)", "ground-truth file(s) (g)"))
+    duplicated = [name for name, count in Counter(p.name for p in pairs).items() if count > 1]
+    if duplicated:
+        raise InputError(f"{root}: image names found twice ({_shown(duplicated)}); keep one copy")
+    return _nonempty(sorted(pairs, key=lambda p: p.name), root, "SIR2 image pairs")
+
+
+READERS = {"paired": read_paired, "ceilnet": read_ceilnet, "sir2": read_sir2}
+
+
+def detect_layout(root: PathLike) -> str:
+    """The layout of ``root`` ("paired", "ceilnet" or "sir2"); InputError listing what was looked for."""
+    root = _check_dir(root)
+    if _paired_dirs(root) is not None:
+        return "paired"
+    if any(_is_image(p) and p.stem.endswith("-input") for p in root.iterdir()):
+        return "ceilnet"
+    for folder, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        if Path(folder) != root and _paired_dirs(Path(folder)) is not None:
+            return "sir2"
+        for filename in files:
+            match = _SIR2_FILE.match(Path(filename).stem)
+            if match and match.group("letter").lower() == "m" and _is_image(Path(folder) / filename):
+                return "sir2"
+    raise InputError(f"{root}: no known dataset layout found. Looked for: {_LOOKED_FOR}")
+
+
+def attach_masks(pairs: List[Pair], masks_dir: PathLike) -> List[Pair]:
+    """Set each pair's mask to ``masks_dir/<name>.*``; InputError if any image has none."""
+    masks_dir = Path(masks_dir)
+    if not masks_dir.is_dir():
+        raise InputError(f"mask folder not found: {masks_dir}")
+    index: Dict[str, Path] = {}
+    for path in sorted(masks_dir.rglob("*")):
+        if not _is_image(path):
+            continue
+        key = path.relative_to(masks_dir).with_suffix("").as_posix()
+        if key in index:
+            raise InputError(f"{masks_dir}: two masks for {key!r} ({index[key].name}, {path.name}); keep one")
+        index[key] = path
+    missing = [p.name for p in pairs if p.name not in index]
+    if missing:
+        raise InputError(
+            f"{masks_dir}: {len(missing)} of {len(pairs)} image(s) have no region mask <name>.* "
+            f"({_shown(missing)}); every scored image needs one"
+        )
+    return [Pair(p.name, p.input, p.target, index[p.name]) for p in pairs]
+
+
+def find_pairs(data_dir: PathLike, layout: str = "auto", masks: Optional[PathLike] = None
+               ) -> Tuple[str, List[Pair]]:
+    """The pairs of ``data_dir`` read with ``layout`` (see :data:`LAYOUTS`), and the layout used."""
+    if layout not in LAYOUTS:
+        raise InputError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    reader = LAYOUT_ALIASES.get(layout, layout)
+    if reader == "auto":
+        reader = detect_layout(data_dir)
+    pairs = READERS[reader](data_dir)
+    if masks is not None:
+        pairs = attach_masks(pairs, masks)
+    return (reader if layout == "auto" else layout), pairs
+
+
+# --------------------------------------------------------------------------- resize protocol
+
+
+def parse_resize(spec: str) -> Optional[int]:
+    """``"native"`` -> None, ``"short:N"`` -> N (the short side in pixels)."""
+    text = str(spec).strip().lower()
+    if text == "native":
+        return None
+    match = re.fullmatch(r"short:(\d+)", text)
+    if not match:
+        raise InputError(f"resize must be 'native' or 'short:N' (e.g. short:420), not {spec!r}")
+    short = int(match.group(1))
+    if short < WINDOW:
+        raise InputError(f"resize short:{short} is too small: SSIM needs at least {WINDOW} pixels a side")
+    return short
+
+
+def describe_resize(short: Optional[int]) -> str:
+    if short is None:
+        return "native: images scored at the files' resolution"
+    return (f"short:{short}: input, ground truth and mask resized so the short side is {short} px "
+            "(aspect kept, long side rounded; INTER_AREA when shrinking, INTER_CUBIC when enlarging, "
+            "nearest for masks)")
+
+
+def resize_short(image: np.ndarray, short: Optional[int], nearest: bool = False) -> np.ndarray:
+    """``image`` resized so its short side is ``short`` (None: unchanged); see the module doc."""
+    if short is None:
+        return image
+    height, width = image.shape[:2]
+    scale = short / min(height, width)
+    if scale == 1.0:
+        return image
+    size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
+    if nearest:
+        return cv2.resize(image.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    return np.clip(cv2.resize(image, size, interpolation=interpolation), 0.0, 1.0)
+
+
+def load_pair(pair: Pair, short: Optional[int] = None
+              ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """Input and ground truth (RGB float32 in [0, 1]) and the mask (bool HxW or None), resized."""
+    image, _ = read_image(pair.input)
+    target, _ = read_image(pair.target)
+    if image.shape != target.shape:
+        raise InputError(
+            f"{pair.name}: input {pair.input} is {image.shape[0]}x{image.shape[1]} but ground truth "
+            f"{pair.target} is {target.shape[0]}x{target.shape[1]}; a pair must have one size"
+        )
+    mask = None
+    if pair.mask is not None:
+        mask_rgb, _ = read_image(pair.mask)
+        if mask_rgb.shape[:2] != image.shape[:2]:
+            raise InputError(
+                f"{pair.name}: mask {pair.mask} is {mask_rgb.shape[0]}x{mask_rgb.shape[1]}, the image "
+                f"{image.shape[0]}x{image.shape[1]}"
+            )
+        mask = resize_short(mask_rgb.mean(axis=2) > 0.5, short, nearest=True)
+    return resize_short(image, short), resize_short(target, short), mask
+
+
+# --------------------------------------------------------------------------- models
+
+
+class Stage1Model:
+    """RM2S stage 1 alone, from a stage-1 training checkpoint: its estimate is the result.
+
+    Same ``remove_with_intermediates`` interface as a Remover; runs at full resolution (no
+    ``max_side``), with PyTorch (extra ``train``).
+    """
+
+    method = "rm2s-stage1"
+    backend = "torch"
+
+    def __init__(self, checkpoint: PathLike, device: str = "auto", precision: str = "auto") -> None:
+        from .backends.torch_backend import create_runner
+
+        self.name = f"{Path(checkpoint).stem} (stage 1 only)"
+        self.runner = create_runner((Path(checkpoint), "stage1"), ("image",), ("background",),
+                                    device=device, precision=precision).activate()
+
+    def remove_with_intermediates(self, image: np.ndarray, colour_order: str = "RGB") -> Any:
+        """The stage-1 estimate as ``background`` and ``stage1`` (float32, ``colour_order``)."""
+        from .pipeline import Result
+
+        rgb = as_float_rgb(image, colour_order)
+        batch = np.ascontiguousarray(rgb.transpose(2, 0, 1)[None])
+        background = np.clip(self.runner.infer({"image": batch})["background"][0].transpose(1, 2, 0), 0, 1)
+        background = background.astype(np.float32)
+        if str(colour_order).upper() == "BGR":
+            background, rgb = background[:, :, ::-1], rgb[:, :, ::-1]
+        return Result(background=background, reflection=rgb - background, stage1=background)
+
+    def close(self) -> None:
+        self.runner.deactivate()
+
+
+def _checkpoint_manifest(path: Path, metadata: Dict[str, Any]) -> Manifest:
+    """An in-memory manifest for the torch backend: the network names and tensors it runs."""
+    method = metadata["method"]
+
+    def spec(name: str, input_name: str, channels: int, outputs: Sequence[Tuple[str, int]]) -> NetworkSpec:
+        return NetworkSpec(name=name, onnx="", sha256="", inputs=[TensorSpec(input_name, channels)],
+                           outputs=[TensorSpec(n, c) for n, c in outputs])
+
+    if method == "rm2s":
+        networks = {"stage1": spec("stage1", "image", 3, [("background", 3)]),
+                    "stage2": spec("stage2", "stage2_input", 9, [("background", 3)])}
+        middle = {**DEFAULT_MIDDLE_STEP, **(metadata.get("middle_step") or {})}
+    else:
+        networks = {"crrn": spec("crrn", "image", 3, [("background", 3), ("reflection", 3), ("gradient", 1)])}
+        middle = {}
+    return Manifest(method=method, name=str(metadata.get("name") or path.stem), networks=networks,
+                    directory=path.parent, middle_step=middle,
+                    checkpoint={"file": path.name, "metadata": {k: v for k, v in metadata.items()
+                                                                if k != "optimizers"}})
+
+
+def load_checkpoint_model(path: PathLike, device: str = "auto", precision: str = "auto",
+                          **options: Any) -> Any:
+    """A training checkpoint as a model: a torch-backend Remover, or :class:`Stage1Model`."""
+    require("torch", "train", "evaluating a training checkpoint")
+    require("safetensors", "train", "evaluating a training checkpoint")
+    from dereflect.train.checkpoint import read_metadata
+
+    from .pipeline import Remover
+
+    path = Path(path)
+    metadata = read_metadata(path)
+    method, have = metadata["method"], set(metadata["networks"])
+    if method == "rm2s" and not have & {"stage2", "generator"}:
+        if "stage1" not in have:
+            raise ModelError(f"{path}: an RM2S checkpoint with neither stage 1 nor stage 2 ({sorted(have)})")
+        return Stage1Model(path, device=device, precision=precision)
+    if method not in ("rm2s", "crrn"):
+        raise ModelError(f"{path}: cannot evaluate method {method!r} (known: rm2s, crrn)")
+    return Remover(_checkpoint_manifest(path, metadata), backend="torch", device=device, precision=precision,
+                   checkpoint=path, verify_checkpoint=False, **options)
+
+
+def load_model(model: Any, backend: Optional[str] = None, device: str = "auto", precision: str = "auto",
+               **options: Any) -> Any:
+    """``model`` as an object with ``remove_with_intermediates``: an export dir, a checkpoint or as is."""
+    if hasattr(model, "remove_with_intermediates"):
+        return model
+    path = Path(model)
+    if path.is_dir() or path.name == MANIFEST_NAME:
+        from .backends.base import backend_name
+        from .pipeline import Remover
+
+        chosen = backend_name(backend or "onnxruntime")
+        if chosen == "torch":
+            raise InputError(
+                f"{path} is an export directory (ONNX files); to evaluate with PyTorch pass the training "
+                "checkpoint (.safetensors) as the model instead"
+            )
+        return Remover.from_dir(path, backend=chosen, device=device, precision=precision, **options)
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        if backend is not None and backend.lower() not in ("torch", "pytorch"):
+            raise InputError(f"{path} is a training checkpoint: it runs on torch, not {backend!r}")
+        return load_checkpoint_model(path, device=device, precision=precision, **options)
+    if not path.exists():
+        raise ModelError(f"model not found: {path}")
+    raise ModelError(
+        f"{path}: not a model; pass an export directory (with {MANIFEST_NAME}) or a training checkpoint "
+        "(.safetensors)"
+    )
+
+
+def describe_model(model: Any, source: Any = None) -> Dict[str, Any]:
+    """What the report says about the model: name, method, backend, file and runtime limits."""
+    manifest = getattr(model, "manifest", None)
+    path = None if source is None or hasattr(source, "remove_with_intermediates") else Path(source)
+    info: Dict[str, Any] = {
+        "name": getattr(manifest, "name", None) or getattr(model, "name", None)
+        or (path.stem if path is not None else type(model).__name__),
+        "method": getattr(model, "method", None),
+        "backend": getattr(model, "backend", None),
+        "source": str(path) if path is not None else None,
+        "max_side": None,
+        "large_image": getattr(model, "large_image", None),
+    }
+    max_hw = getattr(model, "max_hw", None)
+    if max_hw:
+        info["max_side"] = int(max(max_hw))
+    training = ((getattr(manifest, "checkpoint", None) or {}).get("metadata") or {}).get("training")
+    if training:
+        info["training"] = training
+    return info
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _clean(value: Optional[float]) -> Optional[float]:
+    """JSON has no infinity (PSNR of identical images) or NaN: those become null."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float (e.g. in recorded training metadata) made null."""
+    if isinstance(value, float):
+        return _clean(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+@dataclass
+class ImageScores:
+    """Per-image scores of the model and of the baseline (the input itself)."""
+
+    name: str
+    height: int
+    width: int
+    model: Dict[str, Optional[float]]
+    baseline: Dict[str, Optional[float]]
+    seconds: float
+    scale: float = 1.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "name": self.name, "height": self.height, "width": self.width,
+            "model": {k: _clean(v) for k, v in self.model.items()},
+            "baseline": {k: _clean(v) for k, v in self.baseline.items()},
+            "seconds": round(self.seconds, 4), "scale": self.scale,
+        }
+
+
+@dataclass
+class Report:
+    """The result of :func:`evaluate`: per-image scores, means and the protocol they were made under."""
+
+    model: Dict[str, Any]
+    data: Dict[str, Any]
+    protocol: Dict[str, Any]
+    metrics: Tuple[str, ...]
+    images: List[ImageScores]
+    contact_sheet: Optional[np.ndarray] = None
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat("T", "seconds"))
+
+    def mean(self, row: str = "model") -> Dict[str, Optional[float]]:
+        """Mean of each metric over the images where it is defined (``row``: "model" or "baseline")."""
+        out: Dict[str, Optional[float]] = {}
+        for metric in self.metrics:
+            values = [getattr(s, row)[metric] for s in self.images if getattr(s, row)[metric] is not None]
+            out[metric] = float(np.mean(values)) if values else None
+        return out
+
+    @property
+    def seconds_per_image(self) -> float:
+        return float(np.mean([s.seconds for s in self.images])) if self.images else 0.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "dereflect_version": __version__,
+            "created": self.created,
+            "model": self.model,
+            "data": self.data,
+            "protocol": self.protocol,
+            "metrics": list(self.metrics),
+            "mean": {
+                "baseline": {k: _clean(v) for k, v in self.mean("baseline").items()},
+                "model": {k: _clean(v) for k, v in self.mean("model").items()},
+                "model_seconds_per_image": round(self.seconds_per_image, 4),
+            },
+            "images": [s.to_dict() for s in self.images],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False) + "\n"
+
+    def mean_table(self) -> str:
+        """The Markdown table of means: baseline, model, and the model's gain over the baseline."""
+        labels = [METRIC_LABELS[m] for m in self.metrics]
+        lines = ["| | " + " | ".join(labels) + " | s/image |", "|---" * (len(labels) + 2) + "|"]
+        base, model = self.mean("baseline"), self.mean("model")
+        lines.append(f"| {BASELINE_LABEL} | " + " | ".join(_fmt(m, base[m]) for m in self.metrics) + " | - |")
+        lines.append(f"| {self.model['name']} | " + " | ".join(_fmt(m, model[m]) for m in self.metrics)
+                     + f" | {self.seconds_per_image:.3f} |")
+        gains = [_fmt(m, model[m] - base[m], signed=True) if model[m] is not None and base[m] is not None
+                 else "-" for m in self.metrics]
+        lines.append("| gain over do nothing | " + " | ".join(gains) + " | |")
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        p, d = self.protocol, self.data
+        lines = [
+            f"# dereflect eval: {self.model['name']}",
+            "",
+            f"- Model: {self.model['name']} ({self.model.get('method') or 'unknown method'}, "
+            f"backend {self.model.get('backend') or 'n/a'})" + (f", from {self.model['source']}"
+                                                               if self.model.get("source") else ""),
+            f"- Data: {d['dir']} (layout {d['layout']}, {d['images']} images"
+            + (f", region masks from {d['masks']}" if d.get("masks") else "") + ")",
+            f"- Resize protocol: {p['resize_description']}",
+            f"- Network resolution: {p['network_resolution']}",
+            f"- Metrics: {p['metrics']}",
+            f"- dereflect {__version__}, {self.created}",
+            "",
+            "## Mean",
+            "",
+            self.mean_table(),
+            "",
+            "## Per image (input -> model)",
+            "",
+        ]
+        labels = [METRIC_LABELS[m] for m in self.metrics]
+        lines.append("| image | size | " + " | ".join(f"{lab} in | {lab} out" for lab in labels) + " |")
+        lines.append("|---" * (2 + 2 * len(labels)) + "|")
+        for s in self.images:
+            cells = [f"{_fmt(m, s.baseline[m])} | {_fmt(m, s.model[m])}" for m in self.metrics]
+            lines.append(f"| {s.name} | {s.height}x{s.width} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def write(self, out_dir: PathLike) -> Dict[str, Path]:
+        """Write report.md, report.json and (when made) contact_sheet.png into ``out_dir``; replaces them."""
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out}: exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        written = {}
+        for key, text in (("markdown", self.to_markdown()), ("json", self.to_json())):
+            path = out / REPORT_FILES[key]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+            written[key] = path
+        if self.contact_sheet is not None:
+            written["contact_sheet"] = write_image(out / REPORT_FILES["contact_sheet"], self.contact_sheet,
+                                                   overwrite=True)
+        return written
+
+
+def _fmt(metric: str, value: Optional[float], signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    sign = "+" if signed else ""
+    return f"{value:{sign}.2f}" if metric == "psnr" else f"{value:{sign}.4f}"
+
+
+def score(output: np.ndarray, target: np.ndarray,
+          mask: Optional[np.ndarray] = None) -> Dict[str, Optional[float]]:
+    """PSNR, SSIM, SI (and SSIMr, SIr with a mask; None for an empty mask) of RGB images in [0, 1]."""
+    scores: Dict[str, Optional[float]] = {"psnr": psnr(output, target), "ssim": ssim(output, target),
+                                          "si": si(output, target)}
+    if mask is not None:
+        empty = not mask.any()
+        scores["ssimr"] = None if empty else ssim_region(output, target, mask)
+        scores["sir"] = None if empty else si_region(output, target, mask)
+    return scores
+
+
+# --------------------------------------------------------------------------- contact sheet
+
+
+def confidence_colours(confidence: np.ndarray) -> np.ndarray:
+    """A confidence map as RGB uint8 (inferno colour map, scaled to its maximum; black: no edge)."""
+    top = float(confidence.max()) if confidence.size else 0.0
+    scaled = np.zeros(confidence.shape, np.uint8)
+    if top > 0:
+        scaled = (np.clip(confidence / top, 0, 1) * 255).astype(np.uint8)
+    return cv2.applyColorMap(scaled, cv2.COLORMAP_INFERNO)[:, :, ::-1].copy()
+
+
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_HEADER = 22
+_CAPTION = 18
+_GAP = 4
+_BACKGROUND = 32
+
+
+def _text(canvas: np.ndarray, text: str, x: int, y: int, width: int) -> None:
+    while text and cv2.getTextSize(text, _FONT, 0.4, 1)[0][0] > width:
+        text = text[:-2] + "~" if len(text) > 2 else ""
+    cv2.putText(canvas, text, (x, y), _FONT, 0.4, (235, 235, 235), 1, cv2.LINE_AA)
+
+
+def _tile(image: Optional[np.ndarray], tile: int) -> np.ndarray:
+    """``image`` (float RGB in [0, 1] or uint8 RGB; None: "n/a") letterboxed into a tile x tile box."""
+    box = np.full((tile, tile, 3), _BACKGROUND, np.uint8)
+    if image is None:
+        _text(box, "n/a", tile // 2 - 12, tile // 2 + 4, tile)
+        return box
+    if image.dtype != np.uint8:
+        image = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+    height, width = image.shape[:2]
+    scale = min(tile / height, tile / width)
+    size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
+    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_NEAREST)
+    top, left = (tile - size[1]) // 2, (tile - size[0]) // 2
+    box[top:top + size[1], left:left + size[0]] = small
+    return box
+
+
+def contact_row(image: np.ndarray, result: Any, target: np.ndarray,
+                tile: int = CONTACT_TILE) -> List[np.ndarray]:
+    """The five tiles of one image: input | stage 1 | confidence | result | ground truth."""
+    confidence = getattr(result, "confidence", None)
+    stage1 = getattr(result, "stage1", None)
+    return [_tile(image, tile), _tile(stage1, tile),
+            _tile(confidence_colours(confidence) if confidence is not None else None, tile),
+            _tile(as_float_rgb(result.background), tile), _tile(target, tile)]
+
+
+def contact_sheet(rows: Sequence[Tuple[str, List[np.ndarray]]], tile: int = CONTACT_TILE) -> np.ndarray:
+    """Labelled grid (RGB uint8): a header with :data:`CONTACT_COLUMNS`, then a caption and tiles per row.
+
+    Size: height ``22 + n * (18 + tile + 4)``, width ``4 + 5 * (tile + 4)``.
+    """
+    width = _GAP + len(CONTACT_COLUMNS) * (tile + _GAP)
+    height = _HEADER + len(rows) * (_CAPTION + tile + _GAP)
+    sheet = np.full((height, width, 3), 16, np.uint8)
+    for col, label in enumerate(CONTACT_COLUMNS):
+        _text(sheet, label, _GAP + col * (tile + _GAP) + 2, _HEADER - 7, tile)
+    for index, (caption, tiles) in enumerate(rows):
+        top = _HEADER + index * (_CAPTION + tile + _GAP)
+        _text(sheet, caption, _GAP + 2, top + _CAPTION - 5, width - 2 * _GAP)
+        for col, image in enumerate(tiles):
+            left = _GAP + col * (tile + _GAP)
+            sheet[top + _CAPTION:top + _CAPTION + tile, left:left + tile] = image
+    return sheet
+
+
+def _contact_indices(count: int, wanted: int) -> List[int]:
+    """Up to ``wanted`` indices spread evenly over ``count`` images, first and last included."""
+    if wanted <= 0:
+        return []
+    if wanted >= count:
+        return list(range(count))
+    if wanted == 1:
+        return [0]
+    return sorted({int(round(i * (count - 1) / (wanted - 1))) for i in range(wanted)})
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    model: Any,
+    data_dir: PathLike,
+    layout: str = "auto",
+    resize: str = "native",
+    masks: Optional[PathLike] = None,
+    limit: Optional[int] = None,
+    out_dir: Optional[PathLike] = None,
+    *,
+    backend: Optional[str] = None,
+    device: str = "auto",
+    precision: str = "auto",
+    contact_images: int = DEFAULT_CONTACT_IMAGES,
+    progress: bool = True,
+) -> Report:
+    """Score ``model`` on ``data_dir`` beside the do-nothing baseline; see the module doc.
+
+    ``model``: an export directory, a training checkpoint (.safetensors) or an object with
+    ``remove_with_intermediates``. ``limit``: score only the first N images (sorted by name).
+    ``out_dir``: also write report.md, report.json and contact_sheet.png there.
+    ``backend`` / ``device`` / ``precision``: how an export directory or checkpoint is run.
+    ``contact_images``: rows of the contact sheet (spread over the set; 0: none).
+    """
+    short = parse_resize(resize)
+    if limit is not None and int(limit) < 1:
+        raise InputError(f"limit must be a positive number of images, not {limit}")
+    used_layout, pairs = find_pairs(data_dir, layout, masks)
+    if limit is not None:
+        pairs = pairs[: int(limit)]
+    runner = load_model(model, backend=backend, device=device, precision=precision)
+    try:
+        report = _run(runner, describe_model(runner, model), pairs, short, masks, contact_images, progress)
+    finally:
+        if runner is not model and hasattr(runner, "close"):
+            runner.close()
+    report.data = {"dir": str(data_dir), "layout": used_layout, "images": len(report.images),
+                   "masks": str(masks) if masks is not None else None, "limit": limit}
+    if out_dir is not None:
+        report.write(out_dir)
+    return report
+
+
+def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Optional[int],
+         masks: Optional[PathLike], contact_images: int, progress: bool) -> Report:
+    from tqdm import tqdm
+
+    metrics = BASE_METRICS + (REGION_METRICS if masks is not None else ())
+    chosen = set(_contact_indices(len(pairs), contact_images))
+    rows: List[Tuple[str, List[np.ndarray]]] = []
+    images: List[ImageScores] = []
+    reduced = 0
+    for index, pair in enumerate(tqdm(pairs, unit="image", disable=not progress, file=sys.stderr,
+                                      desc="dereflect eval")):
+        image, target, mask = load_pair(pair, short)
+        start = time.perf_counter()
+        result = runner.remove_with_intermediates(image)
+        seconds = time.perf_counter() - start
+        background = as_float_rgb(result.background)
+        if background.shape != target.shape:
+            raise ModelError(f"{pair.name}: the model returned {background.shape} for a {image.shape} input")
+        scores = ImageScores(pair.name, image.shape[0], image.shape[1], model=score(background, target, mask),
+                             baseline=score(image, target, mask), seconds=seconds,
+                             scale=float(getattr(result, "scale", 1.0)))
+        images.append(scores)
+        reduced += int(scores.scale < 1.0 or getattr(result, "tiles", 1) > 1)
+        if index in chosen:
+            caption = (f"{pair.name}   PSNR {_fmt('psnr', scores.baseline['psnr'])} -> "
+                       f"{_fmt('psnr', scores.model['psnr'])} dB")
+            rows.append((caption, contact_row(image, result, target)))
+    max_side = model_info.get("max_side")
+    if max_side:
+        how = ("in overlapping tiles" if model_info.get("large_image") == "tile"
+               else "scaled down, the result guided-upsampled")
+        network_resolution = (f"networks run at the scored resolution up to {max_side} px on the long side, "
+                              f"larger images {how} ({reduced} of {len(images)} image(s) here)")
+    else:
+        network_resolution = "networks run at the scored resolution (no size limit)"
+    return Report(
+        model=model_info,
+        data={},
+        protocol={
+            "resize": "native" if short is None else f"short:{short}",
+            "resize_description": describe_resize(short),
+            "network_resolution": network_resolution,
+            "images_not_run_whole": reduced,
+            "metrics": "on the background, RGB float in [0, 1] (data range 1); PSNR over all pixels and "
+                       "channels; SSIM as skimage structural_similarity with an 11x11 Gaussian window "
+                       "(sigma 1.5), population covariances, channel mean, 5-px border cropped; SI its "
+                       "structure term; SSIMr/SIr the SSIM/SI map averaged over mask pixels; means are "
+                       "means of per-image values",
+        },
+        metrics=metrics,
+        images=images,
+        contact_sheet=contact_sheet(rows) if rows else None,
+    )
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def register(subparsers: Any) -> None:
+    """Add ``dereflect eval`` to the command line."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="score a model against ground truth (PSNR, SSIM, SI; SSIMr/SIr with masks)",
+        description="Score a model on a dataset with ground-truth backgrounds, beside the do-nothing "
+                    "baseline (the input scored as the output). Layouts: paired / Real20 / Nature "
+                    "(blended/ + transmission_layer/, or input/ + target/), CEILNet triplets (NAME-input.* + "
+                    "NAME-label1.*), SIR2 (sub-folders of blended/ + transmission_layer/, or m/g files). "
+                    "Prints the mean table; --out writes report.md, report.json and contact_sheet.png.",
+    )
+    parser.add_argument("model", metavar="MODEL_OR_EXPORT_DIR",
+                        help="export directory, or a training checkpoint (.safetensors; train extra)")
+    parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder")
+    parser.add_argument("--layout", default="auto", choices=LAYOUTS, help="dataset layout (default: auto)")
+    parser.add_argument("--resize", default="native", metavar="native|short:N",
+                        help="resize protocol: native resolution, or short side N px, e.g. short:420 "
+                             "(default: native)")
+    parser.add_argument("--masks", metavar="DIR", help="region masks DIR/<name>.* for SSIMr and SIr")
+    parser.add_argument("--limit", type=int, metavar="N", help="score only the first N images")
+    parser.add_argument("--out", metavar="DIR", help="write report.md, report.json, contact_sheet.png here")
+    parser.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"],
+                        help="runtime backend (default: onnxruntime for an export directory, torch for a "
+                             "checkpoint)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
+                        help="network precision (default: auto)")
+    parser.add_argument("--contact-images", type=int, default=DEFAULT_CONTACT_IMAGES, metavar="N",
+                        help=f"rows of the contact sheet (default {DEFAULT_CONTACT_IMAGES}; 0: none)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_eval)
+
+
+def run_eval(args: Any) -> int:
+    report = evaluate(args.model, args.data, layout=args.layout, resize=args.resize, masks=args.masks,
+                      limit=args.limit, out_dir=args.out, backend=args.backend, device=args.device,
+                      precision=args.precision, contact_images=args.contact_images,
+                      progress=not args.no_progress)
+    print(f"{report.model['name']} on {report.data['dir']} ({report.data['layout']}, {report.data['images']} "
+          f"images, resize {report.protocol['resize']})")
+    print(report.mean_table())
+    if args.out:
+        print(f"report written to {Path(args.out) / REPORT_FILES['markdown']}")
+    return 0

@@ -1,0 +1,59 @@
+"""Fixtures shared by the test files: small photo folders and stand-in VGG weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+#: The workplace's shared data (third-party photos, never committed): beside the checkout.
+SHARED_DATA = Path(os.environ.get("DEREFLECT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def smooth_photo(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A natural-looking uint8 BGR picture: smooth colour fields plus a few sharp shapes."""
+    small = rng.uniform(0, 255, size=(max(height // 16, 2), max(width // 16, 2), 3)).astype(np.float32)
+    image = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+    for _ in range(4):
+        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        colour = tuple(float(c) for c in rng.uniform(0, 255, 3))
+        cv2.circle(image, centre, int(rng.integers(3, max(4, min(height, width) // 3))), colour, -1)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_photo_folder(folder: Path, count: int, height: int = 96, width: int = 128, seed: int = 0,
+                       prefix: str = "train_") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        cv2.imwrite(str(folder / f"{prefix}{index:03d}.jpg"), smooth_photo(rng, height, width))
+    return folder
+
+
+@pytest.fixture
+def photo_folder(tmp_path: Path) -> Path:
+    """Eight training photos and four named test_ (held out for validation)."""
+    folder = write_photo_folder(tmp_path / "photos", 8)
+    return write_photo_folder(folder, 4, seed=1, prefix="test_")
+
+
+@pytest.fixture
+def fake_vgg16(tmp_path: Path) -> Path:
+    """Random VGG-16 conv weights in torchvision's layout (the losses only need *some* VGG)."""
+    torch = pytest.importorskip("torch")
+    from dereflect.train.vgg import vgg_features
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    features = vgg_features("vgg16")
+    for module in features:
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            torch.nn.init.zeros_(module.bias)
+    path = tmp_path / "vgg16_random.safetensors"
+    save_file({f"features.{k}": v.contiguous() for k, v in features.state_dict().items()}, str(path),
+              metadata={"arch": "vgg16", "input": "imagenet"})
+    return path

@@ -1,0 +1,322 @@
+"""dereflect.bench and dereflect.flops: statistics, the variation flag, FLOP and byte counts on
+hand-built graphs, floors, and ``dereflect bench`` end to end on a toy export directory."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bench_fixtures import (
+    CONV_MODEL_WEIGHTS,
+    TOY_STAGE1_FLOPS_PER_PIXEL,
+    TOY_STAGE2_FLOPS_PER_PIXEL,
+    conv_model,
+    conv_model_flops,
+    make_bench_export,
+    padded_model,
+    padded_model_flops,
+)
+from dereflect import bench
+from dereflect.errors import InputError, MissingDependencyError
+from dereflect.flops import (
+    MIDDLE_STEP_FLOPS_PER_PIXEL,
+    Cost,
+    device_for_gpu,
+    device_spec,
+    middle_step_cost,
+    network_cost,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    return make_bench_export(tmp_path_factory.mktemp("bench-export"))
+
+
+def _bench_args(*argv):
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers())
+    return parser.parse_args(["bench", *map(str, argv)])
+
+
+# -- sizes, statistics, variation -----------------------------------------------------------------
+
+@pytest.mark.parametrize("text,expected", [
+    ("256", ("256", 256, 256)), ("720p", ("720p", 720, 1280)), ("1080p", ("1080p", 1080, 1920)),
+    ("480p", ("480p", 480, 854)), ("480x640", ("480x640", 480, 640)), (" 2160P ", ("2160p", 2160, 3840)),
+])
+def test_parse_size(text, expected):
+    assert bench.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "abc", "0", "12x", "720i", "99999"])
+def test_parse_size_rejects(text):
+    with pytest.raises(InputError):
+        bench.parse_sizes(text)
+
+
+def test_summarize_known_data():
+    stats = bench.summarize(np.arange(1, 101))
+    assert stats["runs"] == 100
+    assert stats["mean_ms"] == pytest.approx(50.5)
+    assert stats["median_ms"] == pytest.approx(50.5)
+    # Linear interpolation between order statistics: p90 = 90 + 0.1, p99 = 99 + 0.01.
+    assert stats["p90_ms"] == pytest.approx(90.1)
+    assert stats["p99_ms"] == pytest.approx(99.01)
+    assert stats["max_ms"] == 100 and stats["min_ms"] == 1
+    assert stats["fps"] == pytest.approx(1000 / 50.5)
+    assert stats["std_ms"] == pytest.approx(np.std(np.arange(1, 101), ddof=1))
+
+
+def test_variation_flag():
+    steady = bench.summarize([10.0] * 19 + [10.2])
+    assert not steady["variable"] and steady["cov"] < 0.01
+    # Median unchanged, but the slow tail moves p90 far from it: flagged, as trtexec would.
+    tail = bench.summarize([10.0] * 17 + [13.0, 14.0, 15.0])
+    assert tail["median_ms"] == 10.0 and tail["p90_spread"] > 0.05 and tail["variable"]
+    assert bench.is_variable(0.06, 0.0) and bench.is_variable(0.0, 0.06)
+    assert not bench.is_variable(0.04, 0.04)
+    assert not bench.is_variable(0.04, 0.04, threshold=0.05) and bench.is_variable(0.04, 0.04, threshold=0.03)
+    with pytest.raises(InputError):
+        bench.summarize([])
+    with pytest.raises(InputError):
+        bench.summarize([1.0, float("nan")])
+
+
+def test_monotonic_timer_stages_and_total():
+    timer = bench.MonotonicTimer()
+    with timer.stage("a"):
+        time.sleep(0.01)
+    with timer.stage("b"):
+        time.sleep(0.02)
+    times = timer.read()
+    assert set(times) == {"a", "b", "total"}
+    assert times["a"] >= 9 and times["b"] >= 19
+    assert times["total"] >= times["a"] + times["b"]
+    calls = []
+    synced = bench.MonotonicTimer(sync=lambda: calls.append(1))
+    with synced.stage("x"):
+        pass
+    assert len(calls) == 2
+
+
+# -- FLOPs, bytes, floors ----------------------------------------------------------------------------
+
+def test_flops_conv_and_conv_transpose():
+    cost = network_cost(conv_model(), 8, 8)
+    assert cost.flops == conv_model_flops(8, 8) == 30720
+    assert cost.flops_by_op["ConvTranspose"] == 2 * (4 * 64) * (2 * 16)
+    assert cost.flops_by_op["Conv"] == 2 * (4 * 64) * 27 + 4 * 64
+    assert cost.flops_by_op["Relu"] == 4 * 64
+    assert cost.uncounted == []
+    # Weights once + input (3 x 8 x 8) + output (2 x 16 x 16), float32; activations: Conv and Relu outputs.
+    assert cost.min_bytes == 4 * (CONV_MODEL_WEIGHTS + 3 * 64 + 2 * 256)
+    assert cost.activation_bytes == 4 * (2 * 4 * 64)
+    half = network_cost(conv_model(), 8, 8, element_bytes=2)
+    assert half.min_bytes == cost.min_bytes / 2 and half.flops == cost.flops
+    assert network_cost(conv_model(), 16, 24, batch=2).flops == 2 * conv_model_flops(16, 24)
+
+
+@pytest.mark.parametrize("height,width", [(32, 32), (30, 30), (33, 17)])
+def test_flops_fold_pad_to_stride(height, width):
+    cost = network_cost(padded_model(), height, width)
+    assert cost.flops == padded_model_flops(height, width)
+    assert cost.uncounted == []
+    # Input and output at the requested size (the crop), not the padded one.
+    assert cost.min_bytes == 4 * (6 + 3 * height * width + 2 * height * width)
+
+
+def test_flops_of_a_file_and_missing_onnx(tmp_path, monkeypatch, export_dir):
+    cost = network_cost(export_dir / "stage1.onnx", 20, 30)
+    assert cost.flops == TOY_STAGE1_FLOPS_PER_PIXEL * 600 and cost.name == "stage1.onnx"
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'dereflect\[export\]'"):
+        network_cost(export_dir / "stage1.onnx", 20, 30)
+
+
+def test_middle_step_cost():
+    pixels = 100 * 200
+    per_pixel_flops = sum(MIDDLE_STEP_FLOPS_PER_PIXEL.values())
+    fp32 = middle_step_cost(100, 200)
+    assert fp32.flops == pixels * per_pixel_flops
+    # float32 B1: storing C (12 + 12 + 4 + 4 + 12 = 44) beats recomputing (2 x 24 = 48); 9 x 4 out.
+    assert fp32.min_bytes == pixels * (44 + 36)
+    # FP16 B1: recomputing (2 x (12 + 6) = 36) beats storing (38); 9 x 2 out.
+    assert middle_step_cost(100, 200, b1_bytes=2, out_bytes=2).min_bytes == pixels * (36 + 18)
+    assert fp32.kind == "scalar"
+
+
+def test_floor_and_device_table():
+    custom = device_spec("custom:1000,100")
+    assert (custom.fp16_tflops, custom.bandwidth_gbps, custom.fp32_tflops) == (1000.0, 100.0, None)
+    compute_heavy = Cost("net", flops=2e13, min_bytes=1e8)
+    assert compute_heavy.floor_ms(custom) == pytest.approx(20.0)
+    assert compute_heavy.bound(custom) == "compute"
+    memory_heavy = Cost("net", flops=2e12, min_bytes=1e9)
+    assert memory_heavy.floor_ms(custom) == pytest.approx(10.0) and memory_heavy.bound(custom) == "memory"
+    # Scalar work uses the FP32 rate when the table has one.
+    scalar = Cost("step", flops=6.7e10, min_bytes=0.0, kind="scalar")
+    assert scalar.floor_ms(device_spec("h100")) == pytest.approx(1.0)
+    assert scalar.floor_ms(custom) == pytest.approx(0.067)
+    assert device_spec("AGX-Orin").bandwidth_gbps == 204.8
+    assert device_spec("orin-nano").fp16_tflops == 10.0
+    assert device_for_gpu("NVIDIA H100 80GB HBM3").key == "h100"
+    assert device_for_gpu("NVIDIA H200").key == "h200"
+    assert device_for_gpu("Orin (nvgpu)") is None
+    for bad in ("a100", "custom:1", "custom:-1,2", "custom:x,y"):
+        with pytest.raises(InputError, match="custom:TFLOPS,GBPS"):
+            device_spec(bad)
+
+
+# -- the command ---------------------------------------------------------------------------------------
+
+def test_bench_command_writes_json_and_png(export_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = _bench_args(export_dir, "--sizes", "32,40x48", "--warmup", "1", "--runs", "4", "--out", out,
+                       "--device-table", "agx-orin")
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "40x48" in printed and "FPS" in printed and "x floor" in printed
+    report = json.loads((out / "bench.json").read_text())
+    assert report["format"] == "dereflect-bench" and report["backend"] == "onnxruntime"
+    assert report["stages"] == ["upload", "stage1", "middle", "stage2", "download"]
+    assert report["device_table"]["key"] == "agx-orin" and "onnxruntime" in report["machine"]
+    assert [e["label"] for e in report["sizes"]] == ["32", "40x48"]
+    entry = report["sizes"][1]
+    assert (entry["height"], entry["width"]) == (40, 48)
+    for name in report["stages"]:
+        stats = entry["stages"][name]
+        assert stats["runs"] == 4 and len(entry["samples_ms"][name]) == 4
+        assert stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"] <= stats["p99_ms"] <= stats["max_ms"]
+    # The run's total covers every stage.
+    assert entry["total"]["median_ms"] >= entry["stages"]["stage1"]["median_ms"]
+    assert entry["fused"] is None
+    assert entry["costs"]["stage1"]["gflop"] * 1e9 == pytest.approx(TOY_STAGE1_FLOPS_PER_PIXEL * 40 * 48)
+    assert entry["costs"]["stage2"]["gflop"] * 1e9 == pytest.approx(TOY_STAGE2_FLOPS_PER_PIXEL * 40 * 48)
+    limits = entry["limits"]
+    floors = limits["floor_ms"]
+    assert floors["total"] == pytest.approx(floors["stage1"] + floors["middle"] + floors["stage2"])
+    assert floors["middle"] == pytest.approx(middle_step_cost(40, 48).floor_ms(device_spec("agx-orin")))
+    assert limits["ratio"]["stage1"] == pytest.approx(entry["stages"]["stage1"]["median_ms"] / floors["stage1"])
+    assert limits["ratio"]["total"] == pytest.approx(entry["total"]["median_ms"] / floors["total"])
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_without_matplotlib_or_onnx(export_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    args = _bench_args(export_dir, "--sizes", "24", "--warmup", "0", "--runs", "2", "--out", tmp_path,
+                       "--device-table", "h100")
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "pip install matplotlib" in printed and "no FLOP count" in printed
+    assert not (tmp_path / "bench.png").exists()
+    entry = json.loads((tmp_path / "bench.json").read_text())["sizes"][0]
+    assert entry["costs"] is None and "dereflect[export]" in entry["costs_error"]
+    assert entry["total"]["runs"] == 2
+
+
+def test_bench_reports_a_failing_size(export_dir, tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def flaky(pipeline, label, *args, **kwargs):
+        calls.append(label)
+        if label == "32":
+            raise InputError("outside the engine's profile")
+        return original(pipeline, label, *args, **kwargs)
+
+    original = bench.bench_size
+    monkeypatch.setattr(bench, "bench_size", flaky)
+    args = _bench_args(export_dir, "--sizes", "32,24", "--warmup", "0", "--runs", "1", "--out", tmp_path,
+                       "--no-plot")
+    assert args.func(args) == 1
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert calls == ["32", "24"]
+    assert report["sizes"][0]["error"] == "outside the engine's profile" and "total" in report["sizes"][1]
+    assert "error: outside" in capsys.readouterr().out
+
+
+def test_bench_bad_options(export_dir, tmp_path):
+    with pytest.raises(InputError, match="--runs"):
+        bench.run_bench(export_dir, [("8", 8, 8)], runs=0)
+    with pytest.raises(InputError, match="threshold"):
+        bench.run_bench(export_dir, [("8", 8, 8)], threshold="median")
+    with pytest.raises(InputError, match="device table"):
+        bench.run_bench(export_dir, [("8", 8, 8)], device_table="a100")
+
+
+def test_bench_command_does_not_import_torch(export_dir, tmp_path):
+    code = (
+        "import argparse, sys\n"
+        "from dereflect import bench\n"
+        "parser = argparse.ArgumentParser(); bench.register(parser.add_subparsers())\n"
+        f"args = parser.parse_args(['bench', {str(export_dir)!r}, '--sizes', '16', '--warmup', '0', '--runs', '1',"
+        f" '--out', {str(tmp_path)!r}, '--no-plot', '--device-table', 'h100'])\n"
+        "assert args.func(args) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "bench.json").read_text())["sizes"][0]["costs"]["stage1"]["gflop"] > 0
+
+
+# -- the authors' middle step (benchmarks/authors_baseline.py) --------------------------------------
+
+def _authors_module():
+    spec = importlib.util.spec_from_file_location("authors_baseline", ROOT / "benchmarks" / "authors_baseline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_authors_middle_step_matches_the_reference():
+    pytest.importorskip("sklearn", reason="the authors' step uses scikit-learn (pip install 'dereflect[train]')")
+    import cv2
+    from dereflect.confidence import middle_step_reference
+
+    image = bench.synthetic_frame(64, 96, seed=3)
+    stage1 = cv2.GaussianBlur(image, (0, 0), 1.5)
+    stage2_input, centres = _authors_module().authors_middle_step(image, stage1)
+    reference = middle_step_reference(image, stage1)
+    # Lloyd's iterations stop near the exact 2-means optimum, not on it: masks agree but for a few pixels.
+    assert centres["low"] == pytest.approx(reference.low, abs=0.01)
+    assert centres["high"] == pytest.approx(reference.high, abs=0.01)
+    differing = np.any(stage2_input != reference.stage2_input, axis=2).mean()
+    assert differing < 0.002
+    np.testing.assert_array_equal(stage2_input[:, :, :3], image)
+
+
+# -- GPU -----------------------------------------------------------------------------------------------
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs torch with a CUDA GPU")
+def test_cuda_event_timer():
+    import torch
+
+    timer = bench.CudaEventTimer(torch)
+    x = torch.rand(2048, 2048, device="cuda")
+    with timer.stage("matmul"):
+        x @ x
+    with timer.stage("add"):
+        x + 1
+    times = timer.read()
+    assert times["matmul"] > 0 and times["add"] > 0
+    assert times["total"] >= times["matmul"] + times["add"] - 1e-3

@@ -1,0 +1,420 @@
+"""``dereflect eval``: dataset readers on small layouts made here, the resize protocol, region
+masks, the baseline row, the report files and the contact sheet, on tiny hand-made ONNX exports.
+
+The toy exports come from test_runtime.py: "CRRN" returns 0.7 I as the background (so the
+expected scores are known exactly), "RM2S" squares the input in stage 1 and mixes the
+middle step's masks in stage 2 (so it has a stage-1 image and a confidence map).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import dereflect.cli
+import numpy as np
+import pytest
+from dereflect import Remover
+from dereflect.errors import InputError, ModelError
+from dereflect.evaluate import (
+    BASELINE_LABEL,
+    CONTACT_COLUMNS,
+    CONTACT_TILE,
+    Stage1Model,
+    attach_masks,
+    contact_sheet,
+    detect_layout,
+    evaluate,
+    find_pairs,
+    load_model,
+    load_pair,
+    parse_resize,
+    read_ceilnet,
+    read_paired,
+    read_sir2,
+    resize_short,
+)
+from dereflect.metrics import psnr, si, si_region, ssim, ssim_region
+
+# The toy ONNX exports live with the runtime tests (to be moved to a shared test helper).
+from onnx_fixtures import make_crrn_export, make_rm2s_export
+
+
+def _photo(h=40, w=56, seed=0):
+    """Smooth shapes plus noise in [0, 1]: real edges for the middle step."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = 0.5 + 0.3 * np.sin(xx / 5.0 + seed)[:, :, None] * np.cos(yy / 7.0 + seed)[:, :, None]
+    base = base + 0.2 * (((xx // 9 + yy // 11) % 2)[:, :, None] - 0.5)
+    return np.clip(base + 0.05 * rng.random((h, w, 3)), 0, 1).astype(np.float32)
+
+
+def _write(path: Path, rgb, grey=False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
+    pixels = pixels if grey else pixels[:, :, ::-1]
+    assert cv2.imwrite(str(path), pixels)
+    return path
+
+
+def _read(path: Path) -> np.ndarray:
+    return cv2.imread(str(path))[:, :, ::-1].astype(np.float32) / 255.0
+
+
+def _pair(root: Path, input_path: str, target_path: str, seed: int, size=(40, 56)) -> None:
+    """A ground truth and an input that is the ground truth plus a smooth 'reflection'."""
+    target = _photo(*size, seed=seed)
+    _write(root / target_path, target)
+    _write(root / input_path, np.clip(0.8 * target + 0.3 * _photo(*size, seed=seed + 100), 0, 1))
+
+
+def _names(pairs):
+    return [p.name for p in pairs]
+
+
+@pytest.fixture(scope="module")
+def crrn_dir(tmp_path_factory):
+    return make_crrn_export(tmp_path_factory.mktemp("crrn"))
+
+
+@pytest.fixture(scope="module")
+def rm2s_dir(tmp_path_factory):
+    return make_rm2s_export(tmp_path_factory.mktemp("rm2s"))
+
+
+@pytest.fixture
+def paired(tmp_path):
+    root = tmp_path / "real20"
+    for i, name in enumerate(("a", "b", "c")):
+        _pair(root, f"blended/{name}.png", f"transmission_layer/{name}.png", seed=i)
+    return root
+
+
+# -- readers --------------------------------------------------------------------------------
+
+def test_read_paired_both_folder_names(tmp_path):
+    root = tmp_path / "nature"
+    _pair(root, "blended/x.jpg", "transmission_layer/x.png", seed=1)  # extensions may differ
+    _pair(root, "blended/y.png", "transmission_layer/y.png", seed=2)
+    pairs = read_paired(root)
+    assert _names(pairs) == ["x", "y"]
+    assert pairs[0].input == root / "blended/x.jpg" and pairs[0].target == root / "transmission_layer/x.png"
+    assert detect_layout(root) == "paired"
+
+    plain = tmp_path / "plain"
+    _pair(plain, "input/p.png", "target/p.png", seed=3)
+    assert _names(read_paired(plain)) == ["p"]
+    assert find_pairs(plain, "auto")[0] == "paired"
+    assert find_pairs(root, "real20")[0] == "real20"
+
+
+def test_read_paired_mismatches(tmp_path):
+    root = tmp_path / "set"
+    _pair(root, "blended/a.png", "transmission_layer/a.png", seed=0)
+    _write(root / "blended/only_input.png", _photo())
+    _write(root / "transmission_layer/only_gt.png", _photo())
+    with pytest.raises(InputError, match=r"1 image\(s\) in blended/ without ground truth \(only_input\).*"
+                                         r"1 image\(s\) in transmission_layer/ without an input \(only_gt\)"):
+        read_paired(root)
+
+    dup = tmp_path / "dup"
+    _pair(dup, "blended/a.png", "transmission_layer/a.png", seed=0)
+    _write(dup / "blended/a.jpg", _photo())
+    with pytest.raises(InputError, match="two images named 'a'"):
+        read_paired(dup)
+
+    with pytest.raises(InputError, match="no paired folders"):
+        read_paired(tmp_path)
+    empty = tmp_path / "empty"
+    (empty / "blended").mkdir(parents=True)
+    (empty / "transmission_layer").mkdir()
+    with pytest.raises(InputError, match="no image pairs"):
+        read_paired(empty)
+
+
+def test_read_ceilnet(tmp_path):
+    root = tmp_path / "ceil"
+    for i, name in enumerate(("1", "2")):
+        _pair(root, f"{name}-input.png", f"{name}-label1.png", seed=i)
+        _write(root / f"{name}-label2.png", _photo(seed=9))
+    pairs = read_ceilnet(root)
+    assert _names(pairs) == ["1", "2"]
+    assert pairs[1].input.name == "2-input.png" and pairs[1].target.name == "2-label1.png"
+    assert detect_layout(root) == "ceilnet"
+
+    _write(root / "3-input.png", _photo())
+    with pytest.raises(InputError, match=r"1 NAME-input file\(s\) without ground truth \(3\)"):
+        read_ceilnet(root)
+    (tmp_path / "ceil_empty").mkdir()
+    with pytest.raises(InputError, match="no NAME-input"):
+        read_ceilnet(tmp_path / "ceil_empty")
+
+
+def test_read_sir2_both_naming_styles(tmp_path):
+    root = tmp_path / "SIR2"
+    # Repackaged subset: blended/ + transmission_layer/ (+ reflection_layer/, ignored).
+    _pair(root, "SolidObjectDataset/blended/s1.png", "SolidObjectDataset/transmission_layer/s1.png", seed=0)
+    _write(root / "SolidObjectDataset/reflection_layer/s1.png", _photo())
+    # As captured: m/g/r per scene folder, and PREFIX_m / PREFIX_g files.
+    _pair(root, "WildSceneDataset/withgt/7/m.jpg", "WildSceneDataset/withgt/7/g.jpg", seed=1)
+    _write(root / "WildSceneDataset/withgt/7/r.jpg", _photo())
+    _pair(root, "PostcardDataset/F11/3_M.png", "PostcardDataset/F11/3_g.png", seed=2)
+    _write(root / "PostcardDataset/F11/3_r.png", _photo())
+    pairs = read_sir2(root)
+    assert _names(pairs) == ["PostcardDataset/F11/3", "SolidObjectDataset/s1", "WildSceneDataset/withgt/7"]
+    by_name = {p.name: p for p in pairs}
+    assert by_name["PostcardDataset/F11/3"].input.name == "3_M.png"
+    assert by_name["WildSceneDataset/withgt/7"].target.name == "g.jpg"
+    assert detect_layout(root) == "sir2"
+
+    _write(root / "WildSceneDataset/withgt/8/m.jpg", _photo())
+    with pytest.raises(InputError, match=r"1 mixture file\(s\) \(m\) without ground truth "
+                                         r"\(WildSceneDataset/withgt/8\)"):
+        read_sir2(root)
+
+    twice = tmp_path / "twice"
+    _pair(twice, "X/blended/s.png", "X/transmission_layer/s.png", seed=3)
+    _pair(twice, "X/s_m.png", "X/s_g.png", seed=4)
+    with pytest.raises(InputError, match=r"image names found twice \(X/s\)"):
+        read_sir2(twice)
+
+
+def test_auto_detection_errors(tmp_path):
+    _write(tmp_path / "photo.png", _photo())
+    with pytest.raises(InputError, match=r"no known dataset layout.*Looked for.*blended/.*NAME-input.*m\.\*"):
+        find_pairs(tmp_path)
+    with pytest.raises(InputError, match="data folder not found"):
+        find_pairs(tmp_path / "missing")
+    with pytest.raises(InputError, match="layout must be one of"):
+        find_pairs(tmp_path, layout="voc")
+
+
+# -- resize protocol and masks --------------------------------------------------------------
+
+def test_parse_resize():
+    assert parse_resize("native") is None
+    assert parse_resize("short:420") == 420
+    assert parse_resize(" Short:300 ") == 300
+    for bad in ("420", "short:", "short:-3", "long:300", "short:x"):
+        with pytest.raises(InputError, match="'native' or 'short:N'"):
+            parse_resize(bad)
+    with pytest.raises(InputError, match="too small"):
+        parse_resize("short:8")
+
+
+def test_resize_short_keeps_aspect():
+    image = _photo(40, 60)
+    assert resize_short(image, None) is image
+    assert resize_short(image, 20).shape == (20, 30, 3)  # shrink: INTER_AREA
+    big = resize_short(image, 80)  # enlarge: INTER_CUBIC, clipped to [0, 1]
+    assert big.shape == (80, 120, 3) and big.min() >= 0 and big.max() <= 1
+    area = cv2.resize(image, (30, 20), interpolation=cv2.INTER_AREA)
+    np.testing.assert_allclose(resize_short(image, 20), area)
+    tall = resize_short(_photo(61, 40), 20)
+    assert tall.shape == (30, 20, 3)  # 61 * 0.5 = 30.5 -> rounded
+    mask = np.zeros((40, 60), bool)
+    mask[10:30, 20:50] = True
+    small = resize_short(mask, 20, nearest=True)
+    assert small.dtype == bool and small.shape == (20, 30) and small.sum() == 10 * 15
+
+
+def test_load_pair_resizes_all_three_alike(paired, tmp_path):
+    masks = tmp_path / "masks"
+    for name in ("a", "b", "c"):
+        region = np.zeros((40, 56))
+        region[8:24, 10:40] = 1
+        _write(masks / f"{name}.png", region, grey=True)
+    pairs = attach_masks(read_paired(paired), masks)
+    image, target, mask = load_pair(pairs[0], short=20)
+    assert image.shape == target.shape == (20, 28, 3) and mask.shape == (20, 28) and mask.dtype == bool
+    assert mask.sum() == 8 * 15
+    native = load_pair(pairs[0])
+    np.testing.assert_allclose(native[1], _read(paired / "transmission_layer/a.png"))
+
+    _write(paired / "transmission_layer/a.png", _photo(40, 50))
+    with pytest.raises(InputError, match="a pair must have one size"):
+        load_pair(pairs[0])
+    _write(masks / "b.png", np.ones((30, 30)), grey=True)
+    with pytest.raises(InputError, match="mask .* is 30x30"):
+        load_pair(pairs[1])
+
+
+def test_attach_masks_names_and_errors(tmp_path):
+    root = tmp_path / "SIR2"
+    _pair(root, "Wild/blended/w.png", "Wild/transmission_layer/w.png", seed=0)
+    _pair(root, "Solid/blended/s.png", "Solid/transmission_layer/s.png", seed=1)
+    masks = tmp_path / "masks"
+    _write(masks / "Wild/w.png", np.ones((40, 56)), grey=True)
+    with pytest.raises(InputError, match=r"1 of 2 image\(s\) have no region mask.*Solid/s"):
+        find_pairs(root, masks=masks)
+    _write(masks / "Solid/s.PNG", np.ones((40, 56)), grey=True)
+    _, pairs = find_pairs(root, masks=masks)
+    assert [p.mask.relative_to(masks).as_posix() for p in pairs] == ["Solid/s.PNG", "Wild/w.png"]
+    with pytest.raises(InputError, match="mask folder not found"):
+        find_pairs(root, masks=tmp_path / "nowhere")
+
+
+# -- evaluation -----------------------------------------------------------------------------
+
+def test_evaluate_scores_baseline_and_model(crrn_dir, paired, tmp_path):
+    masks = tmp_path / "masks"
+    for name in ("a", "b"):
+        region = np.zeros((40, 56))
+        region[5:30, 12:44] = 1
+        _write(masks / f"{name}.png", region, grey=True)
+    _write(masks / "c.png", np.zeros((40, 56)), grey=True)  # empty region: no regional score
+
+    report = evaluate(crrn_dir, paired, masks=masks, out_dir=tmp_path / "out", progress=False)
+    assert report.data["layout"] == "paired" and report.data["images"] == 3
+    assert report.metrics == ("psnr", "ssim", "si", "ssimr", "sir")
+    assert report.model["name"] == "toy-crrn" and report.model["method"] == "crrn"
+    assert report.protocol["resize"] == "native"
+
+    for scores, name in zip(report.images, "abc"):
+        image = _read(paired / f"blended/{name}.png")
+        target = _read(paired / f"transmission_layer/{name}.png")
+        output = np.clip(0.7 * image, 0, 1)  # the toy CRRN's background
+        region = _read(masks / f"{name}.png")[:, :, 0] > 0.5
+        assert scores.name == name and (scores.height, scores.width) == (40, 56)
+        assert scores.baseline["psnr"] == pytest.approx(psnr(image, target), abs=1e-6)
+        assert scores.baseline["ssim"] == pytest.approx(ssim(image, target), abs=1e-6)
+        assert scores.baseline["si"] == pytest.approx(si(image, target), abs=1e-6)
+        assert scores.model["psnr"] == pytest.approx(psnr(output, target), abs=1e-4)
+        assert scores.model["ssim"] == pytest.approx(ssim(output, target), abs=1e-5)
+        if name == "c":
+            assert scores.model["ssimr"] is None and scores.baseline["sir"] is None
+        else:
+            assert scores.baseline["ssimr"] == pytest.approx(ssim_region(image, target, region), abs=1e-6)
+            assert scores.model["sir"] == pytest.approx(si_region(output, target, region), abs=1e-5)
+    assert report.mean("model")["psnr"] == pytest.approx(np.mean([s.model["psnr"] for s in report.images]))
+    assert report.mean("baseline")["ssimr"] == pytest.approx(
+        np.mean([s.baseline["ssimr"] for s in report.images[:2]]))
+
+    out = tmp_path / "out"
+    data = json.loads((out / "report.json").read_text())
+    assert data["protocol"]["resize"] == "native" and len(data["images"]) == 3
+    assert data["images"][2]["model"]["ssimr"] is None
+    assert data["mean"]["baseline"]["psnr"] == pytest.approx(report.mean("baseline")["psnr"])
+    markdown = (out / "report.md").read_text()
+    assert BASELINE_LABEL in markdown and "toy-crrn" in markdown and "Resize protocol: native" in markdown
+    assert "| | PSNR | SSIM | SI | SSIMr | SIr | s/image |" in markdown
+    assert f"| a | 40x56 | {report.images[0].baseline['psnr']:.2f} | {report.images[0].model['psnr']:.2f} |" \
+        in markdown
+    sheet = cv2.imread(str(out / "contact_sheet.png"))
+    assert sheet.shape == (22 + 3 * (18 + CONTACT_TILE + 4), 4 + 5 * (CONTACT_TILE + 4), 3)
+
+
+def test_evaluate_resize_limit_and_identity_baseline(crrn_dir, tmp_path):
+    root = tmp_path / "same"
+    for name in ("p", "q"):
+        _write(root / f"input/{name}.png", _photo(48, 64, seed=5))
+        _write(root / f"target/{name}.png", _photo(48, 64, seed=5))
+    report = evaluate(crrn_dir, root, resize="short:24", limit=1, contact_images=0, progress=False)
+    assert len(report.images) == 1 and (report.images[0].height, report.images[0].width) == (24, 32)
+    assert report.protocol["resize"] == "short:24"
+    assert "short side is 24 px" in report.protocol["resize_description"]
+    assert report.images[0].baseline["psnr"] == float("inf")  # the input is the ground truth
+    assert report.to_dict()["images"][0]["baseline"]["psnr"] is None  # JSON has no infinity
+    assert report.contact_sheet is None
+    json.loads(report.to_json())
+    with pytest.raises(InputError, match="limit"):
+        evaluate(crrn_dir, root, limit=0, progress=False)
+
+
+def test_evaluate_rm2s_intermediates_in_contact_sheet(rm2s_dir, paired):
+    remover = Remover.from_dir(rm2s_dir)
+    report = evaluate(remover, paired, contact_images=2, progress=False)
+    image, target = _read(paired / "blended/c.png"), _read(paired / "transmission_layer/c.png")
+    assert report.images[2].model["psnr"] == pytest.approx(psnr(remover.remove(image), target), abs=1e-6)
+    sheet = report.contact_sheet
+    assert sheet.shape == (22 + 2 * (18 + CONTACT_TILE + 4), 4 + 5 * (CONTACT_TILE + 4), 3)
+    top = 22 + 18
+    lefts = [4 + c * (CONTACT_TILE + 4) for c in range(len(CONTACT_COLUMNS))]
+    tiles = [sheet[top:top + CONTACT_TILE, left:left + CONTACT_TILE] for left in lefts]
+    # The confidence column is a colour map (not grey, not the "n/a" placeholder).
+    confidence = tiles[2].astype(int)
+    assert np.abs(confidence[..., 0] - confidence[..., 2]).max() > 50
+    # The first row is image "a"; its ground-truth tile is the (enlarged) ground truth.
+    first = (_read(paired / "transmission_layer/a.png") * 255 + 0.5).astype(np.uint8)
+    expected = cv2.resize(first, (CONTACT_TILE, int(round(40 * CONTACT_TILE / 56))),
+                          interpolation=cv2.INTER_NEAREST)
+    offset = (CONTACT_TILE - expected.shape[0]) // 2
+    np.testing.assert_array_equal(tiles[4][offset:offset + expected.shape[0]], expected)
+
+
+def test_contact_sheet_layout_and_placeholders():
+    tile = np.full((32, 32, 3), 200, np.uint8)
+    sheet = contact_sheet([("one", [tile, tile, tile, tile, tile]), ("two", [tile] * 5)], tile=32)
+    assert sheet.shape == (22 + 2 * (18 + 32 + 4), 4 + 5 * 36, 3)
+    np.testing.assert_array_equal(sheet[22 + 18:22 + 18 + 32, 4:36], tile)
+
+
+def test_model_arguments(crrn_dir, tmp_path):
+    with pytest.raises(InputError, match="pass the training checkpoint"):
+        load_model(crrn_dir, backend="torch")
+    with pytest.raises(ModelError, match="model not found"):
+        load_model(tmp_path / "nothing")
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    with pytest.raises(ModelError, match="not a model"):
+        load_model(other)
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(b"x")
+    with pytest.raises(InputError, match="runs on torch"):
+        load_model(fake, backend="onnxruntime")
+    assert load_model(crrn_dir / "manifest.json").method == "crrn"
+
+
+def test_cli_eval(monkeypatch, crrn_dir, paired, tmp_path, capsys):
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.evaluate",))
+    out = tmp_path / "cli_out"
+    code = dereflect.cli.main(["eval", str(crrn_dir), "--data", str(paired), "--resize", "short:32",
+                               "--out", str(out), "--no-progress", "--layout", "real20"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert BASELINE_LABEL in printed and "gain over do nothing" in printed and "resize short:32" in printed
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.json", "contact_sheet.png"}
+    assert json.loads((out / "report.json").read_text())["data"]["layout"] == "real20"
+
+    code = dereflect.cli.main(["eval", str(crrn_dir), "--data", str(tmp_path / "nowhere"), "--no-progress"])
+    assert code == 2 and "data folder not found" in capsys.readouterr().err
+
+
+def test_import_needs_no_torch():
+    code = "import sys, dereflect.evaluate; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_checkpoints_run_on_torch(tmp_path, paired):
+    torch = pytest.importorskip("torch")
+    from dereflect.train.checkpoint import save_checkpoint
+    from dereflect.train.models import build_model
+    from dereflect.train.models.rm2s import UNetConfig
+
+    tiny = {"widths": (4, 8), "kernel_size": 3, "down_kernel": 3, "bottleneck_channels": 0,
+            "stride_conv_keeps_width": False, "transpose_keeps_width": False}
+    torch.manual_seed(0)
+    networks = {}
+    for name, channels in (("stage1", 3), ("generator", 9)):
+        config = UNetConfig(in_channels=channels, **tiny).to_dict()
+        networks[name] = ("rm2s_unet", config, build_model("rm2s_unet", config).eval())
+    both = save_checkpoint(tmp_path / "stage2.safetensors", method="rm2s", kind="rm2s-stage2",
+                           networks=networks)
+    only1 = save_checkpoint(tmp_path / "stage1.safetensors", method="rm2s", kind="rm2s-stage1",
+                            networks={"stage1": networks["stage1"]})
+
+    full = evaluate(both, paired, limit=1, contact_images=0, device="cpu", progress=False)
+    assert full.model["backend"] == "torch" and full.model["method"] == "rm2s"
+    stage1 = load_model(only1, device="cpu")
+    assert isinstance(stage1, Stage1Model)
+    image = _read(paired / "blended/a.png")
+    # Stage 1 alone returns what the full model computes as its stage-1 intermediate.
+    expected = load_model(both, device="cpu").remove_with_intermediates(image).stage1
+    np.testing.assert_allclose(stage1.remove_with_intermediates(image).background, expected, atol=1e-5)
+    alone = evaluate(stage1, paired, limit=1, contact_images=0, progress=False)
+    target = _read(paired / "transmission_layer/a.png")
+    assert alone.images[0].model["psnr"] == pytest.approx(psnr(expected, target), abs=1e-3)
+    assert full.images[0].model["psnr"] != pytest.approx(alone.images[0].model["psnr"], abs=1e-6)

@@ -1,0 +1,376 @@
+"""Export: checkpoints to ONNX and FP16 ONNX, parity with PyTorch, the TensorRT parser check, goldens.
+
+Tiny RM2S and CRRN checkpoints (lite configs with a few channels) are exported once per module.
+BatchNorm statistics are randomised so that folding them into the (transposed) convs matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+torch = pytest.importorskip("torch")
+
+from dereflect.errors import DereflectError, ModelError  # noqa: E402
+from dereflect.export import cli as export_cli  # noqa: E402
+from dereflect.export import fp16 as fp16_mod  # noqa: E402
+from dereflect.export.onnx_export import FP16_MIN_PSNR, export_onnx  # noqa: E402
+from dereflect.export.parity import check_parity, random_cases  # noqa: E402
+from dereflect.export.trt_support import check_trt_compat, load_table, table_version  # noqa: E402
+from dereflect.export.verify import natural_images, verify  # noqa: E402
+from dereflect.manifest import load_manifest  # noqa: E402
+from dereflect.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from dereflect.train.models import build_model  # noqa: E402
+from dereflect.train.models.common import PaddedModel  # noqa: E402
+from dereflect.train.models.rm2s import DiscriminatorConfig, UNetConfig  # noqa: E402
+
+HAS_CRRN = (Path(__file__).resolve().parents[1] / "train" / "models" / "crrn.py").is_file()
+UNET = {"widths": (4, 8, 8)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These models are tiny: one thread is many times faster than several on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cli_main(argv) -> int:
+    """``dereflect ARGV`` with only the export commands registered (as dereflect.cli.main runs them)."""
+    parser = argparse.ArgumentParser(prog="dereflect")
+    export_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DereflectError:
+        return 2
+
+
+def _randomise_batchnorm(net):
+    generator = torch.Generator().manual_seed(1)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
+            module.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.rand(n, generator=generator) * 0.4 - 0.2)
+    return net
+
+
+def _rm2s_checkpoint(path: Path, with_stage2: bool = True) -> Path:
+    torch.manual_seed(0)
+    c1 = UNetConfig.preset("lite", **UNET).to_dict()
+    networks = {"stage1": ("rm2s_unet", c1, _randomise_batchnorm(build_model("rm2s_unet", c1)))}
+    if with_stage2:
+        c2 = UNetConfig.preset("lite", in_channels=9, **UNET).to_dict()
+        critic = DiscriminatorConfig(widths=(4, 8)).to_dict()
+        networks["generator"] = ("rm2s_unet", c2, _randomise_batchnorm(build_model("rm2s_unet", c2)))
+        networks["discriminator"] = ("rm2s_discriminator", critic, build_model("rm2s_discriminator", critic))
+    return save_checkpoint(path, method="rm2s", kind="stage2" if with_stage2 else "stage1", networks=networks)
+
+
+@pytest.fixture(scope="module")
+def rm2s(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rm2s")
+    checkpoint = _rm2s_checkpoint(root / "rm2s.safetensors")
+    manifest = export_onnx(checkpoint, root / "export")
+    return checkpoint, manifest
+
+
+@pytest.fixture(scope="module")
+def crrn(tmp_path_factory):
+    if not HAS_CRRN:
+        pytest.skip("train/models/crrn.py is not there yet")
+    from dereflect.train.models.crrn import CRRNConfig
+
+    root = tmp_path_factory.mktemp("crrn")
+    torch.manual_seed(0)
+    config = CRRNConfig.preset("lite", gin_widths=(4, 4, 8, 8, 8), vgg_widths=(4, 8, 8, 8, 8), fc_channels=8,
+                               feat_width=4, iin_widths=(8, 8, 4, 4, 4)).to_dict()
+    net = _randomise_batchnorm(build_model("crrn", config))
+    checkpoint = save_checkpoint(root / "crrn.safetensors", method="crrn", kind="final",
+                                 networks={"crrn": ("crrn", config, net)})
+    return checkpoint, export_onnx(checkpoint, root / "export")
+
+
+# --- the export directory ---------------------------------------------------------------------------
+
+def test_rm2s_manifest(rm2s):
+    checkpoint, exported = rm2s
+    manifest = load_manifest(exported.directory)
+    manifest.verify_files(fp16=True)
+    assert manifest.method == "rm2s" and list(manifest.networks) == ["stage1", "stage2"]
+    stage1, stage2 = manifest.networks["stage1"], manifest.networks["stage2"]
+    assert [(t.name, t.channels) for t in stage1.inputs] == [("image", 3)]
+    assert [(t.name, t.channels) for t in stage2.inputs] == [("stage2_input", 9)]
+    assert [(t.name, t.channels, t.dtype) for t in stage2.outputs] == [("background", 3, "float32")]
+    assert stage1.onnx_fp16 == "stage1.fp16.onnx" and stage1.stride == 8
+    record = manifest.checkpoint
+    assert record["sha256"] == load_checkpoint_sha(checkpoint)
+    assert record["metadata"]["method"] == "rm2s" and "optimizers" not in record["metadata"]
+    extra = manifest.extra
+    assert extra["parity"]["passed"] and extra["parity"]["worst_max_abs"] < 1e-4
+    assert extra["fp16"]["io_dtype"] == "float32"
+    for network in ("stage1", "stage2"):
+        assert extra["fp16"]["networks"][network]["outputs"]["background"]["psnr_db"] >= FP16_MIN_PSNR
+    checks = extra["tensorrt_check"]
+    assert len(checks) == 4 and all(all(v.values()) for v in checks.values())
+    assert set(extra["golden"]) == {"stage1", "stage2"}
+    assert not list(exported.directory.parent.glob(".export.*")), "temporary directories were left behind"
+
+
+def load_checkpoint_sha(path: Path) -> str:
+    from dereflect.manifest import sha256_file
+
+    return sha256_file(path)
+
+
+def test_onnx_graph_is_clean_and_dynamic(rm2s):
+    _, manifest = rm2s
+    model = onnx.load(str(manifest.path_of("stage1")))
+    ops = {node.op_type for node in model.graph.node}
+    assert not ops & {"BatchNormalization", "Identity"}, "BatchNorm and weight Identities must be folded"
+    assert {"Pad", "Slice", "Conv", "ConvTranspose", "Sigmoid"} <= ops
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", "width"]
+    pad = next(n for n in model.graph.node if n.op_type == "Pad")
+    assert helper.get_attribute_value(next(a for a in pad.attribute if a.name == "mode")) == b"edge"
+
+
+def test_parity_at_odd_sizes_and_detects_a_wrong_model(rm2s):
+    checkpoint, manifest = rm2s
+    module = PaddedModel(load_checkpoint(checkpoint).build("stage1")).eval()
+    cases = random_cases("image", 3, sizes=((1, 31, 45), (2, 64, 80), (1, 100, 33)), seed=3)
+    cases.append(("natural", {"image": natural_images(1, 75, 121, seed=4)}))
+    report = check_parity("stage1", module, str(manifest.path_of("stage1")), cases)
+    assert report.passed and report.worst < 1e-4, report.format()
+    shapes = {(1, 3, 31, 45), (2, 3, 64, 80), (1, 3, 100, 33), (1, 3, 75, 121)}
+    assert {r.shape for r in report.rows} == shapes
+    with torch.no_grad():
+        module.net.head.bias.add_(0.5)
+    assert not check_parity("stage1", module, str(manifest.path_of("stage1")), cases[:1]).passed
+
+
+def test_fp16_file_types_and_psnr(rm2s):
+    _, manifest = rm2s
+    model = onnx.load(str(manifest.path_of("stage2", fp16=True)))
+    weights = [init for init in model.graph.initializer if len(init.dims) == 4]
+    assert weights and any(w.data_type == TensorProto.FLOAT16 for w in weights)
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    # The output layers (head conv, sigmoid, crop) stay float32.
+    assert any(w.data_type == TensorProto.FLOAT for w in weights)
+    images = natural_images(2, 96, 136, seed=21)
+    emulated = fp16_mod.emulate_fp16(onnx.load(str(manifest.path_of("stage1", fp16=True))))
+    stage1 = fp16_mod.compare_models(str(manifest.path_of("stage1")), emulated, [{"image": images}],
+                                     {"background": 1.0})
+    assert FP16_MIN_PSNR <= stage1["background"]["psnr_db"] < float("inf")
+    assert verify(manifest.directory, fp16=True).passed
+
+
+def _scale_graph(scale: float) -> onnx.ModelProto:
+    """x -> Mul(scale) -> Relu -> Mul(1/scale) -> Div(2) -> y, plus a shape path (Shape -> Cast -> Mul)."""
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), "big"),
+             numpy_helper.from_array(np.array(1.0 / scale, np.float32), "small"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two")]
+    nodes = [
+        helper.make_node("Mul", ["x", "big"], ["a"], name="scale_up"),
+        helper.make_node("Relu", ["a"], ["b"], name="relu"),
+        helper.make_node("Mul", ["b", "small"], ["c"], name="scale_down"),
+        helper.make_node("Div", ["c", "two"], ["y"], name="halve"),
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT, name="shape_float"),
+        helper.make_node("Mul", ["sf", "two"], ["size2"], name="shape_math"),
+    ]
+    graph = helper.make_graph(nodes, "scale", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]),
+                               helper.make_tensor_value_info("size2", TensorProto.FLOAT, [2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_fp16_conversion_keeps_float32_where_needed(tmp_path):
+    import onnxruntime as ort
+
+    model = _scale_graph(1e4)
+    feed = {"x": np.array([[0.5, 10.0, -1.0, 0.25]], np.float32)}
+    converted, plan = fp16_mod.convert_to_fp16(model, calibration=[feed], keep_output_layers=False)
+    assert plan.kept_fp32 == {"scale_up": "large activations", "relu": "large activations",
+                              "halve": "float32 op"}
+    shape_math = next(n for n in converted.graph.node if n.name == "shape_math")
+    assert list(shape_math.input) == ["sf", "two"], "shape arithmetic must stay untouched"
+    session = ort.InferenceSession(converted.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, size2 = session.run(None, feed)
+    assert y.dtype == np.float32 and np.allclose(y, [[0.25, 5.0, 0.0, 0.125]], rtol=1e-3)
+    assert size2.tolist() == [2.0, 8.0]
+
+    naive, plan = fp16_mod.convert_to_fp16(model, keep_output_layers=False)
+    assert "scale_up" not in plan.kept_fp32
+    emulated = fp16_mod.emulate_fp16(naive)
+    session = ort.InferenceSession(emulated.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = session.run(None, feed)[0]
+    assert np.isinf(y[0, 1]) and np.allclose(y[0, [0, 2, 3]], [0.25, 0.0, 0.125], rtol=1e-3), \
+        "without calibration the float16 activation 1e5 overflows"
+    scores = fp16_mod.compare_models(model, naive, [feed], {"y": 10.0})
+    assert scores["y"]["psnr_db"] > 40, "ONNX Runtime's CPU run of the file hides the overflow"
+    assert fp16_mod.compare_models(model, emulated, [feed], {"y": 10.0})["y"]["psnr_db"] == float("-inf")
+
+
+# --- TensorRT parser check -------------------------------------------------------------------------------
+
+def test_compat_check_passes_on_exports(rm2s):
+    _, manifest = rm2s
+    for name in manifest.networks:
+        for fp16 in (False, True):
+            report = check_trt_compat(manifest.path_of(name, fp16=fp16))
+            assert report.passed, report.format()
+            assert report.summary() == {"8.5": True, "10": True, "11": True}
+
+
+def test_compat_check_reports_problems():
+    nodes = [
+        helper.make_node("Resize", ["x", "", "scales"], ["r"], mode="cubic", name="upsample"),
+        helper.make_node("Pad", ["r", "pads"], ["p"], mode="wrap", name="wrap_pad"),
+        helper.make_node("Unique", ["p"], ["u"], name="unique"),
+        helper.make_node("Custom", ["u"], ["y"], domain="com.example", name="plugin"),
+    ]
+    inits = [numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+             numpy_helper.from_array(np.zeros(8, np.int64), "pads")]
+    graph = helper.make_graph(nodes, "bad",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19),
+                                                    helper.make_opsetid("com.example", 1)])
+    report = check_trt_compat(model)
+    assert not report.passed and not report.ok("8.5") and not report.ok("10.3.0")
+    text = report.format()
+    assert "opset 19 is outside the supported range 1-17" in text
+    assert "mode='cubic' is not supported" in text and "mode='wrap' is not supported" in text
+    assert "Unique" in text and "needs a TensorRT plugin" in text
+    eight = [i for i in report.issues if i.version == "8.5"]
+    ten = [i for i in report.issues if i.version == "10"]
+    assert any(i.op == "Pad" for i in eight) and not any(i.op == "Pad" for i in ten)
+    assert table_version("8.5.2.2") == "8.5" and table_version("11.1") == "11"
+    assert "Conv" in load_table()["operators"]
+
+
+# --- goldens, tampering, overwrite -------------------------------------------------------------------------
+
+def test_goldens_verify_with_onnxruntime(rm2s):
+    _, manifest = rm2s
+    report = verify(manifest.directory)
+    assert report.passed and report.precision == "fp32", report.format()
+    expected = {(n, c) for n in ("stage1", "stage2") for c in (0, 1)}
+    assert {(r.network, r.case) for r in report.rows} == expected
+    assert cli_main(["export", "verify", str(manifest.directory), "--network", "stage1"]) == 0
+    assert cli_main(["export", "check", str(manifest.directory)]) == 0
+
+
+def test_tampered_files_are_detected(rm2s, tmp_path):
+    _, manifest = rm2s
+    copy = tmp_path / "copy"
+    shutil.copytree(manifest.directory, copy)
+    with open(copy / "stage2.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(ModelError, match="SHA-256"):
+        load_manifest(copy)
+    with pytest.raises(ModelError, match="SHA-256"):
+        verify(copy)
+    assert cli_main(["export", "verify", str(copy)]) == 2
+    shutil.copy(manifest.directory / "stage2.onnx", copy / "stage2.onnx")
+    data = dict(np.load(copy / "golden" / "stage1.npz"))
+    data["case0.out.background"] = data["case0.out.background"] + 0.01
+    np.savez_compressed(copy / "golden" / "stage1.npz", **data)
+    with pytest.raises(ModelError, match="changed after export"):
+        verify(copy)
+
+
+def test_refuses_to_overwrite(rm2s, tmp_path):
+    checkpoint, manifest = rm2s
+    before = sorted(p.name for p in manifest.directory.iterdir())
+    with pytest.raises(ModelError, match="--force"):
+        export_onnx(checkpoint, manifest.directory)
+    assert sorted(p.name for p in manifest.directory.iterdir()) == before
+    user_dir = tmp_path / "photos"
+    user_dir.mkdir()
+    (user_dir / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(ModelError, match="even with --force"):
+        export_onnx(checkpoint, user_dir, force=True)
+    assert (user_dir / "holiday.jpg").read_bytes() == b"precious"
+
+    target = tmp_path / "again"
+    shutil.copytree(manifest.directory, target)
+    replaced = export_onnx(checkpoint, target, fp16=False, golden=False, force=True)
+    assert replaced.directory == target.resolve()
+    assert sorted(p.name for p in target.iterdir()) == ["manifest.json", "stage1.onnx", "stage2.onnx"]
+    assert load_manifest(target).networks["stage1"].onnx_fp16 is None
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_stage1_checkpoint_is_refused(tmp_path):
+    checkpoint = _rm2s_checkpoint(tmp_path / "stage1.safetensors", with_stage2=False)
+    with pytest.raises(ModelError, match="train stage 2|Train stage 2"):
+        export_onnx(checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# --- CRRN -------------------------------------------------------------------------------------------------
+
+def test_crrn_export(crrn):
+    checkpoint, manifest = crrn
+    spec = load_manifest(manifest.directory).networks["crrn"]
+    expected = [("background", 3), ("reflection", 3), ("gradient", 1)]
+    assert [(t.name, t.channels) for t in spec.outputs] == expected
+    assert spec.outputs[1].value_range == (-1.0, 1.0)
+    outputs = manifest.extra["fp16"]["networks"]["crrn"]["outputs"]
+    assert all(m["psnr_db"] >= FP16_MIN_PSNR for m in outputs.values()), outputs
+    assert verify(manifest.directory).passed and verify(manifest.directory, fp16=True).passed
+    module = PaddedModel(load_checkpoint(checkpoint).build("crrn")).eval()
+    report = check_parity("crrn", module, str(manifest.path_of("crrn")),
+                          random_cases("image", 3, sizes=((1, 35, 67),)), {"reflection": 2.0})
+    assert report.passed and len(report.rows) == 3
+    assert check_trt_compat(manifest.path_of("crrn", fp16=True)).passed
+
+
+# --- natural images and the command line -------------------------------------------------------------------
+
+def test_natural_images_are_deterministic_and_photo_like():
+    a = natural_images(2, 64, 96, seed=5)
+    assert a.shape == (2, 3, 64, 96) and a.dtype == np.float32
+    assert np.array_equal(a, natural_images(2, 64, 96, seed=5))
+    assert not np.array_equal(a, natural_images(2, 64, 96, seed=6))
+    assert 0.0 <= a.min() and a.max() <= 1.0 and a.std() > 0.08
+    edges = np.abs(np.diff(a, axis=-1))
+    assert 0.005 < float(np.median(edges)) < 0.1 and float(edges.max()) > 0.2  # smooth areas and sharp edges
+
+
+def test_cli_does_not_import_torch_or_onnx():
+    code = ("import argparse, sys; from dereflect.export import cli; "
+            "cli.register(argparse.ArgumentParser().add_subparsers()); "
+            "print(sorted(m for m in ('torch', 'onnx', 'tensorrt') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_cli_export_onnx(tmp_path, capsys):
+    checkpoint = _rm2s_checkpoint(tmp_path / "rm2s.safetensors")
+    assert cli_main(["export", "onnx", str(checkpoint), "-o", str(tmp_path / "out"), "--no-fp16",
+                     "--no-golden"]) == 0
+    printed = capsys.readouterr().out
+    assert "stage2.onnx" in printed and "TensorRT parser check" in printed
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["method"] == "rm2s"
+    assert cli_main(["export", "onnx", str(checkpoint), "-o", str(tmp_path / "out")]) == 2

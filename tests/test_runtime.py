@@ -1,0 +1,905 @@
+"""The runtime pipeline on tiny hand-made ONNX models (no torch needed): Remover, backends, CLI.
+
+Toy networks: stage 1 squares its input (so the middle step sees varied edges), stage 2 is a
+1x1 convolution 0.5 I + 0.25 I*mask_B + 0.25 I*mask_R (so the output checks the middle step),
+and "CRRN" outputs 0.7 I, 0.3 I and the channel mean (pixelwise, so large-image strategies
+have an exact answer).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import cv2
+import dereflect.cli
+import dereflect.manifest
+import numpy as np
+import pytest
+from conftest import SHARED_DATA
+from dereflect import Remover
+from dereflect.backends.base import Runner, backend_name, get_runner
+from dereflect.confidence import middle_step_reference
+from dereflect.errors import InputError, MissingDependencyError, ModelError
+from dereflect.pipeline import fit_size, guided_upsample, tile_starts
+from onnx_fixtures import make_crrn_export, make_rm2s_export
+
+REAL_PHOTOS = SHARED_DATA / "natural" / "bsds500"
+
+
+@pytest.fixture(scope="module")
+def rm2s_dir(tmp_path_factory):
+    return make_rm2s_export(tmp_path_factory.mktemp("rm2s"))
+
+
+@pytest.fixture(scope="module")
+def crrn_dir(tmp_path_factory):
+    return make_crrn_export(tmp_path_factory.mktemp("crrn"))
+
+
+@pytest.fixture(scope="module")
+def remover(rm2s_dir):
+    return Remover.from_dir(rm2s_dir)
+
+
+def _photo(h=40, w=56, seed=0):
+    """Smooth shapes plus noise: real edges for the middle step, in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = 0.5 + 0.3 * np.sin(xx / 5.0 + seed)[:, :, None] * np.cos(yy / 7.0)[:, :, None]
+    base = base + 0.25 * (((xx // 9 + yy // 11) % 2)[:, :, None] - 0.5)
+    return np.clip(base + 0.05 * rng.random((h, w, 3)), 0, 1).astype(np.float32)
+
+
+def _expected(image):
+    ref = middle_step_reference(image, image * image)
+    return 0.5 * image + 0.25 * ref.stage2_input[..., 3:6] + 0.25 * ref.stage2_input[..., 6:9], ref
+
+
+# -- Remover on RM2S ----------------------------------------------------------------------
+
+def test_remove_float_matches_reference(remover):
+    image = _photo()
+    expected, ref = _expected(image)
+    assert ref.mask_background.any() and ref.mask_reflection.any()
+    out = remover.remove(image)
+    assert out.dtype == np.float32 and out.shape == image.shape
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_remove_uint8_and_bgr(remover):
+    image8 = (_photo(seed=1) * 255).round().astype(np.uint8)
+    out = remover.remove(image8)
+    assert out.dtype == np.uint8 and out.shape == image8.shape
+    expected, _ = _expected(image8.astype(np.float32) / 255)
+    assert np.abs(out.astype(np.float32) - expected * 255).max() <= 1.0
+    out_bgr = remover.remove(image8[:, :, ::-1].copy(), colour_order="BGR")
+    np.testing.assert_array_equal(out_bgr, out[:, :, ::-1])
+
+
+def test_remove_keeps_grey_rgba_and_16_bit(remover):
+    image = _photo(seed=2)
+    grey = (image[:, :, 1] * 255).astype(np.uint8)
+    assert remover.remove(grey).shape == grey.shape
+    rgba = np.dstack([(image * 255).astype(np.uint8), np.full(image.shape[:2], 77, np.uint8)])
+    out = remover.remove(rgba)
+    assert out.shape == rgba.shape and (out[:, :, 3] == 77).all()
+    deep = (image * 65535).astype(np.uint16)
+    assert remover.remove(deep).dtype == np.uint16
+
+
+def test_intermediates_match_reference(remover):
+    image = _photo(seed=3)
+    expected, ref = _expected(image)
+    result = remover.remove_with_intermediates(image)
+    np.testing.assert_allclose(result.stage1, image * image, atol=1e-6)
+    np.testing.assert_allclose(result.confidence, ref.confidence, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(result.mask_background, ref.mask_background)
+    np.testing.assert_array_equal(result.mask_reflection, ref.mask_reflection)
+    np.testing.assert_allclose(result.thresholds, (ref.low, ref.high), rtol=1e-5)
+    np.testing.assert_allclose(result.background, expected, atol=1e-5)
+    np.testing.assert_allclose(result.reflection, image - result.background, atol=1e-6)
+    assert result.scale == 1.0 and result.tiles == 1
+
+
+def test_batch_list_and_array(remover):
+    images = [_photo(seed=s) for s in range(3)] + [_photo(24, 30, seed=9)]
+    outs = remover.remove_batch(images)
+    assert [o.shape for o in outs] == [i.shape for i in images]
+    np.testing.assert_allclose(outs[1], remover.remove(images[1]))
+    stacked = remover.remove_batch(np.stack(images[:3]))
+    assert isinstance(stacked, np.ndarray) and stacked.shape == (3, 40, 56, 3)
+    with pytest.raises(InputError, match="NxHxWxC"):
+        remover.remove_batch(np.zeros((4, 4, 3), np.float32))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.full((8, 8, 3), np.nan, np.float32), "NaN"),
+    (np.full((8, 8, 3), np.inf, np.float64), "NaN or infinite"),
+    (np.zeros((8, 8, 5), np.uint8), "shape"),
+])
+def test_remove_bad_arrays(remover, bad, match):
+    with pytest.raises(InputError, match=match):
+        remover.remove(bad)
+
+
+# -- any size ---------------------------------------------------------------------------
+
+def test_helpers_fit_and_tiles():
+    assert fit_size(300, 500, (100, 100)) == (60, 100, 0.2)
+    assert fit_size(50, 60, (100, 100))[2] == 1.0
+    starts = tile_starts(300, 128, 32)
+    assert starts[0] == 0 and starts[-1] == 300 - 128
+    assert all(b - a <= 128 - 32 for a, b in zip(starts, starts[1:]))
+    assert tile_starts(100, 128, 32) == [0]
+
+
+def test_guided_upsample_recovers_linear_layer():
+    big = _photo(120, 160, seed=4)
+    small = cv2.resize(big, (40, 30), interpolation=cv2.INTER_AREA)
+    up = guided_upsample(0.3 * small, small, big)
+    assert np.abs(up - 0.3 * big).max() < 0.01
+
+
+def test_large_image_guided_default(crrn_dir):
+    image = _photo(150, 210, seed=5)
+    remover = Remover.from_dir(crrn_dir, max_side=64)
+    result = remover.remove_with_intermediates(image)
+    assert result.background.shape == image.shape and result.scale < 0.35
+    guided_error = np.abs(result.background - 0.7 * image).max()
+    small = cv2.resize(image, (64, 46), interpolation=cv2.INTER_AREA)
+    naive = cv2.resize(0.7 * small, (210, 150), interpolation=cv2.INTER_LINEAR)
+    assert guided_error < 0.02 < np.abs(naive - 0.7 * image).max()
+    assert result.gradient.shape == image.shape[:2]
+
+
+def test_large_image_tiles_are_seamless(crrn_dir):
+    image = _photo(150, 210, seed=6)
+    remover = Remover.from_dir(crrn_dir, max_side=64, large_image="tile")
+    result = remover.remove_with_intermediates(image)
+    assert result.tiles > 4 and result.thresholds is None
+    np.testing.assert_allclose(result.background, 0.7 * image, atol=1e-5)
+
+
+def test_large_image_rm2s_both_strategies(rm2s_dir):
+    image = (_photo(130, 170, seed=7) * 255).astype(np.uint8)
+    for strategy in ("guided", "tile"):
+        remover = Remover.from_dir(rm2s_dir, max_side=64, large_image=strategy)
+        result = remover.remove_with_intermediates(image)
+        assert result.background.shape == image.shape and result.background.dtype == np.uint8
+        assert result.confidence.shape == image.shape[:2] and result.mask_reflection.dtype == bool
+
+
+def test_bad_options(rm2s_dir):
+    with pytest.raises(InputError, match="large_image"):
+        Remover.from_dir(rm2s_dir, large_image="magic")
+    with pytest.raises(InputError, match="backend"):
+        Remover.from_dir(rm2s_dir, backend="openvino")
+    with pytest.raises(InputError, match="threshold"):
+        Remover.from_dir(rm2s_dir, threshold="kmeans")
+
+
+# -- model directories ------------------------------------------------------------------
+
+def test_wrong_export_directories(tmp_path, rm2s_dir):
+    with pytest.raises(ModelError, match="not found"):
+        Remover.from_dir(tmp_path / "nope")
+    with pytest.raises(ModelError, match="not a dereflect export"):
+        Remover.from_dir(tmp_path)
+    broken = make_rm2s_export(tmp_path / "broken")
+    (broken / "stage2.onnx").write_bytes(b"garbage")
+    with pytest.raises(ModelError, match="SHA-256"):
+        Remover.from_dir(broken)
+    missing = make_rm2s_export(tmp_path / "missing")
+    (missing / "stage1.onnx").unlink()
+    with pytest.raises(ModelError, match="missing"):
+        Remover.from_dir(missing)
+    with pytest.raises(ModelError, match="FP16"):
+        Remover.from_dir(rm2s_dir, precision="fp16")
+
+
+def test_manifest_names_not_in_graph(tmp_path):
+    directory = make_crrn_export(tmp_path / "renamed")
+    manifest_path = directory / "manifest.json"
+    manifest_path.write_text(manifest_path.read_text().replace('"gradient"', '"edges"'))
+    with pytest.raises(ModelError, match="re-export"):
+        Remover.from_dir(directory)
+
+
+def test_default_model_missing_explains(monkeypatch, tmp_path):
+    import dereflect.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "DEFAULT_MODEL_DIR", tmp_path / "default")
+    with pytest.raises(ModelError, match="--model DIR"):
+        Remover.default()
+
+
+# -- threads ------------------------------------------------------------------------------
+
+def test_shared_remover_across_threads(remover):
+    images = [_photo(seed=s) for s in range(8)]
+    expected = [remover.remove(image) for image in images]
+    results = [None] * len(images)
+
+    def work(i):
+        for _ in range(3):
+            results[i] = remover.remove(images[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_one_remover_per_thread(rm2s_dir):
+    image = _photo(seed=11)
+    want = Remover.from_dir(rm2s_dir).remove(image)
+    results = []
+
+    def work():
+        with Remover.from_dir(rm2s_dir) as own:
+            results.append(own.remove(image))
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3
+    for got in results:
+        np.testing.assert_array_equal(got, want)
+
+
+# -- backends -----------------------------------------------------------------------------
+
+def test_runner_interface(rm2s_dir):
+    runner = get_runner("ort", rm2s_dir / "stage1.onnx", device="cpu")
+    assert isinstance(runner, Runner) and not runner.is_active
+    x = np.random.default_rng(0).random((1, 3, 7, 9)).astype(np.float32)
+    with runner:
+        assert runner.input_names == ["image"] and runner.output_names == ["background"]
+        np.testing.assert_allclose(runner.infer({"image": x})["background"], x * x, rtol=1e-6)
+        with pytest.raises(InputError, match="do not match"):
+            runner.infer({"input": x})
+    assert not runner.is_active
+
+
+def test_backend_names_and_missing_backends(rm2s_dir):
+    assert backend_name("TRT") == "tensorrt" and backend_name("pytorch") == "torch"
+    with pytest.raises(InputError, match="unknown backend"):
+        backend_name("tflite")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(MissingDependencyError, match="tensorrt"):
+            Remover.from_dir(rm2s_dir, backend="tensorrt")
+
+
+def test_onnxruntime_cuda_without_provider(rm2s_dir):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(MissingDependencyError, match="onnxruntime-gpu"):
+        Remover.from_dir(rm2s_dir, device="cuda")
+
+
+def test_onnx_file_that_is_not_onnx(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="cannot load"):
+        get_runner("onnxruntime", bad).activate()
+
+
+# -- command line -------------------------------------------------------------------------
+
+@pytest.fixture
+def cli(monkeypatch):
+    # Only this area's commands: the others may pull in extras that a runtime install lacks.
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.cli_runtime",))
+    return dereflect.cli.main
+
+
+def _write_png(path, seed=0, size=(40, 56)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), (_photo(*size, seed=seed) * 255).astype(np.uint8))
+    return path
+
+
+def test_cli_remove_file_and_intermediates(cli, rm2s_dir, tmp_path):
+    source = _write_png(tmp_path / "in" / "a.png")
+    target = tmp_path / "out" / "a_clean.png"
+    model = ["--model", str(rm2s_dir)]
+    assert cli(["remove", str(source), "-o", str(target), *model, "--save-intermediates"]) == 0
+    out = cv2.imread(str(target))
+    assert out.shape == (40, 56, 3)
+    for key in ("stage1", "confidence", "mask_background", "mask_reflection", "reflection"):
+        assert cv2.imread(str(target.with_name(f"a_clean.{key}.png"))) is not None, key
+    assert cli(["remove", str(source), "-o", str(target), "--model", str(rm2s_dir)]) == 1
+    assert cli(["remove", str(source), "-o", str(target), "--model", str(rm2s_dir), "--overwrite"]) == 0
+
+
+def test_cli_remove_folder_with_a_bad_file(cli, rm2s_dir, tmp_path, capsys):
+    folder = tmp_path / "in"
+    for i in range(3):
+        _write_png(folder / f"img{i}.png", seed=i)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out_dir = tmp_path / "out"
+    assert cli(["remove", str(folder), "-o", str(out_dir), "--model", str(rm2s_dir)]) == 1
+    assert sorted(p.name for p in out_dir.iterdir()) == ["img0.png", "img1.png", "img2.png"]
+    assert "broken.jpg" in capsys.readouterr().err
+
+
+def test_cli_refuses_to_overwrite_input(cli, rm2s_dir, tmp_path, capsys):
+    folder = tmp_path / "in"
+    source = _write_png(folder / "a.png")
+    before = source.read_bytes()
+    assert cli(["remove", str(source), "-o", str(source), "--model", str(rm2s_dir), "--overwrite"]) == 2
+    assert cli(["remove", str(folder), "-o", str(folder), "--model", str(rm2s_dir), "--overwrite"]) == 2
+    assert source.read_bytes() == before
+    assert "input image" in capsys.readouterr().err
+
+
+def test_cli_without_model_explains(cli, monkeypatch, tmp_path, capsys):
+    import dereflect.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "DEFAULT_MODEL_DIR", tmp_path / "none")
+    source = _write_png(tmp_path / "a.png")
+    assert cli(["remove", str(source), "-o", str(tmp_path / "b.png")]) == 2
+    assert "bundled default model" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not REAL_PHOTOS.is_dir(), reason="shared real photos not present")
+def test_cli_remove_real_photo(cli, rm2s_dir, tmp_path):
+    photo = sorted(REAL_PHOTOS.glob("*.jpg"))[0]
+    target = tmp_path / "clean.jpg"
+    assert cli(["remove", str(photo), "-o", str(target), "--model", str(rm2s_dir), "--max-side", "256"]) == 0
+    assert cv2.imread(str(target)).shape == cv2.imread(str(photo)).shape
+
+
+# -- TensorRT backend with fake tensorrt / pycuda modules -----------------------------------
+#
+# The fakes keep "device memory" in NumPy byte arrays addressed by integers, so the backend's
+# buffer handling, name-based I/O, kernel argument lists (checked against the .cu signatures)
+# and CUDA-graph capture/replay all run for real; only TensorRT and the GPU are emulated.
+
+KERNEL_SOURCE = Path(dereflect.cli.__file__).resolve().parent / "kernels" / "confidence.cu"
+
+
+def _kernel_signatures():
+    import re
+
+    text = KERNEL_SOURCE.read_text()
+    found = {}
+    pattern = r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\(([^)]*)\)'
+    for name, params in re.findall(pattern, text):
+        found[name] = ["pointer" if "*" in p else p.split()[-2] for p in params.split(",")]
+    return found
+
+
+class FakeAlloc:
+    def __init__(self, cuda, nbytes):
+        self.address = cuda.next_address
+        cuda.next_address += 1 << 32
+        cuda.memory[self.address] = np.zeros(nbytes, np.uint8)
+
+    def __int__(self):
+        return self.address
+
+
+class FakeStream:
+    current = {}  # handle -> stream, for execute_async_v3(stream_handle)
+
+    def __init__(self):
+        self.handle = id(self)
+        self.recording = None
+        FakeStream.current[self.handle] = self
+
+    def run(self, operation):
+        if self.recording is not None:
+            self.recording.append(operation)
+        else:
+            operation()
+
+    def synchronize(self):
+        assert self.recording is None
+
+    def begin_capture(self):
+        self.recording = []
+
+    def end_capture(self):
+        recorded, self.recording = self.recording, None
+        return FakeGraph(recorded)
+
+
+class FakeGraph:
+    launches = 0
+
+    def __init__(self, operations):
+        self.operations = operations
+
+    def instantiate(self):
+        return self
+
+    def launch(self, stream=None):
+        FakeGraph.launches += 1
+        for operation in self.operations:
+            operation()
+
+
+class FakeCuda:
+    """pycuda.driver: memory, copies, streams and contexts on the host."""
+
+    def __init__(self):
+        self.memory = {}
+        self.next_address = 1 << 32
+        cuda = self
+
+        class Device:
+            def __init__(self, index):
+                self.index = index
+
+            def retain_primary_context(self):
+                return type("Ctx", (), {"push": lambda self: None})()
+
+            def name(self):
+                return "FakeGPU"
+
+            def compute_capability(self):
+                return (8, 7)
+
+        class Context:
+            @staticmethod
+            def pop():
+                return None
+
+        self.Device, self.Context, self.Stream = Device, Context, FakeStream
+        self.mem_alloc = lambda n: FakeAlloc(cuda, n)
+
+    def init(self):
+        return None
+
+    def view(self, pointer, dtype, shape):
+        """The device bytes at ``pointer`` as an array (-1 in ``shape``: as many as the allocation holds)."""
+        raw = self.memory[int(pointer)]
+        if -1 not in shape:
+            raw = raw[: int(np.prod(shape)) * np.dtype(dtype).itemsize]
+        return raw.view(dtype).reshape(shape)
+
+    def pagelocked_empty(self, n, dtype):
+        return np.zeros(n, dtype)
+
+    def memset_d8(self, dest, value, n):
+        self.memory[int(dest)][:n] = value
+
+    def memcpy_htod_async(self, dest, src, stream):
+        def copy():
+            raw = np.ascontiguousarray(src).view(np.uint8).reshape(-1)
+            self.memory[int(dest)][: raw.size] = raw
+
+        stream.run(copy)
+
+    def memcpy_dtoh_async(self, dest, src, stream):
+        def copy():
+            flat = dest.view(np.uint8).reshape(-1)
+            flat[:] = self.memory[int(src)][: flat.size]
+
+        stream.run(copy)
+
+
+def _fake_networks(stage1_out=np.float32):
+    weight = np.zeros((3, 9), np.float32)
+    for c in range(3):
+        weight[c, c], weight[c, 3 + c], weight[c, 6 + c] = 0.5, 0.25, 0.25
+    return {
+        "stage1": {"inputs": {"image": (3, np.float32)}, "outputs": {"background": (3, stage1_out)},
+                   "fn": lambda x: {"background": x["image"] ** 2}},
+        "stage2": {"inputs": {"stage2_input": (9, np.float32)}, "outputs": {"background": (3, np.float32)},
+                   "fn": lambda x: {"background": np.einsum("oc,nchw->nohw", weight, x["stage2_input"])}},
+    }
+
+
+class FakeTrt:
+    """tensorrt: engines that compute the toy networks on the fake device memory."""
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            self.level = level
+
+    class TensorIOMode:
+        INPUT = "input"
+        OUTPUT = "output"
+
+    def __init__(self, cuda, networks, version="10.3.0", max_hw=(512, 512)):
+        self.__version__ = version
+        trt = self
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, data):
+                name = data.decode(errors="replace").partition(":")[2]
+                return FakeEngine(trt, cuda, name, networks[name], max_hw) if name in networks else None
+
+        self.Runtime = Runtime
+
+    @staticmethod
+    def nptype(dtype):
+        return dtype
+
+
+class FakeEngine:
+    def __init__(self, trt, cuda, name, network, max_hw):
+        self.trt, self.cuda, self.network, self.max_hw = trt, cuda, network, max_hw
+        self.names = list(network["inputs"]) + list(network["outputs"])
+        self.num_io_tensors = len(self.names)
+
+    def get_tensor_name(self, index):
+        return self.names[index]
+
+    def get_tensor_mode(self, name):
+        return self.trt.TensorIOMode.INPUT if name in self.network["inputs"] else self.trt.TensorIOMode.OUTPUT
+
+    def get_tensor_dtype(self, name):
+        return {**self.network["inputs"], **self.network["outputs"]}[name][1]
+
+    def get_tensor_profile_shape(self, name, profile):
+        channels = self.network["inputs"][name][0]
+        return (1, channels, 8, 8), (1, channels, 64, 64), (1, channels, *self.max_hw)
+
+    def create_execution_context(self):
+        return FakeContext(self)
+
+
+class FakeContext:
+    def __init__(self, engine):
+        self.engine = engine
+        self.shapes = {}
+        self.addresses = {}
+
+    def set_input_shape(self, name, shape):
+        _, _, largest = self.engine.get_tensor_profile_shape(name, 0)
+        if any(s > m for s, m in zip(shape, largest)):
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name):
+        n, _, h, w = next(iter(self.shapes.values()))
+        return (n, self.engine.network["outputs"][name][0], h, w)
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = int(address)
+
+    def execute_async_v3(self, stream_handle):
+        stream = FakeStream.current[stream_handle]
+        network, cuda = self.engine.network, self.engine.cuda
+        shapes = {name: self.shapes[name] for name in network["inputs"]}
+        addresses = dict(self.addresses)
+
+        def compute():
+            feeds = {name: cuda.view(addresses[name], dtype, shapes[name]).astype(np.float32)
+                     for name, (_, dtype) in network["inputs"].items()}
+            for name, value in network["fn"](feeds).items():
+                dtype = network["outputs"][name][1]
+                cuda.view(addresses[name], dtype, value.shape)[...] = value.astype(dtype)
+
+        stream.run(compute)
+        return True
+
+
+class FakeKernels:
+    """pycuda.compiler.SourceModule for confidence.cu: NumPy passes with the kernel's signatures."""
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+        self.signatures = _kernel_signatures()
+
+    def SourceModule(self, source, no_extern_c=False, options=()):
+        assert no_extern_c and any(o.startswith("-DRM2S_BINS=") for o in options)
+        return self
+
+    def get_function(self, name):
+        signature = self.signatures[name]
+
+        def launch(*args, block, grid, stream):
+            assert len(args) == len(signature), name
+            for arg, kind in zip(args, signature):
+                expected = {"pointer": (FakeAlloc, np.intp), "int": np.int32, "float": np.float32}[kind]
+                assert isinstance(arg, expected), (name, kind, type(arg))
+            stream.run(lambda: getattr(self, name.replace("rm2s_", "_"))(*args))
+
+        return launch
+
+    def _confidence(self, image, stage1, h, w, gt, eps, conf, mask, max_bits, b1_dtype=np.float32):
+        from dereflect.confidence import confidence_map
+
+        h, w = int(h), int(w)
+        images = self.cuda.view(image, np.float32, (-1, 3, h, w))
+        n = images.shape[0]
+        b1 = self.cuda.view(stage1, b1_dtype, (n, 3, h, w)).astype(np.float32)
+        out = self.cuda.view(conf, np.float32, (n, h, w))
+        bits = self.cuda.view(max_bits, np.int32, (n,))
+        for i in range(n):
+            out[i] = confidence_map(images[i].transpose(1, 2, 0), b1[i].transpose(1, 2, 0))[0]
+            bits[i] = max(bits[i], out[i].max().astype(np.float32).view(np.int32))
+
+    def _confidence_f32(self, *args):
+        self._confidence(*args)
+
+    def _confidence_b1f16(self, *args):
+        self._confidence(*args, b1_dtype=np.float16)
+
+    def _histogram(self, conf, h, w, max_bits, hist_count, hist_sum):
+        from dereflect.confidence import HISTOGRAM_BINS, histogram_bin_index
+
+        bits = self.cuda.view(max_bits, np.int32, (-1,))
+        n = bits.shape[0]
+        values = self.cuda.view(conf, np.float32, (n, int(h) * int(w)))
+        counts = self.cuda.view(hist_count, np.uint32, (n, HISTOGRAM_BINS))
+        sums = self.cuda.view(hist_sum, np.float64, (n, HISTOGRAM_BINS))
+        for i in range(n):
+            top = bits[i:i + 1].view(np.float32)[0]
+            v = values[i][values[i] > 0]
+            if top > 0 and v.size:
+                idx = histogram_bin_index(v, top)
+                counts[i] += np.bincount(idx, minlength=HISTOGRAM_BINS).astype(np.uint32)
+                sums[i] += np.bincount(idx, weights=v.astype(np.float64), minlength=HISTOGRAM_BINS)
+
+    def _two_means(self, hist_count, hist_sum, max_bits, c1, c2, result):
+        from dereflect.confidence import HISTOGRAM_BINS, _best_split
+
+        bits = self.cuda.view(max_bits, np.int32, (-1,))
+        n = bits.shape[0]
+        counts = self.cuda.view(hist_count, np.uint32, (n, HISTOGRAM_BINS))
+        sums = self.cuda.view(hist_sum, np.float64, (n, HISTOGRAM_BINS))
+        res = self.cuda.view(result, np.float32, (n, 8))
+        for i in range(n):
+            count, total = float(counts[i].sum()), float(sums[i].sum())
+            left_counts = np.cumsum(counts[i].astype(np.float64))[:-1]
+            k = _best_split(left_counts, np.cumsum(sums[i])[:-1], count, total)
+            if k >= 0:
+                left_n, left_s = float(counts[i][:k + 1].sum()), float(sums[i][:k + 1].sum())
+                low, high = left_s / left_n, (total - left_s) / (count - left_n)
+            else:
+                low = high = total / count if count else 0.0
+            top = bits[i:i + 1].view(np.float32)[0]
+            res[i] = [low, high, low + c2 * (high - low), high - c1 * (high - low), top, count, k, top / 4096]
+            counts[i], sums[i], bits[i] = 0, 0, 0
+
+    def _stage2(self, image, conf, result, h, w, out, mb, mr, out_dtype=np.float32):
+        h, w = int(h), int(w)
+        res = self.cuda.view(result, np.float32, (-1, 8))
+        n = res.shape[0]
+        images = self.cuda.view(image, np.float32, (n, 3, h, w))
+        c = self.cuda.view(conf, np.float32, (n, 1, h, w))
+        background = (c > 0) & (c < res[:, 2, None, None, None])
+        reflection = c > res[:, 3, None, None, None]
+        value = np.concatenate([images, images * background, images * reflection], axis=1)
+        self.cuda.view(out, out_dtype, (n, 9, h, w))[...] = value.astype(out_dtype)
+
+    def _stage2_input_f32(self, *args):
+        self._stage2(*args)
+
+    def _stage2_input_f16(self, *args):
+        self._stage2(*args, out_dtype=np.float16)
+
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    """Install fake tensorrt / pycuda modules; returns a function making an engine export dir."""
+    import sys
+    import types
+
+    from dereflect.trt_api import EngineInfo, engine_paths, write_engine_info
+
+    cuda = FakeCuda()
+    trt = FakeTrt(cuda, _fake_networks())
+    kernels = FakeKernels(cuda)
+    pycuda = types.ModuleType("pycuda")
+    pycuda.driver, pycuda.compiler = cuda, kernels
+    for name, module in (("tensorrt", trt), ("pycuda", pycuda), ("pycuda.driver", cuda),
+                         ("pycuda.compiler", kernels)):
+        monkeypatch.setitem(sys.modules, name, module)
+    # A real cuda-python, if installed, must not answer for the fake GPU.
+    monkeypatch.setattr("dereflect.trt_api._gpu_from_cuda_python", lambda: None)
+
+    def make(directory, built_with="10.3.0", content=None):
+        export = make_rm2s_export(directory)
+        manifest = dereflect.manifest.load_manifest(export)
+        for name, spec in manifest.networks.items():
+            engine, sidecar = engine_paths(export, name)
+            engine.write_bytes(content or f"fake-engine:{name}".encode())
+            write_engine_info(EngineInfo(
+                network=name, engine=engine.name, onnx=spec.onnx, onnx_sha256=spec.sha256,
+                tensorrt_version=built_with, gpu_name="FakeGPU", compute_capability="8.7", precision="fp32",
+                profiles={}), sidecar)
+        return export
+
+    make.trt, make.cuda = trt, cuda
+    return make
+
+
+def test_tensorrt_runner_matches_onnxruntime(fake_trt, tmp_path):
+    export = fake_trt(tmp_path / "trt")
+    image = _photo(seed=21)
+    with Remover.from_dir(export, backend="tensorrt", device_middle_step=False) as remover:
+        assert remover.max_hw == (512, 512)
+        np.testing.assert_allclose(remover.remove(image), Remover.from_dir(export).remove(image), atol=1e-6)
+        runner = remover._runners["stage1"]
+        assert runner.input_names == ["image"] and runner.output_names == ["background"]
+
+
+def test_tensorrt_device_rm2s_and_graph_replay(fake_trt, tmp_path):
+    export = fake_trt(tmp_path / "trt")
+    reference = Remover.from_dir(export, threshold="histogram")
+    with Remover.from_dir(export, backend="tensorrt") as remover:
+        assert remover._device_rm2s is not None
+        before = FakeGraph.launches
+        for seed in (22, 23, 24):
+            image = _photo(seed=seed)
+            np.testing.assert_allclose(remover.remove(image), reference.remove(image), atol=1e-5)
+        # First frame runs plainly and is captured; the next two replay the graph with new data.
+        assert FakeGraph.launches - before == 2
+        other = _photo(24, 40, seed=25)
+        np.testing.assert_allclose(remover.remove(other), reference.remove(other), atol=1e-5)
+
+
+def test_tensorrt_device_rm2s_fp16_stage1_output(fake_trt, tmp_path, monkeypatch):
+    import sys
+
+    from dereflect.backends.tensorrt import kernel_names
+
+    export = fake_trt(tmp_path / "trt")
+    half_stage1 = FakeTrt(fake_trt.cuda, _fake_networks(stage1_out=np.float16))
+    monkeypatch.setitem(sys.modules, "tensorrt", half_stage1)
+    with Remover.from_dir(export, backend="tensorrt") as remover:
+        assert remover._device_rm2s._kernels_for == ("rm2s_confidence_b1f16", "rm2s_stage2_input_f32")
+        image = _photo(seed=26)
+        assert np.abs(remover.remove(image) - Remover.from_dir(export).remove(image)).mean() < 0.01
+    assert kernel_names(np.float32, np.float16) == ("rm2s_confidence_f32", "rm2s_stage2_input_f16")
+    with pytest.raises(ModelError, match="float32 or float16"):
+        kernel_names(np.int8, np.float32)
+
+
+def test_tensorrt_bad_engines(fake_trt, tmp_path):
+    import sys
+
+    export = fake_trt(tmp_path / "corrupt", content=b"garbage")
+    with pytest.raises(ModelError, match="could not deserialize"):
+        Remover.from_dir(export, backend="tensorrt")
+    export = fake_trt(tmp_path / "old", built_with="8.6.1")
+    with pytest.raises(ModelError, match="built with TensorRT 8.6.1"):
+        Remover.from_dir(export, backend="tensorrt")
+    export = fake_trt(tmp_path / "missing")
+    (export / "stage2.engine").unlink()
+    with pytest.raises(ModelError, match="dereflect export engine"):
+        Remover.from_dir(export, backend="tensorrt")
+    sys.modules["tensorrt"].__version__ = "8.4.3"
+    with pytest.raises(ModelError, match="too old"):
+        Remover.from_dir(fake_trt(tmp_path / "v84"), backend="tensorrt")
+
+
+def test_tensorrt_shape_outside_profile(fake_trt, tmp_path):
+    from dereflect.backends.tensorrt import TensorRTRunner
+
+    export = fake_trt(tmp_path / "trt")
+    runner = TensorRTRunner(export / "stage1.engine").activate()
+    with pytest.raises(InputError, match="outside the engine's profile"):
+        runner.infer({"image": np.zeros((1, 3, 600, 600), np.float32)})
+    # The pipeline never asks for more (it scales to the profile's maximum) nor for less (it pads).
+    with Remover.from_dir(export, backend="tensorrt", max_side=None) as remover:
+        assert remover.min_hw == (8, 8) and remover.max_hw == (512, 512)
+        assert remover.remove(_photo(600, 700, seed=3)).shape == (600, 700, 3)
+        tiny = _photo(5, 30, seed=4)
+        result = remover.remove_with_intermediates(tiny)
+        assert result.background.shape == tiny.shape and result.confidence.shape == (5, 30)
+
+
+def _real_tensorrt():
+    try:
+        import pycuda.driver  # noqa: F401
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _real_tensorrt(), reason="TensorRT/pycuda not installed")
+def test_tensorrt_real_engine_missing_is_explained(tmp_path):
+    export = make_rm2s_export(tmp_path / "real")
+    with pytest.raises(ModelError, match="dereflect export engine"):
+        Remover.from_dir(export, backend="tensorrt")
+
+
+# -- PyTorch backend ----------------------------------------------------------------------
+
+def test_torch_backend_on_cpu(rm2s_dir):
+    torch = pytest.importorskip("torch")
+
+    class Square(torch.nn.Module):
+        def forward(self, x):
+            return x * x
+
+    conv = torch.nn.Conv2d(9, 3, 1, bias=False)
+    weight = np.zeros((3, 9, 1, 1), np.float32)
+    for c in range(3):
+        weight[c, c], weight[c, 3 + c], weight[c, 6 + c] = 0.5, 0.25, 0.25
+    conv.weight.data = torch.from_numpy(weight)
+    remover = Remover.from_dir(rm2s_dir, backend="torch", device="cpu",
+                               modules={"stage1": Square(), "stage2": conv})
+    assert remover._device_rm2s is None
+    image = _photo(seed=30)
+    np.testing.assert_allclose(remover.remove(image), Remover.from_dir(rm2s_dir).remove(image), atol=1e-5)
+    with pytest.raises(ModelError, match="checkpoint=PATH"):
+        Remover.from_dir(rm2s_dir, backend="torch", device="cpu")
+    with pytest.raises(InputError, match="fp16"):
+        Remover.from_dir(rm2s_dir, backend="torch", device="cpu", precision="fp16",
+                         modules={"stage1": Square(), "stage2": conv})
+
+
+def test_torch_device_rm2s_path_on_cpu(rm2s_dir):
+    """The single-device RM2S sequence (used on CUDA), run on the CPU with the torch middle step."""
+    torch = pytest.importorskip("torch")
+    from dereflect.backends.torch_backend import TorchDeviceRM2S, TorchRunner
+
+    class Square(torch.nn.Module):
+        def forward(self, x):
+            return x * x
+
+    conv = torch.nn.Conv2d(9, 3, 1, bias=False)
+    weight = torch.zeros(3, 9, 1, 1)
+    for c in range(3):
+        weight[c, c], weight[c, 3 + c], weight[c, 6 + c] = 0.5, 0.25, 0.25
+    conv.weight.data = weight
+    stage1 = TorchRunner(Square(), ["image"], ["background"], device="cpu").activate()
+    stage2 = TorchRunner(conv, ["stage2_input"], ["background"], device="cpu").activate()
+    path = TorchDeviceRM2S(stage1, stage2, 0.5, 0.5, use_cupy=False)
+    assert path.middle_step == "torch"
+    image = _photo(seed=32)
+    out = path.run(image.transpose(2, 0, 1)[None].copy())[0].transpose(1, 2, 0)
+    np.testing.assert_allclose(out, Remover.from_dir(rm2s_dir).remove(image), atol=1e-5)
+
+
+def test_torch_backend_from_checkpoint(tmp_path):
+    torch = pytest.importorskip("torch")
+    from dereflect.train.checkpoint import file_sha256, save_checkpoint
+    from dereflect.train.models import build_model
+    from dereflect.train.models.rm2s import UNetConfig
+
+    tiny = {"widths": (4, 8), "kernel_size": 3, "down_kernel": 3, "bottleneck_channels": 0,
+            "stride_conv_keeps_width": False, "transpose_keeps_width": False}
+    torch.manual_seed(0)
+    networks = {}
+    for name, channels in (("stage1", 3), ("generator", 9)):
+        config = UNetConfig(in_channels=channels, **tiny).to_dict()
+        networks[name] = ("rm2s_unet", config, build_model("rm2s_unet", config).eval())
+    path = save_checkpoint(tmp_path / "rm2s.safetensors", method="rm2s", kind="stage2", networks=networks)
+    export = make_rm2s_export(tmp_path / "export")
+    manifest = dereflect.manifest.load_manifest(export)
+    manifest.checkpoint = {"sha256": file_sha256(path)}
+    manifest.save()
+
+    image = _photo(30, 44, seed=31)
+    remover = Remover.from_dir(export, backend="torch", device="cpu", checkpoint=path)
+    result = remover.remove_with_intermediates(image)
+    with torch.no_grad():
+        x = torch.from_numpy(image.transpose(2, 0, 1)[None].copy())
+        # The tiny U-Net has stride 4: 30 x 44 is edge-padded to 32 x 44, as the ONNX graphs do.
+        assert networks["stage1"][2].stride == 4
+        padded = torch.nn.functional.pad(x, (0, 0, 0, 32 - 30), mode="replicate")
+        stage1 = networks["stage1"][2](padded)[..., :30, :44]
+    np.testing.assert_allclose(result.stage1, stage1[0].numpy().transpose(1, 2, 0), atol=1e-5)
+    assert result.background.shape == image.shape and np.isfinite(result.background).all()
+
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(path.read_bytes() + b" ")
+    with pytest.raises(ModelError, match="not the checkpoint this export was made from"):
+        Remover.from_dir(export, backend="torch", device="cpu", checkpoint=other)

@@ -1,0 +1,204 @@
+"""Checkpoints, the shared trainer, the RM2S and CRRN tasks and the `dereflect train` commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from dereflect.cli import main  # noqa: E402
+from dereflect.errors import ModelError  # noqa: E402
+from dereflect.train.checkpoint import load_checkpoint, read_metadata, save_checkpoint  # noqa: E402
+from dereflect.train.crrn import CRRNTask, schedule_phase  # noqa: E402
+from dereflect.train.data import SynthesisConfig, SyntheticPairs, make_loader  # noqa: E402
+from dereflect.train.models.crrn import CRRNConfig  # noqa: E402
+from dereflect.train.models.rm2s import DiscriminatorConfig, UNetConfig  # noqa: E402
+from dereflect.train.rm2s import Stage1Task, Stage2Task  # noqa: E402
+from dereflect.train.trainer import TrainConfig, Trainer  # noqa: E402
+from dereflect.train.vgg import load_vgg  # noqa: E402
+
+TINY_UNET = {"widths": (8, 8, 16, 16, 16)}
+TINY_CRITIC = DiscriminatorConfig(widths=(8, 8, 8, 8))  # stride 16, min side 64
+
+
+def tiny_unet(in_channels: int = 3) -> UNetConfig:
+    return UNetConfig.preset("lite", in_channels=in_channels, **TINY_UNET)
+
+
+def loaders(folder, size=64, batch=2, length=4, recipe=None):
+    recipe = recipe or SynthesisConfig.rm2s_stage1(size=size)
+    train = SyntheticPairs(folder, recipe, seed=0, length=length, exclude=("test_",))
+    val = SyntheticPairs(folder, recipe, seed=99, length=4, include=("test_",))
+    return (make_loader(train, batch, shuffle=True, seed=0, workers=0),
+            make_loader(val, 2, shuffle=False, seed=99, workers=0, drop_last=False))
+
+
+def fit_stage1(folder, vgg_path, run_dir, steps, resume=None, lr=1e-3):
+    vgg = load_vgg("vgg16", source=str(vgg_path))
+    task = Stage1Task(tiny_unet(), vgg, lr=lr)
+    config = TrainConfig(steps=steps, batch_size=2, val_every=steps, preview_every=steps, save_every=1000,
+                         log_every=1, device="cpu")
+    trainer = Trainer(task, config, run_dir, *loaders(folder))
+    if resume:
+        trainer.resume(load_checkpoint(resume))
+    return trainer, trainer.fit()
+
+
+def test_checkpoint_round_trip_keeps_weights_metadata_and_optimizer(tmp_path):
+    from dereflect.train.models import build_model
+
+    model = build_model("rm2s_unet", tiny_unet().to_dict())
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    model(torch.rand(2, 3, 64, 64)).mean().backward()
+    optimizer.step()
+    path = save_checkpoint(tmp_path / "c.safetensors", method="rm2s", kind="rm2s-stage1",
+                           networks={"stage1": ("rm2s_unet", tiny_unet().to_dict(), model)}, step=7,
+                           data_recipe={"size": [[64, 64]]}, optimizers={"stage1": optimizer})
+    checkpoint = load_checkpoint(path)
+    assert checkpoint.step == 7 and checkpoint.method == "rm2s"
+    assert checkpoint.metadata["data_recipe"] == {"size": [[64, 64]]}
+    assert checkpoint.metadata["package_version"] and checkpoint.metadata["git_commit"]
+    rebuilt = checkpoint.build("stage1")
+    for key, value in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value)
+    restored = torch.optim.RMSprop(rebuilt.parameters(), lr=1e-3)
+    restored.load_state_dict(checkpoint.optimizer_states["stage1"])
+    before = optimizer.state_dict()["state"][0]["square_avg"]
+    assert torch.equal(restored.state_dict()["state"][0]["square_avg"], before)
+    assert not (tmp_path / "c.safetensors.tmp").exists()
+
+
+def test_checkpoint_loading_refuses_pickles_foreign_files_and_mismatched_weights(tmp_path):
+    pickle_path = tmp_path / "model.pth"
+    torch.save({"weight": torch.zeros(2)}, pickle_path)
+    with pytest.raises(ModelError, match="not a readable safetensors"):
+        load_checkpoint(pickle_path)
+    with pytest.raises(ModelError, match="not found"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ModelError, match="not a dereflect checkpoint"):
+        read_metadata(tmp_path / "plain.safetensors")
+
+    from dereflect.train.models import build_model
+
+    model = build_model("rm2s_unet", tiny_unet().to_dict())
+    wrong_config = {**tiny_unet().to_dict(), "widths": [8, 8, 16, 16, 32]}
+    path = save_checkpoint(tmp_path / "w.safetensors", method="rm2s", kind="rm2s-stage1",
+                           networks={"stage1": ("rm2s_unet", wrong_config, model)})
+    with pytest.raises(ModelError, match="wrong shape"):
+        load_checkpoint(path).build("stage1")
+
+
+def test_stage1_training_lowers_validation_loss_and_writes_log_and_previews(photo_folder, fake_vgg16, tmp_path):
+    trainer, final = fit_stage1(photo_folder, fake_vgg16, tmp_path / "run", steps=12)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    first, last = records[0], records[-1]
+    assert first["step"] == 0 and last["step"] == 12
+    assert last["val_loss"] < first["val_loss"]
+    assert last["val_psnr"] > first["val_psnr"]
+    assert {"perceptual", "l1", "fr"} <= set(last)
+    assert list((tmp_path / "run" / "previews").glob("*.png"))
+    assert load_checkpoint(final).metadata["kind"] == "rm2s-stage1"
+
+
+def test_resume_continues_exactly_where_the_run_stopped(photo_folder, fake_vgg16, tmp_path):
+    torch.manual_seed(0)
+    _, straight = fit_stage1(photo_folder, fake_vgg16, tmp_path / "straight", steps=4)
+    torch.manual_seed(0)
+    _, half = fit_stage1(photo_folder, fake_vgg16, tmp_path / "half", steps=2)
+    _, resumed = fit_stage1(photo_folder, fake_vgg16, tmp_path / "resumed", steps=4, resume=half)
+    a, b = load_checkpoint(straight), load_checkpoint(resumed)
+    assert b.step == 4
+    for key, value in a.states["stage1"].items():
+        assert torch.allclose(value.float(), b.states["stage1"][key].float(), atol=1e-5), key
+
+
+@pytest.mark.parametrize("masks", ["stage1", "ground-truth"])
+def test_stage2_trains_from_a_stage1_checkpoint_into_a_complete_rm2s_checkpoint(
+        photo_folder, fake_vgg16, tmp_path, masks):
+    _, stage1 = fit_stage1(photo_folder, fake_vgg16, tmp_path / "s1", steps=2)
+    vgg = load_vgg("vgg16", source=str(fake_vgg16))
+    task = Stage2Task(tiny_unet(9), load_checkpoint(stage1), vgg, masks=masks, critic=TINY_CRITIC)
+    critic_before = [p.detach().clone() for p in task.critic.parameters()]
+    stage1_before = {k: v.clone() for k, v in task.stage1.state_dict().items()}
+    config = TrainConfig(steps=2, batch_size=2, val_every=2, preview_every=2, log_every=1, device="cpu")
+    final = Trainer(task, config, tmp_path / "s2", *loaders(photo_folder, recipe=SynthesisConfig.rm2s_stage2(
+        size=64))).fit()
+    checkpoint = load_checkpoint(final)
+    assert set(checkpoint.metadata["networks"]) == {"stage1", "generator", "discriminator"}
+    assert checkpoint.metadata["stage2"]["masks"] == masks
+    for key, value in stage1_before.items():
+        assert torch.equal(checkpoint.states["stage1"][key], value), "stage 1 must stay frozen"
+    assert any(not torch.equal(a, b) for a, b in zip(critic_before, task.critic.parameters()))
+    assert all(float(p.detach().abs().max()) <= 0.01 + 1e-7 for p in task.critic.parameters() if p.ndim > 1)
+
+
+def test_stage2_refuses_a_checkpoint_of_another_kind(photo_folder, fake_vgg16, tmp_path):
+    from dereflect.errors import InputError
+    from dereflect.train.models import build_model
+
+    model = build_model("crrn", CRRNConfig.preset("lite").to_dict())
+    path = save_checkpoint(tmp_path / "c.safetensors", method="crrn", kind="crrn",
+                           networks={"crrn": ("crrn", CRRNConfig.preset("lite").to_dict(), model)})
+    with pytest.raises(InputError, match="stage-1"):
+        Stage2Task(tiny_unet(9), load_checkpoint(path), load_vgg("vgg16", source=str(fake_vgg16)))
+
+
+def test_crrn_schedule_follows_the_papers_proportions():
+    phases = [schedule_phase(step, 120, 40 / 120) for step in range(120)]
+    assert phases.count("gin") == 40 and phases.count("joint") == 50 and phases.count("joint_low_lr") == 30
+    assert phases == sorted(phases, key=["gin", "joint", "joint_low_lr"].index)
+
+
+def test_crrn_task_trains_gin_alone_then_everything(photo_folder, tmp_path):
+    config = CRRNConfig.preset("lite")
+    task = CRRNTask(config, total_steps=4, gin_fraction=0.5)
+    recipe = SynthesisConfig.crrn(size=[(64, 96)])
+    train, val = loaders(photo_folder, recipe=recipe)
+    iin_before = {k: v.clone() for k, v in task.model.iin.state_dict().items() if v.is_floating_point()}
+    gin_before = {k: v.clone() for k, v in task.model.gin.state_dict().items() if v.is_floating_point()}
+    trainer = Trainer(task, TrainConfig(steps=2, val_every=2, preview_every=2, device="cpu"), tmp_path / "c",
+                      train, val)
+    trainer.fit()
+    assert task.phase == "gin"
+    assert [k for k, v in iin_before.items() if not torch.equal(v, task.model.iin.state_dict()[k])] == []
+    assert any(not torch.equal(v, task.model.gin.state_dict()[k]) for k, v in gin_before.items())
+    trainer.config.steps = 4
+    final = trainer.fit()
+    assert task.phase == "joint_low_lr" and task.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5)
+    assert any(not torch.equal(v, task.model.iin.state_dict()[k]) for k, v in iin_before.items())
+    assert load_checkpoint(final).metadata["schedule"]["total_steps"] == 4
+
+
+def test_train_command_runs_end_to_end(photo_folder, fake_vgg16, tmp_path, capsys):
+    out = tmp_path / "cli-run"
+    code = main(["train", "rm2s-stage1", "--data", str(photo_folder), "--steps", "2", "--batch-size", "2",
+                 "--size", "64", "--val-count", "2", "--workers", "0", "--out", str(out),
+                 "--vgg", str(fake_vgg16), "--vgg-arch", "vgg16", "--val-every", "1"])
+    assert code == 0
+    assert (out / "final.safetensors").is_file()
+    assert "checkpoint:" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 2 and "val_psnr" in records[-1]
+
+
+def test_train_without_vgg_weights_says_how_to_get_them(photo_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DEREFLECT_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch"))
+    code = main(["train", "rm2s-stage1", "--data", str(photo_folder), "--steps", "1", "--out",
+                 str(tmp_path / "r")])
+    assert code == 2
+    assert "dereflect weights vgg" in capsys.readouterr().err
+
+
+def test_train_without_torch_names_the_extra(monkeypatch, photo_folder, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    code = main(["train", "rm2s-stage1", "--data", str(photo_folder)])
+    assert code == 2
+    assert "pip install 'dereflect[train]'" in capsys.readouterr().err

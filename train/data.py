@@ -1,0 +1,907 @@
+"""Training and evaluation data: synthesised reflection pairs and real image pairs.
+
+Synthesis follows the RM2S authors' recipe (after Zhang et al. 2018) or CRRN's weighted sum;
+see :class:`SynthesisConfig`. Every sample is a dict of CHW float32 tensors in [0, 1]:
+
+- ``input``: the mixture I (what the camera sees through the glass);
+- ``background``: the clean background B, *before* the glass's transmission loss (the
+  target both papers train towards);
+- ``reflection``: the reflection as it appears in I, in display space:
+  ``R = I - B_t`` where ``B_t`` is the background as transmitted (scaled by the transmission
+  factor, in display space). So ``I = B_t + R`` up to clipping. For CRRN's recipe with
+  gamma 1 this is exactly ``beta * R_layer``; it is also the convention of CEILNet's
+  triplets (label2 = input - label1 up to clipping).
+
+Randomness: every random choice of sample ``index`` in ``epoch`` comes from one
+``numpy.random.Generator`` built from ``SeedSequence([seed, epoch, index, tag])``, so a
+sample is bit-identical whatever the worker count or the order samples are drawn in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
+
+import cv2
+import numpy as np
+import torch
+from dereflect.errors import InputError
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+PathLike = Union[str, "os.PathLike[str]"]
+Size = Tuple[int, int]
+SampleKey = Tuple[int, int, int]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+MODES = ("rm2s", "crrn")
+
+# Distinct last words keep the per-sample and per-epoch (sampler) seed streams apart.
+_SAMPLE_TAG = 0x5A3D1
+_SAMPLER_TAG = 0xB47C2
+
+
+class ImageSkippedWarning(UserWarning):
+    """An image in a training folder was unreadable or too small and is skipped."""
+
+
+# Paths already warned about in this process: each bad image is reported once.
+_WARNED: Set[str] = set()
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def _as_folders(folders: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
+    if isinstance(folders, (str, os.PathLike)):
+        return [Path(folders)]
+    return [Path(f) for f in folders]
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+
+
+def find_images(
+    folders: Union[PathLike, Sequence[PathLike]],
+    exclude: Sequence[str] = (),
+    include: Sequence[str] = (),
+) -> List[Path]:
+    """List the images under ``folders`` (recursively), sorted.
+
+    A folder holding ``JPEGImages/`` (a VOC2012 tree) contributes only that subfolder.
+    ``exclude`` drops file names starting with any of its prefixes (e.g. ``("test_",)`` keeps
+    BSDS500's test split out); a non-empty ``include`` keeps only names starting with one of
+    its prefixes. Hidden files are ignored. Raises InputError if nothing is found.
+    """
+    roots = _as_folders(folders)
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    if isinstance(include, str):
+        include = (include,)
+    found: List[Path] = []
+    for root in roots:
+        if not root.is_dir():
+            raise InputError(f"image folder '{root}' does not exist or is not a folder")
+        voc = root / "JPEGImages"
+        base = voc if voc.is_dir() else root
+        for path in base.rglob("*"):
+            name = path.name
+            if not _is_image(path):
+                continue
+            if any(name.startswith(p) for p in exclude):
+                continue
+            if include and not any(name.startswith(p) for p in include):
+                continue
+            found.append(path)
+    if not found:
+        names = ", ".join(f"'{r}'" for r in roots)
+        filters = ""
+        if exclude or include:
+            filters = f" after filtering (exclude={tuple(exclude)}, include={tuple(include)})"
+        raise InputError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {names}{filters}; "
+            "point the data option at folders of photos"
+        )
+    return sorted(set(found))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Read an image as HxWx3 uint8 RGB; raise InputError if it cannot be decoded."""
+    path = Path(path)
+    try:
+        raw = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise InputError(f"cannot read image '{path}': {exc}") from exc
+    img = cv2.imdecode(raw, cv2.IMREAD_COLOR) if raw.size else None
+    if img is None:
+        raise InputError(f"cannot decode image '{path}': the file is empty, corrupt or not an image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def load_usable(path: PathLike, min_size: Optional[Size] = None) -> Optional[np.ndarray]:
+    """Read a training image, or return None (warning once per path) if it cannot be used.
+
+    ``min_size`` is ``(short, long)``: the image's short side must be at least ``short`` and
+    its long side at least ``long`` (whichever orientation), so crops need no large upscaling.
+    """
+    try:
+        img = read_image(path)
+    except InputError as exc:
+        _warn_once(path, f"skipping {exc}")
+        return None
+    if min_size is not None:
+        h, w = img.shape[:2]
+        if min(h, w) < min_size[0] or max(h, w) < min_size[1]:
+            _warn_once(
+                path,
+                f"skipping image '{path}': {h}x{w} is smaller than the training crop "
+                f"(needs a short side >= {min_size[0]} and a long side >= {min_size[1]})",
+            )
+            return None
+    return img
+
+
+def _warn_once(path: PathLike, message: str) -> None:
+    key = str(path)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(message, ImageSkippedWarning, stacklevel=3)
+
+
+class _ImagePool:
+    """Paths plus a per-process record of the ones found unusable."""
+
+    def __init__(self, paths: List[Path], min_size: Size, what: str, folders: Sequence[Path]):
+        self.paths = paths
+        self.min_size = min_size
+        self.what = what
+        self.folders = folders
+        self.bad: Set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def find(self, start: int, avoid: Optional[int] = None) -> Tuple[int, np.ndarray]:
+        """Load the first usable image at or after ``start`` (cyclically), skipping ``avoid``.
+
+        The probe order depends only on which files are unusable, a property of the files,
+        so the choice is the same in every worker.
+        """
+        n = len(self.paths)
+        for step in range(n):
+            j = (start + step) % n
+            if j == avoid or j in self.bad:
+                continue
+            img = load_usable(self.paths[j], self.min_size)
+            if img is not None:
+                return j, img
+            self.bad.add(j)
+        names = ", ".join(f"'{f}'" for f in self.folders)
+        need = "two usable images" if avoid is not None else "a usable image"
+        raise InputError(
+            f"no {self.what} images can be used in {names}: synthesis needs {need} at least "
+            f"{self.min_size[0]} px on the short side and {self.min_size[1]} px on the long side "
+            "that OpenCV can decode (see the ImageSkippedWarning messages)"
+        )
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+def _pair(value: Any, name: str) -> Tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"SynthesisConfig.{name} must be a (low, high) pair, got {value!r}") from exc
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+        raise InputError(
+            f"SynthesisConfig.{name} must be a finite (low, high) pair with low <= high, got {value!r}"
+        )
+    return lo, hi
+
+
+def _sizes(value: Any) -> Tuple[Size, ...]:
+    """Normalise 256, (h, w) or [(h, w), ...] to a tuple of (h, w)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        sizes = [(int(value), int(value))]
+    elif (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
+    ):
+        sizes = [(int(value[0]), int(value[1]))]
+    elif isinstance(value, (list, tuple)) and value:
+        try:
+            sizes = [(int(h), int(w)) for h, w in value]
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"SynthesisConfig.size: cannot read {value!r} as a list of (h, w)") from exc
+    else:
+        raise InputError(f"SynthesisConfig.size must be an int, (h, w) or a list of (h, w), got {value!r}")
+    if any(h < 8 or w < 8 for h, w in sizes):
+        raise InputError(f"SynthesisConfig.size: every side must be at least 8 px, got {sizes}")
+    return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisConfig:
+    """How training pairs are synthesised (recorded in checkpoints as the data recipe).
+
+    Mode ``"rm2s"`` (Zhang et al. 2018, as in the RM2S authors' code), all in linear light
+    (``x ** gamma``): ghost (optional) -> Gaussian blur of R, sigma ~ U(blur_sigma), kernel
+    2*ceil(2 sigma)+1 -> overflow correction: per channel, over the pixels where T + R > 1,
+    m = mean(T + R); R -= (m - 1) * att with att ~ U(overflow_attenuation); R clipped to
+    [0, 1] -> T scaled by 1 - U(background_scale), R weighted by U(reflection_weight) times a
+    Gaussian vignette -> I = T + R back to display space (``** 1/gamma``), clipped.
+
+    Mode ``"crrn"``: ``I = alpha B + beta R`` (the overflow step is skipped); the preset uses
+    gamma 1, alpha = 1 - U(0, 0.2), beta ~ U(0.1, 0.5), blurred R, two sizes.
+
+    The ghost is the paper's kernel of two close impulses:
+    ``R = (R + a * shift(R)) / ghost_divisor`` with an integer shift of up to
+    ``ghost_max_shift`` of each side (never zero) and ``a ~ U(ghost_attenuation)``; the
+    defaults (a = 1, divisor 1.25) are the authors' code. Real reflection layers (see
+    :class:`SyntheticPairs`) already carry their real blur and ghosting: they skip the ghost
+    and the blur but get the rest of the recipe.
+
+    The vignette is exp(-d^2/2) with d measured in units of ``vignette_sigma`` times each side,
+    centred at a uniformly random pixel (about the reach of Zhang et al.'s 560 px mask over a
+    256 px crop). Geometry: with probability ``flip_p`` a flip (horizontal, vertical or both,
+    uniformly), a rotation by k*90 degrees (k uniform in 0..3) if ``rotate90``, and a random
+    crop whose side is ``U(crop_scale)`` of the largest crop of the target aspect (never
+    smaller than the target, so crops are not upscaled), resized to the target size.
+    Background and reflection get independent geometry.
+
+    ``size`` may be 256, (h, w) or a list of (h, w) (multi-size training, one size per batch:
+    see :class:`MultiSizeBatchSampler`); it is stored as a tuple of (h, w).
+    """
+
+    mode: str = "rm2s"
+    size: Any = 256
+    gamma: float = 2.2
+    blur_sigma: Tuple[float, float] = (0.0, 3.0)
+    ghost: bool = True
+    ghost_max_shift: float = 15.0 / 256.0
+    ghost_attenuation: Tuple[float, float] = (1.0, 1.0)
+    ghost_divisor: float = 1.25
+    overflow_attenuation: Tuple[float, float] = (1.08, 1.18)
+    background_scale: Tuple[float, float] = (0.0, 1.0 / 3.0)
+    reflection_weight: Tuple[float, float] = (0.0, 0.2)
+    vignette: bool = True
+    vignette_sigma: float = 0.3
+    flip_p: float = 0.75
+    rotate90: bool = True
+    crop_scale: Tuple[float, float] = (0.5, 1.0)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise fields in place once
+        if self.mode not in MODES:
+            raise InputError(f"SynthesisConfig.mode must be one of {MODES}, got {self.mode!r}")
+        set_(self, "size", _sizes(self.size))
+        for name in ("blur_sigma", "ghost_attenuation", "overflow_attenuation", "background_scale",
+                     "reflection_weight", "crop_scale"):
+            set_(self, name, _pair(getattr(self, name), name))
+        for name in ("gamma", "ghost_max_shift", "ghost_divisor", "vignette_sigma", "flip_p"):
+            set_(self, name, float(getattr(self, name)))
+        for name in ("ghost", "vignette", "rotate90"):
+            set_(self, name, bool(getattr(self, name)))
+        if self.gamma <= 0 or self.ghost_divisor <= 0 or self.vignette_sigma <= 0:
+            raise InputError("SynthesisConfig: gamma, ghost_divisor and vignette_sigma must be > 0")
+        if not 0.0 <= self.flip_p <= 1.0:
+            raise InputError(f"SynthesisConfig.flip_p must be in [0, 1], got {self.flip_p}")
+        if self.blur_sigma[0] < 0 or self.ghost_attenuation[0] < 0 or self.reflection_weight[0] < 0:
+            raise InputError(
+                "SynthesisConfig: blur_sigma, ghost_attenuation and reflection_weight must be >= 0"
+            )
+        if not (0.0 <= self.background_scale[0] and self.background_scale[1] < 1.0):
+            raise InputError(
+                f"SynthesisConfig.background_scale must lie in [0, 1), got {self.background_scale}"
+            )
+        if not 0.0 <= self.ghost_max_shift < 0.5:
+            raise InputError(
+                f"SynthesisConfig.ghost_max_shift must be in [0, 0.5), got {self.ghost_max_shift}"
+            )
+        if not (0.0 < self.crop_scale[0] and self.crop_scale[1] <= 1.0):
+            raise InputError(f"SynthesisConfig.crop_scale must lie in (0, 1], got {self.crop_scale}")
+
+    @property
+    def sizes(self) -> List[Size]:
+        """The target sizes as a list of (h, w)."""
+        return list(self.size)
+
+    @property
+    def min_source_size(self) -> Size:
+        """(short, long) side an image needs to give every target size without upscaling."""
+        return max(min(s) for s in self.size), max(max(s) for s in self.size)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-serialisable dict (tuples become lists)."""
+        out: Dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "size":
+                value = [list(s) for s in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> SynthesisConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise InputError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"unknown synthesis recipe keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def rm2s_stage1(cls, **overrides: Any) -> SynthesisConfig:
+        """RM2S stage 1: Zhang et al. recipe with the ghost, 256x256."""
+        return cls(**{"mode": "rm2s", "ghost": True, **overrides})
+
+    @classmethod
+    def rm2s_stage2(cls, **overrides: Any) -> SynthesisConfig:
+        """RM2S stage 2: as stage 1 without the ghost."""
+        return cls(**{"mode": "rm2s", "ghost": False, **overrides})
+
+    @classmethod
+    def crrn(cls, **overrides: Any) -> SynthesisConfig:
+        """CRRN: I = alpha B + beta R, alpha ~ U(0.8, 1), beta ~ U(0.1, 0.5), sizes 96x160 and 224x288."""
+        preset: Dict[str, Any] = {
+            "mode": "crrn",
+            "size": [(96, 160), (224, 288)],
+            "gamma": 1.0,
+            "blur_sigma": (0.0, 3.0),
+            "ghost": False,
+            "background_scale": (0.0, 0.2),
+            "reflection_weight": (0.1, 0.5),
+            "vignette": False,
+        }
+        preset.update(overrides)
+        return cls(**preset)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of every random choice for sample ``index`` of ``epoch``."""
+    if min(seed, epoch, index) < 0:
+        raise InputError(f"seed, epoch and index must be >= 0, got {seed}, {epoch}, {index}")
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, index, _SAMPLE_TAG]))
+
+
+def _shift(img: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    m = np.float32([[1, 0, dx], [0, 1, dy]])
+    return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_REFLECT_101)
+
+
+def _ghost(r: np.ndarray, config: SynthesisConfig, rng: np.random.Generator) -> np.ndarray:
+    h, w = r.shape[:2]
+    my, mx = round(config.ghost_max_shift * h), round(config.ghost_max_shift * w)
+    dy = dx = 0
+    if my or mx:
+        while dy == 0 and dx == 0:  # two *distinct* impulses
+            dy, dx = int(rng.integers(-my, my + 1)), int(rng.integers(-mx, mx + 1))
+    else:
+        dx = 1
+    a = rng.uniform(*config.ghost_attenuation)
+    return (r + np.float32(a) * _shift(r, dy, dx)) / np.float32(config.ghost_divisor)
+
+
+def _vignette(h: int, w: int, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+    gy = np.exp(-0.5 * ((np.arange(h, dtype=np.float32) - cy) / (sigma * h)) ** 2)
+    gx = np.exp(-0.5 * ((np.arange(w, dtype=np.float32) - cx) / (sigma * w)) ** 2)
+    return np.outer(gy, gx).astype(np.float32)[:, :, None]
+
+
+def synthesize(
+    background: np.ndarray,
+    reflection: np.ndarray,
+    config: SynthesisConfig,
+    rng: np.random.Generator,
+    real_reflection: bool = False,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mix two HxWx3 float32 images in [0, 1] per ``config``; return (input, background, reflection).
+
+    ``background`` is returned unchanged (the clean target); ``reflection`` is
+    ``input - transmitted background`` (see the module docstring). ``real_reflection`` skips
+    the ghost and the blur (a real reflection layer carries its own).
+    """
+    if background.shape != reflection.shape or background.ndim != 3 or background.shape[2] != 3:
+        raise InputError(
+            f"synthesize needs two HxWx3 images of one shape, got {background.shape} and {reflection.shape}"
+        )
+    g = config.gamma
+    t = np.power(background.astype(np.float32), g)
+    r = np.power(reflection.astype(np.float32), g)
+    if config.ghost and not real_reflection:
+        r = _ghost(r, config, rng)
+    if not real_reflection:
+        sigma = rng.uniform(*config.blur_sigma)
+        if sigma > 0:
+            k = 2 * math.ceil(2 * sigma) + 1
+            r = cv2.GaussianBlur(r, (k, k), sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+    if config.mode == "rm2s":
+        att = rng.uniform(*config.overflow_attenuation)
+        blend = t + r
+        for c in range(3):
+            over = blend[:, :, c] > 1
+            if over.any():
+                excess = float(blend[:, :, c][over].mean()) - 1.0
+                r[:, :, c] -= np.float32(excess * att)
+        r = np.clip(r, 0.0, 1.0)
+    scale = 1.0 - rng.uniform(*config.background_scale)
+    weight = rng.uniform(*config.reflection_weight)
+    r = r * np.float32(weight)
+    if config.vignette:
+        r = r * _vignette(r.shape[0], r.shape[1], config.vignette_sigma, rng)
+    t = t * np.float32(scale)
+    inv = 1.0 / g
+    mixture = np.power(np.clip(t + r, 0.0, 1.0), inv).astype(np.float32)
+    transmitted = np.power(t, inv)
+    refl = np.clip(mixture - transmitted, 0.0, 1.0).astype(np.float32)
+    return mixture, background.astype(np.float32), refl
+
+
+def random_crop(
+    img: np.ndarray,
+    size: Size,
+    config: SynthesisConfig,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Random flip / rot90 / scaled crop of a uint8 HxWx3 image to ``size``; float32 in [0, 1]."""
+    th, tw = size
+    k = int(rng.integers(4)) if config.rotate90 else 0
+    flip = int(rng.integers(3)) - 1 if rng.random() < config.flip_p else None
+    sh, sw = (tw, th) if k % 2 else (th, tw)  # crop in the source orientation, rotate after
+    h, w = img.shape[:2]
+    fit = min(h / sh, w / sw)  # zoom of the largest crop of the target aspect
+    zoom = max(min(1.0, fit), fit * rng.uniform(*config.crop_scale))
+    ch, cw = min(h, max(1, round(sh * zoom))), min(w, max(1, round(sw * zoom)))
+    y0, x0 = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+    crop = img[y0:y0 + ch, x0:x0 + cw]
+    interp = cv2.INTER_AREA if zoom > 1.0 else cv2.INTER_LINEAR
+    out = cv2.resize(crop, (sw, sh), interpolation=interp)
+    if flip is not None:
+        out = cv2.flip(out, flip)  # 1 horizontal, 0 vertical, -1 both
+    out = np.rot90(out, k)
+    return np.ascontiguousarray(out, dtype=np.float32) / np.float32(255.0)
+
+
+def _to_tensor(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32))
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class SyntheticPairs(Dataset):
+    """Reflection pairs synthesised on the fly from folders of photos.
+
+    Sample ``index`` of epoch ``e`` uses background image ``(index + e * length) % n`` (so
+    short epochs still cycle through the collection) and a reflection image drawn from the
+    sample's generator: from ``reflection_folders`` when given (real reflection layers, e.g.
+    CRRN's RID: no ghost, no blur, weighted per the recipe), otherwise from the same photos,
+    never the background's own. Unreadable or too-small images are skipped with one
+    :class:`ImageSkippedWarning` each (per process) and the next usable image is taken.
+
+    ``dataset[i]`` uses the dataset's epoch (:meth:`set_epoch`) and the first size;
+    ``dataset[(i, epoch, size_id)]`` (what :class:`MultiSizeBatchSampler` yields) names both,
+    which keeps samples right with persistent workers that never see ``set_epoch``.
+    ``exclude``/``include`` (file-name prefixes, see :func:`find_images`) apply to both the
+    photos and the reflection folders.
+    """
+
+    def __init__(
+        self,
+        folders: Union[PathLike, Sequence[PathLike]],
+        config: Optional[SynthesisConfig] = None,
+        seed: int = 0,
+        length: Optional[int] = None,
+        reflection_folders: Optional[Union[PathLike, Sequence[PathLike]]] = None,
+        exclude: Sequence[str] = (),
+        include: Sequence[str] = (),
+    ):
+        self.config = config if config is not None else SynthesisConfig()
+        if int(seed) < 0:
+            raise InputError(f"seed must be >= 0, got {seed}")
+        self.seed = int(seed)
+        self.epoch = 0
+        min_size = self.config.min_source_size
+        photo_dirs = _as_folders(folders)
+        self._photos = _ImagePool(find_images(photo_dirs, exclude, include), min_size, "photo", photo_dirs)
+        self._reflections: Optional[_ImagePool] = None
+        if reflection_folders is not None:
+            refl_dirs = _as_folders(reflection_folders)
+            self._reflections = _ImagePool(
+                find_images(refl_dirs, exclude, include), min_size, "reflection", refl_dirs
+            )
+        elif len(self._photos) < 2:
+            raise InputError(
+                f"only one image in {', '.join(str(f) for f in photo_dirs)}: synthesis draws the "
+                "reflection from a different photo than the background, so it needs at least two"
+            )
+        self.length = len(self._photos) if length is None else int(length)
+        if self.length < 1:
+            raise InputError(f"length must be >= 1, got {length}")
+
+    @property
+    def sizes(self) -> List[Size]:
+        return self.config.sizes
+
+    @property
+    def images(self) -> List[Path]:
+        """The background photos, sorted."""
+        return list(self._photos.paths)
+
+    @property
+    def reflection_images(self) -> List[Path]:
+        """The reflection sources: the real reflection layers, or the photos."""
+        return list((self._reflections or self._photos).paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used by plain integer indices."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _key(self, key: Union[int, SampleKey]) -> SampleKey:
+        if isinstance(key, (tuple, list)):
+            index, epoch, size_id = (int(k) for k in key)
+        else:
+            index, epoch, size_id = int(key), self.epoch, 0
+        if not 0 <= index < self.length:
+            raise IndexError(f"sample index {index} out of range for {self.length} samples")
+        if not 0 <= size_id < len(self.config.size):
+            raise IndexError(f"size id {size_id} out of range for sizes {self.sizes}")
+        return index, epoch, size_id
+
+    def _draw(self, index: int, epoch: int, rng: np.random.Generator):
+        n = len(self._photos)
+        bg_start = (index + epoch * self.length) % n
+        if self._reflections is None:
+            r_start = int(rng.integers(n - 1))
+            r_start += r_start >= bg_start
+        else:
+            r_start = int(rng.integers(len(self._reflections)))
+        bg_idx, bg = self._photos.find(bg_start)
+        if self._reflections is None:
+            r_idx, refl = self._photos.find(r_start, avoid=bg_idx)
+        else:
+            r_idx, refl = self._reflections.find(r_start)
+        return bg_idx, bg, r_idx, refl
+
+    def sources(self, key: Union[int, SampleKey]) -> Dict[str, Path]:
+        """The files sample ``key`` is made from: ``{'background': path, 'reflection': path}``."""
+        index, epoch, _ = self._key(key)
+        bg_idx, _, r_idx, _ = self._draw(index, epoch, sample_rng(self.seed, epoch, index))
+        return {"background": self._photos.paths[bg_idx], "reflection": self.reflection_images[r_idx]}
+
+    def sample_arrays(self, key: Union[int, SampleKey]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input, background, reflection) as HxWx3 float32 arrays in [0, 1]."""
+        index, epoch, size_id = self._key(key)
+        rng = sample_rng(self.seed, epoch, index)
+        _, bg, _, refl = self._draw(index, epoch, rng)
+        size = self.config.size[size_id]
+        b = random_crop(bg, size, self.config, rng)
+        r = random_crop(refl, size, self.config, rng)
+        return synthesize(b, r, self.config, rng, real_reflection=self._reflections is not None)
+
+    def __getitem__(self, key: Union[int, SampleKey]) -> Dict[str, torch.Tensor]:
+        mixture, background, reflection = self.sample_arrays(key)
+        return {
+            "input": _to_tensor(mixture),
+            "background": _to_tensor(background),
+            "reflection": _to_tensor(reflection),
+        }
+
+
+def _list_flat(folder: Path) -> Dict[str, Path]:
+    """Images directly in ``folder`` by stem; duplicate stems raise InputError."""
+    by_stem: Dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not _is_image(path):
+            continue
+        if path.stem in by_stem:
+            raise InputError(
+                f"'{folder}' holds two images named '{path.stem}' ({by_stem[path.stem].name}, {path.name}); "
+                "pairs are matched by name, keep one"
+            )
+        by_stem[path.stem] = path
+    return by_stem
+
+
+def _missing(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def fit_for_network(
+    img: np.ndarray,
+    size: Optional[Union[int, Size]] = None,
+    multiple: int = 32,
+    max_side: Optional[int] = None,
+) -> np.ndarray:
+    """Resize/crop an HxWxC image for a network that needs sides divisible by ``multiple``.
+
+    ``size=None``: downscale so the long side is at most ``max_side`` (if given), then centre
+    crop each side down to a multiple of ``multiple``. ``size`` (int or (h, w)): resize to cover
+    it, then centre crop to it exactly.
+    """
+    h, w = img.shape[:2]
+    if size is not None:
+        th, tw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        scale = max(th / h, tw / w)
+        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        img = cv2.resize(img, (nw, nh), interpolation=interp)
+        y0, x0 = (nh - th) // 2, (nw - tw) // 2
+        return img[y0:y0 + th, x0:x0 + tw]
+    if max_side is not None and max(h, w) > max_side:
+        scale = max_side / max(h, w)
+        h, w = max(1, round(h * scale)), max(1, round(w * scale))
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+    ch, cw = h // multiple * multiple, w // multiple * multiple
+    if ch == 0 or cw == 0:
+        raise InputError(f"image of {h}x{w} is smaller than {multiple} px on a side; the network needs more")
+    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    return img[y0:y0 + ch, x0:x0 + cw]
+
+
+class _EvalPairs(Dataset):
+    """Shared loading/fitting of fixed (input, background, reflection?) triples."""
+
+    def __init__(self, size, multiple, max_side):
+        self.size = size
+        self.multiple = int(multiple)
+        self.max_side = max_side
+        self.items: List[Tuple[str, Path, Path, Optional[Path]]] = []
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _fit(self, img: np.ndarray) -> np.ndarray:
+        return fit_for_network(img, self.size, self.multiple, self.max_side)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        name, inp_path, bg_path, refl_path = self.items[index]
+        inp, bg = read_image(inp_path), read_image(bg_path)
+        if inp.shape != bg.shape:
+            raise InputError(
+                f"pair '{name}': input {inp_path.name} is {inp.shape[0]}x{inp.shape[1]} but background "
+                f"{bg_path.name} is {bg.shape[0]}x{bg.shape[1]}; a pair must have one size"
+            )
+        i = self._fit(inp).astype(np.float32) / 255.0
+        b = self._fit(bg).astype(np.float32) / 255.0
+        if refl_path is None:
+            r = np.clip(i - b, 0.0, 1.0)
+        else:
+            refl = read_image(refl_path)
+            if refl.shape != inp.shape:
+                raise InputError(
+                    f"triplet '{name}': reflection {refl_path.name} differs in size from the input"
+                )
+            r = self._fit(refl).astype(np.float32) / 255.0
+        return {
+            "input": _to_tensor(i),
+            "background": _to_tensor(b),
+            "reflection": _to_tensor(r),
+            "name": name,
+        }
+
+
+class PairedFolder(_EvalPairs):
+    """Real pairs: ``root/blended/NAME.*`` (input) and ``root/transmission_layer/NAME.*`` (background).
+
+    Files are matched by stem (extensions may differ); any name on one side only raises
+    InputError listing them. ``reflection`` is ``clip(input - background, 0, 1)``; ``name``
+    is the stem. See :func:`fit_for_network` for ``size``, ``multiple`` and ``max_side``.
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        size: Optional[Union[int, Size]] = None,
+        multiple: int = 32,
+        max_side: Optional[int] = None,
+        input_dir: str = "blended",
+        background_dir: str = "transmission_layer",
+    ):
+        super().__init__(size, multiple, max_side)
+        root = Path(root)
+        dirs = [root / input_dir, root / background_dir]
+        absent = [str(d) for d in dirs if not d.is_dir()]
+        if absent:
+            raise InputError(
+                f"paired data folder '{root}' lacks {', '.join(absent)}: expected "
+                f"'{input_dir}/' (inputs) and '{background_dir}/' (ground-truth backgrounds) side by side"
+            )
+        inputs, backgrounds = _list_flat(dirs[0]), _list_flat(dirs[1])
+        only_in = sorted(set(inputs) - set(backgrounds))
+        only_bg = sorted(set(backgrounds) - set(inputs))
+        if only_in or only_bg:
+            parts = []
+            if only_in:
+                parts.append(f"{len(only_in)} in {input_dir}/ only ({_missing(only_in)})")
+            if only_bg:
+                parts.append(f"{len(only_bg)} in {background_dir}/ only ({_missing(only_bg)})")
+            raise InputError(
+                f"'{root}': inputs and backgrounds are matched by file name, but {'; '.join(parts)}"
+            )
+        if not inputs:
+            raise InputError(f"no images in '{dirs[0]}'")
+        self.items = [(stem, inputs[stem], backgrounds[stem], None) for stem in sorted(inputs)]
+
+
+class CeilnetTriplets(_EvalPairs):
+    """CEILNet triplets: ``NAME-input.png`` (input), ``NAME-label1.png`` (background),
+    ``NAME-label2.png`` (reflection) in one folder. ``name`` is NAME."""
+
+    def __init__(
+        self,
+        root: PathLike,
+        size: Optional[Union[int, Size]] = None,
+        multiple: int = 32,
+        max_side: Optional[int] = None,
+    ):
+        super().__init__(size, multiple, max_side)
+        root = Path(root)
+        if not root.is_dir():
+            raise InputError(f"triplet folder '{root}' does not exist")
+        names = sorted(p.name[: -len("-input.png")] for p in root.glob("*-input.png"))
+        if not names:
+            raise InputError(f"no NAME-input.png files in '{root}' (CEILNet triplet layout)")
+        incomplete = [
+            n for n in names
+            if not (root / f"{n}-label1.png").is_file() or not (root / f"{n}-label2.png").is_file()
+        ]
+        if incomplete:
+            raise InputError(
+                f"'{root}': {len(incomplete)} triplets lack NAME-label1.png or NAME-label2.png "
+                f"({_missing(incomplete)})"
+            )
+        self.items = [
+            (n, root / f"{n}-input.png", root / f"{n}-label1.png", root / f"{n}-label2.png") for n in names
+        ]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class MultiSizeBatchSampler(Sampler):
+    """Seeded batches of sample keys ``(index, epoch, size_id)``, one size per batch.
+
+    Each epoch's order and each batch's size come from ``SeedSequence([seed, epoch, tag])``.
+    The epoch is :meth:`set_epoch`'s value; each pass then moves it on by one, so a loop that
+    never calls ``set_epoch`` still sees new samples every epoch. With ``keys=False`` it
+    yields plain indices (for datasets without seeds or sizes).
+    """
+
+    def __init__(
+        self,
+        length: int,
+        batch_size: int,
+        n_sizes: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        keys: bool = True,
+    ):
+        if batch_size < 1 or n_sizes < 1 or length < 1:
+            raise InputError(
+                f"need length, batch_size and n_sizes >= 1, got {length}, {batch_size}, {n_sizes}"
+            )
+        if drop_last and length < batch_size:
+            raise InputError(
+                f"{length} samples cannot fill one batch of {batch_size} with drop_last; "
+                "lower the batch size or add images"
+            )
+        self.length = length
+        self.batch_size = batch_size
+        self.n_sizes = n_sizes
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.keys = keys
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.length // self.batch_size
+        return -(-self.length // self.batch_size)
+
+    def batches(self, epoch: int) -> List[List[Union[int, SampleKey]]]:
+        """The batches of ``epoch`` (without touching the sampler's epoch)."""
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, _SAMPLER_TAG]))
+        order = rng.permutation(self.length) if self.shuffle else np.arange(self.length)
+        out: List[List[Union[int, SampleKey]]] = []
+        for b in range(len(self)):
+            chunk = order[b * self.batch_size:(b + 1) * self.batch_size]
+            size_id = int(rng.integers(self.n_sizes))
+            if self.keys:
+                out.append([(int(i), epoch, size_id) for i in chunk])
+            else:
+                out.append([int(i) for i in chunk])
+        return out
+
+    def __iter__(self) -> Iterator[List[Union[int, SampleKey]]]:
+        # The epoch is read when iteration actually starts: DataLoader may create and drop
+        # an iterator without using it.
+        epoch = self.epoch
+        self.epoch += 1
+        yield from self.batches(epoch)
+
+
+class SeededLoader(DataLoader):
+    """A DataLoader with ``set_epoch`` (forwarded to its batch sampler and dataset)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+
+def _worker_init(worker_id: int) -> None:
+    # Samples draw from their own generators; seeding the globals anyway keeps any stray
+    # np.random use deterministic, and one OpenCV thread per worker avoids oversubscription.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    cv2.setNumThreads(1)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int = 0,
+    workers: int = 2,
+    drop_last: Optional[bool] = None,
+    pin_memory: Optional[bool] = None,
+) -> SeededLoader:
+    """A deterministic DataLoader over ``dataset``.
+
+    Batches come from :class:`MultiSizeBatchSampler` (one size per batch for multi-size
+    :class:`SyntheticPairs`). ``drop_last`` defaults to ``shuffle`` (training);
+    ``pin_memory`` to CUDA availability; workers persist across epochs and are spawned, so a
+    script that builds a loader with workers needs an ``if __name__ == "__main__":`` guard.
+    Call ``loader.set_epoch(e)`` before epoch ``e`` (resuming); without it each pass over the
+    loader moves on to the next epoch by itself.
+    """
+    sizes = getattr(dataset, "sizes", None)
+    synthetic = isinstance(dataset, SyntheticPairs)
+    sampler = MultiSizeBatchSampler(
+        len(dataset),
+        batch_size,
+        n_sizes=len(sizes) if synthetic and sizes else 1,
+        seed=seed,
+        shuffle=shuffle,
+        drop_last=shuffle if drop_last is None else drop_last,
+        keys=synthetic,
+    )
+    workers = max(0, int(workers))
+    return SeededLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=workers > 0,
+        # Forked workers deadlock in OpenCV's thread pool once the parent has used it, so
+        # workers start from a fresh interpreter.
+        multiprocessing_context="spawn" if workers > 0 else None,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        generator=torch.Generator().manual_seed(int(seed)),
+    )

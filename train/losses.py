@@ -1,0 +1,242 @@
+"""Training losses: RM2S (perceptual, feature reduction, WGAN) and CRRN (SSIM, SI, L1).
+
+SSIM and SI here are the differentiable twins of ``dereflect.metrics.ssim`` / ``si``: the same
+11x11 Gaussian window (sigma 1.5), C1 = (0.01 L)^2, C2 = (0.03 L)^2, population (co)variances,
+averaged over the "valid" positions (the window inside the image), which is exactly the
+border-cropped mean of the NumPy metric. SI = (2 sigma_xy + C2) / (sigma_x^2 + sigma_y^2 + C2).
+They are computed in float32 even under autocast: E[x^2] - E[x]^2 loses too much in float16.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from dereflect.errors import InputError
+from dereflect.metrics import K1, K2, RADIUS, SIGMA, WINDOW
+from torch import nn
+
+from .vgg import VGGFeatures
+
+Terms = Dict[str, torch.Tensor]
+
+# ---------------------------------------------------------------- SSIM / SI
+
+
+def _window(device: torch.device) -> torch.Tensor:
+    x = torch.arange(-RADIUS, RADIUS + 1, dtype=torch.float32, device=device)
+    k = torch.exp(-0.5 * (x / SIGMA) ** 2)
+    return k / k.sum()
+
+
+def _moments(x: torch.Tensor, y: torch.Tensor):
+    """Local means, variances and covariance over the valid positions of an 11x11 Gaussian window."""
+    if x.shape != y.shape:
+        raise InputError(f"SSIM inputs must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.ndim != 4 or min(x.shape[-2:]) < WINDOW:
+        raise InputError(f"SSIM needs (N, C, H, W) tensors with H, W >= {WINDOW}, got {tuple(x.shape)}")
+    x = x.float()
+    y = y.float()
+    c = x.shape[1]
+    stacked = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    k = _window(x.device)
+    ch = stacked.shape[1]
+    blurred = F.conv2d(stacked, k.view(1, 1, WINDOW, 1).expand(ch, 1, WINDOW, 1), groups=ch)
+    blurred = F.conv2d(blurred, k.view(1, 1, 1, WINDOW).expand(ch, 1, 1, WINDOW), groups=ch)
+    ux, uy, uxx, uyy, uxy = blurred.split(c, dim=1)
+    return ux, uy, uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
+
+
+def _reduce(m: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return m.mean()
+    if reduction == "none":
+        return m.flatten(1).mean(dim=1)
+    raise InputError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def ssim_torch(
+    x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, reduction: str = "mean"
+) -> torch.Tensor:
+    """Differentiable SSIM of (N, C, H, W) tensors: a scalar ("mean") or one value per image ("none")."""
+    ux, uy, vx, vy, vxy = _moments(x, y)
+    c1 = (K1 * data_range) ** 2
+    c2 = (K2 * data_range) ** 2
+    m = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return _reduce(m, reduction)
+
+
+def si_torch(
+    x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, reduction: str = "mean"
+) -> torch.Tensor:
+    """Differentiable structure index (CRRN's SI, c = C2) of (N, C, H, W) tensors."""
+    _, _, vx, vy, vxy = _moments(x, y)
+    c2 = (K2 * data_range) ** 2
+    return _reduce((2 * vxy + c2) / (vx + vy + c2), reduction)
+
+
+# ---------------------------------------------------------------- RM2S
+
+
+def _check_layers(vgg: VGGFeatures, layers: Sequence[str], what: str) -> Tuple[str, ...]:
+    layers = tuple(layers)
+    missing = [name for name in layers if name not in vgg.layers]
+    if missing or not layers:
+        raise InputError(f"{what} needs VGG layers {list(layers)}, the extractor gives {list(vgg.layers)}")
+    return layers
+
+
+class PerceptualLoss(nn.Module):
+    """``weight`` x sum over layers of the mean squared difference of VGG features (output vs target)."""
+
+    def __init__(self, vgg: VGGFeatures, layers: Optional[Sequence[str]] = None, weight: float = 1.0) -> None:
+        super().__init__()
+        self.vgg = vgg
+        self.layers = _check_layers(vgg, vgg.layers if layers is None else layers, "PerceptualLoss")
+        self.weight = weight
+
+    def forward(
+        self, output: torch.Tensor, target: torch.Tensor, output_features: Optional[Terms] = None
+    ) -> torch.Tensor:
+        """``output_features``: the output's VGG features when already computed (shared with other terms)."""
+        fo = self.vgg(output) if output_features is None else output_features
+        with torch.no_grad():  # the target is data: no graph through its features
+            ft = self.vgg(target)
+        return self.weight * sum(F.mse_loss(fo[n], ft[n]) for n in self.layers)
+
+
+class FeatureReductionLoss(nn.Module):
+    """RM2S feature reduction: ``weight`` x sum over layers of the output's mean absolute VGG activation."""
+
+    def __init__(
+        self, vgg: VGGFeatures, layers: Sequence[str] = ("conv1_2", "conv2_2", "conv3_2"), weight: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.vgg = vgg
+        self.layers = _check_layers(vgg, layers, "FeatureReductionLoss")
+        self.weight = weight
+
+    def forward(self, output: torch.Tensor, output_features: Optional[Terms] = None) -> torch.Tensor:
+        fo = self.vgg(output) if output_features is None else output_features
+        return self.weight * sum(fo[n].abs().mean() for n in self.layers)
+
+
+class RM2SStage1Loss(nn.Module):
+    """L_ini = lambda1 perceptual + lambda2 L1 + lambda3 feature reduction (RM2S eq. 2-4).
+
+    ``forward(output, target)`` returns ``(total, terms)``; ``terms`` holds the unweighted,
+    detached "perceptual", "l1" and "fr" values. The output's VGG features are computed once.
+    """
+
+    def __init__(
+        self,
+        vgg: VGGFeatures,
+        lambda1: float = 3.0,
+        lambda2: float = 0.4,
+        lambda3: float = 3.0,
+        perceptual_layers: Optional[Sequence[str]] = None,
+        fr_layers: Sequence[str] = ("conv1_2", "conv2_2", "conv3_2"),
+    ) -> None:
+        super().__init__()
+        self.vgg = vgg
+        self.perceptual = PerceptualLoss(vgg, perceptual_layers)
+        self.fr = FeatureReductionLoss(vgg, fr_layers)
+        self.lambda1, self.lambda2, self.lambda3 = lambda1, lambda2, lambda3
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, Terms]:
+        feats = self.vgg(output)
+        perc = self.perceptual(output, target, feats)
+        l1 = F.l1_loss(output, target)
+        fr = self.fr(output, feats)
+        total = self.lambda1 * perc + self.lambda2 * l1 + self.lambda3 * fr
+        return total, {"perceptual": perc.detach(), "l1": l1.detach(), "fr": fr.detach()}
+
+
+class RM2SStage2Loss(nn.Module):
+    """Generator loss of stage 2: lambda1 perceptual + lambda2 L1 - lambda4 mean D(fake) (RM2S eq. 7).
+
+    ``forward(output, target, d_fake)`` returns ``(total, terms)`` with unweighted, detached
+    "perceptual", "l1" and "adversarial" (= -mean D(fake)).
+    """
+
+    def __init__(
+        self,
+        vgg: VGGFeatures,
+        lambda1: float = 3.0,
+        lambda2: float = 0.4,
+        lambda4: float = 0.05,
+        perceptual_layers: Optional[Sequence[str]] = None,
+    ) -> None:
+        super().__init__()
+        self.perceptual = PerceptualLoss(vgg, perceptual_layers)
+        self.lambda1, self.lambda2, self.lambda4 = lambda1, lambda2, lambda4
+
+    def forward(
+        self, output: torch.Tensor, target: torch.Tensor, d_fake: torch.Tensor
+    ) -> Tuple[torch.Tensor, Terms]:
+        perc = self.perceptual(output, target)
+        l1 = F.l1_loss(output, target)
+        adv = -d_fake.mean()
+        total = self.lambda1 * perc + self.lambda2 * l1 + self.lambda4 * adv
+        return total, {"perceptual": perc.detach(), "l1": l1.detach(), "adversarial": adv.detach()}
+
+
+def discriminator_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """WGAN critic loss (RM2S eq. 8): mean D(fake) - mean D(real), minimised by the critic."""
+    return d_fake.mean() - d_real.mean()
+
+
+@torch.no_grad()
+def clip_weights_(module: nn.Module, limit: float = 0.01) -> None:
+    """Clamp every parameter of the critic to [-limit, limit] in place (WGAN weight clipping)."""
+    for p in module.parameters():
+        p.clamp_(-limit, limit)
+
+
+def gradient_penalty(
+    critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, weight: float = 10.0
+) -> torch.Tensor:
+    """WGAN-GP term: ``weight`` x mean (||grad D(x_hat)||_2 - 1)^2 on random real/fake interpolates.
+
+    An alternative to weight clipping; the graph is kept so the penalty trains the critic.
+    """
+    alpha = torch.rand(real.shape[0], *([1] * (real.ndim - 1)), device=real.device, dtype=real.dtype)
+    x_hat = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
+    return weight * ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+# ---------------------------------------------------------------- CRRN
+
+
+class CRRNLoss(nn.Module):
+    """CRRN loss: gamma (1 - SSIM(B)) + L1(B) + (1 - SSIM(R)) + (1 - SI(grad B)).
+
+    ``forward(pred_b, true_b, pred_r, true_r, pred_grad, true_grad)`` returns ``(total, terms)``;
+    terms (detached): "ssim_b", "l1_b", "ssim_r" and "si_grad", each as its loss value (1 - score
+    for the similarity terms). ``pred_grad``/``true_grad`` are the GiN output and the gradient
+    magnitude of the true background's grey image, shape (N, 1, H, W).
+    """
+
+    def __init__(self, gamma: float = 0.8, data_range: float = 1.0) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.data_range = data_range
+
+    def forward(
+        self,
+        pred_b: torch.Tensor,
+        true_b: torch.Tensor,
+        pred_r: torch.Tensor,
+        true_r: torch.Tensor,
+        pred_grad: torch.Tensor,
+        true_grad: torch.Tensor,
+    ) -> Tuple[torch.Tensor, Terms]:
+        ssim_b = 1 - ssim_torch(pred_b, true_b, self.data_range)
+        l1_b = F.l1_loss(pred_b, true_b)
+        ssim_r = 1 - ssim_torch(pred_r, true_r, self.data_range)
+        si_grad = 1 - si_torch(pred_grad, true_grad, self.data_range)
+        total = self.gamma * ssim_b + l1_b + ssim_r + si_grad
+        terms = {"ssim_b": ssim_b, "l1_b": l1_b, "ssim_r": ssim_r, "si_grad": si_grad}
+        return total, {k: v.detach() for k, v in terms.items()}

@@ -1,0 +1,61 @@
+"""Network architectures, one module per family (``rm2s``, ``crrn``), built from config dataclasses.
+
+Importing this package does not import torch: ``build_model`` and ``MODEL_CONFIGS`` load the
+family modules on first use. Weights are handled elsewhere (checkpoints, export).
+
+    net = build_model("rm2s_unet", UNetConfig.preset("lite", in_channels=9).to_dict())
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
+
+from dereflect.errors import InputError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+#: arch name -> (module, config class, model class)
+_ARCHS: Dict[str, Tuple[str, str, str]] = {
+    "rm2s_unet": ("rm2s", "UNetConfig", "RM2SUNet"),
+    "rm2s_discriminator": ("rm2s", "DiscriminatorConfig", "Discriminator"),
+    "crrn": ("crrn", "CRRNConfig", "CRRN"),
+}
+ARCHS = tuple(_ARCHS)
+
+__all__ = ["ARCHS", "MODEL_CONFIGS", "build_model", "config_class"]
+
+
+def _lookup(arch: str) -> Tuple[Any, Any]:
+    if arch not in _ARCHS:
+        raise InputError(f"unknown architecture {arch!r}; choose one of {list(ARCHS)}")
+    module_name, config_name, model_name = _ARCHS[arch]
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    return getattr(module, config_name), getattr(module, model_name)
+
+
+def config_class(arch: str) -> Any:
+    """The config dataclass of ``arch``."""
+    return _lookup(arch)[0]
+
+
+def build_model(arch: str, config: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """Build ``arch`` from a config dict (``to_dict()`` output; missing keys take the paper defaults).
+
+    A config instance of the right class is accepted as well; None means the paper preset.
+    """
+    config_cls, model_cls = _lookup(arch)
+    if config is None:
+        cfg = config_cls()
+    elif isinstance(config, config_cls):
+        cfg = config
+    else:
+        cfg = config_cls.from_dict(config)
+    return model_cls(cfg)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MODEL_CONFIGS":
+        return {arch: config_class(arch) for arch in ARCHS}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,180 @@
+"""RM2S training tasks: stage 1 (U-Net, perceptual + L1 + feature reduction) and stage 2 (GAN).
+
+Stage 2's checkpoint also carries the stage-1 network it was trained with, so one stage-2
+checkpoint is a complete RM2S model for export.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from dereflect.errors import InputError
+
+from .checkpoint import Checkpoint
+from .confidence_torch import ground_truth_masks_torch, stage2_input_from_masks, stage2_input_torch
+from .losses import RM2SStage1Loss, RM2SStage2Loss, clip_weights_, discriminator_loss, gradient_penalty
+from .models import build_model
+from .models.rm2s import DiscriminatorConfig, UNetConfig
+from .trainer import Task, to_uint8_rgb
+
+# The paper's learning rates (the authors' code used 2e-3 for the generators).
+STAGE1_LR = 2e-4
+STAGE2_LR = 2e-4
+DISCRIMINATOR_LR = 2e-5
+
+
+class Stage1Task(Task):
+    method = "rm2s"
+    kind = "rm2s-stage1"
+
+    def __init__(self, config: UNetConfig, vgg, lr: float = STAGE1_LR, data_recipe: Optional[dict] = None,
+                 loss_weights: Optional[Dict[str, float]] = None):
+        self.config = config
+        self.model = build_model("rm2s_unet", config.to_dict())
+        self.loss = RM2SStage1Loss(vgg, **(loss_weights or {}))
+        self.optimizer = torch.optim.RMSprop(self.model.parameters(), lr=lr)
+        self.data_recipe = data_recipe or {}
+        self.loss_weights = loss_weights or {}
+
+    def networks(self):
+        return {"stage1": ("rm2s_unet", self.config.to_dict(), self.model)}
+
+    def optimizers(self):
+        return {"stage1": self.optimizer}
+
+    def to(self, device):
+        super().to(device)
+        self.loss.to(device)
+
+    def training_step(self, batch, step, scaler):
+        with torch.autocast(device_type=batch["input"].device.type, enabled=scaler.is_enabled()):
+            estimate = self.model(batch["input"])
+        total, terms = self.loss(estimate.float(), batch["background"])
+        self.optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(self.optimizer)
+        scaler.update()
+        return {"loss": float(total.detach()), **{k: float(v) for k, v in terms.items()}}
+
+    @torch.no_grad()
+    def validation_step(self, batch):
+        estimate = self.model(batch["input"])
+        total, terms = self.loss(estimate, batch["background"])
+        return {"loss": float(total.detach()), **{k: float(v) for k, v in terms.items()}}, estimate
+
+    def metadata(self):
+        return {"data_recipe": self.data_recipe, "loss": {"name": "rm2s-stage1", **self.loss_weights}}
+
+
+class Stage2Task(Task):
+    """The stage-2 generator and its WGAN critic.
+
+    ``masks="stage1"`` derives the edge masks from the frozen stage-1 network (the paper's way,
+    as at inference); ``masks="ground-truth"`` uses the authors' training masks from B and R.
+    """
+
+    method = "rm2s"
+    kind = "rm2s-stage2"
+    preview_labels = ("input", "stage 1", "edges B/R", "stage 2", "ground truth")
+
+    def __init__(self, config: UNetConfig, stage1: Checkpoint, vgg, masks: str = "stage1",
+                 critic: Optional[DiscriminatorConfig] = None, lr: float = STAGE2_LR,
+                 critic_lr: float = DISCRIMINATOR_LR, clip: float = 0.01, gp_weight: float = 0.0,
+                 c1: float = 0.5, c2: float = 0.5, data_recipe: Optional[dict] = None,
+                 loss_weights: Optional[Dict[str, float]] = None):
+        if masks not in ("stage1", "ground-truth"):
+            raise InputError(f"masks must be 'stage1' or 'ground-truth', not {masks!r}")
+        if stage1.metadata.get("kind") not in ("rm2s-stage1", "rm2s-stage2"):
+            raise InputError(f"{stage1.path}: expected an RM2S stage-1 checkpoint, got {stage1.metadata.get('kind')}")
+        if config.in_channels != 9:
+            raise InputError("the stage-2 U-Net takes 9 input channels")
+        self.stage1_spec = stage1.network_spec("stage1")
+        self.stage1 = stage1.build("stage1").requires_grad_(False)
+        self.config = config
+        self.critic_config = critic or DiscriminatorConfig.preset("paper")
+        self.generator = build_model("rm2s_unet", config.to_dict())
+        self.critic = build_model("rm2s_discriminator", self.critic_config.to_dict())
+        self.loss = RM2SStage2Loss(vgg, **(loss_weights or {}))
+        self.g_optimizer = torch.optim.RMSprop(self.generator.parameters(), lr=lr)
+        self.d_optimizer = torch.optim.RMSprop(self.critic.parameters(), lr=critic_lr)
+        self.masks, self.clip, self.gp_weight, self.c1, self.c2 = masks, clip, gp_weight, c1, c2
+        self.data_recipe = data_recipe or {}
+        self.loss_weights = loss_weights or {}
+        self.stage1_source = {"path": str(stage1.path), "step": stage1.step}
+
+    def networks(self):
+        return {
+            "stage1": (self.stage1_spec["arch"], self.stage1_spec["config"], self.stage1),
+            "generator": ("rm2s_unet", self.config.to_dict(), self.generator),
+            "discriminator": ("rm2s_discriminator", self.critic_config.to_dict(), self.critic),
+        }
+
+    def optimizers(self):
+        return {"generator": self.g_optimizer, "discriminator": self.d_optimizer}
+
+    def to(self, device):
+        super().to(device)
+        self.loss.to(device)
+
+    def stage2_input(self, batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The 9-channel generator input and the stage-1 estimate (both without gradients)."""
+        image = batch["input"]
+        with torch.no_grad():
+            self.stage1.eval()
+            estimate = self.stage1(image)
+            if self.masks == "stage1":
+                z = stage2_input_torch(image, estimate, c1=self.c1, c2=self.c2)
+            else:
+                mask_b, mask_r = ground_truth_masks_torch(image, batch["background"], batch["reflection"])
+                z = stage2_input_from_masks(image, mask_b, mask_r)
+        return z, estimate
+
+    def training_step(self, batch, step, scaler):
+        z, _ = self.stage2_input(batch)
+        device_type = z.device.type
+        real = batch["background"]
+
+        with torch.autocast(device_type=device_type, enabled=scaler.is_enabled()):
+            fake = self.generator(z)
+        d_real = self.critic(real)
+        d_fake = self.critic(fake.detach().float())
+        d_loss = discriminator_loss(d_real, d_fake)
+        if self.gp_weight > 0:
+            d_loss = d_loss + gradient_penalty(self.critic, real, fake.detach().float(), weight=self.gp_weight)
+        self.d_optimizer.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.d_optimizer.step()
+        if self.gp_weight <= 0:
+            clip_weights_(self.critic, self.clip)
+
+        total, terms = self.loss(fake.float(), real, self.critic(fake.float()))
+        self.g_optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(self.g_optimizer)
+        scaler.update()
+        return {"loss": float(total.detach()), "d_loss": float(d_loss.detach()),
+                **{k: float(v) for k, v in terms.items()}}
+
+    @torch.no_grad()
+    def validation_step(self, batch):
+        z, _ = self.stage2_input(batch)
+        fake = self.generator(z)
+        # The critic's score is left out of the validation loss: it drifts as the critic
+        # trains, and the critic needs larger images than some validation sets have.
+        total, terms = self.loss(fake, batch["background"], torch.zeros(fake.shape[0], device=fake.device))
+        return {"loss": float(total.detach()), **{k: float(v) for k, v in terms.items()}}, fake
+
+    def preview_row(self, batch, estimate, index):
+        z, stage1 = self.stage2_input({k: v[index:index + 1] for k, v in batch.items()})
+        edges = torch.stack([z[0, 6:9].amax(0) > 0, z[0, 3:6].amax(0) > 0, torch.zeros_like(z[0, 0], dtype=bool)])
+        return [to_uint8_rgb(batch["input"][index]), to_uint8_rgb(stage1[0]), to_uint8_rgb(edges.float()),
+                to_uint8_rgb(estimate[index]), to_uint8_rgb(batch["background"][index])]
+
+    def metadata(self) -> Dict[str, Any]:
+        return {
+            "data_recipe": self.data_recipe,
+            "loss": {"name": "rm2s-stage2", **self.loss_weights},
+            "stage2": {"masks": self.masks, "c1": self.c1, "c2": self.c2, "clip": self.clip,
+                       "gp_weight": self.gp_weight, "stage1_source": self.stage1_source},
+        }

@@ -1,0 +1,292 @@
+"""One training loop for every method and stage.
+
+A *task* (``rm2s.Stage1Task``, ``rm2s.Stage2Task``, ``crrn.CRRNTask``) says what is trained:
+its networks, optimisers, one training step, one validation step and a preview picture. The
+``Trainer`` does everything around it the same way for all of them: device and mixed precision,
+the progress bar, the JSON-lines log, periodic validation PSNR, preview PNGs, checkpoints and
+resuming.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import cv2
+import numpy as np
+import torch
+from dereflect.errors import InputError
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint, load_checkpoint, load_state_strict, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    """What the loop does around a task; recorded in the checkpoint's ``training`` metadata."""
+
+    steps: int = 1000
+    batch_size: int = 6
+    val_every: int = 100
+    preview_every: int = 100
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def psnr_torch(estimate: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean PSNR in dB over a batch of images in [0, 1]."""
+    mse = ((estimate.float().clamp(0, 1) - target.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(1.0 / mse)).mean())
+
+
+def to_uint8_rgb(tensor: torch.Tensor) -> np.ndarray:
+    """CHW tensor in [0, 1] (1 or 3 channels) -> HxWx3 uint8."""
+    array = tensor.detach().float().clamp(0, 1).cpu().numpy()
+    if array.shape[0] == 1:
+        array = np.repeat(array, 3, axis=0)
+    return (array.transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
+
+
+def preview_grid(rows: List[List[np.ndarray]], labels: List[str]) -> np.ndarray:
+    """Stack rows of equally sized HxWx3 uint8 images into one picture with column labels."""
+    height, width = rows[0][0].shape[:2]
+    header = np.full((22, width * len(labels), 3), 255, np.uint8)
+    for column, label in enumerate(labels):
+        cv2.putText(header, label, (column * width + 4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    body = [np.concatenate([cv2.resize(img, (width, height)) for img in row], axis=1) for row in rows]
+    return np.concatenate([header, *body], axis=0)
+
+
+class Task:
+    """What a trainer trains. Subclasses fill in the hooks below."""
+
+    method: str = ""
+    kind: str = ""
+    preview_labels: Tuple[str, ...] = ("input", "estimate", "ground truth")
+
+    def networks(self) -> Dict[str, Tuple[str, Dict[str, Any], torch.nn.Module]]:
+        """Name -> (arch, config dict, module) of every network saved in the checkpoint."""
+        raise NotImplementedError
+
+    def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def training_step(self, batch: Dict[str, torch.Tensor], step: int, scaler) -> Dict[str, float]:
+        """One optimisation step; returns the loss terms for the log."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def validation_step(self, batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, float], torch.Tensor]:
+        """Loss terms and the background estimate for a validation batch."""
+        raise NotImplementedError
+
+    def preview_row(self, batch: Dict[str, torch.Tensor], estimate: torch.Tensor, index: int) -> List[np.ndarray]:
+        return [to_uint8_rgb(batch["input"][index]), to_uint8_rgb(estimate[index]),
+                to_uint8_rgb(batch["background"][index])]
+
+    def set_step(self, step: int) -> None:
+        """Called before every step, for tasks whose schedule changes with the step."""
+
+    def metadata(self) -> Dict[str, Any]:
+        """Extra checkpoint metadata (data recipe, loss weights, ...)."""
+        return {}
+
+    def to(self, device: torch.device) -> None:
+        for _, _, module in self.networks().values():
+            module.to(device)
+
+
+def _cycle(loader: Iterable, start_epoch: int) -> Iterator[Dict[str, torch.Tensor]]:
+    epoch = start_epoch
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise InputError("the training data loader produced no batch: too few usable images for one batch")
+        epoch += 1
+
+
+class Trainer:
+    """Runs a task for ``config.steps`` steps, writing everything into ``run_dir``."""
+
+    def __init__(self, task: Task, config: TrainConfig, run_dir: Path, train_loader, val_loader=None):
+        self.task = task
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.device = pick_device(config.device)
+        self.amp = bool(config.amp and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.step = 0
+        self.best_val: Optional[float] = None
+        self.history: List[Dict[str, Any]] = []
+
+    def resume(self, checkpoint: Checkpoint) -> None:
+        """Restore networks, optimisers and step from a checkpoint of the same task."""
+        if checkpoint.metadata.get("kind") != self.task.kind:
+            raise InputError(
+                f"cannot resume a {self.task.kind} run from a {checkpoint.metadata.get('kind')} checkpoint"
+            )
+        for name, (_, config, module) in self.task.networks().items():
+            recorded = checkpoint.network_spec(name)["config"]
+            if recorded != config:
+                raise InputError(f"cannot resume: network {name!r} config differs from the checkpoint's")
+            load_state_strict(module, checkpoint.states[name], f"{checkpoint.path}:{name}")
+        for name, optimizer in self.task.optimizers().items():
+            if name in checkpoint.optimizer_states:
+                optimizer.load_state_dict(checkpoint.optimizer_states[name])
+        self.step = checkpoint.step
+        self.best_val = checkpoint.metadata.get("training", {}).get("best_val_loss")
+
+    def save(self, name: str) -> Path:
+        return save_checkpoint(
+            self.run_dir / name,
+            method=self.task.method,
+            kind=self.task.kind,
+            networks=self.task.networks(),
+            step=self.step,
+            training={**asdict(self.config), "device": str(self.device), "best_val_loss": self.best_val,
+                      "hardware": _hardware(self.device)},
+            optimizers=self.task.optimizers(),
+            extra=self.task.metadata(),
+        )
+
+    def validate(self) -> Dict[str, float]:
+        if self.val_loader is None:
+            return {}
+        if hasattr(self.val_loader, "set_epoch"):
+            self.val_loader.set_epoch(0)  # the same validation samples every time
+        totals: Dict[str, float] = {}
+        count = 0
+        with self._evaluating():
+            for batch in self.val_loader:
+                batch = _to_device(batch, self.device)
+                terms, estimate = self.task.validation_step(batch)
+                terms["psnr"] = psnr_torch(estimate, batch["background"])
+                terms["psnr_input"] = psnr_torch(batch["input"], batch["background"])
+                for key, value in terms.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+                if count == 0:
+                    self.write_preview(batch, estimate, name=f"val_{self.step:07d}.png")
+                count += 1
+        return {f"val_{k}": v / max(count, 1) for k, v in totals.items()}
+
+    @contextlib.contextmanager
+    def _evaluating(self):
+        """Networks in eval mode and no gradients inside; back in training mode after."""
+        modules = [module for _, _, module in self.task.networks().values()]
+        for module in modules:
+            module.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for module in modules:
+                module.train()
+
+    def write_preview(self, batch, estimate, name: str) -> Path:
+        rows = [self.task.preview_row(batch, estimate, i) for i in range(min(4, estimate.shape[0]))]
+        picture = preview_grid(rows, list(self.task.preview_labels))
+        path = self.run_dir / "previews" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+        return path
+
+    def log(self, record: Dict[str, Any]) -> None:
+        self.history.append(record)
+        with open(self.run_dir / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def fit(self) -> Path:
+        """Train until ``config.steps``; returns the path of the final checkpoint."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.task.to(self.device)
+        for _, _, module in self.task.networks().values():
+            module.train()
+        steps_per_epoch = max(len(self.train_loader), 1) if hasattr(self.train_loader, "__len__") else 1
+        batches = _cycle(self.train_loader, start_epoch=self.step // steps_per_epoch)
+        if self.step == 0 and self.val_loader is not None:
+            self.log({"step": 0, **self.validate(), "time": 0.0})
+        started = time.monotonic()
+        first_step = self.step
+        bar = tqdm(total=self.config.steps, initial=self.step, desc=f"{self.task.kind}", unit="step",
+                   dynamic_ncols=True)
+        running: Dict[str, float] = {}
+        try:
+            while self.step < self.config.steps:
+                batch = _to_device(next(batches), self.device)
+                self.task.set_step(self.step)
+                terms = self.task.training_step(batch, self.step, self.scaler)
+                if not all(math.isfinite(v) for v in terms.values()):
+                    raise FloatingPointError(f"non-finite loss at step {self.step}: {terms}")
+                self.step += 1
+                for key, value in terms.items():
+                    running[key] = running.get(key, 0.0) + value
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms.get('loss', 0.0):.4f}")
+                record: Dict[str, Any] = {}
+                if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+                    count = self.config.log_every if self.step % self.config.log_every == 0 else (
+                        self.step % self.config.log_every)
+                    record.update({k: v / max(count, 1) for k, v in running.items()})
+                    running = {}
+                if self.step % self.config.val_every == 0 or self.step == self.config.steps:
+                    record.update(self.validate())
+                    val_loss = record.get("val_loss")
+                    if val_loss is not None and (self.best_val is None or val_loss < self.best_val):
+                        self.best_val = val_loss
+                if self.step % self.config.preview_every == 0:
+                    with self._evaluating():
+                        _, estimate = self.task.validation_step(batch)
+                        self.write_preview(batch, estimate, f"train_{self.step:07d}.png")
+                if record:
+                    elapsed = time.monotonic() - started
+                    record.update({"step": self.step, "time": round(elapsed, 2),
+                                   "steps_per_s": round((self.step - first_step) / max(elapsed, 1e-9), 3)})
+                    self.log(record)
+                if self.step % self.config.save_every == 0:
+                    self.save("last.safetensors")
+        finally:
+            bar.close()
+        return self.save("final.safetensors")
+
+
+def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, torch.Tensor]:
+    """The tensors of a batch on ``device`` (names and other non-tensors are dropped)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def resume_trainer(trainer: Trainer, path: Optional[str]) -> None:
+    if path:
+        trainer.resume(load_checkpoint(path))
