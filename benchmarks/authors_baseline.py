@@ -11,18 +11,36 @@ Also the middle step alone, four ways (:func:`middle_step_samples`): the fused C
 (cupy, GPU only), this SDK's CPU step (``middle_step_cpu``), the plain torch implementation
 (``dereflect.train.confidence_torch``) and the authors' OpenCV + scikit-learn step.
 
+The side-by-side on any machine, SDK and authors' frames interleaved run by run so both see
+the same machine load (:func:`side_by_side`)::
+
+    python benchmarks/authors_baseline.py EXPORT_DIR --sizes 256,720p --device cpu --runs 5
+
 Needs the ``train`` extra (torch, scikit-learn). Used by ``gpu_suite.py``.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-from dereflect.bench import CudaEventTimer, MonotonicTimer, StageTimer, time_calls
+from dereflect.bench import (
+    BenchPipeline,
+    CudaEventTimer,
+    MonotonicTimer,
+    StageTimer,
+    parse_sizes,
+    summarize,
+    synthetic_frame,
+    time_calls,
+)
+from dereflect.manifest import load_manifest
 
 LUMA = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
 EPS = 1e-7
@@ -173,3 +191,67 @@ def middle_step_samples(
         results["fused kernel (cupy)"] = _device_samples(
             lambda: kernel(image_c, stage1_c, c1=c1, c2=c2, stream=stream), make_timer, warmup, runs)
     return results
+
+
+def side_by_side(
+    export_dir: os.PathLike, sizes: Sequence[Tuple[str, int, int]], checkpoint: Optional[os.PathLike] = None,
+    backend: str = "onnxruntime", device: str = "cpu", precision: str = "auto", warmup: int = 1, runs: int = 5,
+) -> Dict[str, Any]:
+    """Per size: stats per stage of this SDK's staged pipeline and of the authors' structure, interleaved.
+
+    ``checkpoint`` defaults to the file the manifest names, looked up in the export directory.
+    """
+    manifest = load_manifest(export_dir)
+    checkpoint = Path(checkpoint) if checkpoint else manifest.directory / manifest.checkpoint.get("file", "")
+    options = {"checkpoint": checkpoint} if backend == "torch" else {}
+    sdk = BenchPipeline(manifest, backend, device=device, precision=precision, **options)
+    authors = AuthorsPipeline(checkpoint, device=device if device != "auto" else "cuda")
+    results: Dict[str, Any] = {"sdk_backend": sdk.description}
+    try:
+        for label, height, width in sizes:
+            image = synthetic_frame(height, width)
+            samples: Dict[str, Dict[str, List[float]]] = {"sdk": {}, "authors": {}}
+            for index in range(warmup + runs):
+                for name, pipeline in (("sdk", sdk.stages), ("authors", authors)):
+                    timer = pipeline.timer()
+                    pipeline.run(image, timer)
+                    if index >= warmup:
+                        for stage, value in timer.read().items():
+                            samples[name].setdefault(stage, []).append(value)
+            stats = {name: {stage: summarize(v) for stage, v in values.items()} for name, values in samples.items()}
+            stats["ratio"] = stats["authors"]["total"]["median_ms"] / stats["sdk"]["total"]["median_ms"]
+            results[label] = stats
+    finally:
+        sdk.close()
+    return results
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="This SDK's pipeline vs the authors' structure, same weights.")
+    parser.add_argument("export_dir", help="export directory (its checkpoint is used for the authors' side)")
+    parser.add_argument("--checkpoint", help="checkpoint file (default: the one the manifest names, in EXPORT_DIR)")
+    parser.add_argument("--sizes", default="256,720p")
+    parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args(argv)
+    results = side_by_side(args.export_dir, parse_sizes(args.sizes), args.checkpoint, args.backend, args.device,
+                           args.precision, args.warmup, args.runs)
+    print(f"SDK: {results.pop('sdk_backend')}; authors: eager FP32 on {args.device}, OpenCV + scikit-learn "
+          f"KMeans(n_init={AUTHORS_N_INIT}) on the host; medians in ms over {args.runs} interleaved runs")
+    print("| size | side | " + " | ".join(AuthorsPipeline.stages) + " | total | authors / SDK |")
+    print("|---" * (len(AuthorsPipeline.stages) + 4) + "|")
+    for label, stats in results.items():
+        for side in ("sdk", "authors"):
+            cells = [f"{stats[side][stage]['median_ms']:.3g}" if stage in stats[side] else "-"
+                     for stage in AuthorsPipeline.stages]
+            ratio = f"{stats['ratio']:.2f}x" if side == "authors" else ""
+            print(f"| {label} | {side} | " + " | ".join(cells) + f" | {stats[side]['total']['median_ms']:.3g} | "
+                  f"{ratio} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,20 +27,26 @@ code runs too. Its figures mean nothing.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import cv2
-from authors_baseline import AuthorsPipeline, middle_step_samples
-from dereflect.bench import machine_info, parse_sizes, run_bench, summarize, synthetic_frame, time_stages
-from dereflect.flops import device_for_gpu, device_spec, middle_step_cost
-from random_export import CHECKPOINT_NAME, make_random_export
-
 SMOKE = {"sizes": "64,96x128", "presets": "lite", "warmup": 1, "runs": 3, "authors_runs": 2}
+#: module -> what provides it; checked before anything heavy is imported.
+REQUIREMENTS = {
+    "dereflect": "this checkout: pip install -e '.[train,export]'",
+    "torch": "PyTorch (a CUDA build on the GPU machine)",
+    "onnx": "pip install onnx",
+    "onnxruntime": "pip install onnxruntime",
+    "safetensors": "pip install safetensors",
+    "sklearn": "pip install scikit-learn",
+    "cv2": "pip install opencv-python",
+}
 
 
 def _log(message: str) -> None:
@@ -66,6 +72,10 @@ def _table(header: Sequence[str], rows: List[Sequence[str]]) -> List[str]:
 def run_preset(preset: str, workdir: Path, sizes, device: str, precision: str, table: Optional[str],
                args: argparse.Namespace) -> Dict[str, Any]:
     """SDK bench report and the authors' structure stats for one preset."""
+    from authors_baseline import AuthorsPipeline
+    from dereflect.bench import run_bench, summarize, synthetic_frame, time_stages
+    from random_export import CHECKPOINT_NAME, make_random_export
+
     start = time.time()
     export_dir = make_random_export(workdir / preset, preset)
     checkpoint = export_dir / CHECKPOINT_NAME
@@ -84,17 +94,24 @@ def run_preset(preset: str, workdir: Path, sizes, device: str, precision: str, t
 
 
 def middle_step_rows(sizes, device: str, args: argparse.Namespace) -> Dict[str, Any]:
+    import cv2
+    from authors_baseline import middle_step_samples
+    from dereflect.bench import summarize, synthetic_frame
+
     results = {}
     for label, height, width in sizes:
         _log(f"middle step alone {label}")
         image = synthetic_frame(height, width)
         # A plausible stage-1 output: a smoothed copy (fewer edges than I, as a background estimate has).
         stage1 = cv2.GaussianBlur(image, (0, 0), 2.0)
-        samples = middle_step_samples(image, stage1, device, args.warmup, args.runs, args.authors_runs)
-        results[label] = {
-            "height": height, "width": width,
-            "stats": {name: summarize(values) if values else None for name, values in samples.items()},
-        }
+        results[label] = {"height": height, "width": width, "stats": {}}
+        try:
+            samples = middle_step_samples(image, stage1, device, args.warmup, args.runs, args.authors_runs)
+        except Exception as exc:  # noqa: BLE001 - one failing size must not lose the others' figures
+            traceback.print_exc()
+            results[label]["error"] = repr(exc)
+            continue
+        results[label]["stats"] = {name: summarize(values) if values else None for name, values in samples.items()}
     return results
 
 
@@ -106,8 +123,11 @@ def markdown(report: Dict[str, Any]) -> str:
                  "medians in ms, * = variable timings (CoV or (p90 - median)/median > 5 %).")
     if spec:
         lines.append(f"Floors for {spec['name']}: {spec['fp16_tflops']:g} TFLOP/s FP16, "
-                     f"{spec['bandwidth_gbps']:g} GB/s, {spec['fp32_tflops']} TFLOP/s FP32.")
+                     f"{spec['bandwidth_gbps']:g} GB/s, {spec['fp32_tflops'] or 'unknown'} TFLOP/s FP32.")
     for preset, data in report["presets"].items():
+        if "error" in data:
+            lines += ["", f"## {preset}: failed: {data['error']}"]
+            continue
         sdk = data["sdk"]
         lines += ["", f"## {preset}: this SDK per stage ({sdk['backend_detail']})", ""]
         rows = []
@@ -167,6 +187,9 @@ def markdown(report: Dict[str, Any]) -> str:
         names.extend(n for n in entry["stats"] if n not in names)
     rows = []
     for label, entry in report["middle_step"].items():
+        if "error" in entry:
+            rows.append([label, f"failed: {entry['error']}"])
+            continue
         row = [label] + [_ms(entry["stats"].get(name)) for name in names]
         if spec:
             floor = entry["floor_ms"]
@@ -195,7 +218,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
 
+    missing = [f"{module} ({hint})" for module, hint in REQUIREMENTS.items()
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        print("gpu_suite: missing " + "; ".join(missing), file=sys.stderr)
+        return 2
     import torch
+    from dereflect.bench import machine_info, parse_sizes
+    from dereflect.flops import device_for_gpu, device_spec, middle_step_cost
 
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:
@@ -227,24 +257,36 @@ def main(argv: Optional[List[str]] = None) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     started = time.time()
+    out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="dereflect-gpu-suite-") as work:
         for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
-            report["presets"][preset] = run_preset(preset, Path(work), sizes, device, precision, table, args)
+            try:
+                report["presets"][preset] = run_preset(preset, Path(work), sizes, device, precision, table, args)
+            except Exception as exc:  # noqa: BLE001 - keep the other presets' figures
+                traceback.print_exc()
+                report["presets"][preset] = {"error": repr(exc)}
             if cuda:
                 torch.cuda.empty_cache()
+            # Saved after every part: a run stopped by a time limit keeps what it measured.
+            save(report, out)
     report["middle_step"] = middle_step_rows(sizes, device, args)
     for label, height, width in sizes:
         report["middle_step"][label]["floor_ms"] = (
             middle_step_cost(height, width).floor_ms(spec) if spec else None)
     report["seconds"] = time.time() - started
+    print(save(report, out))
+    _log(f"done in {report['seconds']:.0f} s; wrote {out / 'gpu_suite.json'} and {out / 'gpu_suite.md'}")
+    failed = [p for p, data in report["presets"].items() if "error" in data]
+    return 1 if failed else 0
+
+
+def save(report: Dict[str, Any], out: Path) -> str:
+    """Write gpu_suite.json and gpu_suite.md into ``out``; return the Markdown."""
     text = markdown(report)
-    print(text)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_suite.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "gpu_suite.md").write_text(text + "\n")
-    _log(f"done in {report['seconds']:.0f} s; wrote {out / 'gpu_suite.json'} and {out / 'gpu_suite.md'}")
-    return 0
+    return text
 
 
 if __name__ == "__main__":

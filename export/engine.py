@@ -6,6 +6,9 @@ One engine per network, with the API the installed TensorRT needs (see
 * 8.x: the network is created with ``EXPLICIT_BATCH``; FP16 is ``BuilderFlag.FP16`` on the
   FP32 ONNX file;
 * 10.x: no creation flag; FP16 is ``BuilderFlag.FP16`` on the FP32 ONNX file;
+* with the FP16 flag, the layers of the ONNX nodes the FP16 export kept in float32 (listed in
+  the manifest: overflow-prone or output layers) are constrained to float32
+  (``OBEY_PRECISION_CONSTRAINTS``), so 8.x/10.x engines follow the same precision plan;
 * 11.x: ``STRONGLY_TYPED`` networks: FP16 comes from the FP16 ONNX file (float32 kept
   where the export decided), FP32 from the FP32 file.
 
@@ -75,6 +78,29 @@ def _parse(trt: Any, network: Any, logger: Any, path: Path) -> Any:
             "Run 'dereflect export check DIR' for the static compatibility report"
         )
     return parser
+
+
+def _constrain_float32(trt: Any, network: Any, node_names: Sequence[str]) -> int:
+    """Pin the layers made from ``node_names`` to float32; returns how many layers were pinned.
+
+    The ONNX parser names each layer after its node, with ``_N`` appended to make names unique.
+    Only layers whose outputs are floating point are touched (never shape arithmetic).
+    """
+    if not node_names:
+        return 0
+    pattern = re.compile("(?:" + "|".join(re.escape(n) for n in node_names) + r")(?:_\d+)?")
+    floats = (trt.float32, trt.float16)
+    pinned = 0
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        outputs = [layer.get_output(i) for i in range(layer.num_outputs)]
+        if not pattern.fullmatch(layer.name) or not outputs or any(t.dtype not in floats for t in outputs):
+            continue
+        layer.precision = trt.float32
+        for i in range(layer.num_outputs):
+            layer.set_output_type(i, trt.float32)
+        pinned += 1
+    return pinned
 
 
 class _TimingCache:
@@ -155,8 +181,13 @@ def build_engines(
             config = builder.create_builder_config()
             if workspace:
                 config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
+            pinned = 0
             if fp16 and not strong:
                 config.set_flag(trt.BuilderFlag.FP16)
+                plan = ((manifest.extra.get("fp16") or {}).get("networks") or {}).get(name) or {}
+                pinned = _constrain_float32(trt, network, plan.get("float32_nodes") or [])
+                if pinned:
+                    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
             channels = {t.name: t.channels for t in spec.inputs}
             profile = builder.create_optimization_profile()
             profiles: Dict[str, Dict[str, List[int]]] = {}
@@ -183,7 +214,7 @@ def build_engines(
                 onnx_sha256=spec.sha256_fp16 if use_fp16_file else spec.sha256,
                 tensorrt_version=str(trt.__version__), gpu_name=gpu_name, compute_capability=capability,
                 precision="fp16" if fp16 else "fp32", profiles=profiles, strongly_typed=strong,
-                engine_sha256=sha256_file(engine_path),
+                float32_layers=pinned, engine_sha256=sha256_file(engine_path),
             )
             write_engine_info(info, sidecar_path)
             built[name] = info

@@ -15,7 +15,7 @@ package only (no onnxconverter-common):
   or underflow (:data:`FP32_OPS`); the last layers before each output (from the last
   Conv/ConvTranspose to the output: the head conv, sigmoid/clip and crop) when
   ``keep_output_layers``; nodes whose weights exceed float16's range; and, given
-  calibration inputs, nodes whose output magnitude on them exceeds ``overflow_limit``
+  calibration inputs, nodes whose inputs or outputs on them exceed ``overflow_limit`` in magnitude
   (float16's maximum is 65504; the default limit leaves a factor of 16 of headroom).
 * Casts are inserted wherever a float16 tensor meets a float32 node or the reverse; weights
   of float16 nodes are stored as float16 initializers.
@@ -151,13 +151,12 @@ class _Rewriter:
     """Builds the new node list, inserting casts and float16 weights on demand."""
 
     def __init__(self, graph: onnx.GraphProto, types: Dict[str, int]):
-        self.graph = graph
         self.types = dict(types)
         # Constant nodes' values count as weights: a float16 consumer gets a float16 copy, not a Cast.
-        self.constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+        self.constants: Dict[str, onnx.TensorProto] = {init.name: init for init in graph.initializer}
         for node in graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+                self.constants[node.output[0]] = node.attribute[0].t
         self.nodes: List[onnx.NodeProto] = []
         self.cast_cache: Dict[Tuple[str, int], str] = {}
         self.new_initializers: List[onnx.TensorProto] = []
@@ -170,7 +169,7 @@ class _Rewriter:
         suffix = "fp16" if dtype == FLOAT16 else "fp32"
         new_name = f"{name}__{suffix}"
         if name in self.constants:
-            array = self.constants[name].astype(np.float16 if dtype == FLOAT16 else np.float32)
+            array = numpy_helper.to_array(self.constants[name]).astype(np.float16 if dtype == FLOAT16 else np.float32)
             self.new_initializers.append(numpy_helper.from_array(array, new_name))
         else:
             self.nodes.append(helper.make_node("Cast", [name], [new_name], to=dtype, name=f"{new_name}_cast"))
@@ -255,7 +254,8 @@ def convert_to_fp16(
             reason = "output layers"
         elif _weights_exceed_fp16(node, initializers):
             reason = "weights beyond float16 range"
-        elif any(plan.activation_max.get(name, 0.0) > overflow_limit for name in node.output):
+        elif any(plan.activation_max.get(name, 0.0) > overflow_limit for name in [*node.input, *node.output]):
+            # Inputs count too: a float16 node would have to cast a large float32 input down.
             reason = "large activations"
         if reason:
             plan.kept_fp32[label] = reason

@@ -232,6 +232,12 @@ def _export_network(torch, module, path: Path, input_name: str, channels: int, o
     return counts
 
 
+def _middle_step(metadata: Dict[str, Any]) -> Dict[str, float]:
+    """The c1/c2 stage 2 was trained with (RM2S stage-2 training records them under "stage2")."""
+    trained = metadata.get("stage2") or {}
+    return {key: float(trained[key]) for key in ("c1", "c2") if key in trained}
+
+
 def _output_spec(name: str, channels: int) -> TensorSpec:
     return TensorSpec(name=name, channels=channels, value_range=OUTPUT_RANGES.get(name, (0.0, 1.0)))
 
@@ -307,7 +313,7 @@ def export_onnx(
             name=str(metadata.get("name") or checkpoint_path.stem),
             networks=networks,
             directory=tmp,
-            middle_step=dict(metadata.get("middle_step") or {}),
+            middle_step=_middle_step(metadata),
             checkpoint={"file": checkpoint_path.name, "sha256": sha256_file(checkpoint_path),
                         "metadata": {k: v for k, v in metadata.items() if k != "optimizers"}},
         )
@@ -354,7 +360,8 @@ def export_onnx(
                 measured = compare_models(reference, emulate_fp16(converted), [natural[name]], ranges)
                 direct = compare_models(reference, str(path16), [natural[name]], ranges)
                 fp16_record["networks"][name] = {**plan.summary(), "outputs": measured,
-                                                 "outputs_onnxruntime": direct}
+                                                 "outputs_onnxruntime": direct,
+                                                 "float32_nodes": sorted(plan.kept_fp32)}
                 worst = min(m["psnr_db"] for m in measured.values())
                 if not worst >= FP16_MIN_PSNR:
                     raise ModelError(

@@ -263,7 +263,7 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _tensorrt_runner(manifest: Manifest, network: str, precision_out: List[str]):
+def _tensorrt_runner(manifest: Manifest, network: str):
     """A TensorRT runner for ``network`` after checking its sidecar against this device."""
     from dereflect.backends.base import get_runner
 
@@ -284,7 +284,6 @@ def _tensorrt_runner(manifest: Manifest, network: str, precision_out: List[str])
     check_engine_compatible(info, trt.__version__, gpu_name, capability, hashes[info.onnx])
     if info.engine_sha256 and sha256_file(engine_path) != info.engine_sha256:
         raise ModelError(f"{engine_path} does not match the SHA-256 in its sidecar; rebuild it")
-    precision_out.append(info.precision)
     return get_runner("tensorrt", engine_path).activate(), info
 
 
@@ -310,7 +309,6 @@ def verify(
     goldens = {name: load_goldens(manifest, name) for name in names}
     runners = {}
     profiles: Dict[str, Dict[str, Dict[str, List[int]]]] = {}
-    precisions: List[str] = []
     try:
         if backend == "onnxruntime":
             if fp16:
@@ -318,9 +316,11 @@ def verify(
             infer = ort_infer(manifest, fp16=fp16)
             precision = "fp16" if fp16 else "fp32"
         else:
+            precisions = set()
             for name in names:
-                runners[name], info = _tensorrt_runner(manifest, name, precisions)
+                runners[name], info = _tensorrt_runner(manifest, name)
                 profiles[name] = info.profiles
+                precisions.add(info.precision)
             precision = "fp16" if "fp16" in precisions else "fp32"
 
             def infer(network: str, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:

@@ -647,7 +647,7 @@ def plot_report(report: Dict[str, Any], path: os.PathLike) -> Optional[Path]:
         breakdown.bar(positions, shares, bottom=bottoms, label=name)
         bottoms += shares
     for x, entry in zip(positions, entries):
-        text = f"{entry['total']['median_ms']:.3g} ms"
+        text = f"{entry['total']['median_ms']:.4g} ms"
         ratio = (entry.get("limits") or {}).get("ratio", {}).get("total")
         if ratio is not None:
             text += f"\n{ratio:.3g}x floor"

@@ -18,6 +18,7 @@ from .errors import DereflectError
 COMMAND_MODULES = (
     "dereflect.cli_runtime",
     "dereflect.evaluate",
+    "dereflect.bench",
     "dereflect.train.cli",
     "dereflect.train.cli_weights",
     "dereflect.export.cli",

@@ -21,7 +21,8 @@ INTERMEDIATE_SUFFIXES = {
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="DIR", help="export directory (default: the bundled model)")
+    parser.add_argument("--model", metavar="NAME_OR_DIR",
+                        help="a bundled model (rm2s-lite, the default, or crrn-lite) or an export directory")
     parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "torch"],
                         help="inference backend (default: onnxruntime)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
@@ -88,9 +89,7 @@ def load_remover(args: argparse.Namespace) -> Any:
     }
     if args.checkpoint:
         options["checkpoint"] = args.checkpoint
-    if args.model:
-        return Remover.from_dir(args.model, **options)
-    return Remover.default(**options)
+    return Remover.load(args.model, **options)
 
 
 def _collect_inputs(inputs: List[str]) -> List[Path]:

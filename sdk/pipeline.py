@@ -45,7 +45,9 @@ from .manifest import MANIFEST_NAME, Manifest, load_manifest
 from .middle_step import middle_step_cpu
 
 DEFAULT_MAX_SIDE = 1024
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parent / "models"
+#: The bundled models, by name; the first is the default.
+BUNDLED_MODELS = ("rm2s-lite", "crrn-lite")
 LARGE_IMAGE_STRATEGIES = ("guided", "tile")
 TILE_OVERLAP = 64
 GUIDED_RADIUS = 2
@@ -209,16 +211,27 @@ class Remover:
         return cls(load_manifest(export_dir), backend=backend, device=device, precision=precision, **options)
 
     @classmethod
-    def default(cls, **options: Any) -> Remover:
-        """The model shipped with the package (``dereflect/models/default``)."""
-        if not (DEFAULT_MODEL_DIR / MANIFEST_NAME).is_file():
+    def default(cls, name: Optional[str] = None, **options: Any) -> Remover:
+        """A model shipped with the package: ``name`` from :data:`BUNDLED_MODELS` (default: the first)."""
+        name = name or BUNDLED_MODELS[0]
+        if name not in BUNDLED_MODELS:
+            raise ModelError(f"no bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)} "
+                             "(or give an export directory)")
+        directory = BUNDLED_MODELS_DIR / name
+        if not (directory / MANIFEST_NAME).is_file():
             raise ModelError(
-                "this installation has no bundled default model "
-                f"(expected {DEFAULT_MODEL_DIR / MANIFEST_NAME}); "
+                f"this installation lacks the bundled model {name!r} (expected {directory / MANIFEST_NAME}); "
                 "pass an export directory instead: --model DIR on the command line or Remover.from_dir(DIR), "
                 "made with: dereflect export onnx CHECKPOINT -o DIR"
             )
-        return cls.from_dir(DEFAULT_MODEL_DIR, **options)
+        return cls.from_dir(directory, **options)
+
+    @classmethod
+    def load(cls, model: Union[str, Path, None] = None, **options: Any) -> Remover:
+        """A bundled model by name, an export directory, or (``None``) the default bundled model."""
+        if model is None or str(model) in BUNDLED_MODELS:
+            return cls.default(None if model is None else str(model), **options)
+        return cls.from_dir(model, **options)
 
     def _check_runners(self) -> None:
         for name, spec in self.manifest.networks.items():

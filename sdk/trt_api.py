@@ -158,6 +158,7 @@ class EngineInfo:
     precision: str
     profiles: Dict[str, Dict[str, List[int]]]
     strongly_typed: bool = False
+    float32_layers: int = 0
     engine_sha256: str = ""
     created: str = field(
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -175,7 +176,8 @@ class EngineInfo:
                 f"engine sidecar format {data.get('format_version')} is newer than this dereflect reads"
             )
         names = set(cls.__dataclass_fields__)
-        missing = sorted(n for n in names - {"strongly_typed", "engine_sha256", "created"} if n not in data)
+        optional = {"strongly_typed", "float32_layers", "engine_sha256", "created"}
+        missing = sorted(n for n in names - optional if n not in data)
         if missing:
             raise ModelError(f"engine sidecar lacks {', '.join(missing)}")
         return cls(**{k: v for k, v in data.items() if k in names})

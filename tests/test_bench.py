@@ -272,8 +272,8 @@ def test_bench_command_does_not_import_torch(export_dir, tmp_path):
 
 # -- the authors' middle step (benchmarks/authors_baseline.py) --------------------------------------
 
-def _authors_module():
-    spec = importlib.util.spec_from_file_location("authors_baseline", ROOT / "benchmarks" / "authors_baseline.py")
+def _benchmarks_module(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -286,7 +286,7 @@ def test_authors_middle_step_matches_the_reference():
 
     image = bench.synthetic_frame(64, 96, seed=3)
     stage1 = cv2.GaussianBlur(image, (0, 0), 1.5)
-    stage2_input, centres = _authors_module().authors_middle_step(image, stage1)
+    stage2_input, centres = _benchmarks_module("authors_baseline").authors_middle_step(image, stage1)
     reference = middle_step_reference(image, stage1)
     # Lloyd's iterations stop near the exact 2-means optimum, not on it: masks agree but for a few pixels.
     assert centres["low"] == pytest.approx(reference.low, abs=0.01)
@@ -320,3 +320,17 @@ def test_cuda_event_timer():
     times = timer.read()
     assert times["matmul"] > 0 and times["add"] > 0
     assert times["total"] >= times["matmul"] + times["add"] - 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_available(), reason="needs torch with a CUDA GPU")
+def test_bench_torch_backend_on_cuda(tmp_path):
+    export_dir = _benchmarks_module("random_export").make_random_export(tmp_path / "lite", "lite")
+    report = bench.run_bench(export_dir, [("64", 64, 64)], backend="torch", device="cuda", precision="fp16",
+                             warmup=1, runs=3, device_table="h100",
+                             checkpoint=export_dir / "checkpoint.safetensors")
+    entry = report["sizes"][0]
+    assert "error" not in entry, entry.get("error")
+    assert report["element_bytes"] == 2 and "cuda" in report["backend_detail"]
+    assert entry["fused"]["runs"] == 3 and entry["stages"]["middle"]["median_ms"] > 0
+    assert entry["limits"]["ratio"]["total"] > 1

@@ -306,3 +306,15 @@ def test_load_vgg16_features_errors():
     state["features.1.running_mean"] = torch.zeros(16)
     with pytest.raises(ModelError, match="vgg16_bn"):
         lite.load_vgg16_features(state)
+
+
+def test_lite_unet_is_residual_and_starts_as_the_identity():
+    torch.manual_seed(0)
+    for in_channels in (3, 9):
+        net = RM2SUNet(UNetConfig.preset("lite", in_channels=in_channels)).eval()
+        x = torch.rand(1, in_channels, 64, 96)
+        assert torch.equal(net(x), x[:, :3])
+    paper = UNetConfig.preset("paper")
+    assert not paper.residual
+    with pytest.raises(InputError, match="residual"):
+        RM2SUNet(UNetConfig.preset("lite", in_channels=3, out_channels=4))

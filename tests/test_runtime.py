@@ -209,9 +209,22 @@ def test_manifest_names_not_in_graph(tmp_path):
 def test_default_model_missing_explains(monkeypatch, tmp_path):
     import dereflect.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "DEFAULT_MODEL_DIR", tmp_path / "default")
+    monkeypatch.setattr(pipeline, "BUNDLED_MODELS_DIR", tmp_path / "models")
     with pytest.raises(ModelError, match="--model DIR"):
         Remover.default()
+    with pytest.raises(ModelError, match="no bundled model 'nope'"):
+        Remover.default("nope")
+
+
+def test_load_takes_a_bundled_name_or_a_directory(monkeypatch, tmp_path):
+    import dereflect.pipeline as pipeline
+
+    make_crrn_export(tmp_path / "models" / "crrn-lite")
+    monkeypatch.setattr(pipeline, "BUNDLED_MODELS_DIR", tmp_path / "models")
+    assert Remover.load("crrn-lite").manifest.directory == tmp_path / "models" / "crrn-lite"
+    assert Remover.load(tmp_path / "models" / "crrn-lite").method == "crrn"
+    with pytest.raises(ModelError, match="rm2s-lite"):
+        Remover.load()
 
 
 # -- threads ------------------------------------------------------------------------------
@@ -346,10 +359,10 @@ def test_cli_refuses_to_overwrite_input(cli, rm2s_dir, tmp_path, capsys):
 def test_cli_without_model_explains(cli, monkeypatch, tmp_path, capsys):
     import dereflect.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "DEFAULT_MODEL_DIR", tmp_path / "none")
+    monkeypatch.setattr(pipeline, "BUNDLED_MODELS_DIR", tmp_path / "none")
     source = _write_png(tmp_path / "a.png")
     assert cli(["remove", str(source), "-o", str(tmp_path / "b.png")]) == 2
-    assert "bundled default model" in capsys.readouterr().err
+    assert "lacks the bundled model 'rm2s-lite'" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not REAL_PHOTOS.is_dir(), reason="shared real photos not present")

@@ -162,8 +162,8 @@ def _tiny_network(path: Path, input_name: str, channels: int, dtype: int = Tenso
     rng = np.random.default_rng(channels)
     weight = (rng.standard_normal((3, channels, 1, 1)) * 0.3).astype(
         np.float16 if dtype == TensorProto.FLOAT16 else np.float32)
-    nodes = [helper.make_node("Conv", [input_name, "w"], ["logits"]),
-             helper.make_node("Sigmoid", ["logits"], ["background"])]
+    nodes = [helper.make_node("Conv", [input_name, "w"], ["logits"], name="conv"),
+             helper.make_node("Sigmoid", ["logits"], ["background"], name="sigmoid")]
     graph = helper.make_graph(
         nodes, "tiny",
         [helper.make_tensor_value_info(input_name, dtype, ["batch", channels, "height", "width"])],
@@ -192,7 +192,9 @@ def export_dir(tmp_path) -> Path:
             onnx_fp16=f"{name}.fp16.onnx", sha256_fp16=sha256_file(directory / f"{name}.fp16.onnx"),
         )
     manifest = Manifest(method="rm2s", name="tiny", networks=networks, directory=directory)
-    manifest.extra = {"golden": write_goldens(manifest)}
+    # As the exporter records it: the FP16 plan kept the output layers (here the sigmoid) in float32.
+    kept = {"float32_nodes": ["sigmoid"]}
+    manifest.extra = {"golden": write_goldens(manifest), "fp16": {"networks": {"stage1": kept, "stage2": kept}}}
     manifest.save()
     return directory
 
@@ -221,13 +223,33 @@ def make_fake_tensorrt(version: str, calls: list):
         creation.STRONGLY_TYPED = _Flag(5)
 
     class Tensor:
-        def __init__(self, name):
+        def __init__(self, name, dtype="float32"):
             self.name = name
+            self.dtype = dtype
+
+    class Layer:
+        """One layer per ONNX node, named like the parser names them (node name, then _1, _2 ...)."""
+
+        def __init__(self, name, outputs):
+            self.name = name
+            self.precision = None
+            self.outputs = outputs
+
+        @property
+        def num_outputs(self):
+            return len(self.outputs)
+
+        def get_output(self, index):
+            return self.outputs[index]
+
+        def set_output_type(self, index, dtype):
+            calls.append(("set_output_type", self.name, index, dtype))
 
     class Network:
         def __init__(self, flags):
             self.flags = flags
             self.inputs = []
+            self.layers = []
 
         @property
         def num_inputs(self):
@@ -235,6 +257,13 @@ def make_fake_tensorrt(version: str, calls: list):
 
         def get_input(self, index):
             return self.inputs[index]
+
+        @property
+        def num_layers(self):
+            return len(self.layers)
+
+        def get_layer(self, index):
+            return self.layers[index]
 
     class Parser:
         def __init__(self, network, logger):
@@ -245,6 +274,9 @@ def make_fake_tensorrt(version: str, calls: list):
             model = onnx.load_from_string(data)
             calls.append(("parse", model.graph.input[0].type.tensor_type.elem_type))
             self.network.inputs = [Tensor(i.name) for i in model.graph.input]
+            self.network.layers = [Layer(n.name, [Tensor(o) for o in n.output]) for n in model.graph.node]
+            # A shape-computing helper layer named after the sigmoid node, with an integer output.
+            self.network.layers.append(Layer("sigmoid_1", [Tensor("shape", dtype="int32")]))
             return True
 
         def get_error(self, index):
@@ -297,9 +329,10 @@ def make_fake_tensorrt(version: str, calls: list):
             calls.append(("build",))
             return b"ENGINE-" + version.encode()
 
-    builder_flags = types.SimpleNamespace()
+    builder_flags = types.SimpleNamespace(OBEY_PRECISION_CONSTRAINTS="OBEY")
     if major < 11:
         builder_flags.FP16 = "FP16"
+    trt.float32, trt.float16 = "float32", "float16"
     trt.Logger = Logger
     trt.Builder = Builder
     trt.OnnxParser = Parser
@@ -341,6 +374,10 @@ def test_build_engines_api_per_version(export_dir, fake_trt, tmp_path, version):
     assert flags == expected_flags
     fp16_flag_set = [c for c in calls if c == ("set_flag", "FP16")]
     assert len(fp16_flag_set) == (0 if major == 11 else 2)
+    # With the FP16 flag, the nodes the FP16 plan kept in float32 are pinned to float32 (not the shape layer).
+    pinned = [c for c in calls if c[0] == "set_output_type"]
+    assert pinned == ([] if major == 11 else [("set_output_type", "sigmoid", 0, "float32")] * 2)
+    assert calls.count(("set_flag", "OBEY")) == (0 if major == 11 else 2)
     parsed = {c[1] for c in calls if c[0] == "parse"}
     assert parsed == ({TensorProto.FLOAT16} if major == 11 else {TensorProto.FLOAT})
     shapes = [c for c in calls if c[0] == "set_shape"]
@@ -362,6 +399,7 @@ def test_build_engines_api_per_version(export_dir, fake_trt, tmp_path, version):
         assert info.onnx_sha256 == (spec.sha256_fp16 if major == 11 else spec.sha256)
         assert (info.tensorrt_version, info.gpu_name, info.compute_capability) == (version, "Orin", "8.7")
         assert info.precision == "fp16" and info.strongly_typed is (major == 11)
+        assert info.float32_layers == (0 if major == 11 else 1)
         assert info.engine_sha256 == sha256_file(engine)
 
     calls2 = fake_trt(version)

@@ -42,6 +42,10 @@ class UNetConfig(ModelConfig):
     stride_conv_keeps_width / transpose_keeps_width: the paper's layout (True) keeps the width in
     the stride-2 conv / transposed conv and lets the following convs change it.
     bottleneck_channels: width of the valid bottleneck conv (0: no bottleneck).
+    residual: predict the reflection residual r and output I - r (the first three input
+    channels minus r; clamped to [0, 1] in eval mode) instead of a sigmoid image. The paper's
+    net is not residual; the lite one is, so that it starts as the identity and short
+    trainings already improve on the input.
     """
 
     in_channels: int = 3
@@ -59,10 +63,12 @@ class UNetConfig(ModelConfig):
     encoder_activation: str = "relu"
     decoder_activation: str = "leaky_relu"
     negative_slope: float = 0.2
+    residual: bool = False
 
     _PRESETS = {
         "paper": {},
         "lite": {
+            "residual": True,
             "widths": (16, 32, 64, 128, 256),
             "kernel_size": 3,
             "down_kernel": 3,
@@ -129,7 +135,7 @@ class _Up(nn.Module):
 
 
 class RM2SUNet(nn.Module):
-    """U-Net generator of both RM2S stages: (N, in_channels, H, W) -> sigmoid output (N, out_channels, H, W).
+    """U-Net generator of both RM2S stages: (N, in_channels, H, W) -> background (N, out_channels, H, W).
 
     H and W must be multiples of ``stride`` and at least ``min_size`` (wrap in ``PaddedModel``
     for any size).
@@ -169,9 +175,15 @@ class RM2SUNet(nn.Module):
             prev = cout
         self.up = nn.ModuleList(ups)
         self.head = nn.Conv2d(widths[0], cfg.out_channels, cfg.kernel_size, padding=cfg.kernel_size // 2)
+        if cfg.residual:
+            if cfg.in_channels < cfg.out_channels:
+                raise InputError("a residual U-Net needs at least as many input as output channels")
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, "RM2SUNet", self.config.in_channels, self.stride, self.min_size)
+        image = x[:, : self.config.out_channels]
         skips = []
         for block in self.down:
             x = block(x)
@@ -182,7 +194,11 @@ class RM2SUNet(nn.Module):
             if j > 0:
                 x = torch.cat([x, skips[-1 - j]], dim=1)
             x = block(x)
-        return torch.sigmoid(self.head(x))
+        if not self.config.residual:
+            return torch.sigmoid(self.head(x))
+        background = image - self.head(x)
+        # Unclamped in training so that out-of-range pixels still get gradients.
+        return background if self.training else background.clamp(0.0, 1.0)
 
 
 @dataclass
