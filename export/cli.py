@@ -29,6 +29,7 @@ def register(subparsers: Any) -> None:
     onnx.add_argument("--no-fp16", dest="fp16", action="store_false", help="skip the FP16 ONNX files")
     onnx.add_argument("--no-golden", dest="golden", action="store_false", help="skip the golden test files")
     onnx.add_argument("--force", action="store_true", help="replace an earlier export in DIR")
+    onnx.add_argument("--name", default=None, help="model name in the manifest (default: the checkpoint's name)")
     onnx.add_argument("--opset", type=int, default=17,
                       help="ONNX opset (default 17, the highest TensorRT 8.5 reads)")
     onnx.set_defaults(func=run_onnx)
@@ -80,7 +81,7 @@ def run_onnx(args: argparse.Namespace) -> int:
     from .onnx_export import export_onnx, export_summary
 
     manifest = export_onnx(args.checkpoint, args.out, fp16=args.fp16, opset=args.opset, golden=args.golden,
-                           force=args.force)
+                           force=args.force, model_name=args.name)
     print("\n".join(export_summary(manifest)))
     return 0
 

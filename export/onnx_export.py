@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from dereflect import __version__
@@ -253,8 +253,12 @@ def export_onnx(
     opset: int = 17,
     golden: bool = True,
     force: bool = False,
+    model_name: Optional[str] = None,
 ) -> Manifest:
     """Export ``checkpoint_path`` into ``out_dir`` and return the written manifest.
+
+    ``model_name`` is the model's name in the manifest (default: the checkpoint's recorded name, else
+    its file name).
 
     Raises ModelError when the checkpoint is incomplete, the target is not replaceable, parity
     with PyTorch fails, or the FP16 file is below :data:`FP16_MIN_PSNR` against the FP32 one.
@@ -310,7 +314,7 @@ def export_onnx(
         metadata = checkpoint.metadata
         manifest = Manifest(
             method=checkpoint.method,
-            name=str(metadata.get("name") or checkpoint_path.stem),
+            name=str(model_name or metadata.get("name") or checkpoint_path.stem),
             networks=networks,
             directory=tmp,
             middle_step=_middle_step(metadata),

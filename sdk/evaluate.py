@@ -445,7 +445,14 @@ def load_model(model: Any, backend: Optional[str] = None, device: str = "auto", 
     """``model`` as an object with ``remove_with_intermediates``: an export dir, a checkpoint or as is."""
     if hasattr(model, "remove_with_intermediates"):
         return model
+    from .pipeline import BUNDLED_MODELS
+
     path = Path(model)
+    if str(model) in BUNDLED_MODELS and not path.exists():
+        from .pipeline import Remover
+
+        return Remover.default(str(model), backend=backend or "onnxruntime", device=device, precision=precision,
+                               **options)
     if path.is_dir() or path.name == MANIFEST_NAME:
         from .backends.base import backend_name
         from .pipeline import Remover
@@ -464,8 +471,8 @@ def load_model(model: Any, backend: Optional[str] = None, device: str = "auto", 
     if not path.exists():
         raise ModelError(f"model not found: {path}")
     raise ModelError(
-        f"{path}: not a model; pass an export directory (with {MANIFEST_NAME}) or a training checkpoint "
-        "(.safetensors)"
+        f"{path}: not a model; pass a bundled model name ({', '.join(BUNDLED_MODELS)}), an export directory "
+        f"(with {MANIFEST_NAME}) or a training checkpoint (.safetensors)"
     )
 
 

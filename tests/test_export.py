@@ -321,8 +321,9 @@ def test_refuses_to_overwrite(rm2s, tmp_path):
 
     target = tmp_path / "again"
     shutil.copytree(manifest.directory, target)
-    replaced = export_onnx(checkpoint, target, fp16=False, golden=False, force=True)
+    replaced = export_onnx(checkpoint, target, fp16=False, golden=False, force=True, model_name="my-model")
     assert replaced.directory == target.resolve()
+    assert load_manifest(target).name == "my-model"
     assert sorted(p.name for p in target.iterdir()) == ["manifest.json", "stage1.onnx", "stage2.onnx"]
     assert load_manifest(target).networks["stage1"].onnx_fp16 is None
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

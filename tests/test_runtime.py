@@ -883,7 +883,8 @@ def test_torch_device_rm2s_path_on_cpu(rm2s_dir):
 
 def test_torch_backend_from_checkpoint(tmp_path):
     torch = pytest.importorskip("torch")
-    from dereflect.train.checkpoint import file_sha256, save_checkpoint
+    from dereflect.manifest import sha256_file
+    from dereflect.train.checkpoint import save_checkpoint
     from dereflect.train.models import build_model
     from dereflect.train.models.rm2s import UNetConfig
 
@@ -897,7 +898,7 @@ def test_torch_backend_from_checkpoint(tmp_path):
     path = save_checkpoint(tmp_path / "rm2s.safetensors", method="rm2s", kind="stage2", networks=networks)
     export = make_rm2s_export(tmp_path / "export")
     manifest = dereflect.manifest.load_manifest(export)
-    manifest.checkpoint = {"sha256": file_sha256(path)}
+    manifest.checkpoint = {"sha256": sha256_file(path)}
     manifest.save()
 
     image = _photo(30, 44, seed=31)

@@ -202,3 +202,22 @@ def test_train_without_torch_names_the_extra(monkeypatch, photo_folder, capsys):
     code = main(["train", "rm2s-stage1", "--data", str(photo_folder)])
     assert code == 2
     assert "pip install 'dereflect[train]'" in capsys.readouterr().err
+
+
+def test_synthesize_writes_a_repeatable_paired_test_set(photo_folder, tmp_path):
+    import cv2
+    import numpy as np
+
+    args = ["train", "synthesize", "--data", str(photo_folder), "--count", "3", "--include", "test_",
+            "--size", "64", "--seed", "5"]
+    assert main(args + ["-o", str(tmp_path / "a")]) == 0
+    assert main(args + ["-o", str(tmp_path / "b")]) == 0
+    for folder in ("blended", "transmission_layer"):
+        names = sorted(p.name for p in (tmp_path / "a" / folder).iterdir())
+        assert names == ["0000.png", "0001.png", "0002.png"]
+        for name in names:
+            a = cv2.imread(str(tmp_path / "a" / folder / name))
+            assert a.shape == (64, 64, 3)
+            assert np.array_equal(a, cv2.imread(str(tmp_path / "b" / folder / name)))
+    assert json.loads((tmp_path / "a" / "recipe.json").read_text())["seed"] == 5
+    assert main(args + ["-o", str(tmp_path / "a")]) == 2

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from ..errors import InputError, ModelError
-from ..manifest import Manifest
+from ..manifest import Manifest, sha256_file
 from .base import Runner, require_backend_module
 
 # Manifest network -> checkpoint network names to look for, in order. A stage-2 training
@@ -138,11 +138,11 @@ def load_checkpoint_for(
 ) -> Any:
     """Load the training checkpoint an export was made from, checking the manifest's SHA-256."""
     require_backend_module("safetensors", "torch")
-    from dereflect.train.checkpoint import file_sha256, load_checkpoint
+    from dereflect.train.checkpoint import load_checkpoint
 
     expected = (manifest.checkpoint or {}).get("sha256")
     if verify and expected:
-        actual = file_sha256(checkpoint_path)
+        actual = sha256_file(checkpoint_path)
         if actual != expected:
             raise ModelError(
                 f"{checkpoint_path}: SHA-256 {actual[:12]}... is not the checkpoint this export was made "
