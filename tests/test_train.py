@@ -115,6 +115,7 @@ def test_resume_continues_exactly_where_the_run_stopped(photo_folder, fake_vgg16
     _, resumed = fit_stage1(photo_folder, fake_vgg16, tmp_path / "resumed", steps=4, resume=half)
     a, b = load_checkpoint(straight), load_checkpoint(resumed)
     assert b.step == 4
+    assert b.metadata["training"]["elapsed_s"] > load_checkpoint(half).metadata["training"]["elapsed_s"] > 0
     for key, value in a.states["stage1"].items():
         assert torch.allclose(value.float(), b.states["stage1"][key].float(), atol=1e-5), key
 
@@ -221,3 +222,19 @@ def test_synthesize_writes_a_repeatable_paired_test_set(photo_folder, tmp_path):
             assert np.array_equal(a, cv2.imread(str(tmp_path / "b" / folder / name)))
     assert json.loads((tmp_path / "a" / "recipe.json").read_text())["seed"] == 5
     assert main(args + ["-o", str(tmp_path / "a")]) == 2
+
+
+def test_synthesis_overrides_reach_the_recipe_and_bad_keys_are_named(photo_folder, fake_vgg16, tmp_path, capsys):
+    from dereflect.train.cli import parse_overrides
+
+    assert parse_overrides(["reflection_weight=0.05,0.5", "ghost=false", "gamma=1"]) == {
+        "reflection_weight": [0.05, 0.5], "ghost": False, "gamma": 1}
+    out = tmp_path / "run"
+    code = main(["train", "rm2s-stage1", "--data", str(photo_folder), "--steps", "1", "--batch-size", "2",
+                 "--size", "64", "--val-count", "2", "--workers", "0", "--out", str(out), "--vgg", str(fake_vgg16),
+                 "--vgg-arch", "vgg16", "--synthesis", "reflection_weight=0.05,0.5"])
+    assert code == 0
+    assert load_checkpoint(out / "final.safetensors").metadata["data_recipe"]["reflection_weight"] == [0.05, 0.5]
+    code = main(["train", "rm2s-stage1", "--data", str(photo_folder), "--out", str(tmp_path / "bad"),
+                 "--synthesis", "reflection_wieght=0.3"])
+    assert code == 2 and "reflection_wieght" in capsys.readouterr().err

@@ -75,6 +75,8 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
     parser.add_argument("--batch-size", type=int, default=default_batch)
     parser.add_argument("--size", default=default_size,
                         help=f"training crop, 'N' or 'HxW', comma-separated for multi-size (default {default_size})")
+    parser.add_argument("--synthesis", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a synthesis recipe setting, e.g. reflection_weight=0.05,0.5; repeatable")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -108,6 +110,23 @@ def parse_sizes(text: str):
             raise InputError(f"--size: {part} is too small (at least 32)")
         sizes.append(size)
     return sizes
+
+
+def parse_overrides(items) -> dict:
+    """['reflection_weight=0.05,0.5', 'ghost=false'] -> {'reflection_weight': [0.05, 0.5], 'ghost': False}."""
+    from dereflect.errors import InputError
+
+    overrides = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--synthesis {item!r}: use KEY=VALUE")
+        try:
+            values = [json.loads(part) for part in text.lower().split(",")]
+        except json.JSONDecodeError:
+            raise InputError(f"--synthesis {item!r}: values must be numbers or true/false") from None
+        overrides[key.strip()] = values[0] if len(values) == 1 else values
+    return overrides
 
 
 def _train_config(args):
@@ -222,7 +241,7 @@ def run_rm2s_stage1(args) -> int:
     from .models.rm2s import UNetConfig
     from .rm2s import STAGE1_LR, Stage1Task
 
-    recipe = SynthesisConfig.rm2s_stage1(size=parse_sizes(args.size))
+    recipe = SynthesisConfig.rm2s_stage1(size=parse_sizes(args.size), **parse_overrides(args.synthesis))
     vgg = _load_loss_vgg(args)
     task = Stage1Task(UNetConfig.preset(args.config, in_channels=3), vgg, lr=args.lr or STAGE1_LR,
                       data_recipe=recipe.to_dict())
@@ -236,7 +255,7 @@ def run_rm2s_stage2(args) -> int:
     from .models.rm2s import DiscriminatorConfig, UNetConfig
     from .rm2s import DISCRIMINATOR_LR, STAGE2_LR, Stage2Task
 
-    recipe = SynthesisConfig.rm2s_stage2(size=parse_sizes(args.size))
+    recipe = SynthesisConfig.rm2s_stage2(size=parse_sizes(args.size), **parse_overrides(args.synthesis))
     vgg = _load_loss_vgg(args)
     task = Stage2Task(
         UNetConfig.preset(args.config, in_channels=9),
@@ -290,7 +309,7 @@ def run_crrn(args) -> int:
     from .data import SynthesisConfig
     from .models.crrn import CRRNConfig
 
-    recipe = SynthesisConfig.crrn(size=parse_sizes(args.size))
+    recipe = SynthesisConfig.crrn(size=parse_sizes(args.size), **parse_overrides(args.synthesis))
     config = CRRNConfig.preset(args.config)
     vgg_init = vgg16_init_state(args.vgg) if args.config == "paper" else None
     task = CRRNTask(config, total_steps=args.steps, gin_fraction=args.gin_fraction, lr=args.lr or CRRN_LR,

@@ -346,12 +346,12 @@ class SynthesisConfig:
     @classmethod
     def rm2s_stage1(cls, **overrides: Any) -> SynthesisConfig:
         """RM2S stage 1: Zhang et al. recipe with the ghost, 256x256."""
-        return cls(**{"mode": "rm2s", "ghost": True, **overrides})
+        return cls.from_dict({"mode": "rm2s", "ghost": True, **overrides})
 
     @classmethod
     def rm2s_stage2(cls, **overrides: Any) -> SynthesisConfig:
         """RM2S stage 2: as stage 1 without the ghost."""
-        return cls(**{"mode": "rm2s", "ghost": False, **overrides})
+        return cls.from_dict({"mode": "rm2s", "ghost": False, **overrides})
 
     @classmethod
     def crrn(cls, **overrides: Any) -> SynthesisConfig:
@@ -367,7 +367,7 @@ class SynthesisConfig:
             "vignette": False,
         }
         preset.update(overrides)
-        return cls(**preset)
+        return cls.from_dict(preset)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:

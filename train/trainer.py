@@ -142,6 +142,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.step = 0
         self.best_val: Optional[float] = None
+        self.elapsed = 0.0  # training seconds, summed over resumed runs
+        self._started: Optional[float] = None
         self.history: List[Dict[str, Any]] = []
 
     def resume(self, checkpoint: Checkpoint) -> None:
@@ -160,6 +162,7 @@ class Trainer:
                 optimizer.load_state_dict(checkpoint.optimizer_states[name])
         self.step = checkpoint.step
         self.best_val = checkpoint.metadata.get("training", {}).get("best_val_loss")
+        self.elapsed = float(checkpoint.metadata.get("training", {}).get("elapsed_s", 0.0))
 
     def save(self, name: str) -> Path:
         return save_checkpoint(
@@ -169,10 +172,13 @@ class Trainer:
             networks=self.task.networks(),
             step=self.step,
             training={**asdict(self.config), "device": str(self.device), "best_val_loss": self.best_val,
-                      "hardware": _hardware(self.device)},
+                      "hardware": _hardware(self.device), "elapsed_s": round(self._elapsed(), 1)},
             optimizers=self.task.optimizers(),
             extra=self.task.metadata(),
         )
+
+    def _elapsed(self) -> float:
+        return self.elapsed + (time.monotonic() - self._started if self._started is not None else 0.0)
 
     def validate(self) -> Dict[str, float]:
         if self.val_loader is None:
@@ -230,7 +236,7 @@ class Trainer:
         batches = _cycle(self.train_loader, start_epoch=self.step // steps_per_epoch)
         if self.step == 0 and self.val_loader is not None:
             self.log({"step": 0, **self.validate(), "time": 0.0})
-        started = time.monotonic()
+        started = self._started = time.monotonic()
         first_step = self.step
         bar = tqdm(total=self.config.steps, initial=self.step, desc=f"{self.task.kind}", unit="step",
                    dynamic_ncols=True)
@@ -271,7 +277,9 @@ class Trainer:
                     self.save("last.safetensors")
         finally:
             bar.close()
-        return self.save("final.safetensors")
+        final = self.save("final.safetensors")
+        self.elapsed, self._started = self._elapsed(), None
+        return final
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, torch.Tensor]:
