@@ -58,6 +58,7 @@ from .backends.base import backend_name, load_backend, require_backend_module
 from .errors import DereflectError, InputError, MissingDependencyError
 from .manifest import Manifest, load_manifest
 from .middle_step import middle_step_cpu
+from .pipeline import resolve_model
 
 RM2S_STAGES = ("upload", "stage1", "middle", "stage2", "download")
 CRRN_STAGES = ("upload", "crrn", "download")
@@ -514,7 +515,7 @@ def run_bench(
         raise InputError(f"--warmup must be >= 0 and --runs >= 1, got {warmup} and {runs}")
     if not variation_threshold > 0:
         raise InputError(f"--variation-threshold must be positive, got {variation_threshold}")
-    manifest = load_manifest(export_dir)
+    manifest = load_manifest(resolve_model(export_dir))
     pipeline = BenchPipeline(manifest, backend, device=device, precision=precision, threshold=threshold,
                              **options)
     try:
@@ -674,8 +675,8 @@ def register(subparsers: Any) -> None:
                     "FPS; FLOPs, bytes and the floor they set on a device. Writes bench.json and "
                     "bench.png into --out.",
     )
-    bench.add_argument("engine_dir", metavar="ENGINE_DIR",
-                       help="export directory (manifest.json, ONNX files, engines)")
+    bench.add_argument("engine_dir", metavar="MODEL",
+                       help="bundled model name or export directory (manifest.json, ONNX files, engines)")
     bench.add_argument("--sizes", default=DEFAULT_SIZES,
                        help=f"comma-separated: N (square), Np (16:9) or HxW (default {DEFAULT_SIZES})")
     bench.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "torch"],

@@ -445,14 +445,9 @@ def load_model(model: Any, backend: Optional[str] = None, device: str = "auto", 
     """``model`` as an object with ``remove_with_intermediates``: an export dir, a checkpoint or as is."""
     if hasattr(model, "remove_with_intermediates"):
         return model
-    from .pipeline import BUNDLED_MODELS
+    from .pipeline import BUNDLED_MODELS, resolve_model
 
-    path = Path(model)
-    if str(model) in BUNDLED_MODELS and not path.exists():
-        from .pipeline import Remover
-
-        return Remover.default(str(model), backend=backend or "onnxruntime", device=device, precision=precision,
-                               **options)
+    path = resolve_model(model)
     if path.is_dir() or path.name == MANIFEST_NAME:
         from .backends.base import backend_name
         from .pipeline import Remover

@@ -213,25 +213,12 @@ class Remover:
     @classmethod
     def default(cls, name: Optional[str] = None, **options: Any) -> Remover:
         """A model shipped with the package: ``name`` from :data:`BUNDLED_MODELS` (default: the first)."""
-        name = name or BUNDLED_MODELS[0]
-        if name not in BUNDLED_MODELS:
-            raise ModelError(f"no bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)} "
-                             "(or give an export directory)")
-        directory = BUNDLED_MODELS_DIR / name
-        if not (directory / MANIFEST_NAME).is_file():
-            raise ModelError(
-                f"this installation lacks the bundled model {name!r} (expected {directory / MANIFEST_NAME}); "
-                "pass an export directory instead: --model DIR on the command line or Remover.from_dir(DIR), "
-                "made with: dereflect export onnx CHECKPOINT -o DIR"
-            )
-        return cls.from_dir(directory, **options)
+        return cls.from_dir(bundled_model_dir(name or BUNDLED_MODELS[0]), **options)
 
     @classmethod
     def load(cls, model: Union[str, Path, None] = None, **options: Any) -> Remover:
         """A bundled model by name, an export directory, or (``None``) the default bundled model."""
-        if model is None or str(model) in BUNDLED_MODELS:
-            return cls.default(None if model is None else str(model), **options)
-        return cls.from_dir(model, **options)
+        return cls.from_dir(resolve_model(model), **options)
 
     def _check_runners(self) -> None:
         for name, spec in self.manifest.networks.items():
@@ -444,6 +431,30 @@ class Remover:
         with self._lock:
             layers, scale, tiles = self._process(rgb, intermediates=True)
         return _to_result(layers, info, colour_order, scale, tiles)
+
+
+def bundled_model_dir(name: str) -> Path:
+    """The export directory of the bundled model ``name``; ModelError if unknown or not installed."""
+    if name not in BUNDLED_MODELS:
+        raise ModelError(f"no bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)} "
+                         "(or give an export directory)")
+    directory = BUNDLED_MODELS_DIR / name
+    if not (directory / MANIFEST_NAME).is_file():
+        raise ModelError(
+            f"this installation lacks the bundled model {name!r} (expected {directory / MANIFEST_NAME}); "
+            "pass an export directory instead: --model DIR on the command line or Remover.from_dir(DIR), "
+            "made with: dereflect export onnx CHECKPOINT -o DIR"
+        )
+    return directory
+
+
+def resolve_model(model: Union[str, Path, None]) -> Path:
+    """An export directory from a bundled model's name, a path, or ``None`` (the default bundled model)."""
+    if model is None:
+        return bundled_model_dir(BUNDLED_MODELS[0])
+    if str(model) in BUNDLED_MODELS and not Path(model).exists():
+        return bundled_model_dir(str(model))
+    return Path(model)
 
 
 def _to_result(layers: _Layers, info: ImageInfo, colour_order: str, scale: float, tiles: int) -> Result:
