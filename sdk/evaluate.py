@@ -119,7 +119,7 @@ def _shown(names: Sequence[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _by_stem(folder: Path) -> Dict[str, Path]:
+def images_by_stem(folder: Path) -> Dict[str, Path]:
     """Images directly in ``folder`` by stem; two files with one stem raise InputError."""
     found: Dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
@@ -163,7 +163,7 @@ def _read_paired_dirs(root: Path, prefix: str = "") -> List[Pair]:
             "side by side"
         )
     input_dir, target_dir = dirs
-    return _match(_by_stem(input_dir), _by_stem(target_dir), str(root),
+    return _match(images_by_stem(input_dir), images_by_stem(target_dir), str(root),
                   f"image(s) in {input_dir.name}/", f"image(s) in {target_dir.name}/", prefix)
 
 

@@ -57,3 +57,19 @@ def fake_vgg16(tmp_path: Path) -> Path:
     save_file({f"features.{k}": v.contiguous() for k, v in features.state_dict().items()}, str(path),
               metadata={"arch": "vgg16", "input": "imagenet"})
     return path
+
+
+def tiny_rm2s_networks():
+    """Random two-level RM2S U-Nets for stage 1 and stage 2 (name -> (arch, config, module))."""
+    import torch
+    from dereflect.train.models import build_model
+    from dereflect.train.models.rm2s import UNetConfig
+
+    tiny = {"widths": (4, 8), "kernel_size": 3, "down_kernel": 3, "bottleneck_channels": 0,
+            "stride_conv_keeps_width": False, "transpose_keeps_width": False}
+    torch.manual_seed(0)
+    networks = {}
+    for name, channels in (("stage1", 3), ("generator", 9)):
+        config = UNetConfig(in_channels=channels, **tiny).to_dict()
+        networks[name] = ("rm2s_unet", config, build_model("rm2s_unet", config).eval())
+    return networks

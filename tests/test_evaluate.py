@@ -17,6 +17,9 @@ import cv2
 import dereflect.cli
 import numpy as np
 import pytest
+
+# The toy ONNX exports live with the runtime tests (to be moved to a shared test helper).
+from conftest import tiny_rm2s_networks
 from dereflect import Remover
 from dereflect.errors import InputError, ModelError
 from dereflect.evaluate import (
@@ -38,8 +41,6 @@ from dereflect.evaluate import (
     resize_short,
 )
 from dereflect.metrics import psnr, si, si_region, ssim, ssim_region
-
-# The toy ONNX exports live with the runtime tests (to be moved to a shared test helper).
 from onnx_fixtures import make_crrn_export, make_rm2s_export
 
 
@@ -389,18 +390,10 @@ def test_import_needs_no_torch():
 
 
 def test_checkpoints_run_on_torch(tmp_path, paired):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from dereflect.train.checkpoint import save_checkpoint
-    from dereflect.train.models import build_model
-    from dereflect.train.models.rm2s import UNetConfig
 
-    tiny = {"widths": (4, 8), "kernel_size": 3, "down_kernel": 3, "bottleneck_channels": 0,
-            "stride_conv_keeps_width": False, "transpose_keeps_width": False}
-    torch.manual_seed(0)
-    networks = {}
-    for name, channels in (("stage1", 3), ("generator", 9)):
-        config = UNetConfig(in_channels=channels, **tiny).to_dict()
-        networks[name] = ("rm2s_unet", config, build_model("rm2s_unet", config).eval())
+    networks = tiny_rm2s_networks()
     both = save_checkpoint(tmp_path / "stage2.safetensors", method="rm2s", kind="rm2s-stage2",
                            networks=networks)
     only1 = save_checkpoint(tmp_path / "stage1.safetensors", method="rm2s", kind="rm2s-stage1",

@@ -16,7 +16,7 @@ import dereflect.cli
 import dereflect.manifest
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, tiny_rm2s_networks
 from dereflect import Remover
 from dereflect.backends.base import Runner, backend_name, get_runner
 from dereflect.confidence import middle_step_reference
@@ -885,16 +885,8 @@ def test_torch_backend_from_checkpoint(tmp_path):
     torch = pytest.importorskip("torch")
     from dereflect.manifest import sha256_file
     from dereflect.train.checkpoint import save_checkpoint
-    from dereflect.train.models import build_model
-    from dereflect.train.models.rm2s import UNetConfig
 
-    tiny = {"widths": (4, 8), "kernel_size": 3, "down_kernel": 3, "bottleneck_channels": 0,
-            "stride_conv_keeps_width": False, "transpose_keeps_width": False}
-    torch.manual_seed(0)
-    networks = {}
-    for name, channels in (("stage1", 3), ("generator", 9)):
-        config = UNetConfig(in_channels=channels, **tiny).to_dict()
-        networks[name] = ("rm2s_unet", config, build_model("rm2s_unet", config).eval())
+    networks = tiny_rm2s_networks()
     path = save_checkpoint(tmp_path / "rm2s.safetensors", method="rm2s", kind="stage2", networks=networks)
     export = make_rm2s_export(tmp_path / "export")
     manifest = dereflect.manifest.load_manifest(export)

@@ -52,6 +52,8 @@ def register(subparsers) -> None:
     synth.add_argument("--recipe", choices=["rm2s-stage1", "rm2s-stage2", "crrn"], default="rm2s-stage2")
     synth.add_argument("--size", default="256", help="'N' or 'HxW' (default 256)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--synthesis", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe setting, e.g. reflection_weight=0.05,0.5; repeatable")
     synth.set_defaults(func=run_synthesize)
 
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
@@ -287,7 +289,7 @@ def run_synthesize(args) -> int:
         raise InputError(f"{out} exists and is not empty; choose a new folder")
     presets = {"rm2s-stage1": SynthesisConfig.rm2s_stage1, "rm2s-stage2": SynthesisConfig.rm2s_stage2,
                "crrn": SynthesisConfig.crrn}
-    recipe = presets[args.recipe](size=parse_sizes(args.size)[:1])
+    recipe = presets[args.recipe](size=parse_sizes(args.size)[:1], **parse_overrides(args.synthesis))
     include = (args.include,) if args.include else ()
     pairs = SyntheticPairs(args.data, recipe, seed=args.seed, length=args.count, include=include)
     for folder in ("blended", "transmission_layer"):

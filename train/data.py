@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 import torch
 from dereflect.errors import InputError
+from dereflect.evaluate import images_by_stem
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -606,21 +607,6 @@ class SyntheticPairs(Dataset):
         }
 
 
-def _list_flat(folder: Path) -> Dict[str, Path]:
-    """Images directly in ``folder`` by stem; duplicate stems raise InputError."""
-    by_stem: Dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if not _is_image(path):
-            continue
-        if path.stem in by_stem:
-            raise InputError(
-                f"'{folder}' holds two images named '{path.stem}' ({by_stem[path.stem].name}, {path.name}); "
-                "pairs are matched by name, keep one"
-            )
-        by_stem[path.stem] = path
-    return by_stem
-
-
 def _missing(names: Sequence[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -726,7 +712,7 @@ class PairedFolder(_EvalPairs):
                 f"paired data folder '{root}' lacks {', '.join(absent)}: expected "
                 f"'{input_dir}/' (inputs) and '{background_dir}/' (ground-truth backgrounds) side by side"
             )
-        inputs, backgrounds = _list_flat(dirs[0]), _list_flat(dirs[1])
+        inputs, backgrounds = images_by_stem(dirs[0]), images_by_stem(dirs[1])
         only_in = sorted(set(inputs) - set(backgrounds))
         only_bg = sorted(set(backgrounds) - set(inputs))
         if only_in or only_bg:
