@@ -105,6 +105,8 @@ def test_stage1_training_lowers_validation_loss_and_writes_log_and_previews(phot
     assert {"perceptual", "l1", "fr"} <= set(last)
     assert list((tmp_path / "run" / "previews").glob("*.png"))
     assert load_checkpoint(final).metadata["kind"] == "rm2s-stage1"
+    best = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    assert best.metadata["training"]["best_val_loss"] == min(r["val_loss"] for r in records[1:] if "val_loss" in r)
 
 
 def test_resume_continues_exactly_where_the_run_stopped(photo_folder, fake_vgg16, tmp_path):

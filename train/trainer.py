@@ -264,6 +264,7 @@ class Trainer:
                     val_loss = record.get("val_loss")
                     if val_loss is not None and (self.best_val is None or val_loss < self.best_val):
                         self.best_val = val_loss
+                        self.save("best.safetensors")
                 if self.step % self.config.preview_every == 0:
                     with self._evaluating():
                         _, estimate = self.task.validation_step(batch)
