@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -303,9 +303,11 @@ def write_image(
     if not ok:
         raise InputError(f"{path}: OpenCV could not encode the image as {ext}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=ext + ".tmp", dir=str(path.parent))
+    # A uniquely named sibling opened with "xb" (not mkstemp, whose files are private 0600), so
+    # the output gets the permissions the user's umask gives any new file.
+    tmp_name = str(path.parent / f".{path.stem}.{uuid.uuid4().hex}{ext}.tmp")
     try:
-        with os.fdopen(handle, "wb") as tmp:
+        with open(tmp_name, "xb") as tmp:
             tmp.write(encoded.tobytes())
         os.replace(tmp_name, path)
     except BaseException:

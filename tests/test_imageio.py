@@ -170,3 +170,13 @@ def test_tiny_float_excursions_are_clipped():
 def test_bad_colour_order():
     with pytest.raises(InputError, match="colour_order"):
         as_float_rgb(_rgb8(), "RGBA")
+
+
+def test_written_images_get_the_usual_file_permissions(tmp_path):
+    import stat
+
+    reference = tmp_path / "plain.txt"
+    reference.write_text("x")
+    out = write_image(tmp_path / "out.png", np.zeros((4, 5, 3), np.float32))
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(reference.stat().st_mode)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
