@@ -48,14 +48,16 @@ class Runner:
 
     def __init__(self) -> None:
         self.is_active = False
+        self._inputs: List[str] = []  # filled by the backend, at construction or activation
+        self._outputs: List[str] = []
 
     @property
     def input_names(self) -> List[str]:
-        raise NotImplementedError
+        return list(self._inputs)
 
     @property
     def output_names(self) -> List[str]:
-        raise NotImplementedError
+        return list(self._outputs)
 
     def activate(self) -> Runner:
         if not self.is_active:

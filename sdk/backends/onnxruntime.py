@@ -60,17 +60,7 @@ class OnnxRuntimeRunner(Runner):
         self.threads = threads
         self.name = name or self.path.stem
         self.session: Any = None
-        self._inputs: List[str] = []
-        self._outputs: List[str] = []
         self._input_types: Dict[str, Any] = {}
-
-    @property
-    def input_names(self) -> List[str]:
-        return list(self._inputs)
-
-    @property
-    def output_names(self) -> List[str]:
-        return list(self._outputs)
 
     @property
     def providers(self) -> List[str]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 
@@ -88,14 +88,6 @@ class TorchRunner(Runner):
         self.name = name
         self.device = "cpu"
         self.dtype: Any = None
-
-    @property
-    def input_names(self) -> List[str]:
-        return list(self._inputs)
-
-    @property
-    def output_names(self) -> List[str]:
-        return list(self._outputs)
 
     def _activate(self) -> None:
         self.device = resolve_device(self.requested_device)
