@@ -70,7 +70,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, ModelError, require
-from .imageio import IMAGE_EXTENSIONS, as_float_rgb, read_image, write_image
+from .imageio import IMAGE_EXTENSIONS, as_float_rgb, images_by_stem, is_visible_image, read_image, write_image
 from .manifest import DEFAULT_MIDDLE_STEP, MANIFEST_NAME, Manifest, NetworkSpec, TensorSpec
 from .metrics import WINDOW, psnr, si, si_region, ssim, ssim_region
 
@@ -109,29 +109,10 @@ class Pair:
     mask: Optional[Path] = None
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
-
-
 def _shown(names: Sequence[str], limit: int = 5) -> str:
     names = sorted(names)
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
-
-
-def images_by_stem(folder: Path) -> Dict[str, Path]:
-    """Images directly in ``folder`` by stem; two files with one stem raise InputError."""
-    found: Dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if not _is_image(path):
-            continue
-        if path.stem in found:
-            raise InputError(
-                f"{folder} holds two images named {path.stem!r} ({found[path.stem].name}, {path.name}); "
-                "images are paired by name, keep one"
-            )
-        found[path.stem] = path
-    return found
 
 
 def _match(inputs: Dict[str, Path], targets: Dict[str, Path], where: str, input_what: str,
@@ -192,7 +173,7 @@ def read_ceilnet(root: PathLike) -> List[Pair]:
     inputs: Dict[str, Path] = {}
     targets: Dict[str, Path] = {}
     for path in sorted(root.iterdir()):
-        if not _is_image(path):
+        if not is_visible_image(path):
             continue
         for suffix, bucket in (("-input", inputs), ("-label1", targets)):
             if path.stem.endswith(suffix):
@@ -223,7 +204,7 @@ def read_sir2(root: PathLike) -> List[Pair]:
         for filename in sorted(files):
             path = here / filename
             match = _SIR2_FILE.match(path.stem)
-            if not match or not _is_image(path):
+            if not match or not is_visible_image(path):
                 continue
             letter = match.group("letter").lower()
             if letter == "r":
@@ -250,7 +231,7 @@ def detect_layout(root: PathLike) -> str:
     root = _check_dir(root)
     if _paired_dirs(root) is not None:
         return "paired"
-    if any(_is_image(p) and p.stem.endswith("-input") for p in root.iterdir()):
+    if any(is_visible_image(p) and p.stem.endswith("-input") for p in root.iterdir()):
         return "ceilnet"
     for folder, subdirs, files in os.walk(root):
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
@@ -258,7 +239,7 @@ def detect_layout(root: PathLike) -> str:
             return "sir2"
         for filename in files:
             match = _SIR2_FILE.match(Path(filename).stem)
-            if match and match.group("letter").lower() == "m" and _is_image(Path(folder) / filename):
+            if match and match.group("letter").lower() == "m" and is_visible_image(Path(folder) / filename):
                 return "sir2"
     raise InputError(f"{root}: no known dataset layout found. Looked for: {_LOOKED_FOR}")
 
@@ -270,7 +251,7 @@ def attach_masks(pairs: List[Pair], masks_dir: PathLike) -> List[Pair]:
         raise InputError(f"mask folder not found: {masks_dir}")
     index: Dict[str, Path] = {}
     for path in sorted(masks_dir.rglob("*")):
-        if not _is_image(path):
+        if not is_visible_image(path):
             continue
         key = path.relative_to(masks_dir).with_suffix("").as_posix()
         if key in index:

@@ -29,7 +29,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -320,3 +320,23 @@ def write_image(
 def is_image_file(path: PathLike) -> bool:
     """True when ``path``'s extension is one the runtime reads."""
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def is_visible_image(path: Path) -> bool:
+    """A regular, non-hidden file with an image extension (what folder listings pick up)."""
+    return path.is_file() and not path.name.startswith(".") and is_image_file(path)
+
+
+def images_by_stem(folder: Path) -> Dict[str, Path]:
+    """Images directly in ``folder`` by stem; two files with one stem raise InputError."""
+    found: Dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not is_visible_image(path):
+            continue
+        if path.stem in found:
+            raise InputError(
+                f"{folder} holds two images named {path.stem!r} ({found[path.stem].name}, {path.name}); "
+                "images are paired by name, keep one"
+            )
+        found[path.stem] = path
+    return found

@@ -52,11 +52,15 @@ def register(subparsers) -> None:
     synth.add_argument("--recipe", choices=["rm2s-stage1", "rm2s-stage2", "crrn"], default="rm2s-stage2")
     synth.add_argument("--size", default="256", help="'N' or 'HxW' (default 256)")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--synthesis", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a recipe setting, e.g. reflection_weight=0.05,0.5; repeatable")
+    _add_synthesis_option(synth)
     synth.set_defaults(func=run_synthesize)
 
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def _add_synthesis_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--synthesis", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a synthesis recipe setting, e.g. reflection_weight=0.05,0.5; repeatable")
 
 
 def _common_options(parser: argparse.ArgumentParser, default_size: str, default_batch: int) -> None:
@@ -77,8 +81,7 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
     parser.add_argument("--batch-size", type=int, default=default_batch)
     parser.add_argument("--size", default=default_size,
                         help=f"training crop, 'N' or 'HxW', comma-separated for multi-size (default {default_size})")
-    parser.add_argument("--synthesis", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a synthesis recipe setting, e.g. reflection_weight=0.05,0.5; repeatable")
+    _add_synthesis_option(parser)
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 import torch
 from dereflect.errors import InputError
-from dereflect.evaluate import images_by_stem
+from dereflect.imageio import images_by_stem
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 PathLike = Union[str, "os.PathLike[str]"]
