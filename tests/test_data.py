@@ -17,11 +17,13 @@ from dereflect.train.data import (
     ImageSkippedWarning,
     MultiSizeBatchSampler,
     PairedFolder,
+    RecipeMix,
     SynthesisConfig,
     SyntheticPairs,
     find_images,
     fit_for_network,
     make_loader,
+    recipe_from_dict,
     sample_rng,
     synthesize,
 )
@@ -126,6 +128,28 @@ def test_config_from_dict_rejects_unknown_keys():
         SynthesisConfig.from_dict({"size": 64, "colour": 1})
 
 
+def test_recipe_mix_round_trip_shares_sizes_and_validates():
+    mix = RecipeMix((SynthesisConfig.rm2s_stage2(size=64), SynthesisConfig.crrn()), (0.7, 0.3))
+    assert mix.sizes == [(64, 64)] and all(r.sizes == [(64, 64)] for r in mix.recipes)
+    assert mix.recipes[1].mode == "crrn" and mix.recipes[1].gamma == 1.0
+    data = json.loads(json.dumps(mix.to_dict()))
+    assert recipe_from_dict(data) == mix
+    assert recipe_from_dict(SynthesisConfig.crrn().to_dict()) == SynthesisConfig.crrn()
+    assert mix.with_size([(32, 48), (64, 96)]).sizes == [(32, 48), (64, 96)]
+    with pytest.raises(InputError, match="two or more"):
+        RecipeMix((SynthesisConfig(),), (1.0,))
+    with pytest.raises(InputError, match="> 0"):
+        RecipeMix((SynthesisConfig(), SynthesisConfig.crrn()), (1.0, 0.0))
+    with pytest.raises(InputError, match="mix"):
+        RecipeMix.from_dict({"mix": [{"recipe": {}}]})
+
+
+def test_recipe_mix_draws_each_recipe_at_its_weight():
+    mix = RecipeMix((SynthesisConfig(size=32), SynthesisConfig.crrn(size=32)), (0.25, 0.75))
+    modes = [mix.pick(sample_rng(0, 0, i)).mode for i in range(2000)]
+    assert abs(modes.count("crrn") / len(modes) - 0.75) < 0.04
+
+
 # ----------------------------------------------------------------------------- recipe
 
 
@@ -224,6 +248,23 @@ def test_synthetic_pairs_shapes_ranges_and_determinism(photos):
     assert torch.equal(data[(3, 0, 0)]["input"], sample["input"])
     with pytest.raises(IndexError):
         data[6]
+
+
+def test_synthetic_pairs_with_a_mix_use_both_recipes(photos):
+    # With no reflection, the rm2s recipe (gamma 2.2, scale in linear light) and the crrn one
+    # (gamma 1) dim the background differently: the ratio input / background tells them apart.
+    rm2s = plain(size=32, reflection_weight=(0, 0), background_scale=(0.5, 0.5))
+    crrn = plain(mode="crrn", size=32, gamma=1.0, reflection_weight=(0, 0), background_scale=(0.5, 0.5))
+    data = SyntheticPairs([photos], RecipeMix((rm2s, crrn), (1.0, 1.0)), seed=3, length=6)
+    ratios = set()
+    for epoch in range(4):
+        for i in range(6):
+            mixture, background, _ = data.sample_arrays((i, epoch, 0))
+            ratio = float(mixture.sum() / background.sum())
+            ratios.add(round(ratio, 2))
+            again, _, _ = data.sample_arrays((i, epoch, 0))
+            assert np.array_equal(mixture, again)
+    assert ratios == {0.5, round(0.5 ** (1 / 2.2), 2)}
 
 
 def test_reflection_never_the_background_and_backgrounds_cycle(photos):

@@ -226,6 +226,24 @@ def test_synthesize_writes_a_repeatable_paired_test_set(photo_folder, tmp_path):
     assert main(args + ["-o", str(tmp_path / "a")]) == 2
 
 
+def test_mix_option_records_both_recipes_and_needs_a_preset(photo_folder, fake_vgg16, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "rm2s-stage1", "--data", str(photo_folder), "--steps", "1", "--batch-size", "2",
+                 "--size", "64", "--val-count", "2", "--workers", "0", "--out", str(out), "--vgg", str(fake_vgg16),
+                 "--vgg-arch", "vgg16", "--mix", "crrn", "--mix-fraction", "0.25",
+                 "--mix-synthesis", "reflection_weight=0,0.5"])
+    assert code == 0
+    parts = load_checkpoint(out / "final.safetensors").metadata["data_recipe"]["mix"]
+    assert [p["weight"] for p in parts] == [0.75, 0.25]
+    assert [p["recipe"]["mode"] for p in parts] == ["rm2s", "crrn"]
+    assert parts[1]["recipe"]["reflection_weight"] == [0, 0.5] and parts[1]["recipe"]["size"] == [[64, 64]]
+    base = ["train", "synthesize", "--data", str(photo_folder), "--count", "1", "--size", "32"]
+    assert main(base + ["-o", str(tmp_path / "a"), "--mix-synthesis", "gamma=1"]) == 2
+    assert "--mix PRESET" in capsys.readouterr().err
+    assert main(base + ["-o", str(tmp_path / "b"), "--mix", "crrn", "--mix-fraction", "1"]) == 2
+    assert "--mix-fraction" in capsys.readouterr().err
+
+
 def test_synthesis_overrides_reach_the_recipe_and_bad_keys_are_named(photo_folder, fake_vgg16, tmp_path, capsys):
     from dereflect.train.cli import parse_overrides
 

@@ -49,7 +49,7 @@ def register(subparsers) -> None:
     synth.add_argument("--count", type=int, default=50)
     synth.add_argument("--include", default=None, metavar="PREFIX",
                        help="only photos whose names start with PREFIX (e.g. test_ for BSDS500's held-out split)")
-    synth.add_argument("--recipe", choices=["rm2s-stage1", "rm2s-stage2", "crrn"], default="rm2s-stage2")
+    synth.add_argument("--recipe", choices=RECIPE_PRESETS, default="rm2s-stage2")
     synth.add_argument("--size", default="256", help="'N' or 'HxW' (default 256)")
     synth.add_argument("--seed", type=int, default=0)
     _add_synthesis_option(synth)
@@ -58,9 +58,38 @@ def register(subparsers) -> None:
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
+RECIPE_PRESETS = ("rm2s-stage1", "rm2s-stage2", "crrn")
+
+
 def _add_synthesis_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synthesis", action="append", default=[], metavar="KEY=VALUE",
                         help="override a synthesis recipe setting, e.g. reflection_weight=0.05,0.5; repeatable")
+    parser.add_argument("--mix", choices=RECIPE_PRESETS, default=None, metavar="PRESET",
+                        help=f"also synthesise pairs with this recipe ({', '.join(RECIPE_PRESETS)}), at the "
+                             "same sizes, so the model learns both kinds of glass")
+    parser.add_argument("--mix-fraction", type=float, default=0.5, metavar="F",
+                        help="fraction of the pairs made with the --mix recipe (default 0.5)")
+    parser.add_argument("--mix-synthesis", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting of the --mix recipe; repeatable")
+
+
+def build_recipe(args, preset: str, sizes):
+    """The synthesis recipe the options ask for: ``preset`` with --synthesis, mixed per --mix."""
+    from dereflect.errors import InputError
+
+    from .data import RecipeMix, SynthesisConfig
+
+    presets = {"rm2s-stage1": SynthesisConfig.rm2s_stage1, "rm2s-stage2": SynthesisConfig.rm2s_stage2,
+               "crrn": SynthesisConfig.crrn}
+    recipe = presets[preset](size=sizes, **parse_overrides(args.synthesis))
+    if args.mix is None:
+        if args.mix_synthesis:
+            raise InputError("--mix-synthesis changes the --mix recipe; name one with --mix PRESET")
+        return recipe
+    if not 0.0 < args.mix_fraction < 1.0:
+        raise InputError(f"--mix-fraction must be between 0 and 1 (exclusive), got {args.mix_fraction}")
+    other = presets[args.mix](size=sizes, **parse_overrides(args.mix_synthesis))
+    return RecipeMix((recipe, other), (1.0 - args.mix_fraction, args.mix_fraction))
 
 
 def _common_options(parser: argparse.ArgumentParser, default_size: str, default_batch: int) -> None:
@@ -166,7 +195,7 @@ def build_loaders(args, recipe):
 
     from .data import CeilnetTriplets, PairedFolder, SyntheticPairs, find_images, make_loader
 
-    val_recipe = type(recipe).from_dict({**recipe.to_dict(), "size": [recipe.sizes[0]]})
+    val_recipe = recipe.with_size(recipe.sizes[0])
     val_seed = 1_000_003 + args.seed
     prefix = (args.val_prefix,) if args.val_prefix else ()
     exclude = ()
@@ -242,11 +271,10 @@ def _find_loss_vgg(args):
 
 def run_rm2s_stage1(args) -> int:
     require("torch", "train", "training")
-    from .data import SynthesisConfig
     from .models.rm2s import UNetConfig
     from .rm2s import STAGE1_LR, Stage1Task
 
-    recipe = SynthesisConfig.rm2s_stage1(size=parse_sizes(args.size), **parse_overrides(args.synthesis))
+    recipe = build_recipe(args, "rm2s-stage1", parse_sizes(args.size))
     vgg = _load_loss_vgg(args)
     task = Stage1Task(UNetConfig.preset(args.config, in_channels=3), vgg, lr=args.lr or STAGE1_LR,
                       data_recipe=recipe.to_dict())
@@ -256,11 +284,10 @@ def run_rm2s_stage1(args) -> int:
 def run_rm2s_stage2(args) -> int:
     require("torch", "train", "training")
     from .checkpoint import load_checkpoint
-    from .data import SynthesisConfig
     from .models.rm2s import DiscriminatorConfig, UNetConfig
     from .rm2s import DISCRIMINATOR_LR, STAGE2_LR, Stage2Task
 
-    recipe = SynthesisConfig.rm2s_stage2(size=parse_sizes(args.size), **parse_overrides(args.synthesis))
+    recipe = build_recipe(args, "rm2s-stage2", parse_sizes(args.size))
     vgg = _load_loss_vgg(args)
     task = Stage2Task(
         UNetConfig.preset(args.config, in_channels=9),
@@ -285,14 +312,12 @@ def run_synthesize(args) -> int:
     from dereflect.errors import InputError
     from tqdm import tqdm
 
-    from .data import SynthesisConfig, SyntheticPairs
+    from .data import SyntheticPairs
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise InputError(f"{out} exists and is not empty; choose a new folder")
-    presets = {"rm2s-stage1": SynthesisConfig.rm2s_stage1, "rm2s-stage2": SynthesisConfig.rm2s_stage2,
-               "crrn": SynthesisConfig.crrn}
-    recipe = presets[args.recipe](size=parse_sizes(args.size)[:1], **parse_overrides(args.synthesis))
+    recipe = build_recipe(args, args.recipe, parse_sizes(args.size)[:1])
     include = (args.include,) if args.include else ()
     pairs = SyntheticPairs(args.data, recipe, seed=args.seed, length=args.count, include=include)
     for folder in ("blended", "transmission_layer"):
@@ -311,10 +336,9 @@ def run_synthesize(args) -> int:
 def run_crrn(args) -> int:
     require("torch", "train", "training")
     from .crrn import CRRN_LR, CRRNTask, vgg16_init_state
-    from .data import SynthesisConfig
     from .models.crrn import CRRNConfig
 
-    recipe = SynthesisConfig.crrn(size=parse_sizes(args.size), **parse_overrides(args.synthesis))
+    recipe = build_recipe(args, "crrn", parse_sizes(args.size))
     config = CRRNConfig.preset(args.config)
     vgg_init = vgg16_init_state(args.vgg) if args.config == "paper" else None
     task = CRRNTask(config, total_steps=args.steps, gin_fraction=args.gin_fraction, lr=args.lr or CRRN_LR,

@@ -335,6 +335,10 @@ class SynthesisConfig:
             out[f.name] = value
         return out
 
+    def with_size(self, size: Any) -> SynthesisConfig:
+        """The same recipe at other target size(s)."""
+        return dataclasses.replace(self, size=size)
+
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> SynthesisConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise InputError."""
@@ -369,6 +373,74 @@ class SynthesisConfig:
         }
         preset.update(overrides)
         return cls.from_dict(preset)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeMix:
+    """Several recipes in one training set: each sample uses one, drawn with the given weights.
+
+    A model trained on one recipe learns that recipe's habits (CRRN's dims the background and
+    adds a strong veil, the RM2S one adds local, often faint reflections); one that must not
+    harm either kind of photo is trained on both. Every recipe is given the first one's sizes,
+    so multi-size batching works as with a single recipe.
+    """
+
+    recipes: Tuple[SynthesisConfig, ...]
+    weights: Tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise fields in place once
+        recipes = tuple(self.recipes)
+        weights = tuple(float(w) for w in self.weights)
+        if len(recipes) < 2 or len(weights) != len(recipes):
+            raise InputError(f"RecipeMix needs two or more recipes and one weight each, got {len(recipes)} "
+                             f"recipes and {len(weights)} weights")
+        if any(not w > 0 for w in weights):
+            raise InputError(f"RecipeMix weights must be > 0, got {weights}")
+        set_(self, "recipes", tuple(r.with_size(recipes[0].size) for r in recipes))
+        set_(self, "weights", weights)
+
+    @property
+    def size(self) -> Tuple[Size, ...]:
+        return self.recipes[0].size
+
+    @property
+    def sizes(self) -> List[Size]:
+        return self.recipes[0].sizes
+
+    @property
+    def min_source_size(self) -> Size:
+        return self.recipes[0].min_source_size
+
+    def with_size(self, size: Any) -> RecipeMix:
+        return RecipeMix(tuple(r.with_size(size) for r in self.recipes), self.weights)
+
+    def pick(self, rng: np.random.Generator) -> SynthesisConfig:
+        """The recipe of one sample (one draw from ``rng``)."""
+        p = np.asarray(self.weights) / sum(self.weights)
+        return self.recipes[int(rng.choice(len(self.recipes), p=p))]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """``{"mix": [{"weight": w, "recipe": {...}}, ...]}`` (JSON-serialisable)."""
+        return {"mix": [{"weight": w, "recipe": r.to_dict()} for w, r in zip(self.weights, self.recipes)]}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> RecipeMix:
+        """Inverse of :meth:`to_dict`."""
+        try:
+            parts = list(data["mix"])
+            return cls(tuple(SynthesisConfig.from_dict(dict(part["recipe"])) for part in parts),
+                       tuple(part["weight"] for part in parts))
+        except (KeyError, TypeError):
+            raise InputError('a recipe mix is {"mix": [{"weight": W, "recipe": {...}}, ...]}') from None
+
+
+Recipe = Union[SynthesisConfig, RecipeMix]
+
+
+def recipe_from_dict(data: Dict[str, Any]) -> Recipe:
+    """A single recipe or a mix from its :meth:`to_dict` form (as checkpoints record it)."""
+    return RecipeMix.from_dict(data) if "mix" in data else SynthesisConfig.from_dict(data)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -505,7 +577,7 @@ class SyntheticPairs(Dataset):
     def __init__(
         self,
         folders: Union[PathLike, Sequence[PathLike]],
-        config: Optional[SynthesisConfig] = None,
+        config: Optional[Recipe] = None,
         seed: int = 0,
         length: Optional[int] = None,
         reflection_folders: Optional[Union[PathLike, Sequence[PathLike]]] = None,
@@ -593,10 +665,11 @@ class SyntheticPairs(Dataset):
         index, epoch, size_id = self._key(key)
         rng = sample_rng(self.seed, epoch, index)
         _, bg, _, refl = self._draw(index, epoch, rng)
-        size = self.config.size[size_id]
-        b = random_crop(bg, size, self.config, rng)
-        r = random_crop(refl, size, self.config, rng)
-        return synthesize(b, r, self.config, rng, real_reflection=self._reflections is not None)
+        config = self.config.pick(rng) if isinstance(self.config, RecipeMix) else self.config
+        size = config.size[size_id]
+        b = random_crop(bg, size, config, rng)
+        r = random_crop(refl, size, config, rng)
+        return synthesize(b, r, config, rng, real_reflection=self._reflections is not None)
 
     def __getitem__(self, key: Union[int, SampleKey]) -> Dict[str, torch.Tensor]:
         mixture, background, reflection = self.sample_arrays(key)
