@@ -70,7 +70,15 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, ModelError, require
-from .imageio import IMAGE_EXTENSIONS, as_float_rgb, images_by_stem, is_visible_image, read_image, write_image
+from .imageio import (
+    IMAGE_EXTENSIONS,
+    as_float_rgb,
+    images_by_stem,
+    is_visible_image,
+    read_image,
+    some_names,
+    write_image,
+)
 from .manifest import DEFAULT_MIDDLE_STEP, MANIFEST_NAME, Manifest, NetworkSpec, TensorSpec
 from .metrics import WINDOW, psnr, si, si_region, ssim, ssim_region
 
@@ -109,12 +117,6 @@ class Pair:
     mask: Optional[Path] = None
 
 
-def _shown(names: Sequence[str], limit: int = 5) -> str:
-    names = sorted(names)
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 def _match(inputs: Dict[str, Path], targets: Dict[str, Path], where: str, input_what: str,
            target_what: str, prefix: str = "") -> List[Pair]:
     only_in = sorted(set(inputs) - set(targets))
@@ -122,9 +124,9 @@ def _match(inputs: Dict[str, Path], targets: Dict[str, Path], where: str, input_
     if only_in or only_gt:
         parts = []
         if only_in:
-            parts.append(f"{len(only_in)} {input_what} without ground truth ({_shown(only_in)})")
+            parts.append(f"{len(only_in)} {input_what} without ground truth ({some_names(only_in)})")
         if only_gt:
-            parts.append(f"{len(only_gt)} {target_what} without an input ({_shown(only_gt)})")
+            parts.append(f"{len(only_gt)} {target_what} without an input ({some_names(only_gt)})")
         raise InputError(f"{where}: inputs and ground truths are matched by name, but " + "; ".join(parts))
     return [Pair(prefix + key, inputs[key], targets[key]) for key in sorted(inputs)]
 
@@ -219,7 +221,7 @@ def read_sir2(root: PathLike) -> List[Pair]:
     pairs.extend(_match(mixtures, grounds, str(root), "mixture file(s) (m)", "ground-truth file(s) (g)"))
     duplicated = [name for name, count in Counter(p.name for p in pairs).items() if count > 1]
     if duplicated:
-        raise InputError(f"{root}: image names found twice ({_shown(duplicated)}); keep one copy")
+        raise InputError(f"{root}: image names found twice ({some_names(duplicated)}); keep one copy")
     return _nonempty(sorted(pairs, key=lambda p: p.name), root, "SIR2 image pairs")
 
 
@@ -261,7 +263,7 @@ def attach_masks(pairs: List[Pair], masks_dir: PathLike) -> List[Pair]:
     if missing:
         raise InputError(
             f"{masks_dir}: {len(missing)} of {len(pairs)} image(s) have no region mask <name>.* "
-            f"({_shown(missing)}); every scored image needs one"
+            f"({some_names(missing)}); every scored image needs one"
         )
     return [Pair(p.name, p.input, p.target, index[p.name]) for p in pairs]
 

@@ -29,7 +29,7 @@ import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -325,6 +325,13 @@ def is_image_file(path: PathLike) -> bool:
 def is_visible_image(path: Path) -> bool:
     """A regular, non-hidden file with an image extension (what folder listings pick up)."""
     return path.is_file() and not path.name.startswith(".") and is_image_file(path)
+
+
+def some_names(names: Sequence[str], limit: int = 5) -> str:
+    """The first ``limit`` of ``names`` (sorted) and how many more: for error messages."""
+    names = sorted(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def images_by_stem(folder: Path) -> Dict[str, Path]:

@@ -13,10 +13,9 @@ import pytest
 import torch
 from dereflect.errors import InputError
 from dereflect.train.data import (
-    CeilnetTriplets,
+    GroundTruthPairs,
     ImageSkippedWarning,
     MultiSizeBatchSampler,
-    PairedFolder,
     RecipeMix,
     SynthesisConfig,
     SyntheticPairs,
@@ -378,7 +377,7 @@ def test_loader_reproducible_across_worker_counts(photos):
 # ----------------------------------------------------------------------------- real pairs
 
 
-def test_paired_folder_matches_stems_and_crops(tmp_path):
+def test_ground_truth_pairs_match_stems_and_crop(tmp_path):
     root = tmp_path / "real20"
     rng = np.random.default_rng(0)
     for stem, ext_in, ext_bg in (("a", ".jpg", ".png"), ("b", ".png", ".png")):
@@ -388,46 +387,50 @@ def test_paired_folder_matches_stems_and_crops(tmp_path):
         (root / "transmission_layer").mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(root / "blended" / f"{stem}{ext_in}"), mix)
         cv2.imwrite(str(root / "transmission_layer" / f"{stem}{ext_bg}"), bg)
-    data = PairedFolder(root)
-    assert len(data) == 2
+    data = GroundTruthPairs(root)
+    assert len(data) == 2 and data.layout == "paired"
     sample = data[1]
     assert sample["name"] == "b"
     assert sample["input"].shape == (3, 64, 96) == sample["background"].shape
     expected = torch.clamp(sample["input"] - sample["background"], 0, 1)
     assert torch.allclose(sample["reflection"], expected)
     assert abs(float(sample["reflection"].mean()) - 40 / 255) < 0.02
-    resized = PairedFolder(root, size=(32, 32))[0]
+    resized = GroundTruthPairs(root, size=(32, 32))[0]
     assert resized["input"].shape == (3, 32, 32)
     batch = next(iter(make_loader(data, batch_size=2, shuffle=False, workers=0)))
     assert batch["name"] == ["a", "b"]
 
 
-def test_paired_folder_reports_mismatches(tmp_path):
+def test_ground_truth_pairs_report_mismatches_like_the_evaluation(tmp_path):
     root = tmp_path / "pairs"
     write_photos(root / "blended", ["a.jpg", "c.jpg"])
     write_photos(root / "transmission_layer", ["a.png", "d.png"])
-    with pytest.raises(InputError, match=r"blended/ only \(c\).*transmission_layer/ only \(d\)"):
-        PairedFolder(root)
-    with pytest.raises(InputError, match="lacks"):
-        PairedFolder(tmp_path / "blended")
+    with pytest.raises(InputError, match=r"1 image\(s\) in blended/ without ground truth \(c\).*in "
+                                         r"transmission_layer/ without an input \(d\)"):
+        GroundTruthPairs(root)
+    with pytest.raises(InputError, match="no known dataset layout"):
+        GroundTruthPairs(root / "blended")
 
 
-def test_ceilnet_triplets(tmp_path):
+def test_ground_truth_pairs_read_ceilnet_triplets(tmp_path):
     rng = np.random.default_rng(0)
     for name in ("x1", "x2"):
         b, r = smooth_image(rng, 64, 64), smooth_image(rng, 64, 64) // 4
         cv2.imwrite(str(tmp_path / f"{name}-label1.png"), b)
         cv2.imwrite(str(tmp_path / f"{name}-label2.png"), r)
         cv2.imwrite(str(tmp_path / f"{name}-input.png"), np.clip(b.astype(int) + r, 0, 255).astype(np.uint8))
-    data = CeilnetTriplets(tmp_path)
-    assert len(data) == 2
+    data = GroundTruthPairs(tmp_path)
+    assert len(data) == 2 and data.layout == "ceilnet"
     sample = data[0]
     assert sample["name"] == "x1" and sample["input"].shape == (3, 64, 64)
-    recon = torch.clamp(sample["background"] + sample["reflection"], 0, 1)
-    assert torch.allclose(recon, sample["input"], atol=1 / 255 + 1e-6)
-    (tmp_path / "x2-label2.png").unlink()
+    label1, label2 = (cv2.cvtColor(cv2.imread(str(tmp_path / f"x1-{k}.png")), cv2.COLOR_BGR2RGB) for k in
+                      ("label1", "label2"))
+    unclipped = label1.astype(int) + label2 <= 255  # where the input did not saturate
+    diff = np.abs(sample["reflection"].numpy().transpose(1, 2, 0) - label2 / 255.0)
+    assert unclipped.mean() > 0.5 and diff[unclipped].max() <= 1e-6
+    (tmp_path / "x2-label1.png").unlink()
     with pytest.raises(InputError, match="x2"):
-        CeilnetTriplets(tmp_path)
+        GroundTruthPairs(tmp_path)
 
 
 def test_fit_for_network():

@@ -192,8 +192,9 @@ def _fit(args, task, recipe, kind: str) -> int:
 def build_loaders(args, recipe):
     """Training loader (synthesised pairs) and validation loader, as the options say."""
     from dereflect.errors import InputError
+    from dereflect.evaluate import detect_layout
 
-    from .data import CeilnetTriplets, PairedFolder, SyntheticPairs, find_images, make_loader
+    from .data import GroundTruthPairs, SyntheticPairs, find_images, make_loader
 
     val_recipe = recipe.with_size(recipe.sizes[0])
     val_seed = 1_000_003 + args.seed
@@ -201,12 +202,12 @@ def build_loaders(args, recipe):
     exclude = ()
     if args.val:
         root = Path(args.val)
-        if (root / "blended").is_dir():
-            val_set = _first_n(PairedFolder(root, max_side=512), args.val_count)
-        elif any(root.glob("*-input.*")):
-            val_set = _first_n(CeilnetTriplets(root), args.val_count)
-        else:
+        try:
+            detect_layout(root)
+        except InputError:  # not a dataset with ground truth: photos to synthesise pairs from
             val_set = SyntheticPairs(root, val_recipe, seed=val_seed, length=args.val_count)
+        else:
+            val_set = _first_n(GroundTruthPairs(root, max_side=512), args.val_count)
     else:
         try:
             held_out = find_images(args.data, include=prefix) if prefix else []
@@ -223,7 +224,7 @@ def build_loaders(args, recipe):
                                exclude=exclude)
     if len(train_set) < args.batch_size:
         raise InputError(f"only {len(train_set)} training photos for a batch of {args.batch_size}")
-    batch = 1 if isinstance(val_set, PairedFolder) else min(4, args.batch_size)
+    batch = min(4, args.batch_size) if isinstance(val_set, SyntheticPairs) else 1
     train_loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed, workers=args.workers)
     val_loader = make_loader(val_set, batch, shuffle=False, seed=val_seed, workers=0, drop_last=False)
     return train_loader, val_loader

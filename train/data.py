@@ -31,14 +31,13 @@ import cv2
 import numpy as np
 import torch
 from dereflect.errors import InputError
-from dereflect.imageio import images_by_stem
+from dereflect.imageio import IMAGE_EXTENSIONS, is_visible_image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 PathLike = Union[str, "os.PathLike[str]"]
 Size = Tuple[int, int]
 SampleKey = Tuple[int, int, int]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MODES = ("rm2s", "crrn")
 
 # Distinct last words keep the per-sample and per-epoch (sampler) seed streams apart.
@@ -61,10 +60,6 @@ def _as_folders(folders: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
     if isinstance(folders, (str, os.PathLike)):
         return [Path(folders)]
     return [Path(f) for f in folders]
-
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
 
 
 def find_images(
@@ -92,7 +87,7 @@ def find_images(
         base = voc if voc.is_dir() else root
         for path in base.rglob("*"):
             name = path.name
-            if not _is_image(path):
+            if not is_visible_image(path):
                 continue
             if any(name.startswith(p) for p in exclude):
                 continue
@@ -680,11 +675,6 @@ class SyntheticPairs(Dataset):
         }
 
 
-def _missing(names: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def fit_for_network(
     img: np.ndarray,
     size: Optional[Union[int, Size]] = None,
@@ -717,121 +707,54 @@ def fit_for_network(
     return img[y0:y0 + ch, x0:x0 + cw]
 
 
-class _EvalPairs(Dataset):
-    """Shared loading/fitting of fixed (input, background, reflection?) triples."""
+class GroundTruthPairs(Dataset):
+    """Fixed pairs with ground truth, in any layout ``dereflect eval`` reads (for validation).
 
-    def __init__(self, size, multiple, max_side):
-        self.size = size
-        self.multiple = int(multiple)
-        self.max_side = max_side
-        self.items: List[Tuple[str, Path, Path, Optional[Path]]] = []
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def _fit(self, img: np.ndarray) -> np.ndarray:
-        return fit_for_network(img, self.size, self.multiple, self.max_side)
-
-    def __getitem__(self, index: int) -> Dict[str, Any]:
-        name, inp_path, bg_path, refl_path = self.items[index]
-        inp, bg = read_image(inp_path), read_image(bg_path)
-        if inp.shape != bg.shape:
-            raise InputError(
-                f"pair '{name}': input {inp_path.name} is {inp.shape[0]}x{inp.shape[1]} but background "
-                f"{bg_path.name} is {bg.shape[0]}x{bg.shape[1]}; a pair must have one size"
-            )
-        i = self._fit(inp).astype(np.float32) / 255.0
-        b = self._fit(bg).astype(np.float32) / 255.0
-        if refl_path is None:
-            r = np.clip(i - b, 0.0, 1.0)
-        else:
-            refl = read_image(refl_path)
-            if refl.shape != inp.shape:
-                raise InputError(
-                    f"triplet '{name}': reflection {refl_path.name} differs in size from the input"
-                )
-            r = self._fit(refl).astype(np.float32) / 255.0
-        return {
-            "input": _to_tensor(i),
-            "background": _to_tensor(b),
-            "reflection": _to_tensor(r),
-            "name": name,
-        }
-
-
-class PairedFolder(_EvalPairs):
-    """Real pairs: ``root/blended/NAME.*`` (input) and ``root/transmission_layer/NAME.*`` (background).
-
-    Files are matched by stem (extensions may differ); any name on one side only raises
-    InputError listing them. ``reflection`` is ``clip(input - background, 0, 1)``; ``name``
-    is the stem. See :func:`fit_for_network` for ``size``, ``multiple`` and ``max_side``.
+    The files are found by :func:`dereflect.evaluate.find_pairs` (paired ``blended/`` +
+    ``transmission_layer/`` or ``input/`` + ``target/`` folders, CEILNet triplets, SIR2), so
+    training validates on pairs found exactly as the evaluation finds them. Each sample has
+    ``input``, ``background``, ``reflection`` = ``clip(input - background, 0, 1)`` (CEILNet's
+    label2 up to clipping) and ``name``. See :func:`fit_for_network` for ``size``,
+    ``multiple`` and ``max_side``.
     """
 
     def __init__(
         self,
         root: PathLike,
-        size: Optional[Union[int, Size]] = None,
-        multiple: int = 32,
-        max_side: Optional[int] = None,
-        input_dir: str = "blended",
-        background_dir: str = "transmission_layer",
-    ):
-        super().__init__(size, multiple, max_side)
-        root = Path(root)
-        dirs = [root / input_dir, root / background_dir]
-        absent = [str(d) for d in dirs if not d.is_dir()]
-        if absent:
-            raise InputError(
-                f"paired data folder '{root}' lacks {', '.join(absent)}: expected "
-                f"'{input_dir}/' (inputs) and '{background_dir}/' (ground-truth backgrounds) side by side"
-            )
-        inputs, backgrounds = images_by_stem(dirs[0]), images_by_stem(dirs[1])
-        only_in = sorted(set(inputs) - set(backgrounds))
-        only_bg = sorted(set(backgrounds) - set(inputs))
-        if only_in or only_bg:
-            parts = []
-            if only_in:
-                parts.append(f"{len(only_in)} in {input_dir}/ only ({_missing(only_in)})")
-            if only_bg:
-                parts.append(f"{len(only_bg)} in {background_dir}/ only ({_missing(only_bg)})")
-            raise InputError(
-                f"'{root}': inputs and backgrounds are matched by file name, but {'; '.join(parts)}"
-            )
-        if not inputs:
-            raise InputError(f"no images in '{dirs[0]}'")
-        self.items = [(stem, inputs[stem], backgrounds[stem], None) for stem in sorted(inputs)]
-
-
-class CeilnetTriplets(_EvalPairs):
-    """CEILNet triplets: ``NAME-input.png`` (input), ``NAME-label1.png`` (background),
-    ``NAME-label2.png`` (reflection) in one folder. ``name`` is NAME."""
-
-    def __init__(
-        self,
-        root: PathLike,
+        layout: str = "auto",
         size: Optional[Union[int, Size]] = None,
         multiple: int = 32,
         max_side: Optional[int] = None,
     ):
-        super().__init__(size, multiple, max_side)
-        root = Path(root)
-        if not root.is_dir():
-            raise InputError(f"triplet folder '{root}' does not exist")
-        names = sorted(p.name[: -len("-input.png")] for p in root.glob("*-input.png"))
-        if not names:
-            raise InputError(f"no NAME-input.png files in '{root}' (CEILNet triplet layout)")
-        incomplete = [
-            n for n in names
-            if not (root / f"{n}-label1.png").is_file() or not (root / f"{n}-label2.png").is_file()
-        ]
-        if incomplete:
+        from dereflect.evaluate import find_pairs
+
+        self.layout, self.pairs = find_pairs(root, layout)
+        self.size = size
+        self.multiple = int(multiple)
+        self.max_side = max_side
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _fit(self, img: np.ndarray) -> np.ndarray:
+        return fit_for_network(img, self.size, self.multiple, self.max_side)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        pair = self.pairs[index]
+        inp, bg = read_image(pair.input), read_image(pair.target)
+        if inp.shape != bg.shape:
             raise InputError(
-                f"'{root}': {len(incomplete)} triplets lack NAME-label1.png or NAME-label2.png "
-                f"({_missing(incomplete)})"
+                f"pair '{pair.name}': input {pair.input.name} is {inp.shape[0]}x{inp.shape[1]} but background "
+                f"{pair.target.name} is {bg.shape[0]}x{bg.shape[1]}; a pair must have one size"
             )
-        self.items = [
-            (n, root / f"{n}-input.png", root / f"{n}-label1.png", root / f"{n}-label2.png") for n in names
-        ]
+        i = self._fit(inp).astype(np.float32) / 255.0
+        b = self._fit(bg).astype(np.float32) / 255.0
+        return {
+            "input": _to_tensor(i),
+            "background": _to_tensor(b),
+            "reflection": _to_tensor(np.clip(i - b, 0.0, 1.0)),
+            "name": pair.name,
+        }
 
 
 # --------------------------------------------------------------------------- loading
