@@ -191,6 +191,27 @@ def test_train_command_runs_end_to_end(photo_folder, fake_vgg16, tmp_path, capsy
     assert records[-1]["step"] == 2 and "val_psnr" in records[-1]
 
 
+def test_val_option_scores_a_ground_truth_folder(photo_folder, tmp_path):
+    import cv2
+    import numpy as np
+
+    val = tmp_path / "val"
+    for folder in ("blended", "transmission_layer"):
+        (val / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        background = rng.integers(0, 200, (40, 72, 3), dtype=np.uint8)
+        cv2.imwrite(str(val / "transmission_layer" / f"{name}.png"), background)
+        cv2.imwrite(str(val / "blended" / f"{name}.png"), background + 40)
+    out = tmp_path / "run"
+    code = main(["train", "crrn", "--data", str(photo_folder), "--steps", "1", "--batch-size", "2", "--size", "64",
+                 "--val", str(val), "--val-count", "2", "--workers", "0", "--out", str(out), "--val-every", "1"])
+    assert code == 0
+    record = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]
+    # The validation pairs are the folder's (input 40 grey levels above the background), not synthesised ones.
+    assert abs(record["val_psnr_input"] - 20 * np.log10(255 / 40)) < 0.01
+
+
 def test_train_without_vgg_weights_says_how_to_get_them(photo_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DEREFLECT_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch"))
