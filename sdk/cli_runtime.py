@@ -22,7 +22,7 @@ INTERMEDIATE_SUFFIXES = {
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="NAME_OR_DIR",
-                        help="a bundled model (crrn-lite, the default, or rm2s-lite) or an export directory")
+                        help="a bundled model (rm2s-lite, the default, or crrn-lite) or an export directory")
     parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "torch"],
                         help="inference backend (default: onnxruntime)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")

@@ -47,7 +47,7 @@ from .middle_step import middle_step_cpu
 DEFAULT_MAX_SIDE = 1024
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent / "models"
 #: The bundled models, by name; the first is the default.
-BUNDLED_MODELS = ("crrn-lite", "rm2s-lite")
+BUNDLED_MODELS = ("rm2s-lite", "crrn-lite")
 LARGE_IMAGE_STRATEGIES = ("guided", "tile")
 TILE_OVERLAP = 64
 GUIDED_RADIUS = 2
