@@ -452,7 +452,8 @@ def resolve_model(model: Union[str, Path, None]) -> Path:
     """An export directory from a bundled model's name, a path, or ``None`` (the default bundled model)."""
     if model is None:
         return bundled_model_dir(BUNDLED_MODELS[0])
-    if str(model) in BUNDLED_MODELS and not Path(model).exists():
+    # A folder of that name that is not an export (say, a training run's) does not hide the bundled model.
+    if str(model) in BUNDLED_MODELS and not (Path(model) / MANIFEST_NAME).is_file():
         return bundled_model_dir(str(model))
     return Path(model)
 

@@ -206,6 +206,18 @@ def test_manifest_names_not_in_graph(tmp_path):
         Remover.from_dir(directory)
 
 
+def test_bundled_name_is_not_hidden_by_a_folder_that_is_not_an_export(monkeypatch, tmp_path):
+    import dereflect.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "BUNDLED_MODELS_DIR", tmp_path / "models")
+    make_crrn_export(tmp_path / "models" / "crrn-lite")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "crrn-lite").mkdir()  # e.g. a training run's folder
+    assert pipeline.resolve_model("crrn-lite") == tmp_path / "models" / "crrn-lite"
+    make_crrn_export(tmp_path / "crrn-lite")  # a real export of that name is the user's choice
+    assert pipeline.resolve_model("crrn-lite") == Path("crrn-lite")
+
+
 def test_default_model_missing_explains(monkeypatch, tmp_path):
     import dereflect.pipeline as pipeline
 
