@@ -433,11 +433,6 @@ class RecipeMix:
 Recipe = Union[SynthesisConfig, RecipeMix]
 
 
-def recipe_from_dict(data: Dict[str, Any]) -> Recipe:
-    """A single recipe or a mix from its :meth:`to_dict` form (as checkpoints record it)."""
-    return RecipeMix.from_dict(data) if "mix" in data else SynthesisConfig.from_dict(data)
-
-
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The generator of every random choice for sample ``index`` of ``epoch``."""
     if min(seed, epoch, index) < 0:
