@@ -203,11 +203,11 @@ def build_loaders(args, recipe):
     if args.val:
         root = Path(args.val)
         try:
-            detect_layout(root)
+            layout = detect_layout(root)
         except InputError:  # not a dataset with ground truth: photos to synthesise pairs from
             val_set = SyntheticPairs(root, val_recipe, seed=val_seed, length=args.val_count)
         else:
-            val_set = _first_n(GroundTruthPairs(root, max_side=512), args.val_count)
+            val_set = _first_n(GroundTruthPairs(root, layout=layout, max_side=512), args.val_count)
     else:
         try:
             held_out = find_images(args.data, include=prefix) if prefix else []
