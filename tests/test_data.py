@@ -141,6 +141,16 @@ def test_recipe_mix_round_trip_shares_sizes_and_validates():
         RecipeMix.from_dict({"mix": [{"recipe": {}}]})
 
 
+@pytest.mark.parametrize("recipe", [SynthesisConfig.rm2s_stage2(size=32), SynthesisConfig.crrn(size=32)])
+def test_without_reflection_returns_the_background_as_input(recipe):
+    rng = np.random.default_rng(4)
+    background, reflection = rng.random((2, 32, 32, 3), dtype=np.float32)
+    mixture, clean, layer = synthesize(background, reflection, recipe.without_reflection(), rng)
+    np.testing.assert_allclose(mixture, background, atol=1e-6)
+    assert np.array_equal(clean, background) and not layer.any()
+    assert recipe.without_reflection().gamma == recipe.gamma
+
+
 def test_recipe_mix_draws_each_recipe_at_its_weight():
     mix = RecipeMix((SynthesisConfig(size=32), SynthesisConfig.crrn(size=32)), (0.25, 0.75))
     modes = [mix.pick(sample_rng(0, 0, i)).mode for i in range(2000)]

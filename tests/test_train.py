@@ -265,6 +265,29 @@ def test_mix_option_records_both_recipes_and_needs_a_preset(photo_folder, fake_v
     assert "--mix-fraction" in capsys.readouterr().err
 
 
+def test_clean_fraction_adds_pairs_whose_input_is_the_background(photo_folder, tmp_path, capsys):
+    import cv2
+    import numpy as np
+
+    out = tmp_path / "set"
+    base = ["train", "synthesize", "--data", str(photo_folder), "--size", "48", "--recipe", "crrn"]
+    assert main(base + ["--count", "24", "--seed", "3", "--mix", "rm2s-stage2", "--mix-fraction", "0.3",
+                        "--clean-fraction", "0.4", "-o", str(out)]) == 0
+    parts = json.loads((out / "recipe.json").read_text())["recipe"]["mix"]
+    assert [p["weight"] for p in parts] == pytest.approx([0.3, 0.3, 0.4])
+    assert parts[2]["recipe"]["mode"] == "crrn"
+    assert parts[2]["recipe"]["reflection_weight"] == [0, 0] and parts[2]["recipe"]["background_scale"] == [0, 0]
+    same = [np.array_equal(cv2.imread(str(path)), cv2.imread(str(out / "transmission_layer" / path.name)))
+            for path in sorted((out / "blended").iterdir())]
+    assert 3 <= sum(same) <= 16, same  # about 40 % of 24; the others carry a reflection
+    assert main(base + ["--count", "1", "--mix", "crrn", "--mix-fraction", "0.5", "--clean-fraction", "0.5",
+                        "-o", str(tmp_path / "bad")]) == 2
+    assert "add up to 1" in capsys.readouterr().err
+    assert main(base + ["--count", "1", "--clean-fraction", "-0.1", "-o", str(tmp_path / "bad")]) == 2
+    assert "--clean-fraction" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_synthesis_overrides_reach_the_recipe_and_bad_keys_are_named(photo_folder, fake_vgg16, tmp_path, capsys):
     from dereflect.train.cli import parse_overrides
 

@@ -71,10 +71,14 @@ def _add_synthesis_option(parser: argparse.ArgumentParser) -> None:
                         help="fraction of the pairs made with the --mix recipe (default 0.5)")
     parser.add_argument("--mix-synthesis", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of the --mix recipe; repeatable")
+    parser.add_argument("--clean-fraction", type=float, default=0.0, metavar="F",
+                        help="fraction of the pairs with no reflection at all (input = background), so the "
+                             "model learns to leave photos without one alone (default 0)")
 
 
 def build_recipe(args, preset: str, sizes):
-    """The synthesis recipe the options ask for: ``preset`` with --synthesis, mixed per --mix."""
+    """The synthesis recipe the options ask for: ``preset`` with --synthesis, mixed per --mix and
+    --clean-fraction (each fraction is of all pairs; ``preset`` makes the rest)."""
     from dereflect.errors import InputError
 
     from .data import RecipeMix, SynthesisConfig
@@ -82,14 +86,25 @@ def build_recipe(args, preset: str, sizes):
     presets = {"rm2s-stage1": SynthesisConfig.rm2s_stage1, "rm2s-stage2": SynthesisConfig.rm2s_stage2,
                "crrn": SynthesisConfig.crrn}
     recipe = presets[preset](size=sizes, **parse_overrides(args.synthesis))
+    parts = []
     if args.mix is None:
         if args.mix_synthesis:
             raise InputError("--mix-synthesis changes the --mix recipe; name one with --mix PRESET")
+    else:
+        if not 0.0 < args.mix_fraction < 1.0:
+            raise InputError(f"--mix-fraction must be between 0 and 1 (exclusive), got {args.mix_fraction}")
+        parts.append((presets[args.mix](size=sizes, **parse_overrides(args.mix_synthesis)), args.mix_fraction))
+    if not 0.0 <= args.clean_fraction < 1.0:
+        raise InputError(f"--clean-fraction must be in [0, 1), got {args.clean_fraction}")
+    if args.clean_fraction > 0:
+        parts.append((recipe.without_reflection(), args.clean_fraction))
+    if not parts:
         return recipe
-    if not 0.0 < args.mix_fraction < 1.0:
-        raise InputError(f"--mix-fraction must be between 0 and 1 (exclusive), got {args.mix_fraction}")
-    other = presets[args.mix](size=sizes, **parse_overrides(args.mix_synthesis))
-    return RecipeMix((recipe, other), (1.0 - args.mix_fraction, args.mix_fraction))
+    rest = 1.0 - sum(fraction for _, fraction in parts)
+    if rest <= 0:
+        raise InputError(f"--mix-fraction and --clean-fraction add up to {1.0 - rest:g}: they must leave "
+                         f"some pairs to the {preset} recipe")
+    return RecipeMix((recipe, *(r for r, _ in parts)), (rest, *(f for _, f in parts)))
 
 
 def _common_options(parser: argparse.ArgumentParser, default_size: str, default_batch: int) -> None:

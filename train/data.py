@@ -334,6 +334,15 @@ class SynthesisConfig:
         """The same recipe at other target size(s)."""
         return dataclasses.replace(self, size=size)
 
+    def without_reflection(self) -> SynthesisConfig:
+        """The same recipe with no reflection and no transmission loss: the input is the background.
+
+        Mixed into training (``--clean-fraction``) these pairs teach a model to leave a photo
+        that shows no reflection alone; without them every pair asks for a change, and a model
+        alters clean photos too.
+        """
+        return dataclasses.replace(self, reflection_weight=(0.0, 0.0), background_scale=(0.0, 0.0))
+
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> SynthesisConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise InputError."""
