@@ -100,7 +100,7 @@ def build_recipe(args, preset: str, sizes):
         parts.append((recipe.without_reflection(), args.clean_fraction))
     if not parts:
         return recipe
-    rest = 1.0 - sum(fraction for _, fraction in parts)
+    rest = round(1.0 - sum(fraction for _, fraction in parts), 12)  # 0.45, not 0.44999999999999996
     if rest <= 0:
         raise InputError(f"--mix-fraction and --clean-fraction add up to {1.0 - rest:g}: they must leave "
                          f"some pairs to the {preset} recipe")
