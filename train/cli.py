@@ -87,10 +87,9 @@ def build_recipe(args, preset: str, sizes):
                "crrn": SynthesisConfig.crrn}
     recipe = presets[preset](size=sizes, **parse_overrides(args.synthesis))
     parts = []
-    if args.mix is None:
-        if args.mix_synthesis:
-            raise InputError("--mix-synthesis changes the --mix recipe; name one with --mix PRESET")
-    else:
+    if args.mix is None and args.mix_synthesis:
+        raise InputError("--mix-synthesis changes the --mix recipe; name one with --mix PRESET")
+    if args.mix is not None:
         if not 0.0 < args.mix_fraction < 1.0:
             raise InputError(f"--mix-fraction must be between 0 and 1 (exclusive), got {args.mix_fraction}")
         parts.append((presets[args.mix](size=sizes, **parse_overrides(args.mix_synthesis)), args.mix_fraction))
