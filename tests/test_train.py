@@ -191,6 +191,41 @@ def test_train_command_runs_end_to_end(photo_folder, fake_vgg16, tmp_path, capsy
     assert records[-1]["step"] == 2 and "val_psnr" in records[-1]
 
 
+def test_keep_every_keeps_step_checkpoints_and_time_limit_stops_with_a_final_one(photo_folder, fake_vgg16,
+                                                                                  tmp_path):
+    vgg = load_vgg("vgg16", source=str(fake_vgg16))
+
+    def fit(run_dir, **options):
+        task = Stage1Task(tiny_unet(), vgg, lr=1e-3)
+        config = TrainConfig(steps=4, batch_size=2, val_every=100, preview_every=100, save_every=100,
+                             log_every=1, device="cpu", **options)
+        trainer = Trainer(task, config, run_dir, *loaders(photo_folder))
+        return trainer, trainer.fit()
+
+    trainer, final = fit(tmp_path / "kept", keep_every=2)
+    assert sorted(p.name for p in (tmp_path / "kept").glob("step*.safetensors")) == [
+        "step0000002.safetensors", "step0000004.safetensors"]
+    assert load_checkpoint(tmp_path / "kept" / "step0000002.safetensors").step == 2
+    assert load_checkpoint(final).step == 4
+
+    trainer, final = fit(tmp_path / "limited", time_limit_s=1e-9)
+    assert trainer.step == 0 and load_checkpoint(final).step == 0
+    last = json.loads((tmp_path / "limited" / "log.jsonl").read_text().splitlines()[-1])
+    assert last["stopped"] == "time limit" and last["step"] == 0
+
+
+@pytest.mark.parametrize("option, value, message", [("--keep-every", "-1", "--keep-every must be"),
+                                                     ("--time-limit", "0", "--time-limit must be")])
+def test_train_command_refuses_bad_keep_every_and_time_limit(photo_folder, fake_vgg16, tmp_path, capsys,
+                                                             option, value, message):
+    out = tmp_path / "refused"
+    code = main(["train", "rm2s-stage1", "--data", str(photo_folder), "--steps", "2", "--workers", "0",
+                 "--out", str(out), "--vgg", str(fake_vgg16), "--vgg-arch", "vgg16", option, value])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_val_option_scores_a_ground_truth_folder(photo_folder, tmp_path):
     import cv2
     import numpy as np

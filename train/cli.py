@@ -134,6 +134,12 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
     parser.add_argument("--preview-every", type=int, default=100)
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--keep-every", type=int, default=0, metavar="N",
+                        help="also keep the checkpoint of every N-th step as stepNNNNNNN.safetensors, to pick "
+                             "one later with dereflect eval (default: off)")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                        help="stop after this many minutes of training and save final.safetensors (for a GPU "
+                             "lease or a CI job); the learning-rate schedule stays that of --steps")
     parser.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint")
     parser.add_argument("--vgg", default="auto", metavar="SOURCE",
                         help="VGG weights for the perceptual loss: auto, hed, torchvision, or a file path "
@@ -178,11 +184,18 @@ def parse_overrides(items) -> dict:
 
 
 def _train_config(args):
+    from dereflect.errors import InputError
+
     from .trainer import TrainConfig
 
+    if args.keep_every < 0:
+        raise InputError(f"--keep-every must be 0 (off) or a positive step count, not {args.keep_every}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise InputError(f"--time-limit must be a positive number of minutes, not {args.time_limit:g}")
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, val_every=args.val_every,
                        preview_every=args.preview_every, save_every=args.save_every, log_every=args.log_every,
-                       seed=args.seed, device=args.device, amp=not args.no_amp)
+                       seed=args.seed, device=args.device, amp=not args.no_amp, keep_every=args.keep_every,
+                       time_limit_s=None if args.time_limit is None else args.time_limit * 60.0)
 
 
 def _run_dir(args, kind: str) -> Path:
@@ -194,8 +207,9 @@ def _run_dir(args, kind: str) -> Path:
 def _fit(args, task, recipe, kind: str) -> int:
     from .trainer import Trainer, resume_trainer
 
+    config = _train_config(args)
     train_loader, val_loader = build_loaders(args, recipe)
-    trainer = Trainer(task, _train_config(args), _run_dir(args, kind), train_loader, val_loader)
+    trainer = Trainer(task, config, _run_dir(args, kind), train_loader, val_loader)
     resume_trainer(trainer, args.resume)
     final = trainer.fit()
     print(f"checkpoint: {final}")

@@ -39,6 +39,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    #: also keep the checkpoint of every N-th step as ``stepNNNNNNN.safetensors`` (0: off)
+    keep_every: int = 0
+    #: stop after this many seconds of training, saving ``final.safetensors`` (None: no limit);
+    #: the learning-rate schedule stays the one of ``steps``
+    time_limit_s: Optional[float] = None
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -243,6 +248,12 @@ class Trainer:
         running: Dict[str, float] = {}
         try:
             while self.step < self.config.steps:
+                if self._out_of_time(started):
+                    tqdm.write(f"time limit of {self.config.time_limit_s:g} s reached at step {self.step}; "
+                               f"saving final.safetensors")
+                    self.log({"step": self.step, "stopped": "time limit",
+                              "time": round(time.monotonic() - started, 2)})
+                    break
                 batch = _to_device(next(batches), self.device)
                 self.task.set_step(self.step)
                 terms = self.task.training_step(batch, self.step, self.scaler)
@@ -276,11 +287,18 @@ class Trainer:
                     self.log(record)
                 if self.step % self.config.save_every == 0:
                     self.save("last.safetensors")
+                if self.config.keep_every and self.step % self.config.keep_every == 0:
+                    self.save(f"step{self.step:07d}.safetensors")
         finally:
             bar.close()
         final = self.save("final.safetensors")
         self.elapsed, self._started = self._elapsed(), None
         return final
+
+
+    def _out_of_time(self, started: float) -> bool:
+        limit = self.config.time_limit_s
+        return limit is not None and time.monotonic() - started >= limit
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, torch.Tensor]:
