@@ -191,6 +191,16 @@ def test_train_command_runs_end_to_end(photo_folder, fake_vgg16, tmp_path, capsy
     assert records[-1]["step"] == 2 and "val_psnr" in records[-1]
 
 
+def test_resumed_training_records_one_segment_per_run(photo_folder, fake_vgg16, tmp_path):
+    first, path = fit_stage1(photo_folder, fake_vgg16, tmp_path / "first", steps=2)
+    second, final = fit_stage1(photo_folder, fake_vgg16, tmp_path / "second", steps=3, resume=path)
+    training = load_checkpoint(final).metadata["training"]
+    segments = training["segments"]
+    assert [(s["from_step"], s["to_step"]) for s in segments] == [(0, 2), (2, 3)]
+    assert all(s["hardware"].startswith("CPU") and s["batch_size"] == 2 for s in segments)
+    assert sum(s["elapsed_s"] for s in segments) == pytest.approx(training["elapsed_s"], abs=0.2)
+
+
 def test_keep_every_keeps_step_checkpoints_and_time_limit_stops_with_a_final_one(photo_folder, fake_vgg16,
                                                                                   tmp_path):
     vgg = load_vgg("vgg16", source=str(fake_vgg16))

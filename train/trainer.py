@@ -148,6 +148,9 @@ class Trainer:
         self.step = 0
         self.best_val: Optional[float] = None
         self.elapsed = 0.0  # training seconds, summed over resumed runs
+        #: earlier runs of a resumed training, one entry per machine session (steps, hardware, time)
+        self.segments: List[Dict[str, Any]] = []
+        self._segment_start = (0, 0.0)  # step and elapsed seconds where this run began
         self._started: Optional[float] = None
         self.history: List[Dict[str, Any]] = []
 
@@ -167,7 +170,13 @@ class Trainer:
                 optimizer.load_state_dict(checkpoint.optimizer_states[name])
         self.step = checkpoint.step
         self.best_val = checkpoint.metadata.get("training", {}).get("best_val_loss")
-        self.elapsed = float(checkpoint.metadata.get("training", {}).get("elapsed_s", 0.0))
+        training = checkpoint.metadata.get("training", {})
+        self.elapsed = float(training.get("elapsed_s", 0.0))
+        # Checkpoints written before segments were recorded describe their whole run in one entry.
+        self.segments = list(training.get("segments") or [{
+            "from_step": None, "to_step": checkpoint.step, "hardware": training.get("hardware"),
+            "batch_size": training.get("batch_size"), "elapsed_s": training.get("elapsed_s")}])
+        self._segment_start = (self.step, self.elapsed)
 
     def save(self, name: str) -> Path:
         return save_checkpoint(
@@ -177,10 +186,16 @@ class Trainer:
             networks=self.task.networks(),
             step=self.step,
             training={**asdict(self.config), "device": str(self.device), "best_val_loss": self.best_val,
-                      "hardware": _hardware(self.device), "elapsed_s": round(self._elapsed(), 1)},
+                      "hardware": _hardware(self.device), "elapsed_s": round(self._elapsed(), 1),
+                      "segments": self.segments + [self._current_segment()]},
             optimizers=self.task.optimizers(),
             extra=self.task.metadata(),
         )
+
+    def _current_segment(self) -> Dict[str, Any]:
+        start_step, start_elapsed = self._segment_start
+        return {"from_step": start_step, "to_step": self.step, "hardware": _hardware(self.device),
+                "batch_size": self.config.batch_size, "elapsed_s": round(self._elapsed() - start_elapsed, 1)}
 
     def _elapsed(self) -> float:
         return self.elapsed + (time.monotonic() - self._started if self._started is not None else 0.0)
