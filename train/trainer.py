@@ -310,7 +310,6 @@ class Trainer:
         self.elapsed, self._started = self._elapsed(), None
         return final
 
-
     def _out_of_time(self, started: float) -> bool:
         limit = self.config.time_limit_s
         return limit is not None and time.monotonic() - started >= limit
