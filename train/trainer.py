@@ -169,8 +169,8 @@ class Trainer:
             if name in checkpoint.optimizer_states:
                 optimizer.load_state_dict(checkpoint.optimizer_states[name])
         self.step = checkpoint.step
-        self.best_val = checkpoint.metadata.get("training", {}).get("best_val_loss")
         training = checkpoint.metadata.get("training", {})
+        self.best_val = training.get("best_val_loss")
         self.elapsed = float(training.get("elapsed_s", 0.0))
         # Checkpoints written before segments were recorded describe their whole run in one entry.
         self.segments = list(training.get("segments") or [{
@@ -263,7 +263,7 @@ class Trainer:
         running: Dict[str, float] = {}
         try:
             while self.step < self.config.steps:
-                if self._out_of_time(started):
+                if self._out_of_time():
                     tqdm.write(f"time limit of {self.config.time_limit_s:g} s reached at step {self.step}; "
                                f"saving final.safetensors")
                     self.log({"step": self.step, "stopped": "time limit",
@@ -310,9 +310,9 @@ class Trainer:
         self.elapsed, self._started = self._elapsed(), None
         return final
 
-    def _out_of_time(self, started: float) -> bool:
+    def _out_of_time(self) -> bool:
         limit = self.config.time_limit_s
-        return limit is not None and time.monotonic() - started >= limit
+        return limit is not None and time.monotonic() - self._started >= limit
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, torch.Tensor]:
