@@ -179,6 +179,21 @@ def test_crrn_task_trains_gin_alone_then_everything(photo_folder, tmp_path):
     assert load_checkpoint(final).metadata["schedule"]["total_steps"] == 4
 
 
+def test_crrn_reflection_target_is_what_the_model_calls_reflection(photo_folder):
+    # The model's reflection is I - B; with a transmission loss that is not the data's I - B_t, and a
+    # target of I - B_t would make the true background cost loss. At the truth the loss must be 0.
+    recipe = SynthesisConfig.rm2s_stage2(size=64, background_scale=(0.2, 0.3), reflection_weight=(0.1, 0.2))
+    batch = next(iter(loaders(photo_folder, recipe=recipe)[0]))
+    task = CRRNTask(CRRNConfig.preset("lite"), total_steps=4)
+    background, reflection, gradient = task.targets(batch)
+    assert torch.equal(background, batch["background"])
+    assert torch.allclose(reflection, batch["input"] - background)
+    assert (reflection - batch["reflection"]).abs().mean() > 0.01
+    total, _ = task.loss(background, background, batch["input"] - background, reflection, gradient, gradient)
+    assert total.item() == pytest.approx(0.0, abs=1e-4)
+    assert task.metadata()["loss"]["reflection_target"] == "input - background"
+
+
 def test_train_command_runs_end_to_end(photo_folder, fake_vgg16, tmp_path, capsys):
     out = tmp_path / "cli-run"
     code = main(["train", "rm2s-stage1", "--data", str(photo_folder), "--steps", "2", "--batch-size", "2",

@@ -19,6 +19,8 @@ from .trainer import Task, to_uint8_rgb
 
 CRRN_LR = 1e-4
 PAPER_EPOCHS = {"gin": 40, "joint": 50, "joint_low_lr": 30}
+#: Recorded in checkpoints: what the reflection output was trained towards (see ``CRRNTask.targets``).
+REFLECTION_TARGET = "input - background"
 
 
 def vgg16_init_state(source: str = "auto") -> Dict[str, torch.Tensor]:
@@ -89,11 +91,19 @@ class CRRNTask(Task):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def _targets(self, batch):
-        return batch["background"], batch["reflection"], gradient_magnitude(batch["background"])
+    def targets(self, batch):
+        """(background, reflection, background gradient) targets for the model's three outputs.
+
+        The model's reflection is R = I - B (see ``models.crrn``), so its target is the input minus
+        the true background, not the data's display-space reflection ``I - B_t``: with a
+        transmission loss (B_t = t B, t < 1) the two differ by (1 - t) B, and training R towards
+        ``I - B_t`` pulls every estimate of B darker than the truth, against the L1/SSIM terms on B.
+        """
+        background = batch["background"]
+        return background, batch["input"] - background, gradient_magnitude(background)
 
     def training_step(self, batch, step, scaler):
-        background, reflection, gradient = self._targets(batch)
+        background, reflection, gradient = self.targets(batch)
         image = batch["input"]
         if self.phase == "gin":
             with torch.autocast(device_type=image.device.type, enabled=scaler.is_enabled()):
@@ -114,7 +124,7 @@ class CRRNTask(Task):
 
     @torch.no_grad()
     def validation_step(self, batch):
-        background, reflection, gradient = self._targets(batch)
+        background, reflection, gradient = self.targets(batch)
         b, r, g = self.model(batch["input"])
         total, terms = self.loss(b, background, r, reflection, g, gradient)
         return {"loss": float(total.detach()), **{k: float(v) for k, v in terms.items()}}, b
@@ -128,7 +138,7 @@ class CRRNTask(Task):
     def metadata(self) -> Dict[str, Any]:
         return {
             "data_recipe": self.data_recipe,
-            "loss": {"name": "crrn", "gamma": self.loss.gamma},
+            "loss": {"name": "crrn", "gamma": self.loss.gamma, "reflection_target": REFLECTION_TARGET},
             "schedule": {"total_steps": self.total_steps, "gin_fraction": self.gin_fraction,
                          "paper_epochs": PAPER_EPOCHS, "lr": self.lr, "vgg_init": self.vgg_init},
         }
