@@ -95,6 +95,36 @@ def test_checkpoint_loading_refuses_pickles_foreign_files_and_mismatched_weights
         load_checkpoint(path).build("stage1")
 
 
+def test_average_command_writes_the_mean_and_refuses_mismatched_checkpoints(tmp_path, capsys):
+    from dereflect.train.models import build_model
+
+    torch.manual_seed(0)
+    models = [build_model("rm2s_unet", tiny_unet().to_dict()) for _ in range(3)]
+    paths = [save_checkpoint(tmp_path / f"s{i}.safetensors", method="rm2s", kind="rm2s-stage1", step=100 * i,
+                             networks={"stage1": ("rm2s_unet", tiny_unet().to_dict(), m)},
+                             extra={"loss": {"name": f"loss{i}"}})
+             for i, m in enumerate(models)]
+    out = tmp_path / "mean.safetensors"
+    assert main(["train", "average", *map(str, paths), "-o", str(out)]) == 0
+    mean = load_checkpoint(out)
+    assert mean.metadata["averaged_steps"] == [0, 100, 200] and mean.step == 200
+    assert mean.metadata["loss"] == {"name": "loss2"} and mean.optimizer_states == {}
+    for key, value in mean.build("stage1").state_dict().items():
+        if value.is_floating_point():
+            expected = sum(m.state_dict()[key] for m in models) / 3
+            assert torch.allclose(value, expected, atol=1e-6), key
+    # an existing output is never overwritten; a checkpoint of another architecture is refused
+    assert main(["train", "average", *map(str, paths), "-o", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    other = build_model("rm2s_unet", tiny_unet(in_channels=4).to_dict())
+    odd = save_checkpoint(tmp_path / "odd.safetensors", method="rm2s", kind="rm2s-stage1",
+                          networks={"stage1": ("rm2s_unet", tiny_unet(in_channels=4).to_dict(), other)})
+    assert main(["train", "average", str(paths[0]), str(odd), "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "differ in 'networks'" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    assert main(["train", "average", str(paths[0]), "-o", str(tmp_path / "y.safetensors")]) == 2
+    assert "two or more" in capsys.readouterr().err
+
+
 def test_stage1_training_lowers_validation_loss_and_writes_log_and_previews(photo_folder, fake_vgg16, tmp_path):
     trainer, final = fit_stage1(photo_folder, fake_vgg16, tmp_path / "run", steps=12)
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

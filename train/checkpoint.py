@@ -21,7 +21,7 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from dereflect import __version__
@@ -231,3 +231,46 @@ def load_state_strict(module: torch.nn.Module, state: Dict[str, torch.Tensor], w
             )
         raise ModelError(f"{where}: weights do not match the recorded architecture: " + "; ".join(parts))
     module.load_state_dict(state, strict=True)
+
+
+#: Metadata keys ``save_checkpoint`` writes itself; the others (loss, schedule, ...) are the task's.
+_OWN_KEYS = {"format", "format_version", "method", "kind", "networks", "step", "data_recipe", "training",
+             "optimizers", "package_version", "git_commit", "created"}
+
+
+def average_checkpoints(paths: Sequence[os.PathLike], out: os.PathLike) -> Path:
+    """Write the mean of several checkpoints of one model (weight averaging of a run's late steps).
+
+    Floating-point parameters and buffers (batch-norm statistics included) are averaged; integer
+    buffers and all metadata come from the last checkpoint given, plus ``averaged_steps``. The
+    optimiser state is dropped: an average is for evaluation and export, not for resuming.
+    Checkpoints of different methods, kinds, architectures or configurations are refused.
+    """
+    if len(paths) < 2:
+        raise ModelError(f"averaging needs two or more checkpoints, got {len(paths)}")
+    out = Path(out)
+    if out.exists():
+        raise ModelError(f"{out} exists; choose a new file name (nothing was written)")
+    checkpoints = [load_checkpoint(p) for p in paths]
+    last = checkpoints[-1]
+    for other in checkpoints[:-1]:
+        for key in ("method", "kind", "networks"):
+            if other.metadata[key] != last.metadata[key]:
+                raise ModelError(
+                    f"{other.path} and {last.path} differ in {key!r}; only checkpoints of one model average"
+                )
+    networks = {}
+    for name, spec in last.metadata["networks"].items():
+        module = last.build(name)
+        state = {
+            key: (torch.stack([c.states[name][key].float() for c in checkpoints]).mean(0).to(value.dtype)
+                  if value.is_floating_point() else value)
+            for key, value in last.states[name].items()
+        }
+        load_state_strict(module, state, f"average:{name}")
+        networks[name] = (spec["arch"], spec["config"], module)
+    meta = last.metadata
+    extra = {k: v for k, v in meta.items() if k not in _OWN_KEYS}
+    extra["averaged_steps"] = [c.step for c in checkpoints]
+    return save_checkpoint(out, method=meta["method"], kind=meta["kind"], networks=networks, step=last.step,
+                           data_recipe=meta.get("data_recipe"), training=meta.get("training"), extra=extra)

@@ -55,6 +55,13 @@ def register(subparsers) -> None:
     _add_synthesis_option(synth)
     synth.set_defaults(func=run_synthesize)
 
+    average = commands.add_parser(
+        "average", help="average the weights of several checkpoints of one run (for evaluation and export)")
+    average.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                         help="two or more checkpoints of one model; metadata comes from the last")
+    average.add_argument("-o", "--out", required=True, metavar="FILE", help="new checkpoint file to write")
+    average.set_defaults(func=run_average)
+
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
@@ -359,6 +366,15 @@ def run_synthesize(args) -> int:
     (out / "recipe.json").write_text(json.dumps({"recipe": recipe.to_dict(), "seed": args.seed,
                                                  "include": args.include, "data": args.data}, indent=2) + "\n")
     print(f"{args.count} pairs in {out} (evaluate with: dereflect eval MODEL --data {out})")
+    return 0
+
+
+def run_average(args) -> int:
+    require("torch", "train", "checkpoint averaging")
+    from .checkpoint import average_checkpoints
+
+    out = average_checkpoints(args.checkpoints, args.out)
+    print(f"wrote {out}: the mean of {len(args.checkpoints)} checkpoints")
     return 0
 
 
