@@ -259,9 +259,11 @@ def average_checkpoints(paths: Sequence[os.PathLike], out: os.PathLike) -> Path:
                 raise ModelError(
                     f"{other.path} and {last.path} differ in {key!r}; only checkpoints of one model average"
                 )
+    from .models import build_model
+
     networks = {}
     for name, spec in last.metadata["networks"].items():
-        module = last.build(name)
+        module = build_model(spec["arch"], spec["config"])
         state = {
             key: (torch.stack([c.states[name][key].float() for c in checkpoints]).mean(0).to(value.dtype)
                   if value.is_floating_point() else value)
