@@ -315,3 +315,15 @@ def test_crrn_loss():
     assert all(v.item() > 0 for v in terms.values())
     total.backward()
     assert pb.grad.abs().sum() > 0 and pg.grad.abs().sum() > 0
+
+
+def test_crrn_loss_reflection_weight_scales_only_the_reflection_term():
+    torch.manual_seed(1)
+    b, r, g = torch.rand(2, 3, 24, 24), torch.rand(2, 3, 24, 24) * 0.3, torch.rand(2, 1, 24, 24)
+    pb, pr, pg = b + 0.1 * torch.randn_like(b), torch.rand_like(r), torch.rand_like(g)
+    full, terms = CRRNLoss()(pb, b, pr, r, pg, g)
+    for weight in (0.0, 0.25):
+        total, _ = CRRNLoss(reflection_weight=weight)(pb, b, pr, r, pg, g)
+        assert total.item() == pytest.approx(full.item() - (1 - weight) * terms["ssim_r"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="reflection_weight"):
+        CRRNLoss(reflection_weight=-1)

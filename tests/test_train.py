@@ -302,6 +302,16 @@ def test_val_option_scores_a_ground_truth_folder(photo_folder, tmp_path):
     assert abs(record["val_psnr_input"] - 20 * np.log10(255 / 40)) < 0.01
 
 
+def test_crrn_reflection_loss_weight_is_recorded_and_checked(photo_folder, tmp_path, capsys):
+    base = ["train", "crrn", "--data", str(photo_folder), "--steps", "1", "--batch-size", "2", "--size", "64",
+            "--val-count", "2", "--workers", "0"]
+    assert main(base + ["--reflection-loss-weight", "-0.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "--reflection-loss-weight must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(base + ["--reflection-loss-weight", "0.25", "--out", str(tmp_path / "run")]) == 0
+    assert load_checkpoint(tmp_path / "run" / "final.safetensors").metadata["loss"]["reflection_weight"] == 0.25
+
+
 def test_train_without_vgg_weights_says_how_to_get_them(photo_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DEREFLECT_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch"))

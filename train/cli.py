@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     _common_options(crrn, default_size="96x160,224x288", default_batch=2)
     crrn.add_argument("--gin-fraction", type=float, default=40 / 120,
                       help="fraction of the steps that train GiN alone (the paper: 40 of 120 epochs)")
+    crrn.add_argument("--reflection-loss-weight", type=float, default=1.0, metavar="W",
+                      help="weight of the loss's 1 - SSIM(R) term (the paper: 1)")
     crrn.set_defaults(func=run_crrn)
 
     synth = commands.add_parser(
@@ -380,12 +382,17 @@ def run_average(args) -> int:
 
 def run_crrn(args) -> int:
     require("torch", "train", "training")
+    from dereflect.errors import InputError
+
     from .crrn import CRRN_LR, CRRNTask, vgg16_init_state
     from .models.crrn import CRRNConfig
 
+    if args.reflection_loss_weight < 0:
+        raise InputError(f"--reflection-loss-weight must be >= 0, got {args.reflection_loss_weight:g}")
     recipe = build_recipe(args, "crrn", parse_sizes(args.size))
     config = CRRNConfig.preset(args.config)
     vgg_init = vgg16_init_state(args.vgg) if args.config == "paper" else None
     task = CRRNTask(config, total_steps=args.steps, gin_fraction=args.gin_fraction, lr=args.lr or CRRN_LR,
-                    vgg_init=vgg_init, data_recipe=recipe.to_dict())
+                    vgg_init=vgg_init, data_recipe=recipe.to_dict(),
+                    reflection_weight=args.reflection_loss_weight)
     return _fit(args, task, recipe, "crrn")

@@ -64,12 +64,13 @@ class CRRNTask(Task):
     preview_labels = ("input", "gradient", "background", "reflection", "ground truth")
 
     def __init__(self, config: CRRNConfig, total_steps: int, gin_fraction: float = 40 / 120,
-                 lr: float = CRRN_LR, vgg_init=None, gamma: float = 0.8, data_recipe: Optional[dict] = None):
+                 lr: float = CRRN_LR, vgg_init=None, gamma: float = 0.8, data_recipe: Optional[dict] = None,
+                 reflection_weight: float = 1.0):
         self.config = config
         self.model = build_model("crrn", config.to_dict())
         if vgg_init is not None:
             self.model.load_vgg16_features(vgg_init)
-        self.loss = CRRNLoss(gamma=gamma)
+        self.loss = CRRNLoss(gamma=gamma, reflection_weight=reflection_weight)
         self.lr = lr
         self.total_steps = total_steps
         self.gin_fraction = gin_fraction
@@ -138,7 +139,8 @@ class CRRNTask(Task):
     def metadata(self) -> Dict[str, Any]:
         return {
             "data_recipe": self.data_recipe,
-            "loss": {"name": "crrn", "gamma": self.loss.gamma, "reflection_target": REFLECTION_TARGET},
+            "loss": {"name": "crrn", "gamma": self.loss.gamma, "reflection_weight": self.loss.reflection_weight,
+                     "reflection_target": REFLECTION_TARGET},
             "schedule": {"total_steps": self.total_steps, "gin_fraction": self.gin_fraction,
                          "paper_epochs": PAPER_EPOCHS, "lr": self.lr, "vgg_init": self.vgg_init},
         }

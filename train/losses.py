@@ -211,7 +211,10 @@ def gradient_penalty(
 
 
 class CRRNLoss(nn.Module):
-    """CRRN loss: gamma (1 - SSIM(B)) + L1(B) + (1 - SSIM(R)) + (1 - SI(grad B)).
+    """CRRN loss: gamma (1 - SSIM(B)) + L1(B) + w_R (1 - SSIM(R)) + (1 - SI(grad B)).
+
+    ``reflection_weight`` (w_R) is 1 in the paper; lowering it is a departure kept for experiments
+    where the reflection target carries the background's transmission loss (docs/TRAINING.md).
 
     ``forward(pred_b, true_b, pred_r, true_r, pred_grad, true_grad)`` returns ``(total, terms)``;
     terms (detached): "ssim_b", "l1_b", "ssim_r" and "si_grad", each as its loss value (1 - score
@@ -219,9 +222,12 @@ class CRRNLoss(nn.Module):
     magnitude of the true background's grey image, shape (N, 1, H, W).
     """
 
-    def __init__(self, gamma: float = 0.8, data_range: float = 1.0) -> None:
+    def __init__(self, gamma: float = 0.8, data_range: float = 1.0, reflection_weight: float = 1.0) -> None:
         super().__init__()
+        if reflection_weight < 0:
+            raise ValueError(f"reflection_weight must be >= 0, got {reflection_weight}")
         self.gamma = gamma
+        self.reflection_weight = reflection_weight
         self.data_range = data_range
 
     def forward(
@@ -237,6 +243,6 @@ class CRRNLoss(nn.Module):
         l1_b = F.l1_loss(pred_b, true_b)
         ssim_r = 1 - ssim_torch(pred_r, true_r, self.data_range)
         si_grad = 1 - si_torch(pred_grad, true_grad, self.data_range)
-        total = self.gamma * ssim_b + l1_b + ssim_r + si_grad
+        total = self.gamma * ssim_b + l1_b + self.reflection_weight * ssim_r + si_grad
         terms = {"ssim_b": ssim_b, "l1_b": l1_b, "ssim_r": ssim_r, "si_grad": si_grad}
         return total, {k: v.detach() for k, v in terms.items()}
