@@ -213,8 +213,9 @@ def gradient_penalty(
 class CRRNLoss(nn.Module):
     """CRRN loss: gamma (1 - SSIM(B)) + L1(B) + w_R (1 - SSIM(R)) + (1 - SI(grad B)).
 
-    ``reflection_weight`` (w_R) is 1 in the paper; lowering it is a departure kept for experiments
-    where the reflection target carries the background's transmission loss (docs/TRAINING.md).
+    ``reflection_weight`` (w_R) is 1 in the paper. With a transmission loss in the data the target
+    R = I - B holds faint copies of the background's edges, which SSIM weighs like a reflection;
+    the bundled crrn-lite was trained with w_R = 0, a departure from the paper (docs/TRAINING.md).
 
     ``forward(pred_b, true_b, pred_r, true_r, pred_grad, true_grad)`` returns ``(total, terms)``;
     terms (detached): "ssim_b", "l1_b", "ssim_r" and "si_grad", each as its loss value (1 - score
