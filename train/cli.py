@@ -67,7 +67,9 @@ def register(subparsers) -> None:
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
 
 
-RECIPE_PRESETS = ("rm2s-stage1", "rm2s-stage2", "crrn")
+RECIPE_PRESETS = ("rm2s-stage1", "rm2s-stage2", "crrn", "transfer")
+#: --config name -> the architecture it builds, per method (lite: ImageNet MobileNetV2 encoder).
+CONFIGS = ("lite", "lite-scratch", "paper")
 
 
 def _add_synthesis_option(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +95,9 @@ def build_recipe(args, preset: str, sizes):
     from .data import RecipeMix, SynthesisConfig
 
     presets = {"rm2s-stage1": SynthesisConfig.rm2s_stage1, "rm2s-stage2": SynthesisConfig.rm2s_stage2,
-               "crrn": SynthesisConfig.crrn}
+               "crrn": SynthesisConfig.crrn, "transfer": SynthesisConfig.transfer}
+    if uses_transfer(args):
+        preset = "transfer"
     recipe = presets[preset](size=sizes, **parse_overrides(args.synthesis))
     parts = []
     if args.mix is None and args.mix_synthesis:
@@ -115,6 +119,12 @@ def build_recipe(args, preset: str, sizes):
     return RecipeMix((recipe, *(r for r, _ in parts)), (rest, *(f for _, f in parts)))
 
 
+def uses_transfer(args) -> bool:
+    """The transfer recipe (data, loss, optimiser) unless --recipe paper, or by default for --config paper."""
+    recipe = getattr(args, "recipe", None) or ("paper" if args.config == "paper" else "transfer")
+    return recipe == "transfer"
+
+
 def _common_options(parser: argparse.ArgumentParser, default_size: str, default_batch: int) -> None:
     parser.add_argument("--data", action="append", required=True, metavar="DIR",
                         help="photo folder (flat or VOC2012 with JPEGImages/); repeatable")
@@ -127,7 +137,24 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
     parser.add_argument("--val-prefix", default="test_",
                         help="photos named so are held out of training and used for validation (default: test_)")
     parser.add_argument("--val-count", type=int, default=24, help="validation images (default 24)")
-    parser.add_argument("--config", choices=["lite", "paper"], default="lite", help="model size (default lite)")
+    parser.add_argument("--config", choices=CONFIGS, default="lite",
+                        help="network: lite (ImageNet MobileNetV2 encoder; the shipped models), lite-scratch "
+                             "(the earlier lite networks, trained from scratch) or paper (the authors' sizes) "
+                             "(default lite)")
+    parser.add_argument("--recipe", choices=["paper", "transfer"], default=None,
+                        help="paper: the method's own synthesis, loss and optimiser; transfer: later work's "
+                             "synthesis with colour matched to real pairs, L1 + gradient + feature loss, Adam "
+                             "(default: transfer, or paper for --config paper)")
+    parser.add_argument("--real", metavar="DIR",
+                        help="real pairs (blended/ + transmission_layer/) mixed into training, e.g. zhang89")
+    parser.add_argument("--real-holdout", metavar="FILE",
+                        help="names of --real pairs kept out of training (one per line), e.g. the validation "
+                             "split train/splits/zhang89_val.txt")
+    parser.add_argument("--real-fraction", type=float, default=0.4, metavar="F",
+                        help="fraction of training samples taken from --real (default 0.4)")
+    parser.add_argument("--encoder-lr-scale", type=float, default=None, metavar="S",
+                        help="the pretrained encoder's learning rate as a fraction of --lr; 0 freezes it "
+                             "(transfer recipe; default 0.1)")
     parser.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<time>)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=default_batch)
@@ -231,7 +258,7 @@ def build_loaders(args, recipe):
     from dereflect.errors import InputError
     from dereflect.evaluate import detect_layout
 
-    from .data import GroundTruthPairs, SyntheticPairs, find_images, make_loader
+    from .data import GroundTruthPairs, MixedPairs, RealPairs, SyntheticPairs, find_images, make_loader, read_name_list
 
     val_recipe = recipe.with_size(recipe.sizes[0])
     val_seed = 1_000_003 + args.seed
@@ -261,6 +288,12 @@ def build_loaders(args, recipe):
                                exclude=exclude)
     if len(train_set) < args.batch_size:
         raise InputError(f"only {len(train_set)} training photos for a batch of {args.batch_size}")
+    if getattr(args, "real", None):
+        if not 0.0 < args.real_fraction < 1.0:
+            raise InputError(f"--real-fraction must be between 0 and 1 (exclusive), got {args.real_fraction}")
+        holdout = read_name_list(args.real_holdout) if args.real_holdout else ()
+        real = RealPairs(args.real, size=recipe.sizes, seed=args.seed, exclude_names=holdout)
+        train_set = MixedPairs([(train_set, 1.0 - args.real_fraction), (real, args.real_fraction)], seed=args.seed)
     batch = min(4, args.batch_size) if isinstance(val_set, SyntheticPairs) else 1
     train_loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed, workers=args.workers)
     val_loader = make_loader(val_set, batch, shuffle=False, seed=val_seed, workers=0, drop_last=False)
@@ -307,15 +340,43 @@ def _find_loss_vgg(args):
         return vgg
 
 
+def rm2s_network(config_name: str, in_channels: int):
+    """(arch, config) of an RM2S U-Net for a --config name."""
+    from .models.rm2s import MobileUNetConfig, UNetConfig
+
+    if config_name == "lite":
+        return "rm2s_mobile_unet", MobileUNetConfig.preset("lite", in_channels=in_channels)
+    return "rm2s_unet", UNetConfig.preset("lite" if config_name == "lite-scratch" else "paper",
+                                          in_channels=in_channels)
+
+
+def transfer_loss():
+    """The transfer recipe's loss, with the offline ImageNet MobileNetV2 as its feature network."""
+    from .losses import FeatureLoss, RestorationLoss
+    from .models.backbone import load_mobilenet_weights
+
+    return RestorationLoss(FeatureLoss(load_mobilenet_weights()))
+
+
 def run_rm2s_stage1(args) -> int:
     require("torch", "train", "training")
-    from .models.rm2s import UNetConfig
-    from .rm2s import STAGE1_LR, Stage1Task
+    from dereflect.errors import InputError
+
+    from .models.backbone import load_mobilenet_weights
+    from .rm2s import ENCODER_LR_SCALE, STAGE1_LR, TRANSFER_LR, Stage1Task
 
     recipe = build_recipe(args, "rm2s-stage1", parse_sizes(args.size))
-    vgg = _load_loss_vgg(args)
-    task = Stage1Task(UNetConfig.preset(args.config, in_channels=3), vgg, lr=args.lr or STAGE1_LR,
-                      data_recipe=recipe.to_dict())
+    arch, config = rm2s_network(args.config, 3)
+    imagenet = load_mobilenet_weights() if arch == "rm2s_mobile_unet" and not args.resume else None
+    if uses_transfer(args):
+        scale = ENCODER_LR_SCALE if args.encoder_lr_scale is None else args.encoder_lr_scale
+        task = Stage1Task(config, lr=args.lr or TRANSFER_LR, data_recipe=recipe.to_dict(), arch=arch,
+                          transfer_loss=transfer_loss(), imagenet=imagenet, encoder_lr_scale=scale)
+    else:
+        if args.encoder_lr_scale is not None:
+            raise InputError("--encoder-lr-scale belongs to the transfer recipe; drop it or use --recipe transfer")
+        task = Stage1Task(config, _load_loss_vgg(args), lr=args.lr or STAGE1_LR, data_recipe=recipe.to_dict(),
+                          arch=arch, imagenet=imagenet)
     return _fit(args, task, recipe, "rm2s-stage1")
 
 

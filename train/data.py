@@ -38,11 +38,12 @@ PathLike = Union[str, "os.PathLike[str]"]
 Size = Tuple[int, int]
 SampleKey = Tuple[int, int, int]
 
-MODES = ("rm2s", "crrn")
+MODES = ("rm2s", "crrn", "transfer")
 
 # Distinct last words keep the per-sample and per-epoch (sampler) seed streams apart.
 _SAMPLE_TAG = 0x5A3D1
 _SAMPLER_TAG = 0xB47C2
+_MIX_TAG = 0x3E1F7
 
 
 class ImageSkippedWarning(UserWarning):
@@ -241,6 +242,15 @@ class SynthesisConfig:
     Mode ``"crrn"``: ``I = alpha B + beta R`` (the overflow step is skipped); the preset uses
     gamma 1, alpha = 1 - U(0, 0.2), beta ~ U(0.1, 0.5), blurred R, two sizes.
 
+    Mode ``"transfer"`` (what later work found transfers to real glass; REFERENCE.md): in linear
+    light, R blurred with a kernel drawn from ``blur_kernels`` (probabilities ``blur_kernel_p``)
+    and sigma ~ U(blur_sigma), weighted by U(reflection_weight) times the vignette, T scaled by
+    1 - U(background_scale); then with probability ``screen_p`` a screen blend T + R - T R, else
+    T + R with the overflow correction above. Last, the camera's colour and exposure change
+    between the two shots: I is multiplied per channel by ``exp(s + d_c)``, s ~ N(colour_log_mean,
+    colour_log_sd), d_c ~ N(colour_channel_log_mean[c], colour_channel_log_sd), with values
+    moment-matched to the real training pairs (see :func:`colour_ratios`).
+
     The ghost is the paper's kernel of two close impulses:
     ``R = (R + a * shift(R)) / ghost_divisor`` with an integer shift of up to
     ``ghost_max_shift`` of each side (never zero) and ``a ~ U(ghost_attenuation)``; the
@@ -276,6 +286,13 @@ class SynthesisConfig:
     flip_p: float = 0.75
     rotate90: bool = True
     crop_scale: Tuple[float, float] = (0.5, 1.0)
+    blur_kernels: Tuple[int, ...] = ()
+    blur_kernel_p: Tuple[float, ...] = ()
+    screen_p: float = 0.0
+    colour_log_mean: float = 0.0
+    colour_log_sd: float = 0.0
+    colour_channel_log_mean: Tuple[float, float, float] = (0.0, 0.0, 0.0)
+    colour_channel_log_sd: float = 0.0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise fields in place once
@@ -285,8 +302,28 @@ class SynthesisConfig:
         for name in ("blur_sigma", "ghost_attenuation", "overflow_attenuation", "background_scale",
                      "reflection_weight", "crop_scale"):
             set_(self, name, _pair(getattr(self, name), name))
-        for name in ("gamma", "ghost_max_shift", "ghost_divisor", "vignette_sigma", "flip_p"):
+        for name in ("gamma", "ghost_max_shift", "ghost_divisor", "vignette_sigma", "flip_p", "screen_p",
+                     "colour_log_mean", "colour_log_sd", "colour_channel_log_sd"):
             set_(self, name, float(getattr(self, name)))
+        try:
+            set_(self, "blur_kernels", tuple(int(k) for k in self.blur_kernels))
+            set_(self, "blur_kernel_p", tuple(float(p) for p in self.blur_kernel_p))
+            set_(self, "colour_channel_log_mean", tuple(float(v) for v in self.colour_channel_log_mean))
+        except (TypeError, ValueError):
+            raise InputError("SynthesisConfig: blur_kernels, blur_kernel_p and colour_channel_log_mean must be "
+                             "lists of numbers") from None
+        if any(k < 1 or k % 2 == 0 for k in self.blur_kernels):
+            raise InputError(f"SynthesisConfig.blur_kernels must be odd sizes >= 1, got {self.blur_kernels}")
+        if len(self.blur_kernel_p) != len(self.blur_kernels) or (
+                self.blur_kernels and (min(self.blur_kernel_p) < 0 or abs(sum(self.blur_kernel_p) - 1) > 1e-6)):
+            raise InputError("SynthesisConfig.blur_kernel_p needs one probability per blur kernel, summing to 1; "
+                             f"got {self.blur_kernel_p} for {self.blur_kernels}")
+        if len(self.colour_channel_log_mean) != 3:
+            raise InputError("SynthesisConfig.colour_channel_log_mean needs 3 values (R, G, B)")
+        if not 0.0 <= self.screen_p <= 1.0:
+            raise InputError(f"SynthesisConfig.screen_p must be in [0, 1], got {self.screen_p}")
+        if self.colour_log_sd < 0 or self.colour_channel_log_sd < 0:
+            raise InputError("SynthesisConfig: colour_log_sd and colour_channel_log_sd must be >= 0")
         for name in ("ghost", "vignette", "rotate90"):
             set_(self, name, bool(getattr(self, name)))
         if self.gamma <= 0 or self.ghost_divisor <= 0 or self.vignette_sigma <= 0:
@@ -341,7 +378,9 @@ class SynthesisConfig:
         that shows no reflection alone; without them every pair asks for a change, and a model
         alters clean photos too.
         """
-        return dataclasses.replace(self, reflection_weight=(0.0, 0.0), background_scale=(0.0, 0.0))
+        return dataclasses.replace(self, reflection_weight=(0.0, 0.0), background_scale=(0.0, 0.0),
+                                   colour_log_mean=0.0, colour_log_sd=0.0,
+                                   colour_channel_log_mean=(0.0, 0.0, 0.0), colour_channel_log_sd=0.0)
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> SynthesisConfig:
@@ -377,6 +416,45 @@ class SynthesisConfig:
         }
         preset.update(overrides)
         return cls.from_dict(preset)
+
+    @classmethod
+    def transfer(cls, **overrides: Any) -> SynthesisConfig:
+        """Later work's recipe (ERRNet, DSRNet, RDNet; REFERENCE.md) with colour matched to real pairs.
+
+        Blur kernels 5/7/9/11 (p 0.1/0.2/0.3/0.4), sigma 2-5, reflection scaled 0.4-1.0 under a
+        vignette, 70 % screen blends and 30 % additive ones with ERRNet's 1.3 x overflow
+        correction, in linear light. The colour terms come from ``colour_ratios`` on the 79
+        training pairs of zhang89 (docs/TRAINING.md), less what the reflection itself adds.
+        """
+        preset: Dict[str, Any] = {
+            "mode": "transfer",
+            "ghost": False,
+            "blur_sigma": (2.0, 5.0),
+            "blur_kernels": (5, 7, 9, 11),
+            "blur_kernel_p": (0.1, 0.2, 0.3, 0.4),
+            "reflection_weight": (0.4, 1.0),
+            "background_scale": (0.0, 0.1),
+            "overflow_attenuation": (1.3, 1.3),
+            "screen_p": 0.7,
+            "crop_scale": (0.3, 1.0),
+            **TRANSFER_COLOUR,
+        }
+        preset.update(overrides)
+        return cls.from_dict(preset)
+
+
+#: The transfer recipe's colour terms, moment-matched (docs/TRAINING.md, "Colour statistics"): on the
+#: 79 zhang89 training pairs the log ratio of mean(blended) to mean(clean), averaged over channels,
+#: has mean 0.228 and sd 0.239 (ratios clipped to [0.74, 2.5], which keeps two exposure outliers
+#: from setting the spread), channel deviations (-0.045, 0.007, 0.038) with sds 0.03-0.07; the
+#: recipe without colour terms gives 0.110 / 0.113 and (-0.011, -0.019, 0.030) with sds 0.04-0.09.
+#: The colour change supplies the difference (means subtracted, variances subtracted).
+TRANSFER_COLOUR: Dict[str, Any] = {
+    "colour_log_mean": 0.118,
+    "colour_log_sd": 0.21,
+    "colour_channel_log_mean": (-0.034, 0.026, 0.008),
+    "colour_channel_log_sd": 0.0,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,18 +577,16 @@ def synthesize(
         r = _ghost(r, config, rng)
     if not real_reflection:
         sigma = rng.uniform(*config.blur_sigma)
-        if sigma > 0:
+        if config.blur_kernels:
+            k = int(config.blur_kernels[int(rng.choice(len(config.blur_kernels), p=config.blur_kernel_p))])
+        else:
             k = 2 * math.ceil(2 * sigma) + 1
+        if sigma > 0:
             r = cv2.GaussianBlur(r, (k, k), sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+    if config.mode == "transfer":
+        return _blend_transfer(t, r, background, config, rng)
     if config.mode == "rm2s":
-        att = rng.uniform(*config.overflow_attenuation)
-        blend = t + r
-        for c in range(3):
-            over = blend[:, :, c] > 1
-            if over.any():
-                excess = float(blend[:, :, c][over].mean()) - 1.0
-                r[:, :, c] -= np.float32(excess * att)
-        r = np.clip(r, 0.0, 1.0)
+        r = _overflow_correct(t, r, rng.uniform(*config.overflow_attenuation))
     scale = 1.0 - rng.uniform(*config.background_scale)
     weight = rng.uniform(*config.reflection_weight)
     r = r * np.float32(weight)
@@ -522,6 +598,58 @@ def synthesize(
     transmitted = np.power(t, inv)
     refl = np.clip(mixture - transmitted, 0.0, 1.0).astype(np.float32)
     return mixture, background.astype(np.float32), refl
+
+
+def _overflow_correct(t: np.ndarray, r: np.ndarray, att: float) -> np.ndarray:
+    """Per channel, lower R by ``att`` times the mean overflow of T + R where it exceeds 1."""
+    blend = t + r
+    for c in range(3):
+        over = blend[:, :, c] > 1
+        if over.any():
+            excess = float(blend[:, :, c][over].mean()) - 1.0
+            r[:, :, c] -= np.float32(excess * att)
+    return np.clip(r, 0.0, 1.0)
+
+
+def _blend_transfer(t: np.ndarray, r: np.ndarray, background: np.ndarray, config: SynthesisConfig,
+                    rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``transfer`` mode after the blur (see :class:`SynthesisConfig`); t and r in linear light."""
+    r = r * np.float32(rng.uniform(*config.reflection_weight))
+    if config.vignette:
+        r = r * _vignette(r.shape[0], r.shape[1], config.vignette_sigma, rng)
+    t = t * np.float32(1.0 - rng.uniform(*config.background_scale))
+    if rng.random() < config.screen_p:
+        mixed = t + r - t * r
+    else:
+        mixed = t + _overflow_correct(t, r, rng.uniform(*config.overflow_attenuation))
+    shared = config.colour_log_mean
+    if config.colour_log_sd:
+        shared = rng.normal(shared, config.colour_log_sd)
+    offsets = np.asarray(config.colour_channel_log_mean, np.float64)
+    if config.colour_channel_log_sd:
+        offsets = offsets + rng.normal(0.0, config.colour_channel_log_sd, 3)
+    # The colour change is a camera's, so it applies in display space, after the blend.
+    inv = 1.0 / config.gamma
+    gain = np.exp(shared + offsets).astype(np.float32)
+    mixture = np.clip(np.power(np.clip(mixed, 0.0, 1.0), inv) * gain, 0.0, 1.0).astype(np.float32)
+    refl = np.clip(mixture - np.power(t, inv), 0.0, 1.0).astype(np.float32)
+    return mixture, background.astype(np.float32), refl
+
+
+def colour_ratios(inputs: Sequence[np.ndarray], backgrounds: Sequence[np.ndarray]) -> np.ndarray:
+    """log(mean(input) / mean(background)) per channel for each pair: (N, 3), images HxWx3 in [0, 1].
+
+    The statistic the ``transfer`` recipe's colour terms are matched on: on real pairs it holds
+    both the light a reflection adds and the camera's colour/exposure change between the shots.
+    """
+    out = []
+    for inp, bg in zip(inputs, backgrounds):
+        num = np.asarray(inp, np.float64).reshape(-1, 3).mean(0)
+        den = np.asarray(bg, np.float64).reshape(-1, 3).mean(0)
+        if np.any(den <= 0) or np.any(num <= 0):
+            raise InputError("colour_ratios: an image is black in some channel; its ratio is undefined")
+        out.append(np.log(num / den))
+    return np.asarray(out)
 
 
 def random_crop(
@@ -572,6 +700,8 @@ class SyntheticPairs(Dataset):
     ``exclude``/``include`` (file-name prefixes, see :func:`find_images`) apply to both the
     photos and the reflection folders.
     """
+
+    keyed = True
 
     def __init__(
         self,
@@ -677,6 +807,147 @@ class SyntheticPairs(Dataset):
             "background": _to_tensor(background),
             "reflection": _to_tensor(reflection),
         }
+
+
+def read_name_list(path: PathLike) -> List[str]:
+    """Names from a text file, one per line; blank lines and ``#`` comments are skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the name list {path}: {exc}") from None
+    names = [line.split("#", 1)[0].strip() for line in lines]
+    return [name for name in names if name]
+
+
+def filter_pairs(pairs: List[Any], names: Sequence[str], keep: bool, where: str) -> List[Any]:
+    """The pairs whose name is in ``names`` (``keep``) or not in it; every name must exist."""
+    wanted = set(names)
+    unknown = sorted(wanted - {pair.name for pair in pairs})
+    if unknown:
+        raise InputError(f"{where}: the name list holds {len(unknown)} name(s) that are not pairs there: "
+                         f"{unknown[:5]}")
+    out = [pair for pair in pairs if (pair.name in wanted) == keep]
+    if not out:
+        raise InputError(f"{where}: no pairs left after the name list")
+    return out
+
+
+class RealPairs(Dataset):
+    """Real photo pairs (a paired folder, e.g. zhang89) as training samples.
+
+    Each sample takes pair ``(index + epoch * n) % n``, one random geometry (flip, rotation, scaled
+    crop as in :func:`random_crop`) applied identically to the photo and its clean layer, and one
+    per-channel brightness/colour factor ``exp(N(0, colour_jitter))`` applied to both (so the pair's
+    own colour relation is kept). ``exclude_names`` holds back a validation split. All pairs are
+    read once, into memory (uint8).
+    """
+
+    keyed = True
+    is_real = True
+
+    def __init__(self, root: PathLike, size: Any = 256, seed: int = 0, exclude_names: Sequence[str] = (),
+                 crop_scale: Tuple[float, float] = (0.3, 1.0), flip_p: float = 0.75, rotate90: bool = False,
+                 colour_jitter: float = 0.1):
+        from dereflect.evaluate import find_pairs
+
+        self.geometry = SynthesisConfig(size=size, crop_scale=crop_scale, flip_p=flip_p, rotate90=rotate90)
+        self.seed = int(seed)
+        self.colour_jitter = float(colour_jitter)
+        self.epoch = 0
+        _, pairs = find_pairs(root, "paired")
+        if exclude_names:
+            pairs = filter_pairs(pairs, exclude_names, keep=False, where=str(root))
+        self.names = [pair.name for pair in pairs]
+        self._images = []
+        short_min, long_min = self.geometry.min_source_size
+        for pair in pairs:
+            inp, bg = read_image(pair.input), read_image(pair.target)
+            if inp.shape != bg.shape:
+                raise InputError(f"{root}: pair '{pair.name}' has an input of {inp.shape[:2]} and a background "
+                                 f"of {bg.shape[:2]}; a pair must have one size")
+            if min(inp.shape[:2]) < short_min or max(inp.shape[:2]) < long_min:
+                raise InputError(f"{root}: pair '{pair.name}' ({inp.shape[0]}x{inp.shape[1]}) is smaller than the "
+                                 f"training crop {self.geometry.sizes}")
+            self._images.append((inp, bg))
+
+    @property
+    def sizes(self) -> List[Size]:
+        return self.geometry.sizes
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def sample_arrays(self, key: Union[int, SampleKey]) -> Tuple[np.ndarray, np.ndarray]:
+        """(input, background) HxWx3 float32 in [0, 1] of sample ``key``."""
+        index, epoch, size_id = key if isinstance(key, (tuple, list)) else (int(key), self.epoch, 0)
+        rng = sample_rng(self.seed, epoch, index)
+        inp, bg = self._images[(index + epoch * len(self)) % len(self)]
+        size = self.geometry.size[size_id]
+        twin = np.random.default_rng()
+        twin.bit_generator.state = rng.bit_generator.state  # the same geometry for both images
+        i = random_crop(inp, size, self.geometry, rng)
+        b = random_crop(bg, size, self.geometry, twin)
+        if self.colour_jitter:
+            factor = np.exp(rng.normal(0.0, self.colour_jitter, 3)).astype(np.float32)
+            i, b = np.clip(i * factor, 0, 1), np.clip(b * factor, 0, 1)
+        return i, b
+
+    def __getitem__(self, key: Union[int, SampleKey]) -> Dict[str, torch.Tensor]:
+        i, b = self.sample_arrays(key)
+        return {"input": _to_tensor(i), "background": _to_tensor(b), "reflection": _to_tensor(np.clip(i - b, 0, 1))}
+
+
+class MixedPairs(Dataset):
+    """Several training sets in one: sample ``(index, epoch)`` draws its source with the given weights.
+
+    Each sample also carries ``real`` (1.0 for a :class:`RealPairs` source, else 0.0), which the
+    transfer loss uses to go easier on the slightly misaligned real pairs. All sources must have
+    the same training sizes.
+    """
+
+    keyed = True
+
+    def __init__(self, parts: Sequence[Tuple[Dataset, float]], seed: int = 0):
+        if len(parts) < 1 or any(not w > 0 for _, w in parts):
+            raise InputError("MixedPairs needs one or more (dataset, weight > 0) parts")
+        sizes = [list(getattr(d, "sizes", [])) for d, _ in parts]
+        if any(s != sizes[0] for s in sizes):
+            raise InputError(f"MixedPairs: every part needs the same training sizes, got {sizes}")
+        self.parts = [d for d, _ in parts]
+        weights = np.asarray([w for _, w in parts], np.float64)
+        self.weights = weights / weights.sum()
+        self.seed = int(seed)
+        self.epoch = 0
+        self.length = max(len(d) for d in self.parts)
+
+    @property
+    def sizes(self) -> List[Size]:
+        return list(self.parts[0].sizes)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        for part in self.parts:
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def part_of(self, key: Union[int, SampleKey]) -> int:
+        """Which part sample ``key`` comes from."""
+        index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), self.epoch)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, index, _MIX_TAG]))
+        return int(rng.choice(len(self.parts), p=self.weights))
+
+    def __getitem__(self, key: Union[int, SampleKey]) -> Dict[str, torch.Tensor]:
+        index, epoch, size_id = key if isinstance(key, (tuple, list)) else (int(key), self.epoch, 0)
+        part = self.parts[self.part_of((index, epoch))]
+        sample = dict(part[(index % len(part), epoch, size_id)])
+        sample["real"] = torch.tensor(1.0 if getattr(part, "is_real", False) else 0.0)
+        return sample
 
 
 def fit_for_network(
@@ -868,15 +1139,15 @@ def make_loader(
     loader moves on to the next epoch by itself.
     """
     sizes = getattr(dataset, "sizes", None)
-    synthetic = isinstance(dataset, SyntheticPairs)
+    keyed = getattr(dataset, "keyed", False)
     sampler = MultiSizeBatchSampler(
         len(dataset),
         batch_size,
-        n_sizes=len(sizes) if synthetic and sizes else 1,
+        n_sizes=len(sizes) if keyed and sizes else 1,
         seed=seed,
         shuffle=shuffle,
         drop_last=shuffle if drop_last is None else drop_last,
-        keys=synthetic,
+        keys=keyed,
     )
     workers = max(0, int(workers))
     return SeededLoader(

@@ -207,6 +207,89 @@ def gradient_penalty(
     return weight * ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
+# ---------------------------------------------------------------- transfer recipe (all methods)
+
+
+class FeatureLoss(nn.Module):
+    """Light perceptual loss: mean absolute difference of frozen ImageNet MobileNetV2 features.
+
+    Taps at strides 2, 4 and 8 (the first seven blocks): about 4 GFLOP per megapixel, a few
+    percent of VGG's, which keeps the term affordable on a CPU.
+    """
+
+    def __init__(self, state: Dict[str, torch.Tensor], taps: Sequence[int] = (1, 3, 6)):
+        super().__init__()
+        from .models.backbone import MobileNetV2Encoder
+
+        encoder = MobileNetV2Encoder()
+        encoder.load_imagenet(state)
+        self.taps = tuple(taps)
+        self.blocks = encoder.features[: max(self.taps) + 1]
+        self.register_buffer("mean", encoder.mean.clone(), persistent=False)
+        self.register_buffer("std", encoder.std.clone(), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FeatureLoss:
+        return super().train(False)  # always frozen, BatchNorm included
+
+    def features(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        x = (x - self.mean) / self.std
+        out = []
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index in self.taps:
+                out.append(x)
+        return tuple(out)
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            wanted = self.features(target)
+        got = self.features(output)
+        return sum((a - b).abs().mean() for a, b in zip(got, wanted)) / len(got)
+
+
+def _image_gradients(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+class RestorationLoss(nn.Module):
+    """The ``transfer`` loss: L1 + ``gradient`` x gradient L1 + ``perceptual`` x :class:`FeatureLoss`.
+
+    What the strongest recent methods train with (ERRNet's L1, 0.4 x gradient L1 and a perceptual
+    term), with the light MobileNetV2 features in place of VGG's. Real pairs are slightly
+    misaligned, and finite differences are what a shift of a pixel disturbs most: their gradient
+    term is scaled by ``real_gradient_scale``. ``forward(output, target, real)`` takes ``real``
+    as an (N,) tensor of 0/1 (or None: all synthetic) and returns ``(total, terms)``.
+    """
+
+    def __init__(self, features: Optional[FeatureLoss], gradient: float = 0.4, perceptual: float = 0.1,
+                 real_gradient_scale: float = 0.5) -> None:
+        super().__init__()
+        if min(gradient, perceptual, real_gradient_scale) < 0:
+            raise InputError("RestorationLoss weights must be >= 0")
+        if perceptual > 0 and features is None:
+            raise InputError("RestorationLoss: a perceptual weight needs the FeatureLoss network")
+        self.features = features
+        self.gradient, self.perceptual, self.real_gradient_scale = gradient, perceptual, real_gradient_scale
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor,
+                real: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Terms]:
+        l1 = (output - target).abs().mean()
+        (ox, oy), (tx, ty) = _image_gradients(output), _image_gradients(target)
+        per_sample = (ox - tx).abs().flatten(1).mean(1) + (oy - ty).abs().flatten(1).mean(1)
+        if real is not None:
+            per_sample = per_sample * (1.0 - real.float() * (1.0 - self.real_gradient_scale))
+        grad = per_sample.mean()
+        total = l1 + self.gradient * grad
+        terms = {"l1": l1.detach(), "gradient": grad.detach()}
+        if self.perceptual > 0:
+            perc = self.features(output, target)
+            total = total + self.perceptual * perc
+            terms["perceptual"] = perc.detach()
+        return total, terms
+
+
 # ---------------------------------------------------------------- CRRN
 
 

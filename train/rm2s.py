@@ -13,32 +13,55 @@ from dereflect.errors import InputError
 
 from .checkpoint import Checkpoint
 from .confidence_torch import ground_truth_masks_torch, stage2_input_from_masks, stage2_input_torch
-from .losses import RM2SStage1Loss, RM2SStage2Loss, clip_weights_, discriminator_loss, gradient_penalty
+from .losses import RestorationLoss, RM2SStage1Loss, RM2SStage2Loss, clip_weights_, discriminator_loss, gradient_penalty
 from .models import build_model
-from .models.rm2s import DiscriminatorConfig, UNetConfig
-from .trainer import Task, to_uint8_rgb
+from .models.rm2s import DiscriminatorConfig
+from .trainer import Task, encoder_parameter_groups, set_learning_rate, to_uint8_rgb
 
 # The paper's learning rates (the authors' code used 2e-3 for the generators).
 STAGE1_LR = 2e-4
 STAGE2_LR = 2e-4
 DISCRIMINATOR_LR = 2e-5
+#: The transfer recipe's rate (Adam, as ERRNet) and the pretrained encoder's share of it.
+TRANSFER_LR = 1e-4
+ENCODER_LR_SCALE = 0.1
 
 
 class Stage1Task(Task):
+    """Stage 1 with the paper's recipe (VGG losses, RMSprop) or the transfer recipe.
+
+    ``transfer_loss`` given: the :class:`RestorationLoss`, Adam, the pretrained encoder at
+    ``encoder_lr_scale`` of the rate (0 freezes it); otherwise the paper's loss with ``vgg``.
+    ``arch`` is ``rm2s_unet`` (paper / from-scratch lite) or ``rm2s_mobile_unet``; ``imagenet``
+    (a MobileNetV2 state dict) initialises the latter's encoder.
+    """
+
     method = "rm2s"
     kind = "rm2s-stage1"
 
-    def __init__(self, config: UNetConfig, vgg, lr: float = STAGE1_LR, data_recipe: Optional[dict] = None,
-                 loss_weights: Optional[Dict[str, float]] = None):
+    def __init__(self, config, vgg=None, lr: float = STAGE1_LR, data_recipe: Optional[dict] = None,
+                 loss_weights: Optional[Dict[str, float]] = None, arch: str = "rm2s_unet",
+                 transfer_loss: Optional[RestorationLoss] = None, imagenet=None,
+                 encoder_lr_scale: float = ENCODER_LR_SCALE):
         self.config = config
-        self.model = build_model("rm2s_unet", config.to_dict())
-        self.loss = RM2SStage1Loss(vgg, **(loss_weights or {}))
-        self.optimizer = torch.optim.RMSprop(self.model.parameters(), lr=lr)
+        self.arch = arch
+        self.model = build_model(arch, config.to_dict())
+        if imagenet is not None:
+            self.model.load_imagenet(imagenet)
+        self.lr = lr
+        self.transfer = transfer_loss is not None
+        if self.transfer:
+            self.loss = transfer_loss
+            self.optimizer = torch.optim.Adam(encoder_parameter_groups(self.model, lr, encoder_lr_scale), lr=lr)
+        else:
+            self.loss = RM2SStage1Loss(vgg, **(loss_weights or {}))
+            self.optimizer = torch.optim.RMSprop(self.model.parameters(), lr=lr)
+        self.encoder_lr_scale = encoder_lr_scale
         self.data_recipe = data_recipe or {}
         self.loss_weights = loss_weights or {}
 
     def networks(self):
-        return {"stage1": ("rm2s_unet", self.config.to_dict(), self.model)}
+        return {"stage1": (self.arch, self.config.to_dict(), self.model)}
 
     def optimizers(self):
         return {"stage1": self.optimizer}
@@ -47,10 +70,18 @@ class Stage1Task(Task):
         super().to(device)
         self.loss.to(device)
 
+    def set_step(self, step: int) -> None:
+        set_learning_rate(self.optimizer, self.lr)
+
+    def _loss(self, estimate, batch):
+        if self.transfer:
+            return self.loss(estimate, batch["background"], batch.get("real"))
+        return self.loss(estimate, batch["background"])
+
     def training_step(self, batch, step, scaler):
         with torch.autocast(device_type=batch["input"].device.type, enabled=scaler.is_enabled()):
             estimate = self.model(batch["input"])
-        total, terms = self.loss(estimate.float(), batch["background"])
+        total, terms = self._loss(estimate.float(), batch)
         self.optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.step(self.optimizer)
@@ -60,11 +91,18 @@ class Stage1Task(Task):
     @torch.no_grad()
     def validation_step(self, batch):
         estimate = self.model(batch["input"])
-        total, terms = self.loss(estimate, batch["background"])
+        total, terms = self._loss(estimate, batch)
         return {"loss": float(total.detach()), **{k: float(v) for k, v in terms.items()}}, estimate
 
     def metadata(self):
-        return {"data_recipe": self.data_recipe, "loss": {"name": "rm2s-stage1", **self.loss_weights}}
+        if self.transfer:
+            loss = {"name": "transfer", "gradient": self.loss.gradient, "perceptual": self.loss.perceptual,
+                    "real_gradient_scale": self.loss.real_gradient_scale}
+            optimiser = {"name": "adam", "lr": self.lr, "encoder_lr_scale": self.encoder_lr_scale}
+        else:
+            loss = {"name": "rm2s-stage1", **self.loss_weights}
+            optimiser = {"name": "rmsprop", "lr": self.lr}
+        return {"data_recipe": self.data_recipe, "loss": loss, "optimiser": optimiser}
 
 
 class Stage2Task(Task):
@@ -78,7 +116,7 @@ class Stage2Task(Task):
     kind = "rm2s-stage2"
     preview_labels = ("input", "stage 1", "edges B/R", "stage 2", "ground truth")
 
-    def __init__(self, config: UNetConfig, stage1: Checkpoint, vgg, masks: str = "stage1",
+    def __init__(self, config, stage1: Checkpoint, vgg, masks: str = "stage1",
                  critic: Optional[DiscriminatorConfig] = None, lr: float = STAGE2_LR,
                  critic_lr: float = DISCRIMINATOR_LR, clip: float = 0.01, gp_weight: float = 0.0,
                  c1: float = 0.5, c2: float = 0.5, data_recipe: Optional[dict] = None,

@@ -119,6 +119,35 @@ class Task:
             module.to(device)
 
 
+def encoder_parameter_groups(model: torch.nn.Module, lr: float, encoder_lr_scale: float) -> List[Dict[str, Any]]:
+    """Adam parameter groups: pretrained-encoder parameters at ``lr * encoder_lr_scale``, the rest at ``lr``.
+
+    A parameter belongs to the encoder when a part of its name is ``encoder``. Scale 0 freezes the
+    encoder (its parameters are left out and stop taking gradients).
+    """
+    if encoder_lr_scale < 0:
+        raise InputError(f"the encoder's learning-rate scale must be >= 0, got {encoder_lr_scale}")
+    encoder, rest = [], []
+    for name, param in model.named_parameters():
+        (encoder if "encoder" in name.split(".") else rest).append(param)
+    groups: List[Dict[str, Any]] = [{"params": rest, "lr": lr, "lr_scale": 1.0}]
+    if encoder and encoder_lr_scale > 0:
+        groups.append({"params": encoder, "lr": lr * encoder_lr_scale, "lr_scale": encoder_lr_scale})
+    else:
+        for param in encoder:
+            param.requires_grad_(False)
+    return groups
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's rate to ``lr`` times its ``lr_scale`` (1 where it has none).
+
+    Tasks call this each step, so a run resumed with another ``--lr`` uses it.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def _cycle(loader: Iterable, start_epoch: int) -> Iterator[Dict[str, torch.Tensor]]:
     epoch = start_epoch
     while True:

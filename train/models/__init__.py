@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 #: arch name -> (module, config class, model class)
 _ARCHS: Dict[str, Tuple[str, str, str]] = {
     "rm2s_unet": ("rm2s", "UNetConfig", "RM2SUNet"),
+    "rm2s_mobile_unet": ("rm2s", "MobileUNetConfig", "RM2SMobileUNet"),
     "rm2s_discriminator": ("rm2s", "DiscriminatorConfig", "Discriminator"),
     "crrn": ("crrn", "CRRNConfig", "CRRN"),
 }

@@ -257,3 +257,70 @@ class Discriminator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, "Discriminator", self.config.in_channels, 1, self.min_size)
         return self.head(self.features(x)).mean(dim=(1, 2, 3))
+
+
+@dataclass
+class MobileUNetConfig(ModelConfig):
+    """RM2S U-Net on an ImageNet MobileNetV2 encoder (both stages of the shipped ``lite`` model).
+
+    decoder_widths: the decoder's five levels (strides 16, 8, 4, 2, 1). max_log_gain: bound L of
+    the per-image RGB gain (0: no gain head). fraction_bias: initial logit of the reflection
+    fraction (sigmoid(-4) = 0.018: the untrained network is nearly the identity).
+    """
+
+    in_channels: int = 3
+    decoder_widths: Tuple[int, ...] = (96, 64, 32, 24, 16)
+    max_log_gain: float = 1.0
+    fraction_bias: float = -4.0
+
+    _PRESETS = {"lite": {}}
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_positive_ints(name, "in_channels", (self.in_channels,))
+        check_positive_ints(name, "decoder_widths", tuple(self.decoder_widths))
+        if self.in_channels % 3:
+            raise InputError(f"{name}: in_channels must be 3 (stage 1) or 9 (stage 2), got {self.in_channels}")
+        if len(tuple(self.decoder_widths)) != 5:
+            raise InputError(f"{name}: decoder_widths needs 5 values, got {self.decoder_widths!r}")
+        if not 0.0 <= float(self.max_log_gain) <= 3.0:
+            raise InputError(f"{name}: max_log_gain must lie in [0, 3], got {self.max_log_gain}")
+
+
+class RM2SMobileUNet(nn.Module):
+    """(N, 3 or 9, H, W) -> background (N, 3, H, W): MobileNetV2 encoder, U-Net decoder, bounded output.
+
+    The first three input channels are the image I; the output is ``g * I * (1 - a)`` (see
+    :class:`~dereflect.train.models.backbone.BoundedOutput`). H and W must be multiples of 32.
+    """
+
+    def __init__(self, config: MobileUNetConfig):
+        super().__init__()
+        from .backbone import BoundedOutput, MobileNetV2Encoder, UNetDecoder
+
+        self.config = config
+        self.stride = 32
+        self.min_size = 32
+        self.encoder = MobileNetV2Encoder(config.in_channels)
+        self.decoder = UNetDecoder(self.encoder.widths, config.decoder_widths, config.in_channels)
+        self.head = nn.Conv2d(self.decoder.out_channels, 3, 3, padding=1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, config.fraction_bias)
+        self.output = BoundedOutput(self.encoder.widths[-1], config.max_log_gain)
+
+    def train(self, mode: bool = True) -> RM2SMobileUNet:
+        from .backbone import freeze_batchnorm
+
+        super().train(mode)
+        freeze_batchnorm(self.encoder)  # ImageNet statistics: a few crops per batch cannot re-estimate them
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, "RM2SMobileUNet", self.config.in_channels, self.stride, self.min_size)
+        taps = self.encoder(x)
+        logits = self.head(self.decoder(x, taps))
+        return self.output(x[:, :3], logits, taps[-1])
+
+    def load_imagenet(self, state) -> None:
+        """ImageNet MobileNetV2 weights into the encoder (see ``MobileNetV2Encoder.load_imagenet``)."""
+        self.encoder.load_imagenet(state)
