@@ -47,6 +47,10 @@ def fit_stage1(folder, vgg_path, run_dir, steps, resume=None, lr=1e-3):
     return trainer, trainer.fit()
 
 
+#: The earlier lite networks with each paper's recipe (the default lite config needs ImageNet weights).
+PAPER = ("--config", "lite-scratch", "--recipe", "paper")
+
+
 def test_checkpoint_round_trip_keeps_weights_metadata_and_optimizer(tmp_path):
     from dereflect.train.models import build_model
 
@@ -226,7 +230,7 @@ def test_crrn_reflection_target_is_what_the_model_calls_reflection(photo_folder)
 
 def test_train_command_runs_end_to_end(photo_folder, fake_vgg16, tmp_path, capsys):
     out = tmp_path / "cli-run"
-    code = main(["train", "rm2s-stage1", "--data", str(photo_folder), "--steps", "2", "--batch-size", "2",
+    code = main(["train", "rm2s-stage1", *PAPER, "--data", str(photo_folder), "--steps", "2", "--batch-size", "2",
                  "--size", "64", "--val-count", "2", "--workers", "0", "--out", str(out),
                  "--vgg", str(fake_vgg16), "--vgg-arch", "vgg16", "--val-every", "1"])
     assert code == 0
@@ -274,7 +278,7 @@ def test_keep_every_keeps_step_checkpoints_and_time_limit_stops_with_a_final_one
 def test_train_command_refuses_bad_keep_every_and_time_limit(photo_folder, fake_vgg16, tmp_path, capsys,
                                                              option, value, message):
     out = tmp_path / "refused"
-    code = main(["train", "rm2s-stage1", "--data", str(photo_folder), "--steps", "2", "--workers", "0",
+    code = main(["train", "rm2s-stage1", *PAPER, "--data", str(photo_folder), "--steps", "2", "--workers", "0",
                  "--out", str(out), "--vgg", str(fake_vgg16), "--vgg-arch", "vgg16", option, value])
     assert code == 2
     assert message in capsys.readouterr().err
@@ -294,7 +298,7 @@ def test_val_option_scores_a_ground_truth_folder(photo_folder, tmp_path):
         cv2.imwrite(str(val / "transmission_layer" / f"{name}.png"), background)
         cv2.imwrite(str(val / "blended" / f"{name}.png"), background + 40)
     out = tmp_path / "run"
-    code = main(["train", "crrn", "--data", str(photo_folder), "--steps", "1", "--batch-size", "2", "--size", "64",
+    code = main(["train", "crrn", *PAPER, "--data", str(photo_folder), "--steps", "1", "--batch-size", "2", "--size", "64",
                  "--val", str(val), "--val-count", "2", "--workers", "0", "--out", str(out), "--val-every", "1"])
     assert code == 0
     record = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]
@@ -303,7 +307,7 @@ def test_val_option_scores_a_ground_truth_folder(photo_folder, tmp_path):
 
 
 def test_crrn_reflection_loss_weight_is_recorded_and_checked(photo_folder, tmp_path, capsys):
-    base = ["train", "crrn", "--data", str(photo_folder), "--steps", "1", "--batch-size", "2", "--size", "64",
+    base = ["train", "crrn", *PAPER, "--data", str(photo_folder), "--steps", "1", "--batch-size", "2", "--size", "64",
             "--val-count", "2", "--workers", "0"]
     assert main(base + ["--reflection-loss-weight", "-0.5", "--out", str(tmp_path / "bad")]) == 2
     assert "--reflection-loss-weight must be >= 0" in capsys.readouterr().err
@@ -315,7 +319,7 @@ def test_crrn_reflection_loss_weight_is_recorded_and_checked(photo_folder, tmp_p
 def test_train_without_vgg_weights_says_how_to_get_them(photo_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DEREFLECT_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch"))
-    code = main(["train", "rm2s-stage1", "--data", str(photo_folder), "--steps", "1", "--out",
+    code = main(["train", "rm2s-stage1", *PAPER, "--data", str(photo_folder), "--steps", "1", "--out",
                  str(tmp_path / "r")])
     assert code == 2
     assert "dereflect weights vgg" in capsys.readouterr().err
@@ -323,7 +327,7 @@ def test_train_without_vgg_weights_says_how_to_get_them(photo_folder, tmp_path, 
 
 def test_train_without_torch_names_the_extra(monkeypatch, photo_folder, capsys):
     monkeypatch.setitem(sys.modules, "torch", None)
-    code = main(["train", "rm2s-stage1", "--data", str(photo_folder)])
+    code = main(["train", "rm2s-stage1", *PAPER, "--data", str(photo_folder)])
     assert code == 2
     assert "pip install 'dereflect[train]'" in capsys.readouterr().err
 
@@ -349,7 +353,7 @@ def test_synthesize_writes_a_repeatable_paired_test_set(photo_folder, tmp_path):
 
 def test_mix_option_records_both_recipes_and_needs_a_preset(photo_folder, fake_vgg16, tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", "rm2s-stage1", "--data", str(photo_folder), "--steps", "1", "--batch-size", "2",
+    code = main(["train", "rm2s-stage1", *PAPER, "--data", str(photo_folder), "--steps", "1", "--batch-size", "2",
                  "--size", "64", "--val-count", "2", "--workers", "0", "--out", str(out), "--vgg", str(fake_vgg16),
                  "--vgg-arch", "vgg16", "--mix", "crrn", "--mix-fraction", "0.25",
                  "--mix-synthesis", "reflection_weight=0,0.5"])
@@ -394,11 +398,11 @@ def test_synthesis_overrides_reach_the_recipe_and_bad_keys_are_named(photo_folde
     assert parse_overrides(["reflection_weight=0.05,0.5", "ghost=false", "gamma=1"]) == {
         "reflection_weight": [0.05, 0.5], "ghost": False, "gamma": 1}
     out = tmp_path / "run"
-    code = main(["train", "rm2s-stage1", "--data", str(photo_folder), "--steps", "1", "--batch-size", "2",
+    code = main(["train", "rm2s-stage1", *PAPER, "--data", str(photo_folder), "--steps", "1", "--batch-size", "2",
                  "--size", "64", "--val-count", "2", "--workers", "0", "--out", str(out), "--vgg", str(fake_vgg16),
                  "--vgg-arch", "vgg16", "--synthesis", "reflection_weight=0.05,0.5"])
     assert code == 0
     assert load_checkpoint(out / "final.safetensors").metadata["data_recipe"]["reflection_weight"] == [0.05, 0.5]
-    code = main(["train", "rm2s-stage1", "--data", str(photo_folder), "--out", str(tmp_path / "bad"),
+    code = main(["train", "rm2s-stage1", *PAPER, "--data", str(photo_folder), "--out", str(tmp_path / "bad"),
                  "--synthesis", "reflection_wieght=0.3"])
     assert code == 2 and "reflection_wieght" in capsys.readouterr().err

@@ -21,7 +21,7 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from dereflect import __version__
@@ -276,3 +276,30 @@ def average_checkpoints(paths: Sequence[os.PathLike], out: os.PathLike) -> Path:
     extra["averaged_steps"] = [c.step for c in checkpoints]
     return save_checkpoint(out, method=meta["method"], kind=meta["kind"], networks=networks, step=last.step,
                            data_recipe=meta.get("data_recipe"), training=meta.get("training"), extra=extra)
+
+
+def transplant_state(module: torch.nn.Module, state: Dict[str, torch.Tensor]) -> List[str]:
+    """Initialise ``module`` from another network's weights where names match; returns what was left.
+
+    Tensors of equal shape are copied. A tensor with more input channels (dimension 1) than the
+    source's, equal otherwise, gets the source in its leading channels and zeros after: a stage-2
+    U-Net whose first conv takes [I, masked I...] then starts out as the stage-1 network, and so
+    does a CRRN whose decoder takes GiN's features beside its own. Any other mismatch raises.
+    """
+    own = module.state_dict()
+    untouched = []
+    with torch.no_grad():
+        for key, target in own.items():
+            source = state.get(key)
+            if source is None:
+                untouched.append(key)
+                continue
+            if source.shape == target.shape:
+                target.copy_(source)
+            elif (source.dim() == target.dim() >= 2 and source.shape[0] == target.shape[0]
+                  and source.shape[2:] == target.shape[2:] and source.shape[1] < target.shape[1]):
+                target.zero_()
+                target[:, : source.shape[1]] = source
+            else:
+                raise ModelError(f"cannot initialise {key}: {tuple(target.shape)} from {tuple(source.shape)}")
+    return untouched

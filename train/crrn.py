@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 import torch
+from dereflect.errors import InputError
 
-from .losses import CRRNLoss, si_torch
+from .checkpoint import Checkpoint, transplant_state
+from .losses import CRRNLoss, RestorationLoss, si_torch
 from .models import build_model
 from .models.common import gradient_magnitude
-from .models.crrn import CRRNConfig
-from .trainer import Task, to_uint8_rgb
+from .trainer import Task, encoder_parameter_groups, set_learning_rate, to_uint8_rgb
 
 CRRN_LR = 1e-4
 PAPER_EPOCHS = {"gin": 40, "joint": 50, "joint_low_lr": 30}
@@ -63,34 +64,58 @@ class CRRNTask(Task):
     kind = "crrn"
     preview_labels = ("input", "gradient", "background", "reflection", "ground truth")
 
-    def __init__(self, config: CRRNConfig, total_steps: int, gin_fraction: float = 40 / 120,
+    def __init__(self, config, total_steps: int, gin_fraction: float = 40 / 120,
                  lr: float = CRRN_LR, vgg_init=None, gamma: float = 0.8, data_recipe: Optional[dict] = None,
-                 reflection_weight: float = 1.0):
+                 reflection_weight: float = 1.0, arch: str = "crrn", transfer_loss: Optional[RestorationLoss] = None,
+                 imagenet=None, init: Optional[Checkpoint] = None, encoder_lr_scale: float = 0.1):
         self.config = config
-        self.model = build_model("crrn", config.to_dict())
+        self.arch = arch
+        self.model = build_model(arch, config.to_dict())
         if vgg_init is not None:
             self.model.load_vgg16_features(vgg_init)
-        self.loss = CRRNLoss(gamma=gamma, reflection_weight=reflection_weight)
+        if imagenet is not None:
+            self.model.load_imagenet(imagenet)
+        self.init_source = None
+        if init is not None:
+            self._init_from_stage1(init)
+        self.transfer = transfer_loss is not None
+        self.loss = transfer_loss if self.transfer else CRRNLoss(gamma=gamma, reflection_weight=reflection_weight)
         self.lr = lr
         self.total_steps = total_steps
         self.gin_fraction = gin_fraction
         self.gin_optimizer = torch.optim.Adam(self.model.gin.parameters(), lr=lr)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
+        groups = encoder_parameter_groups(self.model, lr, encoder_lr_scale) if self.transfer else \
+            self.model.parameters()
+        self.optimizer = torch.optim.Adam(groups, lr=lr)
+        self.encoder_lr_scale = encoder_lr_scale
         self.phase = schedule_phase(0, total_steps, gin_fraction)
         self.data_recipe = data_recipe or {}
         self.vgg_init = vgg_init is not None
 
+    def _init_from_stage1(self, checkpoint: Checkpoint) -> None:
+        """IiN (encoder, decoder, head, gain) from a lite RM2S stage-1 network: the same layers.
+
+        Its decoder inputs for GiN's features start at zero, so the untrained CRRN gives the stage-1
+        network's output, and GiN's features come in as training finds them useful.
+        """
+        if self.arch != "crrn_mobile" or checkpoint.metadata.get("kind") != "rm2s-stage1" or \
+                checkpoint.network_spec("stage1")["arch"] != "rm2s_mobile_unet":
+            raise InputError("--init takes a lite RM2S stage-1 checkpoint (rm2s_mobile_unet) for a lite CRRN; "
+                             f"{checkpoint.path} is a {checkpoint.metadata.get('kind')}")
+        untouched = transplant_state(self.model, checkpoint.states["stage1"])
+        if any(not key.startswith("gin.") for key in untouched):
+            raise InputError(f"{checkpoint.path}: does not cover IiN ({[k for k in untouched if 'gin' not in k][:3]})")
+        self.init_source = {"path": str(checkpoint.path), "step": checkpoint.step}
+
     def networks(self):
-        return {"crrn": ("crrn", self.config.to_dict(), self.model)}
+        return {"crrn": (self.arch, self.config.to_dict(), self.model)}
 
     def optimizers(self):
         return {"gin": self.gin_optimizer, "crrn": self.optimizer}
 
     def set_step(self, step: int) -> None:
         self.phase = schedule_phase(step, self.total_steps, self.gin_fraction)
-        lr = self.lr * (0.1 if self.phase == "joint_low_lr" else 1.0)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(self.optimizer, self.lr * (0.1 if self.phase == "joint_low_lr" else 1.0))
 
     def targets(self, batch):
         """(background, reflection, background gradient) targets for the model's three outputs.
@@ -104,7 +129,7 @@ class CRRNTask(Task):
         return background, batch["input"] - background, gradient_magnitude(background)
 
     def training_step(self, batch, step, scaler):
-        background, reflection, gradient = self.targets(batch)
+        _, _, gradient = self.targets(batch)
         image = batch["input"]
         if self.phase == "gin":
             with torch.autocast(device_type=image.device.type, enabled=scaler.is_enabled()):
@@ -115,7 +140,7 @@ class CRRNTask(Task):
         else:
             with torch.autocast(device_type=image.device.type, enabled=scaler.is_enabled()):
                 b, r, g = self.model(image)
-            total, terms = self.loss(b.float(), background, r.float(), reflection, g.float(), gradient)
+            total, terms = self._loss(b.float(), r.float(), g.float(), batch)
             optimizer = self.optimizer
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
@@ -125,10 +150,19 @@ class CRRNTask(Task):
 
     @torch.no_grad()
     def validation_step(self, batch):
-        background, reflection, gradient = self.targets(batch)
         b, r, g = self.model(batch["input"])
-        total, terms = self.loss(b, background, r, reflection, g, gradient)
+        total, terms = self._loss(b, r, g, batch)
         return {"loss": float(total.detach()), **{k: float(v) for k, v in terms.items()}}, b
+
+    def _loss(self, b, r, g, batch):
+        """The paper's loss, or the transfer loss on B plus CRRN's SI term on GiN's gradient."""
+        background, reflection, gradient = self.targets(batch)
+        if not self.transfer:
+            return self.loss(b, background, r, reflection, g, gradient)
+        total, terms = self.loss(b, background, batch.get("real"))
+        si_grad = 1 - si_torch(g, gradient)
+        terms["si_grad"] = si_grad.detach()
+        return total + si_grad, terms
 
     def preview_row(self, batch, estimate, index):
         _, r, g = self.model(batch["input"][index:index + 1])
@@ -137,10 +171,17 @@ class CRRNTask(Task):
                 to_uint8_rgb(r[0]), to_uint8_rgb(batch["background"][index])]
 
     def metadata(self) -> Dict[str, Any]:
+        if self.transfer:
+            loss = {"name": "transfer", "gradient": self.loss.gradient, "perceptual": self.loss.perceptual,
+                    "real_gradient_scale": self.loss.real_gradient_scale, "si_gradient": 1.0}
+        else:
+            loss = {"name": "crrn", "gamma": self.loss.gamma, "reflection_weight": self.loss.reflection_weight,
+                    "reflection_target": REFLECTION_TARGET}
         return {
             "data_recipe": self.data_recipe,
-            "loss": {"name": "crrn", "gamma": self.loss.gamma, "reflection_weight": self.loss.reflection_weight,
-                     "reflection_target": REFLECTION_TARGET},
+            "loss": loss,
             "schedule": {"total_steps": self.total_steps, "gin_fraction": self.gin_fraction,
-                         "paper_epochs": PAPER_EPOCHS, "lr": self.lr, "vgg_init": self.vgg_init},
+                         "paper_epochs": PAPER_EPOCHS, "lr": self.lr, "vgg_init": self.vgg_init,
+                         "encoder_lr_scale": self.encoder_lr_scale if self.transfer else None,
+                         "init": self.init_source},
         }

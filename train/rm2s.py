@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from dereflect.errors import InputError
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, transplant_state
 from .confidence_torch import ground_truth_masks_torch, stage2_input_from_masks, stage2_input_torch
 from .losses import RestorationLoss, RM2SStage1Loss, RM2SStage2Loss, clip_weights_, discriminator_loss, gradient_penalty
 from .models import build_model
@@ -110,6 +110,11 @@ class Stage2Task(Task):
 
     ``masks="stage1"`` derives the edge masks from the frozen stage-1 network (the paper's way,
     as at inference); ``masks="ground-truth"`` uses the authors' training masks from B and R.
+
+    With ``transfer_loss`` the generator trains on that loss plus ``adversarial_weight`` times
+    the critic's -D(fake) (the paper's 0.05), with Adam; ``rm2s_mobile_unet`` generators start
+    from the stage-1 network's weights (``checkpoint.transplant_state``: the mask channels start
+    at zero), so stage 2 begins exactly where stage 1 is and learns to use the edge masks.
     """
 
     method = "rm2s"
@@ -120,7 +125,9 @@ class Stage2Task(Task):
                  critic: Optional[DiscriminatorConfig] = None, lr: float = STAGE2_LR,
                  critic_lr: float = DISCRIMINATOR_LR, clip: float = 0.01, gp_weight: float = 0.0,
                  c1: float = 0.5, c2: float = 0.5, data_recipe: Optional[dict] = None,
-                 loss_weights: Optional[Dict[str, float]] = None):
+                 loss_weights: Optional[Dict[str, float]] = None, arch: str = "rm2s_unet",
+                 transfer_loss: Optional[RestorationLoss] = None, adversarial_weight: float = 0.05,
+                 encoder_lr_scale: float = ENCODER_LR_SCALE):
         if masks not in ("stage1", "ground-truth"):
             raise InputError(f"masks must be 'stage1' or 'ground-truth', not {masks!r}")
         if stage1.metadata.get("kind") not in ("rm2s-stage1", "rm2s-stage2"):
@@ -130,11 +137,26 @@ class Stage2Task(Task):
         self.stage1_spec = stage1.network_spec("stage1")
         self.stage1 = stage1.build("stage1").requires_grad_(False)
         self.config = config
+        self.arch = arch
         self.critic_config = critic or DiscriminatorConfig.preset("paper")
-        self.generator = build_model("rm2s_unet", config.to_dict())
+        self.generator = build_model(arch, config.to_dict())
+        if arch == "rm2s_mobile_unet":
+            if self.stage1_spec["arch"] != arch:
+                raise InputError(f"a {arch} stage 2 starts from a stage 1 of the same architecture; "
+                                 f"{stage1.path} holds {self.stage1_spec['arch']}")
+            transplant_state(self.generator, stage1.states["stage1"])
         self.critic = build_model("rm2s_discriminator", self.critic_config.to_dict())
-        self.loss = RM2SStage2Loss(vgg, **(loss_weights or {}))
-        self.g_optimizer = torch.optim.RMSprop(self.generator.parameters(), lr=lr)
+        self.lr = lr
+        self.transfer = transfer_loss is not None
+        if self.transfer:
+            self.loss = transfer_loss
+            self.g_optimizer = torch.optim.Adam(encoder_parameter_groups(self.generator, lr, encoder_lr_scale),
+                                                lr=lr)
+        else:
+            self.loss = RM2SStage2Loss(vgg, **(loss_weights or {}))
+            self.g_optimizer = torch.optim.RMSprop(self.generator.parameters(), lr=lr)
+        self.adversarial_weight = adversarial_weight
+        self.encoder_lr_scale = encoder_lr_scale
         self.d_optimizer = torch.optim.RMSprop(self.critic.parameters(), lr=critic_lr)
         self.masks, self.clip, self.gp_weight, self.c1, self.c2 = masks, clip, gp_weight, c1, c2
         self.data_recipe = data_recipe or {}
@@ -144,7 +166,7 @@ class Stage2Task(Task):
     def networks(self):
         return {
             "stage1": (self.stage1_spec["arch"], self.stage1_spec["config"], self.stage1),
-            "generator": ("rm2s_unet", self.config.to_dict(), self.generator),
+            "generator": (self.arch, self.config.to_dict(), self.generator),
             "discriminator": ("rm2s_discriminator", self.critic_config.to_dict(), self.critic),
         }
 
@@ -154,6 +176,17 @@ class Stage2Task(Task):
     def to(self, device):
         super().to(device)
         self.loss.to(device)
+
+    def set_step(self, step: int) -> None:
+        set_learning_rate(self.g_optimizer, self.lr)
+
+    def _generator_loss(self, fake, batch, d_fake):
+        if not self.transfer:
+            return self.loss(fake, batch["background"], d_fake)
+        total, terms = self.loss(fake, batch["background"], batch.get("real"))
+        adversarial = -d_fake.mean()
+        terms["adversarial"] = adversarial.detach()
+        return total + self.adversarial_weight * adversarial, terms
 
     def stage2_input(self, batch) -> Tuple[torch.Tensor, torch.Tensor]:
         """The 9-channel generator input and the stage-1 estimate (both without gradients)."""
@@ -186,7 +219,7 @@ class Stage2Task(Task):
         if self.gp_weight <= 0:
             clip_weights_(self.critic, self.clip)
 
-        total, terms = self.loss(fake.float(), real, self.critic(fake.float()))
+        total, terms = self._generator_loss(fake.float(), batch, self.critic(fake.float()))
         self.g_optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.step(self.g_optimizer)
@@ -200,7 +233,7 @@ class Stage2Task(Task):
         fake = self.generator(z)
         # The critic's score is left out of the validation loss: it drifts as the critic
         # trains, and the critic needs larger images than some validation sets have.
-        total, terms = self.loss(fake, batch["background"], torch.zeros(fake.shape[0], device=fake.device))
+        total, terms = self._generator_loss(fake, batch, torch.zeros(fake.shape[0], device=fake.device))
         return {"loss": float(total.detach()), **{k: float(v) for k, v in terms.items()}}, fake
 
     def preview_row(self, batch, estimate, index):
@@ -210,9 +243,18 @@ class Stage2Task(Task):
                 to_uint8_rgb(estimate[index]), to_uint8_rgb(batch["background"][index])]
 
     def metadata(self) -> Dict[str, Any]:
+        if self.transfer:
+            loss = {"name": "transfer", "gradient": self.loss.gradient, "perceptual": self.loss.perceptual,
+                    "real_gradient_scale": self.loss.real_gradient_scale,
+                    "adversarial": self.adversarial_weight}
+            optimiser = {"name": "adam", "lr": self.lr, "encoder_lr_scale": self.encoder_lr_scale}
+        else:
+            loss = {"name": "rm2s-stage2", **self.loss_weights}
+            optimiser = {"name": "rmsprop", "lr": self.lr}
         return {
             "data_recipe": self.data_recipe,
-            "loss": {"name": "rm2s-stage2", **self.loss_weights},
+            "loss": loss,
+            "optimiser": optimiser,
             "stage2": {"masks": self.masks, "c1": self.c1, "c2": self.c2, "clip": self.clip,
                        "gp_weight": self.gp_weight, "stage1_source": self.stage1_source},
         }

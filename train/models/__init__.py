@@ -22,6 +22,7 @@ _ARCHS: Dict[str, Tuple[str, str, str]] = {
     "rm2s_mobile_unet": ("rm2s", "MobileUNetConfig", "RM2SMobileUNet"),
     "rm2s_discriminator": ("rm2s", "DiscriminatorConfig", "Discriminator"),
     "crrn": ("crrn", "CRRNConfig", "CRRN"),
+    "crrn_mobile": ("crrn", "MobileCRRNConfig", "MobileCRRN"),
 }
 ARCHS = tuple(_ARCHS)
 

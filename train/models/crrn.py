@@ -323,3 +323,78 @@ class CRRN(nn.Module):
     def load_vgg16_features(self, state_dict: Mapping[str, Any], strict: bool = True) -> VGGLoadReport:
         """See :meth:`IiN.load_vgg16_features`."""
         return self.iin.load_vgg16_features(state_dict, strict=strict)
+
+
+@dataclass
+class MobileCRRNConfig(ModelConfig):
+    """CRRN with an ImageNet MobileNetV2 encoder in IiN (the shipped ``lite`` model).
+
+    The paper builds IiN on an ImageNet VGG-16; here the encoder is MobileNetV2 and IiN's decoder is
+    a U-Net decoder (``decoder_widths``, strides 16 to 1) that takes GiN's five decoder features at
+    the matching resolutions, as the paper concatenates them. GiN is the paper's (``gin_widths``).
+    The output is bounded as in RM2S's lite U-Net (``backbone.BoundedOutput``).
+    """
+
+    gin_widths: Tuple[int, ...] = (8, 8, 16, 16, 32)
+    gin_up_kernel: int = 4
+    decoder_widths: Tuple[int, ...] = (96, 64, 32, 24, 16)
+    max_log_gain: float = 1.0
+    fraction_bias: float = -4.0
+    norm: str = "batch"
+
+    _PRESETS = {"lite": {}}
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        for key in ("gin_widths", "decoder_widths"):
+            values = tuple(getattr(self, key))
+            check_positive_ints(name, key, values)
+            if len(values) != 5:
+                raise InputError(f"{name}: {key} needs 5 values (one per level), got {values!r}")
+        if self.gin_up_kernel % 2:
+            raise InputError(f"{name}: gin_up_kernel must be even, got {self.gin_up_kernel}")
+        check_choice(name, "norm", self.norm, ("batch", "none"))
+        if not 0.0 <= float(self.max_log_gain) <= 3.0:
+            raise InputError(f"{name}: max_log_gain must lie in [0, 3], got {self.max_log_gain}")
+
+
+class MobileCRRN(nn.Module):
+    """image -> (background, reflection, background gradient), IiN on a MobileNetV2 encoder.
+
+    Same contract as :class:`CRRN`: H and W multiples of 32, R = I - B, B clamped in eval mode.
+    """
+
+    def __init__(self, config: MobileCRRNConfig):
+        super().__init__()
+        from .backbone import BoundedOutput, MobileNetV2Encoder, UNetDecoder
+
+        self.config = config
+        self.stride = 32
+        self.min_size = 32
+        self.gin = GiN(config)
+        self.encoder = MobileNetV2Encoder(3)
+        self.decoder = UNetDecoder(self.encoder.widths, config.decoder_widths, 3,
+                                   extra_widths=self.gin.feature_widths)
+        self.head = nn.Conv2d(self.decoder.out_channels, 3, 3, padding=1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, config.fraction_bias)
+        self.output = BoundedOutput(self.encoder.widths[-1], config.max_log_gain)
+
+    def train(self, mode: bool = True) -> MobileCRRN:
+        from .backbone import freeze_batchnorm
+
+        super().train(mode)
+        freeze_batchnorm(self.encoder)
+        return self
+
+    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_input(image, "MobileCRRN", 3, self.stride, self.min_size)
+        gradient, features = self.gin(image)
+        taps = self.encoder(image)
+        logits = self.head(self.decoder(image, taps, features))
+        background = self.output(image, logits, taps[-1])
+        return background, image - background, gradient
+
+    def load_imagenet(self, state) -> None:
+        """ImageNet MobileNetV2 weights into IiN's encoder."""
+        self.encoder.load_imagenet(state)

