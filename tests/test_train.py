@@ -298,8 +298,9 @@ def test_val_option_scores_a_ground_truth_folder(photo_folder, tmp_path):
         cv2.imwrite(str(val / "transmission_layer" / f"{name}.png"), background)
         cv2.imwrite(str(val / "blended" / f"{name}.png"), background + 40)
     out = tmp_path / "run"
-    code = main(["train", "crrn", *PAPER, "--data", str(photo_folder), "--steps", "1", "--batch-size", "2", "--size", "64",
-                 "--val", str(val), "--val-count", "2", "--workers", "0", "--out", str(out), "--val-every", "1"])
+    code = main(["train", "crrn", *PAPER, "--data", str(photo_folder), "--steps", "1", "--batch-size", "2",
+                 "--size", "64", "--val", str(val), "--val-count", "2", "--workers", "0", "--out", str(out),
+                 "--val-every", "1"])
     assert code == 0
     record = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]
     # The validation pairs are the folder's (input 40 grey levels above the background), not synthesised ones.

@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import smooth_photo, write_photo_folder  # noqa: E402
 from dereflect.cli import main  # noqa: E402
 from dereflect.errors import InputError, ModelError  # noqa: E402
 from dereflect.train.checkpoint import load_checkpoint, transplant_state  # noqa: E402
@@ -32,8 +33,6 @@ from dereflect.train.models.backbone import (  # noqa: E402
     load_mobilenet_weights,
     prepare_mobilenet_weights,
 )
-
-from conftest import smooth_photo, write_photo_folder  # noqa: E402
 
 
 def fake_torchvision_state(seed: int = 0) -> dict:
