@@ -9,7 +9,7 @@ as their ``.cpu()`` calls do anyway.
 
 Also the middle step alone, four ways (:func:`middle_step_samples`): the fused CUDA kernel
 (cupy, GPU only), this SDK's CPU step (``middle_step_cpu``), the plain torch implementation
-(``dereflect.train.confidence_torch``) and the authors' OpenCV + scikit-learn step.
+(``dereflect.middle_step.torch_ops``) and the authors' OpenCV + scikit-learn step.
 
 The side-by-side on any machine, SDK and authors' frames interleaved run by run so both see
 the same machine load (:func:`side_by_side`)::
@@ -30,7 +30,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-from dereflect.bench import (
+from dereflect.manifest import load_manifest
+from dereflect.tools.bench import (
     BenchPipeline,
     CudaEventTimer,
     MonotonicTimer,
@@ -40,7 +41,6 @@ from dereflect.bench import (
     synthetic_frame,
     time_calls,
 )
-from dereflect.manifest import load_manifest
 
 LUMA = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
 EPS = 1e-7
@@ -160,8 +160,8 @@ def middle_step_samples(
     scikit-learn step.
     """
     import torch
-    from dereflect.middle_step import middle_step_cpu
-    from dereflect.train.confidence_torch import stage2_input_torch
+    from dereflect.middle_step.cpu import middle_step_cpu
+    from dereflect.middle_step.torch_ops import stage2_input_torch
 
     results: Dict[str, Any] = {
         "cpu step (middle_step_cpu)": time_calls(lambda: middle_step_cpu(image, stage1, c1, c2), warmup, runs),
@@ -182,7 +182,7 @@ def middle_step_samples(
     if target.type == "cuda":
         try:
             import cupy
-            from dereflect.cuda_confidence import CupyConfidence
+            from dereflect.middle_step.cuda import CupyConfidence
         except ImportError:
             return results
         kernel = CupyConfidence()

@@ -8,9 +8,9 @@
 For each preset (random weights: latency does not depend on them; see random_export.py):
 
 1. this SDK's pipeline per stage at each size on the PyTorch backend in FP16
-   (``dereflect.bench.run_bench``): staged with CUDA events, and the fused on-device path
+   (``dereflect.tools.bench.run_bench``): staged with CUDA events, and the fused on-device path
    ``Remover`` runs;
-2. FLOPs, minimum bytes, the floor on the device (``dereflect.flops``; ``--device-table auto``
+2. FLOPs, minimum bytes, the floor on the device (``dereflect.tools.flops``; ``--device-table auto``
    picks the running GPU's entry) and each median as a multiple of it;
 3. the authors' structure with the same checkpoint (``authors_baseline.AuthorsPipeline``:
    eager FP32, stage-1 output to the host, OpenCV Sobel + scikit-learn KMeans, back to the
@@ -73,7 +73,7 @@ def run_preset(preset: str, workdir: Path, sizes, device: str, precision: str, t
                args: argparse.Namespace) -> Dict[str, Any]:
     """SDK bench report and the authors' structure stats for one preset."""
     from authors_baseline import AuthorsPipeline
-    from dereflect.bench import run_bench, summarize, synthetic_frame, time_stages
+    from dereflect.tools.bench import run_bench, summarize, synthetic_frame, time_stages
     from random_export import CHECKPOINT_NAME, make_random_export
 
     start = time.time()
@@ -96,7 +96,7 @@ def run_preset(preset: str, workdir: Path, sizes, device: str, precision: str, t
 def middle_step_rows(sizes, device: str, args: argparse.Namespace) -> Dict[str, Any]:
     import cv2
     from authors_baseline import middle_step_samples
-    from dereflect.bench import summarize, synthetic_frame
+    from dereflect.tools.bench import summarize, synthetic_frame
 
     results = {}
     for label, height, width in sizes:
@@ -224,8 +224,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("gpu_suite: missing " + "; ".join(missing), file=sys.stderr)
         return 2
     import torch
-    from dereflect.bench import machine_info, parse_sizes
-    from dereflect.flops import device_for_gpu, device_spec, middle_step_cost
+    from dereflect.tools.bench import machine_info, parse_sizes
+    from dereflect.tools.flops import device_for_gpu, device_spec, middle_step_cost
 
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:

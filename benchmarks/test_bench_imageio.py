@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dereflect.bench import synthetic_frame
 from dereflect.imageio import read_image, write_image
+from dereflect.tools.bench import synthetic_frame
 
 FORMATS = [".png", ".jpg"]
 

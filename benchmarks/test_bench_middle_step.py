@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import cv2
 import pytest
-from dereflect.bench import synthetic_frame
-from dereflect.confidence import middle_step_reference
-from dereflect.middle_step import middle_step_cpu
+from dereflect.middle_step.cpu import middle_step_cpu
+from dereflect.middle_step.reference import middle_step_reference
+from dereflect.tools.bench import synthetic_frame
 
 
 @pytest.fixture

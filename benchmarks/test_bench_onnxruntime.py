@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dereflect.bench import MonotonicTimer, RunnerStages, synthetic_frame
 from dereflect.manifest import load_manifest
+from dereflect.tools.bench import MonotonicTimer, RunnerStages, synthetic_frame
 
 pytest.importorskip("torch", reason="exporting the lite U-Net needs torch (pip install 'dereflect[train]')")
 from dereflect.backends.onnxruntime import open_networks  # noqa: E402

@@ -11,10 +11,10 @@ import argparse
 from pathlib import Path
 
 import cv2
-from dereflect.evaluate import contact_row, contact_sheet
 from dereflect.imageio import read_image
-from dereflect.metrics import psnr, ssim
-from dereflect.pipeline import BUNDLED_MODELS, Remover
+from dereflect.remover import BUNDLED_MODELS, Remover
+from dereflect.tools.evaluate import contact_row, contact_sheet
+from dereflect.tools.metrics import psnr, ssim
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "sdk" / "assets"

@@ -29,7 +29,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 import numpy as np
 import onnx
 from dereflect.errors import ModelError
-from dereflect.metrics import psnr
+from dereflect.tools.metrics import psnr
 from onnx import TensorProto, helper, numpy_helper
 
 FLOAT = TensorProto.FLOAT

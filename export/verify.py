@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from dereflect.errors import InputError, ModelError, require
 from dereflect.manifest import Manifest, TensorSpec, load_manifest, sha256_file
-from dereflect.metrics import psnr
+from dereflect.tools.metrics import psnr
 from dereflect.trt_api import (
     check_engine_compatible,
     engine_paths,
@@ -115,7 +115,7 @@ Infer = Callable[[str, Dict[str, np.ndarray]], Dict[str, np.ndarray]]
 
 def stage2_inputs(images: np.ndarray, stage1: np.ndarray, c1: float = 0.5, c2: float = 0.5) -> np.ndarray:
     """RM2S stage-2 inputs (N, 9, H, W) from images and stage-1 outputs, by the runtime's middle step."""
-    from dereflect.middle_step import middle_step_cpu
+    from dereflect.middle_step.cpu import middle_step_cpu
 
     out = np.empty((images.shape[0], 9) + images.shape[2:], np.float32)
     for i in range(images.shape[0]):

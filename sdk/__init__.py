@@ -23,7 +23,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "Remover":
-        from .pipeline import Remover
+        from dereflect.remover import Remover
 
         return Remover
     raise AttributeError(f"module 'dereflect' has no attribute {name!r}")

@@ -17,8 +17,8 @@ from .errors import DereflectError
 
 COMMAND_MODULES = (
     "dereflect.cli_runtime",
-    "dereflect.evaluate",
-    "dereflect.bench",
+    "dereflect.tools.evaluate",
+    "dereflect.tools.bench",
     "dereflect.train.cli",
     "dereflect.train.cli_weights",
     "dereflect.export.cli",

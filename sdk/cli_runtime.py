@@ -78,7 +78,7 @@ def register(subparsers: Any) -> None:
 
 def load_remover(args: argparse.Namespace) -> Any:
     """The Remover the options ask for (the bundled model without --model)."""
-    from .pipeline import Remover
+    from dereflect.remover import Remover
 
     options = {
         "backend": args.backend,

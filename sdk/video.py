@@ -164,7 +164,7 @@ def process_video(
     """Remove reflections from every frame of ``source`` (file, URL or camera index) into ``output``.
 
     ``remover`` is anything with ``remove(frame, colour_order="BGR")`` (a
-    :class:`~dereflect.pipeline.Remover`). ``preview`` writes input | output side by side.
+    :class:`~dereflect.remover.Remover`). ``preview`` writes input | output side by side.
     The output is written to a hidden temporary file and renamed when done (also after
     Ctrl+C, so a camera session keeps what was recorded); it never replaces the input and
     replaces another existing file only with ``overwrite``.

@@ -1,4 +1,4 @@
-"""dereflect.bench and dereflect.flops: statistics, the variation flag, FLOP and byte counts on
+"""dereflect.tools.bench and dereflect.tools.flops: statistics, the variation flag, FLOP and byte counts on
 hand-built graphs, floors, and ``dereflect bench`` end to end on a toy export directory."""
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from bench_fixtures import (
     padded_model,
     padded_model_flops,
 )
-from dereflect import bench
+from dereflect.tools import bench
 from dereflect.errors import InputError, MissingDependencyError
-from dereflect.flops import (
+from dereflect.tools.flops import (
     MIDDLE_STEP_FLOPS_PER_PIXEL,
     Cost,
     device_for_gpu,
@@ -258,7 +258,7 @@ def test_bench_bad_options(export_dir, tmp_path):
 def test_bench_command_does_not_import_torch(export_dir, tmp_path):
     code = (
         "import argparse, sys\n"
-        "from dereflect import bench\n"
+        "from dereflect.tools import bench\n"
         "parser = argparse.ArgumentParser(); bench.register(parser.add_subparsers())\n"
         f"args = parser.parse_args(['bench', {str(export_dir)!r}, '--sizes', '16', '--warmup', '0', '--runs', '1',"
         f" '--out', {str(tmp_path)!r}, '--no-plot', '--device-table', 'h100'])\n"
@@ -282,7 +282,7 @@ def _benchmarks_module(name):
 def test_authors_middle_step_matches_the_reference():
     pytest.importorskip("sklearn", reason="the authors' step uses scikit-learn (pip install 'dereflect[train]')")
     import cv2
-    from dereflect.confidence import middle_step_reference
+    from dereflect.middle_step.reference import middle_step_reference
 
     image = bench.synthetic_frame(64, 96, seed=3)
     stage1 = cv2.GaussianBlur(image, (0, 0), 1.5)

@@ -7,7 +7,9 @@ import itertools
 import cv2
 import numpy as np
 import pytest
-from dereflect.confidence import (
+from dereflect.errors import InputError
+from dereflect.middle_step.cpu import middle_step_cpu
+from dereflect.middle_step.reference import (
     HISTOGRAM_BINS,
     LUMA,
     MiddleStepResult,
@@ -23,8 +25,6 @@ from dereflect.confidence import (
     two_means_threshold,
     two_means_threshold_histogram,
 )
-from dereflect.errors import InputError
-from dereflect.middle_step import middle_step_cpu
 
 
 def synthetic_pair(rng: np.random.Generator, h: int, w: int, noise: float = 0.0):
@@ -333,7 +333,7 @@ def test_middle_step_cpu_edge_cases():
 
 def test_torch_matches_numpy_on_a_batch():
     torch = pytest.importorskip("torch")
-    from dereflect.train.confidence_torch import (
+    from dereflect.middle_step.torch_ops import (
         confidence_map_torch,
         edge_masks_torch,
         ground_truth_masks_torch,

@@ -19,8 +19,9 @@ import types
 import cv2
 import numpy as np
 import pytest
-from dereflect import cuda_confidence as cc
-from dereflect.confidence import (
+from dereflect.middle_step import cuda as cc
+from dereflect.errors import InputError
+from dereflect.middle_step.reference import (
     HISTOGRAM_BINS,
     confidence_map,
     edge_masks,
@@ -28,7 +29,6 @@ from dereflect.confidence import (
     stage2_input,
     two_means_threshold_histogram,
 )
-from dereflect.errors import InputError
 
 NVCC = shutil.which("nvcc")
 GXX = shutil.which("g++")

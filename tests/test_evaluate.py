@@ -22,7 +22,7 @@ import pytest
 from conftest import tiny_rm2s_networks
 from dereflect import Remover
 from dereflect.errors import InputError, ModelError
-from dereflect.evaluate import (
+from dereflect.tools.evaluate import (
     BASELINE_LABEL,
     CONTACT_COLUMNS,
     CONTACT_TILE,
@@ -40,7 +40,7 @@ from dereflect.evaluate import (
     read_sir2,
     resize_short,
 )
-from dereflect.metrics import psnr, si, si_region, ssim, ssim_region
+from dereflect.tools.metrics import psnr, si, si_region, ssim, ssim_region
 from onnx_fixtures import make_crrn_export, make_rm2s_export
 
 
@@ -370,7 +370,7 @@ def test_model_arguments(crrn_dir, tmp_path):
 
 
 def test_cli_eval(monkeypatch, crrn_dir, paired, tmp_path, capsys):
-    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.evaluate",))
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.tools.evaluate",))
     out = tmp_path / "cli_out"
     code = dereflect.cli.main(["eval", str(crrn_dir), "--data", str(paired), "--resize", "short:32",
                                "--out", str(out), "--no-progress", "--layout", "real20"])
@@ -385,7 +385,7 @@ def test_cli_eval(monkeypatch, crrn_dir, paired, tmp_path, capsys):
 
 
 def test_import_needs_no_torch():
-    code = "import sys, dereflect.evaluate; sys.exit('torch' in sys.modules)"
+    code = "import sys, dereflect.tools.evaluate; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

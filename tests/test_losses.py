@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from dereflect import metrics
+from dereflect.tools import metrics
 from dereflect.errors import InputError
 from dereflect.train.losses import (
     CRRNLoss,
@@ -123,7 +123,7 @@ def test_metric_input_errors():
 
 
 def test_metrics_module_imports_no_torch():
-    code = "import sys, dereflect.metrics; sys.exit('torch' in sys.modules)"
+    code = "import sys, dereflect.tools.metrics; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

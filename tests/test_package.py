@@ -9,7 +9,7 @@ from dereflect.cli import build_parser, main
 
 
 def test_runtime_import_and_cli_parser_import_no_torch():
-    code = ("import sys, dereflect, dereflect.pipeline, dereflect.cli; dereflect.cli.build_parser(); "
+    code = ("import sys, dereflect, dereflect.remover, dereflect.cli; dereflect.cli.build_parser(); "
             "heavy = [m for m in ('torch', 'onnx', 'tensorrt', 'sklearn') if m in sys.modules]; "
             "sys.exit(f'imported: {heavy}' if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -26,7 +26,7 @@ def test_every_command_is_registered(capsys):
 
 def test_bundled_models_are_in_the_package():
     from dereflect.manifest import load_manifest
-    from dereflect.pipeline import BUNDLED_MODELS, BUNDLED_MODELS_DIR
+    from dereflect.remover import BUNDLED_MODELS, BUNDLED_MODELS_DIR
 
     for name in BUNDLED_MODELS:
         manifest = load_manifest(BUNDLED_MODELS_DIR / name)  # checks every file's SHA-256

@@ -19,9 +19,9 @@ import pytest
 from conftest import SHARED_DATA, tiny_rm2s_networks
 from dereflect import Remover
 from dereflect.backends.base import Runner, backend_name, get_runner
-from dereflect.confidence import middle_step_reference
 from dereflect.errors import InputError, MissingDependencyError, ModelError
-from dereflect.pipeline import fit_size, guided_upsample, tile_starts
+from dereflect.middle_step.reference import middle_step_reference
+from dereflect.remover import fit_size, guided_upsample, tile_starts
 from onnx_fixtures import make_crrn_export, make_rm2s_export
 
 REAL_PHOTOS = SHARED_DATA / "natural" / "bsds500"
@@ -207,7 +207,7 @@ def test_manifest_names_not_in_graph(tmp_path):
 
 
 def test_bundled_name_is_not_hidden_by_a_folder_that_is_not_an_export(monkeypatch, tmp_path):
-    import dereflect.pipeline as pipeline
+    import dereflect.remover as pipeline
 
     monkeypatch.setattr(pipeline, "BUNDLED_MODELS_DIR", tmp_path / "models")
     make_crrn_export(tmp_path / "models" / "crrn-lite")
@@ -219,7 +219,7 @@ def test_bundled_name_is_not_hidden_by_a_folder_that_is_not_an_export(monkeypatc
 
 
 def test_default_model_missing_explains(monkeypatch, tmp_path):
-    import dereflect.pipeline as pipeline
+    import dereflect.remover as pipeline
 
     monkeypatch.setattr(pipeline, "BUNDLED_MODELS_DIR", tmp_path / "models")
     with pytest.raises(ModelError, match="--model DIR"):
@@ -229,7 +229,7 @@ def test_default_model_missing_explains(monkeypatch, tmp_path):
 
 
 def test_load_takes_a_bundled_name_or_a_directory(monkeypatch, tmp_path):
-    import dereflect.pipeline as pipeline
+    import dereflect.remover as pipeline
 
     make_crrn_export(tmp_path / "models" / "crrn-lite")
     monkeypatch.setattr(pipeline, "BUNDLED_MODELS_DIR", tmp_path / "models")
@@ -369,7 +369,7 @@ def test_cli_refuses_to_overwrite_input(cli, rm2s_dir, tmp_path, capsys):
 
 
 def test_cli_without_model_explains(cli, monkeypatch, tmp_path, capsys):
-    import dereflect.pipeline as pipeline
+    import dereflect.remover as pipeline
 
     monkeypatch.setattr(pipeline, "BUNDLED_MODELS_DIR", tmp_path / "none")
     source = _write_png(tmp_path / "a.png")
@@ -391,7 +391,7 @@ def test_cli_remove_real_photo(cli, rm2s_dir, tmp_path):
 # buffer handling, name-based I/O, kernel argument lists (checked against the .cu signatures)
 # and CUDA-graph capture/replay all run for real; only TensorRT and the GPU are emulated.
 
-KERNEL_SOURCE = Path(dereflect.cli.__file__).resolve().parent / "kernels" / "confidence.cu"
+KERNEL_SOURCE = Path(dereflect.cli.__file__).resolve().parent / "middle_step" / "confidence.cu"
 
 
 def _kernel_signatures():
@@ -643,7 +643,7 @@ class FakeKernels:
         return launch
 
     def _confidence(self, image, stage1, h, w, gt, eps, conf, mask, max_bits, b1_dtype=np.float32):
-        from dereflect.confidence import confidence_map
+        from dereflect.middle_step.reference import confidence_map
 
         h, w = int(h), int(w)
         images = self.cuda.view(image, np.float32, (-1, 3, h, w))
@@ -662,7 +662,7 @@ class FakeKernels:
         self._confidence(*args, b1_dtype=np.float16)
 
     def _histogram(self, conf, h, w, max_bits, hist_count, hist_sum):
-        from dereflect.confidence import HISTOGRAM_BINS, histogram_bin_index
+        from dereflect.middle_step.reference import HISTOGRAM_BINS, histogram_bin_index
 
         bits = self.cuda.view(max_bits, np.int32, (-1,))
         n = bits.shape[0]
@@ -678,7 +678,7 @@ class FakeKernels:
                 sums[i] += np.bincount(idx, weights=v.astype(np.float64), minlength=HISTOGRAM_BINS)
 
     def _two_means(self, hist_count, hist_sum, max_bits, c1, c2, result):
-        from dereflect.confidence import HISTOGRAM_BINS, _best_split
+        from dereflect.middle_step.reference import HISTOGRAM_BINS, _best_split
 
         bits = self.cuda.view(max_bits, np.int32, (-1,))
         n = bits.shape[0]

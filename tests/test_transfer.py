@@ -142,7 +142,7 @@ def test_lite_networks_export_within_the_compute_budget_and_pass_the_static_tens
     """Each shipped network costs no more per megapixel than the earlier lite U-Net (issue 16)."""
     pytest.importorskip("onnx")
     from dereflect.export.trt_support import check_trt_compat
-    from dereflect.flops import network_cost
+    from dereflect.tools.flops import network_cost
     from dereflect.train.models.common import PaddedModel
     from dereflect.train.models.rm2s import UNetConfig
 

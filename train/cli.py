@@ -263,7 +263,7 @@ def _fit(args, task, recipe, kind: str) -> int:
 def build_loaders(args, recipe):
     """Training loader (synthesised pairs) and validation loader, as the options say."""
     from dereflect.errors import InputError
-    from dereflect.evaluate import detect_layout
+    from dereflect.tools.evaluate import detect_layout
 
     from .data import GroundTruthPairs, MixedPairs, RealPairs, SyntheticPairs, find_images, make_loader, read_name_list
 

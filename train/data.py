@@ -848,7 +848,7 @@ class RealPairs(Dataset):
     def __init__(self, root: PathLike, size: Any = 256, seed: int = 0, exclude_names: Sequence[str] = (),
                  crop_scale: Tuple[float, float] = (0.3, 1.0), flip_p: float = 0.75, rotate90: bool = False,
                  colour_jitter: float = 0.1):
-        from dereflect.evaluate import find_pairs
+        from dereflect.tools.evaluate import find_pairs
 
         self.geometry = SynthesisConfig(size=size, crop_scale=crop_scale, flip_p=flip_p, rotate90=rotate90)
         self.seed = int(seed)
@@ -985,7 +985,7 @@ def fit_for_network(
 class GroundTruthPairs(Dataset):
     """Fixed pairs with ground truth, in any layout ``dereflect eval`` reads (for validation).
 
-    The files are found by :func:`dereflect.evaluate.find_pairs` (paired ``blended/`` +
+    The files are found by :func:`dereflect.tools.evaluate.find_pairs` (paired ``blended/`` +
     ``transmission_layer/`` or ``input/`` + ``target/`` folders, CEILNet triplets, SIR2), so
     training validates on pairs found exactly as the evaluation finds them. Each sample has
     ``input``, ``background``, ``reflection`` = ``clip(input - background, 0, 1)`` (CEILNet's
@@ -1001,7 +1001,7 @@ class GroundTruthPairs(Dataset):
         multiple: int = 32,
         max_side: Optional[int] = None,
     ):
-        from dereflect.evaluate import find_pairs
+        from dereflect.tools.evaluate import find_pairs
 
         self.layout, self.pairs = find_pairs(root, layout)
         self.size = size

@@ -1,6 +1,6 @@
 """Training losses: RM2S (perceptual, feature reduction, WGAN) and CRRN (SSIM, SI, L1).
 
-SSIM and SI here are the differentiable twins of ``dereflect.metrics.ssim`` / ``si``: the same
+SSIM and SI here are the differentiable twins of ``dereflect.tools.metrics.ssim`` / ``si``: the same
 11x11 Gaussian window (sigma 1.5), C1 = (0.01 L)^2, C2 = (0.03 L)^2, population (co)variances,
 averaged over the "valid" positions (the window inside the image), which is exactly the
 border-cropped mean of the NumPy metric. SI = (2 sigma_xy + C2) / (sigma_x^2 + sigma_y^2 + C2).
@@ -14,7 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from dereflect.errors import InputError
-from dereflect.metrics import K1, K2, RADIUS, SIGMA, WINDOW
+from dereflect.tools.metrics import K1, K2, RADIUS, SIGMA, WINDOW
 from torch import nn
 
 from .vgg import VGGFeatures

@@ -10,9 +10,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 from dereflect.errors import InputError
+from dereflect.middle_step.torch_ops import ground_truth_masks_torch, stage2_input_from_masks, stage2_input_torch
 
 from .checkpoint import Checkpoint, transplant_state
-from .confidence_torch import ground_truth_masks_torch, stage2_input_from_masks, stage2_input_torch
 from .losses import RestorationLoss, RM2SStage1Loss, RM2SStage2Loss, clip_weights_, discriminator_loss, gradient_penalty
 from .models import build_model
 from .models.rm2s import DiscriminatorConfig

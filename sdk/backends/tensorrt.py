@@ -12,8 +12,8 @@ execution context, CUDA stream and pinned host buffers (TensorRT contexts must n
 between threads); every call pushes the device's primary CUDA context, so any thread may call.
 
 RM2S on the device (:class:`TensorRTDeviceRM2S`): the frame is copied in once, engine 1, the
-four passes of ``kernels/confidence.cu`` (compiled with pycuda's ``SourceModule``, launched
-with :func:`dereflect.cuda_confidence.launch_config`'s geometry) and engine 2 are enqueued on
+four passes of ``middle_step/confidence.cu`` (compiled with pycuda's ``SourceModule``, launched
+with :func:`dereflect.middle_step.cuda.launch_config`'s geometry) and engine 2 are enqueued on
 one stream with no host synchronisation between them, and the result is copied out once. For
 a repeated frame size the whole sequence is captured once in a CUDA graph and replayed
 (``use_graph=True``); when capture fails it falls back to plain enqueueing.
@@ -322,7 +322,7 @@ def kernel_names(stage1_dtype: np.dtype, stage2_dtype: np.dtype) -> Tuple[str, s
 
 def workspace_bytes(height: int, width: int, batch: int = 1) -> Dict[str, int]:
     """Byte sizes of the kernel's device workspace, from the shared launch configuration."""
-    from ..cuda_confidence import launch_config
+    from dereflect.middle_step.cuda import launch_config
 
     sizes = launch_config(height, width, batch)["workspace"]
     return {
@@ -358,8 +358,8 @@ class TensorRTDeviceRM2S:
 
     def __init__(self, stage1: TensorRTRunner, stage2: TensorRTRunner, c1: float, c2: float,
                  use_graph: bool = True, kernel_options: Sequence[str] = ()) -> None:
-        from ..confidence import EPS, GRADIENT_THRESHOLD
-        from ..cuda_confidence import KERNELS, kernel_defines, kernel_source
+        from dereflect.middle_step.cuda import KERNELS, kernel_defines, kernel_source
+        from dereflect.middle_step.reference import EPS, GRADIENT_THRESHOLD
 
         if stage1.device_index != stage2.device_index:
             raise ModelError("both RM2S engines must run on the same GPU")
@@ -443,7 +443,7 @@ class TensorRTDeviceRM2S:
         ]
 
     def _enqueue(self, state: _DeviceState) -> None:
-        from ..cuda_confidence import launch_config
+        from dereflect.middle_step.cuda import launch_config
 
         cuda, stream = self._cuda, state.stream
         for key in ("image", "image_engine"):

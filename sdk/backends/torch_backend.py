@@ -9,7 +9,7 @@ ones. Networks are rebuilt with :mod:`dereflect.train` (extra ``train``) and wra
 ``device="auto"`` picks CUDA when available; ``precision="auto"`` is FP16 on CUDA and FP32 on
 the CPU (FP16 convolutions on a CPU are slow or missing). The RM2S frame stays on the GPU
 from stage 1 to stage 2: the middle step runs as the fused CUDA kernel through cupy when
-cupy is installed, else as ``dereflect.train.confidence_torch`` (same definition, torch ops);
+cupy is installed, else as ``dereflect.middle_step.torch_ops`` (same definition, torch ops);
 the confidence map is always float32.
 """
 
@@ -203,7 +203,7 @@ class TorchDeviceRM2S:
         self.middle_step = "torch"
         if use_cupy is not False:
             try:
-                from ..cuda_confidence import CupyConfidence
+                from dereflect.middle_step.cuda import CupyConfidence
 
                 self._cupy_kernel = CupyConfidence()
                 self.middle_step = "cuda-kernel"
@@ -223,7 +223,7 @@ class TorchDeviceRM2S:
                                        stream=stream)
             # The kernel reuses its output buffer: copy before the next frame can overwrite it.
             return torch.as_tensor(result.stage2_input, device=image.device).clone()
-        from dereflect.train.confidence_torch import stage2_input_torch
+        from dereflect.middle_step.torch_ops import stage2_input_torch
 
         return stage2_input_torch(image, stage1, c1=self.c1, c2=self.c2)
 

@@ -24,8 +24,7 @@ from typing import Tuple
 
 import cv2
 import numpy as np
-
-from .errors import InputError
+from dereflect.errors import InputError
 
 SIGMA = 1.5
 TRUNCATE = 3.5

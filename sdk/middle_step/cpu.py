@@ -1,6 +1,6 @@
 """Fast CPU middle step for the runtime: OpenCV Sobel plus vectorised NumPy.
 
-Same definition as :mod:`dereflect.confidence` (the reference it is tested against); only
+Same definition as :mod:`dereflect.middle_step.reference` (the reference it is tested against); only
 the grey conversion and the 5x5 Sobel go through OpenCV, whose rounding differs from the
 reference's by about 1e-7 relative. C is ill-conditioned where the stage-1 output is flat
 to float32 rounding (G_B around 1e-6, close to the 1e-7 epsilon): there C can differ from the
@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-
-from .confidence import (
+from dereflect.middle_step.reference import (
     EPS,
     GRADIENT_THRESHOLD,
     LUMA,

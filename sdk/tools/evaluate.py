@@ -2,7 +2,7 @@
 
 ::
 
-    from dereflect.evaluate import evaluate
+    from dereflect.tools.evaluate import evaluate
     report = evaluate("exports/rm2s-lite", "data/real20_420", resize="short:420", out_dir="eval/real20")
     print(report.to_markdown())
 
@@ -41,14 +41,14 @@ networks at most ``max_side`` pixels on the long side (the Remover default, 1024
 guided-upsamples the result; the report records that limit and how many images it touched.
 
 **Metrics** are computed on the background as RGB float in [0, 1] (data range 1) with
-:mod:`dereflect.metrics`: PSNR, SSIM (skimage's Gaussian-window definition), SI, and with
+:mod:`dereflect.tools.metrics`: PSNR, SSIM (skimage's Gaussian-window definition), SI, and with
 masks SSIMr / SIr. Means are plain means of the per-image values. The baseline row scores the
 input itself as the background.
 
 **Models**: an export directory (ONNX Runtime by default, any runtime backend), a training
 checkpoint ``.safetensors`` (PyTorch, extra ``train``; an RM2S stage-1 checkpoint is scored
 as stage 1 alone), or any object with ``remove_with_intermediates(image) -> Result`` such as
-a :class:`~dereflect.pipeline.Remover`.
+a :class:`~dereflect.remover.Remover`.
 """
 
 from __future__ import annotations
@@ -67,10 +67,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
-
-from . import __version__
-from .errors import InputError, ModelError, require
-from .imageio import (
+from dereflect import __version__
+from dereflect.errors import InputError, ModelError, require
+from dereflect.imageio import (
     IMAGE_EXTENSIONS,
     as_float_rgb,
     images_by_stem,
@@ -79,8 +78,8 @@ from .imageio import (
     some_names,
     write_image,
 )
-from .manifest import DEFAULT_MIDDLE_STEP, MANIFEST_NAME, Manifest, NetworkSpec, TensorSpec
-from .metrics import WINDOW, psnr, si, si_region, ssim, ssim_region
+from dereflect.manifest import DEFAULT_MIDDLE_STEP, MANIFEST_NAME, Manifest, NetworkSpec, TensorSpec
+from dereflect.tools.metrics import WINDOW, psnr, si, si_region, ssim, ssim_region
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -358,7 +357,7 @@ class Stage1Model:
     backend = "torch"
 
     def __init__(self, checkpoint: PathLike, device: str = "auto", precision: str = "auto") -> None:
-        from .backends.torch_backend import create_runner
+        from dereflect.backends.torch_backend import create_runner
 
         self.name = f"{Path(checkpoint).stem} (stage 1 only)"
         self.runner = create_runner((Path(checkpoint), "stage1"), ("image",), ("background",),
@@ -366,7 +365,7 @@ class Stage1Model:
 
     def remove_with_intermediates(self, image: np.ndarray, colour_order: str = "RGB") -> Any:
         """The stage-1 estimate as ``background`` and ``stage1`` (float32, ``colour_order``)."""
-        from .pipeline import Result
+        from dereflect.remover import Result
 
         rgb = as_float_rgb(image, colour_order)
         batch = np.ascontiguousarray(rgb.transpose(2, 0, 1)[None])
@@ -406,9 +405,8 @@ def load_checkpoint_model(path: PathLike, device: str = "auto", precision: str =
     """A training checkpoint as a model: a torch-backend Remover, or :class:`Stage1Model`."""
     require("torch", "train", "evaluating a training checkpoint")
     require("safetensors", "train", "evaluating a training checkpoint")
+    from dereflect.remover import Remover
     from dereflect.train.checkpoint import read_metadata
-
-    from .pipeline import Remover
 
     path = Path(path)
     metadata = read_metadata(path)
@@ -428,12 +426,12 @@ def load_model(model: Any, backend: Optional[str] = None, device: str = "auto", 
     """``model`` as an object with ``remove_with_intermediates``: an export dir, a checkpoint or as is."""
     if hasattr(model, "remove_with_intermediates"):
         return model
-    from .pipeline import BUNDLED_MODELS, resolve_model
+    from dereflect.remover import BUNDLED_MODELS, resolve_model
 
     path = resolve_model(model)
     if path.is_dir() or path.name == MANIFEST_NAME:
-        from .backends.base import backend_name
-        from .pipeline import Remover
+        from dereflect.backends.base import backend_name
+        from dereflect.remover import Remover
 
         chosen = backend_name(backend or "onnxruntime")
         if chosen == "torch":

@@ -24,12 +24,12 @@ its work; that is the hook a backend uses to supply its own timer:
 
 Where the backend has an on-device RM2S path (PyTorch on CUDA; TensorRT's single-stream
 sequence, replayed as a CUDA graph), that path is also timed end to end as ``fused``, host
-array in, host array out: it is what :class:`~dereflect.pipeline.Remover` runs, and a CUDA
+array in, host array out: it is what :class:`~dereflect.remover.Remover` runs, and a CUDA
 graph cannot be split into stages.
 
 **The floor.** With ``--device-table`` (or ``auto`` on a GPU the table knows), each network's
 FLOPs and minimum bytes are counted from its ONNX graph at that size
-(:mod:`dereflect.flops`, needs ``onnx``), the middle step's analytically, and every stage's
+(:mod:`dereflect.tools.flops`, needs ``onnx``), the middle step's analytically, and every stage's
 median is reported as a multiple of its floor.
 
 Outputs: ``bench.json`` (everything, raw samples included) and ``bench.png`` (latency
@@ -52,13 +52,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-
-from . import __version__
-from .backends.base import backend_name, load_backend, require_backend_module
-from .errors import DereflectError, InputError, MissingDependencyError
-from .manifest import Manifest, load_manifest
-from .middle_step import middle_step_cpu
-from .pipeline import resolve_model
+from dereflect import __version__
+from dereflect.backends.base import backend_name, load_backend, require_backend_module
+from dereflect.errors import DereflectError, InputError, MissingDependencyError
+from dereflect.manifest import Manifest, load_manifest
+from dereflect.middle_step.cpu import middle_step_cpu
+from dereflect.remover import resolve_model
 
 RM2S_STAGES = ("upload", "stage1", "middle", "stage2", "download")
 CRRN_STAGES = ("upload", "crrn", "download")
@@ -387,7 +386,7 @@ def time_calls(call: Callable[[], Any], warmup: int, runs: int) -> List[float]:
 
 def resolve_device_table(choice: Optional[str], on_gpu: bool) -> Optional[Any]:
     """The DeviceSpec for ``--device-table`` (``auto``: the running GPU when the table knows it)."""
-    from .flops import device_for_gpu, device_spec
+    from dereflect.tools.flops import device_for_gpu, device_spec
 
     if choice is None or str(choice).lower() in ("", "none"):
         return None
@@ -395,14 +394,14 @@ def resolve_device_table(choice: Optional[str], on_gpu: bool) -> Optional[Any]:
         return device_spec(choice)
     if not on_gpu:
         return None
-    from .trt_api import gpu_info
+    from dereflect.trt_api import gpu_info
 
     return device_for_gpu(gpu_info()[0])
 
 
 def size_costs(manifest: Manifest, height: int, width: int, element_bytes: Optional[int]) -> Dict[str, Any]:
     """flops.Cost per network (from the FP32 ONNX files) and for the middle step."""
-    from .flops import pipeline_costs
+    from dereflect.tools.flops import pipeline_costs
 
     files = [(name, manifest.path_of(name)) for name in manifest.networks]
     if manifest.method == "rm2s":
@@ -475,7 +474,7 @@ def machine_info(on_gpu: bool = False) -> Dict[str, Any]:
         if module in sys.modules:
             info[module] = str(getattr(sys.modules[module], "__version__", "unknown"))
     if on_gpu:
-        from .trt_api import gpu_info
+        from dereflect.trt_api import gpu_info
 
         info["gpu"], info["compute_capability"] = gpu_info()
     return info

@@ -43,8 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
-
-from .errors import InputError, ModelError, require
+from dereflect.errors import InputError, ModelError, require
 
 
 @dataclass(frozen=True)

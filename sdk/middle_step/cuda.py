@@ -1,4 +1,4 @@
-"""Host side of the fused CUDA middle step (``kernels/confidence.cu``).
+"""Host side of the fused CUDA middle step (``middle_step/confidence.cu``).
 
 The launch geometry lives in :func:`launch_config` (pure Python, so a pycuda or
 cuda-python launcher reuses it); :func:`compile_with_nvcc` builds cubins/PTX ahead of time;
@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
-
-from .confidence import EPS, GRADIENT_THRESHOLD, HISTOGRAM_BINS
-from .errors import InputError, MissingDependencyError, ModelError, require
+from dereflect.errors import InputError, MissingDependencyError, ModelError, require
+from dereflect.middle_step.reference import EPS, GRADIENT_THRESHOLD, HISTOGRAM_BINS
 
 KERNEL_FILE = "confidence.cu"
 NVCC_ARCHS = ("sm_72", "sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_110")
@@ -68,16 +67,16 @@ def kernel_defines() -> Tuple[str, ...]:
 
 def kernel_path() -> Path:
     """Filesystem path of the kernel source (for nvcc)."""
-    return Path(__file__).resolve().parent / "kernels" / KERNEL_FILE
+    return Path(__file__).resolve().parent / KERNEL_FILE
 
 
 def kernel_source() -> str:
-    """Text of ``kernels/confidence.cu`` shipped as package data."""
+    """Text of ``confidence.cu`` shipped as package data."""
     try:
         from importlib.resources import files
     except ImportError:  # Python 3.8 (JetPack 5): no importlib.resources.files
         return kernel_path().read_text(encoding="utf-8")
-    return (files("dereflect") / "kernels" / KERNEL_FILE).read_text(encoding="utf-8")
+    return (files("dereflect.middle_step") / KERNEL_FILE).read_text(encoding="utf-8")
 
 
 def _ceil_div(a: int, b: int) -> int:

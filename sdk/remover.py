@@ -37,12 +37,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
+from dereflect.middle_step.cpu import middle_step_cpu
 
 from .backends.base import backend_name, load_backend
 from .errors import InputError, ModelError
 from .imageio import ImageInfo, from_float_rgb, to_float_rgb
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
-from .middle_step import middle_step_cpu
 
 DEFAULT_MAX_SIDE = 1024
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent / "models"

@@ -1,6 +1,6 @@
 """Batched torch version of the RM2S middle step, for stage-2 training.
 
-Same definition as the NumPy reference :mod:`dereflect.confidence` (tested against it), on
+Same definition as the NumPy reference :mod:`dereflect.middle_step.reference` (tested against it), on
 N x 3 x H x W tensors in [0, 1]. Masks carry no gradient. Computed in float32 with autocast
 off: the 1e-7 epsilon underflows in float16.
 """
@@ -11,8 +11,8 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
-from dereflect.confidence import EPS, GRADIENT_THRESHOLD, LUMA
 from dereflect.errors import InputError
+from dereflect.middle_step.reference import EPS, GRADIENT_THRESHOLD, LUMA
 
 
 def _check_nchw(tensor: torch.Tensor, name: str) -> None:
@@ -48,7 +48,7 @@ def sobel_magnitude_torch(gray: torch.Tensor) -> torch.Tensor:
     """5x5 Sobel magnitude (OpenCV ksize=5, BORDER_REFLECT_101) of N x C x H x W, per channel.
 
     Separable, rows first, with the reference's operations in its order, so it matches
-    :func:`dereflect.confidence.sobel_magnitude` to rounding (bit for bit on CPU).
+    :func:`dereflect.middle_step.reference.sobel_magnitude` to rounding (bit for bit on CPU).
     """
     h, w = gray.shape[2:]
     # F.pad's "reflect" does not repeat the edge pixel: OpenCV's BORDER_REFLECT_101.
@@ -83,7 +83,7 @@ def confidence_map_torch(
 def two_means_threshold_torch(confidence: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact 2-means centres ``(low, high)`` (float64, shape N) of each image's non-zero values.
 
-    Same definition and degenerate cases as :func:`dereflect.confidence.two_means_threshold`,
+    Same definition and degenerate cases as :func:`dereflect.middle_step.reference.two_means_threshold`,
     vectorised over the batch: sort, prefix sums, best split between distinct values.
     """
     flat = confidence.detach().reshape(confidence.shape[0], -1).float()

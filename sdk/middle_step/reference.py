@@ -35,8 +35,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import numpy as np
-
-from .errors import InputError
+from dereflect.errors import InputError
 
 LUMA = (0.2125, 0.7154, 0.0721)
 HISTOGRAM_BINS = 4096

@@ -1,0 +1,1 @@
+"""Reflection-removal methods: each module owns one method's networks, settings and sequence."""
