@@ -30,17 +30,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-from dereflect.manifest import load_manifest
-from dereflect.tools.bench import (
-    BenchPipeline,
-    CudaEventTimer,
-    MonotonicTimer,
-    StageTimer,
-    parse_sizes,
-    summarize,
-    synthetic_frame,
-    time_calls,
-)
+from dereflect.methods.base import CudaEventTimer, MonotonicTimer
+from dereflect.methods.base import Timer as StageTimer
+from dereflect.models import open_source
+from dereflect.tools.bench import BenchPipeline, parse_sizes, summarize, synthetic_frame
 
 LUMA = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
 EPS = 1e-7
@@ -136,6 +129,20 @@ class AuthorsPipeline:
                 return out.clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
 
 
+def time_calls(call: Callable[[], Any], warmup: int, runs: int) -> List[float]:
+    """Host-clock samples (ms) of ``call`` after ``warmup`` untimed calls."""
+    import time
+
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
 def _device_samples(call: Callable[[], Any], make_timer: Callable[[], StageTimer], warmup: int,
                     runs: int) -> List[float]:
     for _ in range(warmup):
@@ -201,10 +208,10 @@ def side_by_side(
 
     ``checkpoint`` defaults to the file the manifest names, looked up in the export directory.
     """
-    manifest = load_manifest(export_dir)
+    manifest = open_source(export_dir).manifest
     checkpoint = Path(checkpoint) if checkpoint else manifest.directory / manifest.checkpoint.get("file", "")
     options = {"checkpoint": checkpoint} if backend == "torch" else {}
-    sdk = BenchPipeline(manifest, backend, device=device, precision=precision, **options)
+    sdk = BenchPipeline(export_dir, backend, device=device, precision=precision, **options)
     authors = AuthorsPipeline(checkpoint, device=device if device != "auto" else "cuda")
     results: Dict[str, Any] = {"sdk_backend": sdk.description}
     try:
@@ -212,7 +219,7 @@ def side_by_side(
             image = synthetic_frame(height, width)
             samples: Dict[str, Dict[str, List[float]]] = {"sdk": {}, "authors": {}}
             for index in range(warmup + runs):
-                for name, pipeline in (("sdk", sdk.stages), ("authors", authors)):
+                for name, pipeline in (("sdk", sdk), ("authors", authors)):
                     timer = pipeline.timer()
                     pipeline.run(image, timer)
                     if index >= warmup:

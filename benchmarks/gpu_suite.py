@@ -8,7 +8,7 @@
 For each preset (random weights: latency does not depend on them; see random_export.py):
 
 1. this SDK's pipeline per stage at each size on the PyTorch backend in FP16
-   (``dereflect.tools.bench.run_bench``): staged with CUDA events, and the fused on-device path
+   (``dereflect.tools.bench.run_bench``): what ``Remover.remove`` runs, staged with CUDA events
    ``Remover`` runs;
 2. FLOPs, minimum bytes, the floor on the device (``dereflect.tools.flops``; ``--device-table auto``
    picks the running GPU's entry) and each median as a multiple of it;
@@ -133,20 +133,19 @@ def markdown(report: Dict[str, Any]) -> str:
         rows = []
         for entry in sdk["sizes"]:
             if "error" in entry:
-                rows.append([entry["label"], f"error: {entry['error']}"] + [""] * 11)
+                rows.append([entry["label"], f"error: {entry['error']}"] + [""] * 9)
                 continue
             stages, limits = entry["stages"], entry.get("limits") or {}
             ratio = limits.get("ratio", {})
             rows.append([
                 f"{entry['label']} ({entry['height']}x{entry['width']})",
-                *(_ms(stages[name]) for name in ("upload", "stage1", "middle", "stage2", "download")),
+                *(_ms(stages.get(name)) for name in ("upload", "stage1", "middle", "stage2", "download")),
                 _ms(entry["total"]), _ms(entry["total"], "p99_ms"), f"{entry['total']['fps']:.1f}",
-                _ms(entry["fused"]),
                 f"{limits['floor_ms']['total']:.3g}" if limits else "n/a",
-                _ratio(ratio.get("total")), _ratio(ratio.get("fused")),
+                _ratio(ratio.get("total")),
             ])
         lines += _table(["size", "upload", "stage1", "middle", "stage2", "download", "total", "p99", "FPS",
-                         "fused", "floor", "total / floor", "fused / floor"], rows)
+                         "floor", "total / floor"], rows)
         lines += ["", f"## {preset}: cost and floor per stage", ""]
         rows = []
         for entry in sdk["sizes"]:
@@ -172,7 +171,7 @@ def markdown(report: Dict[str, Any]) -> str:
             authors = data["authors"].get(entry["label"])
             if "error" in entry or authors is None:
                 continue
-            sdk_best = min(s["median_ms"] for s in (entry["total"], entry["fused"]) if s)
+            sdk_best = entry["total"]["median_ms"]
             copies = sum(authors[name]["median_ms"] for name in ("upload", "to_host", "to_device", "download"))
             rows.append([
                 entry["label"], _ms(authors["total"]), _ms(authors["stage1"]), _ms(authors["middle"]),

@@ -8,35 +8,29 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from dereflect.manifest import load_manifest
-from dereflect.tools.bench import MonotonicTimer, RunnerStages, synthetic_frame
+from dereflect.tools.bench import BenchPipeline, synthetic_frame
 
 pytest.importorskip("torch", reason="exporting the lite U-Net needs torch (pip install 'dereflect[train]')")
-from dereflect.backends.onnxruntime import open_networks  # noqa: E402
 from random_export import make_random_export  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def lite(tmp_path_factory):
-    manifest = load_manifest(make_random_export(tmp_path_factory.mktemp("lite"), "lite"))
-    runners = open_networks(manifest, device="cpu")
-    yield manifest, runners
-    for runner in runners.values():
-        runner.deactivate()
+    pipeline = BenchPipeline(make_random_export(tmp_path_factory.mktemp("lite"), "lite"), device="cpu")
+    yield pipeline
+    pipeline.close()
 
 
 @pytest.mark.parametrize("network,channels", [("stage1", 3), ("stage2", 9)])
 def test_network(benchmark, lite, size, network, channels):
-    manifest, runners = lite
-    feed = {manifest.networks[network].inputs[0].name:
+    runner = lite.remover._backend.runners[network]
+    feed = {lite.manifest.networks[network].inputs[0].name:
             np.random.default_rng(0).random((1, channels) + size, dtype=np.float32)}
-    out = benchmark(runners[network].infer, feed)
+    out = benchmark(runner.infer, feed)
     assert out["background"].shape == (1, 3) + size
 
 
 def test_rm2s_frame(benchmark, lite, size):
-    manifest, runners = lite
-    stages = RunnerStages(manifest, runners, 0.5, 0.5)
     image = synthetic_frame(*size)
-    background = benchmark(lambda: stages.run(image, MonotonicTimer()))
-    assert background.shape == image.shape and np.isfinite(background).all()
+    layers = benchmark(lambda: lite.run(image, lite.timer()))
+    assert layers.background.shape == image.shape and np.isfinite(layers.background).all()

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import cv2
 from dereflect.imageio import read_image
-from dereflect.remover import BUNDLED_MODELS, Remover
+from dereflect.models import BUNDLED_MODELS
+from dereflect.remover import Remover
 from dereflect.tools.evaluate import contact_row, contact_sheet
 from dereflect.tools.metrics import psnr, ssim
 

@@ -53,17 +53,28 @@ def register(subparsers: Any) -> None:
                         help="build only this network (repeatable)")
     engine.set_defaults(func=run_engine)
 
-    verify = commands.add_parser("verify", help="run the networks on the golden files and compare")
-    verify.add_argument("directory", metavar="DIR", help="export directory")
+    verify = commands.add_parser(
+        "verify", help="run the networks on this device and compare with ONNX Runtime FP32 (goldens or your images)")
+    verify.add_argument("model", metavar="MODEL", help="a bundled model's name or an export directory")
     verify.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
-                        help="onnxruntime (CPU, the ONNX files) or tensorrt (the engines built here)")
+                        help="onnxruntime (CPU, the ONNX files) or tensorrt (the engines built here) "
+                             "(default: onnxruntime)")
     verify.add_argument("--fp16", action="store_true", help="with onnxruntime: verify the FP16 ONNX files")
     verify.add_argument("--network", action="append", metavar="NAME",
-                        help="verify only this network (repeatable)")
+                        help="verify only this network (repeatable; default: all)")
+    verify.add_argument("--images", metavar="DIR", default=None,
+                        help="also compare on these images instead of the goldens: each network's outputs "
+                             "against ONNX Runtime FP32 on the same inputs")
+    verify.add_argument("--max-side", type=int, default=1024, metavar="N",
+                        help="with --images: scale each image to this long side first (default 1024)")
+    verify.add_argument("--min-psnr", type=float, default=None, metavar="DB",
+                        help="pass limit in dB for every output (default: by precision: onnxruntime fp32 80, "
+                             "fp16 45; tensorrt fp32 50, fp16 40)")
     verify.set_defaults(func=run_verify)
 
     check = commands.add_parser("check", help="static TensorRT compatibility report of the ONNX files")
-    check.add_argument("directory", metavar="DIR", help="export directory (or a single .onnx file)")
+    check.add_argument("directory", metavar="MODEL",
+                       help="a bundled model's name, an export directory, or a single .onnx file")
     check.add_argument("--versions", default="8.5,10,11",
                        help="TensorRT versions, comma-separated (default 8.5,10,11)")
     check.set_defaults(func=run_check)
@@ -105,22 +116,26 @@ def run_engine(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
-    report = verify(args.directory, backend=args.backend, fp16=args.fp16, networks=args.network)
+    report = verify(args.model, backend=args.backend, fp16=args.fp16, networks=args.network, images=args.images,
+                    max_side=args.max_side, min_psnr_db=args.min_psnr)
     print(report.format())
     return 0 if report.passed else 1
 
 
-def _onnx_files(target: Path) -> List[Path]:
-    if target.is_file() and target.suffix == ".onnx":
-        return [target]
-    from dereflect.manifest import load_manifest
+def _onnx_files(target: str) -> List[Path]:
+    if Path(target).is_file() and Path(target).suffix == ".onnx":
+        return [Path(target)]
+    from dereflect.models import open_source
 
-    manifest = load_manifest(target, check_hashes=False)
+    source = open_source(target, check_hashes=False)
+    if source.kind != "export":
+        raise ModelError(f"{target} is a training checkpoint; export it first (dereflect export onnx)")
+    manifest = source.manifest
     files = []
-    for spec in manifest.networks.values():
-        files.append(target / spec.onnx)
+    for name, spec in manifest.networks.items():
+        files.append(manifest.path_of(name))
         if spec.onnx_fp16:
-            files.append(target / spec.onnx_fp16)
+            files.append(manifest.path_of(name, fp16=True))
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise ModelError(f"ONNX files listed in the manifest are missing: {', '.join(missing)}")
@@ -133,7 +148,7 @@ def run_check(args: argparse.Namespace) -> int:
 
     versions = [v.strip() for v in args.versions.split(",") if v.strip()]
     passed = True
-    for path in _onnx_files(Path(args.directory)):
+    for path in _onnx_files(args.directory):
         report = check_trt_compat(path, versions)
         print(report.format())
         passed = passed and report.passed

@@ -184,7 +184,7 @@ def build_engines(
             pinned = 0
             if fp16 and not strong:
                 config.set_flag(trt.BuilderFlag.FP16)
-                plan = ((manifest.extra.get("fp16") or {}).get("networks") or {}).get(name) or {}
+                plan = ((manifest.records.get("fp16") or {}).get("networks") or {}).get(name) or {}
                 pinned = _constrain_float32(trt, network, plan.get("float32_nodes") or [])
                 if pinned:
                     config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)

@@ -24,12 +24,11 @@ package only (no onnxconverter-common):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import onnx
 from dereflect.errors import ModelError
-from dereflect.tools.metrics import psnr
 from onnx import TensorProto, helper, numpy_helper
 
 FLOAT = TensorProto.FLOAT
@@ -122,8 +121,6 @@ def output_layer_nodes(graph: onnx.GraphProto) -> Set[int]:
 
 def activation_ranges(model: onnx.ModelProto, feeds: Sequence[Dict[str, np.ndarray]]) -> Dict[str, float]:
     """Largest |value| of every float data-path tensor of ``model`` over the calibration ``feeds``."""
-    import onnxruntime as ort
-
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     types = _tensor_types(probe)
@@ -133,13 +130,10 @@ def activation_ranges(model: onnx.ModelProto, feeds: Sequence[Dict[str, np.ndarr
              if n in data and types.get(n) == FLOAT and n not in existing]
     for name in names:
         probe.graph.output.append(helper.make_tensor_value_info(name, FLOAT, None))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    outputs = [o.name for o in session.get_outputs()]
+    runner = _runner(probe)
     ranges: Dict[str, float] = {}
     for feed in feeds:
-        for name, value in zip(outputs, session.run(outputs, feed)):
+        for name, value in runner.infer(feed).items():
             magnitude = float(np.max(np.abs(value))) if value.size else 0.0
             if not np.isfinite(magnitude):
                 magnitude = float("inf")
@@ -343,13 +337,12 @@ def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return emulated
 
 
-def _session(model: Union[str, onnx.ModelProto]):
-    import onnxruntime as ort
+def _runner(model: Union[str, onnx.ModelProto]) -> Any:
+    """An activated ONNX Runtime runner (CPU) for a file or an in-memory model."""
+    from dereflect.backends.onnxruntime import OnnxRuntimeRunner
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    return OnnxRuntimeRunner(source, device="cpu").activate()
 
 
 def compare_models(
@@ -363,14 +356,10 @@ def compare_models(
     Non-finite outputs count as -inf dB. To measure an FP16 file faithfully on a CPU, pass
     ``emulate_fp16(model)`` as ``test`` (see there).
     """
-    ref_session, test_session = _session(reference), _session(test)
-    names = [o.name for o in ref_session.get_outputs()]
-    result: Dict[str, Dict[str, float]] = {n: {"psnr_db": float("inf"), "max_abs": 0.0} for n in names}
+    from dereflect.tools.compare import Comparison, compare_outputs
+
+    ref_runner, test_runner = _runner(reference), _runner(test)
+    comparison = Comparison()
     for feed in feeds:
-        for name, ref, out in zip(names, ref_session.run(names, feed), test_session.run(names, feed)):
-            entry = result[name]
-            value = psnr(ref, out, data_ranges.get(name, 1.0)) if np.all(np.isfinite(out)) else float("-inf")
-            entry["psnr_db"] = min(entry["psnr_db"], value)
-            diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
-            entry["max_abs"] = max(entry["max_abs"], float(np.max(diff)) if diff.size else 0.0)
-    return result
+        comparison.add(compare_outputs(ref_runner.infer(feed), test_runner.infer(feed), data_ranges))
+    return comparison.to_dict()

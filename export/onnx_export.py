@@ -35,38 +35,24 @@ log = logging.getLogger("dereflect.export")
 
 #: Lowest FP16-vs-FP32 PSNR (dB) accepted on natural-looking images.
 FP16_MIN_PSNR = 45.0
-#: Nominal value ranges of the outputs (used for PSNR peaks and parity tolerances).
-OUTPUT_RANGES = {"background": (0.0, 1.0), "reflection": (-1.0, 1.0), "gradient": (0.0, 1.5)}
-#: (export name, checkpoint network, input name, output names) per method.
-METHOD_LAYOUT = {
-    "rm2s": (("stage1", "stage1", "image", ("background",)),
-             ("stage2", "generator", "stage2_input", ("background",))),
-    "crrn": (("crrn", "crrn", "image", ("background", "reflection", "gradient")),),
-}
 SUPPORTED_OPSETS = range(13, 21)
 #: (N, H, W) of the natural-looking images for FP16 calibration and measurement (different seeds).
 CALIBRATION_SHAPE = (2, 128, 192)
 MEASURE_SHAPE = (2, 160, 224)
 
 
-def _layout(checkpoint) -> Tuple[Tuple[str, str, str, Tuple[str, ...]], ...]:
-    method = checkpoint.method
-    if method not in METHOD_LAYOUT:
-        raise ModelError(f"{checkpoint.path}: cannot export method {method!r} "
-                         f"(known: {', '.join(METHOD_LAYOUT)})")
-    have = set(checkpoint.metadata["networks"])
-    if method == "rm2s" and "generator" not in have:
+def _method(checkpoint) -> Any:
+    """The method the checkpoint deploys as; ModelError when it cannot be exported."""
+    from dereflect.methods.base import method_for_checkpoint
+
+    method = method_for_checkpoint(checkpoint.metadata)
+    if not method.exportable:
         raise ModelError(
             f"{checkpoint.path} is an RM2S stage-1 checkpoint; RM2S runs two networks, so export needs "
             "the stage-2 checkpoint (it contains stage 1 too). Train stage 2 first "
             "(dereflect train rm2s-stage2 --stage1 CKPT ...), then export its checkpoint"
         )
-    layout = METHOD_LAYOUT[method]
-    missing = [source for _, source, _, _ in layout if source not in have]
-    if missing:
-        raise ModelError(f"{checkpoint.path}: a {method} checkpoint needs networks {missing} "
-                         f"(it has {sorted(have)})")
-    return layout
+    return method
 
 
 def _is_export_dir(path: Path) -> bool:
@@ -232,16 +218,6 @@ def _export_network(torch, module, path: Path, input_name: str, channels: int, o
     return counts
 
 
-def _middle_step(metadata: Dict[str, Any]) -> Dict[str, float]:
-    """The c1/c2 stage 2 was trained with (RM2S stage-2 training records them under "stage2")."""
-    trained = metadata.get("stage2") or {}
-    return {key: float(trained[key]) for key in ("c1", "c2") if key in trained}
-
-
-def _output_spec(name: str, channels: int) -> TensorSpec:
-    return TensorSpec(name=name, channels=channels, value_range=OUTPUT_RANGES.get(name, (0.0, 1.0)))
-
-
 def _data_ranges(spec: NetworkSpec) -> Dict[str, float]:
     return {o.name: float(o.value_range[1] - o.value_range[0]) or 1.0 for o in spec.outputs}
 
@@ -271,13 +247,14 @@ def export_onnx(
     from . import parity as parity_mod
     from .fp16 import compare_models, convert_to_fp16, emulate_fp16
     from .trt_support import check_trt_compat
-    from .verify import natural_images, ort_infer, pipeline_feeds, write_goldens
+    from .verify import natural_images, network_feeds, ort_backend, write_goldens
 
     if opset not in SUPPORTED_OPSETS:
         raise InputError(f"opset {opset} is not supported; use 13-20 (17 keeps TensorRT 8.5 reachable)")
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
-    layout = _layout(checkpoint)
+    method = _method(checkpoint)
+    available = set(checkpoint.metadata["networks"])
     out_dir = Path(out_dir).expanduser().resolve()
     _check_target(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -290,7 +267,10 @@ def export_onnx(
         modules: Dict[str, Any] = {}
         networks: Dict[str, NetworkSpec] = {}
         cleaned: Dict[str, Dict[str, int]] = {}
-        for name, source, input_name, output_names in layout:
+        for contract in method.networks:
+            name, input_name = contract.name, contract.input.name
+            output_names = tuple(t.name for t in contract.outputs)
+            source = method.checkpoint_network(contract, available)
             net = checkpoint.build(source)
             stride, min_size = int(getattr(net, "stride", 1)), int(getattr(net, "min_size", 0))
             module = PaddedModel(net).eval()
@@ -308,16 +288,17 @@ def export_onnx(
             networks[name] = NetworkSpec(
                 name=name, onnx=path.name, sha256=sha256_file(path),
                 inputs=[TensorSpec(name=input_name, channels=channels)],
-                outputs=[_output_spec(o, int(t.shape[1])) for o, t in zip(output_names, probe)],
+                outputs=[TensorSpec(t.name, int(p.shape[1]), value_range=t.value_range)
+                         for t, p in zip(contract.outputs, probe)],
                 stride=stride, min_size=min_size,
             )
         metadata = checkpoint.metadata
         manifest = Manifest(
-            method=checkpoint.method,
+            method=method.name,
             name=str(model_name or metadata.get("name") or checkpoint_path.stem),
             networks=networks,
             directory=tmp,
-            middle_step=_middle_step(metadata),
+            settings=method.settings_from_checkpoint(metadata),
             checkpoint={"file": checkpoint_path.name, "sha256": sha256_file(checkpoint_path),
                         "metadata": {k: v for k, v in metadata.items() if k != "optimizers"}},
         )
@@ -328,9 +309,9 @@ def export_onnx(
                        "graph_cleanup": cleaned},
         }
 
-        # Parity: random inputs at several sizes, plus natural-looking images along the pipeline.
-        fp32_infer = ort_infer(manifest)
-        natural = pipeline_feeds(manifest, natural_images(*MEASURE_SHAPE, seed=7), fp32_infer)
+        # Parity: random inputs at several sizes, plus natural-looking images along the method's sequence.
+        fp32 = ort_backend(manifest)
+        natural = network_feeds(fp32, natural_images(*MEASURE_SHAPE, seed=7))
         report = None
         for name, spec in networks.items():
             cases = parity_mod.random_cases(spec.inputs[0].name, spec.inputs[0].channels)
@@ -343,7 +324,7 @@ def export_onnx(
         log.info("%s", report.format())
 
         if fp16:
-            calibration = pipeline_feeds(manifest, natural_images(*CALIBRATION_SHAPE, seed=11), fp32_infer)
+            calibration = network_feeds(fp32, natural_images(*CALIBRATION_SHAPE, seed=11))
             fp16_record: Dict[str, Any] = {
                 "io_dtype": "float32",
                 "measured": "worst PSNR per output against the FP32 file on natural-looking images "
@@ -385,7 +366,8 @@ def export_onnx(
                 if not compat.passed:
                     log.warning("%s", compat.format())
         extra["tensorrt_check"] = checks
-        manifest.extra = extra
+        fp32.close()
+        manifest.records = extra
         manifest.save()
         _move_into_place(tmp, out_dir)
     except BaseException:
@@ -403,14 +385,14 @@ def export_summary(manifest: Manifest) -> List[str]:
         ins = ", ".join(f"{t.name}[{t.channels}]" for t in spec.inputs)
         outs = ", ".join(f"{t.name}[{t.channels}]" for t in spec.outputs)
         lines.append(f"  {name}: {files}  ({ins} -> {outs})")
-    parity = manifest.extra.get("parity") or {}
+    parity = manifest.records.get("parity") or {}
     if parity:
         lines.append(f"  parity vs PyTorch: worst max |diff| {parity['worst_max_abs']:.2e} "
                      f"(tolerance {parity['tolerance']:g}) over {parity['cases']} cases")
-    for name, record in ((manifest.extra.get("fp16") or {}).get("networks") or {}).items():
+    for name, record in ((manifest.records.get("fp16") or {}).get("networks") or {}).items():
         psnrs = ", ".join(f"{o} {m['psnr_db']:.1f} dB" for o, m in record["outputs"].items())
         lines.append(f"  FP16 vs FP32 {name}: {psnrs}; {record['nodes_float32']} nodes kept float32")
-    for filename, result in (manifest.extra.get("tensorrt_check") or {}).items():
+    for filename, result in (manifest.records.get("tensorrt_check") or {}).items():
         verdict = ", ".join(f"{v} {'ok' if ok else 'UNSUPPORTED'}" for v, ok in result.items())
         lines.append(f"  TensorRT parser check {filename}: {verdict}")
     return lines

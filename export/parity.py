@@ -95,24 +95,20 @@ def check_parity(
 
     Appends to ``report`` when given (one report for all networks of an export).
     """
-    import onnxruntime as ort
+    from dereflect.backends.onnxruntime import OnnxRuntimeRunner
+    from dereflect.tools.compare import compare_outputs
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
+    runner = OnnxRuntimeRunner(onnx_path, device="cpu", name=network).activate()
     report = report if report is not None else ParityReport(tolerance=tolerance)
     ranges = data_ranges or {}
     for kind, feed in cases:
-        expected = _torch_outputs(module, feed, names)
-        actual = dict(zip(names, session.run(names, feed)))
+        expected = _torch_outputs(module, feed, runner.output_names)
         shape = tuple(next(iter(feed.values())).shape)
-        for name in names:
-            diff = np.abs(expected[name].astype(np.float64) - actual[name].astype(np.float64))
-            if expected[name].shape != actual[name].shape:
-                raise ModelError(f"{network}: output {name} has shape {actual[name].shape} in ONNX Runtime "
-                                 f"but {expected[name].shape} in PyTorch for input {shape}")
-            max_abs = float(diff.max()) if diff.size else 0.0
-            ok = bool(np.isfinite(max_abs) and max_abs <= tolerance * ranges.get(name, 1.0))
-            report.rows.append(ParityRow(network, kind, shape, name, max_abs, float(diff.mean()), ok))
+        try:
+            differences = compare_outputs(expected, runner.infer(feed), ranges)
+        except ModelError as exc:
+            raise ModelError(f"{network}: ONNX Runtime and PyTorch differ for input {shape}: {exc}") from None
+        for name, diff in differences.items():
+            ok = bool(np.isfinite(diff.max_abs) and diff.max_error <= tolerance)
+            report.rows.append(ParityRow(network, kind, shape, name, diff.max_abs, diff.mean_abs, ok))
     return report

@@ -5,31 +5,27 @@ procedurally generated natural-looking images (no third-party images); inputs an
 to ``golden/<network>.npz``. RM2S stage 2's golden inputs are built from stage 1's outputs by
 the runtime's own middle step, so they look like what stage 2 sees in use.
 
-``verify(export_dir, backend)`` runs the networks on those inputs with ONNX Runtime (the
-FP32 or FP16 files) or with the TensorRT engines built on this device, and compares: PSNR and
-largest error per network and output, against thresholds that depend on the precision.
-A TensorRT engine is refused before it is loaded if its sidecar names another TensorRT
-version, another GPU or another ONNX file.
+``verify(model, backend)`` runs the networks on those inputs with ONNX Runtime (the FP32 or
+FP16 files) or with the TensorRT engines built on this device, and compares (with
+:mod:`dereflect.tools.compare`): PSNR and largest error per network and output, against
+thresholds that depend on the precision. With ``images=`` it also takes the user's own
+photos: each runs through the method's sequence on ONNX Runtime FP32, and every network of the
+tested backend is compared with ONNX Runtime on the same inputs. TensorRT engines are opened
+by the runtime's own checks (:func:`dereflect.backends.tensorrt.open_engine`): another TensorRT
+version, GPU or ONNX file, or a changed engine, is refused before anything is loaded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-from dereflect.errors import InputError, ModelError, require
-from dereflect.manifest import Manifest, TensorSpec, load_manifest, sha256_file
-from dereflect.tools.metrics import psnr
-from dereflect.trt_api import (
-    check_engine_compatible,
-    engine_paths,
-    gpu_info,
-    read_engine_info,
-    shape_in_profile,
-)
+from dereflect.errors import InputError, ModelError
+from dereflect.manifest import Manifest, TensorSpec, sha256_file
+from dereflect.trt_api import shape_in_profile
 
 GOLDEN_DIR = "golden"
 #: (N, H, W) of the golden cases: sides that are not multiples of 32, inside the default
@@ -108,34 +104,39 @@ def natural_images(count: int, height: int, width: int, seed: int = 0) -> np.nda
     return out
 
 
-# --- network inputs along a method's pipeline -----------------------------------------------------
+# --- network inputs along a method's sequence -----------------------------------------------------
 
-Infer = Callable[[str, Dict[str, np.ndarray]], Dict[str, np.ndarray]]
+def network_feeds(backend: Any, images: np.ndarray) -> Dict[str, Dict[str, np.ndarray]]:
+    """Each network's input feed for ``images`` (N, 3, H, W), recorded from the method's own sequence.
 
-
-def stage2_inputs(images: np.ndarray, stage1: np.ndarray, c1: float = 0.5, c2: float = 0.5) -> np.ndarray:
-    """RM2S stage-2 inputs (N, 9, H, W) from images and stage-1 outputs, by the runtime's middle step."""
-    from dereflect.middle_step.cpu import middle_step_cpu
-
-    out = np.empty((images.shape[0], 9) + images.shape[2:], np.float32)
-    for i in range(images.shape[0]):
-        result = middle_step_cpu(images[i].transpose(1, 2, 0), stage1[i].transpose(1, 2, 0), c1, c2)
-        out[i] = result.stage2_input.transpose(2, 0, 1)
-    return out
-
-
-def pipeline_feeds(manifest: Manifest, images: np.ndarray, infer: Infer) -> Dict[str, Dict[str, np.ndarray]]:
-    """Each network's input feed for ``images``, following the method's pipeline.
-
-    ``infer(network, feed)`` runs an earlier network (RM2S stage 1 feeds the middle step).
+    Every image runs through :meth:`Method.run <dereflect.methods.base.Method.run>` on ``backend``'s
+    host executor (so RM2S stage 2 gets the inputs the runtime's middle step makes from stage 1's
+    outputs); what each network was given is stacked over the images.
     """
-    if manifest.method == "rm2s":
-        feed1 = {manifest.networks["stage1"].inputs[0].name: images}
-        background = infer("stage1", feed1)[manifest.networks["stage1"].outputs[0].name]
-        step = manifest.middle_step
-        second = stage2_inputs(images, background, step.get("c1", 0.5), step.get("c2", 0.5))
-        return {"stage1": feed1, "stage2": {manifest.networks["stage2"].inputs[0].name: second}}
-    return {name: {spec.inputs[0].name: images} for name, spec in manifest.networks.items()}
+    from dereflect.backends.base import HostExecutor
+
+    recorded: Dict[str, List[np.ndarray]] = {}
+
+    class Recording(HostExecutor):
+        def network(self, name: str, x: np.ndarray) -> Dict[str, np.ndarray]:
+            recorded.setdefault(name, []).append(x)
+            return super().network(name, x)
+
+    executor = Recording(backend.manifest, backend.runners)
+    settings = backend.method.settings(backend.manifest.settings)
+    for image in images:
+        executor.run(backend.method, np.ascontiguousarray(image.transpose(1, 2, 0)), settings)
+    return {name: {backend.manifest.networks[name].inputs[0].name: np.concatenate(feeds)}
+            for name, feeds in recorded.items()}
+
+
+def ort_backend(manifest: Manifest, fp16: bool = False) -> Any:
+    """The export's ONNX files on ONNX Runtime (CPU), FP32 or FP16."""
+    from dereflect.backends.base import open_backend
+    from dereflect.methods.base import get_method
+
+    return open_backend(manifest, get_method(manifest.method), "onnxruntime", device="cpu",
+                        precision="fp16" if fp16 else "fp32")
 
 
 def golden_images() -> List[np.ndarray]:
@@ -147,34 +148,22 @@ def _case_key(case: int, kind: str, name: str) -> str:
     return f"case{case}.{kind}.{name}"
 
 
-def ort_infer(manifest: Manifest, fp16: bool = False) -> Infer:
-    """An ``infer`` function running the export's ONNX files with ONNX Runtime on the CPU."""
-    from dereflect.backends.onnxruntime import OnnxRuntimeRunner
-
-    runners: Dict[str, OnnxRuntimeRunner] = {}
-
-    def infer(network: str, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        if network not in runners:
-            path = manifest.path_of(network, fp16=fp16)
-            runners[network] = OnnxRuntimeRunner(path, device="cpu", name=network).activate()
-        return runners[network].infer(feed)
-
-    return infer
-
-
 def write_goldens(manifest: Manifest) -> Dict[str, Dict[str, str]]:
     """Write ``golden/<network>.npz`` (inputs and FP32 ONNX Runtime outputs) into the export directory.
 
     Returns ``{network: {"file": ..., "sha256": ...}}`` for the manifest.
     """
-    infer = ort_infer(manifest)
+    backend = ort_backend(manifest)
     cases: Dict[str, Dict[str, np.ndarray]] = {name: {} for name in manifest.networks}
-    for case, images in enumerate(golden_images()):
-        for network, feed in pipeline_feeds(manifest, images, infer).items():
-            for name, value in feed.items():
-                cases[network][_case_key(case, "in", name)] = value
-            for name, value in infer(network, feed).items():
-                cases[network][_case_key(case, "out", name)] = value
+    try:
+        for case, images in enumerate(golden_images()):
+            for network, feed in network_feeds(backend, images).items():
+                for name, value in feed.items():
+                    cases[network][_case_key(case, "in", name)] = value
+                for name, value in backend.runners[network].infer(feed).items():
+                    cases[network][_case_key(case, "out", name)] = value
+    finally:
+        backend.close()
     (manifest.directory / GOLDEN_DIR).mkdir(exist_ok=True)
     record = {}
     for network, arrays in cases.items():
@@ -189,16 +178,10 @@ Case = Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]
 
 def load_goldens(manifest: Manifest, network: str) -> List[Case]:
     """The golden (inputs, outputs) cases of ``network``, after checking the file's hash."""
-    entry = (manifest.extra.get("golden") or {}).get(network)
-    if not entry:
-        raise ModelError(
-            f"{manifest.directory}: the manifest lists no golden file for {network!r}; "
-            "re-export without --no-golden to create them"
-        )
-    path = manifest.directory / entry["file"]
+    path, expected = manifest.golden_path(network)
     if not path.is_file():
         raise ModelError(f"golden file missing: {path}")
-    if sha256_file(path) != entry["sha256"]:
+    if sha256_file(path) != expected:
         raise ModelError(f"{path} does not match the SHA-256 in the manifest; it was changed after export")
     cases: Dict[int, Case] = {}
     with np.load(path) as data:
@@ -221,7 +204,7 @@ def data_range(spec: TensorSpec) -> float:
 @dataclass
 class VerifyRow:
     network: str
-    case: int
+    case: str
     shape: Tuple[int, ...]
     output: str
     psnr_db: float
@@ -236,6 +219,7 @@ class VerifyReport:
 
     backend: str
     precision: str
+    reference: str
     min_psnr_db: float
     max_error: Optional[float]
     rows: List[VerifyRow] = field(default_factory=list)
@@ -249,105 +233,130 @@ class VerifyReport:
         limit = f"PSNR >= {self.min_psnr_db:g} dB"
         if self.max_error is not None:
             limit += f", max error <= {self.max_error:g} of the range"
-        lines = [f"verify: {self.backend} {self.precision} against the FP32 ONNX Runtime goldens ({limit})",
-                 f"{'network':<10} {'case':<5} {'input shape':<18} {'output':<12} {'PSNR dB':>9} "
+        lines = [f"verify: {self.backend} {self.precision} against {self.reference} ({limit})",
+                 f"{'network':<10} {'case':<24} {'input shape':<18} {'output':<12} {'PSNR dB':>9} "
                  f"{'max err':>10}  result"]
         for r in self.rows:
             if r.note:
-                lines.append(f"{r.network:<10} {r.case:<5} {str(list(r.shape)):<18} {r.output:<12} "
+                lines.append(f"{r.network:<10} {r.case:<24} {str(list(r.shape)):<18} {r.output:<12} "
                              f"{'':>9} {'':>10}  skipped: {r.note}")
                 continue
-            lines.append(f"{r.network:<10} {r.case:<5} {str(list(r.shape)):<18} {r.output:<12} "
+            lines.append(f"{r.network:<10} {r.case:<24} {str(list(r.shape)):<18} {r.output:<12} "
                          f"{r.psnr_db:>9.2f} {r.max_error:>10.2e}  {'pass' if r.passed else 'FAIL'}")
         lines.append("result: " + ("PASS" if self.passed else "FAIL"))
         return "\n".join(lines)
 
 
-def _tensorrt_runner(manifest: Manifest, network: str):
-    """A TensorRT runner for ``network`` after checking its sidecar against this device."""
-    from dereflect.backends.base import get_runner
+def _image_cases(directory: Any, max_side: int) -> List[Tuple[str, np.ndarray]]:
+    """The user's images (sorted), each scaled to fit ``max_side`` as the runtime would: (name, 1x3xHxW)."""
+    from dereflect.imageio import is_image_file, read_image
 
-    trt = require("tensorrt", "trt", "verifying TensorRT engines")
-    engine_path, sidecar_path = engine_paths(manifest.directory, network)
-    if not engine_path.is_file():
-        raise ModelError(f"no engine for {network!r} at {engine_path}; "
-                         "build it with: dereflect export engine DIR")
-    info = read_engine_info(sidecar_path)
-    spec = manifest.networks[network]
-    hashes = {spec.onnx: spec.sha256}
-    if spec.onnx_fp16:
-        hashes[spec.onnx_fp16] = spec.sha256_fp16 or ""
-    if info.onnx not in hashes:
-        raise ModelError(f"engine {engine_path.name} was built from {info.onnx}, "
-                         "which this export does not list")
-    gpu_name, capability = gpu_info()
-    check_engine_compatible(info, trt.__version__, gpu_name, capability, hashes[info.onnx])
-    if info.engine_sha256 and sha256_file(engine_path) != info.engine_sha256:
-        raise ModelError(f"{engine_path} does not match the SHA-256 in its sidecar; rebuild it")
-    return get_runner("tensorrt", engine_path).activate(), info
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise InputError(f"--images {folder}: not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    if not files:
+        raise InputError(f"--images {folder}: no images in it")
+    cases = []
+    for path in files:
+        rgb, _ = read_image(path)
+        height, width = rgb.shape[:2]
+        scale = min(1.0, max_side / max(height, width))
+        if scale < 1.0:
+            rgb = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
+                             interpolation=cv2.INTER_AREA)
+        cases.append((path.name, np.ascontiguousarray(rgb.transpose(2, 0, 1)[None])))
+    return cases
 
 
 def verify(
-    export_dir: str,
+    model: Any,
     backend: str = "onnxruntime",
     fp16: bool = False,
     networks: Optional[Sequence[str]] = None,
+    images: Optional[Any] = None,
+    max_side: int = 1024,
+    min_psnr_db: Optional[float] = None,
 ) -> VerifyReport:
-    """Run an export's networks on its golden inputs and compare with the golden outputs.
+    """Run an export's networks on ``backend`` and compare them with ONNX Runtime's FP32 results.
 
-    ``backend="onnxruntime"`` runs the FP32 files (or the FP16 files with ``fp16=True``) on the
-    CPU; ``"tensorrt"`` runs the engines of this export directory (their precision is read from
-    their sidecars). Raises ModelError for a missing/tampered file or an incompatible engine.
+    ``model``: a bundled model's name or an export directory. Without ``images`` the cases are the
+    export's goldens (inputs and FP32 outputs written at export). With ``images`` (a folder) each
+    image is scaled to ``max_side`` (or the engines' profile), run through the method's sequence
+    with ONNX Runtime FP32 to get every network's input, and each network's outputs on ``backend``
+    are compared with ONNX Runtime's on the same inputs. ``backend="onnxruntime"`` tests the FP32
+    files (or the FP16 files with ``fp16=True``); ``"tensorrt"`` the engines built on this device,
+    opened by the runtime's own checks. ``min_psnr_db`` replaces the precision's pass limit.
+    Raises ModelError for a missing/tampered file or an incompatible engine.
     """
-    manifest = load_manifest(Path(export_dir))
+    from dereflect.backends.base import open_backend
+    from dereflect.models import open_source
+    from dereflect.tools.compare import compare_outputs
+
+    source = open_source(model)
+    if source.kind != "export":
+        raise InputError(f"{source.path} is a training checkpoint; verify checks an export directory "
+                         "(dereflect export onnx CHECKPOINT -o DIR)")
+    manifest = source.manifest
     names = list(networks or manifest.networks)
     unknown = [n for n in names if n not in manifest.networks]
     if unknown:
         raise InputError(f"unknown network(s) {unknown}; this export has {list(manifest.networks)}")
     if backend not in ("onnxruntime", "tensorrt"):
         raise InputError(f"backend must be 'onnxruntime' or 'tensorrt', not {backend!r}")
-    goldens = {name: load_goldens(manifest, name) for name in names}
-    runners = {}
-    profiles: Dict[str, Dict[str, Dict[str, List[int]]]] = {}
+    if fp16 and backend != "onnxruntime":
+        raise InputError("--fp16 selects the FP16 ONNX files for onnxruntime; TensorRT engines carry their "
+                         "own precision")
+    tested = open_backend(manifest, source.method, backend, device="cpu" if backend == "onnxruntime" else "auto",
+                          **({"precision": "fp16" if fp16 else "fp32"} if backend == "onnxruntime" else {}))
+    reference = None
     try:
         if backend == "onnxruntime":
-            if fp16:
-                manifest.verify_files(fp16=True)
-            infer = ort_infer(manifest, fp16=fp16)
             precision = "fp16" if fp16 else "fp32"
+            profiles: Dict[str, Dict[str, Dict[str, List[int]]]] = {}
         else:
-            precisions = set()
-            for name in names:
-                runners[name], info = _tensorrt_runner(manifest, name)
-                profiles[name] = info.profiles
-                precisions.add(info.precision)
+            precisions = {tested.engine_info[n].precision for n in names}
             precision = "fp16" if "fp16" in precisions else "fp32"
-
-            def infer(network: str, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-                return runners[network].infer(feed)
-
+            profiles = {n: tested.engine_info[n].profiles for n in names}
         min_psnr, max_error = THRESHOLDS[(backend, precision)]
-        report = VerifyReport(backend=backend, precision=precision, min_psnr_db=min_psnr, max_error=max_error)
+        if min_psnr_db is not None:
+            min_psnr, max_error = float(min_psnr_db), None
+        if images is None:
+            cases_by_network = {name: [(f"golden {i}", inputs, expected)
+                                       for i, (inputs, expected) in enumerate(load_goldens(manifest, name))]
+                                for name in names}
+            reference_text = "the FP32 ONNX Runtime goldens"
+        else:
+            reference = ort_backend(manifest)
+            _, engine_max = tested.input_limits()
+            side = min([max_side] + ([min(engine_max)] if engine_max else []))
+            cases_by_network = {name: [] for name in names}
+            for label, image in _image_cases(images, side):
+                feeds = network_feeds(reference, image)
+                for name in names:
+                    expected = reference.runners[name].infer(feeds[name])
+                    cases_by_network[name].append((label, feeds[name], expected))
+            reference_text = f"ONNX Runtime FP32 on the images in {images}"
+        report = VerifyReport(backend=backend, precision=precision, reference=reference_text,
+                              min_psnr_db=min_psnr, max_error=max_error)
         for name in names:
             spec = manifest.networks[name]
-            for case, (inputs, expected) in enumerate(goldens[name]):
+            ranges = {out.name: data_range(out) for out in spec.outputs}
+            for label, inputs, expected in cases_by_network[name]:
                 shape = tuple(next(iter(inputs.values())).shape)
                 profile = profiles.get(name, {})
                 outside = [n for n, v in inputs.items()
                            if n in profile and not shape_in_profile(v.shape, profile[n])]
                 if outside:
-                    report.rows.append(VerifyRow(name, case, shape, "-", 0.0, 0.0, False,
+                    report.rows.append(VerifyRow(name, label, shape, "-", 0.0, 0.0, False,
                                                  note="input shape outside the engine's profile"))
                     continue
-                actual = infer(name, inputs)
-                for out in spec.outputs:
-                    peak = data_range(out)
-                    value = psnr(expected[out.name], actual[out.name], peak)
-                    diff = np.abs(expected[out.name].astype(np.float64) - actual[out.name].astype(np.float64))
-                    error = float(np.max(diff)) / peak if diff.size else 0.0
-                    ok = value >= min_psnr and (max_error is None or error <= max_error)
-                    report.rows.append(VerifyRow(name, case, shape, out.name, value, error, bool(ok)))
+                actual = tested.runners[name].infer(inputs)
+                for output, diff in compare_outputs(expected, actual, ranges).items():
+                    ok = diff.psnr_db >= min_psnr and (max_error is None or diff.max_error <= max_error)
+                    report.rows.append(VerifyRow(name, label, shape, output, diff.psnr_db, diff.max_error, bool(ok)))
     finally:
-        for runner in runners.values():
-            runner.deactivate()
+        tested.close()
+        if reference is not None:
+            reference.close()
     return report

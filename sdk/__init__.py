@@ -18,12 +18,22 @@ __all__ = [
     "ModelError",
     "Remover",
     "__version__",
+    "open_model",
 ]
 
 
 def __getattr__(name: str):
+    # Lazy, so that ``import dereflect`` loads no backend and no OpenCV pipeline code.
     if name == "Remover":
         from dereflect.remover import Remover
 
         return Remover
+    if name == "open_model":
+        from dereflect.models import open_model
+
+        return open_model
     raise AttributeError(f"module 'dereflect' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any, List, Tuple
 
-from .errors import DereflectError, InputError
+from dereflect.cli_options import add_model_options, open_from_args
+from dereflect.errors import DereflectError, InputError
+
 from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, is_image_file
 
 INTERMEDIATE_SUFFIXES = {
@@ -18,23 +20,6 @@ INTERMEDIATE_SUFFIXES = {
     "reflection": "reflection layer I - B (clipped to [0, 1])",
     "gradient": "CRRN background gradient",
 }
-
-
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="NAME_OR_DIR",
-                        help="a bundled model (rm2s-lite, the default, or crrn-lite) or an export directory")
-    parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "torch"],
-                        help="inference backend (default: onnxruntime)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
-                        help="network precision (default: auto)")
-    parser.add_argument("--checkpoint", metavar="FILE", help="training checkpoint for --backend torch")
-    parser.add_argument("--max-side", type=int, default=1024, metavar="N",
-                        help="longest side the networks run at; larger images use --large-image "
-                             "(0: no limit)")
-    parser.add_argument("--large-image", default="guided", choices=["guided", "tile"],
-                        help="guided: run scaled down, guided-upsample the reflection layer (default); "
-                             "tile: overlapping full-resolution tiles with blended seams")
 
 
 def register(subparsers: Any) -> None:
@@ -53,7 +38,7 @@ def register(subparsers: Any) -> None:
     remove.add_argument("--overwrite", action="store_true", help="replace existing output files")
     remove.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                         help=f"refuse images with more pixels (default {DEFAULT_MAX_PIXELS:,})")
-    _add_model_options(remove)
+    add_model_options(remove)
     remove.set_defaults(func=run_remove)
 
     video = subparsers.add_parser(
@@ -72,24 +57,8 @@ def register(subparsers: Any) -> None:
                        help="stop after N frames (cameras: stop with Ctrl+C)")
     video.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     video.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_model_options(video)
+    add_model_options(video)
     video.set_defaults(func=run_video)
-
-
-def load_remover(args: argparse.Namespace) -> Any:
-    """The Remover the options ask for (the bundled model without --model)."""
-    from dereflect.remover import Remover
-
-    options = {
-        "backend": args.backend,
-        "device": args.device,
-        "precision": args.precision,
-        "max_side": args.max_side,
-        "large_image": args.large_image,
-    }
-    if args.checkpoint:
-        options["checkpoint"] = args.checkpoint
-    return Remover.load(args.model, **options)
 
 
 def _collect_inputs(inputs: List[str]) -> List[Path]:
@@ -173,7 +142,7 @@ def run_remove(args: argparse.Namespace) -> int:
     for source, target in pairs:
         if target.exists() and source.resolve() == target.resolve():
             raise InputError(f"{target}: refusing to overwrite the input image; choose another output")
-    remover = load_remover(args)
+    remover = open_from_args(args)
     failures = 0
     with tqdm(pairs, unit="image", disable=len(pairs) < 2, file=sys.stderr) as bar:
         for source, target in bar:
@@ -200,7 +169,7 @@ def run_remove(args: argparse.Namespace) -> int:
 def run_video(args: argparse.Namespace) -> int:
     from .video import AUDIO_NOTICE, process_video
 
-    remover = load_remover(args)
+    remover = open_from_args(args)
     print(AUDIO_NOTICE, file=sys.stderr)
     summary = process_video(
         args.input, args.output, remover,

@@ -1,8 +1,8 @@
-"""The export manifest: what an export directory holds and how to run it.
+"""The export manifest: what an export directory holds and how to run it, validated on reading.
 
 An export directory (written by ``dereflect export onnx``) contains ``manifest.json`` and one
-ONNX file per network (plus optional FP16 ONNX files, golden test data and TensorRT engines).
-The runtime reads only this manifest and the files it names, so it needs no torch.
+ONNX file per network (plus FP16 ONNX files, golden test data and TensorRT engines). The
+runtime reads only this manifest and the files it names, so it needs no torch.
 
 Manifest (format_version 1)::
 
@@ -20,34 +20,42 @@ Manifest (format_version 1)::
                        "range": [0, 1]}],
           "stride": 32, "min_size": 128, "padding": "inside"
         },
-        "stage2": {...}                      (rm2s: input "stage2_input", 9 channels)
+        "stage2": {...}
       },
       "middle_step": {"c1": 0.5, "c2": 0.5, "gradient_threshold": 1.0, "epsilon": 1e-7},  (rm2s)
       "colour_order": "RGB",
-      "checkpoint": {"sha256": "...", "metadata": {...}},
+      "checkpoint": {"file": "...", "sha256": "...", "metadata": {...}},
+      "golden": {"stage1": {"file": "golden/stage1.npz", "sha256": "..."}, ...},
+      "fp16": {...}, "parity": {...}, "tensorrt_check": {...}, "export": {...},   (records of the export)
       "dereflect_version": "0.1.0", "created": "..."
     }
 
-RM2S runs ``stage1`` then the middle step then ``stage2``; CRRN runs one network ``crrn``
-whose outputs are ``background``, ``reflection`` and ``gradient``.
+The networks, their tensor names and channels, and the settings section come from the method
+module (:mod:`dereflect.methods`): a manifest that disagrees with its method is refused. Every
+file name must stay inside the export directory (no absolute paths, no ``..``, no symlink
+leading out). Problems raise :class:`~dereflect.errors.ModelError` naming the field.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from pathlib import Path, PurePosixPath
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from .errors import ModelError
+from dereflect.errors import ModelError
 
 FORMAT = "dereflect-export"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-METHOD_NETWORKS = {"rm2s": ("stage1", "stage2"), "crrn": ("crrn",)}
-DEFAULT_MIDDLE_STEP = {"c1": 0.5, "c2": 0.5, "gradient_threshold": 1.0, "epsilon": 1e-7}
+#: A manifest is a few kilobytes; anything far larger is not one.
+MAX_MANIFEST_BYTES = 4 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_RECORDS = ("fp16", "parity", "tensorrt_check", "export")
 
 
 def sha256_file(path: os.PathLike) -> str:
@@ -56,6 +64,52 @@ def sha256_file(path: os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def inside(directory: Path, relative: Any, what: str) -> Path:
+    """``directory / relative`` after checking it names a file that stays inside ``directory``.
+
+    Refuses absolute paths, ``..`` parts, backslashes and symlinks (anywhere along the path)
+    that lead out of the directory: an export directory may only run its own files.
+    """
+    if not isinstance(relative, str) or not relative:
+        raise ModelError(f"{what}: a file name must be a non-empty string, got {relative!r}")
+    pure = PurePosixPath(relative)
+    if pure.is_absolute() or "\\" in relative or ".." in pure.parts or re.match(r"^[A-Za-z]:", relative):
+        raise ModelError(f"{what}: {relative!r} is not a plain relative path inside the export directory")
+    path = directory / relative
+    root = directory.resolve()
+    resolved = path.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise ModelError(f"{what}: {relative!r} leads outside the export directory ({resolved})")
+    return path
+
+
+def _string(data: Mapping[str, Any], key: str, where: str, default: Optional[str] = None) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str):
+        raise ModelError(f"{where}: {key} must be a string, got {value!r}")
+    return value
+
+
+def _integer(data: Mapping[str, Any], key: str, where: str, default: int, low: int) -> int:
+    value = data.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ModelError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _hash(data: Mapping[str, Any], key: str, where: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise ModelError(f"{where}: {key} must be a SHA-256 hex digest, got {value!r}")
+    return value
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ModelError(f"{where} must be an object, got {type(value).__name__}")
+    return value
 
 
 @dataclass
@@ -67,14 +121,19 @@ class TensorSpec:
     value_range: Tuple[float, float] = (0.0, 1.0)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> TensorSpec:
-        return cls(
-            name=str(data["name"]),
-            channels=int(data["channels"]),
-            layout=str(data.get("layout", "NCHW")),
-            dtype=str(data.get("dtype", "float32")),
-            value_range=tuple(data.get("range", (0.0, 1.0))),
-        )
+    def from_dict(cls, data: Any, where: str = "tensor") -> TensorSpec:
+        data = _mapping(data, where)
+        value_range = data.get("range", (0.0, 1.0))
+        if (not isinstance(value_range, (list, tuple)) or len(value_range) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                           for v in value_range) or value_range[0] >= value_range[1]):
+            raise ModelError(f"{where}: range must be [low, high] with low < high, got {value_range!r}")
+        layout = _string(data, "layout", where, "NCHW")
+        dtype = _string(data, "dtype", where, "float32")
+        if layout != "NCHW" or dtype not in ("float32", "float16"):
+            raise ModelError(f"{where}: layout must be NCHW and dtype float32 or float16, got {layout}, {dtype}")
+        return cls(name=_string(data, "name", where), channels=_integer(data, "channels", where, 0, 1),
+                   layout=layout, dtype=dtype, value_range=(float(value_range[0]), float(value_range[1])))
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -99,18 +158,24 @@ class NetworkSpec:
     sha256_fp16: Optional[str] = None
 
     @classmethod
-    def from_dict(cls, name: str, data: Dict[str, Any]) -> NetworkSpec:
-        return cls(
-            name=name,
-            onnx=str(data["onnx"]),
-            sha256=str(data["sha256"]),
-            inputs=[TensorSpec.from_dict(d) for d in data["inputs"]],
-            outputs=[TensorSpec.from_dict(d) for d in data["outputs"]],
-            stride=int(data.get("stride", 32)),
-            min_size=int(data.get("min_size", 0)),
-            onnx_fp16=data.get("onnx_fp16"),
-            sha256_fp16=data.get("sha256_fp16"),
-        )
+    def from_dict(cls, name: str, data: Any, directory: Path) -> NetworkSpec:
+        where = f"network {name!r}"
+        data = _mapping(data, where)
+        onnx = _string(data, "onnx", where)
+        inside(directory, onnx, f"{where} onnx")
+        onnx_fp16, sha_fp16 = data.get("onnx_fp16"), None
+        if onnx_fp16 is not None:
+            inside(directory, onnx_fp16, f"{where} onnx_fp16")
+            sha_fp16 = _hash(data, "sha256_fp16", where)
+        lists = {}
+        for key in ("inputs", "outputs"):
+            value = data.get(key)
+            if not isinstance(value, list) or not value:
+                raise ModelError(f"{where}: {key} must be a non-empty list")
+            lists[key] = [TensorSpec.from_dict(t, f"{where} {key}[{i}]") for i, t in enumerate(value)]
+        return cls(name=name, onnx=onnx, sha256=_hash(data, "sha256", where), inputs=lists["inputs"],
+                   outputs=lists["outputs"], stride=_integer(data, "stride", where, 32, 1),
+                   min_size=_integer(data, "min_size", where, 0, 0), onnx_fp16=onnx_fp16, sha256_fp16=sha_fp16)
 
     def to_dict(self) -> Dict[str, Any]:
         data: Dict[str, Any] = {
@@ -130,24 +195,42 @@ class NetworkSpec:
 
 @dataclass
 class Manifest:
+    """An export directory's manifest. ``settings`` is the method's section (RM2S: ``middle_step``);
+    ``records`` the export's own records (golden files, FP16 plan, parity, TensorRT check, versions)."""
+
     method: str
     name: str
     networks: Dict[str, NetworkSpec]
     directory: Path
-    middle_step: Dict[str, float] = field(default_factory=dict)
+    settings: Dict[str, Any] = field(default_factory=dict)
     checkpoint: Dict[str, Any] = field(default_factory=dict)
     colour_order: str = "RGB"
-    extra: Dict[str, Any] = field(default_factory=dict)
+    records: Dict[str, Any] = field(default_factory=dict)
 
     def path_of(self, network: str, fp16: bool = False) -> Path:
         spec = self.networks[network]
         filename = spec.onnx_fp16 if fp16 else spec.onnx
         if not filename:
-            raise ModelError(f"{self.directory}: network {network!r} has no FP16 ONNX file; re-export with --fp16")
-        return self.directory / filename
+            raise ModelError(
+                f"{self.directory}: network {network!r} has no FP16 ONNX file; export the checkpoint again "
+                "(dereflect export onnx writes one unless --no-fp16) or use --precision fp32"
+            )
+        return inside(self.directory, filename, f"network {network!r}")
+
+    def golden_path(self, network: str) -> Tuple[Path, str]:
+        """The golden file of ``network`` and its recorded SHA-256."""
+        entry = (self.records.get("golden") or {}).get(network)
+        if not entry:
+            raise ModelError(
+                f"{self.directory}: the manifest lists no golden file for {network!r}; export the checkpoint "
+                "again without --no-golden to create them"
+            )
+        return inside(self.directory, entry["file"], f"golden {network!r}"), entry["sha256"]
 
     def to_dict(self) -> Dict[str, Any]:
-        data = {
+        from dereflect.methods.base import get_method
+
+        data: Dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "method": self.method,
@@ -156,9 +239,10 @@ class Manifest:
             "colour_order": self.colour_order,
             "checkpoint": self.checkpoint,
         }
-        if self.method == "rm2s":
-            data["middle_step"] = {**DEFAULT_MIDDLE_STEP, **self.middle_step}
-        data.update(self.extra)
+        key = get_method(self.method).settings_key
+        if key:
+            data[key] = dict(self.settings)
+        data.update(self.records)
         return data
 
     def save(self) -> Path:
@@ -174,7 +258,7 @@ class Manifest:
             filename, expected = (spec.onnx_fp16, spec.sha256_fp16) if fp16 else (spec.onnx, spec.sha256)
             if not filename:
                 continue
-            path = self.directory / filename
+            path = inside(self.directory, filename, f"network {name!r}")
             if not path.is_file():
                 raise ModelError(f"{self.directory}: network {name!r}: file {filename} is missing")
             actual = sha256_file(path)
@@ -185,8 +269,44 @@ class Manifest:
                 )
 
 
+def _read_json(path: Path) -> Dict[str, Any]:
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ModelError(f"{path} is {path.stat().st_size:,} bytes, too large for a manifest")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ModelError(f"{path} is nested too deeply to be a manifest") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ModelError(f"{path} is not a dereflect export manifest")
+    return data
+
+
+def _check_contract(manifest: Manifest, path: Path) -> None:
+    """The networks and tensors must be those of the manifest's method."""
+    from dereflect.methods.base import get_method
+
+    method = get_method(manifest.method)
+    if set(manifest.networks) != set(method.network_names):
+        raise ModelError(f"{path}: method {method.name} runs networks {list(method.network_names)}, the manifest "
+                         f"lists {sorted(manifest.networks)}")
+    for contract in method.networks:
+        spec = manifest.networks[contract.name]
+        wanted_in = (contract.input.name, contract.input.channels)
+        if [(t.name, t.channels) for t in spec.inputs] != [wanted_in]:
+            raise ModelError(f"{path}: network {contract.name!r} must take {wanted_in[0]} with {wanted_in[1]} "
+                             f"channels, the manifest says {[(t.name, t.channels) for t in spec.inputs]}")
+        wanted_out = [(t.name, t.channels) for t in contract.outputs]
+        if [(t.name, t.channels) for t in spec.outputs] != wanted_out:
+            raise ModelError(f"{path}: network {contract.name!r} must give {wanted_out}, the manifest says "
+                             f"{[(t.name, t.channels) for t in spec.outputs]}")
+
+
 def load_manifest(directory: os.PathLike, check_hashes: bool = True) -> Manifest:
     """Read and validate ``directory/manifest.json``; raise ModelError naming what is wrong."""
+    from dereflect.methods.base import METHODS, get_method
+
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     if directory.is_file() and directory.name == MANIFEST_NAME:
@@ -198,37 +318,48 @@ def load_manifest(directory: os.PathLike, check_hashes: bool = True) -> Manifest
             f"{directory} is not a dereflect export directory (no {MANIFEST_NAME}); "
             "create one with: dereflect export onnx CHECKPOINT -o DIR"
         )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ModelError(f"{path} is not a dereflect export manifest")
-    if int(data.get("format_version", -1)) > FORMAT_VERSION:
-        raise ModelError(f"{path}: manifest format {data.get('format_version')} is newer than this dereflect reads")
-    method = data.get("method")
-    if method not in METHOD_NETWORKS:
-        raise ModelError(f"{path}: unknown method {method!r} (known: {', '.join(METHOD_NETWORKS)})")
-    raw_networks = data.get("networks") or {}
-    missing = [n for n in METHOD_NETWORKS[method] if n not in raw_networks]
-    if missing:
-        raise ModelError(f"{path}: method {method} needs networks {missing} which the manifest lacks")
-    try:
-        networks = {name: NetworkSpec.from_dict(name, raw) for name, raw in raw_networks.items()}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"{path}: malformed network entry: {exc!r}") from exc
-    known = {"format", "format_version", "method", "name", "networks", "middle_step", "colour_order",
-             "checkpoint"}
+    data = _read_json(path)
+    version = data.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ModelError(f"{path}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ModelError(f"{path}: manifest format {version} is newer than this dereflect reads ({FORMAT_VERSION})")
+    method_name = data.get("method")
+    if method_name not in METHODS or not get_method(method_name).exportable:
+        raise ModelError(f"{path}: unknown method {method_name!r} (known: rm2s, crrn)")
+    method = get_method(method_name)
+    raw_networks = _mapping(data.get("networks"), f"{path}: networks")
+    networks = {str(name): NetworkSpec.from_dict(str(name), raw, directory) for name, raw in raw_networks.items()}
+    colour_order = _string(data, "colour_order", str(path), "RGB")
+    if colour_order.upper() != "RGB":
+        raise ModelError(f"{path}: networks taking {colour_order} are not supported (RGB only)")
+    records: Dict[str, Any] = {}
+    golden = data.get("golden")
+    if golden is not None:
+        for network, entry in _mapping(golden, f"{path}: golden").items():
+            entry = _mapping(entry, f"{path}: golden {network!r}")
+            inside(directory, entry.get("file"), f"golden {network!r}")
+            _hash(entry, "sha256", f"{path}: golden {network!r}")
+        records["golden"] = dict(golden)
+    for key in _RECORDS:
+        if key in data:
+            records[key] = dict(_mapping(data[key], f"{path}: {key}"))
+    for key in ("dereflect_version", "created"):
+        if key in data:
+            records[key] = _string(data, key, str(path))
+    settings = data.get(method.settings_key) if method.settings_key else None
     manifest = Manifest(
-        method=method,
-        name=str(data.get("name", method)),
+        method=method_name,
+        name=_string(data, "name", str(path), method_name),
         networks=networks,
         directory=directory,
-        middle_step={**DEFAULT_MIDDLE_STEP, **(data.get("middle_step") or {})} if method == "rm2s" else {},
-        checkpoint=data.get("checkpoint") or {},
-        colour_order=str(data.get("colour_order", "RGB")),
-        extra={k: v for k, v in data.items() if k not in known},
+        settings=dict(_mapping(settings, f"{path}: {method.settings_key}")) if settings is not None else {},
+        checkpoint=dict(_mapping(data.get("checkpoint") or {}, f"{path}: checkpoint")),
+        colour_order="RGB",
+        records=records,
     )
+    _check_contract(manifest, path)
+    method.settings(manifest.settings)  # validates the section now, not at the first frame
     if check_hashes:
         manifest.verify_files()
     return manifest

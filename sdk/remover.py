@@ -37,17 +37,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
-from dereflect.middle_step.cpu import middle_step_cpu
-
-from .backends.base import backend_name, load_backend
-from .errors import InputError, ModelError
-from .imageio import ImageInfo, from_float_rgb, to_float_rgb
-from .manifest import MANIFEST_NAME, Manifest, load_manifest
+from dereflect.backends.base import open_backend
+from dereflect.errors import InputError
+from dereflect.imageio import ImageInfo, from_float_rgb, to_float_rgb
+from dereflect.manifest import Manifest, load_manifest
+from dereflect.methods.base import NULL_TIMER, Layers, Timer, get_method
+from dereflect.models import BUNDLED_MODELS
 
 DEFAULT_MAX_SIDE = 1024
-BUNDLED_MODELS_DIR = Path(__file__).resolve().parent / "models"
-#: The bundled models, by name; the first is the default.
-BUNDLED_MODELS = ("rm2s-lite", "crrn-lite")
 LARGE_IMAGE_STRATEGIES = ("guided", "tile")
 TILE_OVERLAP = 64
 GUIDED_RADIUS = 2
@@ -78,20 +75,6 @@ class Result:
     thresholds: Optional[Tuple[float, float]] = None
     scale: float = 1.0
     tiles: int = 1
-
-
-@dataclass
-class _Layers:
-    """Float32 RGB outputs of one network pass at the processing resolution."""
-
-    background: np.ndarray
-    reflection: np.ndarray
-    stage1: Optional[np.ndarray] = None
-    confidence: Optional[np.ndarray] = None
-    mask_background: Optional[np.ndarray] = None
-    mask_reflection: Optional[np.ndarray] = None
-    gradient: Optional[np.ndarray] = None
-    thresholds: Optional[Tuple[float, float]] = None
 
 
 def _box(x: np.ndarray, radius: int) -> np.ndarray:
@@ -148,16 +131,19 @@ def _ramp(length: int, overlap: int) -> np.ndarray:
 
 
 class Remover:
-    """Removes reflections from images with an exported model (see the module docstring).
+    """Removes reflections from images with a model (see the module docstring).
 
-    ``backend``: "onnxruntime" (default), "tensorrt" or "torch"; ``device`` and ``precision``
-    are the backend's (see each backend module). ``max_side`` (None or 0: no limit) and
-    ``large_image`` ("guided" or "tile") handle large images; ``threshold`` is the CPU middle
+    Open one with :meth:`load` (a bundled model's name, an export directory or a training
+    checkpoint; :func:`dereflect.models.open_model` is the same route). ``backend``:
+    "onnxruntime" (default for exports), "tensorrt" or "torch" (default for checkpoints);
+    ``device`` and ``precision`` are the backend's, and its own options (``threads`` for
+    onnxruntime, ``checkpoint``/``use_cupy`` for torch, ``use_graph`` for TensorRT) are checked:
+    an option the backend does not take raises InputError. ``max_side`` (None or 0: no limit)
+    and ``large_image`` ("guided" or "tile") handle large images; ``threshold`` is the CPU middle
     step's 2-means ("exact" sort, or "histogram", the CUDA kernel's algorithm); ``c1``/``c2``
-    default to the manifest's. With ``device_middle_step`` (default) a backend that can keep
-    the RM2S frame on the GPU (TensorRT, torch on CUDA) does so for :meth:`remove`; that path
-    uses the kernel's histogram 2-means. Other keyword options go to the backend (e.g.
-    ``checkpoint=`` for torch, ``threads=`` for onnxruntime, ``use_graph=`` for TensorRT).
+    default to the manifest's. With ``device_middle_step`` (default) a backend that can keep the
+    frame on the GPU (TensorRT, torch on CUDA) does so for :meth:`remove`; that path uses the
+    kernel's histogram 2-means.
     """
 
     def __init__(
@@ -168,7 +154,7 @@ class Remover:
         precision: str = "auto",
         max_side: Optional[int] = DEFAULT_MAX_SIDE,
         large_image: str = "guided",
-        threshold: str = "exact",
+        threshold: Optional[str] = None,
         c1: Optional[float] = None,
         c2: Optional[float] = None,
         device_middle_step: bool = True,
@@ -178,85 +164,54 @@ class Remover:
             raise InputError(
                 f"large_image must be one of {', '.join(LARGE_IMAGE_STRATEGIES)}, not {large_image!r}"
             )
-        if threshold not in ("exact", "histogram"):
-            raise InputError(f"threshold must be 'exact' or 'histogram', not {threshold!r}")
-        if max_side is not None and int(max_side) < 0:
+        if max_side is not None and (isinstance(max_side, bool) or int(max_side) < 0):
             raise InputError(f"max_side must be positive (or 0 / None for no limit), not {max_side}")
-        if manifest.colour_order.upper() != "RGB":
-            raise ModelError(
-                f"{manifest.directory}: networks taking {manifest.colour_order} are not supported (RGB only)"
-            )
         self.manifest = manifest
-        self.method = manifest.method
-        self.backend = backend_name(backend)
+        self.method = get_method(manifest.method)
+        overrides = {k: v for k, v in (("c1", c1), ("c2", c2), ("threshold", threshold)) if v is not None}
+        self.settings = self.method.settings(manifest.settings, **overrides)
         self.large_image = large_image
-        self.threshold = threshold
-        self.c1 = float(manifest.middle_step.get("c1", 0.5) if c1 is None else c1)
-        self.c2 = float(manifest.middle_step.get("c2", 0.5) if c2 is None else c2)
         self._lock = threading.Lock()
-        module = load_backend(self.backend)
-        self._runners = module.open_networks(manifest, device=device, precision=precision, **backend_options)
-        self._check_runners()
-        self.max_hw = self._max_hw(max_side)
-        self.min_hw = self._min_hw()
-        self._device_rm2s = None
-        opener = getattr(module, "open_device_rm2s", None)
-        if device_middle_step and self.method == "rm2s" and opener is not None:
-            self._device_rm2s = opener(manifest, self._runners, self.c1, self.c2, **backend_options)
+        self._backend = open_backend(manifest, self.method, backend, device=device, precision=precision,
+                                     **backend_options)
+        self.backend = self._backend.name
+        self._host = self._backend.host_executor()
+        self._device = self._backend.device_executor(self.settings) if device_middle_step else None
+        self.min_hw, engine_max = self._backend.input_limits()
+        limits = [hw for hw in (engine_max, (int(max_side), int(max_side)) if max_side else None) if hw]
+        self.max_hw: Optional[Tuple[int, int]] = (
+            (min(h for h, _ in limits), min(w for _, w in limits)) if limits else None)
 
     @classmethod
-    def from_dir(cls, export_dir: Union[str, Path], backend: str = "onnxruntime", device: str = "auto",
-                 precision: str = "auto", **options: Any) -> Remover:
+    def from_dir(cls, export_dir: Union[str, Path], **options: Any) -> Remover:
         """Load the export directory ``export_dir`` (its ``manifest.json`` and the files it names)."""
-        return cls(load_manifest(export_dir), backend=backend, device=device, precision=precision, **options)
+        return cls(load_manifest(export_dir), **options)
 
     @classmethod
     def default(cls, name: Optional[str] = None, **options: Any) -> Remover:
         """A model shipped with the package: ``name`` from :data:`BUNDLED_MODELS` (default: the first)."""
-        return cls.from_dir(bundled_model_dir(name or BUNDLED_MODELS[0]), **options)
+        from dereflect.models import bundled_model_dir
+
+        return cls.load(bundled_model_dir(name or BUNDLED_MODELS[0]), **options)
 
     @classmethod
     def load(cls, model: Union[str, Path, None] = None, **options: Any) -> Remover:
-        """A bundled model by name, an export directory, or (``None``) the default bundled model."""
-        return cls.from_dir(resolve_model(model), **options)
+        """A bundled model by name, an export directory, a training checkpoint, or (``None``) the default."""
+        from dereflect.models import open_model
 
-    def _check_runners(self) -> None:
-        for name, spec in self.manifest.networks.items():
-            runner = self._runners[name]
-            want_in = [t.name for t in spec.inputs]
-            want_out = [t.name for t in spec.outputs]
-            if set(want_in) - set(runner.input_names) or set(want_out) - set(runner.output_names):
-                raise ModelError(
-                    f"{self.manifest.directory}: network {name!r} has inputs {runner.input_names} and "
-                    f"outputs {runner.output_names}, but the manifest says {want_in} -> {want_out}; "
-                    "re-export the model"
-                )
+        return open_model(model, **options)
 
-    def _min_hw(self) -> Optional[Tuple[int, int]]:
-        limits = [tuple(r.min_input_hw) for r in self._runners.values() if getattr(r, "min_input_hw", None)]
-        if not limits:
-            return None
-        return max(h for h, _ in limits), max(w for _, w in limits)
-
-    def _max_hw(self, max_side: Optional[int]) -> Optional[Tuple[int, int]]:
-        limits = []
-        if max_side:
-            limits.append((int(max_side), int(max_side)))
-        for runner in self._runners.values():
-            engine_max = getattr(runner, "max_input_hw", None)
-            if engine_max:
-                limits.append(tuple(engine_max))
-        if not limits:
-            return None
-        return min(h for h, _ in limits), min(w for _, w in limits)
+    @property
+    def executor(self) -> Any:
+        """The executor :meth:`remove` runs the method's sequence on (the device one when there is one)."""
+        return self._device or self._host
 
     def close(self) -> None:
         """Free the networks (sessions, engines, device memory)."""
-        closer = getattr(self._device_rm2s, "close", None)
+        closer = getattr(self._device, "close", None)
         if closer is not None:
             closer()
-        for runner in self._runners.values():
-            runner.deactivate()
+        self._backend.close()
 
     def __enter__(self) -> Remover:
         return self
@@ -265,72 +220,37 @@ class Remover:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Remover {self.manifest.name!r} ({self.method}) on {self.backend}>"
+        return f"<Remover {self.manifest.name!r} ({self.method.name}) on {self.backend}>"
+
+    def describe(self) -> Any:
+        """Where the networks run and at what precision (:class:`~dereflect.backends.base.BackendDescription`)."""
+        return self._backend.describe()
 
     # -- network passes -------------------------------------------------------------------
 
-    def _network(self, name: str, image: np.ndarray) -> Dict[str, np.ndarray]:
-        spec = self.manifest.networks[name]
-        batch = np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32)
-        outputs = self._runners[name].infer({spec.inputs[0].name: batch})
-        height, width = image.shape[:2]
-        result = {}
-        for tensor in spec.outputs:
-            value = outputs[tensor.name]
-            if value.shape != (1, tensor.channels, height, width):
-                raise ModelError(
-                    f"network {name!r} returned {tensor.name} with shape {value.shape} for a "
-                    f"{height}x{width} input; expected {(1, tensor.channels, height, width)}"
-                )
-            if not np.isfinite(value).all():
-                raise ModelError(
-                    f"network {name!r} produced NaN or infinite values in {tensor.name!r} "
-                    "(FP16 overflow? try precision='fp32')"
-                )
-            result[tensor.name] = np.ascontiguousarray(value[0].transpose(1, 2, 0))
-        return result
+    def run_once(self, rgb: np.ndarray, intermediates: bool = False, timer: Timer = NULL_TIMER) -> Layers:
+        """One pass of the method's sequence at ``rgb``'s size (HxWx3 float32 RGB), each stage timed.
 
-    def _layers(self, rgb: np.ndarray, intermediates: bool) -> _Layers:
-        """One pass at ``rgb``'s size; below an engine profile's minimum, edge-padded and cropped back."""
+        What :meth:`remove` runs for every frame or tile, and what ``dereflect bench`` times.
+        Below an engine profile's minimum the frame is edge-padded and the results cropped back.
+        """
         height, width = rgb.shape[:2]
+        executor = self._host if intermediates or self._device is None else self._device
         if self.min_hw is None or (height >= self.min_hw[0] and width >= self.min_hw[1]):
-            return self._native_layers(rgb, intermediates)
+            return executor.run(self.method, rgb, self.settings, timer, intermediates)
         pad_h, pad_w = max(self.min_hw[0] - height, 0), max(self.min_hw[1] - width, 0)
         padded = cv2.copyMakeBorder(rgb, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE)
-        layers = self._native_layers(padded, intermediates)
+        layers = executor.run(self.method, padded, self.settings, timer, intermediates)
         for key, value in vars(layers).items():
             if isinstance(value, np.ndarray):
                 setattr(layers, key, np.ascontiguousarray(value[:height, :width]))
+        layers.reflection = rgb - layers.background if not intermediates else layers.reflection
         return layers
 
-    def _native_layers(self, rgb: np.ndarray, intermediates: bool) -> _Layers:
-        if self.method == "crrn":
-            out = self._network("crrn", rgb)
-            background = np.clip(out["background"], 0.0, 1.0)
-            reflection = out.get("reflection", rgb - background)
-            gradient = out["gradient"][:, :, 0] if "gradient" in out else None
-            return _Layers(background=background, reflection=reflection, gradient=gradient)
-        if self._device_rm2s is not None and not intermediates:
-            batch = np.ascontiguousarray(rgb.transpose(2, 0, 1)[None], dtype=np.float32)
-            background = np.clip(self._device_rm2s.run(batch)[0].transpose(1, 2, 0), 0.0, 1.0)
-            return _Layers(background=background, reflection=rgb - background)
-        stage1 = np.clip(self._network("stage1", rgb)["background"], 0.0, 1.0)
-        middle = middle_step_cpu(rgb, stage1, self.c1, self.c2, self.threshold)
-        background = np.clip(self._network("stage2", middle.stage2_input)["background"], 0.0, 1.0)
-        return _Layers(
-            background=background,
-            reflection=rgb - background,
-            stage1=stage1,
-            confidence=middle.confidence,
-            mask_background=middle.mask_background,
-            mask_reflection=middle.mask_reflection,
-            thresholds=(float(middle.low), float(middle.high)),
-        )
-
-    def _guided(self, rgb: np.ndarray, size: Tuple[int, int], intermediates: bool) -> _Layers:
+    def _guided(self, rgb: np.ndarray, size: Tuple[int, int], intermediates: bool) -> Layers:
         height, width = rgb.shape[:2]
         small = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-        low = self._layers(small, intermediates)
+        low = self.run_once(small, intermediates)
         residual = small - low.background
         reflection = guided_upsample(residual, small, rgb)
         background = np.clip(rgb - reflection, 0.0, 1.0)
@@ -343,9 +263,9 @@ class Remover:
                 return cv2.resize(x.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
             return cv2.resize(x, (width, height), interpolation=mode)
 
-        return _Layers(
+        return Layers(
             background=background,
-            reflection=up(low.reflection) if self.method == "crrn" else rgb - background,
+            reflection=up(low.reflection) if low.gradient is not None else rgb - background,
             stage1=up(low.stage1),
             confidence=up(low.confidence, nearest=True),
             mask_background=up(low.mask_background),
@@ -354,7 +274,7 @@ class Remover:
             thresholds=low.thresholds,
         )
 
-    def _tiled(self, rgb: np.ndarray, intermediates: bool) -> Tuple[_Layers, int]:
+    def _tiled(self, rgb: np.ndarray, intermediates: bool) -> Tuple[Layers, int]:
         height, width = rgb.shape[:2]
         tile_h, tile_w = min(self.max_hw[0], height), min(self.max_hw[1], width)
         overlap = min(TILE_OVERLAP, tile_h // 4, tile_w // 4)
@@ -364,7 +284,7 @@ class Remover:
         for top in tile_starts(height, tile_h, overlap):
             for left in tile_starts(width, tile_w, overlap):
                 window = (slice(top, top + tile_h), slice(left, left + tile_w))
-                layers = self._layers(np.ascontiguousarray(rgb[window]), intermediates)
+                layers = self.run_once(np.ascontiguousarray(rgb[window]), intermediates)
                 weight = (_ramp(tile_h, overlap)[:, None] * _ramp(tile_w, overlap)[None, :])[:, :, None]
                 weights[window] += weight
                 count += 1
@@ -386,12 +306,12 @@ class Remover:
         for key in ("mask_background", "mask_reflection"):
             if key in blended:
                 blended[key] = blended[key] > 0.5
-        return _Layers(**blended), count
+        return Layers(**blended), count
 
-    def _process(self, rgb: np.ndarray, intermediates: bool) -> Tuple[_Layers, float, int]:
+    def _process(self, rgb: np.ndarray, intermediates: bool) -> Tuple[Layers, float, int]:
         height, width = rgb.shape[:2]
         if self.max_hw is None or (height <= self.max_hw[0] and width <= self.max_hw[1]):
-            return self._layers(rgb, intermediates), 1.0, 1
+            return self.run_once(rgb, intermediates), 1.0, 1
         if self.large_image == "tile":
             layers, count = self._tiled(rgb, intermediates)
             return layers, 1.0, count
@@ -433,32 +353,7 @@ class Remover:
         return _to_result(layers, info, colour_order, scale, tiles)
 
 
-def bundled_model_dir(name: str) -> Path:
-    """The export directory of the bundled model ``name``; ModelError if unknown or not installed."""
-    if name not in BUNDLED_MODELS:
-        raise ModelError(f"no bundled model {name!r}; bundled: {', '.join(BUNDLED_MODELS)} "
-                         "(or give an export directory)")
-    directory = BUNDLED_MODELS_DIR / name
-    if not (directory / MANIFEST_NAME).is_file():
-        raise ModelError(
-            f"this installation lacks the bundled model {name!r} (expected {directory / MANIFEST_NAME}); "
-            "pass an export directory instead: --model DIR on the command line or Remover.from_dir(DIR), "
-            "made with: dereflect export onnx CHECKPOINT -o DIR"
-        )
-    return directory
-
-
-def resolve_model(model: Union[str, Path, None]) -> Path:
-    """An export directory from a bundled model's name, a path, or ``None`` (the default bundled model)."""
-    if model is None:
-        return bundled_model_dir(BUNDLED_MODELS[0])
-    # A folder of that name that is not an export (say, a training run's) does not hide the bundled model.
-    if str(model) in BUNDLED_MODELS and not (Path(model) / MANIFEST_NAME).is_file():
-        return bundled_model_dir(str(model))
-    return Path(model)
-
-
-def _to_result(layers: _Layers, info: ImageInfo, colour_order: str, scale: float, tiles: int) -> Result:
+def _to_result(layers: Layers, info: ImageInfo, colour_order: str, scale: float, tiles: int) -> Result:
     def order(x: Optional[np.ndarray]) -> Optional[np.ndarray]:
         if x is None:
             return None

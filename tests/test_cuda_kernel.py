@@ -19,8 +19,8 @@ import types
 import cv2
 import numpy as np
 import pytest
-from dereflect.middle_step import cuda as cc
 from dereflect.errors import InputError
+from dereflect.middle_step import cuda as cc
 from dereflect.middle_step.reference import (
     HISTOGRAM_BINS,
     confidence_map,

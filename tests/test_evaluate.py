@@ -22,22 +22,16 @@ import pytest
 from conftest import tiny_rm2s_networks
 from dereflect import Remover
 from dereflect.errors import InputError, ModelError
+from dereflect.tools.datasets import attach_masks, detect_layout, find_pairs, read_ceilnet, read_paired, read_sir2
 from dereflect.tools.evaluate import (
     BASELINE_LABEL,
     CONTACT_COLUMNS,
     CONTACT_TILE,
-    Stage1Model,
-    attach_masks,
     contact_sheet,
-    detect_layout,
     evaluate,
-    find_pairs,
     load_model,
     load_pair,
     parse_resize,
-    read_ceilnet,
-    read_paired,
-    read_sir2,
     resize_short,
 )
 from dereflect.tools.metrics import psnr, si, si_region, ssim, ssim_region
@@ -354,7 +348,7 @@ def test_contact_sheet_layout_and_placeholders():
 
 
 def test_model_arguments(crrn_dir, tmp_path):
-    with pytest.raises(InputError, match="pass the training checkpoint"):
+    with pytest.raises(ModelError, match="checkpoint=PATH"):
         load_model(crrn_dir, backend="torch")
     with pytest.raises(ModelError, match="model not found"):
         load_model(tmp_path / "nothing")
@@ -364,9 +358,9 @@ def test_model_arguments(crrn_dir, tmp_path):
         load_model(other)
     fake = tmp_path / "fake.safetensors"
     fake.write_bytes(b"x")
-    with pytest.raises(InputError, match="runs on torch"):
+    with pytest.raises(ModelError, match="safetensors"):
         load_model(fake, backend="onnxruntime")
-    assert load_model(crrn_dir / "manifest.json").method == "crrn"
+    assert load_model(crrn_dir / "manifest.json").method.name == "crrn"
 
 
 def test_cli_eval(monkeypatch, crrn_dir, paired, tmp_path, capsys):
@@ -402,7 +396,7 @@ def test_checkpoints_run_on_torch(tmp_path, paired):
     full = evaluate(both, paired, limit=1, contact_images=0, device="cpu", progress=False)
     assert full.model["backend"] == "torch" and full.model["method"] == "rm2s"
     stage1 = load_model(only1, device="cpu")
-    assert isinstance(stage1, Stage1Model)
+    assert stage1.method.name == "rm2s-stage1"
     image = _read(paired / "blended/a.png")
     # Stage 1 alone returns what the full model computes as its stage-1 intermediate.
     expected = load_model(both, device="cpu").remove_with_intermediates(image).stage1
@@ -411,3 +405,5 @@ def test_checkpoints_run_on_torch(tmp_path, paired):
     target = _read(paired / "transmission_layer/a.png")
     assert alone.images[0].model["psnr"] == pytest.approx(psnr(expected, target), abs=1e-3)
     assert full.images[0].model["psnr"] != pytest.approx(alone.images[0].model["psnr"], abs=1e-6)
+    with pytest.raises(InputError, match="runs on the torch backend"):
+        load_model(both, backend="onnxruntime")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import pytest
@@ -123,11 +124,11 @@ def test_rm2s_manifest(rm2s):
     assert [(t.name, t.channels) for t in stage2.inputs] == [("stage2_input", 9)]
     assert [(t.name, t.channels, t.dtype) for t in stage2.outputs] == [("background", 3, "float32")]
     assert stage1.onnx_fp16 == "stage1.fp16.onnx" and stage1.stride == 8
-    assert (manifest.middle_step["c1"], manifest.middle_step["c2"]) == (0.2, 0.8)  # as stage 2 was trained
+    assert (manifest.settings["c1"], manifest.settings["c2"]) == (0.2, 0.8)  # as stage 2 was trained
     record = manifest.checkpoint
     assert record["sha256"] == load_checkpoint_sha(checkpoint)
     assert record["metadata"]["method"] == "rm2s" and "optimizers" not in record["metadata"]
-    extra = manifest.extra
+    extra = manifest.records
     assert extra["parity"]["passed"] and extra["parity"]["worst_max_abs"] < 1e-4
     assert extra["fp16"]["io_dtype"] == "float32"
     for network in ("stage1", "stage2"):
@@ -281,7 +282,7 @@ def test_goldens_verify_with_onnxruntime(rm2s):
     _, manifest = rm2s
     report = verify(manifest.directory)
     assert report.passed and report.precision == "fp32", report.format()
-    expected = {(n, c) for n in ("stage1", "stage2") for c in (0, 1)}
+    expected = {(n, f"golden {c}") for n in ("stage1", "stage2") for c in (0, 1)}
     assert {(r.network, r.case) for r in report.rows} == expected
     assert cli_main(["export", "verify", str(manifest.directory), "--network", "stage1"]) == 0
     assert cli_main(["export", "check", str(manifest.directory)]) == 0
@@ -344,7 +345,7 @@ def test_crrn_export(crrn):
     expected = [("background", 3), ("reflection", 3), ("gradient", 1)]
     assert [(t.name, t.channels) for t in spec.outputs] == expected
     assert spec.outputs[1].value_range == (-1.0, 1.0)
-    outputs = manifest.extra["fp16"]["networks"]["crrn"]["outputs"]
+    outputs = manifest.records["fp16"]["networks"]["crrn"]["outputs"]
     assert all(m["psnr_db"] >= FP16_MIN_PSNR for m in outputs.values()), outputs
     assert verify(manifest.directory).passed and verify(manifest.directory, fp16=True).passed
     module = PaddedModel(load_checkpoint(checkpoint).build("crrn")).eval()
@@ -382,3 +383,27 @@ def test_cli_export_onnx(tmp_path, capsys):
     assert "stage2.onnx" in printed and "TensorRT parser check" in printed
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["method"] == "rm2s"
     assert cli_main(["export", "onnx", str(checkpoint), "-o", str(tmp_path / "out")]) == 2
+
+
+def test_a_checkpoint_and_its_export_run_with_the_same_settings_and_give_the_same_result(rm2s, tmp_path):
+    """eval on a stage-2 checkpoint and on its export: one route, the trained c1/c2, the same scores."""
+    from dereflect.tools.evaluate import evaluate
+
+    checkpoint, manifest = rm2s
+    rng = np.random.default_rng(5)
+    for folder in ("blended", "transmission_layer"):
+        (tmp_path / "pairs" / folder).mkdir(parents=True)
+    for index in range(2):
+        background = rng.uniform(0.1, 0.8, (48, 64, 3))
+        blended = np.clip(background + 0.3 * cv2.GaussianBlur(rng.uniform(0, 1, (48, 64, 3)), (0, 0), 3), 0, 1)
+        for folder, image in (("blended", blended), ("transmission_layer", background)):
+            cv2.imwrite(str(tmp_path / "pairs" / folder / f"{index}.png"), (image * 255).astype(np.uint8))
+    from_checkpoint = evaluate(checkpoint, tmp_path / "pairs", contact_images=0, progress=False, device="cpu")
+    from_export = evaluate(manifest.directory, tmp_path / "pairs", contact_images=0, progress=False)
+    assert from_checkpoint.model["backend"] == "torch" and from_export.model["backend"] == "onnxruntime"
+    for a, b in zip(from_checkpoint.images, from_export.images):
+        assert a.model["psnr"] == pytest.approx(b.model["psnr"], abs=1e-3)
+    from dereflect.models import open_model
+
+    assert open_model(checkpoint, device="cpu").settings == open_model(manifest.directory).settings
+    assert (open_model(checkpoint, device="cpu").settings.c1, open_model(checkpoint).settings.c2) == (0.2, 0.8)

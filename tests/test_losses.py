@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from dereflect.tools import metrics
 from dereflect.errors import InputError
+from dereflect.tools import metrics
 from dereflect.train.losses import (
     CRRNLoss,
     FeatureReductionLoss,

@@ -26,7 +26,7 @@ def test_every_command_is_registered(capsys):
 
 def test_bundled_models_are_in_the_package():
     from dereflect.manifest import load_manifest
-    from dereflect.remover import BUNDLED_MODELS, BUNDLED_MODELS_DIR
+    from dereflect.models import BUNDLED_MODELS, BUNDLED_MODELS_DIR
 
     for name in BUNDLED_MODELS:
         manifest = load_manifest(BUNDLED_MODELS_DIR / name)  # checks every file's SHA-256

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA, tiny_rm2s_networks
 from dereflect import Remover
-from dereflect.backends.base import Runner, backend_name, get_runner
+from dereflect.backends.base import Runner, backend_name
+from dereflect.backends.onnxruntime import OnnxRuntimeRunner
 from dereflect.errors import InputError, MissingDependencyError, ModelError
 from dereflect.middle_step.reference import middle_step_reference
 from dereflect.remover import fit_size, guided_upsample, tile_starts
@@ -202,12 +203,12 @@ def test_manifest_names_not_in_graph(tmp_path):
     directory = make_crrn_export(tmp_path / "renamed")
     manifest_path = directory / "manifest.json"
     manifest_path.write_text(manifest_path.read_text().replace('"gradient"', '"edges"'))
-    with pytest.raises(ModelError, match="re-export"):
+    with pytest.raises(ModelError, match="must give"):
         Remover.from_dir(directory)
 
 
 def test_bundled_name_is_not_hidden_by_a_folder_that_is_not_an_export(monkeypatch, tmp_path):
-    import dereflect.remover as pipeline
+    import dereflect.models as pipeline
 
     monkeypatch.setattr(pipeline, "BUNDLED_MODELS_DIR", tmp_path / "models")
     make_crrn_export(tmp_path / "models" / "crrn-lite")
@@ -219,22 +220,22 @@ def test_bundled_name_is_not_hidden_by_a_folder_that_is_not_an_export(monkeypatc
 
 
 def test_default_model_missing_explains(monkeypatch, tmp_path):
-    import dereflect.remover as pipeline
+    import dereflect.models as pipeline
 
     monkeypatch.setattr(pipeline, "BUNDLED_MODELS_DIR", tmp_path / "models")
-    with pytest.raises(ModelError, match="--model DIR"):
+    with pytest.raises(ModelError, match="pass an export directory"):
         Remover.default()
     with pytest.raises(ModelError, match="no bundled model 'nope'"):
         Remover.default("nope")
 
 
 def test_load_takes_a_bundled_name_or_a_directory(monkeypatch, tmp_path):
-    import dereflect.remover as pipeline
+    import dereflect.models as pipeline
 
     make_crrn_export(tmp_path / "models" / "crrn-lite")
     monkeypatch.setattr(pipeline, "BUNDLED_MODELS_DIR", tmp_path / "models")
     assert Remover.load("crrn-lite").manifest.directory == tmp_path / "models" / "crrn-lite"
-    assert Remover.load(tmp_path / "models" / "crrn-lite").method == "crrn"
+    assert Remover.load(tmp_path / "models" / "crrn-lite").method.name == "crrn"
     with pytest.raises(ModelError, match="lacks the bundled model 'rm2s-lite'"):
         Remover.load()  # the default bundled model is rm2s-lite
 
@@ -281,7 +282,7 @@ def test_one_remover_per_thread(rm2s_dir):
 # -- backends -----------------------------------------------------------------------------
 
 def test_runner_interface(rm2s_dir):
-    runner = get_runner("ort", rm2s_dir / "stage1.onnx", device="cpu")
+    runner = OnnxRuntimeRunner(rm2s_dir / "stage1.onnx", device="cpu")
     assert isinstance(runner, Runner) and not runner.is_active
     x = np.random.default_rng(0).random((1, 3, 7, 9)).astype(np.float32)
     with runner:
@@ -316,7 +317,7 @@ def test_onnx_file_that_is_not_onnx(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
     with pytest.raises(ModelError, match="cannot load"):
-        get_runner("onnxruntime", bad).activate()
+        OnnxRuntimeRunner(bad).activate()
 
 
 # -- command line -------------------------------------------------------------------------
@@ -369,7 +370,7 @@ def test_cli_refuses_to_overwrite_input(cli, rm2s_dir, tmp_path, capsys):
 
 
 def test_cli_without_model_explains(cli, monkeypatch, tmp_path, capsys):
-    import dereflect.remover as pipeline
+    import dereflect.models as pipeline
 
     monkeypatch.setattr(pipeline, "BUNDLED_MODELS_DIR", tmp_path / "none")
     source = _write_png(tmp_path / "a.png")
@@ -757,7 +758,7 @@ def test_tensorrt_runner_matches_onnxruntime(fake_trt, tmp_path):
     with Remover.from_dir(export, backend="tensorrt", device_middle_step=False) as remover:
         assert remover.max_hw == (512, 512)
         np.testing.assert_allclose(remover.remove(image), Remover.from_dir(export).remove(image), atol=1e-6)
-        runner = remover._runners["stage1"]
+        runner = remover._backend.runners["stage1"]
         assert runner.input_names == ["image"] and runner.output_names == ["background"]
 
 
@@ -765,7 +766,7 @@ def test_tensorrt_device_rm2s_and_graph_replay(fake_trt, tmp_path):
     export = fake_trt(tmp_path / "trt")
     reference = Remover.from_dir(export, threshold="histogram")
     with Remover.from_dir(export, backend="tensorrt") as remover:
-        assert remover._device_rm2s is not None
+        assert remover._device is not None
         before = FakeGraph.launches
         for seed in (22, 23, 24):
             image = _photo(seed=seed)
@@ -779,13 +780,13 @@ def test_tensorrt_device_rm2s_and_graph_replay(fake_trt, tmp_path):
 def test_tensorrt_device_rm2s_fp16_stage1_output(fake_trt, tmp_path, monkeypatch):
     import sys
 
-    from dereflect.backends.tensorrt import kernel_names
+    from dereflect.middle_step.cuda import kernel_names
 
     export = fake_trt(tmp_path / "trt")
     half_stage1 = FakeTrt(fake_trt.cuda, _fake_networks(stage1_out=np.float16))
     monkeypatch.setitem(sys.modules, "tensorrt", half_stage1)
     with Remover.from_dir(export, backend="tensorrt") as remover:
-        assert remover._device_rm2s._kernels_for == ("rm2s_confidence_b1f16", "rm2s_stage2_input_f32")
+        assert remover._device.kernels == ("rm2s_confidence_b1f16", "rm2s_stage2_input_f32")
         image = _photo(seed=26)
         assert np.abs(remover.remove(image) - Remover.from_dir(export).remove(image)).mean() < 0.01
     assert kernel_names(np.float32, np.float16) == ("rm2s_confidence_f32", "rm2s_stage2_input_f16")
@@ -860,7 +861,7 @@ def test_torch_backend_on_cpu(rm2s_dir):
     conv.weight.data = torch.from_numpy(weight)
     remover = Remover.from_dir(rm2s_dir, backend="torch", device="cpu",
                                modules={"stage1": Square(), "stage2": conv})
-    assert remover._device_rm2s is None
+    assert remover._device is None
     image = _photo(seed=30)
     np.testing.assert_allclose(remover.remove(image), Remover.from_dir(rm2s_dir).remove(image), atol=1e-5)
     with pytest.raises(ModelError, match="checkpoint=PATH"):
@@ -873,7 +874,9 @@ def test_torch_backend_on_cpu(rm2s_dir):
 def test_torch_device_rm2s_path_on_cpu(rm2s_dir):
     """The single-device RM2S sequence (used on CUDA), run on the CPU with the torch middle step."""
     torch = pytest.importorskip("torch")
-    from dereflect.backends.torch_backend import TorchDeviceRM2S, TorchRunner
+    from dereflect.backends.torch_backend import TorchDeviceExecutor, TorchRunner
+    from dereflect.manifest import load_manifest
+    from dereflect.methods.base import get_method
 
     class Square(torch.nn.Module):
         def forward(self, x):
@@ -886,10 +889,12 @@ def test_torch_device_rm2s_path_on_cpu(rm2s_dir):
     conv.weight.data = weight
     stage1 = TorchRunner(Square(), ["image"], ["background"], device="cpu").activate()
     stage2 = TorchRunner(conv, ["stage2_input"], ["background"], device="cpu").activate()
-    path = TorchDeviceRM2S(stage1, stage2, 0.5, 0.5, use_cupy=False)
-    assert path.middle_step == "torch"
+    manifest = load_manifest(rm2s_dir)
+    executor = TorchDeviceExecutor(manifest, {"stage1": stage1, "stage2": stage2}, use_cupy=False)
+    assert executor.middle_step_kind == "torch"
     image = _photo(seed=32)
-    out = path.run(image.transpose(2, 0, 1)[None].copy())[0].transpose(1, 2, 0)
+    method = get_method("rm2s")
+    out = executor.run(method, image, method.settings(manifest.settings)).background
     np.testing.assert_allclose(out, Remover.from_dir(rm2s_dir).remove(image), atol=1e-5)
 
 

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 from conftest import smooth_photo, write_photo_folder  # noqa: E402
 from dereflect.cli import main  # noqa: E402
 from dereflect.errors import InputError, ModelError  # noqa: E402
+from dereflect.tools.datasets import read_name_list  # noqa: E402
 from dereflect.train.checkpoint import load_checkpoint, transplant_state  # noqa: E402
 from dereflect.train.data import (  # noqa: E402
     MixedPairs,
@@ -22,7 +23,6 @@ from dereflect.train.data import (  # noqa: E402
     SynthesisConfig,
     SyntheticPairs,
     colour_ratios,
-    read_name_list,
     synthesize,
 )
 from dereflect.train.losses import RestorationLoss  # noqa: E402

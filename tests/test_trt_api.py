@@ -194,7 +194,7 @@ def export_dir(tmp_path) -> Path:
     manifest = Manifest(method="rm2s", name="tiny", networks=networks, directory=directory)
     # As the exporter records it: the FP16 plan kept the output layers (here the sigmoid) in float32.
     kept = {"float32_nodes": ["sigmoid"]}
-    manifest.extra = {"golden": write_goldens(manifest), "fp16": {"networks": {"stage1": kept, "stage2": kept}}}
+    manifest.records = {"golden": write_goldens(manifest), "fp16": {"networks": {"stage1": kept, "stage2": kept}}}
     manifest.save()
     return directory
 
@@ -347,10 +347,8 @@ def fake_trt(monkeypatch):
     """``install(version)`` puts a fake tensorrt in sys.modules and returns the list of recorded calls."""
     monkeypatch.setattr(trt_api, "gpu_info", lambda: ("Orin", "8.7"))
     import dereflect.export.engine as engine_module
-    import dereflect.export.verify as verify_module
 
     monkeypatch.setattr(engine_module, "gpu_info", lambda: ("Orin", "8.7"))
-    monkeypatch.setattr(verify_module, "gpu_info", lambda: ("Orin", "8.7"))
 
     def install(version: str) -> list:
         calls: list = []
@@ -436,7 +434,9 @@ def test_build_engines_without_tensorrt(export_dir, monkeypatch):
 
 
 def test_verify_tensorrt_refuses_mismatched_engines(export_dir, fake_trt, tmp_path, monkeypatch):
-    from dereflect.backends import base
+    import types
+
+    import dereflect.backends.tensorrt as trt_backend
     from dereflect.backends.onnxruntime import OnnxRuntimeRunner
     from dereflect.export.engine import build_engines
     from dereflect.export.verify import verify
@@ -444,16 +444,20 @@ def test_verify_tensorrt_refuses_mismatched_engines(export_dir, fake_trt, tmp_pa
     fake_trt("10.3.0")
     build_engines(export_dir, timing_cache=tmp_path / "cache")
 
-    # An engine "runner" computing with the FP32 ONNX file stands in for TensorRT's execution.
+    # An engine "runner" computing with the FP32 ONNX file stands in for TensorRT's execution;
+    # the checks before it (sidecar, versions, GPU, hashes) are the runtime's own, for real.
     opened = []
 
-    def fake_runner(backend, engine_path, **_):
-        assert backend == "tensorrt"
+    def fake_runner(engine_path, device=0, name=None):
         opened.append(Path(engine_path).name)
         onnx_file = Path(engine_path).name.replace(".engine", ".onnx")
-        return OnnxRuntimeRunner(export_dir / onnx_file, device="cpu")
+        return OnnxRuntimeRunner(export_dir / onnx_file, device="cpu", name=name)
 
-    monkeypatch.setattr(base, "get_runner", fake_runner)
+    monkeypatch.setattr(trt_backend, "TensorRTRunner", fake_runner)
+    pycuda = types.ModuleType("pycuda")
+    pycuda.driver = types.ModuleType("pycuda.driver")
+    monkeypatch.setitem(sys.modules, "pycuda", pycuda)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", pycuda.driver)
     report = verify(export_dir, backend="tensorrt")
     assert report.passed and report.precision == "fp16" and opened == ["stage1.engine", "stage2.engine"]
     assert "PASS" in report.format()

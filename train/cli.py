@@ -263,9 +263,9 @@ def _fit(args, task, recipe, kind: str) -> int:
 def build_loaders(args, recipe):
     """Training loader (synthesised pairs) and validation loader, as the options say."""
     from dereflect.errors import InputError
-    from dereflect.tools.evaluate import detect_layout
+    from dereflect.tools.datasets import detect_layout, read_name_list
 
-    from .data import GroundTruthPairs, MixedPairs, RealPairs, SyntheticPairs, find_images, make_loader, read_name_list
+    from .data import GroundTruthPairs, MixedPairs, RealPairs, SyntheticPairs, find_images, make_loader
 
     val_recipe = recipe.with_size(recipe.sizes[0])
     val_seed = 1_000_003 + args.seed

@@ -111,16 +111,11 @@ def find_images(
 
 
 def read_image(path: PathLike) -> np.ndarray:
-    """Read an image as HxWx3 uint8 RGB; raise InputError if it cannot be decoded."""
-    path = Path(path)
-    try:
-        raw = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as exc:
-        raise InputError(f"cannot read image '{path}': {exc}") from exc
-    img = cv2.imdecode(raw, cv2.IMREAD_COLOR) if raw.size else None
-    if img is None:
-        raise InputError(f"cannot decode image '{path}': the file is empty, corrupt or not an image")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    """An image file as HxWx3 float32 RGB in [0, 1], by the runtime's reader (16-bit kept, alpha and
+    grey handled, EXIF orientation applied); InputError naming the file when it cannot be read."""
+    from dereflect.imageio import read_image as read_rgb
+
+    return read_rgb(path)[0]
 
 
 def load_usable(path: PathLike, min_size: Optional[Size] = None) -> Optional[np.ndarray]:
@@ -658,7 +653,7 @@ def random_crop(
     config: SynthesisConfig,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Random flip / rot90 / scaled crop of a uint8 HxWx3 image to ``size``; float32 in [0, 1]."""
+    """Random flip / rot90 / scaled crop of an HxWx3 float32 image in [0, 1] to ``size``."""
     th, tw = size
     k = int(rng.integers(4)) if config.rotate90 else 0
     flip = int(rng.integers(3)) - 1 if rng.random() < config.flip_p else None
@@ -674,7 +669,8 @@ def random_crop(
     if flip is not None:
         out = cv2.flip(out, flip)  # 1 horizontal, 0 vertical, -1 both
     out = np.rot90(out, k)
-    return np.ascontiguousarray(out, dtype=np.float32) / np.float32(255.0)
+    # Interpolating floats can overshoot [0, 1] by a rounding error.
+    return np.clip(np.ascontiguousarray(out, dtype=np.float32), 0.0, 1.0)
 
 
 def _to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -809,37 +805,14 @@ class SyntheticPairs(Dataset):
         }
 
 
-def read_name_list(path: PathLike) -> List[str]:
-    """Names from a text file, one per line; blank lines and ``#`` comments are skipped."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read the name list {path}: {exc}") from None
-    names = [line.split("#", 1)[0].strip() for line in lines]
-    return [name for name in names if name]
-
-
-def filter_pairs(pairs: List[Any], names: Sequence[str], keep: bool, where: str) -> List[Any]:
-    """The pairs whose name is in ``names`` (``keep``) or not in it; every name must exist."""
-    wanted = set(names)
-    unknown = sorted(wanted - {pair.name for pair in pairs})
-    if unknown:
-        raise InputError(f"{where}: the name list holds {len(unknown)} name(s) that are not pairs there: "
-                         f"{unknown[:5]}")
-    out = [pair for pair in pairs if (pair.name in wanted) == keep]
-    if not out:
-        raise InputError(f"{where}: no pairs left after the name list")
-    return out
-
-
 class RealPairs(Dataset):
     """Real photo pairs (a paired folder, e.g. zhang89) as training samples.
 
     Each sample takes pair ``(index + epoch * n) % n``, one random geometry (flip, rotation, scaled
     crop as in :func:`random_crop`) applied identically to the photo and its clean layer, and one
     per-channel brightness/colour factor ``exp(N(0, colour_jitter))`` applied to both (so the pair's
-    own colour relation is kept). ``exclude_names`` holds back a validation split. All pairs are
-    read once, into memory (uint8).
+    own colour relation is kept). ``exclude_names`` holds back a validation split. Images are
+    read per sample (as synthesis reads its photos), so no worker holds the set in memory.
     """
 
     keyed = True
@@ -848,7 +821,7 @@ class RealPairs(Dataset):
     def __init__(self, root: PathLike, size: Any = 256, seed: int = 0, exclude_names: Sequence[str] = (),
                  crop_scale: Tuple[float, float] = (0.3, 1.0), flip_p: float = 0.75, rotate90: bool = False,
                  colour_jitter: float = 0.1):
-        from dereflect.tools.evaluate import find_pairs
+        from dereflect.tools.datasets import filter_pairs, find_pairs
 
         self.geometry = SynthesisConfig(size=size, crop_scale=crop_scale, flip_p=flip_p, rotate90=rotate90)
         self.seed = int(seed)
@@ -858,17 +831,8 @@ class RealPairs(Dataset):
         if exclude_names:
             pairs = filter_pairs(pairs, exclude_names, keep=False, where=str(root))
         self.names = [pair.name for pair in pairs]
-        self._images = []
-        short_min, long_min = self.geometry.min_source_size
-        for pair in pairs:
-            inp, bg = read_image(pair.input), read_image(pair.target)
-            if inp.shape != bg.shape:
-                raise InputError(f"{root}: pair '{pair.name}' has an input of {inp.shape[:2]} and a background "
-                                 f"of {bg.shape[:2]}; a pair must have one size")
-            if min(inp.shape[:2]) < short_min or max(inp.shape[:2]) < long_min:
-                raise InputError(f"{root}: pair '{pair.name}' ({inp.shape[0]}x{inp.shape[1]}) is smaller than the "
-                                 f"training crop {self.geometry.sizes}")
-            self._images.append((inp, bg))
+        self.pairs = pairs
+        self.root = Path(root)
 
     @property
     def sizes(self) -> List[Size]:
@@ -878,13 +842,25 @@ class RealPairs(Dataset):
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self._images)
+        return len(self.pairs)
+
+    def _read(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
+        pair = self.pairs[index]
+        inp, bg = read_image(pair.input), read_image(pair.target)
+        if inp.shape != bg.shape:
+            raise InputError(f"{self.root}: pair '{pair.name}' has an input of {inp.shape[:2]} and a background "
+                             f"of {bg.shape[:2]}; a pair must have one size")
+        short_min, long_min = self.geometry.min_source_size
+        if min(inp.shape[:2]) < short_min or max(inp.shape[:2]) < long_min:
+            raise InputError(f"{self.root}: pair '{pair.name}' ({inp.shape[0]}x{inp.shape[1]}) is smaller than "
+                             f"the training crop {self.geometry.sizes}")
+        return inp, bg
 
     def sample_arrays(self, key: Union[int, SampleKey]) -> Tuple[np.ndarray, np.ndarray]:
         """(input, background) HxWx3 float32 in [0, 1] of sample ``key``."""
         index, epoch, size_id = key if isinstance(key, (tuple, list)) else (int(key), self.epoch, 0)
         rng = sample_rng(self.seed, epoch, index)
-        inp, bg = self._images[(index + epoch * len(self)) % len(self)]
+        inp, bg = self._read((index + epoch * len(self)) % len(self))
         size = self.geometry.size[size_id]
         twin = np.random.default_rng()
         twin.bit_generator.state = rng.bit_generator.state  # the same geometry for both images
@@ -985,7 +961,7 @@ def fit_for_network(
 class GroundTruthPairs(Dataset):
     """Fixed pairs with ground truth, in any layout ``dereflect eval`` reads (for validation).
 
-    The files are found by :func:`dereflect.tools.evaluate.find_pairs` (paired ``blended/`` +
+    The files are found by :func:`dereflect.tools.datasets.find_pairs` (paired ``blended/`` +
     ``transmission_layer/`` or ``input/`` + ``target/`` folders, CEILNet triplets, SIR2), so
     training validates on pairs found exactly as the evaluation finds them. Each sample has
     ``input``, ``background``, ``reflection`` = ``clip(input - background, 0, 1)`` (CEILNet's
@@ -1001,7 +977,7 @@ class GroundTruthPairs(Dataset):
         multiple: int = 32,
         max_side: Optional[int] = None,
     ):
-        from dereflect.tools.evaluate import find_pairs
+        from dereflect.tools.datasets import find_pairs
 
         self.layout, self.pairs = find_pairs(root, layout)
         self.size = size
@@ -1022,8 +998,7 @@ class GroundTruthPairs(Dataset):
                 f"pair '{pair.name}': input {pair.input.name} is {inp.shape[0]}x{inp.shape[1]} but background "
                 f"{pair.target.name} is {bg.shape[0]}x{bg.shape[1]}; a pair must have one size"
             )
-        i = self._fit(inp).astype(np.float32) / 255.0
-        b = self._fit(bg).astype(np.float32) / 255.0
+        i, b = self._fit(inp), self._fit(bg)
         return {
             "input": _to_tensor(i),
             "background": _to_tensor(b),

@@ -11,12 +11,17 @@ TensorRT >= 8.5 is required: I/O is name-based (``set_input_shape``, ``set_tenso
 execution context, CUDA stream and pinned host buffers (TensorRT contexts must not be shared
 between threads); every call pushes the device's primary CUDA context, so any thread may call.
 
-RM2S on the device (:class:`TensorRTDeviceRM2S`): the frame is copied in once, engine 1, the
-four passes of ``middle_step/confidence.cu`` (compiled with pycuda's ``SourceModule``, launched
-with :func:`dereflect.middle_step.cuda.launch_config`'s geometry) and engine 2 are enqueued on
-one stream with no host synchronisation between them, and the result is copied out once. For
-a repeated frame size the whole sequence is captured once in a CUDA graph and replayed
+RM2S on the device (:class:`TensorRTDeviceExecutor`): the method's own sequence
+(:meth:`dereflect.methods.rm2s.RM2S.run`) with primitives that only enqueue: the frame is copied
+in once, engine 1, the four passes of ``middle_step/confidence.cu`` (compiled with pycuda's
+``SourceModule``, launched by :func:`dereflect.middle_step.cuda.launch_plan`) and engine 2 go on
+one stream with no host synchronisation between them, and the result is copied out once. For a
+repeated frame size that sequence is captured once in a CUDA graph and replayed
 (``use_graph=True``); when capture fails it falls back to plain enqueueing.
+
+Every engine is opened by :func:`open_engine`, the one compatibility check the runtime and
+``dereflect export verify`` share: sidecar present and readable, built by this TensorRT for
+this GPU from this export's ONNX file, and the engine file unchanged since (its SHA-256).
 
 This module cannot be exercised without TensorRT, pycuda and a GPU; its pure parts are tested
 with fake modules, and the real tests skip elsewhere.
@@ -25,16 +30,17 @@ with fake modules, and the real tests skip elsewhere.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-
-from ..errors import InputError, ModelError
-from ..manifest import Manifest
-from .base import Runner, require_backend_module
+from dereflect.backends.base import Backend, BackendDescription, BackendOptions, Runner, require_backend_module
+from dereflect.errors import InputError, ModelError
+from dereflect.manifest import Manifest
+from dereflect.methods.base import NULL_TIMER, Executor, Layers, MiddleStepOutput, Timer
 
 MIN_TENSORRT = (8, 5, 0)
 B1_NAME = "background"
@@ -89,21 +95,38 @@ def check_version(trt: Any) -> Tuple[int, int, int]:
     return version
 
 
-def engine_for(manifest: Manifest, network: str, trt_version: str, gpu: Tuple[str, str]) -> Path:
-    """The engine file of ``network`` in the export directory, after checking its sidecar."""
-    from ..trt_api import check_engine_compatible, engine_paths, read_engine_info
+def open_engine(manifest: Manifest, network: str, device: int = 0) -> Tuple[TensorRTRunner, Any]:
+    """An activated runner for the engine of ``network`` and its sidecar, after every check.
 
+    Refuses (ModelError, before deserialising) an engine that is missing, whose sidecar is
+    missing or unreadable, that was built by another TensorRT version, for another GPU or from
+    another ONNX file than this export lists, or whose bytes changed since it was built.
+    """
+    from dereflect.manifest import sha256_file
+    from dereflect.trt_api import check_engine_compatible, engine_paths, gpu_info, read_engine_info
+
+    trt = require_backend_module("tensorrt", "tensorrt")
+    require_backend_module("pycuda.driver", "tensorrt", "CUDA memory and streams")
+    check_version(trt)
     engine, sidecar = engine_paths(manifest.directory, network)
     if not engine.is_file():
         raise ModelError(
             f"{manifest.directory} has no TensorRT engine for network {network!r} ({engine.name}); "
-            f"build it on this device with: dereflect export engine {manifest.directory}"
+            f"build it on this device with: dereflect export engine {manifest.directory} -o DIR"
         )
     info = read_engine_info(sidecar)
     spec = manifest.networks[network]
-    onnx_sha = spec.sha256_fp16 if spec.onnx_fp16 and info.onnx == spec.onnx_fp16 else spec.sha256
-    check_engine_compatible(info, trt_version, gpu[0], gpu[1], str(onnx_sha))
-    return engine
+    hashes = {spec.onnx: spec.sha256}
+    if spec.onnx_fp16:
+        hashes[spec.onnx_fp16] = spec.sha256_fp16 or ""
+    if info.onnx not in hashes:
+        raise ModelError(f"engine {engine.name} was built from {info.onnx}, which this export does not list")
+    gpu_name, capability = gpu_info()
+    check_engine_compatible(info, str(trt.__version__), gpu_name, capability, hashes[info.onnx])
+    if info.engine_sha256 and sha256_file(engine) != info.engine_sha256:
+        raise ModelError(f"{engine} does not match the SHA-256 in its sidecar (changed after it was built); "
+                         "rebuild it with: dereflect export engine")
+    return TensorRTRunner(engine, device=device, name=network).activate(), info
 
 
 def _grow(current: Optional[Tuple[Any, int]], nbytes: int, allocate: Any) -> Tuple[Any, int]:
@@ -269,11 +292,6 @@ class _ThreadState:
     buffers: Dict[str, Any]
 
 
-def create_runner(model: Any, device: int = 0, **_: Any) -> TensorRTRunner:
-    """A runner for one serialized engine file."""
-    return TensorRTRunner(model, device=device)
-
-
 def _device_index(device: Any) -> int:
     text = str(device).lower()
     if text in ("auto", "cuda"):
@@ -285,40 +303,40 @@ def _device_index(device: Any) -> int:
     raise InputError(f"device must be auto, cuda, cuda:N or N for the tensorrt backend, not {device!r}")
 
 
-def open_networks(
-    manifest: Manifest, device: Any = "auto", precision: str = "auto", **_: Any
-) -> Dict[str, Runner]:
-    """Activated runners for the engines of every network in the export directory.
+@dataclasses.dataclass
+class TensorRTOptions(BackendOptions):
+    #: capture the device sequence in a CUDA graph and replay it for repeated frame sizes
+    use_graph: bool = True
 
-    The precision is the engine's own (fixed when it was built); ``precision`` is not used.
-    """
-    from ..trt_api import gpu_info
 
-    trt = require_backend_module("tensorrt", "tensorrt")
-    require_backend_module("pycuda.driver", "tensorrt", "CUDA memory and streams")
-    check_version(trt)
-    gpu = gpu_info()
-    index = _device_index(device)
-    runners: Dict[str, Runner] = {}
-    for name in manifest.networks:
-        path = engine_for(manifest, name, str(trt.__version__), gpu)
-        runners[name] = TensorRTRunner(path, device=index, name=name).activate()
-    return runners
+class TensorRTBackend(Backend):
+    """The engines of an export directory. Their precision is fixed when built; ``precision`` is not used."""
+
+    name = "tensorrt"
+    options_class = TensorRTOptions
+
+    def open_runners(self) -> Dict[str, Runner]:
+        index = _device_index(self.options.device)
+        self.engine_info = {}
+        runners: Dict[str, Runner] = {}
+        for name in self.manifest.networks:
+            runners[name], self.engine_info[name] = open_engine(self.manifest, name, index)
+        return runners
+
+    def device_executor(self, settings: Any) -> Optional[Executor]:
+        if set(self.runners) != {"stage1", "stage2"}:
+            return None
+        return TensorRTDeviceExecutor(self.runners["stage1"], self.runners["stage2"], settings,
+                                      use_graph=self.options.use_graph)
+
+    def describe(self) -> BackendDescription:
+        precisions = {info.precision for info in self.engine_info.values()}
+        precision = "fp16" if "fp16" in precisions else "fp32"
+        return BackendDescription(f"tensorrt ({precision} engines)", on_gpu=True,
+                                  element_bytes=2 if precision == "fp16" else 4)
 
 
 # -- RM2S on the device -------------------------------------------------------------------
-
-def kernel_names(stage1_dtype: np.dtype, stage2_dtype: np.dtype) -> Tuple[str, str]:
-    """The confidence and stage-2 kernels for the engines' stage-1 output and stage-2 input types."""
-    for dtype in (stage1_dtype, stage2_dtype):
-        if np.dtype(dtype) not in (np.float32, np.float16):
-            raise ModelError(
-                f"the fused kernel takes float32 or float16 engine tensors, not {np.dtype(dtype)}"
-            )
-    confidence = "rm2s_confidence_b1f16" if np.dtype(stage1_dtype) == np.float16 else "rm2s_confidence_f32"
-    stage2 = "rm2s_stage2_input_f16" if np.dtype(stage2_dtype) == np.float16 else "rm2s_stage2_input_f32"
-    return confidence, stage2
-
 
 def workspace_bytes(height: int, width: int, batch: int = 1) -> Dict[str, int]:
     """Byte sizes of the kernel's device workspace, from the shared launch configuration."""
@@ -345,35 +363,35 @@ class _DeviceState:
         self.buffers: Dict[str, Any] = {}
         self.workspace: Dict[str, Any] = {}
         self.graph: Any = None
+        #: while a graph is captured, nothing may wait for the stream
+        self.capturing = False
 
 
-class TensorRTDeviceRM2S:
+class TensorRTDeviceExecutor(Executor):
     """Engine 1 -> fused middle-step kernel -> engine 2 on one stream, optionally as a CUDA graph.
 
+    The primitives enqueue and return buffer names; only ``download`` waits for the stream.
     Each thread gets its own pair of execution contexts and stream, separate from the runners'
-    (so a plain ``infer`` on the same runners never rebinds what a captured graph uses), and
-    one plan for the current frame shape: a new shape rebinds shapes and buffers and is
-    captured again.
+    (so a plain ``infer`` on the same runners never rebinds what a captured graph uses), and one
+    plan for the current frame shape: a new shape rebinds shapes and buffers and is captured again.
     """
 
-    def __init__(self, stage1: TensorRTRunner, stage2: TensorRTRunner, c1: float, c2: float,
+    has_intermediates = False
+
+    def __init__(self, stage1: TensorRTRunner, stage2: TensorRTRunner, settings: Any,
                  use_graph: bool = True, kernel_options: Sequence[str] = ()) -> None:
-        from dereflect.middle_step.cuda import KERNELS, kernel_defines, kernel_source
-        from dereflect.middle_step.reference import EPS, GRADIENT_THRESHOLD
+        from dereflect.middle_step.cuda import KERNELS, kernel_defines, kernel_names, kernel_source
 
         if stage1.device_index != stage2.device_index:
             raise ModelError("both RM2S engines must run on the same GPU")
         self.stage1 = stage1
         self.stage2 = stage2
-        self.c1 = np.float32(c1)
-        self.c2 = np.float32(c2)
+        self.settings = settings
         self.use_graph = bool(use_graph)
         self._cuda = stage1._cuda
         self._image_name = stage1.input_names[0]
         self._s2_name = stage2.input_names[0]
-        self._kernels_for = kernel_names(stage1.dtype_of(B1_NAME), stage2.dtype_of(self._s2_name))
-        self._gradient_threshold = np.float32(GRADIENT_THRESHOLD)
-        self._eps = np.float32(EPS)
+        self.kernels = kernel_names(stage1.dtype_of(B1_NAME), stage2.dtype_of(self._s2_name))
         compiler = require_backend_module("pycuda.compiler", "tensorrt", "compiling the CUDA kernel")
         with stage1.pushed():
             module = compiler.SourceModule(kernel_source(), no_extern_c=True,
@@ -421,51 +439,90 @@ class TensorRTDeviceRM2S:
         state.shape = (batch, height, width)
         state.graph = None
 
-    def launches(self, state: _DeviceState) -> List[Tuple[str, str, tuple]]:
-        """(kernel, launch_config step, arguments) of the four passes, in stream order."""
-        batch, height, width = state.shape
-        buffers, work = state.buffers, state.workspace
-        h, w = np.int32(height), np.int32(width)
-        null = np.intp(0)
-        confidence_kernel, stage2_kernel = self._kernels_for
-        image = buffers["image"].device[0]
-        return [
-            (confidence_kernel, "confidence",
-             (image, buffers["b1"].device[0], h, w, self._gradient_threshold, self._eps,
-              work["confidence"], null, work["max_bits"])),
-            ("rm2s_histogram", "histogram",
-             (work["confidence"], h, w, work["max_bits"], work["hist_count"], work["hist_sum"])),
-            ("rm2s_two_means", "two_means",
-             (work["hist_count"], work["hist_sum"], work["max_bits"], self.c1, self.c2, work["result"])),
-            (stage2_kernel, "stage2",
-             (image, work["confidence"], work["result"], h, w, buffers["stage2_input"].device[0],
-              null, null)),
-        ]
+    # -- the primitives the method's sequence runs on ------------------------------------
 
-    def _enqueue(self, state: _DeviceState) -> None:
-        from dereflect.middle_step.cuda import launch_config
-
-        cuda, stream = self._cuda, state.stream
+    def upload(self, image: np.ndarray) -> str:
+        state = self._state()
+        height, width = image.shape[:2]
+        if state.shape != (1, height, width):
+            self._prepare(state, 1, height, width)
+        batch = image.transpose(2, 0, 1)[None]
         for key in ("image", "image_engine"):
             if key in state.buffers:
-                cuda.memcpy_htod_async(state.buffers[key].device[0], state.buffers[key].array, stream)
-        if not state.context1.execute_async_v3(stream.handle):
-            raise ModelError("TensorRT execute_async_v3 failed for stage 1")
-        config = launch_config(*state.shape[1:], batch=state.shape[0])
-        for name, step, args in self.launches(state):
-            geometry = config[step]
-            self._functions[name](*args, block=geometry["block"], grid=geometry["grid"], stream=stream)
-        if not state.context2.execute_async_v3(stream.handle):
-            raise ModelError("TensorRT execute_async_v3 failed for stage 2")
-        cuda.memcpy_dtoh_async(state.buffers["out"].array, state.buffers["out"].device[0], stream)
+                state.buffers[key].array[...] = batch
+                self._cuda.memcpy_htod_async(state.buffers[key].device[0], state.buffers[key].array, state.stream)
+        return "image"
 
-    def _capture(self, state: _DeviceState) -> None:
-        """Record the whole sequence as a CUDA graph; on failure keep plain enqueueing."""
+    def network(self, name: str, x: str) -> Dict[str, str]:
+        state = self._state()
+        context, output = (state.context1, "b1") if name == "stage1" else (state.context2, "out")
+        if not context.execute_async_v3(state.stream.handle):
+            raise ModelError(f"TensorRT execute_async_v3 failed for {name}")
+        return {"background": output}
+
+    def clip(self, x: str) -> str:
+        # The exported graphs clamp their background output to [0, 1] already.
+        return x
+
+    def middle_step(self, image: str, stage1: str, settings: Any, intermediates: bool) -> MiddleStepOutput:
+        from dereflect.middle_step.cuda import launch_config, launch_plan
+
+        state = self._state()
+        batch, height, width = state.shape
+        buffers, work = state.buffers, state.workspace
+        null = np.intp(0)
+        plan = launch_plan(self.kernels, buffers[image].device[0], buffers[stage1].device[0], height, width,
+                           settings.gradient_threshold, settings.epsilon, settings.c1, settings.c2, work,
+                           buffers["stage2_input"].device[0], (null, null, null))
+        config = launch_config(height, width, batch=batch)
+        for name, step, args in plan:
+            geometry = config[step]
+            self._functions[name](*args, block=geometry["block"], grid=geometry["grid"], stream=state.stream)
+        return MiddleStepOutput(stage2_input="stage2_input")
+
+    def download(self, x: str) -> np.ndarray:
+        state = self._state()
+        buf = state.buffers[x]
+        self._cuda.memcpy_dtoh_async(buf.array, buf.device[0], state.stream)
+        if state.capturing:
+            return np.zeros(buf.shape[2:] + (buf.shape[1],), np.float32)
+        state.stream.synchronize()
+        return np.ascontiguousarray(buf.array[0].transpose(1, 2, 0), dtype=np.float32)
+
+    # -- the CUDA graph around the sequence ---------------------------------------------
+
+    def run(self, method: Any, image: np.ndarray, settings: Any, timer: Timer = NULL_TIMER,
+            intermediates: bool = False) -> Layers:
+        """The method's sequence; for a frame size seen before, the replay of its captured graph."""
+        with self.stage1.pushed():
+            state = self._state()
+            height, width = image.shape[:2]
+            if state.graph is not None and state.shape == (1, height, width):
+                for key in ("image", "image_engine"):
+                    if key in state.buffers:
+                        state.buffers[key].array[...] = image.transpose(2, 0, 1)[None]
+                with timer.stage("graph"):
+                    state.graph.launch(state.stream)
+                    state.stream.synchronize()
+                out = state.buffers["out"].array[0].transpose(1, 2, 0).astype(np.float32)
+                background = np.clip(out, 0.0, 1.0)
+                return Layers(background=background, reflection=image - background)
+            layers = method.run(self, image, settings, timer, intermediates)
+            # TensorRT applies deferred shape updates on the first enqueue, so capture only
+            # after one plain run with this shape.
+            if self.use_graph:
+                self._capture(state, method, image, settings)
+            return layers
+
+    def _capture(self, state: _DeviceState, method: Any, image: np.ndarray, settings: Any) -> None:
+        """Record the method's sequence as a CUDA graph; on failure keep plain enqueueing."""
         try:
             state.stream.begin_capture()
+            state.capturing = True
             try:
-                self._enqueue(state)
+                method.run(self, image, settings)
             finally:
+                state.capturing = False
                 graph = state.stream.end_capture()
             state.graph = graph.instantiate()
         except Exception:  # noqa: BLE001 - capture is an optimisation; the plain path stays correct
@@ -476,37 +533,3 @@ class TensorRTDeviceRM2S:
         """Free the contexts, buffers and graphs of every thread (with the CUDA context current)."""
         with self.stage1.pushed():
             self._local = threading.local()
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """N x 3 x H x W float32 host image -> N x 3 x H x W float32 host background."""
-        if batch.ndim != 4 or batch.shape[1] != 3:
-            raise InputError(f"expected an N x 3 x H x W batch, got shape {batch.shape}")
-        n, _, height, width = batch.shape
-        with self.stage1.pushed():
-            state = self._state()
-            if state.shape != (n, height, width):
-                self._prepare(state, n, height, width)
-            state.buffers["image"].array[...] = batch
-            if "image_engine" in state.buffers:
-                state.buffers["image_engine"].array[...] = batch
-            if state.graph is not None:
-                state.graph.launch(state.stream)
-                state.stream.synchronize()
-                return state.buffers["out"].array.astype(np.float32)
-            self._enqueue(state)
-            state.stream.synchronize()
-            out = state.buffers["out"].array.astype(np.float32)
-            # TensorRT applies deferred shape updates on the first enqueue, so capture only
-            # after one plain run with this shape.
-            if self.use_graph:
-                self._capture(state)
-            return out
-
-
-def open_device_rm2s(manifest: Manifest, runners: Dict[str, Runner], c1: float, c2: float,
-                     use_graph: bool = True, **_: Any) -> Optional[TensorRTDeviceRM2S]:
-    """The on-device RM2S path for TensorRT engines (engine 1 -> kernel -> engine 2, one stream)."""
-    stage1, stage2 = runners.get("stage1"), runners.get("stage2")
-    if not isinstance(stage1, TensorRTRunner) or not isinstance(stage2, TensorRTRunner):
-        return None
-    return TensorRTDeviceRM2S(stage1, stage2, c1, c2, use_graph=use_graph)

@@ -3,35 +3,33 @@
 An export directory holds ONNX files, which torch does not run; this backend runs the
 *training checkpoint* the export was made from (``checkpoint=PATH``, ``--checkpoint``). Its
 SHA-256 must match the one recorded in ``manifest.json`` so the networks are the exported
-ones. Networks are rebuilt with :mod:`dereflect.train` (extra ``train``) and wrapped in
+ones. A checkpoint opened directly (``dereflect eval CKPT``) has an in-memory manifest made by
+its method. Networks are rebuilt with :mod:`dereflect.train` (extra ``train``) and wrapped in
 ``PaddedModel`` (the same pad-to-stride the ONNX graphs carry).
 
 ``device="auto"`` picks CUDA when available; ``precision="auto"`` is FP16 on CUDA and FP32 on
-the CPU (FP16 convolutions on a CPU are slow or missing). The RM2S frame stays on the GPU
-from stage 1 to stage 2: the middle step runs as the fused CUDA kernel through cupy when
-cupy is installed, else as ``dereflect.middle_step.torch_ops`` (same definition, torch ops);
-the confidence map is always float32.
+the CPU (FP16 convolutions on a CPU are slow or missing). On CUDA the frame stays on the GPU
+from stage 1 to stage 2 (:class:`TorchDeviceExecutor`): the middle step runs as the fused CUDA
+kernel through cupy when cupy is installed (``use_cupy``), else as
+:mod:`dereflect.middle_step.torch_ops` (same definition, torch ops); the confidence map is
+always float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
-
-from ..errors import InputError, ModelError
-from ..manifest import Manifest, sha256_file
-from .base import Runner, require_backend_module
-
-# Manifest network -> checkpoint network names to look for, in order. A stage-2 training
-# checkpoint stores the stage-2 U-Net as "generator" next to its frozen "stage1".
-CHECKPOINT_NAMES = {"stage1": ("stage1",), "stage2": ("stage2", "generator"), "crrn": ("crrn",)}
-PRECISIONS = ("auto", "fp32", "fp16")
+from dereflect.backends.base import Backend, BackendDescription, BackendOptions, Runner, require_backend_module
+from dereflect.errors import InputError, ModelError
+from dereflect.manifest import Manifest, sha256_file
+from dereflect.methods.base import CudaEventTimer, Executor, Method, MiddleStepOutput, Timer
 
 
-def _torch():
+def _torch() -> Any:
     return require_backend_module("torch", "torch")
 
 
@@ -54,9 +52,6 @@ def resolve_device(device: str) -> str:
 
 def resolve_dtype(precision: str, device: str) -> Any:
     torch = _torch()
-    precision = str(precision).lower()
-    if precision not in PRECISIONS:
-        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision == "fp16" and device == "cpu":
         raise InputError("precision='fp16' needs a CUDA device with the torch backend; use fp32 on the CPU")
     if precision == "fp16" or (precision == "auto" and device != "cpu"):
@@ -112,136 +107,139 @@ class TorchRunner(Runner):
         return {name: t.cpu().numpy() for name, t in self.forward(*tensors).items()}
 
 
-def _checkpoint_module(checkpoint: Any, network: str) -> Any:
+def checkpoint_modules(method: Method, checkpoint: Any) -> Dict[str, Any]:
+    """Every network of ``method`` built from a loaded training checkpoint, wrapped in PaddedModel."""
     from dereflect.train.models.common import PaddedModel
 
     have = checkpoint.metadata.get("networks", {})
-    for candidate in CHECKPOINT_NAMES.get(network, (network,)):
-        if candidate in have:
-            return PaddedModel(checkpoint.build(candidate))
-    raise ModelError(
-        f"checkpoint {checkpoint.path} has no network for {network!r} (looked for "
-        f"{', '.join(CHECKPOINT_NAMES.get(network, (network,)))}; it has {', '.join(sorted(have)) or 'none'})"
-    )
+    return {contract.name: PaddedModel(checkpoint.build(method.checkpoint_network(contract, have)))
+            for contract in method.networks}
 
 
-def load_checkpoint_for(
-    manifest: Manifest, checkpoint_path: Union[str, os.PathLike], verify: bool = True
-) -> Any:
+def load_checkpoint_for(manifest: Manifest, method: Method, path: Union[str, os.PathLike],
+                        verify: bool = True) -> Any:
     """Load the training checkpoint an export was made from, checking the manifest's SHA-256."""
     require_backend_module("safetensors", "torch")
     from dereflect.train.checkpoint import load_checkpoint
 
     expected = (manifest.checkpoint or {}).get("sha256")
     if verify and expected:
-        actual = sha256_file(checkpoint_path)
+        actual = sha256_file(path)
         if actual != expected:
             raise ModelError(
-                f"{checkpoint_path}: SHA-256 {actual[:12]}... is not the checkpoint this export was made "
-                f"from ({expected[:12]}... in {manifest.directory / 'manifest.json'}); "
-                "pass the matching checkpoint"
+                f"{path}: SHA-256 {actual[:12]}... is not the checkpoint this export was made "
+                f"from ({expected[:12]}... in {manifest.directory / 'manifest.json'}); pass the matching checkpoint"
             )
-    checkpoint = load_checkpoint(checkpoint_path)
-    if checkpoint.method != manifest.method:
-        raise ModelError(
-            f"{checkpoint_path} is a {checkpoint.method} checkpoint; the export is {manifest.method}"
-        )
+    from dereflect.methods.base import method_for_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    if method_for_checkpoint(checkpoint.metadata) is not method:
+        raise ModelError(f"{path} is a {checkpoint.metadata.get('kind')} checkpoint; the model is {method.name}")
     return checkpoint
 
 
-def create_runner(
-    model: Any,
-    input_names: Sequence[str] = ("image",),
-    output_names: Sequence[str] = ("background",),
-    device: str = "auto",
-    precision: str = "auto",
-    **_: Any,
-) -> TorchRunner:
-    """A runner for ``model``: a ``torch.nn.Module`` or a ``(checkpoint_path, network)`` pair."""
-    if isinstance(model, tuple):
-        path, network = model
-        from dereflect.train.checkpoint import load_checkpoint
-
-        model = _checkpoint_module(load_checkpoint(path), network)
-    return TorchRunner(model, input_names, output_names, device=device, precision=precision)
+@dataclasses.dataclass
+class TorchOptions(BackendOptions):
+    #: the training checkpoint to run (an export directory's own, checked against its manifest)
+    checkpoint: Optional[Union[str, os.PathLike]] = None
+    #: ready modules by network name, instead of a checkpoint (tests, notebooks)
+    modules: Optional[Dict[str, Any]] = None
+    #: check the checkpoint's SHA-256 against the manifest (off for a checkpoint opened directly)
+    verify_checkpoint: bool = True
+    #: the fused CUDA middle step through cupy: True requires it, False never, None when available
+    use_cupy: Optional[bool] = None
 
 
-def open_networks(manifest: Manifest, device: str = "auto", precision: str = "auto",
-                  checkpoint: Optional[Union[str, os.PathLike]] = None,
-                  modules: Optional[Dict[str, Any]] = None, verify_checkpoint: bool = True,
-                  **_: Any) -> Dict[str, Runner]:
-    """Activated runners for the manifest's networks, from ``checkpoint`` (or ready ``modules``)."""
-    _torch()
-    if modules is None:
-        if checkpoint is None:
-            raise ModelError(
-                "the torch backend runs the training checkpoint the export was made from (export directories "
-                "hold ONNX files): pass checkpoint=PATH (--checkpoint PATH)"
-            )
-        loaded = load_checkpoint_for(manifest, checkpoint, verify=verify_checkpoint)
-        modules = {name: _checkpoint_module(loaded, name) for name in manifest.networks}
-    runners: Dict[str, Runner] = {}
-    for name, spec in manifest.networks.items():
-        if name not in modules:
-            raise ModelError(f"no torch module given for network {name!r}")
-        runner = TorchRunner(modules[name], [t.name for t in spec.inputs], [t.name for t in spec.outputs],
-                             device=device, precision=precision, name=name)
-        runners[name] = runner.activate()
-    return runners
+class TorchBackend(Backend):
+    name = "torch"
+    options_class = TorchOptions
+
+    def open_runners(self) -> Dict[str, Runner]:
+        _torch()
+        modules = self.options.modules
+        if modules is None:
+            if self.options.checkpoint is None:
+                raise ModelError(
+                    "the torch backend runs the training checkpoint the export was made from (export directories "
+                    "hold ONNX files): pass checkpoint=PATH (--checkpoint PATH)"
+                )
+            loaded = load_checkpoint_for(self.manifest, self.method, self.options.checkpoint,
+                                         self.options.verify_checkpoint)
+            modules = checkpoint_modules(self.method, loaded)
+        runners: Dict[str, Runner] = {}
+        for name, spec in self.manifest.networks.items():
+            if name not in modules:
+                raise ModelError(f"no torch module given for network {name!r}")
+            runner = TorchRunner(modules[name], [t.name for t in spec.inputs], [t.name for t in spec.outputs],
+                                 device=self.options.device, precision=self.options.precision, name=name)
+            runners[name] = runner.activate()
+        return runners
+
+    @property
+    def _first(self) -> TorchRunner:
+        return next(iter(self.runners.values()))
+
+    def device_executor(self, settings: Any) -> Optional[Executor]:
+        if not str(self._first.device).startswith("cuda"):
+            return None
+        return TorchDeviceExecutor(self.manifest, self.runners, use_cupy=self.options.use_cupy)
+
+    def describe(self) -> BackendDescription:
+        first = self._first
+        return BackendDescription(f"torch {first.device} {first.dtype}", on_gpu=str(first.device).startswith("cuda"),
+                                  element_bytes=2 if "float16" in str(first.dtype) else 4)
 
 
-class TorchDeviceRM2S:
-    """Stage 1, middle step and stage 2 on one CUDA device, one host copy in and one out."""
+class TorchDeviceExecutor(Executor):
+    """The sequence on one CUDA device: one host copy in, one out, the middle step on the GPU."""
 
-    def __init__(self, stage1: TorchRunner, stage2: TorchRunner, c1: float, c2: float,
-                 use_cupy: Optional[bool] = None) -> None:
-        self.stage1 = stage1
-        self.stage2 = stage2
-        self.c1 = float(c1)
-        self.c2 = float(c2)
+    has_intermediates = False
+
+    def __init__(self, manifest: Manifest, runners: Dict[str, Runner], use_cupy: Optional[bool] = None) -> None:
+        self._torch = _torch()
+        self.manifest = manifest
+        self.runners = runners
+        self.device = next(iter(runners.values())).device
         self._cupy_kernel = None
-        self.middle_step = "torch"
+        self.middle_step_kind = "torch"
         if use_cupy is not False:
             try:
                 from dereflect.middle_step.cuda import CupyConfidence
 
                 self._cupy_kernel = CupyConfidence()
-                self.middle_step = "cuda-kernel"
+                self.middle_step_kind = "cuda-kernel"
             except Exception as exc:  # noqa: BLE001 - no cupy, or NVRTC failed: the torch ops still work
                 if use_cupy:
                     raise
-                warnings.warn(f"fused CUDA middle step unavailable ({exc}); using the torch version",
-                              stacklevel=2)
+                warnings.warn(f"fused CUDA middle step unavailable ({exc}); using the torch version", stacklevel=2)
 
-    def _middle(self, image: Any, stage1: Any) -> Any:
-        torch = _torch()
+    def upload(self, image: np.ndarray) -> Any:
+        return self._torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[None])).to(self.device)
+
+    def network(self, name: str, x: Any) -> Dict[str, Any]:
+        return self.runners[name].forward(x)
+
+    def clip(self, x: Any) -> Any:
+        return x.clamp(0.0, 1.0).contiguous()
+
+    def middle_step(self, image: Any, stage1: Any, settings: Any, intermediates: bool) -> MiddleStepOutput:
         if self._cupy_kernel is not None:
             import cupy
 
-            stream = torch.cuda.current_stream(image.device).cuda_stream
-            result = self._cupy_kernel(cupy.asarray(image), cupy.asarray(stage1), c1=self.c1, c2=self.c2,
-                                       stream=stream)
+            stream = self._torch.cuda.current_stream(image.device).cuda_stream
+            result = self._cupy_kernel(cupy.asarray(image), cupy.asarray(stage1), c1=settings.c1, c2=settings.c2,
+                                       stream=stream, gradient_threshold=settings.gradient_threshold,
+                                       eps=settings.epsilon)
             # The kernel reuses its output buffer: copy before the next frame can overwrite it.
-            return torch.as_tensor(result.stage2_input, device=image.device).clone()
+            return MiddleStepOutput(self._torch.as_tensor(result.stage2_input, device=image.device).clone())
         from dereflect.middle_step.torch_ops import stage2_input_torch
 
-        return stage2_input_torch(image, stage1, c1=self.c1, c2=self.c2)
+        with self._torch.inference_mode():
+            return MiddleStepOutput(stage2_input_torch(image, stage1, settings.c1, settings.c2,
+                                                       settings.gradient_threshold, settings.epsilon))
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """N x 3 x H x W float32 host image -> N x 3 x H x W float32 host background."""
-        torch = _torch()
-        image = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.stage1.device)
-        with torch.inference_mode():
-            stage1 = self.stage1.forward(image)["background"].clamp_(0.0, 1.0).contiguous()
-            stage2_input = self._middle(image, stage1)
-            background = self.stage2.forward(stage2_input)["background"]
-        return background.cpu().numpy()
+    def download(self, x: Any) -> np.ndarray:
+        return np.ascontiguousarray(x[0].float().cpu().numpy().transpose(1, 2, 0))
 
-
-def open_device_rm2s(manifest: Manifest, runners: Dict[str, Runner], c1: float, c2: float,
-                     use_cupy: Optional[bool] = None, **_: Any) -> Optional[TorchDeviceRM2S]:
-    """The on-device RM2S path when the networks run on CUDA; None on the CPU (the pipeline's CPU path)."""
-    stage1, stage2 = runners["stage1"], runners["stage2"]
-    if not isinstance(stage1, TorchRunner) or not str(stage1.device).startswith("cuda"):
-        return None
-    return TorchDeviceRM2S(stage1, stage2, c1, c2, use_cupy=use_cupy)
+    def timer(self) -> Timer:
+        return CudaEventTimer(self._torch)

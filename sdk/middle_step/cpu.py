@@ -51,11 +51,14 @@ def middle_step_cpu(
     c1: float = 0.5,
     c2: float = 0.5,
     threshold: str = "exact",
+    gradient_threshold: float = GRADIENT_THRESHOLD,
+    eps: float = EPS,
 ) -> MiddleStepResult:
     """Middle step for one HxWx3 float32 RGB image in [0, 1] and its stage-1 output.
 
     ``threshold="exact"`` sorts the edge values (exact 2-means); ``"histogram"`` uses the
-    4096-bin algorithm of the CUDA kernel (bin precision, no sort).
+    4096-bin algorithm of the CUDA kernel (bin precision, no sort). ``gradient_threshold`` and
+    ``eps`` are the manifest's (the reference's constants by default).
     """
     img, b1 = validate_pair(image, stage1)
     img = np.ascontiguousarray(img)
@@ -64,5 +67,5 @@ def middle_step_cpu(
     g_i = _sobel_magnitude_cv(gray_i)
     g_b = _sobel_magnitude_cv(gray_b)
     g_r = _sobel_magnitude_cv(cv2.subtract(gray_i, gray_b))
-    conf, mask = confidence_from_gradients(g_i, g_b, g_r, GRADIENT_THRESHOLD, EPS)
+    conf, mask = confidence_from_gradients(g_i, g_b, g_r, gradient_threshold, eps)
     return middle_step_from_confidence(img, conf, mask, c1, c2, threshold, _stage2_input_cv)

@@ -182,6 +182,41 @@ class CudaMiddleStepResult:
     stage2_input: Any
 
 
+def kernel_names(stage1_dtype: Any, stage2_dtype: Any) -> Tuple[str, str]:
+    """The confidence and stage-2 kernels for the stage-1 output's and the stage-2 input's dtypes."""
+    for dtype in (stage1_dtype, stage2_dtype):
+        if np.dtype(dtype) not in (np.float32, np.float16):
+            raise ModelError(f"the fused kernel takes float32 or float16 tensors, not {np.dtype(dtype)}")
+    confidence = "rm2s_confidence_b1f16" if np.dtype(stage1_dtype) == np.float16 else "rm2s_confidence_f32"
+    stage2 = "rm2s_stage2_input_f16" if np.dtype(stage2_dtype) == np.float16 else "rm2s_stage2_input_f32"
+    return confidence, stage2
+
+
+def launch_plan(kernels: Tuple[str, str], image: Any, stage1: Any, height: int, width: int,
+                gradient_threshold: float, eps: float, c1: float, c2: float, work: Dict[str, Any], out: Any,
+                masks: Tuple[Any, Any, Any]) -> List[Tuple[str, str, tuple]]:
+    """The four passes in stream order: (kernel, :func:`launch_config` step, arguments).
+
+    Written once for CuPy and pycuda: device pointers (or arrays) for ``image``, ``stage1``,
+    ``out`` and the ``work`` buffers (confidence, max_bits, hist_count, hist_sum, result);
+    ``masks`` = (gradient mask, background mask, reflection mask) or null pointers.
+    """
+    confidence_kernel, stage2_kernel = kernels
+    h, w = np.int32(height), np.int32(width)
+    gradient_mask, mask_background, mask_reflection = masks
+    return [
+        (confidence_kernel, "confidence",
+         (image, stage1, h, w, np.float32(gradient_threshold), np.float32(eps), work["confidence"], gradient_mask,
+          work["max_bits"])),
+        ("rm2s_histogram", "histogram",
+         (work["confidence"], h, w, work["max_bits"], work["hist_count"], work["hist_sum"])),
+        ("rm2s_two_means", "two_means",
+         (work["hist_count"], work["hist_sum"], work["max_bits"], np.float32(c1), np.float32(c2), work["result"])),
+        (stage2_kernel, "stage2",
+         (image, work["confidence"], work["result"], h, w, out, mask_background, mask_reflection)),
+    ]
+
+
 class CupyConfidence:
     """The fused CUDA middle step on cupy arrays (N x 3 x H x W, or 3 x H x W, C-contiguous).
 
@@ -259,8 +294,13 @@ class CupyConfidence:
         stream: Any = None,
         dtype: str = "float32",
         return_masks: bool = False,
+        gradient_threshold: Optional[float] = None,
+        eps: Optional[float] = None,
     ) -> CudaMiddleStepResult:
-        """Run the four passes on ``stream`` (cupy stream, raw handle int, or None: current)."""
+        """Run the four passes on ``stream`` (cupy stream, raw handle int, or None: current).
+
+        ``gradient_threshold`` and ``eps`` default to the instance's (a manifest's values override).
+        """
         if dtype not in ("float32", "float16"):
             raise InputError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
         image = self._check(image_dev, "image_dev", ("float32",))
@@ -285,36 +325,13 @@ class CupyConfidence:
         gradient_mask = buf["gradient_mask"] if return_masks else null
         mask_background = buf["mask_background"] if return_masks else null
         mask_reflection = buf["mask_reflection"] if return_masks else null
-        h, w = np.int32(height), np.int32(width)
         if isinstance(stream, int):
             stream = self._cp.cuda.ExternalStream(stream)
-        b1_half = stage1.dtype.name == "float16"
-        confidence_kernel = "rm2s_confidence_b1f16" if b1_half else "rm2s_confidence_f32"
-        stage2_kernel = "rm2s_stage2_input_f32" if dtype == "float32" else "rm2s_stage2_input_f16"
-        launches = [
-            (
-                confidence_kernel,
-                "confidence",
-                (image, stage1, h, w, self._gradient_threshold, self._eps, buf["confidence"], gradient_mask,
-                 buf["max_bits"]),
-            ),
-            (
-                "rm2s_histogram",
-                "histogram",
-                (buf["confidence"], h, w, buf["max_bits"], buf["hist_count"], buf["hist_sum"]),
-            ),
-            (
-                "rm2s_two_means",
-                "two_means",
-                (buf["hist_count"], buf["hist_sum"], buf["max_bits"], np.float32(c1), np.float32(c2),
-                 buf["result"]),
-            ),
-            (
-                stage2_kernel,
-                "stage2",
-                (image, buf["confidence"], buf["result"], h, w, out, mask_background, mask_reflection),
-            ),
-        ]
+        kernels = kernel_names(stage1.dtype, dtype)
+        launches = launch_plan(
+            kernels, image, stage1, height, width,
+            self._gradient_threshold if gradient_threshold is None else gradient_threshold,
+            self._eps if eps is None else eps, c1, c2, buf, out, (gradient_mask, mask_background, mask_reflection))
         if stream is None:
             self._launch(launches, config)
         else:

@@ -10,22 +10,15 @@ crrn, download). Each stage gets mean, median, p90, p99 and max, the whole run t
 FPS. As trtexec does, a run whose coefficient of variation or ``(p90 - median) / median``
 exceeds ``--variation-threshold`` (5 %) is flagged: the machine was busy or clocks moved.
 
-**Where the stages run.** Each backend gets a *stages* object whose ``run(image, timer)``
-wraps its stages in ``timer.stage(name)`` and whose ``timer()`` returns the clock that suits
-its work; that is the hook a backend uses to supply its own timer:
-
-* :class:`RunnerStages` (ONNX Runtime; TensorRT and CRRN too): each network through its
-  runner's ``infer`` (host arrays in and out), the CPU middle step between them, a monotonic
-  host clock. ``upload`` / ``download`` are the host layout conversions (HWC <-> NCHW); where a
-  runner uses a GPU, its host-device copies are inside its network stage.
-* :class:`TorchDeviceStages` (PyTorch on CUDA): the frame stays on the GPU from upload to
-  download, the middle step is the pipeline's own (fused kernel through cupy, else torch ops),
-  and the stages are timed with CUDA events on the stream.
-
-Where the backend has an on-device RM2S path (PyTorch on CUDA; TensorRT's single-stream
-sequence, replayed as a CUDA graph), that path is also timed end to end as ``fused``, host
-array in, host array out: it is what :class:`~dereflect.remover.Remover` runs, and a CUDA
-graph cannot be split into stages.
+**What is timed.** Exactly what :meth:`~dereflect.remover.Remover.remove` runs for a frame:
+the model is opened by the same route (:func:`dereflect.models.open_model`, any model
+reference), with no ``max_side`` so each size runs at its own resolution, and every run is
+:meth:`Remover.run_once <dereflect.remover.Remover.run_once>`, the method's one sequence on
+the executor ``remove`` uses, with the executor's own clock as the timer hook: the host
+monotonic clock for host arrays (ONNX Runtime; TensorRT engines one at a time; torch on the
+CPU), CUDA events on the stream where the frame stays on a GPU (torch on CUDA). A TensorRT
+device path replays a captured CUDA graph after its first frame; a graph cannot be split, so
+it is reported as one ``graph`` stage.
 
 **The floor.** With ``--device-table`` (or ``auto`` on a GPU the table knows), each network's
 FLOPs and minimum bytes are counted from its ONNX graph at that size
@@ -39,7 +32,6 @@ distribution per size and the per-stage breakdown; needs matplotlib).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import json
 import math
@@ -47,20 +39,15 @@ import os
 import platform
 import re
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from dereflect import __version__
-from dereflect.backends.base import backend_name, load_backend, require_backend_module
+from dereflect.cli_options import add_model_options, model_options
 from dereflect.errors import DereflectError, InputError, MissingDependencyError
-from dereflect.manifest import Manifest, load_manifest
-from dereflect.middle_step.cpu import middle_step_cpu
-from dereflect.remover import resolve_model
+from dereflect.methods.base import NULL_TIMER, CudaEventTimer, Timer
 
-RM2S_STAGES = ("upload", "stage1", "middle", "stage2", "download")
-CRRN_STAGES = ("upload", "crrn", "download")
 VARIATION_THRESHOLD = 0.05
 DEFAULT_SIZES = "256,720p,1080p"
 MAX_SIDE = 16384
@@ -127,213 +114,42 @@ def is_variable(cov: float, p90_spread: float, threshold: float = VARIATION_THRE
     return bool(cov > threshold or p90_spread > threshold)
 
 
-# -- timers -------------------------------------------------------------------------------------
-
-class StageTimer:
-    """Times the named stages of one run: ``with timer.stage("stage1"): ...``, then ``read()``."""
-
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        self.begin(name)
-        try:
-            yield
-        finally:
-            self.end(name)
-
-    def begin(self, name: str) -> None:
-        raise NotImplementedError
-
-    def end(self, name: str) -> None:
-        raise NotImplementedError
-
-    def read(self) -> Dict[str, float]:
-        """Milliseconds per stage plus ``total`` (first begin to last end); may wait for the device."""
-        raise NotImplementedError
-
-
-class MonotonicTimer(StageTimer):
-    """Host monotonic clock; ``sync`` (e.g. ``torch.cuda.synchronize``) is called at each boundary."""
-
-    def __init__(self, sync: Optional[Callable[[], Any]] = None) -> None:
-        self._sync = sync
-        self._marks: Dict[str, List[float]] = {}
-
-    def _now(self) -> float:
-        if self._sync is not None:
-            self._sync()
-        return time.perf_counter()
-
-    def begin(self, name: str) -> None:
-        self._marks[name] = [self._now(), math.nan]
-
-    def end(self, name: str) -> None:
-        self._marks[name][1] = self._now()
-
-    def read(self) -> Dict[str, float]:
-        times = {name: (end - start) * 1e3 for name, (start, end) in self._marks.items()}
-        starts, ends = zip(*self._marks.values())
-        times["total"] = (max(ends) - min(starts)) * 1e3
-        return times
-
-
-class CudaEventTimer(StageTimer):
-    """CUDA events recorded on torch's current stream: device time, no synchronisation between stages."""
-
-    def __init__(self, torch: Any) -> None:
-        self._torch = torch
-        self._events: Dict[str, List[Any]] = {}
-
-    def _record(self) -> Any:
-        event = self._torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def begin(self, name: str) -> None:
-        self._events[name] = [self._record(), None]
-
-    def end(self, name: str) -> None:
-        self._events[name][1] = self._record()
-
-    def read(self) -> Dict[str, float]:
-        pairs = list(self._events.values())
-        pairs[-1][1].synchronize()
-        times = {name: float(start.elapsed_time(end)) for name, (start, end) in self._events.items()}
-        times["total"] = float(pairs[0][0].elapsed_time(pairs[-1][1]))
-        return times
-
-
-# -- the pipeline, split into stages -----------------------------------------------------------
-
-def _nchw(image: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32)
-
-
-def _hwc(batch: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(np.clip(batch[0].transpose(1, 2, 0), 0.0, 1.0))
-
-
-class RunnerStages:
-    """Every network through its runner's ``infer``; RM2S's middle step on the CPU between them."""
-
-    def __init__(self, manifest: Manifest, runners: Dict[str, Any], c1: float, c2: float,
-                 threshold: str = "exact") -> None:
-        self.manifest = manifest
-        self.runners = runners
-        self.c1, self.c2 = c1, c2
-        self.threshold = threshold
-        self.stages = RM2S_STAGES if manifest.method == "rm2s" else CRRN_STAGES
-
-    def timer(self) -> StageTimer:
-        # infer returns host arrays, so the host clock sees each stage finish.
-        return MonotonicTimer()
-
-    def _infer(self, network: str, batch: np.ndarray) -> np.ndarray:
-        spec = self.manifest.networks[network]
-        return self.runners[network].infer({spec.inputs[0].name: batch})["background"]
-
-    def run(self, image: np.ndarray, timer: StageTimer) -> np.ndarray:
-        """One HxWx3 float32 RGB frame -> its background (HxWx3 float32), each stage timed."""
-        with timer.stage("upload"):
-            batch = _nchw(image)
-        if self.manifest.method == "rm2s":
-            with timer.stage("stage1"):
-                stage1 = self._infer("stage1", batch)
-            with timer.stage("middle"):
-                middle = middle_step_cpu(image, _hwc(stage1), self.c1, self.c2, self.threshold)
-                stage2_input = _nchw(middle.stage2_input)
-            with timer.stage("stage2"):
-                out = self._infer("stage2", stage2_input)
-        else:
-            with timer.stage("crrn"):
-                out = self._infer("crrn", batch)
-        with timer.stage("download"):
-            return _hwc(out)
-
-
-class TorchDeviceStages:
-    """RM2S on one CUDA device (PyTorch backend): upload, both networks and the middle step on the GPU."""
-
-    stages = RM2S_STAGES
-
-    def __init__(self, device_rm2s: Any) -> None:
-        self._torch = require_backend_module("torch", "torch")
-        self.device_rm2s = device_rm2s
-
-    def timer(self) -> StageTimer:
-        return CudaEventTimer(self._torch)
-
-    def run(self, image: np.ndarray, timer: StageTimer) -> np.ndarray:
-        torch, rm2s = self._torch, self.device_rm2s
-        with torch.inference_mode():
-            with timer.stage("upload"):
-                frame = torch.from_numpy(_nchw(image)).to(rm2s.stage1.device)
-            with timer.stage("stage1"):
-                stage1 = rm2s.stage1.forward(frame)["background"].clamp_(0.0, 1.0).contiguous()
-            with timer.stage("middle"):
-                # The pipeline's own middle step, so the stages time exactly what Remover runs.
-                stage2_input = rm2s._middle(frame, stage1)
-            with timer.stage("stage2"):
-                out = rm2s.stage2.forward(stage2_input)["background"]
-            with timer.stage("download"):
-                return _hwc(out.cpu().numpy())
-
+# -- the model, opened as remove opens it ----------------------------------------------------
 
 class BenchPipeline:
-    """An export directory opened on one backend, ready to time: stages, optional fused path, notes."""
+    """A model opened for timing: the Remover ``remove`` would use, without a size limit."""
 
-    def __init__(self, manifest: Manifest, backend: str, device: str = "auto", precision: str = "auto",
-                 threshold: str = "exact", **options: Any) -> None:
-        if threshold not in ("exact", "histogram"):
-            raise InputError(f"threshold must be 'exact' or 'histogram', not {threshold!r}")
-        self.manifest = manifest
-        self.backend = backend_name(backend)
-        module = load_backend(self.backend)
-        self.runners = module.open_networks(manifest, device=device, precision=precision, **options)
-        c1 = float(manifest.middle_step.get("c1", 0.5))
-        c2 = float(manifest.middle_step.get("c2", 0.5))
-        self.fused = None
-        opener = getattr(module, "open_device_rm2s", None)
-        if manifest.method == "rm2s" and opener is not None:
-            self.fused = opener(manifest, self.runners, c1, c2, **options)
-        first = next(iter(self.runners.values()))
-        self.notes: List[str] = []
-        if self.backend == "torch" and self.fused is not None:
-            self.stages: Any = TorchDeviceStages(self.fused)
-            self.on_gpu = True
-            self.element_bytes: Optional[int] = 2 if "float16" in str(first.dtype) else 4
-            self.description = f"torch {first.device} {first.dtype}, middle step: {self.fused.middle_step}"
-            self.notes.append("stages timed with CUDA events on one stream; upload includes the host "
-                              "layout conversion, download the copy back")
-        else:
-            self.stages = RunnerStages(manifest, self.runners, c1, c2, threshold)
-            self.on_gpu, self.element_bytes, self.description = self._describe(first, precision)
-            self.notes.append("stages timed with the host monotonic clock; upload/download are the host "
-                              "layout conversions (HWC <-> NCHW)" +
-                              ("; host-device copies are inside each network stage" if self.on_gpu else ""))
-            if manifest.method == "rm2s":
-                self.notes.append(f"middle step on the CPU (middle_step_cpu, threshold={threshold})")
-        if self.fused is not None:
-            self.notes.append("fused: the backend's on-device RM2S path as Remover runs it, host array in "
-                              "and out, host clock around each call")
+    def __init__(self, model: Any, backend: Optional[str] = None, **options: Any) -> None:
+        from dereflect.models import open_model
 
-    def _describe(self, runner: Any, precision: str) -> Tuple[bool, Optional[int], str]:
-        if self.backend == "onnxruntime":
-            providers = list(getattr(runner, "providers", []))
-            on_gpu = "CUDAExecutionProvider" in providers
-            fp16 = str(precision).lower() == "fp16"
-            detail = f"onnxruntime ({', '.join(providers)}), {'fp16' if fp16 else 'fp32'}"
-            return on_gpu, 2 if fp16 else None, detail
-        if self.backend == "tensorrt":
-            # An engine's precision is fixed at build time; FP16 unless the user says otherwise.
-            fp32 = str(precision).lower() == "fp32"
-            return True, 4 if fp32 else 2, f"tensorrt ({'fp32' if fp32 else 'fp16'} engines assumed)"
-        device = str(getattr(runner, "device", "cpu"))
-        dtype = str(getattr(runner, "dtype", "float32"))
-        return device.startswith("cuda"), 2 if "float16" in dtype else 4, f"torch {device} {dtype}"
+        self.remover = open_model(model, backend=backend, max_side=None, **options)
+        self.manifest = self.remover.manifest
+        self.method = self.remover.method
+        description = self.remover.describe()
+        self.backend = self.remover.backend
+        self.on_gpu = description.on_gpu
+        self.element_bytes = description.element_bytes
+        self.description = description.text
+        executor = self.remover.executor
+        clock = ("CUDA events on one stream" if isinstance(executor.timer(), CudaEventTimer)
+                 else "the host monotonic clock; upload/download are the host layout conversions")
+        self.notes: List[str] = [f"each run is Remover.run_once, what remove runs per frame, on "
+                                 f"{type(executor).__name__}; stages timed with {clock}"]
+        if "middle" in self.method.stages and executor is self.remover._host:
+            self.notes.append(f"middle step on the CPU (threshold={self.remover.settings.threshold})")
+
+    @property
+    def stages(self) -> Tuple[str, ...]:
+        return self.method.stages
+
+    def run(self, image: np.ndarray, timer: Timer) -> Any:
+        return self.remover.run_once(image, timer=timer)
+
+    def timer(self) -> Timer:
+        return self.remover.executor.timer()
 
     def close(self) -> None:
-        for runner in self.runners.values():
-            runner.deactivate()
+        self.remover.close()
 
 
 def synthetic_frame(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -359,28 +175,16 @@ def synthetic_frame(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 # -- measuring ----------------------------------------------------------------------------------
 
-def time_stages(stages: Any, image: np.ndarray, warmup: int, runs: int) -> Dict[str, List[float]]:
+def time_stages(pipeline: Any, image: np.ndarray, warmup: int, runs: int) -> Dict[str, List[float]]:
     """``warmup`` untimed runs, then ``runs`` timed ones: samples (ms) per stage and ``total``."""
     for _ in range(warmup):
-        stages.run(image, stages.timer())
+        pipeline.run(image, NULL_TIMER)
     samples: Dict[str, List[float]] = {}
     for _ in range(runs):
-        timer = stages.timer()
-        stages.run(image, timer)
+        timer = pipeline.timer()
+        pipeline.run(image, timer)
         for name, value in timer.read().items():
             samples.setdefault(name, []).append(value)
-    return samples
-
-
-def time_calls(call: Callable[[], Any], warmup: int, runs: int) -> List[float]:
-    """Host-clock samples (ms) of ``call`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        call()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - start) * 1e3)
     return samples
 
 
@@ -399,25 +203,25 @@ def resolve_device_table(choice: Optional[str], on_gpu: bool) -> Optional[Any]:
     return device_for_gpu(gpu_info()[0])
 
 
-def size_costs(manifest: Manifest, height: int, width: int, element_bytes: Optional[int]) -> Dict[str, Any]:
-    """flops.Cost per network (from the FP32 ONNX files) and for the middle step."""
+def size_costs(pipeline: BenchPipeline, height: int, width: int, element_bytes: Optional[int]) -> Dict[str, Any]:
+    """flops.Cost per network (from the FP32 ONNX files) and for the middle step, in the method's order."""
     from dereflect.tools.flops import pipeline_costs
 
-    files = [(name, manifest.path_of(name)) for name in manifest.networks]
-    if manifest.method == "rm2s":
-        files = [(name, manifest.path_of(name)) for name in ("stage1", "stage2")]
-    return pipeline_costs(files, height, width, manifest.method, element_bytes)
+    manifest = pipeline.manifest
+    if not all(spec.onnx for spec in manifest.networks.values()):
+        raise MissingDependencyError("no ONNX files to count FLOPs in: a training checkpoint is timed as is; "
+                                     "export it (dereflect export onnx) for FLOPs and floors")
+    files = [(name, manifest.path_of(name)) for name in pipeline.method.network_names]
+    return pipeline_costs(files, height, width, pipeline.method.stages, element_bytes)
 
 
 def limits(costs: Dict[str, Any], device: Any, stage_stats: Dict[str, Dict[str, Any]],
-           total: Dict[str, Any], fused: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+           total: Dict[str, Any]) -> Dict[str, Any]:
     """Floor per stage and for the whole frame, and each measured median as a multiple of it."""
     floors = {name: cost.floor_ms(device) for name, cost in costs.items()}
     floors["total"] = sum(floors.values())
     ratios = {name: stage_stats[name]["median_ms"] / floors[name] for name in costs if name in stage_stats}
     ratios["total"] = total["median_ms"] / floors["total"]
-    if fused is not None:
-        ratios["fused"] = fused["median_ms"] / floors["total"]
     return {"device": device.key, "floor_ms": floors, "ratio": ratios,
             "bound": {name: cost.bound(device) for name, cost in costs.items()}}
 
@@ -426,33 +230,30 @@ def bench_size(pipeline: BenchPipeline, label: str, height: int, width: int, war
                device: Optional[Any], variation_threshold: float = VARIATION_THRESHOLD) -> Dict[str, Any]:
     """Timings, statistics, costs and floors of one size (see :func:`run_bench`)."""
     image = synthetic_frame(height, width)
-    samples = time_stages(pipeline.stages, image, warmup, runs)
-    if pipeline.fused is not None:
-        frame = _nchw(image)
-        samples["fused"] = time_calls(lambda: pipeline.fused.run(frame), warmup, runs)
-    stats = {name: summarize(values, variation_threshold) for name, values in samples.items()}
+    samples = time_stages(pipeline, image, warmup, runs)
+    stats = {name: summarize(values, variation_threshold) for name, values in samples.items()
+             if len(values) == runs}
     result: Dict[str, Any] = {
         "label": label, "height": height, "width": width,
-        "stages": {name: stats[name] for name in pipeline.stages.stages},
+        "stages": {name: stats[name] for name in list(pipeline.stages) + ["graph"] if name in stats},
         "total": stats["total"],
-        "fused": stats.get("fused"),
         "samples_ms": samples,
     }
     result["warnings"] = [
         f"{label} {name}: timings vary (CoV {stats[name]['cov']:.1%}, (p90 - median)/median "
         f"{stats[name]['p90_spread']:.1%} > {variation_threshold:.0%}); the machine was busy or clocks "
         "changed"
-        for name in ("total", "fused") if name in stats and stats[name]["variable"]
+        for name in ("total",) if stats[name]["variable"]
     ]
     try:
-        costs = size_costs(pipeline.manifest, height, width, pipeline.element_bytes)
+        costs = size_costs(pipeline, height, width, pipeline.element_bytes)
     except MissingDependencyError as exc:
         result["costs"] = None
         result["costs_error"] = str(exc)
         return result
     result["costs"] = {name: cost.to_dict(device) for name, cost in costs.items()}
     if device is not None:
-        result["limits"] = limits(costs, device, result["stages"], result["total"], result["fused"])
+        result["limits"] = limits(costs, device, result["stages"], result["total"])
     return result
 
 
@@ -492,31 +293,28 @@ def _cpu_name() -> str:
 
 
 def run_bench(
-    export_dir: os.PathLike,
+    model: Any,
     sizes: Sequence[Tuple[str, int, int]],
-    backend: str = "onnxruntime",
-    device: str = "auto",
-    precision: str = "auto",
+    backend: Optional[str] = None,
     warmup: int = 3,
     runs: int = 20,
     device_table: Optional[str] = "auto",
-    threshold: str = "exact",
     variation_threshold: float = VARIATION_THRESHOLD,
     log: Optional[Callable[[str], Any]] = None,
     **options: Any,
 ) -> Dict[str, Any]:
-    """Benchmark an export directory at each ``(label, H, W)`` size; returns the report dictionary.
+    """Benchmark a model (any model reference) at each ``(label, H, W)`` size; returns the report.
 
-    ``options`` go to the backend (``checkpoint=`` for torch, ``threads=`` for onnxruntime). A
-    size that fails (e.g. outside a TensorRT profile) is reported with its error; the others run.
+    ``options`` are :func:`dereflect.models.open_model`'s (``device``, ``precision``, ``threshold``,
+    the backend's own). A size that fails (e.g. outside a TensorRT profile) is reported with its
+    error; the others run.
     """
     if int(warmup) < 0 or int(runs) < 1:
         raise InputError(f"--warmup must be >= 0 and --runs >= 1, got {warmup} and {runs}")
     if not variation_threshold > 0:
         raise InputError(f"--variation-threshold must be positive, got {variation_threshold}")
-    manifest = load_manifest(resolve_model(export_dir))
-    pipeline = BenchPipeline(manifest, backend, device=device, precision=precision, threshold=threshold,
-                             **options)
+    pipeline = BenchPipeline(model, backend, **options)
+    manifest = pipeline.manifest
     try:
         spec = resolve_device_table(device_table, pipeline.on_gpu)
         notes = list(pipeline.notes)
@@ -541,15 +339,15 @@ def run_bench(
             "model": {"dir": str(manifest.directory), "name": manifest.name, "method": manifest.method},
             "backend": pipeline.backend,
             "backend_detail": pipeline.description,
-            "device": device,
-            "precision": precision,
+            "device": options.get("device", "auto"),
+            "precision": options.get("precision", "auto"),
             "element_bytes": pipeline.element_bytes,
-            "threshold": threshold,
+            "threshold": getattr(pipeline.remover.settings, "threshold", None),
             "warmup": int(warmup),
             "runs": int(runs),
             "variation_threshold": variation_threshold,
             "device_table": spec.to_dict() if spec is not None else None,
-            "stages": list(pipeline.stages.stages),
+            "stages": list(pipeline.stages),
             "notes": notes,
             "sizes": results,
         }
@@ -580,16 +378,13 @@ def format_report(report: Dict[str, Any]) -> str:
             continue
         limits_ = entry.get("limits") or {}
         rows = list(entry["stages"].items()) + [("total", entry["total"])]
-        if entry.get("fused"):
-            rows.append(("fused", entry["fused"]))
         for name, stats in rows:
             flag = "*" if stats["variable"] else " "
             line = (f"{size:<10} {name:<9} {stats['mean_ms']:9.3f} {stats['median_ms']:9.3f} "
                     f"{stats['p90_ms']:9.3f} {stats['p99_ms']:9.3f} {stats['max_ms']:9.3f}{flag}")
-            floor_key = "total" if name == "fused" else name
-            if limits_ and floor_key in limits_["floor_ms"]:
-                line += f"{limits_['floor_ms'][floor_key]:9.3f} {limits_['ratio'][name]:7.1f}x"
-            if name in ("total", "fused"):
+            if limits_ and name in limits_["floor_ms"]:
+                line += f"{limits_['floor_ms'][name]:9.3f} {limits_['ratio'][name]:7.1f}x"
+            if name == "total":
                 line += f"  {stats['fps']:.1f} FPS"
             lines.append(line)
             size = ""
@@ -674,17 +469,9 @@ def register(subparsers: Any) -> None:
                     "FPS; FLOPs, bytes and the floor they set on a device. Writes bench.json and "
                     "bench.png into --out.",
     )
-    bench.add_argument("engine_dir", metavar="MODEL",
-                       help="bundled model name or export directory (manifest.json, ONNX files, engines)")
+    add_model_options(bench, positional=True, sizes=False)
     bench.add_argument("--sizes", default=DEFAULT_SIZES,
                        help=f"comma-separated: N (square), Np (16:9) or HxW (default {DEFAULT_SIZES})")
-    bench.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "torch"],
-                       help="inference backend (default: onnxruntime)")
-    bench.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    bench.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
-                       help="network precision (default: auto)")
-    bench.add_argument("--checkpoint", metavar="FILE", help="training checkpoint for --backend torch")
-    bench.add_argument("--threads", type=int, metavar="N", help="onnxruntime intra-op threads")
     bench.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed runs per size (default 3)")
     bench.add_argument("--runs", type=int, default=20, metavar="N", help="timed runs per size (default 20)")
     bench.add_argument("--out", default="bench-results", metavar="DIR",
@@ -693,8 +480,6 @@ def register(subparsers: Any) -> None:
                        help="floors for h100, h200, agx-orin, orin-nano, orin-nano-super or "
                             "custom:TFLOPS,GBPS (dense FP16 TFLOP/s, memory GB/s); auto: the running GPU "
                             "if known; none: no floors")
-    bench.add_argument("--threshold", default="exact", choices=["exact", "histogram"],
-                       help="2-means of the CPU middle step (default: exact)")
     bench.add_argument("--variation-threshold", type=float, default=VARIATION_THRESHOLD, metavar="F",
                        help=f"flag runs whose CoV or (p90 - median)/median exceeds F (default "
                             f"{VARIATION_THRESHOLD})")
@@ -703,16 +488,10 @@ def register(subparsers: Any) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    options: Dict[str, Any] = {}
-    if args.checkpoint:
-        options["checkpoint"] = args.checkpoint
-    if args.threads:
-        options["threads"] = args.threads
     report = run_bench(
-        args.engine_dir, parse_sizes(args.sizes), backend=args.backend, device=args.device,
-        precision=args.precision, warmup=args.warmup, runs=args.runs, device_table=args.device_table,
-        threshold=args.threshold, variation_threshold=args.variation_threshold,
-        log=lambda message: print(message, file=sys.stderr), **options,
+        args.model, parse_sizes(args.sizes), warmup=args.warmup, runs=args.runs, device_table=args.device_table,
+        variation_threshold=args.variation_threshold, log=lambda message: print(message, file=sys.stderr),
+        **model_options(args),
     )
     print(format_report(report))
     path = write_report(report, args.out)

@@ -60,32 +60,19 @@ import os
 import re
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 from dereflect import __version__
-from dereflect.errors import InputError, ModelError, require
-from dereflect.imageio import (
-    IMAGE_EXTENSIONS,
-    as_float_rgb,
-    images_by_stem,
-    is_visible_image,
-    read_image,
-    some_names,
-    write_image,
-)
-from dereflect.manifest import DEFAULT_MIDDLE_STEP, MANIFEST_NAME, Manifest, NetworkSpec, TensorSpec
+from dereflect.cli_options import add_model_options, model_options
+from dereflect.errors import InputError, ModelError
+from dereflect.imageio import as_float_rgb, read_image, write_image
+from dereflect.tools.datasets import LAYOUTS, Pair, PathLike, filter_pairs, find_pairs, read_name_list
 from dereflect.tools.metrics import WINDOW, psnr, si, si_region, ssim, ssim_region
 
-PathLike = Union[str, "os.PathLike[str]"]
-
-LAYOUTS = ("auto", "paired", "real20", "nature", "ceilnet", "sir2")
-LAYOUT_ALIASES = {"real20": "paired", "nature": "paired"}
-PAIRED_FOLDERS = (("blended", "transmission_layer"), ("input", "target"))
 BASE_METRICS = ("psnr", "ssim", "si")
 REGION_METRICS = ("ssimr", "sir")
 METRIC_LABELS = {"psnr": "PSNR", "ssim": "SSIM", "si": "SI", "ssimr": "SSIMr", "sir": "SIr"}
@@ -94,192 +81,6 @@ CONTACT_COLUMNS = ("input", "stage 1", "confidence", "result", "ground truth")
 CONTACT_TILE = 160
 DEFAULT_CONTACT_IMAGES = 4
 REPORT_FILES = {"markdown": "report.md", "json": "report.json", "contact_sheet": "contact_sheet.png"}
-
-_LOOKED_FOR = (
-    "paired / Real20 / Nature: DIR/blended/ + DIR/transmission_layer/ (or DIR/input/ + DIR/target/); "
-    "CEILNet: DIR/NAME-input.* + DIR/NAME-label1.*; "
-    "SIR2: sub-folders holding blended/ + transmission_layer/, or m.* + g.* (or NAME_m.* + NAME_g.*) files"
-)
-_SIR2_FILE = re.compile(r"^(?:(?P<prefix>.+)_)?(?P<letter>[mgr])$", re.IGNORECASE)
-
-
-# --------------------------------------------------------------------------- dataset readers
-
-
-@dataclass
-class Pair:
-    """One scored image: its name, input file, ground-truth background file and optional mask."""
-
-    name: str
-    input: Path
-    target: Path
-    mask: Optional[Path] = None
-
-
-def _match(inputs: Dict[str, Path], targets: Dict[str, Path], where: str, input_what: str,
-           target_what: str, prefix: str = "") -> List[Pair]:
-    only_in = sorted(set(inputs) - set(targets))
-    only_gt = sorted(set(targets) - set(inputs))
-    if only_in or only_gt:
-        parts = []
-        if only_in:
-            parts.append(f"{len(only_in)} {input_what} without ground truth ({some_names(only_in)})")
-        if only_gt:
-            parts.append(f"{len(only_gt)} {target_what} without an input ({some_names(only_gt)})")
-        raise InputError(f"{where}: inputs and ground truths are matched by name, but " + "; ".join(parts))
-    return [Pair(prefix + key, inputs[key], targets[key]) for key in sorted(inputs)]
-
-
-def _paired_dirs(root: Path) -> Optional[Tuple[Path, Path]]:
-    for input_dir, target_dir in PAIRED_FOLDERS:
-        if (root / input_dir).is_dir() and (root / target_dir).is_dir():
-            return root / input_dir, root / target_dir
-    return None
-
-
-def _read_paired_dirs(root: Path, prefix: str = "") -> List[Pair]:
-    dirs = _paired_dirs(root)
-    if dirs is None:
-        raise InputError(
-            f"{root}: no paired folders; expected blended/ + transmission_layer/ or input/ + target/ "
-            "side by side"
-        )
-    input_dir, target_dir = dirs
-    return _match(images_by_stem(input_dir), images_by_stem(target_dir), str(root),
-                  f"image(s) in {input_dir.name}/", f"image(s) in {target_dir.name}/", prefix)
-
-
-def _check_dir(root: PathLike) -> Path:
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"data folder not found: {root}")
-    return root
-
-
-def _nonempty(pairs: List[Pair], root: Path, what: str) -> List[Pair]:
-    if not pairs:
-        raise InputError(f"{root}: no {what} found ({', '.join(IMAGE_EXTENSIONS)})")
-    return pairs
-
-
-def read_paired(root: PathLike) -> List[Pair]:
-    """Real20 / Nature / plain pairs: ``blended/`` + ``transmission_layer/`` or ``input/`` + ``target/``."""
-    root = _check_dir(root)
-    return _nonempty(_read_paired_dirs(root), root, "image pairs")
-
-
-def read_ceilnet(root: PathLike) -> List[Pair]:
-    """CEILNet triplets: ``NAME-input.*`` (input) and ``NAME-label1.*`` (background) in one folder."""
-    root = _check_dir(root)
-    inputs: Dict[str, Path] = {}
-    targets: Dict[str, Path] = {}
-    for path in sorted(root.iterdir()):
-        if not is_visible_image(path):
-            continue
-        for suffix, bucket in (("-input", inputs), ("-label1", targets)):
-            if path.stem.endswith(suffix):
-                key = path.stem[: -len(suffix)]
-                if key in bucket:
-                    raise InputError(f"{root}: two files for {key}{suffix} ({bucket[key].name}, {path.name})")
-                bucket[key] = path
-    pairs = _match(inputs, targets, str(root), "NAME-input file(s)", "NAME-label1 file(s)")
-    return _nonempty(pairs, root, "NAME-input.* / NAME-label1.* triplets")
-
-
-def read_sir2(root: PathLike) -> List[Pair]:
-    """SIR^2 below ``root``: paired sub-folders and/or ``m``/``g`` files (see the module doc)."""
-    root = _check_dir(root)
-    pairs: List[Pair] = []
-    mixtures: Dict[str, Path] = {}
-    grounds: Dict[str, Path] = {}
-    for folder, subdirs, files in os.walk(root):
-        here = Path(folder)
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        rel = here.relative_to(root).as_posix()
-        prefix = "" if rel == "." else rel + "/"
-        if _paired_dirs(here) is not None:
-            pairs.extend(_read_paired_dirs(here, prefix))
-            # The layer folders hold plain names, not m/g letters; nothing more to find in them.
-            subdirs[:] = [d for d in subdirs if all(d not in names for names in PAIRED_FOLDERS)
-                          and d != "reflection_layer"]
-        for filename in sorted(files):
-            path = here / filename
-            match = _SIR2_FILE.match(path.stem)
-            if not match or not is_visible_image(path):
-                continue
-            letter = match.group("letter").lower()
-            if letter == "r":
-                continue
-            key = prefix + match.group("prefix") if match.group("prefix") else rel
-            if key == ".":
-                key = root.name
-            bucket = mixtures if letter == "m" else grounds
-            if key in bucket:
-                raise InputError(f"{here}: two {letter} files for {key!r} ({bucket[key].name}, {filename})")
-            bucket[key] = path
-    pairs.extend(_match(mixtures, grounds, str(root), "mixture file(s) (m)", "ground-truth file(s) (g)"))
-    duplicated = [name for name, count in Counter(p.name for p in pairs).items() if count > 1]
-    if duplicated:
-        raise InputError(f"{root}: image names found twice ({some_names(duplicated)}); keep one copy")
-    return _nonempty(sorted(pairs, key=lambda p: p.name), root, "SIR2 image pairs")
-
-
-READERS = {"paired": read_paired, "ceilnet": read_ceilnet, "sir2": read_sir2}
-
-
-def detect_layout(root: PathLike) -> str:
-    """The layout of ``root`` ("paired", "ceilnet" or "sir2"); InputError listing what was looked for."""
-    root = _check_dir(root)
-    if _paired_dirs(root) is not None:
-        return "paired"
-    if any(is_visible_image(p) and p.stem.endswith("-input") for p in root.iterdir()):
-        return "ceilnet"
-    for folder, subdirs, files in os.walk(root):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-        if Path(folder) != root and _paired_dirs(Path(folder)) is not None:
-            return "sir2"
-        for filename in files:
-            match = _SIR2_FILE.match(Path(filename).stem)
-            if match and match.group("letter").lower() == "m" and is_visible_image(Path(folder) / filename):
-                return "sir2"
-    raise InputError(f"{root}: no known dataset layout found. Looked for: {_LOOKED_FOR}")
-
-
-def attach_masks(pairs: List[Pair], masks_dir: PathLike) -> List[Pair]:
-    """Set each pair's mask to ``masks_dir/<name>.*``; InputError if any image has none."""
-    masks_dir = Path(masks_dir)
-    if not masks_dir.is_dir():
-        raise InputError(f"mask folder not found: {masks_dir}")
-    index: Dict[str, Path] = {}
-    for path in sorted(masks_dir.rglob("*")):
-        if not is_visible_image(path):
-            continue
-        key = path.relative_to(masks_dir).with_suffix("").as_posix()
-        if key in index:
-            raise InputError(f"{masks_dir}: two masks for {key!r} ({index[key].name}, {path.name}); keep one")
-        index[key] = path
-    missing = [p.name for p in pairs if p.name not in index]
-    if missing:
-        raise InputError(
-            f"{masks_dir}: {len(missing)} of {len(pairs)} image(s) have no region mask <name>.* "
-            f"({some_names(missing)}); every scored image needs one"
-        )
-    return [Pair(p.name, p.input, p.target, index[p.name]) for p in pairs]
-
-
-def find_pairs(data_dir: PathLike, layout: str = "auto", masks: Optional[PathLike] = None
-               ) -> Tuple[str, List[Pair]]:
-    """The pairs of ``data_dir`` read with ``layout`` (see :data:`LAYOUTS`), and the layout used."""
-    if layout not in LAYOUTS:
-        raise InputError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
-    reader = LAYOUT_ALIASES.get(layout, layout)
-    if reader == "auto":
-        reader = detect_layout(data_dir)
-    pairs = READERS[reader](data_dir)
-    if masks is not None:
-        pairs = attach_masks(pairs, masks)
-    return (reader if layout == "auto" else layout), pairs
-
 
 # --------------------------------------------------------------------------- resize protocol
 
@@ -346,120 +147,25 @@ def load_pair(pair: Pair, short: Optional[int] = None
 # --------------------------------------------------------------------------- models
 
 
-class Stage1Model:
-    """RM2S stage 1 alone, from a stage-1 training checkpoint: its estimate is the result.
-
-    Same ``remove_with_intermediates`` interface as a Remover; runs at full resolution (no
-    ``max_side``), with PyTorch (extra ``train``).
-    """
-
-    method = "rm2s-stage1"
-    backend = "torch"
-
-    def __init__(self, checkpoint: PathLike, device: str = "auto", precision: str = "auto") -> None:
-        from dereflect.backends.torch_backend import create_runner
-
-        self.name = f"{Path(checkpoint).stem} (stage 1 only)"
-        self.runner = create_runner((Path(checkpoint), "stage1"), ("image",), ("background",),
-                                    device=device, precision=precision).activate()
-
-    def remove_with_intermediates(self, image: np.ndarray, colour_order: str = "RGB") -> Any:
-        """The stage-1 estimate as ``background`` and ``stage1`` (float32, ``colour_order``)."""
-        from dereflect.remover import Result
-
-        rgb = as_float_rgb(image, colour_order)
-        batch = np.ascontiguousarray(rgb.transpose(2, 0, 1)[None])
-        background = np.clip(self.runner.infer({"image": batch})["background"][0].transpose(1, 2, 0), 0, 1)
-        background = background.astype(np.float32)
-        if str(colour_order).upper() == "BGR":
-            background, rgb = background[:, :, ::-1], rgb[:, :, ::-1]
-        return Result(background=background, reflection=rgb - background, stage1=background)
-
-    def close(self) -> None:
-        self.runner.deactivate()
-
-
-def _checkpoint_manifest(path: Path, metadata: Dict[str, Any]) -> Manifest:
-    """An in-memory manifest for the torch backend: the network names and tensors it runs."""
-    method = metadata["method"]
-
-    def spec(name: str, input_name: str, channels: int, outputs: Sequence[Tuple[str, int]]) -> NetworkSpec:
-        return NetworkSpec(name=name, onnx="", sha256="", inputs=[TensorSpec(input_name, channels)],
-                           outputs=[TensorSpec(n, c) for n, c in outputs])
-
-    if method == "rm2s":
-        networks = {"stage1": spec("stage1", "image", 3, [("background", 3)]),
-                    "stage2": spec("stage2", "stage2_input", 9, [("background", 3)])}
-        middle = {**DEFAULT_MIDDLE_STEP, **(metadata.get("middle_step") or {})}
-    else:
-        networks = {"crrn": spec("crrn", "image", 3, [("background", 3), ("reflection", 3), ("gradient", 1)])}
-        middle = {}
-    return Manifest(method=method, name=str(metadata.get("name") or path.stem), networks=networks,
-                    directory=path.parent, middle_step=middle,
-                    checkpoint={"file": path.name, "metadata": {k: v for k, v in metadata.items()
-                                                                if k != "optimizers"}})
-
-
-def load_checkpoint_model(path: PathLike, device: str = "auto", precision: str = "auto",
-                          **options: Any) -> Any:
-    """A training checkpoint as a model: a torch-backend Remover, or :class:`Stage1Model`."""
-    require("torch", "train", "evaluating a training checkpoint")
-    require("safetensors", "train", "evaluating a training checkpoint")
-    from dereflect.remover import Remover
-    from dereflect.train.checkpoint import read_metadata
-
-    path = Path(path)
-    metadata = read_metadata(path)
-    method, have = metadata["method"], set(metadata["networks"])
-    if method == "rm2s" and not have & {"stage2", "generator"}:
-        if "stage1" not in have:
-            raise ModelError(f"{path}: an RM2S checkpoint with neither stage 1 nor stage 2 ({sorted(have)})")
-        return Stage1Model(path, device=device, precision=precision)
-    if method not in ("rm2s", "crrn"):
-        raise ModelError(f"{path}: cannot evaluate method {method!r} (known: rm2s, crrn)")
-    return Remover(_checkpoint_manifest(path, metadata), backend="torch", device=device, precision=precision,
-                   checkpoint=path, verify_checkpoint=False, **options)
-
-
-def load_model(model: Any, backend: Optional[str] = None, device: str = "auto", precision: str = "auto",
-               **options: Any) -> Any:
-    """``model`` as an object with ``remove_with_intermediates``: an export dir, a checkpoint or as is."""
+def load_model(model: Any, **options: Any) -> Any:
+    """``model`` as is when it has ``remove_with_intermediates``, else opened by the one route
+    (:func:`dereflect.models.open_model`: a bundled name, an export directory or a checkpoint)."""
     if hasattr(model, "remove_with_intermediates"):
         return model
-    from dereflect.remover import BUNDLED_MODELS, resolve_model
+    from dereflect.models import open_model
 
-    path = resolve_model(model)
-    if path.is_dir() or path.name == MANIFEST_NAME:
-        from dereflect.backends.base import backend_name
-        from dereflect.remover import Remover
-
-        chosen = backend_name(backend or "onnxruntime")
-        if chosen == "torch":
-            raise InputError(
-                f"{path} is an export directory (ONNX files); to evaluate with PyTorch pass the training "
-                "checkpoint (.safetensors) as the model instead"
-            )
-        return Remover.from_dir(path, backend=chosen, device=device, precision=precision, **options)
-    if path.is_file() and path.suffix.lower() == ".safetensors":
-        if backend is not None and backend.lower() not in ("torch", "pytorch"):
-            raise InputError(f"{path} is a training checkpoint: it runs on torch, not {backend!r}")
-        return load_checkpoint_model(path, device=device, precision=precision, **options)
-    if not path.exists():
-        raise ModelError(f"model not found: {path}")
-    raise ModelError(
-        f"{path}: not a model; pass a bundled model name ({', '.join(BUNDLED_MODELS)}), an export directory "
-        f"(with {MANIFEST_NAME}) or a training checkpoint (.safetensors)"
-    )
+    return open_model(model, **options)
 
 
 def describe_model(model: Any, source: Any = None) -> Dict[str, Any]:
     """What the report says about the model: name, method, backend, file and runtime limits."""
     manifest = getattr(model, "manifest", None)
     path = None if source is None or hasattr(source, "remove_with_intermediates") else Path(source)
+    method = getattr(model, "method", None)
     info: Dict[str, Any] = {
         "name": getattr(manifest, "name", None) or getattr(model, "name", None)
         or (path.stem if path is not None else type(model).__name__),
-        "method": getattr(model, "method", None),
+        "method": getattr(method, "name", method),
         "backend": getattr(model, "backend", None),
         "source": str(path) if path is not None else None,
         "max_side": None,
@@ -734,34 +440,38 @@ def evaluate(
     limit: Optional[int] = None,
     out_dir: Optional[PathLike] = None,
     *,
-    backend: Optional[str] = None,
-    device: str = "auto",
-    precision: str = "auto",
+    names: Optional[PathLike] = None,
     contact_images: int = DEFAULT_CONTACT_IMAGES,
     progress: bool = True,
+    **options: Any,
 ) -> Report:
     """Score ``model`` on ``data_dir`` beside the do-nothing baseline; see the module doc.
 
-    ``model``: an export directory, a training checkpoint (.safetensors) or an object with
-    ``remove_with_intermediates``. ``limit``: score only the first N images (sorted by name).
+    ``model``: a bundled model's name, an export directory, a training checkpoint (.safetensors)
+    or an object with ``remove_with_intermediates``. ``names``: a file listing the pairs to score
+    (a validation split). ``limit``: score only the first N images (sorted by name).
     ``out_dir``: also write report.md, report.json and contact_sheet.png there.
-    ``backend`` / ``device`` / ``precision``: how an export directory or checkpoint is run.
     ``contact_images``: rows of the contact sheet (spread over the set; 0: none).
+    ``options``: how the model is run (``backend``, ``device``, ``precision``, ``max_side``, ...:
+    :func:`dereflect.models.open_model`'s).
     """
     short = parse_resize(resize)
     if limit is not None and int(limit) < 1:
         raise InputError(f"limit must be a positive number of images, not {limit}")
     used_layout, pairs = find_pairs(data_dir, layout, masks)
+    if names is not None:
+        pairs = filter_pairs(pairs, read_name_list(names), keep=True, where=str(data_dir))
     if limit is not None:
         pairs = pairs[: int(limit)]
-    runner = load_model(model, backend=backend, device=device, precision=precision)
+    runner = load_model(model, **options)
     try:
         report = _run(runner, describe_model(runner, model), pairs, short, masks, contact_images, progress)
     finally:
         if runner is not model and hasattr(runner, "close"):
             runner.close()
     report.data = {"dir": str(data_dir), "layout": used_layout, "images": len(report.images),
-                   "masks": str(masks) if masks is not None else None, "limit": limit}
+                   "masks": str(masks) if masks is not None else None, "limit": limit,
+                   "names": str(names) if names is not None else None}
     if out_dir is not None:
         report.write(out_dir)
     return report
@@ -836,8 +546,7 @@ def register(subparsers: Any) -> None:
                     "NAME-label1.*), SIR2 (sub-folders of blended/ + transmission_layer/, or m/g files). "
                     "Prints the mean table; --out writes report.md, report.json and contact_sheet.png.",
     )
-    parser.add_argument("model", metavar="MODEL_OR_EXPORT_DIR",
-                        help="export directory, or a training checkpoint (.safetensors; train extra)")
+    add_model_options(parser, positional=True)
     parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder")
     parser.add_argument("--layout", default="auto", choices=LAYOUTS, help="dataset layout (default: auto)")
     parser.add_argument("--resize", default="native", metavar="native|short:N",
@@ -846,12 +555,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--masks", metavar="DIR", help="region masks DIR/<name>.* for SSIMr and SIr")
     parser.add_argument("--limit", type=int, metavar="N", help="score only the first N images")
     parser.add_argument("--out", metavar="DIR", help="write report.md, report.json, contact_sheet.png here")
-    parser.add_argument("--backend", choices=["onnxruntime", "tensorrt", "torch"],
-                        help="runtime backend (default: onnxruntime for an export directory, torch for a "
-                             "checkpoint)")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
-                        help="network precision (default: auto)")
+    parser.add_argument("--names", metavar="FILE",
+                        help="score only the pairs named in FILE, one per line (e.g. train/splits/zhang89_val.txt)")
     parser.add_argument("--contact-images", type=int, default=DEFAULT_CONTACT_IMAGES, metavar="N",
                         help=f"rows of the contact sheet (default {DEFAULT_CONTACT_IMAGES}; 0: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -860,9 +565,8 @@ def register(subparsers: Any) -> None:
 
 def run_eval(args: Any) -> int:
     report = evaluate(args.model, args.data, layout=args.layout, resize=args.resize, masks=args.masks,
-                      limit=args.limit, out_dir=args.out, backend=args.backend, device=args.device,
-                      precision=args.precision, contact_images=args.contact_images,
-                      progress=not args.no_progress)
+                      limit=args.limit, out_dir=args.out, names=args.names, contact_images=args.contact_images,
+                      progress=not args.no_progress, **model_options(args))
     print(f"{report.model['name']} on {report.data['dir']} ({report.data['layout']}, {report.data['images']} "
           f"images, resize {report.protocol['resize']})")
     print(report.mean_table())

@@ -520,14 +520,17 @@ def pipeline_costs(
     network_files: Sequence[Tuple[str, Union[str, os.PathLike]]],
     height: int,
     width: int,
-    method: str = "rm2s",
+    stages: Sequence[str],
     element_bytes: Optional[int] = None,
 ) -> Dict[str, Cost]:
-    """Costs of each network (name, ONNX path) in order, with RM2S's middle step between the two."""
+    """Costs of each stage of a method (its ``stages``, e.g. RM2S's stage1, middle, stage2) that costs
+    anything: the networks (name, ONNX path) and the middle step."""
+    files = dict(network_files)
+    size = element_bytes or 4
     costs: Dict[str, Cost] = {}
-    for index, (name, path) in enumerate(network_files):
-        costs[name] = network_cost(path, height, width, element_bytes=element_bytes, name=name)
-        if method == "rm2s" and index == 0:
-            size = element_bytes or 4
+    for stage in stages:
+        if stage in files:
+            costs[stage] = network_cost(files[stage], height, width, element_bytes=element_bytes, name=stage)
+        elif stage == "middle":
             costs["middle"] = middle_step_cost(height, width, b1_bytes=size, out_bytes=size)
     return costs

@@ -1,0 +1,69 @@
+"""The model options every command that runs a model shares: declared once, read once.
+
+``remove``, ``video``, ``eval``, ``bench`` and ``export verify`` take the same model reference
+(a bundled model's name, an export directory or a training checkpoint) and the same options,
+which :func:`open_from_args` hands to :func:`dereflect.models.open_model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict
+
+from dereflect.models import BUNDLED_MODELS
+
+MODEL_HELP = (f"a bundled model ({', '.join(BUNDLED_MODELS)}; default {BUNDLED_MODELS[0]}), an export directory "
+              "or a training checkpoint (.safetensors, runs on torch)")
+
+
+def add_model_options(parser: argparse.ArgumentParser, positional: bool = False, sizes: bool = True) -> None:
+    """Add the model reference (``MODEL`` or ``--model``) and the runtime options to ``parser``.
+
+    ``sizes``: also ``--max-side`` and ``--large-image`` (not for commands that choose sizes themselves).
+    """
+    if positional:
+        parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    else:
+        parser.add_argument("--model", metavar="MODEL", default=None, help=MODEL_HELP)
+    group = parser.add_argument_group("model options")
+    group.add_argument("--backend", default=None, choices=["onnxruntime", "tensorrt", "torch"],
+                       help="inference backend (default: onnxruntime for exports, torch for checkpoints)")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    group.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
+                       help="network precision; fp16 runs the export's FP16 ONNX files (default: auto)")
+    group.add_argument("--checkpoint", metavar="FILE", default=None,
+                       help="torch backend on an export directory: the training checkpoint it was made from")
+    group.add_argument("--threads", type=int, metavar="N", default=None,
+                       help="onnxruntime intra-op threads (default: onnxruntime's choice)")
+    group.add_argument("--threshold", choices=["exact", "histogram"], default=None,
+                       help="RM2S: 2-means of the CPU middle step (default: exact; the GPU kernel uses histogram)")
+    group.add_argument("--c1", type=float, default=None, metavar="C",
+                       help="RM2S: reflection-mask threshold offset (default: the model's, 0.5)")
+    group.add_argument("--c2", type=float, default=None, metavar="C",
+                       help="RM2S: background-mask threshold offset (default: the model's, 0.5)")
+    if sizes:
+        group.add_argument("--max-side", type=int, default=1024, metavar="N",
+                           help="longest side the networks run at; larger images use --large-image "
+                                "(0: no limit; default 1024)")
+        group.add_argument("--large-image", default="guided", choices=["guided", "tile"],
+                           help="guided: run scaled down, guided-upsample the reflection layer (default); "
+                                "tile: overlapping full-resolution tiles with blended seams")
+
+
+def model_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The keyword options of :func:`dereflect.models.open_model` that ``args`` set."""
+    options: Dict[str, Any] = {"backend": args.backend, "device": args.device, "precision": args.precision}
+    for key in ("checkpoint", "threads", "threshold", "c1", "c2"):
+        if getattr(args, key, None) is not None:
+            options[key] = getattr(args, key)
+    for key in ("max_side", "large_image"):
+        if hasattr(args, key):
+            options[key] = getattr(args, key)
+    return options
+
+
+def open_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
+    """The Remover the command line asks for."""
+    from dereflect.models import open_model
+
+    return open_model(args.model, **{**model_options(args), **overrides})

@@ -1,0 +1,126 @@
+"""RM2S: stage-1 network -> middle step (confidence map, 2-means edge masks) -> stage-2 network.
+
+Also :class:`RM2SStage1`, stage 1 alone, which ``dereflect eval`` runs on stage-1 training
+checkpoints (it is not exported: RM2S deploys both stages).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional
+
+import numpy as np
+from dereflect.errors import InputError, ModelError
+from dereflect.methods.base import NULL_TIMER, Executor, Layers, Method, NetworkContract, TensorContract, Timer
+from dereflect.middle_step.reference import EPS, GRADIENT_THRESHOLD
+
+THRESHOLDS = ("exact", "histogram")
+
+_IMAGE = TensorContract("image", 3)
+_BACKGROUND = TensorContract("background", 3)
+STAGE1 = NetworkContract("stage1", ("stage1",), _IMAGE, (_BACKGROUND,))
+STAGE2 = NetworkContract("stage2", ("stage2", "generator"), TensorContract("stage2_input", 9), (_BACKGROUND,))
+
+
+@dataclass(frozen=True)
+class MiddleStepSettings:
+    """The middle step's constants (the manifest's ``middle_step``) and the runtime's 2-means choice.
+
+    ``c1``/``c2``: where the reflection/background thresholds sit between the two 2-means centres;
+    ``gradient_threshold``: G_I above which a pixel is an edge; ``epsilon``: added to G_B before
+    dividing; ``threshold``: ``exact`` (sort, the CPU path) or ``histogram`` (the CUDA kernel's).
+    """
+
+    c1: float = 0.5
+    c2: float = 0.5
+    gradient_threshold: float = GRADIENT_THRESHOLD
+    epsilon: float = EPS
+    threshold: str = "exact"
+
+    def to_manifest(self) -> Dict[str, float]:
+        return {"c1": self.c1, "c2": self.c2, "gradient_threshold": self.gradient_threshold, "epsilon": self.epsilon}
+
+
+def _number(section: Mapping[str, Any], key: str, default: float, low: float, high: float, where: str) -> float:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ModelError(f"{where}: {key} must be a finite number, got {value!r}")
+    if not low <= float(value) <= high:
+        raise ModelError(f"{where}: {key} must lie in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+class RM2S(Method):
+    name = "rm2s"
+    networks = (STAGE1, STAGE2)
+    stages = ("upload", "stage1", "middle", "stage2", "download")
+    settings_key = "middle_step"
+    checkpoint_kinds = ("rm2s-stage2",)
+
+    def settings(self, raw: Optional[Mapping[str, Any]] = None, c1: Optional[float] = None,
+                 c2: Optional[float] = None, threshold: Optional[str] = None) -> MiddleStepSettings:
+        section = raw or {}
+        where = "manifest middle_step"
+        if not isinstance(section, Mapping):
+            raise ModelError(f"{where} must be an object, got {type(section).__name__}")
+        unknown = sorted(set(section) - {"c1", "c2", "gradient_threshold", "epsilon"})
+        if unknown:
+            raise ModelError(f"{where}: unknown key(s) {unknown}")
+        values = {
+            "c1": _number(section, "c1", 0.5, 0.0, 1.0, where),
+            "c2": _number(section, "c2", 0.5, 0.0, 1.0, where),
+            "gradient_threshold": _number(section, "gradient_threshold", GRADIENT_THRESHOLD, 0.0, 1e6, where),
+            "epsilon": _number(section, "epsilon", EPS, 1e-30, 1.0, where),
+        }
+        for key, value in (("c1", c1), ("c2", c2)):
+            if value is not None:
+                values[key] = _number({key: value}, key, 0.5, 0.0, 1.0, f"--{key}")
+        chosen = threshold or "exact"
+        if chosen not in THRESHOLDS:
+            raise InputError(f"threshold must be one of {', '.join(THRESHOLDS)}, not {chosen!r}")
+        return MiddleStepSettings(threshold=chosen, **values)
+
+    def settings_from_checkpoint(self, metadata: Mapping[str, Any]) -> Dict[str, float]:
+        """The c1/c2 stage 2 was trained with (stage-2 training records them under ``stage2``)."""
+        trained = metadata.get("stage2") or {}
+        section = {key: float(trained[key]) for key in ("c1", "c2") if key in trained}
+        return self.settings(section).to_manifest()
+
+    def run(self, executor: Executor, image: np.ndarray, settings: MiddleStepSettings,
+            timer: Timer = NULL_TIMER, intermediates: bool = False) -> Layers:
+        with timer.stage("upload"):
+            x = executor.upload(image)
+        with timer.stage("stage1"):
+            stage1 = executor.clip(executor.network("stage1", x)["background"])
+        with timer.stage("middle"):
+            middle = executor.middle_step(x, stage1, settings, intermediates)
+        with timer.stage("stage2"):
+            out = executor.network("stage2", middle.stage2_input)["background"]
+        with timer.stage("download"):
+            background = np.clip(executor.download(out), 0.0, 1.0)
+            stage1_host = executor.download(stage1) if intermediates else None
+        return Layers(background=background, reflection=image - background, stage1=stage1_host,
+                      confidence=middle.confidence, mask_background=middle.mask_background,
+                      mask_reflection=middle.mask_reflection, thresholds=middle.thresholds)
+
+
+class RM2SStage1(Method):
+    """RM2S stage 1 alone: its estimate is the result (for scoring stage-1 checkpoints)."""
+
+    name = "rm2s-stage1"
+    networks = (STAGE1,)
+    stages = ("upload", "stage1", "download")
+    checkpoint_kinds = ("rm2s-stage1",)
+    exportable = False
+
+    def run(self, executor: Executor, image: np.ndarray, settings: Any = None, timer: Timer = NULL_TIMER,
+            intermediates: bool = False) -> Layers:
+        with timer.stage("upload"):
+            x = executor.upload(image)
+        with timer.stage("stage1"):
+            out = executor.network("stage1", x)["background"]
+        with timer.stage("download"):
+            background = np.clip(executor.download(out), 0.0, 1.0)
+        return Layers(background=background, reflection=image - background,
+                      stage1=background if intermediates else None)

@@ -1,0 +1,234 @@
+"""Datasets with ground truth, in the layouts ``dereflect eval`` and training validation read.
+
+Shared by :mod:`dereflect.tools.evaluate` and :mod:`dereflect.train.data`, so that training
+validates on pairs found exactly as the evaluation finds them. See the evaluate module's
+docstring for the layouts (paired / Real20 / Nature, CEILNet triplets, SIR2) and masks.
+``names=`` keeps only the listed pairs (a split such as ``train/splits/zhang89_val.txt``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from dereflect.errors import InputError
+from dereflect.imageio import IMAGE_EXTENSIONS, images_by_stem, is_visible_image, some_names
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+LAYOUTS = ("auto", "paired", "real20", "nature", "ceilnet", "sir2")
+LAYOUT_ALIASES = {"real20": "paired", "nature": "paired"}
+PAIRED_FOLDERS = (("blended", "transmission_layer"), ("input", "target"))
+
+_LOOKED_FOR = (
+    "paired / Real20 / Nature: DIR/blended/ + DIR/transmission_layer/ (or DIR/input/ + DIR/target/); "
+    "CEILNet: DIR/NAME-input.* + DIR/NAME-label1.*; "
+    "SIR2: sub-folders holding blended/ + transmission_layer/, or m.* + g.* (or NAME_m.* + NAME_g.*) files"
+)
+_SIR2_FILE = re.compile(r"^(?:(?P<prefix>.+)_)?(?P<letter>[mgr])$", re.IGNORECASE)
+
+
+
+
+@dataclass
+class Pair:
+    """One scored image: its name, input file, ground-truth background file and optional mask."""
+
+    name: str
+    input: Path
+    target: Path
+    mask: Optional[Path] = None
+
+
+def _match(inputs: Dict[str, Path], targets: Dict[str, Path], where: str, input_what: str,
+           target_what: str, prefix: str = "") -> List[Pair]:
+    only_in = sorted(set(inputs) - set(targets))
+    only_gt = sorted(set(targets) - set(inputs))
+    if only_in or only_gt:
+        parts = []
+        if only_in:
+            parts.append(f"{len(only_in)} {input_what} without ground truth ({some_names(only_in)})")
+        if only_gt:
+            parts.append(f"{len(only_gt)} {target_what} without an input ({some_names(only_gt)})")
+        raise InputError(f"{where}: inputs and ground truths are matched by name, but " + "; ".join(parts))
+    return [Pair(prefix + key, inputs[key], targets[key]) for key in sorted(inputs)]
+
+
+def _paired_dirs(root: Path) -> Optional[Tuple[Path, Path]]:
+    for input_dir, target_dir in PAIRED_FOLDERS:
+        if (root / input_dir).is_dir() and (root / target_dir).is_dir():
+            return root / input_dir, root / target_dir
+    return None
+
+
+def _read_paired_dirs(root: Path, prefix: str = "") -> List[Pair]:
+    dirs = _paired_dirs(root)
+    if dirs is None:
+        raise InputError(
+            f"{root}: no paired folders; expected blended/ + transmission_layer/ or input/ + target/ "
+            "side by side"
+        )
+    input_dir, target_dir = dirs
+    return _match(images_by_stem(input_dir), images_by_stem(target_dir), str(root),
+                  f"image(s) in {input_dir.name}/", f"image(s) in {target_dir.name}/", prefix)
+
+
+def _check_dir(root: PathLike) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"data folder not found: {root}")
+    return root
+
+
+def _nonempty(pairs: List[Pair], root: Path, what: str) -> List[Pair]:
+    if not pairs:
+        raise InputError(f"{root}: no {what} found ({', '.join(IMAGE_EXTENSIONS)})")
+    return pairs
+
+
+def read_paired(root: PathLike) -> List[Pair]:
+    """Real20 / Nature / plain pairs: ``blended/`` + ``transmission_layer/`` or ``input/`` + ``target/``."""
+    root = _check_dir(root)
+    return _nonempty(_read_paired_dirs(root), root, "image pairs")
+
+
+def read_ceilnet(root: PathLike) -> List[Pair]:
+    """CEILNet triplets: ``NAME-input.*`` (input) and ``NAME-label1.*`` (background) in one folder."""
+    root = _check_dir(root)
+    inputs: Dict[str, Path] = {}
+    targets: Dict[str, Path] = {}
+    for path in sorted(root.iterdir()):
+        if not is_visible_image(path):
+            continue
+        for suffix, bucket in (("-input", inputs), ("-label1", targets)):
+            if path.stem.endswith(suffix):
+                key = path.stem[: -len(suffix)]
+                if key in bucket:
+                    raise InputError(f"{root}: two files for {key}{suffix} ({bucket[key].name}, {path.name})")
+                bucket[key] = path
+    pairs = _match(inputs, targets, str(root), "NAME-input file(s)", "NAME-label1 file(s)")
+    return _nonempty(pairs, root, "NAME-input.* / NAME-label1.* triplets")
+
+
+def read_sir2(root: PathLike) -> List[Pair]:
+    """SIR^2 below ``root``: paired sub-folders and/or ``m``/``g`` files (see the module doc)."""
+    root = _check_dir(root)
+    pairs: List[Pair] = []
+    mixtures: Dict[str, Path] = {}
+    grounds: Dict[str, Path] = {}
+    for folder, subdirs, files in os.walk(root):
+        here = Path(folder)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        rel = here.relative_to(root).as_posix()
+        prefix = "" if rel == "." else rel + "/"
+        if _paired_dirs(here) is not None:
+            pairs.extend(_read_paired_dirs(here, prefix))
+            # The layer folders hold plain names, not m/g letters; nothing more to find in them.
+            subdirs[:] = [d for d in subdirs if all(d not in names for names in PAIRED_FOLDERS)
+                          and d != "reflection_layer"]
+        for filename in sorted(files):
+            path = here / filename
+            match = _SIR2_FILE.match(path.stem)
+            if not match or not is_visible_image(path):
+                continue
+            letter = match.group("letter").lower()
+            if letter == "r":
+                continue
+            key = prefix + match.group("prefix") if match.group("prefix") else rel
+            if key == ".":
+                key = root.name
+            bucket = mixtures if letter == "m" else grounds
+            if key in bucket:
+                raise InputError(f"{here}: two {letter} files for {key!r} ({bucket[key].name}, {filename})")
+            bucket[key] = path
+    pairs.extend(_match(mixtures, grounds, str(root), "mixture file(s) (m)", "ground-truth file(s) (g)"))
+    duplicated = [name for name, count in Counter(p.name for p in pairs).items() if count > 1]
+    if duplicated:
+        raise InputError(f"{root}: image names found twice ({some_names(duplicated)}); keep one copy")
+    return _nonempty(sorted(pairs, key=lambda p: p.name), root, "SIR2 image pairs")
+
+
+READERS = {"paired": read_paired, "ceilnet": read_ceilnet, "sir2": read_sir2}
+
+
+def detect_layout(root: PathLike) -> str:
+    """The layout of ``root`` ("paired", "ceilnet" or "sir2"); InputError listing what was looked for."""
+    root = _check_dir(root)
+    if _paired_dirs(root) is not None:
+        return "paired"
+    if any(is_visible_image(p) and p.stem.endswith("-input") for p in root.iterdir()):
+        return "ceilnet"
+    for folder, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        if Path(folder) != root and _paired_dirs(Path(folder)) is not None:
+            return "sir2"
+        for filename in files:
+            match = _SIR2_FILE.match(Path(filename).stem)
+            if match and match.group("letter").lower() == "m" and is_visible_image(Path(folder) / filename):
+                return "sir2"
+    raise InputError(f"{root}: no known dataset layout found. Looked for: {_LOOKED_FOR}")
+
+
+def attach_masks(pairs: List[Pair], masks_dir: PathLike) -> List[Pair]:
+    """Set each pair's mask to ``masks_dir/<name>.*``; InputError if any image has none."""
+    masks_dir = Path(masks_dir)
+    if not masks_dir.is_dir():
+        raise InputError(f"mask folder not found: {masks_dir}")
+    index: Dict[str, Path] = {}
+    for path in sorted(masks_dir.rglob("*")):
+        if not is_visible_image(path):
+            continue
+        key = path.relative_to(masks_dir).with_suffix("").as_posix()
+        if key in index:
+            raise InputError(f"{masks_dir}: two masks for {key!r} ({index[key].name}, {path.name}); keep one")
+        index[key] = path
+    missing = [p.name for p in pairs if p.name not in index]
+    if missing:
+        raise InputError(
+            f"{masks_dir}: {len(missing)} of {len(pairs)} image(s) have no region mask <name>.* "
+            f"({some_names(missing)}); every scored image needs one"
+        )
+    return [Pair(p.name, p.input, p.target, index[p.name]) for p in pairs]
+
+
+def read_name_list(path: PathLike) -> List[str]:
+    """Names from a text file, one per line; blank lines and ``#`` comments are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the name list {path}: {exc}") from None
+    names = [line.split("#", 1)[0].strip() for line in lines]
+    return [name for name in names if name]
+
+
+def filter_pairs(pairs: List[Pair], names: Sequence[str], keep: bool, where: str) -> List[Pair]:
+    """The pairs whose name is in ``names`` (``keep``) or not in it; every name must be a pair."""
+    wanted = set(names)
+    unknown = sorted(wanted - {pair.name for pair in pairs})
+    if unknown:
+        raise InputError(f"{where}: the name list holds {len(unknown)} name(s) that are not pairs there: "
+                         f"{unknown[:5]}")
+    out = [pair for pair in pairs if (pair.name in wanted) == keep]
+    if not out:
+        raise InputError(f"{where}: no pairs left after the name list")
+    return out
+
+
+def find_pairs(data_dir: PathLike, layout: str = "auto", masks: Optional[PathLike] = None
+               ) -> Tuple[str, List[Pair]]:
+    """The pairs of ``data_dir`` read with ``layout`` (see :data:`LAYOUTS`), and the layout used."""
+    if layout not in LAYOUTS:
+        raise InputError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    reader = LAYOUT_ALIASES.get(layout, layout)
+    if reader == "auto":
+        reader = detect_layout(data_dir)
+    pairs = READERS[reader](data_dir)
+    if masks is not None:
+        pairs = attach_masks(pairs, masks)
+    return (reader if layout == "auto" else layout), pairs
+
+
