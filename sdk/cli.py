@@ -17,6 +17,7 @@ from .errors import DereflectError
 
 COMMAND_MODULES = (
     "dereflect.cli_runtime",
+    "dereflect.cli_video",
     "dereflect.tools.evaluate",
     "dereflect.tools.bench",
     "dereflect.train.cli",

@@ -132,7 +132,7 @@ def test_camera_sources_parse():
 def test_video_cli_with_an_export(tmp_path, monkeypatch, capsys):
     from onnx_fixtures import make_crrn_export
 
-    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.cli_runtime",))
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.cli_video",))
     model = make_crrn_export(tmp_path / "model")
     source = _write_video(tmp_path / "in.avi", 6)
     out = tmp_path / "out.mp4"
