@@ -407,3 +407,37 @@ def test_checkpoints_run_on_torch(tmp_path, paired):
     assert full.images[0].model["psnr"] != pytest.approx(alone.images[0].model["psnr"], abs=1e-6)
     with pytest.raises(InputError, match="runs on the torch backend"):
         load_model(both, backend="onnxruntime")
+
+
+def test_global_gain_baseline_is_fitted_on_training_pairs_and_scored_beside_the_model(crrn_dir, tmp_path, capsys):
+    """fit-gain finds the channel gains of pairs whose clean layer is the photo times (0.9, 0.8, 0.7);
+    eval scores that baseline (exact here: PSNR far above do nothing) and the model's difference to it."""
+    rng = np.random.default_rng(4)
+    root = tmp_path / "pairs"
+    for folder in ("blended", "transmission_layer"):
+        (root / folder).mkdir(parents=True)
+    for name in ("1", "2", "3"):
+        photo = rng.uniform(0.2, 0.9, (24, 32, 3)).astype(np.float32)
+        clean = photo * np.float32([0.9, 0.8, 0.7])
+        cv2.imwrite(str(root / "blended" / f"{name}.png"), np.round(photo[:, :, ::-1] * 65535).astype(np.uint16))
+        cv2.imwrite(str(root / "transmission_layer" / f"{name}.png"),
+                    np.round(clean[:, :, ::-1] * 65535).astype(np.uint16))
+    holdout = tmp_path / "val.txt"
+    holdout.write_text("3\n")
+    gain_file = tmp_path / "gain.json"
+    assert dereflect.cli.main(["train", "fit-gain", "--real", str(root), "--real-holdout", str(holdout),
+                               "-o", str(gain_file)]) == 0
+    fitted = json.loads(gain_file.read_text())
+    assert fitted["pairs"] == ["1", "2"] and np.allclose(fitted["gain"], [0.9, 0.8, 0.7], atol=1e-3)
+    report = evaluate(crrn_dir, root, gain_baseline=gain_file, contact_images=0, progress=False)
+    gain, nothing = report.mean("gain"), report.mean("baseline")
+    assert gain["psnr"] > 60 > nothing["psnr"]
+    table = report.mean_table()
+    assert "global gain (0.900, 0.800, 0.700)" in table and "gain over global gain" in table
+    assert report.to_dict()["mean"]["gain_baseline"]["psnr"] == pytest.approx(gain["psnr"])
+    assert evaluate(crrn_dir, root, gain_baseline="1,1,1", contact_images=0, progress=False
+                    ).mean("gain")["psnr"] == pytest.approx(nothing["psnr"], abs=0.05)
+    with pytest.raises(InputError, match="three positive gains"):
+        evaluate(crrn_dir, root, gain_baseline="1,-1,1", progress=False)
+    assert dereflect.cli.main(["train", "fit-gain", "--real", str(root), "-o", str(gain_file)]) == 2
+    assert "exists" in capsys.readouterr().err

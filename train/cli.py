@@ -64,6 +64,15 @@ def register(subparsers) -> None:
     _add_synthesis_option(synth)
     synth.set_defaults(func=run_synthesize)
 
+    fit_gain = commands.add_parser(
+        "fit-gain", help="fit the global-gain baseline (three channel gains) on real pairs, for dereflect eval")
+    fit_gain.add_argument("--real", required=True, metavar="DIR",
+                          help="real pairs (blended/ + transmission_layer/), e.g. zhang89")
+    fit_gain.add_argument("--real-holdout", metavar="FILE", default=None,
+                          help="names to leave out (the validation split); default: none")
+    fit_gain.add_argument("-o", "--out", required=True, metavar="FILE", help="JSON file to write")
+    fit_gain.set_defaults(func=run_fit_gain)
+
     average = commands.add_parser(
         "average", help="average the weights of several checkpoints of one run (for evaluation and export)")
     average.add_argument("checkpoints", nargs="+", metavar="CKPT",
@@ -436,6 +445,26 @@ def run_synthesize(args) -> int:
     (out / "recipe.json").write_text(json.dumps({"recipe": recipe.to_dict(), "seed": args.seed,
                                                  "include": args.include, "data": args.data}, indent=2) + "\n")
     print(f"{args.count} pairs in {out} (evaluate with: dereflect eval MODEL --data {out})")
+    return 0
+
+
+def run_fit_gain(args) -> int:
+    """Least-squares channel gains from the photos through glass to their clean layers (no network)."""
+    from dereflect.errors import InputError
+    from dereflect.tools.datasets import filter_pairs, find_pairs, read_name_list
+    from dereflect.tools.evaluate import fit_global_gain
+
+    out = Path(args.out)
+    if out.exists():
+        raise InputError(f"{out} exists; choose a new file name")
+    _, pairs = find_pairs(args.real, "paired")
+    if args.real_holdout:
+        pairs = filter_pairs(pairs, read_name_list(args.real_holdout), keep=False, where=args.real)
+    gain = fit_global_gain(pairs)
+    record = {"gain": gain, "fit": "least squares over every pixel of every pair, per channel (RGB)",
+              "data": str(args.real), "holdout": args.real_holdout, "pairs": [p.name for p in pairs]}
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"global gain (R, G, B) = {', '.join(f'{g:.4f}' for g in gain)} from {len(pairs)} pairs -> {out}")
     return 0
 
 

@@ -201,7 +201,8 @@ def _finite(value: Any) -> Any:
 
 @dataclass
 class ImageScores:
-    """Per-image scores of the model and of the baseline (the input itself)."""
+    """Per-image scores of the model, of the baseline (the input itself) and, when asked for, of the
+    global-gain baseline (the input times three fixed channel gains)."""
 
     name: str
     height: int
@@ -210,14 +211,18 @@ class ImageScores:
     baseline: Dict[str, Optional[float]]
     seconds: float
     scale: float = 1.0
+    gain: Optional[Dict[str, Optional[float]]] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return {
+        out = {
             "name": self.name, "height": self.height, "width": self.width,
             "model": {k: _clean(v) for k, v in self.model.items()},
             "baseline": {k: _clean(v) for k, v in self.baseline.items()},
             "seconds": round(self.seconds, 4), "scale": self.scale,
         }
+        if self.gain is not None:
+            out["gain_baseline"] = {k: _clean(v) for k, v in self.gain.items()}
+        return out
 
 
 @dataclass
@@ -231,12 +236,15 @@ class Report:
     images: List[ImageScores]
     contact_sheet: Optional[np.ndarray] = None
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat("T", "seconds"))
+    #: the global-gain baseline's gains and where they come from (None: not scored)
+    gain_baseline: Optional[Dict[str, Any]] = None
 
     def mean(self, row: str = "model") -> Dict[str, Optional[float]]:
-        """Mean of each metric over the images where it is defined (``row``: "model" or "baseline")."""
+        """Mean of each metric over the images where it is defined (``row``: "model", "baseline" or "gain")."""
         out: Dict[str, Optional[float]] = {}
         for metric in self.metrics:
-            values = [getattr(s, row)[metric] for s in self.images if getattr(s, row)[metric] is not None]
+            values = [getattr(s, row)[metric] for s in self.images
+                      if getattr(s, row) is not None and getattr(s, row)[metric] is not None]
             out[metric] = float(np.mean(values)) if values else None
         return out
 
@@ -256,7 +264,10 @@ class Report:
                 "baseline": {k: _clean(v) for k, v in self.mean("baseline").items()},
                 "model": {k: _clean(v) for k, v in self.mean("model").items()},
                 "model_seconds_per_image": round(self.seconds_per_image, 4),
+                **({"gain_baseline": {k: _clean(v) for k, v in self.mean("gain").items()}}
+                   if self.gain_baseline else {}),
             },
+            "gain_baseline": self.gain_baseline,
             "images": [s.to_dict() for s in self.images],
         }
 
@@ -271,9 +282,12 @@ class Report:
         lines.append(f"| {BASELINE_LABEL} | " + " | ".join(_fmt(m, base[m]) for m in self.metrics) + " | - |")
         lines.append(f"| {self.model['name']} | " + " | ".join(_fmt(m, model[m]) for m in self.metrics)
                      + f" | {self.seconds_per_image:.3f} |")
-        gains = [_fmt(m, model[m] - base[m], signed=True) if model[m] is not None and base[m] is not None
-                 else "-" for m in self.metrics]
-        lines.append("| gain over do nothing | " + " | ".join(gains) + " | |")
+        lines.append("| gain over do nothing | " + _differences(self.metrics, model, base) + " | |")
+        if self.gain_baseline:
+            gain = self.mean("gain")
+            label = "global gain (" + ", ".join(f"{g:.3f}" for g in self.gain_baseline["gain"]) + ")"
+            lines.insert(3, f"| {label} | " + " | ".join(_fmt(m, gain[m]) for m in self.metrics) + " | - |")
+            lines.append("| gain over global gain | " + _differences(self.metrics, model, gain) + " | |")
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
@@ -323,6 +337,53 @@ class Report:
             written["contact_sheet"] = write_image(out / REPORT_FILES["contact_sheet"], self.contact_sheet,
                                                    overwrite=True)
         return written
+
+
+def _differences(metrics: Sequence[str], a: Dict[str, Optional[float]], b: Dict[str, Optional[float]]) -> str:
+    return " | ".join(_fmt(m, a[m] - b[m], signed=True) if a[m] is not None and b[m] is not None else "-"
+                      for m in metrics)
+
+
+def read_gain_baseline(spec: Any) -> Dict[str, Any]:
+    """The global-gain baseline from "R,G,B" or a JSON file ``{"gain": [r, g, b], ...}`` (written by
+    ``dereflect train fit-gain``); returns ``{"gain": [...], "source": ...}``."""
+    text = str(spec)
+    path = Path(text)
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            gain = data["gain"]
+            source = {**{k: v for k, v in data.items() if k not in ("gain", "pairs")}, "file": text}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise InputError(f"--gain-baseline {path}: not a gain file ({exc!r}); expected {{\"gain\": [r, g, b]}}") \
+                from None
+    else:
+        try:
+            gain, source = [float(v) for v in text.split(",")], {"given": text}
+        except ValueError:
+            raise InputError(f"--gain-baseline {text!r}: give R,G,B (three numbers) or a gain JSON file") from None
+    if (len(gain) != 3 or not all(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g)
+                                  and g > 0 for g in gain)):
+        raise InputError(f"--gain-baseline: three positive gains (R, G, B) needed, got {gain!r}")
+    return {"gain": [float(g) for g in gain], "source": source}
+
+
+def fit_global_gain(pairs: Sequence[Pair]) -> List[float]:
+    """The three channel gains g minimising sum over all pixels of (g * input - background)^2.
+
+    One least-squares gain per channel from the photo through glass to its clean layer, pooled
+    over every pixel of every pair (the baseline of issue 16 and REFERENCE.md).
+    """
+    num = np.zeros(3)
+    den = np.zeros(3)
+    for pair in pairs:
+        image, target, _ = load_pair(pair)
+        flat_i, flat_t = image.reshape(-1, 3).astype(np.float64), target.reshape(-1, 3).astype(np.float64)
+        num += (flat_i * flat_t).sum(0)
+        den += (flat_i * flat_i).sum(0)
+    if not len(pairs) or np.any(den <= 0):
+        raise InputError("fitting a global gain needs at least one pair with non-black inputs")
+    return [float(g) for g in num / den]
 
 
 def _fmt(metric: str, value: Optional[float], signed: bool = False) -> str:
@@ -441,6 +502,7 @@ def evaluate(
     out_dir: Optional[PathLike] = None,
     *,
     names: Optional[PathLike] = None,
+    gain_baseline: Any = None,
     contact_images: int = DEFAULT_CONTACT_IMAGES,
     progress: bool = True,
     **options: Any,
@@ -452,6 +514,8 @@ def evaluate(
     (a validation split). ``limit``: score only the first N images (sorted by name).
     ``out_dir``: also write report.md, report.json and contact_sheet.png there.
     ``contact_images``: rows of the contact sheet (spread over the set; 0: none).
+    ``gain_baseline``: also score the input times three channel gains ("R,G,B" or a JSON file from
+    ``dereflect train fit-gain``), the baseline a model must beat on real photos.
     ``options``: how the model is run (``backend``, ``device``, ``precision``, ``max_side``, ...:
     :func:`dereflect.models.open_model`'s).
     """
@@ -463,9 +527,11 @@ def evaluate(
         pairs = filter_pairs(pairs, read_name_list(names), keep=True, where=str(data_dir))
     if limit is not None:
         pairs = pairs[: int(limit)]
+    gains = read_gain_baseline(gain_baseline) if gain_baseline is not None else None
     runner = load_model(model, **options)
     try:
-        report = _run(runner, describe_model(runner, model), pairs, short, masks, contact_images, progress)
+        report = _run(runner, describe_model(runner, model), pairs, short, masks, contact_images, progress,
+                      gains)
     finally:
         if runner is not model and hasattr(runner, "close"):
             runner.close()
@@ -478,7 +544,8 @@ def evaluate(
 
 
 def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Optional[int],
-         masks: Optional[PathLike], contact_images: int, progress: bool) -> Report:
+         masks: Optional[PathLike], contact_images: int, progress: bool,
+         gains: Optional[Dict[str, Any]] = None) -> Report:
     from tqdm import tqdm
 
     metrics = BASE_METRICS + (REGION_METRICS if masks is not None else ())
@@ -498,6 +565,9 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
         scores = ImageScores(pair.name, image.shape[0], image.shape[1], model=score(background, target, mask),
                              baseline=score(image, target, mask), seconds=seconds,
                              scale=float(getattr(result, "scale", 1.0)))
+        if gains is not None:
+            gained = np.clip(image * np.asarray(gains["gain"], np.float32), 0.0, 1.0)
+            scores.gain = score(gained, target, mask)
         images.append(scores)
         reduced += int(scores.scale < 1.0 or getattr(result, "tiles", 1) > 1)
         if index in chosen:
@@ -529,6 +599,7 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
         metrics=metrics,
         images=images,
         contact_sheet=contact_sheet(rows) if rows else None,
+        gain_baseline=gains,
     )
 
 
@@ -555,6 +626,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--masks", metavar="DIR", help="region masks DIR/<name>.* for SSIMr and SIr")
     parser.add_argument("--limit", type=int, metavar="N", help="score only the first N images")
     parser.add_argument("--out", metavar="DIR", help="write report.md, report.json, contact_sheet.png here")
+    parser.add_argument("--gain-baseline", metavar="R,G,B|FILE", default=None,
+                        help="also score the global-gain baseline: the input times three channel gains, given as "
+                             "R,G,B or a JSON file from 'dereflect train fit-gain' (default: not scored)")
     parser.add_argument("--names", metavar="FILE",
                         help="score only the pairs named in FILE, one per line (e.g. train/splits/zhang89_val.txt)")
     parser.add_argument("--contact-images", type=int, default=DEFAULT_CONTACT_IMAGES, metavar="N",
@@ -565,7 +639,8 @@ def register(subparsers: Any) -> None:
 
 def run_eval(args: Any) -> int:
     report = evaluate(args.model, args.data, layout=args.layout, resize=args.resize, masks=args.masks,
-                      limit=args.limit, out_dir=args.out, names=args.names, contact_images=args.contact_images,
+                      limit=args.limit, out_dir=args.out, names=args.names, gain_baseline=args.gain_baseline,
+                      contact_images=args.contact_images,
                       progress=not args.no_progress, **model_options(args))
     print(f"{report.model['name']} on {report.data['dir']} ({report.data['layout']}, {report.data['images']} "
           f"images, resize {report.protocol['resize']})")
