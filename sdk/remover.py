@@ -228,29 +228,34 @@ class Remover:
 
     # -- network passes -------------------------------------------------------------------
 
-    def run_once(self, rgb: np.ndarray, intermediates: bool = False, timer: Timer = NULL_TIMER) -> Layers:
+    def run_once(self, rgb: np.ndarray, intermediates: bool = False, timer: Timer = NULL_TIMER,
+                 settings: Any = None) -> Layers:
         """One pass of the method's sequence at ``rgb``'s size (HxWx3 float32 RGB), each stage timed.
 
         What :meth:`remove` runs for every frame or tile, and what ``dereflect bench`` times.
         Below an engine profile's minimum the frame is edge-padded and the results cropped back.
+        ``settings`` replaces the method's settings for this pass (a video's frame-to-frame state).
         """
         height, width = rgb.shape[:2]
-        executor = self._host if intermediates or self._device is None else self._device
+        settings = self.settings if settings is None else settings
+        stateful = getattr(settings, "centre_filter", None) is not None
+        # Frame-to-frame state lives in the CPU middle step (device kernels compute their own centres).
+        executor = self._host if intermediates or stateful or self._device is None else self._device
         if self.min_hw is None or (height >= self.min_hw[0] and width >= self.min_hw[1]):
-            return executor.run(self.method, rgb, self.settings, timer, intermediates)
+            return executor.run(self.method, rgb, settings, timer, intermediates)
         pad_h, pad_w = max(self.min_hw[0] - height, 0), max(self.min_hw[1] - width, 0)
         padded = cv2.copyMakeBorder(rgb, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE)
-        layers = executor.run(self.method, padded, self.settings, timer, intermediates)
+        layers = executor.run(self.method, padded, settings, timer, intermediates)
         for key, value in vars(layers).items():
             if isinstance(value, np.ndarray):
                 setattr(layers, key, np.ascontiguousarray(value[:height, :width]))
         layers.reflection = rgb - layers.background if not intermediates else layers.reflection
         return layers
 
-    def _guided(self, rgb: np.ndarray, size: Tuple[int, int], intermediates: bool) -> Layers:
+    def _guided(self, rgb: np.ndarray, size: Tuple[int, int], intermediates: bool, settings: Any = None) -> Layers:
         height, width = rgb.shape[:2]
         small = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-        low = self.run_once(small, intermediates)
+        low = self.run_once(small, intermediates, settings=settings)
         residual = small - low.background
         reflection = guided_upsample(residual, small, rgb)
         background = np.clip(rgb - reflection, 0.0, 1.0)
@@ -274,7 +279,7 @@ class Remover:
             thresholds=low.thresholds,
         )
 
-    def _tiled(self, rgb: np.ndarray, intermediates: bool) -> Tuple[Layers, int]:
+    def _tiled(self, rgb: np.ndarray, intermediates: bool, settings: Any = None) -> Tuple[Layers, int]:
         height, width = rgb.shape[:2]
         tile_h, tile_w = min(self.max_hw[0], height), min(self.max_hw[1], width)
         overlap = min(TILE_OVERLAP, tile_h // 4, tile_w // 4)
@@ -284,7 +289,7 @@ class Remover:
         for top in tile_starts(height, tile_h, overlap):
             for left in tile_starts(width, tile_w, overlap):
                 window = (slice(top, top + tile_h), slice(left, left + tile_w))
-                layers = self.run_once(np.ascontiguousarray(rgb[window]), intermediates)
+                layers = self.run_once(np.ascontiguousarray(rgb[window]), intermediates, settings=settings)
                 weight = (_ramp(tile_h, overlap)[:, None] * _ramp(tile_w, overlap)[None, :])[:, :, None]
                 weights[window] += weight
                 count += 1
@@ -308,15 +313,22 @@ class Remover:
                 blended[key] = blended[key] > 0.5
         return Layers(**blended), count
 
-    def _process(self, rgb: np.ndarray, intermediates: bool) -> Tuple[Layers, float, int]:
+    def _process(self, rgb: np.ndarray, intermediates: bool, settings: Any = None) -> Tuple[Layers, float, int]:
         height, width = rgb.shape[:2]
         if self.max_hw is None or (height <= self.max_hw[0] and width <= self.max_hw[1]):
-            return self.run_once(rgb, intermediates), 1.0, 1
+            return self.run_once(rgb, intermediates, settings=settings), 1.0, 1
         if self.large_image == "tile":
-            layers, count = self._tiled(rgb, intermediates)
+            layers, count = self._tiled(rgb, intermediates, settings)
             return layers, 1.0, count
         small_h, small_w, scale = fit_size(height, width, self.max_hw)
-        return self._guided(rgb, (small_h, small_w), intermediates), scale, 1
+        return self._guided(rgb, (small_h, small_w), intermediates, settings), scale, 1
+
+    def process(self, rgb: np.ndarray, settings: Any = None) -> Layers:
+        """The layers of one HxWx3 float32 RGB frame at full size (what :meth:`remove` returns, before
+        the conversion back to the input's type), with ``settings`` replacing the method's for it."""
+        with self._lock:
+            layers, _, _ = self._process(rgb, intermediates=False, settings=settings)
+        return layers
 
     # -- public API -----------------------------------------------------------------------
 

@@ -173,7 +173,8 @@ class HostExecutor(Executor):
         from dereflect.middle_step.cpu import middle_step_cpu
 
         result = middle_step_cpu(self.download(image), self.download(stage1), settings.c1, settings.c2,
-                                 settings.threshold, settings.gradient_threshold, settings.epsilon)
+                                 settings.threshold, settings.gradient_threshold, settings.epsilon,
+                                 settings.centre_filter)
         out = MiddleStepOutput(stage2_input=self.upload(result.stage2_input))
         if intermediates:
             out.confidence, out.thresholds = result.confidence, (float(result.low), float(result.high))

@@ -37,6 +37,8 @@ class MiddleStepSettings:
     gradient_threshold: float = GRADIENT_THRESHOLD
     epsilon: float = EPS
     threshold: str = "exact"
+    #: video: carries the 2-means centres across frames (a :class:`dereflect.temporal.CentreFilter`)
+    centre_filter: Optional[Any] = None
 
     def to_manifest(self) -> Dict[str, float]:
         return {"c1": self.c1, "c2": self.c2, "gradient_threshold": self.gradient_threshold, "epsilon": self.epsilon}

@@ -10,6 +10,8 @@ CUDA kernel and the torch version follow the reference's arithmetic and agree th
 
 from __future__ import annotations
 
+from typing import Callable, Optional, Tuple
+
 import cv2
 import numpy as np
 from dereflect.middle_step.reference import (
@@ -53,12 +55,14 @@ def middle_step_cpu(
     threshold: str = "exact",
     gradient_threshold: float = GRADIENT_THRESHOLD,
     eps: float = EPS,
+    smooth_centres: Optional[Callable[[float, float], Tuple[float, float]]] = None,
 ) -> MiddleStepResult:
     """Middle step for one HxWx3 float32 RGB image in [0, 1] and its stage-1 output.
 
     ``threshold="exact"`` sorts the edge values (exact 2-means); ``"histogram"`` uses the
     4096-bin algorithm of the CUDA kernel (bin precision, no sort). ``gradient_threshold`` and
-    ``eps`` are the manifest's (the reference's constants by default).
+    ``eps`` are the manifest's (the reference's constants by default); ``smooth_centres`` see
+    :func:`~dereflect.middle_step.reference.middle_step_from_confidence`.
     """
     img, b1 = validate_pair(image, stage1)
     img = np.ascontiguousarray(img)
@@ -68,4 +72,4 @@ def middle_step_cpu(
     g_b = _sobel_magnitude_cv(gray_b)
     g_r = _sobel_magnitude_cv(cv2.subtract(gray_i, gray_b))
     conf, mask = confidence_from_gradients(g_i, g_b, g_r, gradient_threshold, eps)
-    return middle_step_from_confidence(img, conf, mask, c1, c2, threshold, _stage2_input_cv)
+    return middle_step_from_confidence(img, conf, mask, c1, c2, threshold, _stage2_input_cv, smooth_centres)

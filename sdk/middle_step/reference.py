@@ -302,14 +302,21 @@ def middle_step_from_confidence(
     c2: float,
     threshold: str,
     build_stage2: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] = stage2_input,
+    smooth_centres: Optional[Callable[[float, float], Tuple[float, float]]] = None,
 ) -> MiddleStepResult:
-    """Steps 3-5 (threshold, masks, stage-2 input) shared by the reference and the CPU path."""
+    """Steps 3-5 (threshold, masks, stage-2 input) shared by the reference and the CPU path.
+
+    ``smooth_centres`` (video): maps this frame's 2-means centres to the ones the masks use, e.g.
+    carried across frames (:class:`dereflect.temporal.CentreFilter`).
+    """
     if threshold == "exact":
         low, high = two_means_threshold(confidence)
     elif threshold == "histogram":
         low, high = two_means_threshold_histogram(confidence)
     else:
         raise InputError(f"threshold must be 'exact' or 'histogram', got {threshold!r}")
+    if smooth_centres is not None:
+        low, high = smooth_centres(low, high)
     mask_background, mask_reflection = edge_masks(confidence, low, high, c1, c2)
     return MiddleStepResult(
         confidence=confidence,
