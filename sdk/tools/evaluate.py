@@ -618,7 +618,11 @@ def register(subparsers: Any) -> None:
                     "Prints the mean table; --out writes report.md, report.json and contact_sheet.png.",
     )
     add_model_options(parser, positional=True)
-    parser.add_argument("--data", required=True, metavar="DIR", help="dataset folder")
+    parser.add_argument("--data", metavar="DIR", default=None,
+                        help="dataset folder (required unless --flicker is given alone)")
+    parser.add_argument("--flicker", action="store_true",
+                        help="also measure flicker on a generated sequence (a static scene under a moving "
+                             "reflection), per frame and with temporal smoothing (dereflect.temporal)")
     parser.add_argument("--layout", default="auto", choices=LAYOUTS, help="dataset layout (default: auto)")
     parser.add_argument("--resize", default="native", metavar="native|short:N",
                         help="resize protocol: native resolution, or short side N px, e.g. short:420 "
@@ -638,6 +642,21 @@ def register(subparsers: Any) -> None:
 
 
 def run_eval(args: Any) -> int:
+    if args.flicker:
+        from dereflect.tools.flicker import measure_flicker
+
+        remover = load_model(args.model, **model_options(args))
+        try:
+            measured = measure_flicker(remover)
+        finally:
+            remover.close()
+        print(f"flicker of {args.model or 'the default model'} (mean output change, 8-bit levels, where the input "
+              f"did not change): per frame {measured['per_frame']:.3f}, with temporal smoothing "
+              f"{measured['temporal']:.3f}")
+        if args.data is None:
+            return 0
+    if args.data is None:
+        raise InputError("--data DIR is required (or give --flicker to measure flicker only)")
     report = evaluate(args.model, args.data, layout=args.layout, resize=args.resize, masks=args.masks,
                       limit=args.limit, out_dir=args.out, names=args.names, gain_baseline=args.gain_baseline,
                       contact_images=args.contact_images,

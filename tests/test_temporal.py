@@ -1,0 +1,78 @@
+"""Temporal smoothing for video (dereflect.temporal) and the flicker measurement (dereflect.tools.flicker)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from dereflect.errors import InputError
+from dereflect.methods.base import Layers
+from dereflect.models import open_model
+from dereflect.temporal import CentreFilter, ColourFilter, VideoSession
+from dereflect.tools.flicker import flicker, flicker_sequence, measure_flicker
+from onnx_fixtures import make_rm2s_export
+
+
+class GainModel:
+    """A stand-in remover whose output is the frame times a gain that jitters from frame to frame."""
+
+    settings = None
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+
+    def process(self, rgb, settings=None):
+        gain = np.float32(0.8 + self.rng.normal(0.0, 0.03))
+        return Layers(background=np.clip(rgb * gain, 0, 1), reflection=rgb * (1 - gain))
+
+
+def test_centre_filter_averages_and_restarts_at_a_cut():
+    smooth = CentreFilter(alpha=0.5, reset_ratio=1.5)
+    assert smooth(1.0, 4.0) == (1.0, 4.0)
+    assert smooth(1.2, 4.4) == pytest.approx((1.1, 4.2))
+    assert smooth(3.0, 9.0) == (3.0, 9.0)  # more than 1.5x: a new scene, no smearing across it
+    smooth.reset()
+    assert smooth(2.0, 2.5) == (2.0, 2.5)
+    with pytest.raises(InputError):
+        CentreFilter(alpha=0.0)
+
+
+def test_colour_filter_steadies_a_jittering_global_gain():
+    frames = [np.full((8, 8, 3), 0.5, np.float32)] * 20
+    jittery = GainModel(1)
+    per_frame = [jittery.process(f).background for f in frames]
+    session = VideoSession(GainModel(1), temporal=True)
+    smoothed = [session.remove(f, colour_order="RGB") for f in frames]
+    assert flicker(smoothed, frames) < 0.5 * flicker(per_frame, frames)
+    # the level follows the model's own average, not the input's
+    assert abs(float(np.mean(smoothed[-1])) - 0.4) < 0.02
+    keep = ColourFilter()
+    still = np.full((4, 4, 3), 0.4, np.float32)
+    assert np.allclose(keep(np.full((4, 4, 3), 0.5, np.float32), still), still)
+
+
+def test_flicker_is_zero_for_a_pixelwise_model_and_the_sequence_holds_static_pixels():
+    frames = flicker_sequence(frames=6, height=48, width=64)
+    assert len(frames) == 6 and frames[0].shape == (48, 64, 3)
+    assert flicker([frames[0]] * 6, frames) == 0.0
+    # a pixelwise model changes its output where the input stayed put by less than the input moved
+    assert flicker([f * 0.9 for f in frames], frames) < 0.9 * 0.5
+    static = np.abs(frames[1] - frames[0]).max(axis=2) < 0.5 / 255
+    assert 0.3 < static.mean() < 1.0
+
+
+def test_video_session_carries_rm2s_centres_on_the_cpu_middle_step(tmp_path):
+    remover = open_model(make_rm2s_export(tmp_path / "rm2s"))
+    session = VideoSession(remover, temporal=True)
+    seen = []
+    centre_filter = session.settings.centre_filter
+    session.settings = type(session.settings)(**{**vars(session.settings), "centre_filter":
+                                                 lambda low, high: seen.append((low, high)) or centre_filter(low, high)})
+    frames = flicker_sequence(frames=3, height=40, width=56)
+    outputs = [session.remove(f, colour_order="RGB") for f in frames]
+    assert len(seen) == 3 and all(o.shape == frames[0].shape for o in outputs)
+    plain = VideoSession(remover, temporal=False)
+    assert plain.settings.centre_filter is None
+    np.testing.assert_allclose(plain.remove(frames[0], colour_order="RGB"), remover.remove(frames[0], "RGB"),
+                               atol=1e-6)
+    measured = measure_flicker(remover, frames=4, size=(40, 56))
+    assert set(measured) == {"per_frame", "temporal"} and all(v >= 0 for v in measured.values())
