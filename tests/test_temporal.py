@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from dereflect.errors import InputError
@@ -65,8 +67,12 @@ def test_video_session_carries_rm2s_centres_on_the_cpu_middle_step(tmp_path):
     session = VideoSession(remover, temporal=True)
     seen = []
     centre_filter = session.settings.centre_filter
-    session.settings = type(session.settings)(**{**vars(session.settings), "centre_filter":
-                                                 lambda low, high: seen.append((low, high)) or centre_filter(low, high)})
+
+    def spy(low, high):
+        seen.append((low, high))
+        return centre_filter(low, high)
+
+    session.settings = dataclasses.replace(session.settings, centre_filter=spy)
     frames = flicker_sequence(frames=3, height=40, width=56)
     outputs = [session.remove(f, colour_order="RGB") for f in frames]
     assert len(seen) == 3 and all(o.shape == frames[0].shape for o in outputs)
