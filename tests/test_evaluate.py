@@ -441,3 +441,18 @@ def test_global_gain_baseline_is_fitted_on_training_pairs_and_scored_beside_the_
         evaluate(crrn_dir, root, gain_baseline="1,-1,1", progress=False)
     assert dereflect.cli.main(["train", "fit-gain", "--real", str(root), "-o", str(gain_file)]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_photos_without_ground_truth_get_a_contact_sheet_and_the_mean_change(crrn_dir, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("p1", "p2"):
+        cv2.imwrite(str(folder / f"{name}.png"), (_photo(seed=len(name))[:, :, ::-1] * 255).astype(np.uint8))
+    with pytest.raises(InputError, match="--layout photos"):
+        evaluate(crrn_dir, folder, progress=False)
+    report = evaluate(crrn_dir, folder, layout="photos", out_dir=tmp_path / "out", progress=False)
+    assert [s.name for s in report.images] == ["p1", "p2"]
+    assert report.mean("model")["psnr"] is None and report.images[0].change > 0
+    assert "Mean change the model made" in report.mean_table()
+    sheet = cv2.imread(str(tmp_path / "out" / "contact_sheet.png"))
+    assert sheet.shape[0] == 22 + 2 * (18 + CONTACT_TILE + 4)

@@ -20,7 +20,7 @@ from dereflect.imageio import IMAGE_EXTENSIONS, images_by_stem, is_visible_image
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-LAYOUTS = ("auto", "paired", "real20", "nature", "ceilnet", "sir2")
+LAYOUTS = ("auto", "paired", "real20", "nature", "ceilnet", "sir2", "photos")
 LAYOUT_ALIASES = {"real20": "paired", "nature": "paired"}
 PAIRED_FOLDERS = (("blended", "transmission_layer"), ("input", "target"))
 
@@ -36,11 +36,11 @@ _SIR2_FILE = re.compile(r"^(?:(?P<prefix>.+)_)?(?P<letter>[mgr])$", re.IGNORECAS
 
 @dataclass
 class Pair:
-    """One scored image: its name, input file, ground-truth background file and optional mask."""
+    """One image: its name, input file, ground-truth background file (None for ``photos``) and optional mask."""
 
     name: str
     input: Path
-    target: Path
+    target: Optional[Path]
     mask: Optional[Path] = None
 
 
@@ -152,7 +152,14 @@ def read_sir2(root: PathLike) -> List[Pair]:
     return _nonempty(sorted(pairs, key=lambda p: p.name), root, "SIR2 image pairs")
 
 
-READERS = {"paired": read_paired, "ceilnet": read_ceilnet, "sir2": read_sir2}
+def read_photos(root: PathLike) -> List[Pair]:
+    """A folder of photos without ground truth (``layout="photos"``): nothing to score, only to look at."""
+    root = _check_dir(root)
+    return _nonempty([Pair(stem, path, None) for stem, path in sorted(images_by_stem(root).items())], root,
+                     "images")
+
+
+READERS = {"paired": read_paired, "ceilnet": read_ceilnet, "sir2": read_sir2, "photos": read_photos}
 
 
 def detect_layout(root: PathLike) -> str:
@@ -170,7 +177,8 @@ def detect_layout(root: PathLike) -> str:
             match = _SIR2_FILE.match(Path(filename).stem)
             if match and match.group("letter").lower() == "m" and is_visible_image(Path(folder) / filename):
                 return "sir2"
-    raise InputError(f"{root}: no known dataset layout found. Looked for: {_LOOKED_FOR}")
+    raise InputError(f"{root}: no known dataset layout found. Looked for: {_LOOKED_FOR}. For photos without "
+                     "ground truth (to look at, not to score) pass --layout photos")
 
 
 def attach_masks(pairs: List[Pair], masks_dir: PathLike) -> List[Pair]:

@@ -124,8 +124,11 @@ def resize_short(image: np.ndarray, short: Optional[int], nearest: bool = False)
 
 def load_pair(pair: Pair, short: Optional[int] = None
               ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    """Input and ground truth (RGB float32 in [0, 1]) and the mask (bool HxW or None), resized."""
+    """Input and ground truth (RGB float32 in [0, 1]; None for a photo without one) and the mask
+    (bool HxW or None), resized."""
     image, _ = read_image(pair.input)
+    if pair.target is None:
+        return resize_short(image, short), None, None
     target, _ = read_image(pair.target)
     if image.shape != target.shape:
         raise InputError(
@@ -212,13 +215,15 @@ class ImageScores:
     seconds: float
     scale: float = 1.0
     gain: Optional[Dict[str, Optional[float]]] = None
+    #: mean absolute change the model made, |output - input| in [0, 1]
+    change: float = 0.0
 
     def to_dict(self) -> Dict[str, Any]:
         out = {
             "name": self.name, "height": self.height, "width": self.width,
             "model": {k: _clean(v) for k, v in self.model.items()},
             "baseline": {k: _clean(v) for k, v in self.baseline.items()},
-            "seconds": round(self.seconds, 4), "scale": self.scale,
+            "seconds": round(self.seconds, 4), "scale": self.scale, "mean_change": round(self.change, 6),
         }
         if self.gain is not None:
             out["gain_baseline"] = {k: _clean(v) for k, v in self.gain.items()}
@@ -264,6 +269,8 @@ class Report:
                 "baseline": {k: _clean(v) for k, v in self.mean("baseline").items()},
                 "model": {k: _clean(v) for k, v in self.mean("model").items()},
                 "model_seconds_per_image": round(self.seconds_per_image, 4),
+                "model_mean_change": round(float(np.mean([s.change for s in self.images])), 6)
+                if self.images else None,
                 **({"gain_baseline": {k: _clean(v) for k, v in self.mean("gain").items()}}
                    if self.gain_baseline else {}),
             },
@@ -288,6 +295,9 @@ class Report:
             label = "global gain (" + ", ".join(f"{g:.3f}" for g in self.gain_baseline["gain"]) + ")"
             lines.insert(3, f"| {label} | " + " | ".join(_fmt(m, gain[m]) for m in self.metrics) + " | - |")
             lines.append("| gain over global gain | " + _differences(self.metrics, model, gain) + " | |")
+        if self.images:
+            change = 255 * float(np.mean([s.change for s in self.images]))
+            lines.append(f"\nMean change the model made: {change:.2f} / 255 per pixel and channel")
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
@@ -449,25 +459,29 @@ def _tile(image: Optional[np.ndarray], tile: int) -> np.ndarray:
     return box
 
 
-def contact_row(image: np.ndarray, result: Any, target: np.ndarray,
+def contact_row(image: np.ndarray, result: Any, target: Optional[np.ndarray],
                 tile: int = CONTACT_TILE) -> List[np.ndarray]:
-    """The five tiles of one image: input | stage 1 | confidence | result | ground truth."""
+    """The five tiles of one image: input | stage 1 | confidence | result | ground truth (without
+    one: 4x the absolute change, what the model took away)."""
     confidence = getattr(result, "confidence", None)
     stage1 = getattr(result, "stage1", None)
+    background = as_float_rgb(result.background)
+    last = target if target is not None else np.clip(4.0 * np.abs(image - background), 0.0, 1.0)
     return [_tile(image, tile), _tile(stage1, tile),
             _tile(confidence_colours(confidence) if confidence is not None else None, tile),
-            _tile(as_float_rgb(result.background), tile), _tile(target, tile)]
+            _tile(background, tile), _tile(last, tile)]
 
 
-def contact_sheet(rows: Sequence[Tuple[str, List[np.ndarray]]], tile: int = CONTACT_TILE) -> np.ndarray:
-    """Labelled grid (RGB uint8): a header with :data:`CONTACT_COLUMNS`, then a caption and tiles per row.
+def contact_sheet(rows: Sequence[Tuple[str, List[np.ndarray]]], tile: int = CONTACT_TILE,
+                  columns: Sequence[str] = CONTACT_COLUMNS) -> np.ndarray:
+    """Labelled grid (RGB uint8): a header with ``columns``, then a caption and tiles per row.
 
     Size: height ``22 + n * (18 + tile + 4)``, width ``4 + 5 * (tile + 4)``.
     """
-    width = _GAP + len(CONTACT_COLUMNS) * (tile + _GAP)
+    width = _GAP + len(columns) * (tile + _GAP)
     height = _HEADER + len(rows) * (_CAPTION + tile + _GAP)
     sheet = np.full((height, width, 3), 16, np.uint8)
-    for col, label in enumerate(CONTACT_COLUMNS):
+    for col, label in enumerate(columns):
         _text(sheet, label, _GAP + col * (tile + _GAP) + 2, _HEADER - 7, tile)
     for index, (caption, tiles) in enumerate(rows):
         top = _HEADER + index * (_CAPTION + tile + _GAP)
@@ -560,19 +574,26 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
         result = runner.remove_with_intermediates(image)
         seconds = time.perf_counter() - start
         background = as_float_rgb(result.background)
-        if background.shape != target.shape:
+        if background.shape != image.shape:
             raise ModelError(f"{pair.name}: the model returned {background.shape} for a {image.shape} input")
-        scores = ImageScores(pair.name, image.shape[0], image.shape[1], model=score(background, target, mask),
-                             baseline=score(image, target, mask), seconds=seconds,
-                             scale=float(getattr(result, "scale", 1.0)))
-        if gains is not None:
+        change = float(np.abs(background - image).mean())
+        if target is None:
+            nothing = {metric: None for metric in metrics}
+            scores = ImageScores(pair.name, image.shape[0], image.shape[1], model=dict(nothing), baseline=nothing,
+                                 seconds=seconds, scale=float(getattr(result, "scale", 1.0)), change=change)
+        else:
+            scores = ImageScores(pair.name, image.shape[0], image.shape[1], model=score(background, target, mask),
+                                 baseline=score(image, target, mask), seconds=seconds,
+                                 scale=float(getattr(result, "scale", 1.0)), change=change)
+        if gains is not None and target is not None:
             gained = np.clip(image * np.asarray(gains["gain"], np.float32), 0.0, 1.0)
             scores.gain = score(gained, target, mask)
         images.append(scores)
         reduced += int(scores.scale < 1.0 or getattr(result, "tiles", 1) > 1)
         if index in chosen:
             caption = (f"{pair.name}   PSNR {_fmt('psnr', scores.baseline['psnr'])} -> "
-                       f"{_fmt('psnr', scores.model['psnr'])} dB")
+                       f"{_fmt('psnr', scores.model['psnr'])} dB" if target is not None else
+                       f"{pair.name}   mean change {255 * change:.1f} / 255")
             rows.append((caption, contact_row(image, result, target)))
     max_side = model_info.get("max_side")
     if max_side:
@@ -598,7 +619,8 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
         },
         metrics=metrics,
         images=images,
-        contact_sheet=contact_sheet(rows) if rows else None,
+        contact_sheet=(contact_sheet(rows, columns=CONTACT_COLUMNS if all(p.target is not None for p in pairs)
+                                     else CONTACT_COLUMNS[:-1] + ("4x |change|",)) if rows else None),
         gain_baseline=gains,
     )
 
