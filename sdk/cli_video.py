@@ -3,55 +3,112 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
 from dereflect.cli_options import add_model_options, open_from_args
 
+EPILOG = """\
+exit status: 0 done (also when stopped with Ctrl+C or SIGTERM: the output holds every frame
+processed so far); 1 done, but some frames failed (written unchanged) or could not be decoded
+(the previous output frame repeated in their place); 2 nothing written (bad input, output or
+option: a one-line error).
+
+output codec: H.264 where this OpenCV build has an encoder for it (the PyPI wheel has none),
+else MPEG-4 Part 2 (.mp4 .m4v .mov), Xvid (.mkv), Motion JPEG (.avi); the summary says which.
+An odd frame size is kept exactly in .avi and refused for the other extensions (OpenCV's FFmpeg
+writer would crop it to even).
+
+GStreamer pipelines (OpenCV built with GStreamer, as JetPack's is; the PyPI wheel is not): IN
+ending in appsink, OUT starting with appsrc. Usual Jetson pipelines:
+  CSI camera (Argus):
+    "nvarguscamerasrc sensor-id=0 ! video/x-raw(memory:NVMM),width=1920,height=1080,framerate=30/1 !
+     nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR !
+     appsink drop=true max-buffers=2"
+  USB camera:
+    "v4l2src device=/dev/video0 ! video/x-raw,width=1280,height=720,framerate=30/1 ! videoconvert !
+     video/x-raw,format=BGR ! appsink drop=true max-buffers=2"
+  hardware H.264 encoder to MP4 (Jetson with NVENC: not the Orin Nano, which has none):
+    "appsrc ! videoconvert ! video/x-raw,format=BGRx ! nvvidconv ! video/x-raw(memory:NVMM),format=NV12 !
+     nvv4l2h264enc bitrate=8000000 ! h264parse ! qtmux ! filesink location=clean.mp4"
+  software H.264 (any machine, the Orin Nano included):
+    "appsrc ! videoconvert ! x264enc tune=zerolatency speed-preset=ultrafast ! h264parse ! qtmux !
+     filesink location=clean.mp4"
+  stream over RTP/UDP:
+    "appsrc ! videoconvert ! video/x-raw,format=BGRx ! nvvidconv ! video/x-raw(memory:NVMM),format=NV12 !
+     nvv4l2h264enc insert-sps-pps=true ! h264parse ! rtph264pay config-interval=1 pt=96 !
+     udpsink host=192.168.1.10 port=5000"
+Give each pipeline as one argument (quoted, on one line).
+
+FFmpeg's own log lines are hidden (the summary says what happened); set OPENCV_FFMPEG_LOGLEVEL
+(e.g. 24) to see them.
+"""
+
 
 def register(subparsers: Any) -> None:
     video = subparsers.add_parser(
         "video",
-        help="remove reflections from a video file or camera",
-        description="Remove reflections from every frame of a video file (or camera index) into OUT. Frame "
-                    "order, size and nominal frame rate are kept; audio is NOT copied (OpenCV handles video "
-                    "frames only). A frame that fails is written unchanged and counted.",
+        help="remove reflections from a video file, camera or GStreamer pipeline",
+        description="Remove reflections from every frame of a video file, camera or GStreamer pipeline into "
+                    "OUT. Frame order, exact size and nominal frame rate are kept; audio is NOT copied "
+                    "(OpenCV handles video frames only). A frame that fails is written unchanged, a frame "
+                    "that cannot be decoded is replaced by the previous output frame; both are counted. "
+                    "Ctrl+C, SIGTERM and q in the --show window stop the run and keep what was processed.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    video.add_argument("input", metavar="IN", help="video file, URL, or camera index (an integer)")
+    video.add_argument("input", metavar="IN",
+                       help="video file, URL, camera index (an integer) or GStreamer pipeline ending in appsink")
     video.add_argument("-o", "--output", required=True, metavar="OUT",
-                       help="output video (.mp4, .avi, .mkv, ...)")
-    video.add_argument("--camera", action="store_true", help="treat IN as a camera index or device")
-    video.add_argument("--preview", action="store_true", help="write input | output side by side")
+                       help="output video (.mp4, .m4v, .mov, .mkv, .avi) or GStreamer pipeline starting with "
+                            "appsrc")
+    video.add_argument("--camera", action="store_true", help="treat IN as a camera index or device (default: off)")
+    video.add_argument("--preview", action="store_true",
+                       help="write input | output side by side: twice as wide (default: off)")
+    video.add_argument("--show", action="store_true",
+                       help="also show the output in a window (needs a display; q or Esc stops; default: off)")
     video.add_argument("--max-frames", type=int, metavar="N",
-                       help="stop after N frames (cameras: stop with Ctrl+C)")
-    video.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    video.add_argument("--no-progress", action="store_true", help="no progress bar")
+                       help="stop after N frames (default: all; cameras: stop with Ctrl+C)")
+    video.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: off)")
+    video.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
     add_model_options(video)
     video.set_defaults(func=run_video)
 
 
 def run_video(args: argparse.Namespace) -> int:
-    from .video import AUDIO_NOTICE, process_video
+    # FFmpeg logs each damaged frame and each encoder it fails to open (e.g. H.264 on the PyPI
+    # wheel) straight to stderr; the summary reports both. Read when OpenCV first uses FFmpeg.
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    from .video import audio_note, check_job, describe_source, is_pipeline, parse_source, process_video
 
+    check_job(args.input, args.output, overwrite=args.overwrite, camera=args.camera, show=args.show)
     remover = open_from_args(args)
-    print(AUDIO_NOTICE, file=sys.stderr)
     summary = process_video(
         args.input, args.output, remover,
         preview=args.preview, overwrite=args.overwrite, camera=args.camera,
-        max_frames=args.max_frames, progress=not args.no_progress,
+        max_frames=args.max_frames, progress=not args.no_progress, show=args.show,
     )
+    width, height = summary.output_size
+    layout = f" (input | output, each {summary.size[0]}x{summary.size[1]})" if args.preview else ""
     print(
-        f"{summary.output}: {summary.frames} frame(s) at {summary.size[0]}x{summary.size[1]}, "
-        f"{summary.source_fps:.3g} fps; pipeline {summary.fps:.1f} frames/s",
+        f"{summary.output}: {summary.frames} frame(s) at {width}x{height}{layout}, {summary.source_fps:.3g} fps, "
+        f"{summary.codec}; {summary.fps:.1f} frames/s overall",
         file=sys.stderr,
     )
-    if summary.expected_frames is not None and summary.frames < summary.expected_frames:
-        print(f"warning: the source reported {summary.expected_frames} frames but only {summary.frames} "
-              "could be decoded", file=sys.stderr)
+    if summary.expected_frames is not None and not summary.interrupted and summary.frames < summary.expected_frames:
+        print(f"warning: the source reported {summary.expected_frames} frames but only {summary.frames} could be "
+              "read (a damaged or cut end, or a wrong count in the file)", file=sys.stderr)
     if summary.interrupted:
-        print("interrupted: the output holds the frames processed so far", file=sys.stderr)
+        print(f"stopped by {summary.stopped_by}: the output holds the frames processed so far", file=sys.stderr)
+    if summary.skipped:
+        shown = ", ".join(str(i) for i in summary.skipped[:10]) + (", ..." if len(summary.skipped) > 10 else "")
+        print(f"warning: {len(summary.skipped)} frame(s) could not be decoded (frame {shown}); the previous "
+              "output frame was written in each one's place, keeping the length and timing", file=sys.stderr)
     if summary.failed:
         print(f"warning: {summary.failed} frame(s) failed and were written unchanged "
               f"(first: frame {summary.failures[0][0]}: {summary.failures[0][1]})", file=sys.stderr)
-        return 1
-    return 0
+    source = parse_source(args.input, args.camera)
+    if isinstance(source, str) and not is_pipeline(source) and not is_pipeline(args.output):
+        print(audio_note(describe_source(source), summary.output), file=sys.stderr)
+    return 1 if summary.failed or summary.skipped else 0

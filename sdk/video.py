@@ -1,68 +1,134 @@
-"""Video and camera streams through a Remover, with decode, inference and encode overlapped.
+"""Video, camera and GStreamer streams through a Remover, with decode, inference and encode overlapped.
 
 Three stages run concurrently, joined by bounded queues (so memory stays flat and a slow
 stage throttles the others): a reader thread decodes frames, an inference thread runs the
 remover, and the calling thread encodes and drives the progress bar (its rate is the
 pipeline's frames per second). One inference thread keeps the frame order by construction.
 
-What is kept: every frame, in order, at the source's size and nominal frame rate.
-What is not: **audio** (OpenCV reads and writes video frames only; mux it back with e.g.
-``ffmpeg -i OUT -i IN -map 0:v -map 1:a? -c copy OUT2``), per-frame timestamps of
-variable-frame-rate sources (the output is constant-rate), and the source codec (the output
-codec follows the output file's extension). A frame the remover fails on is written
-unchanged and counted in the summary; none is dropped. A camera delivers frames at its own
-pace: if inference is slower, the camera driver drops frames before they are read, and the
-output (written at the camera's nominal rate) plays faster than real time.
+What is kept: every frame slot, in order, at the source's exact size and nominal frame rate.
+A frame that cannot be decoded (a damaged packet in the middle of a file) is stepped over and
+its slot filled with the previous output frame, so the output keeps the source's length and
+timing (audio muxed back later stays in sync); a frame the remover fails on is written
+unchanged. Both are counted in the summary; no frame slot is dropped.
+
+What is not kept: **audio** (OpenCV reads and writes video frames only; mux it back with
+:func:`audio_note`'s ffmpeg line), per-frame timestamps of variable-frame-rate sources (the
+output is constant-rate), and the source codec. The output codec follows the output file's
+extension: H.264 where this OpenCV build has an encoder for it (the PyPI wheel has none), else
+MPEG-4 Part 2 (.mp4, .m4v, .mov), Xvid (.mkv) or Motion JPEG (.avi); the summary says which.
+
+Frame size: OpenCV's FFmpeg writer silently crops an odd width or height to the even size
+below (FFmpeg's scaler needs even sizes). An odd-sized video is therefore written to .avi by
+OpenCV's own Motion JPEG writer, which keeps any size (its files stop at 4 GB, see
+:data:`OWN_AVI_LIMIT`), and refused before anything is written for the other extensions.
+
+Sources and sinks: a file, URL, camera index, or a GStreamer pipeline (a text with ``!``: the
+source ending in ``appsink``, the output starting with ``appsrc``) where OpenCV was built with
+GStreamer (JetPack's OpenCV is; the PyPI wheel is not). A camera delivers frames at its own
+pace: if inference is slower, the driver drops frames before they are read, and the output
+(written at the camera's nominal rate) plays faster than real time.
+
+Stopping: Ctrl+C (SIGINT), SIGTERM (what ``timeout``, systemd and container runtimes send) and
+q / Esc in the ``show`` window all end the run the same way: the frames processed so far are
+written and the file is finished.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
+import re
+import shlex
+import signal
 import sys
+import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
 
 from .errors import InputError
 
-FOURCC_BY_EXTENSION = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "XVID"}
+#: The codecs tried for each output extension, best first (H.264 where the OpenCV build can encode it).
+CODECS_BY_EXTENSION: Dict[str, Tuple[str, ...]] = {
+    ".mp4": ("avc1", "mp4v"),
+    ".m4v": ("avc1", "mp4v"),
+    ".mov": ("avc1", "mp4v"),
+    ".mkv": ("avc1", "XVID"),
+    ".avi": ("MJPG",),
+}
+CODEC_NAMES = {"avc1": "H.264", "mp4v": "MPEG-4 Part 2", "XVID": "Xvid (MPEG-4 Part 2)", "MJPG": "Motion JPEG"}
+#: OpenCV's own AVI writer (odd frame sizes) keeps 32-bit chunk sizes and fails at 4 GiB, losing
+#: the whole file when it is closed: the run stops, keeping what was written, with this margin.
+OWN_AVI_LIMIT = 4 * 1024 ** 3 - 256 * 1024 ** 2
+#: Failed reads in a row after which a file is taken to have ended (a failed read is also how
+#: the end looks; only a good frame after it proves it was a damaged one).
+MAX_BAD_READS = 16
 DEFAULT_CAMERA_FPS = 30.0
 MAX_REPORTED_FAILURES = 10
-AUDIO_NOTICE = (
-    "note: audio is not copied (OpenCV carries video frames only); to add it back: "
-    "ffmpeg -i OUT -i IN -map 0:v -map 1:a? -c copy OUT_WITH_AUDIO"
-)
+WINDOW_NAME = "dereflect"
 _END = object()
+
+Source = Union[str, int]
+Output = Union[str, os.PathLike]
 
 
 @dataclass
 class VideoSummary:
     """What :func:`process_video` did."""
 
-    output: Path
-    frames: int
-    failed: int
+    output: Union[Path, str]
+    #: Frames written: cleaned, failed (written unchanged) and undecodable (previous output frame repeated).
+    frames: int = 0
+    failed: int = 0
     failures: List[Tuple[int, str]] = field(default_factory=list)
+    #: Indices of the frames that could not be decoded; each slot holds the previous output frame.
+    skipped: List[int] = field(default_factory=list)
     seconds: float = 0.0
     source_fps: float = 0.0
+    #: The source frame size (width, height), kept exactly in the output.
     size: Tuple[int, int] = (0, 0)
+    #: The written frame size: twice as wide as ``size`` with ``preview`` (input | output).
+    output_size: Tuple[int, int] = (0, 0)
+    codec: str = ""
     expected_frames: Optional[int] = None
-    interrupted: bool = False
+    #: What ended the run early ("SIGINT", "SIGTERM", "the window", a size limit); None when the source ended.
+    stopped_by: Optional[str] = None
 
     @property
     def fps(self) -> float:
         """Frames per second through the whole pipeline (decode, inference, encode)."""
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def interrupted(self) -> bool:
+        return self.stopped_by is not None
 
-def parse_source(source: Union[str, int], camera: bool = False) -> Union[str, int]:
-    """A camera index for an integer (or ``camera=True`` with an integer string), else a path or URL."""
+
+def _build_setting(name: str) -> Optional[str]:
+    """The first word after ``name:`` in OpenCV's build information (e.g. GStreamer: YES, GUI: QT5)."""
+    match = re.search(rf"^\s*{re.escape(name)}:\s*(\S+)", cv2.getBuildInformation(), re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def has_gstreamer() -> bool:
+    """Whether this OpenCV build can open GStreamer pipelines."""
+    return (_build_setting("GStreamer") or "").upper() == "YES"
+
+
+def is_pipeline(text: Union[str, os.PathLike, int]) -> bool:
+    """A GStreamer pipeline: a text with ``!`` links that is not an existing file."""
+    return isinstance(text, str) and "!" in text and not os.path.exists(text)
+
+
+def parse_source(source: Union[str, int, os.PathLike], camera: bool = False) -> Source:
+    """A camera index for an integer (or ``camera=True`` with an integer string), else a path, URL or pipeline."""
     if isinstance(source, int):
         return source
     text = str(source)
@@ -71,28 +137,174 @@ def parse_source(source: Union[str, int], camera: bool = False) -> Union[str, in
     return text
 
 
-def open_source(source: Union[str, int], camera: bool = False) -> cv2.VideoCapture:
-    """Open a video file, URL or camera index; InputError when OpenCV cannot read it."""
-    source = parse_source(source, camera)
-    if isinstance(source, str) and not camera and "://" not in source:
-        path = Path(source)
+def describe_source(source: Source) -> str:
+    if isinstance(source, int):
+        return f"camera {source}"
+    return "input pipeline" if is_pipeline(source) else source
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+@contextmanager
+def _quiet_opencv() -> Iterator[None]:
+    """Silence OpenCV while it opens a source or a writer: we raise one clear error instead.
+
+    A missing camera prints several log lines (one per backend tried), and some backends (FFmpeg,
+    OpenCV's own AVI reader) print straight to the stderr file descriptor, past any log level:
+    so for these few milliseconds the log level is silent and descriptor 2 goes to the null device.
+    """
+    logging = getattr(getattr(cv2, "utils", None), "logging", None)
+    with _STDERR_LOCK:
+        level = logging.getLogLevel() if logging is not None else None
+        if logging is not None:
+            logging.setLogLevel(logging.LOG_LEVEL_SILENT)
+        sys.stderr.flush()
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(null)
+            if logging is not None:
+                logging.setLogLevel(level)
+
+
+def _require_gstreamer(what: str, instead: str) -> None:
+    if not has_gstreamer():
+        raise InputError(
+            f"{what} looks like a GStreamer pipeline (it has '!'), but this OpenCV build has no GStreamer "
+            f"(the PyPI opencv-python wheel has none; JetPack's OpenCV has it); use {instead}, or an OpenCV "
+            "built with GStreamer"
+        )
+
+
+def _check_display() -> None:
+    """``show`` needs a window: refuse before any work rather than let the GUI toolkit abort the process."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise InputError("--show needs a display and there is none (DISPLAY and WAYLAND_DISPLAY are unset, "
+                         "e.g. over SSH without -X); run without --show")
+    if (_build_setting("GUI") or "NONE").upper() == "NONE":
+        raise InputError("--show: this OpenCV build has no GUI (opencv-python-headless); run without --show "
+                         "or install an OpenCV with a GUI")
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows) or no answer for this file system
+        return 255
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_output_path(output: Path, source: Source, overwrite: bool) -> None:
+    if output.is_dir():
+        raise InputError(f"{output}: is a folder; name the output file, e.g. {output / 'clean.mp4'}")
+    ext = output.suffix.lower()
+    if ext not in CODECS_BY_EXTENSION:
+        raise InputError(f"{output}: unknown video extension '{ext or '(none)'}'; use one of "
+                         f"{', '.join(CODECS_BY_EXTENSION)}")
+    folder = _nearest_existing(output.parent)
+    if not folder.is_dir():
+        raise InputError(f"{output}: {folder} is a file, not a folder")
+    try:
+        # A real file, not os.access: root passes os.access everywhere, yet cannot write to read-only mounts.
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".dereflect-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"{output}: cannot write in {folder} ({exc.strerror})") from None
+    name_bytes, name_max = len(os.fsencode(output.name)), _name_max(folder)
+    if name_bytes > name_max:
+        raise InputError(f"{output}: the file name is {name_bytes} bytes; this file system allows {name_max}")
+    if output.exists():
+        if isinstance(source, str) and os.path.exists(source) and os.path.samefile(source, output):
+            raise InputError(f"{output}: refusing to overwrite the input video; choose another output path")
+        if not overwrite:
+            raise InputError(f"{output}: file exists; pass --overwrite to replace it")
+
+
+def _check_input(src: Source) -> None:
+    if is_pipeline(src):
+        _require_gstreamer("the input", "a file or camera index")
+        if "appsink" not in str(src):
+            raise InputError("input pipeline: it must end in appsink, where OpenCV takes the frames")
+    elif isinstance(src, str) and "://" not in src:
+        path = Path(src)
+        if path.is_dir():
+            raise InputError(f"{src}: is a folder, not a video file")
         if not path.is_file():
-            raise InputError(f"{source}: video file not found")
+            raise InputError(f"{src}: video file not found")
         if path.stat().st_size == 0:
-            raise InputError(f"{source}: file is empty (0 bytes)")
-    capture = cv2.VideoCapture(source)
+            raise InputError(f"{src}: file is empty (0 bytes)")
+
+
+def check_job(source: Union[str, int, os.PathLike], output: Output, overwrite: bool = False,
+              camera: bool = False, show: bool = False) -> None:
+    """Every check that needs no decoding, so that a command refuses before it loads a model.
+
+    The output path (a folder, writable, a name that fits, a known extension, not the input,
+    not an existing file without ``overwrite``), the input file, GStreamer support for
+    pipelines and a display for ``show``. :func:`process_video` runs it too. Raises InputError.
+    """
+    src = parse_source(source, camera)
+    _check_input(src)
+    if is_pipeline(output):
+        _require_gstreamer("the output", "a video file")
+        if not str(output).lstrip().startswith("appsrc"):
+            raise InputError("output pipeline: it must start with appsrc, where OpenCV hands in the frames")
+    else:
+        _check_output_path(Path(output), src, overwrite)
+    if show:
+        _check_display()
+
+
+def open_source(source: Union[str, int, os.PathLike], camera: bool = False) -> cv2.VideoCapture:
+    """Open a video file, URL, camera index or GStreamer pipeline; InputError when OpenCV cannot read it."""
+    src = parse_source(source, camera)
+    _check_input(src)
+    with _quiet_opencv():
+        capture = cv2.VideoCapture(src, cv2.CAP_GSTREAMER) if is_pipeline(src) else cv2.VideoCapture(src)
     if not capture.isOpened():
-        what = f"camera {source}" if isinstance(source, int) else str(source)
-        raise InputError(f"{what}: OpenCV cannot open it (missing camera, unsupported codec or not a video)")
+        if isinstance(src, int):
+            raise InputError(f"camera {src}: cannot open it (no such camera, or another program is using it)")
+        if is_pipeline(src):
+            raise InputError("input pipeline: GStreamer could not start it (test it with gst-launch-1.0, "
+                             "with fakesink in place of appsink)")
+        raise InputError(f"{src}: OpenCV cannot open it (unsupported codec or not a video)")
     return capture
 
 
-def fourcc_for(path: Path) -> str:
-    """The codec used for an output file, chosen by its extension."""
-    ext = path.suffix.lower()
-    if ext not in FOURCC_BY_EXTENSION:
-        raise InputError(f"{path}: unsupported video extension; use one of {', '.join(FOURCC_BY_EXTENSION)}")
-    return FOURCC_BY_EXTENSION[ext]
+class _Frames:
+    """Decoded frames of a capture, stepping over frames that fail to decode in the middle of a file."""
+
+    def __init__(self, capture: cv2.VideoCapture, step_over: bool, total: Optional[int]) -> None:
+        self.capture = capture
+        self.step_over = step_over
+        self.total = total
+        self.reads = 0
+
+    def next(self) -> Optional[Tuple[np.ndarray, int]]:
+        """The next good frame and how many undecodable frames came before it; None at the end."""
+        bad = 0
+        while True:
+            ok, frame = self.capture.read()
+            self.reads += 1
+            if ok and frame is not None:
+                return frame, bad
+            bad += 1
+            # The end of a file reads exactly like a damaged frame: stop after the frame count the
+            # container reported, or after too many failures in a row (count unknown or wrong).
+            # Failures not followed by a good frame are never counted as skipped.
+            if not self.step_over or bad >= MAX_BAD_READS or (self.total and self.reads >= self.total):
+                return None
 
 
 def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
@@ -106,17 +318,21 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
-def _reader(capture: cv2.VideoCapture, out_q: queue.Queue, stop: threading.Event,
+def _reader(frames: _Frames, first: Tuple[np.ndarray, int], out_q: queue.Queue, stop: threading.Event,
             max_frames: Optional[int], errors: List[BaseException]) -> None:
+    """Queue ``(index, frame)``; ``frame`` is None for a slot whose frame could not be decoded."""
     index = 0
+    got: Optional[Tuple[np.ndarray, int]] = first
     try:
-        while not stop.is_set() and (max_frames is None or index < max_frames):
-            ok, frame = capture.read()
-            if not ok or frame is None:
-                break
-            if not _put(out_q, (index, frame), stop):
-                break
-            index += 1
+        while got is not None and not stop.is_set():
+            frame, skipped = got
+            for item in [None] * skipped + [frame]:
+                if max_frames is not None and index >= max_frames:
+                    return
+                if not _put(out_q, (index, item), stop):
+                    return
+                index += 1
+            got = frames.next()
     except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which re-raises it
         errors.append(exc)
     finally:
@@ -125,6 +341,7 @@ def _reader(capture: cv2.VideoCapture, out_q: queue.Queue, stop: threading.Event
 
 def _worker(remover: Any, in_q: queue.Queue, out_q: queue.Queue, stop: threading.Event,
             errors: List[BaseException]) -> None:
+    """Queue ``(index, frame, result, error)``: the one place where the remover sees a frame."""
     try:
         while not stop.is_set():
             try:
@@ -134,10 +351,12 @@ def _worker(remover: Any, in_q: queue.Queue, out_q: queue.Queue, stop: threading
             if item is _END:
                 break
             index, frame = item
-            try:
-                result, error = remover.remove(frame, colour_order="BGR"), None
-            except Exception as exc:  # noqa: BLE001 - one bad frame must not end a long video
-                result, error = frame, f"{type(exc).__name__}: {exc}"
+            result, error = None, None
+            if frame is not None:
+                try:
+                    result = remover.remove(frame, colour_order="BGR")
+                except Exception as exc:  # noqa: BLE001 - one bad frame must not end a long video
+                    result, error = frame, f"{type(exc).__name__}: {exc}"
             if not _put(out_q, (index, frame, result, error), stop):
                 break
     except BaseException as exc:  # noqa: BLE001 - handed to the main thread
@@ -147,12 +366,141 @@ def _worker(remover: Any, in_q: queue.Queue, out_q: queue.Queue, stop: threading
 
 
 def _partial_path(output: Path) -> Path:
-    return output.with_name(f".{output.stem}.partial{output.suffix}")
+    """The hidden name the output is written under; shortened when it would outgrow the file-name limit."""
+    name = f".{output.stem}.partial{output.suffix}"
+    if len(os.fsencode(name)) > _name_max(_nearest_existing(output.parent)):
+        name = f".dereflect-{hashlib.sha1(os.fsencode(output.name)).hexdigest()[:16]}.partial{output.suffix}"
+    return output.with_name(name)
+
+
+class _Sink:
+    """Where frames go: a file written under a hidden name and renamed when finished, or a GStreamer pipeline."""
+
+    def __init__(self, output: Union[Path, str], size: Tuple[int, int], fps: float) -> None:
+        self.output = output
+        self.partial: Optional[Path] = None
+        self.limit: Optional[int] = None
+        self.created: List[Path] = []
+        if isinstance(output, str):
+            with _quiet_opencv():
+                self.writer = cv2.VideoWriter(output, cv2.CAP_GSTREAMER, 0, fps, size, True)
+            if not self.writer.isOpened():
+                raise InputError("output pipeline: GStreamer could not start it (test it with gst-launch-1.0, "
+                                 "with videotestsrc in place of appsrc)")
+            self.codec = "GStreamer pipeline"
+            return
+        width, height = size
+        ext = output.suffix.lower()
+        if (width % 2 or height % 2) and ext != ".avi":
+            raise InputError(
+                f"{output}: frames are {width}x{height}; the {ext} encoders need an even width and height "
+                f"(OpenCV would silently crop to {width & ~1}x{height & ~1}); write an .avi instead "
+                "(Motion JPEG keeps any size)"
+            )
+        self.partial = _partial_path(output)
+        for folder in reversed(output.parents):
+            if not folder.exists():
+                folder.mkdir()
+                self.created.append(folder)
+        if width % 2 or height % 2:
+            # OpenCV's own Motion JPEG writer: the only one that keeps an odd size exactly.
+            candidates = [("MJPG", cv2.CAP_OPENCV_MJPEG)]
+            self.limit = OWN_AVI_LIMIT
+        else:
+            candidates = [(code, cv2.CAP_ANY) for code in CODECS_BY_EXTENSION[ext]]
+        for code, api in candidates:
+            with _quiet_opencv():
+                self.writer = cv2.VideoWriter(str(self.partial), api, cv2.VideoWriter_fourcc(*code), fps, size)
+            if self.writer.isOpened():
+                self.codec = f"{CODEC_NAMES[code]} ({code})"
+                if code != candidates[0][0]:
+                    self.codec = (f"{CODEC_NAMES[code]} ({code}; no {CODEC_NAMES[candidates[0][0]]} encoder in "
+                                  "this OpenCV build)")
+                return
+            self.writer.release()
+            self.partial.unlink(missing_ok=True)
+        self._remove_created()
+        raise InputError(f"{output}: OpenCV cannot write {ext} video here (tried "
+                         f"{', '.join(code for code, _ in candidates)}); try an .avi output")
+
+    def write(self, image: np.ndarray) -> None:
+        self.writer.write(image)
+
+    def full(self) -> bool:
+        return self.limit is not None and self.partial is not None and self.partial.stat().st_size > self.limit
+
+    def finish(self, keep: bool) -> None:
+        """Close the writer; then rename the file into place (``keep``) or remove every trace of it."""
+        self.writer.release()
+        if self.partial is None:
+            return
+        if keep:
+            os.replace(self.partial, self.output)
+            return
+        self.partial.unlink(missing_ok=True)
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()
+            except OSError:  # something else was put there meanwhile: leave it
+                break
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM set a flag that the writing loop checks, so the run ends between frames.
+
+    Installed only from the main thread and only over the default handlers, so an application's
+    own handlers win. A second signal while the file is being finished is ignored: finishing takes
+    moments, and being killed then would lose every frame.
+    """
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self.previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+                if signal.getsignal(sig) is default:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+    def __exit__(self, *_exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class _Window:
+    """The ``show`` window; q, Esc or closing it asks the run to stop."""
+
+    def show(self, image: np.ndarray) -> bool:
+        """Show ``image``; False when the user asked to stop."""
+        cv2.imshow(WINDOW_NAME, image)
+        key = cv2.waitKey(1) & 0xFF
+        return key not in (ord("q"), 27) and cv2.getWindowProperty(WINDOW_NAME, cv2.WND_PROP_VISIBLE) >= 1
+
+    def close(self) -> None:
+        cv2.destroyWindow(WINDOW_NAME)
+
+
+def audio_note(source: Source, output: Union[Path, str]) -> str:
+    """The note that audio is not copied, with the ffmpeg line that adds it back for these files."""
+    out = Path(output)
+    with_audio = out.with_name(f"{out.stem}_with_audio{out.suffix}")
+    command = " ".join(shlex.quote(str(part)) for part in
+                       ("ffmpeg", "-i", out, "-i", source, "-map", "0:v", "-map", "1:a?", "-c", "copy", with_audio))
+    return f"note: audio is not copied (OpenCV carries video frames only); to add it back: {command}"
 
 
 def process_video(
-    source: Union[str, int],
-    output: Union[str, os.PathLike],
+    source: Union[str, int, os.PathLike],
+    output: Output,
     remover: Any,
     preview: bool = False,
     overwrite: bool = False,
@@ -160,99 +508,148 @@ def process_video(
     max_frames: Optional[int] = None,
     queue_size: int = 8,
     progress: bool = True,
+    show: bool = False,
 ) -> VideoSummary:
-    """Remove reflections from every frame of ``source`` (file, URL or camera index) into ``output``.
+    """Remove reflections from every frame of ``source`` into ``output``.
 
+    ``source``: a video file, URL, camera index or GStreamer pipeline; ``output``: a video file
+    (extension from :data:`CODECS_BY_EXTENSION`) or a GStreamer pipeline starting with appsrc.
     ``remover`` is anything with ``remove(frame, colour_order="BGR")`` (a
-    :class:`~dereflect.remover.Remover`). ``preview`` writes input | output side by side.
-    The output is written to a hidden temporary file and renamed when done (also after
-    Ctrl+C, so a camera session keeps what was recorded); it never replaces the input and
-    replaces another existing file only with ``overwrite``.
+    :class:`~dereflect.remover.Remover`). ``preview`` writes input | output side by side;
+    ``show`` also shows each output frame in a window. A file output is written under a
+    hidden temporary name and renamed when done (also after Ctrl+C or SIGTERM, so a camera
+    session keeps what was recorded); it never replaces the input and replaces another
+    existing file only with ``overwrite``. Raises InputError, before anything is written,
+    for bad paths, a source with no decodable frame, or an odd frame size the output's
+    encoder cannot keep.
     """
     from tqdm import tqdm
 
-    output = Path(output)
-    codec = fourcc_for(output)
+    check_job(source, output, overwrite=overwrite, camera=camera, show=show)
     src = parse_source(source, camera)
-    if isinstance(src, str) and Path(src).exists() and output.exists() and os.path.samefile(src, output):
-        raise InputError(f"{output}: refusing to overwrite the input video; choose another output path")
-    if output.exists() and not overwrite:
-        raise InputError(f"{output}: file exists; pass --overwrite to replace it")
+    target: Union[Path, str] = output if is_pipeline(output) else Path(output)
     capture = open_source(src, camera)
     try:
-        width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
-        height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
         fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
         if not fps > 0 or fps > 1000:
             fps = DEFAULT_CAMERA_FPS
-        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if isinstance(src, str) else 0
+        is_file = isinstance(src, str) and not is_pipeline(src)
+        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if is_file else 0
         expected = total if total > 0 else None
         if max_frames is not None and expected is not None:
             expected = min(expected, max_frames)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        partial = _partial_path(output)
+        frames = _Frames(capture, step_over=not isinstance(src, int), total=expected and total)
+        first = frames.next()
+        if first is None:
+            raise InputError(f"{describe_source(src)}: no frame could be decoded (the video holds no frames, "
+                             "or none is readable); nothing written")
+        height, width = first[0].shape[:2]
         out_size = (2 * width if preview else width, height)
-        writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*codec), fps, out_size)
-        if not writer.isOpened():
-            raise InputError(
-                f"{output}: OpenCV cannot write {codec} video here; try an .avi (MJPG) or .mp4 output"
-            )
-        summary = VideoSummary(output=output, frames=0, failed=0, source_fps=fps, size=(width, height),
-                               expected_frames=expected)
-        stop = threading.Event()
-        errors: List[BaseException] = []
-        frames_q: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
-        results_q: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
-        threads = [
-            threading.Thread(target=_reader, args=(capture, frames_q, stop, max_frames, errors),
-                             name="dereflect-decode", daemon=True),
-            threading.Thread(target=_worker, args=(remover, frames_q, results_q, stop, errors),
-                             name="dereflect-infer", daemon=True),
-        ]
-        bar = tqdm(total=expected, unit="frame", disable=not progress, dynamic_ncols=True, file=sys.stderr)
-        start = time.perf_counter()
-        completed = False
-        try:
-            for thread in threads:
-                thread.start()
-            while True:
-                try:
-                    item = results_q.get(timeout=0.1)
-                except queue.Empty:
-                    if errors:
-                        raise errors[0] from None
-                    continue
-                if item is _END:
-                    break
-                index, frame, result, error = item
-                if error is not None:
-                    summary.failed += 1
-                    summary.failures.append((index, error))
-                    if summary.failed <= MAX_REPORTED_FAILURES:
-                        bar.write(f"frame {index}: failed ({error}); written unchanged")
-                if result.shape[:2] != (height, width):
-                    result = cv2.resize(result, (width, height))
-                    frame = cv2.resize(frame, (width, height))
-                writer.write(np.hstack([frame, result]) if preview else result)
-                summary.frames += 1
-                bar.update(1)
-            if errors:
-                raise errors[0]
-            completed = True
-        except KeyboardInterrupt:
-            summary.interrupted = True
-            completed = True
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=5)
-            bar.close()
-            writer.release()
-            summary.seconds = time.perf_counter() - start
-            if completed:
-                os.replace(partial, output)
-            elif partial.exists():
-                partial.unlink()
+        sink = _Sink(target, out_size, fps)
+        summary = VideoSummary(output=target, source_fps=fps, size=(width, height), output_size=out_size,
+                               codec=sink.codec, expected_frames=expected)
+        _run(summary, sink, frames, first, remover, preview, max_frames, queue_size, progress, show, tqdm)
     finally:
         capture.release()
     return summary
+
+
+def _run(summary: VideoSummary, sink: _Sink, frames: _Frames, first: Tuple[np.ndarray, int], remover: Any,
+         preview: bool, max_frames: Optional[int], queue_size: int, progress: bool, show: bool, tqdm: Any) -> None:
+    """The threads and the writing loop; the sink is finished (kept or removed) whatever happens."""
+    width, height = summary.size
+    stop = threading.Event()
+    errors: List[BaseException] = []
+    frames_q: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+    results_q: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+    threads = [
+        threading.Thread(target=_reader, args=(frames, first, frames_q, stop, max_frames, errors),
+                         name="dereflect-decode", daemon=True),
+        threading.Thread(target=_worker, args=(remover, frames_q, results_q, stop, errors),
+                         name="dereflect-infer", daemon=True),
+    ]
+    window = _Window() if show else None
+    bar = tqdm(total=summary.expected_frames, unit="frame", disable=not progress, dynamic_ncols=True,
+               file=sys.stderr)
+    last: Optional[np.ndarray] = None
+    waiting = 0  # undecodable frames before the first good one: they take its output frame
+
+    def write(item: Tuple[int, Optional[np.ndarray], Optional[np.ndarray], Optional[str]]) -> bool:
+        """Write one slot; False when the window or the size limit asks to stop."""
+        nonlocal last, waiting
+        index, frame, result, error = item
+        if frame is None:
+            summary.skipped.append(index)
+            if last is None:
+                waiting += 1
+                return True
+            image = last
+        else:
+            if error is not None:
+                summary.failed += 1
+                summary.failures.append((index, error))
+                if summary.failed <= MAX_REPORTED_FAILURES:
+                    bar.write(f"frame {index}: failed ({error}); written unchanged")
+            if result.shape[:2] != (height, width):
+                result = cv2.resize(result, (width, height))
+                frame = cv2.resize(frame, (width, height))
+            image = np.hstack([frame, result]) if preview else result
+        for _ in range(waiting + 1):
+            sink.write(image)
+            summary.frames += 1
+            bar.update(1)
+        waiting, last = 0, image
+        if window is not None and not window.show(image):
+            summary.stopped_by = "the window"
+            return False
+        if sink.full():
+            summary.stopped_by = f"the {OWN_AVI_LIMIT >> 20} MiB limit of OpenCV's own AVI writer (odd frame size)"
+            return False
+        return True
+
+    keep = False
+    start = time.perf_counter()
+    try:
+        with _StopSignals() as signals:
+            try:
+                for thread in threads:
+                    thread.start()
+                while signals.received is None:
+                    try:
+                        item = results_q.get(timeout=0.1)
+                    except queue.Empty:
+                        if errors:
+                            raise errors[0] from None
+                        continue
+                    if item is _END or not write(item):
+                        break
+                if errors:
+                    raise errors[0]
+            except KeyboardInterrupt:  # an application's own SIGINT handler, or a Ctrl+C before ours was set
+                summary.stopped_by = "SIGINT"
+            if signals.received is not None:
+                summary.stopped_by = signals.received
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=5)
+            if summary.stopped_by is not None:
+                # Frames the remover finished before the stop are kept too.
+                while True:
+                    try:
+                        item = results_q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _END or not write(item):
+                        break
+            if summary.frames == 0:
+                raise InputError(f"{summary.output}: stopped before any frame was written; nothing kept")
+            keep = True
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=5)
+        bar.close()
+        if window is not None:
+            window.close()
+        summary.seconds = time.perf_counter() - start
+        sink.finish(keep)
