@@ -205,13 +205,21 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def _check_output_path(output: Path, source: Source, overwrite: bool) -> None:
-    if output.is_dir():
-        raise InputError(f"{output}: is a folder; name the output file, e.g. {output / 'clean.mp4'}")
+    try:
+        folder = _nearest_existing(output.parent)
+        # Before any look at the output itself: the system refuses to even stat a name that is too long.
+        name_bytes, name_max = len(os.fsencode(output.name)), _name_max(folder)
+        if name_bytes > name_max:
+            raise InputError(f"{output}: the file name is {name_bytes} bytes; this file system allows {name_max}")
+        if output.is_dir():
+            raise InputError(f"{output}: is a folder; name the output file, e.g. {output / 'clean.mp4'}")
+        exists = output.exists()
+    except OSError as exc:
+        raise InputError(f"{output}: cannot use this path ({exc.strerror})") from None
     ext = output.suffix.lower()
     if ext not in CODECS_BY_EXTENSION:
         raise InputError(f"{output}: unknown video extension '{ext or '(none)'}'; use one of "
                          f"{', '.join(CODECS_BY_EXTENSION)}")
-    folder = _nearest_existing(output.parent)
     if not folder.is_dir():
         raise InputError(f"{output}: {folder} is a file, not a folder")
     try:
@@ -221,10 +229,7 @@ def _check_output_path(output: Path, source: Source, overwrite: bool) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise InputError(f"{output}: cannot write in {folder} ({exc.strerror})") from None
-    name_bytes, name_max = len(os.fsencode(output.name)), _name_max(folder)
-    if name_bytes > name_max:
-        raise InputError(f"{output}: the file name is {name_bytes} bytes; this file system allows {name_max}")
-    if output.exists():
+    if exists:
         if isinstance(source, str) and os.path.exists(source) and os.path.samefile(source, output):
             raise InputError(f"{output}: refusing to overwrite the input video; choose another output path")
         if not overwrite:

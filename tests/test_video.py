@@ -5,12 +5,19 @@ Each generated frame carries its index as 8 black/white stripes, readable after 
 
 from __future__ import annotations
 
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
 import cv2
 import dereflect.cli
 import numpy as np
 import pytest
 from dereflect.errors import InputError
-from dereflect.video import parse_source, process_video
+from dereflect.video import has_gstreamer, parse_source, process_video
 
 W, H, FPS, STRIPE = 96, 48, 12.0, 12
 
@@ -144,3 +151,299 @@ def test_video_cli_with_an_export(tmp_path, monkeypatch, capsys):
     assert frames[3].mean() == pytest.approx(0.7 * _frame(3).mean(), rel=0.1)
     err = capsys.readouterr().err
     assert "audio is not copied" in err and "6 frame(s)" in err
+
+
+def _frame_chunks(data: bytes):
+    """(offset, size) of each Motion JPEG frame's data in an AVI written by OpenCV ('00dc' chunks)."""
+    chunks, at = [], data.find(b"00dc")
+    while at != -1:
+        size = struct.unpack("<I", data[at + 4:at + 8])[0]
+        if data[at + 8:at + 10] == b"\xff\xd8":
+            chunks.append((at + 8, size))
+        at = data.find(b"00dc", at + 4)
+    return chunks
+
+
+def _damage(path, frames):
+    """Zero the JPEG data of ``frames``: the decoder fails on exactly those frames."""
+    data = bytearray(path.read_bytes())
+    chunks = _frame_chunks(bytes(data))
+    for index in frames:
+        offset, size = chunks[index]
+        data[offset:offset + size] = bytes(size)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_undecodable_frames_are_stepped_over_and_their_slot_repeats_the_previous_output(tmp_path):
+    source = _damage(_write_video(tmp_path / "in.avi", 11), [5])
+    summary = process_video(source, tmp_path / "out.avi", Darken(), progress=False)
+    frames, fps = _read_video(tmp_path / "out.avi")
+    assert summary.frames == 11 and summary.skipped == [5] and summary.failed == 0
+    assert [_index(f) for f in frames] == [0, 1, 2, 3, 4, 4, 6, 7, 8, 9, 10] and fps == pytest.approx(FPS)
+    assert np.array_equal(frames[5], frames[4])
+
+
+def test_undecodable_first_frame_takes_the_first_output_frame(tmp_path):
+    source = _damage(_write_video(tmp_path / "in.avi", 8), [0, 1])
+    summary = process_video(source, tmp_path / "out.avi", Darken(), progress=False)
+    frames, _ = _read_video(tmp_path / "out.avi")
+    assert summary.skipped == [0, 1] and [_index(f) for f in frames] == [2, 2, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_damaged_last_frame_reads_as_the_end(tmp_path):
+    # Only a good frame after a failed read proves the frame was damaged rather than the file ended.
+    source = _damage(_write_video(tmp_path / "in.avi", 8), [7])
+    summary = process_video(source, tmp_path / "out.avi", Darken(), progress=False)
+    assert summary.frames == 7 and summary.skipped == [] and summary.expected_frames == 8
+
+
+def _write_sized(path, width, height, count=4, fourcc="MJPG", api=cv2.CAP_OPENCV_MJPEG):
+    writer = cv2.VideoWriter(str(path), api, cv2.VideoWriter_fourcc(*fourcc), FPS, (width, height))
+    assert writer.isOpened()
+    for i in range(count):
+        frame = np.full((height, width, 3), (30 + 40 * i) % 200, np.uint8)
+        frame[-1, :] = 250  # the bottom row and right column are where a crop to even sizes would cut
+        frame[:, -1] = 250
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def test_odd_size_is_kept_exactly_in_avi(tmp_path):
+    source = _write_sized(tmp_path / "odd.avi", 641, 359)
+    assert _read_video(source)[0][0].shape == (359, 641, 3)
+    summary = process_video(source, tmp_path / "out.avi", Darken(), progress=False)
+    frames, _ = _read_video(tmp_path / "out.avi")
+    assert summary.size == summary.output_size == (641, 359) and len(frames) == 4
+    assert frames[0].shape == (359, 641, 3) and frames[0][-1, 10:-10].mean() > 200
+    preview = process_video(source, tmp_path / "prev.avi", Darken(), preview=True, progress=False)
+    assert preview.output_size == (1282, 359) and _read_video(tmp_path / "prev.avi")[0][0].shape == (359, 1282, 3)
+
+
+@pytest.mark.parametrize("extension", [".mp4", ".mkv", ".mov"])
+def test_odd_size_is_refused_where_the_encoder_would_crop_it(tmp_path, extension):
+    source = _write_sized(tmp_path / "odd.avi", 97, 49)
+    out = tmp_path / "sub" / f"out{extension}"
+    with pytest.raises(InputError, match=r"97x49.*even.*96x48.*\.avi"):
+        process_video(source, out, Darken(), progress=False)
+    assert not (tmp_path / "sub").exists()  # the folder made for the output is removed again
+
+
+def test_zero_frames_is_an_error_and_leaves_no_file(tmp_path):
+    source = tmp_path / "empty.avi"
+    writer = cv2.VideoWriter(str(source), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (W, H))
+    writer.release()
+    assert source.stat().st_size > 0 and cv2.VideoCapture(str(source)).isOpened()
+    with pytest.raises(InputError, match="no frame could be decoded"):
+        process_video(source, tmp_path / "out.mp4", Darken(), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.avi"]
+
+
+def test_output_checks_come_before_any_work(tmp_path):
+    source = _write_video(tmp_path / "in.avi", 3)
+    blocker = tmp_path / "out.mp4"
+    blocker.write_bytes(b"not a folder")
+    remover = Darken()
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        process_video(source, blocker / "x.mp4", remover, progress=False)
+    with pytest.raises(InputError, match="is a folder"):
+        process_video(source, tmp_path, remover, progress=False)
+    with pytest.raises(InputError, match="unknown video extension '.gif'"):
+        process_video(source, tmp_path / "out.gif", remover, progress=False)
+    with pytest.raises(InputError, match="file name is 300 bytes"):
+        process_video(source, tmp_path / ("n" * 296 + ".mp4"), remover, progress=False)
+    assert remover.calls == 0 and blocker.read_bytes() == b"not a folder"
+
+
+def test_a_name_near_the_limit_gets_a_short_hidden_name_while_written(tmp_path):
+    source = _write_video(tmp_path / "in.avi", 3)
+    out = tmp_path / ("n" * 250 + ".avi")  # ".<stem>.partial.avi" would be 263 bytes
+    summary = process_video(source, out, Darken(), progress=False)
+    assert summary.frames == 3 and len(_read_video(out)[0]) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.avi", out.name])
+
+
+def _h264_encoder_available(tmp_path) -> bool:
+    probe = tmp_path / "probe.mp4"
+    writer = cv2.VideoWriter(str(probe), cv2.VideoWriter_fourcc(*"avc1"), FPS, (W, H))
+    opened = writer.isOpened()
+    writer.release()
+    probe.unlink(missing_ok=True)
+    return opened
+
+
+def test_h264_where_the_build_has_it_else_mpeg4_and_the_summary_says_which(tmp_path):
+    source = _write_video(tmp_path / "in.avi", 4)
+    summary = process_video(source, tmp_path / "out.mp4", Darken(), progress=False)
+    fourcc = int(cv2.VideoCapture(str(tmp_path / "out.mp4")).get(cv2.CAP_PROP_FOURCC))
+    written = fourcc.to_bytes(4, "little").decode("ascii", "replace").lower()
+    if _h264_encoder_available(tmp_path):
+        assert summary.codec == "H.264 (avc1)" and written in ("avc1", "h264")
+    else:
+        # FFmpeg reads MPEG-4 Part 2 back as FMP4 whatever tag it was written with.
+        assert summary.codec.startswith("MPEG-4 Part 2 (mp4v; no H.264 encoder") and written in ("mp4v", "fmp4")
+
+
+def test_the_avi_size_limit_stops_the_run_and_keeps_a_playable_file(tmp_path, monkeypatch):
+    import dereflect.video
+
+    monkeypatch.setattr(dereflect.video, "OWN_AVI_LIMIT", 40_000)
+    source = _write_sized(tmp_path / "odd.avi", 161, 121, count=40)
+    summary = process_video(source, tmp_path / "out.avi", Darken(), progress=False)
+    frames, _ = _read_video(tmp_path / "out.avi")
+    assert "limit" in summary.stopped_by and 0 < summary.frames < 40 and len(frames) == summary.frames
+
+
+def test_show_refuses_without_a_display(tmp_path, monkeypatch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    monkeypatch.setattr("sys.platform", "linux")
+    source = _write_video(tmp_path / "in.avi", 3)
+    remover = Darken()
+    with pytest.raises(InputError, match="--show needs a display"):
+        process_video(source, tmp_path / "out.avi", remover, show=True, progress=False)
+    assert remover.calls == 0 and not (tmp_path / "out.avi").exists()
+
+
+def test_show_displays_each_output_frame_and_q_stops(tmp_path, monkeypatch):
+    # cv2's window calls replaced: this checks what the loop shows and that q ends the run cleanly.
+    import dereflect.video
+
+    shown = []
+    monkeypatch.setenv("DISPLAY", ":0")
+    monkeypatch.setattr(dereflect.video, "_build_setting", lambda name: "QT5" if name == "GUI" else "NO")
+    monkeypatch.setattr(cv2, "imshow", lambda name, image: shown.append(image.copy()))
+    monkeypatch.setattr(cv2, "waitKey", lambda delay: ord("q") if len(shown) == 3 else -1)
+    monkeypatch.setattr(cv2, "getWindowProperty", lambda name, prop: 1.0)
+    monkeypatch.setattr(cv2, "destroyWindow", lambda name: None)
+    source = _write_video(tmp_path / "in.avi", 20)
+    summary = process_video(source, tmp_path / "out.avi", Darken(), show=True, queue_size=1, progress=False)
+    frames, _ = _read_video(tmp_path / "out.avi")
+    # Frames the remover had finished when q was pressed are still written (and shown).
+    assert summary.stopped_by == "the window" and 3 <= summary.frames == len(frames) < 20
+    assert [_index(f) for f in shown] == [_index(f) for f in frames] == list(range(len(frames)))
+
+
+@pytest.mark.skipif(not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")),
+                    reason="no display here (DISPLAY and WAYLAND_DISPLAY unset): a real --show window cannot open")
+def test_show_opens_a_real_window(tmp_path):
+    source = _write_video(tmp_path / "in.avi", 5)
+    summary = process_video(source, tmp_path / "out.avi", Darken(), show=True, progress=False)
+    assert summary.frames == 5
+
+
+def test_pipelines_need_opencv_with_gstreamer(tmp_path):
+    if has_gstreamer():
+        pytest.skip("this OpenCV has GStreamer: test_gstreamer_pipelines_end_to_end covers pipelines")
+    source = _write_video(tmp_path / "in.avi", 3)
+    with pytest.raises(InputError, match="the input looks like a GStreamer pipeline.*no GStreamer"):
+        process_video("videotestsrc num-buffers=3 ! appsink", tmp_path / "out.avi", Darken(), progress=False)
+    with pytest.raises(InputError, match="the output looks like a GStreamer pipeline.*no GStreamer"):
+        process_video(source, "appsrc ! videoconvert ! fakesink", Darken(), progress=False)
+
+
+def test_pipelines_must_end_in_appsink_and_start_with_appsrc(tmp_path, monkeypatch):
+    import dereflect.video
+
+    monkeypatch.setattr(dereflect.video, "has_gstreamer", lambda: True)
+    source = _write_video(tmp_path / "in.avi", 3)
+    with pytest.raises(InputError, match="must end in appsink"):
+        process_video("videotestsrc ! fakesink", tmp_path / "out.avi", Darken(), progress=False)
+    with pytest.raises(InputError, match="must start with appsrc"):
+        process_video(source, "videotestsrc ! autovideosink", Darken(), progress=False)
+
+
+def test_pipelines_open_with_the_gstreamer_backend(tmp_path, monkeypatch):
+    # Without GStreamer here, OpenCV's classes are replaced by recorders: this checks what
+    # process_video asks of OpenCV for a pipeline (backend, string, size) and that nothing is renamed.
+    import dereflect.video
+
+    opened = {}
+
+    class Capture:
+        def __init__(self, source, api=cv2.CAP_ANY):
+            opened["capture"] = (source, api)
+            self.left = 6
+
+        def isOpened(self):  # noqa: N802 - OpenCV's name
+            return True
+
+        def get(self, prop):
+            return {cv2.CAP_PROP_FPS: 25.0}.get(prop, 0.0)
+
+        def read(self):
+            self.left -= 1
+            return (True, _frame(5 - self.left)) if self.left >= 0 else (False, None)
+
+        def release(self):
+            pass
+
+    class Writer:
+        def __init__(self, target, api, fourcc, fps, size, colour):
+            opened["writer"] = (target, api, fourcc, fps, size)
+            opened["frames"] = []
+
+        def isOpened(self):  # noqa: N802 - OpenCV's name
+            return True
+
+        def write(self, image):
+            opened["frames"].append(_index(image))
+
+        def release(self):
+            pass
+
+    monkeypatch.setattr(dereflect.video, "has_gstreamer", lambda: True)
+    monkeypatch.setattr(cv2, "VideoCapture", Capture)
+    monkeypatch.setattr(cv2, "VideoWriter", Writer)
+    src = "v4l2src ! videoconvert ! video/x-raw,format=BGR ! appsink"
+    sink = "appsrc ! videoconvert ! x264enc ! mp4mux ! filesink location=x.mp4"
+    summary = process_video(src, sink, Darken(), progress=False)
+    assert opened["capture"] == (src, cv2.CAP_GSTREAMER)
+    assert opened["writer"] == (sink, cv2.CAP_GSTREAMER, 0, 25.0, (W, H))
+    assert opened["frames"] == list(range(6)) and summary.frames == 6 and summary.codec == "GStreamer pipeline"
+    assert summary.expected_frames is None and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not has_gstreamer(), reason="this OpenCV build has no GStreamer (the PyPI wheel has none)")
+def test_gstreamer_pipelines_end_to_end(tmp_path):
+    out = tmp_path / "out.avi"
+    summary = process_video(f"videotestsrc num-buffers=10 ! video/x-raw,width={W},height={H} ! videoconvert ! "
+                            "video/x-raw,format=BGR ! appsink",
+                            f"appsrc ! videoconvert ! jpegenc ! avimux ! filesink location={out}",
+                            Darken(), progress=False)
+    frames, _ = _read_video(out)
+    assert summary.frames == 10 and len(frames) == 10 and frames[0].shape == (H, W, 3)
+
+
+def _slow_cli(tmp_path, frames):
+    """A `dereflect video` subprocess on a long clip, and the path of its hidden partial output."""
+    from onnx_fixtures import make_crrn_export
+
+    model = make_crrn_export(tmp_path / "model")
+    source = _write_video(tmp_path / "in.avi", frames)
+    out = tmp_path / "out.avi"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "dereflect.cli", "video", str(source), "-o", str(out),
+                                "--model", str(model), "--threads", "1", "--no-progress"],
+                               stderr=subprocess.PIPE, text=True, env=env,
+                               # A shell may start background jobs with SIGINT ignored; Python then keeps it so.
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return process, out, tmp_path / ".out.partial.avi"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_finish_the_file_with_every_frame_so_far(tmp_path, signum):
+    process, out, partial = _slow_cli(tmp_path, 6000)
+    deadline = time.monotonic() + 60
+    while not partial.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    frames, _ = _read_video(out)
+    assert process.returncode == 0, err
+    assert f"stopped by {signal.Signals(signum).name}" in err and "Traceback" not in err
+    assert 0 < len(frames) < 6000 and f"{len(frames)} frame(s) at {W}x{H}" in err
+    assert [_index(f) for f in frames] == [i % 256 for i in range(len(frames))]
+    assert not partial.exists() and err.count("audio is not copied") == 1
