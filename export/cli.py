@@ -13,12 +13,18 @@ from pathlib import Path
 from typing import Any, List
 
 from dereflect.errors import ModelError, require
+from dereflect.models import BUNDLED_MODELS
+
+EXPORT_MODEL_HELP = f"a bundled model ({', '.join(BUNDLED_MODELS)}) or an export directory"
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="export a checkpoint to ONNX / TensorRT and verify it (needs: pip install 'dereflect[export]')",
+        help="export a checkpoint to ONNX, build TensorRT engines, verify and check models",
+        description="onnx needs pip install 'dereflect[export]' (torch, onnx), check needs onnx, engine needs "
+                    "TensorRT (on Jetson: JetPack's; elsewhere pip install 'dereflect[trt]'); verify needs only "
+                    "the core install (and TensorRT for --backend tensorrt).",
     )
     commands = parser.add_subparsers(dest="export_command", metavar="STEP")
 
@@ -31,11 +37,22 @@ def register(subparsers: Any) -> None:
     onnx.add_argument("--force", action="store_true", help="replace an earlier export in DIR")
     onnx.add_argument("--name", default=None, help="model name in the manifest (default: the checkpoint's name)")
     onnx.add_argument("--opset", type=int, default=17,
-                      help="ONNX opset (default 17, the highest TensorRT 8.5 reads)")
+                      help="ONNX opset (default: 17, the highest TensorRT 8.5 reads)")
     onnx.set_defaults(func=run_onnx)
 
-    engine = commands.add_parser("engine", help="build TensorRT engines on this device (needs TensorRT)")
-    engine.add_argument("directory", metavar="DIR", help="export directory")
+    engine = commands.add_parser(
+        "engine", help="build TensorRT engines on this device into a folder of yours (needs TensorRT)",
+        description="Copy a model's export (manifest, ONNX and FP16 ONNX files, goldens) into DIR and build one "
+                    "TensorRT engine per network there, with a sidecar recording TensorRT, GPU and profile. DIR is "
+                    "then a self-contained export directory: check it with 'dereflect export verify DIR "
+                    "--backend tensorrt' and run it with '--model DIR --backend tensorrt'. Engines are tied to "
+                    "the TensorRT version and the GPU: build them on the device that runs them. The timing cache "
+                    "is kept in $DEREFLECT_CACHE (see --timing-cache).")
+    engine.add_argument("model", metavar="MODEL", help=EXPORT_MODEL_HELP)
+    engine.add_argument("-o", "--out", metavar="DIR", default=None,
+                        help="folder for the copy and the engines; an existing one holding this export is "
+                             "reused, and the export directory itself builds in place (default: ./MODEL-engines "
+                             "in the current directory; never inside the installed package)")
     precision = engine.add_mutually_exclusive_group()
     precision.add_argument("--fp16", dest="fp16", action="store_true", default=True,
                            help="FP16 engines (default)")
@@ -43,19 +60,25 @@ def register(subparsers: Any) -> None:
     for bound, default in (("min", "1x3x128x128"), ("opt", "720p"), ("max", "1080p")):
         engine.add_argument(f"--{bound}", metavar="SHAPE", default=None,
                             help=f"{bound} input shape of the profile: NxCxHxW, HxW or 480p/720p/1080p/... "
-                                 f"(default {default})")
+                                 f"(default: {default})")
     engine.add_argument("--timing-cache", metavar="FILE", default=None,
-                        help="timing cache file (default: one per TensorRT version and GPU in "
-                             "~/.cache/dereflect)")
+                        help="timing cache file (default: timing-<TensorRT>-<GPU>.cache in $DEREFLECT_CACHE, "
+                             "else $XDG_CACHE_HOME/dereflect or ~/.cache/dereflect)")
     engine.add_argument("--workspace", type=int, metavar="MIB", default=None,
                         help="builder workspace limit in MiB (default: TensorRT's)")
     engine.add_argument("--network", action="append", metavar="NAME",
-                        help="build only this network (repeatable)")
+                        help="build only this network; repeatable (default: all)")
     engine.set_defaults(func=run_engine)
 
     verify = commands.add_parser(
-        "verify", help="run the networks on this device and compare with ONNX Runtime FP32 (goldens or your images)")
-    verify.add_argument("model", metavar="MODEL", help="a bundled model's name or an export directory")
+        "verify", help="run the networks on this device and compare with ONNX Runtime FP32 (goldens or your images)",
+        description="Run each network of MODEL on the backend and compare its outputs with ONNX Runtime FP32: on the "
+                    "export's golden cases (inputs and outputs written at export), or with --images on your own "
+                    "photos (each run through the model on ONNX Runtime FP32 to get every network's inputs). A "
+                    "model without goldens is compared on the same generated images, with the reference computed "
+                    "here. Prints PSNR and largest error per network, case and output, the worst per output, and "
+                    "the pass limit used.")
+    verify.add_argument("model", metavar="MODEL", help=EXPORT_MODEL_HELP)
     verify.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                         help="onnxruntime (CPU, the ONNX files) or tensorrt (the engines built here) "
                              "(default: onnxruntime)")
@@ -63,20 +86,23 @@ def register(subparsers: Any) -> None:
     verify.add_argument("--network", action="append", metavar="NAME",
                         help="verify only this network (repeatable; default: all)")
     verify.add_argument("--images", metavar="DIR", default=None,
-                        help="also compare on these images instead of the goldens: each network's outputs "
-                             "against ONNX Runtime FP32 on the same inputs")
+                        help="compare on the images in DIR instead of the goldens: each network's outputs "
+                             "against ONNX Runtime FP32 on the same inputs (default: the goldens)")
     verify.add_argument("--max-side", type=int, default=1024, metavar="N",
-                        help="with --images: scale each image to this long side first (default 1024)")
+                        help="with --images: scale each image to this long side first (default: 1024)")
     verify.add_argument("--min-psnr", type=float, default=None, metavar="DB",
                         help="pass limit in dB for every output (default: by precision: onnxruntime fp32 80, "
                              "fp16 45; tensorrt fp32 50, fp16 40)")
     verify.set_defaults(func=run_verify)
 
-    check = commands.add_parser("check", help="static TensorRT compatibility report of the ONNX files")
-    check.add_argument("directory", metavar="MODEL",
-                       help="a bundled model's name, an export directory, or a single .onnx file")
+    check = commands.add_parser(
+        "check", help="static TensorRT compatibility report of the ONNX files",
+        description="Check every ONNX file of MODEL (FP32 and FP16) against the operator tables of each TensorRT "
+                    "version, without TensorRT (needs onnx: pip install 'dereflect[export]'). Exit status 1 when "
+                    "a file fails for a version.")
+    check.add_argument("directory", metavar="MODEL", help=EXPORT_MODEL_HELP + ", or a single .onnx file")
     check.add_argument("--versions", default="8.5,10,11",
-                       help="TensorRT versions, comma-separated (default 8.5,10,11)")
+                       help="TensorRT versions, comma-separated (default: 8.5,10,11)")
     check.set_defaults(func=run_check)
 
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
@@ -98,18 +124,21 @@ def run_onnx(args: argparse.Namespace) -> int:
 
 
 def run_engine(args: argparse.Namespace) -> int:
-    from .engine import build_engines
+    from .engine import build_engines, prepare_engine_dir, require_tensorrt
 
+    # Before anything is copied: without TensorRT the folder would be made for nothing.
+    require_tensorrt()
     _log_to_stderr()
     workspace = args.workspace * (1 << 20) if args.workspace else None
-    infos = build_engines(args.directory, fp16=args.fp16, min_shape=args.min, opt_shape=args.opt,
+    manifest = prepare_engine_dir(args.model, args.out)
+    infos = build_engines(manifest.directory, fp16=args.fp16, min_shape=args.min, opt_shape=args.opt,
                           max_shape=args.max, timing_cache=args.timing_cache, workspace=workspace,
                           networks=args.network)
     for name, info in infos.items():
         shapes = "; ".join(f"{k} {v['min']}..{v['max']} (opt {v['opt']})" for k, v in info.profiles.items())
         print(f"{name}: {info.engine} ({info.precision}, TensorRT {info.tensorrt_version}, {info.gpu_name} "
               f"sm {info.compute_capability}) {shapes}")
-    print(f"check them with: dereflect export verify {args.directory} --backend tensorrt")
+    print(f"check them with: dereflect export verify {manifest.directory} --backend tensorrt")
     return 0
 
 
@@ -119,6 +148,8 @@ def run_verify(args: argparse.Namespace) -> int:
     report = verify(args.model, backend=args.backend, fp16=args.fp16, networks=args.network, images=args.images,
                     max_side=args.max_side, min_psnr_db=args.min_psnr)
     print(report.format())
+    if not report.compared:
+        return 2
     return 0 if report.passed else 1
 
 

@@ -1,4 +1,10 @@
-"""``dereflect export engine``: TensorRT engines from an export directory, built on the target device.
+"""``dereflect export engine``: TensorRT engines from any model, built on the target device.
+
+The engines go into a folder of the user's (:func:`prepare_engine_dir`): it becomes a
+self-contained export directory (the manifest, the ONNX and FP16 ONNX files and the goldens
+it lists, copied; goldens written there when the model has none), so ``export verify DIR
+--backend tensorrt`` and ``Remover.load(DIR, backend="tensorrt")`` work on it. Nothing is
+ever written into the installed package (the bundled models live there).
 
 One engine per network, with the API the installed TensorRT needs (see
 :mod:`dereflect.trt_api` for the version facts):
@@ -23,11 +29,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from dereflect.errors import ModelError, require
-from dereflect.manifest import load_manifest, sha256_file
+from dereflect.errors import MissingDependencyError, ModelError, require
+from dereflect.manifest import MANIFEST_NAME, Manifest, inside, load_manifest, sha256_file
 from dereflect.trt_api import (
     EngineInfo,
     derive_profile,
@@ -44,10 +51,134 @@ log = logging.getLogger("dereflect.export")
 
 
 def default_timing_cache(trt_version: str, gpu_name: str) -> Path:
-    """``$XDG_CACHE_HOME/dereflect/timing-<trt>-<gpu>.cache``: kept across exports on one device."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    """``timing-<trt>-<gpu>.cache`` in ``$DEREFLECT_CACHE`` (the folder the training weights use too),
+    else ``$XDG_CACHE_HOME/dereflect`` or ``~/.cache/dereflect``: kept across exports on one device."""
+    env = os.environ.get("DEREFLECT_CACHE")
+    base = Path(env).expanduser() if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
+        "dereflect"
     tag = re.sub(r"[^A-Za-z0-9.]+", "-", f"{trt_version}-{gpu_name}").strip("-")
-    return base / "dereflect" / f"timing-{tag}.cache"
+    return base / f"timing-{tag}.cache"
+
+
+def require_tensorrt() -> Any:
+    """The ``tensorrt`` module, or a MissingDependencyError that also says where Jetson's comes from."""
+    try:
+        return require("tensorrt", "trt", "building TensorRT engines")
+    except MissingDependencyError as exc:
+        raise MissingDependencyError(
+            f"{exc}. On a Jetson, TensorRT comes with JetPack (python3-libnvinfer), not from PyPI: use a virtual "
+            "environment made with --system-site-packages"
+        ) from None
+
+
+# --- the folder the engines go to ----------------------------------------------------------------
+
+def package_dirs() -> List[Path]:
+    """Folders engines must never be written to: the installed package and its bundled models."""
+    import dereflect
+    from dereflect.models import BUNDLED_MODELS_DIR
+
+    return [Path(dereflect.__file__).resolve().parent, BUNDLED_MODELS_DIR.resolve()]
+
+
+def default_engine_dir(name: str) -> Path:
+    """``./<name>-engines`` in the current directory."""
+    return Path.cwd() / (re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") + "-engines")
+
+
+def _refuse_package_dir(target: Path) -> None:
+    resolved = target.resolve()
+    for package in package_dirs():
+        if resolved == package or package in resolved.parents:
+            raise ModelError(
+                f"{target} is inside the installed dereflect package ({package}); engines are built for one "
+                "device and go to a folder of yours: pass -o DIR (default ./<model>-engines, run from another "
+                "directory)"
+            )
+
+
+def _listed_files(manifest: Manifest) -> List[str]:
+    """The files an export directory's manifest names: ONNX, FP16 ONNX and golden files (not engines)."""
+    files = []
+    for spec in manifest.networks.values():
+        files += [spec.onnx] + ([spec.onnx_fp16] if spec.onnx_fp16 else [])
+    files += [entry["file"] for entry in (manifest.records.get("golden") or {}).values()]
+    return files
+
+
+def _same_export(a: Manifest, b: Manifest) -> bool:
+    return a.method == b.method and {n: s.sha256 for n, s in a.networks.items()} == \
+        {n: s.sha256 for n, s in b.networks.items()}
+
+
+def _copy_export(manifest: Manifest, target: Path) -> None:
+    """Copy the manifest and the files it lists into the new folder ``target``, checking their hashes."""
+    manifest.verify_files(fp16=True)
+    goldens = {entry["file"]: entry["sha256"] for entry in (manifest.records.get("golden") or {}).values()}
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        for relative in _listed_files(manifest):
+            source = inside(manifest.directory, relative, relative)
+            if relative in goldens and (not source.is_file() or sha256_file(source) != goldens[relative]):
+                raise ModelError(f"{source} is missing or does not match the SHA-256 in the manifest")
+            destination = tmp / relative
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, destination)
+        shutil.copyfile(manifest.directory / MANIFEST_NAME, tmp / MANIFEST_NAME)
+        copied = load_manifest(tmp)
+        if not copied.records.get("golden"):
+            _write_missing_goldens(copied)
+        if target.is_dir():  # an empty folder the user made for it
+            target.rmdir()
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_missing_goldens(manifest: Manifest) -> None:
+    """Goldens for a model that came without them (ONNX Runtime FP32, here), so the folder can be verified."""
+    from .verify import write_goldens
+
+    log.info("%s lists no golden files: writing them with ONNX Runtime FP32 on this machine", manifest.name)
+    manifest.records["golden"] = write_goldens(manifest)
+    manifest.save()
+
+
+def prepare_engine_dir(model: Any, out: Optional[os.PathLike] = None) -> Manifest:
+    """The export directory engines for ``model`` are built in: ``out`` (default ``./<name>-engines``).
+
+    ``model`` is any model reference (a bundled name, an export directory). A new (or empty)
+    ``out`` receives a copy of the export (see the module docstring); an ``out`` that already
+    holds this export is reused (engines are rebuilt there), and the export directory itself
+    may be named to build in place. Refuses (ModelError) a folder inside the installed package,
+    one holding something else, and a training checkpoint.
+    """
+    from dereflect.models import open_source
+
+    source = open_source(model)
+    if source.kind != "export":
+        raise ModelError(f"{source.path} is a training checkpoint; export it first "
+                         "(dereflect export onnx CHECKPOINT -o DIR), then build engines from DIR")
+    target = Path(out) if out else default_engine_dir(source.bundled or source.manifest.name)
+    _refuse_package_dir(target)
+    if target.exists() and target.resolve() == source.path.resolve():
+        return source.manifest
+    if (target / MANIFEST_NAME).is_file():
+        existing = load_manifest(target)
+        if not _same_export(existing, source.manifest):
+            raise ModelError(f"{target} holds another export ({existing.name}); choose another -o DIR")
+        if not existing.records.get("golden"):
+            _write_missing_goldens(existing)
+        return existing
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ModelError(f"{target} exists and is not an export of {source.manifest.name}; choose a new or empty "
+                         "folder with -o DIR")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _copy_export(source.manifest, target)
+    log.info("copied %s (%s) to %s", source.manifest.name, source.path, target)
+    return load_manifest(target)
 
 
 def _write_atomic(path: Path, data: Any) -> None:
@@ -146,7 +277,7 @@ def build_engines(
     (see :func:`dereflect.trt_api.parse_shape`). ``workspace``: bytes for the builder's
     workspace pool (TensorRT's default when None). Returns the sidecars written.
     """
-    trt = require("tensorrt", "trt", "building TensorRT engines")
+    trt = require_tensorrt()
     ver = trt_version_tuple(trt)
     manifest = load_manifest(Path(export_dir))
     names: List[str] = list(networks or manifest.networks)
@@ -172,8 +303,9 @@ def build_engines(
             if use_fp16_file and not spec.onnx_fp16:
                 raise ModelError(
                     f"TensorRT {trt.__version__} builds strongly typed networks, so an FP16 engine needs "
-                    f"the FP16 ONNX file, which {manifest.directory} lacks for {name!r}; "
-                    "re-export without --no-fp16"
+                    f"the FP16 ONNX file, which {manifest.directory} lacks for {name!r} (an export made with "
+                    "--no-fp16, or a bundled model shipped without FP16 files): build FP32 engines with --fp32, "
+                    "or export the checkpoint again (dereflect export onnx writes FP16 files by default)"
                 )
             onnx_path = manifest.path_of(name, fp16=use_fp16_file)
             network = builder.create_network(_network_flags(trt, ver, strong))

@@ -8,7 +8,9 @@ the runtime's own middle step, so they look like what stage 2 sees in use.
 ``verify(model, backend)`` runs the networks on those inputs with ONNX Runtime (the FP32 or
 FP16 files) or with the TensorRT engines built on this device, and compares (with
 :mod:`dereflect.tools.compare`): PSNR and largest error per network and output, against
-thresholds that depend on the precision. With ``images=`` it also takes the user's own
+thresholds that depend on the precision (or the user's ``--min-psnr``; the report says which).
+An export without goldens is compared on the same generated images against ONNX Runtime FP32
+run here. With ``images=`` it also takes the user's own
 photos: each runs through the method's sequence on ONNX Runtime FP32, and every network of the
 tested backend is compared with ONNX Runtime on the same inputs. TensorRT engines are opened
 by the runtime's own checks (:func:`dereflect.backends.tensorrt.open_engine`): another TensorRT
@@ -215,7 +217,11 @@ class VerifyRow:
 
 @dataclass
 class VerifyReport:
-    """Per network, case and output: PSNR, largest error (fraction of the value range), pass/fail."""
+    """Per network, case and output: PSNR, largest error (fraction of the value range), pass/fail.
+
+    ``limit_source`` says where the pass limit came from (the precision's default or ``--min-psnr``);
+    ``notes`` what the reader must know to read the result (e.g. a reference computed here).
+    """
 
     backend: str
     precision: str
@@ -223,17 +229,36 @@ class VerifyReport:
     min_psnr_db: float
     max_error: Optional[float]
     rows: List[VerifyRow] = field(default_factory=list)
+    limit_source: str = ""
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def compared(self) -> List[VerifyRow]:
+        """The rows that ran (not skipped)."""
+        return [r for r in self.rows if not r.note]
 
     @property
     def passed(self) -> bool:
-        ran = [r for r in self.rows if not r.note]
+        ran = self.compared
         return bool(ran) and all(r.passed for r in ran)
+
+    def worst(self) -> Dict[Tuple[str, str], VerifyRow]:
+        """Per (network, output): the row with the lowest PSNR over the cases."""
+        worst: Dict[Tuple[str, str], VerifyRow] = {}
+        for row in self.compared:
+            key = (row.network, row.output)
+            if key not in worst or row.psnr_db < worst[key].psnr_db:
+                worst[key] = row
+        return worst
 
     def format(self) -> str:
         limit = f"PSNR >= {self.min_psnr_db:g} dB"
         if self.max_error is not None:
             limit += f", max error <= {self.max_error:g} of the range"
-        lines = [f"verify: {self.backend} {self.precision} against {self.reference} ({limit})",
+        if self.limit_source:
+            limit += f"; {self.limit_source}"
+        lines = [f"verify: {self.backend} {self.precision} against {self.reference}",
+                 f"pass limit: {limit}",
                  f"{'network':<10} {'case':<24} {'input shape':<18} {'output':<12} {'PSNR dB':>9} "
                  f"{'max err':>10}  result"]
         for r in self.rows:
@@ -243,7 +268,13 @@ class VerifyReport:
                 continue
             lines.append(f"{r.network:<10} {r.case:<24} {str(list(r.shape)):<18} {r.output:<12} "
                          f"{r.psnr_db:>9.2f} {r.max_error:>10.2e}  {'pass' if r.passed else 'FAIL'}")
-        lines.append("result: " + ("PASS" if self.passed else "FAIL"))
+        for (network, output), row in self.worst().items():
+            lines.append(f"worst {network}/{output}: {row.psnr_db:.2f} dB ({row.case})")
+        lines.extend(f"note: {note}" for note in self.notes)
+        if not self.compared:
+            lines.append("result: nothing compared")
+        else:
+            lines.append("result: " + ("PASS" if self.passed else "FAIL"))
         return "\n".join(lines)
 
 
@@ -269,6 +300,20 @@ def _image_cases(directory: Any, max_side: int) -> List[Tuple[str, np.ndarray]]:
     return cases
 
 
+def _no_goldens_note(source: Any) -> str:
+    """What is missing when an export lists no goldens, and how to get them."""
+    from dereflect import __version__
+
+    if source.bundled:
+        what = (f"the bundled {source.bundled} of dereflect {__version__} ships without golden files (nothing is "
+                "wrong with this installation)")
+    else:
+        what = f"{source.path} lists no golden files (exported with --no-golden)"
+    return (f"{what}; the reference was computed here instead. Goldens made once and kept with the model come "
+            f"with 'dereflect export engine {source.bundled or source.path} -o DIR' (written into the copy) or "
+            "'dereflect export onnx CHECKPOINT -o DIR'")
+
+
 def verify(
     model: Any,
     backend: str = "onnxruntime",
@@ -281,7 +326,9 @@ def verify(
     """Run an export's networks on ``backend`` and compare them with ONNX Runtime's FP32 results.
 
     ``model``: a bundled model's name or an export directory. Without ``images`` the cases are the
-    export's goldens (inputs and FP32 outputs written at export). With ``images`` (a folder) each
+    export's goldens (inputs and FP32 outputs written at export); an export that lists none (made
+    with ``--no-golden``, or a bundled model shipped without them) is compared on the same generated
+    images with ONNX Runtime FP32 run here, and the report's notes say so. With ``images`` (a folder) each
     image is scaled to ``max_side`` (or the engines' profile), run through the method's sequence
     with ONNX Runtime FP32 to get every network's input, and each network's outputs on ``backend``
     are compared with ONNX Runtime's on the same inputs. ``backend="onnxruntime"`` tests the FP32
@@ -319,26 +366,39 @@ def verify(
             precision = "fp16" if "fp16" in precisions else "fp32"
             profiles = {n: tested.engine_info[n].profiles for n in names}
         min_psnr, max_error = THRESHOLDS[(backend, precision)]
+        limit_source = f"the default for {backend} {precision}"
         if min_psnr_db is not None:
             min_psnr, max_error = float(min_psnr_db), None
-        if images is None:
+            limit_source = "given with --min-psnr"
+        notes: List[str] = []
+        if images is None and manifest.records.get("golden"):
             cases_by_network = {name: [(f"golden {i}", inputs, expected)
                                        for i, (inputs, expected) in enumerate(load_goldens(manifest, name))]
                                 for name in names}
             reference_text = "the FP32 ONNX Runtime goldens"
         else:
             reference = ort_backend(manifest)
-            _, engine_max = tested.input_limits()
-            side = min([max_side] + ([min(engine_max)] if engine_max else []))
+            if images is None:
+                # No goldens to compare with: the same generated images, with the reference computed here.
+                labelled = [(f"generated {i}", batch) for i, batch in enumerate(golden_images())]
+                reference_text = "ONNX Runtime FP32 run here on the golden cases' generated images"
+                notes.append(_no_goldens_note(source))
+            else:
+                _, engine_max = tested.input_limits()
+                side = min([max_side] + ([min(engine_max)] if engine_max else []))
+                labelled = _image_cases(images, side)
+                reference_text = f"ONNX Runtime FP32 on the images in {images}"
+            if backend == "onnxruntime" and precision == "fp32":
+                notes.append("ONNX Runtime FP32 compared with itself checks that the files load and run, not "
+                             "their accuracy: use --fp16, or --backend tensorrt on the device")
             cases_by_network = {name: [] for name in names}
-            for label, image in _image_cases(images, side):
-                feeds = network_feeds(reference, image)
+            for label, batch in labelled:
+                feeds = network_feeds(reference, batch)
                 for name in names:
                     expected = reference.runners[name].infer(feeds[name])
                     cases_by_network[name].append((label, feeds[name], expected))
-            reference_text = f"ONNX Runtime FP32 on the images in {images}"
         report = VerifyReport(backend=backend, precision=precision, reference=reference_text,
-                              min_psnr_db=min_psnr, max_error=max_error)
+                              min_psnr_db=min_psnr, max_error=max_error, limit_source=limit_source, notes=notes)
         for name in names:
             spec = manifest.networks[name]
             ranges = {out.name: data_range(out) for out in spec.outputs}

@@ -3,6 +3,9 @@
 Each command group lives in its own module exposing ``register(subparsers)``. Those modules
 import nothing heavy at import time, so ``dereflect remove`` never loads torch and a command
 whose extra is missing fails with the ``pip install`` line that fixes it.
+
+Every command shares one help formatter (each option's help ends with its default) and one
+set of exit codes (:data:`EXIT_CODES`, in the top-level help).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from . import __version__
 from .errors import DereflectError
@@ -26,15 +29,62 @@ COMMAND_MODULES = (
 )
 
 
+#: Exit status of every command.
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+EPILOG = """exit status (every command):
+  0    everything asked was done (and every check or verification passed)
+  1    some items failed (files, frames, sizes) or a check / verification failed; the rest was done
+  2    usage error or nothing done: bad options, model or input not found, missing extra
+  130  interrupted (Ctrl+C)
+
+environment:
+  DEREFLECT_CACHE  folder for downloaded or converted weights (train, weights) and the TensorRT timing
+                   cache (export engine); default ~/.cache/dereflect
+"""
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Ends each option's help with its default, unless the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        # Flags (nargs 0), required options, positionals and sub-command lists have no default worth showing.
+        positional = not action.option_strings and action.nargs not in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+        if (positional or action.nargs == 0 or action.required or action.default is argparse.SUPPRESS
+                or "default" in text.lower()):
+            return text
+        if action.default is None or action.default == []:
+            return f"{text} (default: none)"
+        return f"{text} (default: %(default)s)"
+
+
+class TopLevelHelpFormatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The top-level help keeps the epilog's line breaks (the exit-status table)."""
+
+
+def iter_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every sub-parser under it, depth first."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                yield from iter_parsers(child)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dereflect",
         description="Remove glass reflections from photos and video; train, export and benchmark models.",
+        epilog=EPILOG,
+        formatter_class=TopLevelHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"dereflect {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    for child in iter_parsers(parser):
+        if child is not parser:
+            child.formatter_class = DefaultsHelpFormatter
     return parser
 
 
@@ -43,12 +93,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     try:
-        return int(args.func(args) or 0)
+        return int(args.func(args) or EXIT_OK)
     except DereflectError as exc:
         print(f"dereflect: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("dereflect: interrupted", file=sys.stderr)
         return 130

@@ -12,8 +12,8 @@ from typing import Any, Dict
 
 from dereflect.models import BUNDLED_MODELS
 
-MODEL_HELP = (f"a bundled model ({', '.join(BUNDLED_MODELS)}; default {BUNDLED_MODELS[0]}), an export directory "
-              "or a training checkpoint (.safetensors, runs on torch)")
+MODEL_HELP = (f"a bundled model ({', '.join(BUNDLED_MODELS)}), an export directory or a training checkpoint "
+              "(.safetensors, runs on torch)")
 
 
 def add_model_options(parser: argparse.ArgumentParser, positional: bool = False, sizes: bool = True) -> None:
@@ -24,7 +24,8 @@ def add_model_options(parser: argparse.ArgumentParser, positional: bool = False,
     if positional:
         parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     else:
-        parser.add_argument("--model", metavar="MODEL", default=None, help=MODEL_HELP)
+        parser.add_argument("--model", metavar="MODEL", default=None,
+                            help=f"{MODEL_HELP} (default: {BUNDLED_MODELS[0]})")
     group = parser.add_argument_group("model options")
     group.add_argument("--backend", default=None, choices=["onnxruntime", "tensorrt", "torch"],
                        help="inference backend (default: onnxruntime for exports, torch for checkpoints)")
@@ -32,7 +33,8 @@ def add_model_options(parser: argparse.ArgumentParser, positional: bool = False,
     group.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
                        help="network precision; fp16 runs the export's FP16 ONNX files (default: auto)")
     group.add_argument("--checkpoint", metavar="FILE", default=None,
-                       help="torch backend on an export directory: the training checkpoint it was made from")
+                       help="torch backend on an export directory: the training checkpoint it was made from "
+                            "(default: none; an export runs on torch only with it)")
     group.add_argument("--threads", type=int, metavar="N", default=None,
                        help="onnxruntime intra-op threads (default: onnxruntime's choice)")
     group.add_argument("--threshold", choices=["exact", "histogram"], default=None,
@@ -44,7 +46,7 @@ def add_model_options(parser: argparse.ArgumentParser, positional: bool = False,
     if sizes:
         group.add_argument("--max-side", type=int, default=1024, metavar="N",
                            help="longest side the networks run at; larger images use --large-image "
-                                "(0: no limit; default 1024)")
+                                "(0: no limit; default: 1024)")
         group.add_argument("--large-image", default="guided", choices=["guided", "tile"],
                            help="guided: run scaled down, guided-upsample the reflection layer (default); "
                                 "tile: overlapping full-resolution tiles with blended seams")

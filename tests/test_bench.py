@@ -180,17 +180,30 @@ def test_floor_and_device_table():
 
 # -- the command ---------------------------------------------------------------------------------------
 
+def test_device_table_matches_only_the_device_in_use(monkeypatch):
+    import dereflect.trt_api
+
+    monkeypatch.setattr(dereflect.trt_api, "gpu_info", lambda: ("NVIDIA H100 80GB HBM3", "9.0"))
+    assert bench.table_matches(device_spec("h100"), on_gpu=True)
+    assert not bench.table_matches(device_spec("agx-orin"), on_gpu=True)
+    assert not bench.table_matches(device_spec("h100"), on_gpu=False)  # timed on the CPU
+    assert bench.table_matches(device_spec("custom:1,2"), on_gpu=False)  # the user's own figures for their device
+    assert bench.device_in_use(True) == "NVIDIA H100 80GB HBM3"
+
+
 def test_bench_command_writes_json_and_png(export_dir, tmp_path, capsys):
     out = tmp_path / "out"
+    # Custom rates describe the device in use: the floors are a comparison, with multiples.
     args = _bench_args(export_dir, "--sizes", "32,40x48", "--warmup", "1", "--runs", "4", "--out", out,
-                       "--device-table", "agx-orin")
+                       "--device-table", "custom:42,204.8,5.3")
     assert args.func(args) == 0
     printed = capsys.readouterr().out
-    assert "40x48" in printed and "FPS" in printed and "x floor" in printed
+    assert "40x48" in printed and "FPS" in printed and "x floor" in printed and "PREDICTED" not in printed
     report = json.loads((out / "bench.json").read_text())
     assert report["format"] == "dereflect-bench" and report["backend"] == "onnxruntime"
     assert report["stages"] == ["upload", "stage1", "middle", "stage2", "download"]
-    assert report["device_table"]["key"] == "agx-orin" and "onnxruntime" in report["machine"]
+    assert report["device_table"]["key"] == "custom" and "onnxruntime" in report["machine"]
+    assert report["floors"] == "comparison"
     assert [e["label"] for e in report["sizes"]] == ["32", "40x48"]
     entry = report["sizes"][1]
     assert (entry["height"], entry["width"]) == (40, 48)
@@ -205,10 +218,35 @@ def test_bench_command_writes_json_and_png(export_dir, tmp_path, capsys):
     limits = entry["limits"]
     floors = limits["floor_ms"]
     assert floors["total"] == pytest.approx(floors["stage1"] + floors["middle"] + floors["stage2"])
-    assert floors["middle"] == pytest.approx(middle_step_cost(40, 48).floor_ms(device_spec("agx-orin")))
+    assert floors["middle"] == pytest.approx(middle_step_cost(40, 48).floor_ms(device_spec("custom:42,204.8,5.3")))
     assert limits["ratio"]["stage1"] == pytest.approx(entry["stages"]["stage1"]["median_ms"] / floors["stage1"])
     assert limits["ratio"]["total"] == pytest.approx(entry["total"]["median_ms"] / floors["total"])
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_another_devices_table_is_a_prediction_not_a_comparison(export_dir, tmp_path, capsys):
+    """agx-orin named while timing this machine's CPU: Orin's floors, but no multiples of them."""
+    args = _bench_args(export_dir, "--sizes", "32", "--warmup", "0", "--runs", "2", "--out", tmp_path,
+                       "--device-table", "agx-orin", "--no-plot")
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "PREDICTED floors for Jetson AGX Orin 64GB" in printed and "not a comparison" in printed
+    assert "x floor" not in printed.split("note:")[0]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["floors"] == "prediction" and report["device_in_use"] == bench._cpu_name()
+    limits = report["sizes"][0]["limits"]
+    assert limits["prediction"] is True and "ratio" not in limits
+    assert limits["floor_ms"]["middle"] == pytest.approx(middle_step_cost(32, 32).floor_ms(device_spec("agx-orin")))
+    assert any("prediction for Jetson AGX Orin 64GB, not a comparison" in n for n in report["notes"])
+
+
+def test_bench_on_the_cpu_says_how_to_get_floors(export_dir, tmp_path, capsys):
+    args = _bench_args(export_dir, "--sizes", "16", "--warmup", "0", "--runs", "1", "--out", tmp_path, "--no-plot")
+    assert args.func(args) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["floors"] is None and "limits" not in report["sizes"][0]
+    assert any(n.startswith("no floors: --device-table auto") and "this run is on the CPU" in n
+               for n in report["notes"])
 
 
 def test_bench_without_matplotlib_or_onnx(export_dir, tmp_path, capsys, monkeypatch):
@@ -219,11 +257,20 @@ def test_bench_without_matplotlib_or_onnx(export_dir, tmp_path, capsys, monkeypa
                        "--device-table", "h100")
     assert args.func(args) == 0
     printed = capsys.readouterr().out
-    assert "pip install matplotlib" in printed and "no FLOP count" in printed
+    assert "plot skipped: it needs matplotlib (pip install matplotlib)" in printed
+    assert printed.count("no FLOPs, bytes or floors:") == 1 and "pip install 'dereflect[export]'" in printed
     assert not (tmp_path / "bench.png").exists()
     entry = json.loads((tmp_path / "bench.json").read_text())["sizes"][0]
     assert entry["costs"] is None and "dereflect[export]" in entry["costs_error"]
     assert entry["total"]["runs"] == 2
+
+
+def test_bench_help_promises_only_what_is_written():
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers())
+    text = " ".join(parser._subparsers._group_actions[0].choices["bench"].format_help().split())
+    assert "bench.png where matplotlib is installed (pip install matplotlib)" in text
+    assert "need the onnx package (pip install 'dereflect[export]')" in text
 
 
 def test_bench_reports_a_failing_size(export_dir, tmp_path, capsys, monkeypatch):
@@ -244,6 +291,8 @@ def test_bench_reports_a_failing_size(export_dir, tmp_path, capsys, monkeypatch)
     assert calls == ["32", "24"]
     assert report["sizes"][0]["error"] == "outside the engine's profile" and "total" in report["sizes"][1]
     assert "error: outside" in capsys.readouterr().out
+    args = _bench_args(export_dir, "--sizes", "32", "--warmup", "0", "--runs", "1", "--out", tmp_path, "--no-plot")
+    assert args.func(args) == 2  # every size failed: nothing measured
 
 
 def test_bench_bad_options(export_dir, tmp_path):

