@@ -49,6 +49,11 @@ NAMED_SIZES = {
 }
 DEFAULT_PROFILE = {"min": "1x3x128x128", "opt": "720p", "max": "1080p"}
 
+#: A sidecar is about a kilobyte; a file past this is not one, and is refused before it is parsed.
+MAX_SIDECAR_BYTES = 1024 * 1024
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_PRECISIONS = ("fp16", "fp32")
+
 
 def parse_version(text: str) -> Version:
     """``"8.5.2.2"`` -> ``(8, 5, 2)``; raises InputError for text without a leading ``major.minor``."""
@@ -168,19 +173,71 @@ class EngineInfo:
         return {"format": SIDECAR_FORMAT, "format_version": SIDECAR_FORMAT_VERSION, **asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> EngineInfo:
-        if data.get("format") != SIDECAR_FORMAT:
+    def from_dict(cls, data: Any) -> EngineInfo:
+        """Validate a sidecar's parsed JSON; ModelError names the first field that is wrong."""
+        if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
             raise ModelError("not a dereflect engine sidecar (format field missing or wrong)")
-        if int(data.get("format_version", -1)) > SIDECAR_FORMAT_VERSION:
-            raise ModelError(
-                f"engine sidecar format {data.get('format_version')} is newer than this dereflect reads"
-            )
+        version = data.get("format_version")
+        if not _is_int(version) or version < 1:
+            raise ModelError(f"engine sidecar field 'format_version' must be a whole number >= 1, got {_show(version)}")
+        if version > SIDECAR_FORMAT_VERSION:
+            raise ModelError(f"engine sidecar format {version} is newer than this dereflect reads")
         names = set(cls.__dataclass_fields__)
         optional = {"strongly_typed", "float32_layers", "engine_sha256", "created"}
         missing = sorted(n for n in names - optional if n not in data)
         if missing:
             raise ModelError(f"engine sidecar lacks {', '.join(missing)}")
+        _check_sidecar_fields(data)
+        # Keys this version does not know (a newer writer's) are left out rather than refused.
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """``repr`` of a value from a file, cut short so that a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_sidecar_fields(data: Dict[str, Any]) -> None:
+    def wrong(name: str, what: str) -> ModelError:
+        return ModelError(f"engine sidecar field {name!r} must be {what}, got {_show(data[name])}")
+
+    for name in ("network", "engine", "onnx", "onnx_sha256", "tensorrt_version", "gpu_name", "compute_capability",
+                 "precision", "engine_sha256", "created"):
+        if name in data and not isinstance(data[name], str):
+            raise wrong(name, "a string")
+    # engine and onnx name files of the export directory (the engine builder writes bare names).
+    for name in ("network", "engine", "onnx"):
+        if not data[name] or data[name] in (".", "..") or "/" in data[name] or "\\" in data[name]:
+            raise wrong(name, "a file name without a folder")
+    if data["precision"] not in _PRECISIONS:
+        raise wrong("precision", " or ".join(_PRECISIONS))
+    if not _SHA256.fullmatch(data["onnx_sha256"]):
+        raise wrong("onnx_sha256", "a SHA-256 (64 lowercase hex digits)")
+    if data.get("engine_sha256") and not _SHA256.fullmatch(data["engine_sha256"]):
+        raise wrong("engine_sha256", "empty or a SHA-256 (64 lowercase hex digits)")
+    if "strongly_typed" in data and not isinstance(data["strongly_typed"], bool):
+        raise wrong("strongly_typed", "true or false")
+    if "float32_layers" in data and not (_is_int(data["float32_layers"]) and data["float32_layers"] >= 0):
+        raise wrong("float32_layers", "a whole number >= 0")
+    profiles = data["profiles"]
+    if not isinstance(profiles, dict):
+        raise wrong("profiles", "an object {input: {min: [N, C, H, W], opt: [...], max: [...]}}")
+    for input_name, profile in profiles.items():
+        where = f"profiles[{_show(input_name)}]"
+        if not isinstance(profile, dict) or sorted(profile) != ["max", "min", "opt"]:
+            raise ModelError(f"engine sidecar field {where} must be an object with exactly min, opt and max")
+        for bound in ("min", "opt", "max"):
+            shape = profile[bound]
+            if not (isinstance(shape, list) and len(shape) == 4 and all(_is_int(d) and d >= 1 for d in shape)):
+                raise ModelError(f"engine sidecar field {where}[{bound!r}] must be 4 whole numbers >= 1 "
+                                 f"(N, C, H, W), got {_show(shape)}")
+        if any(a > b for low, high in (("min", "opt"), ("opt", "max")) for a, b in zip(profile[low], profile[high])):
+            raise ModelError(f"engine sidecar field {where} must satisfy min <= opt <= max in every dimension")
 
 
 def write_engine_info(info: EngineInfo, path: os.PathLike) -> Path:
@@ -193,7 +250,7 @@ def write_engine_info(info: EngineInfo, path: os.PathLike) -> Path:
 
 
 def read_engine_info(path: os.PathLike) -> EngineInfo:
-    """Read a sidecar; ModelError names the file and what is wrong with it."""
+    """Read and validate a sidecar; ModelError names the file and what is wrong with it."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(
@@ -201,9 +258,20 @@ def read_engine_info(path: os.PathLike) -> EngineInfo:
             "build the engine on this device with: dereflect export engine DIR"
         )
     try:
-        return EngineInfo.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_SIDECAR_BYTES + 1)  # bounded: a huge file is never read whole
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read the engine sidecar: {exc}") from exc
+    if len(raw) > MAX_SIDECAR_BYTES:
+        raise ModelError(f"{path} is not a valid engine sidecar: larger than {MAX_SIDECAR_BYTES} bytes")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{path} is not a valid engine sidecar: {exc}") from exc
+    except RecursionError:
+        raise ModelError(f"{path} is not a valid engine sidecar: its JSON nests too deeply") from None
+    try:
+        return EngineInfo.from_dict(data)
     except ModelError as exc:
         raise ModelError(f"{path}: {exc}") from exc
 

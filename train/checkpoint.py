@@ -9,29 +9,55 @@ Layout of a checkpoint file:
   ``data_recipe``, ``training``, ``package_version``, ``git_commit``, ``created``, and the
   non-tensor part of the optimiser states.
 
-``load_checkpoint`` checks the metadata and that every network's tensors match the shapes
-its architecture expects before anything is used.
+Reading validates the file against a schema before anything is used, and every problem is a
+``ModelError`` naming it: the metadata's types and required keys, each network's architecture
+and config, then (``load_checkpoint``, from the safetensors header, before any tensor is read)
+that every network holds exactly the tensors its architecture has, with their dtypes and
+shapes, and that the optimiser state is numeric, no larger than a parameter and listed in the
+metadata. Nothing else may be in the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
+import math
 import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from dereflect import __version__
-from dereflect.errors import ModelError
+from dereflect.errors import InputError, ModelError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 FORMAT = "dereflect-checkpoint"
 FORMAT_VERSION = 1
 METADATA_KEY = "dereflect"
+
+#: Bounds on what a checkpoint's metadata may hold. A real one is tens of kilobytes, nests six
+#: levels (optimiser param groups) and lists at most three networks (RM2S stage 2); a file far
+#: past these is not one of ours, and refusing it early keeps parsing and validation cheap.
+MAX_METADATA_CHARS = 16 * 1024 * 1024
+MAX_METADATA_DEPTH = 64
+MAX_NETWORKS = 16
+MAX_CONFIG_ITEMS = 64
+
+#: safetensors' dtype codes of the torch dtypes a network's state may hold.
+_DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+#: The dtypes optimiser state may have: numeric ones that every supported torch reads (no bool, no complex).
+_NUMERIC_CODES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8"}
+
+#: (dtype code, shape) of one tensor, as the safetensors header declares it.
+TensorSpec = Tuple[str, Tuple[int, ...]]
 
 
 @dataclass
@@ -157,54 +183,267 @@ def save_checkpoint(
     return path
 
 
-def read_metadata(path: os.PathLike) -> Dict[str, Any]:
-    """Read and validate only the JSON metadata of a checkpoint."""
-    path = Path(path)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    # JSON allows NaN and Infinity through Python's parser; a config number must be finite.
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """``repr`` of a value from the file, cut short: messages stay one readable line whatever the file holds."""
+    return _cut(repr(value), limit)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return _cut(lines[0], 200) if lines else type(exc).__name__
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """Whether JSON ``value`` nests more than ``limit`` levels (iterative: deep input cannot exhaust the stack)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+#: Config field annotation (the config dataclasses' own, as strings) -> (check, what it must be).
+#: A field with another annotation is left to the config class and the build.
+_CONFIG_FIELD_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "int": (_is_int, "a whole number"),
+    "float": (_is_number, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "Tuple[int, ...]": (lambda v: isinstance(v, list) and len(v) <= MAX_CONFIG_ITEMS and all(map(_is_int, v)),
+                        f"a list of at most {MAX_CONFIG_ITEMS} whole numbers"),
+}
+
+
+def _check_network_spec(path: Path, name: Any, spec: Any) -> None:
+    from .models import ARCHS, config_class
+
+    if not isinstance(name, str) or not name or "/" in name or name == "optim":
+        raise ModelError(f"{path}: network name {_show(name)} is not usable (empty, holds '/' or is 'optim')")
+    if not isinstance(spec, dict):
+        raise ModelError(f"{path}: network {_show(name)} must be an object with 'arch' and 'config'")
+    arch = spec.get("arch")
+    if not isinstance(arch, str) or arch not in ARCHS:
+        raise ModelError(f"{path}: network {_show(name)} has unknown architecture {_show(arch)}; "
+                         f"known: {', '.join(ARCHS)}")
+    config = spec.get("config")
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: network {_show(name)} ({arch}): 'config' must be an object, got {_show(config)}")
+    config_cls = config_class(arch)
+    for config_field in dataclasses.fields(config_cls):
+        rule = _CONFIG_FIELD_RULES.get(str(config_field.type))
+        if rule and config_field.name in config and not rule[0](config[config_field.name]):
+            raise ModelError(f"{path}: network {_show(name)} ({arch}): config {config_field.name} must be {rule[1]}, "
+                             f"got {_show(config[config_field.name])}")
+    try:
+        config_cls.from_dict(config)
+    except (InputError, TypeError, ValueError) as exc:
+        raise ModelError(f"{path}: network {_show(name)} ({arch}): config not accepted: {_first_line(exc)}") from exc
+
+
+def _check_optimizer_spec(path: Path, name: Any, spec: Any) -> None:
+    where = f"{path}: optimiser {_show(name)}"
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ModelError(f"{where}: name is not usable (empty or holds '/')")
+    if not isinstance(spec, dict) or not isinstance(spec.get("state"), dict) \
+            or not isinstance(spec.get("param_groups"), list):
+        raise ModelError(f"{where} must be an object with 'state' (object) and 'param_groups' (list)")
+    for index, values in spec["state"].items():
+        if not (index.isascii() and index.isdigit()) or not isinstance(values, dict):
+            raise ModelError(f"{where}: state entry {_show(index)} must be a parameter index holding an object")
+    for group in spec["param_groups"]:
+        params = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(params, list) or not all(_is_int(p) and p >= 0 for p in params):
+            raise ModelError(f"{where}: each param group must be an object whose 'params' lists parameter indices")
+
+
+def _check_metadata(path: Path, metadata: Any) -> None:
+    """The schema of a checkpoint's metadata; the first problem found is raised as a ModelError."""
+    if not isinstance(metadata, dict):
+        raise ModelError(f"{path}: checkpoint metadata must be a JSON object, got {type(metadata).__name__}")
+    if metadata.get("format") != FORMAT:
+        raise ModelError(f"{path}: not a dereflect checkpoint (format {_show(metadata.get('format'))})")
+    for key in ("format_version", "method", "kind", "networks", "step"):
+        if key not in metadata:
+            raise ModelError(f"{path}: checkpoint metadata lacks {key!r}")
+    version = metadata["format_version"]
+    if not _is_int(version) or version < 1:
+        raise ModelError(f"{path}: checkpoint format_version must be a whole number >= 1, got {_show(version)}")
+    if version > FORMAT_VERSION:
+        raise ModelError(
+            f"{path}: checkpoint format {version} is newer than this dereflect ({__version__}) reads; upgrade dereflect"
+        )
+    # The kind's spelling is the method's business (method_for_checkpoint); here it only has to be text.
+    for key in ("method", "kind"):
+        if not isinstance(metadata[key], str) or not metadata[key]:
+            raise ModelError(f"{path}: checkpoint {key} must be a non-empty string, got {_show(metadata[key])}")
+    if not _is_int(metadata["step"]) or metadata["step"] < 0:
+        raise ModelError(f"{path}: checkpoint step must be a whole number >= 0, got {_show(metadata['step'])}")
+    for key, kind, label in (("data_recipe", dict, "an object"), ("training", dict, "an object"),
+                             ("optimizers", dict, "an object"), ("package_version", str, "a string"),
+                             ("git_commit", str, "a string"), ("created", str, "a string")):
+        if key in metadata and not isinstance(metadata[key], kind):
+            raise ModelError(f"{path}: checkpoint {key} must be {label}, got {_show(metadata[key])}")
+    networks = metadata["networks"]
+    if not isinstance(networks, dict) or not networks or len(networks) > MAX_NETWORKS:
+        raise ModelError(f"{path}: checkpoint networks must be an object naming 1 to {MAX_NETWORKS} networks, "
+                         f"got {_show(networks)}")
+    for name, spec in networks.items():
+        _check_network_spec(path, name, spec)
+    for name, spec in metadata.get("optimizers", {}).items():
+        _check_optimizer_spec(path, name, spec)
+
+
+def _open(path: Path) -> Any:
     if not path.is_file():
         raise ModelError(f"checkpoint not found: {path}")
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get(METADATA_KEY)
+        return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"{path} is not a readable safetensors checkpoint: {exc}") from exc
+        raise ModelError(f"{path} is not a readable safetensors checkpoint: {_first_line(exc)}") from exc
+
+
+def _read_metadata(path: Path, handle: Any) -> Dict[str, Any]:
+    raw = (handle.metadata() or {}).get(METADATA_KEY)
     if raw is None:
         raise ModelError(f"{path} is a safetensors file but not a dereflect checkpoint (no metadata)")
+    if len(raw) > MAX_METADATA_CHARS:
+        raise ModelError(f"{path}: checkpoint metadata is {len(raw)} characters, more than the "
+                         f"{MAX_METADATA_CHARS} a checkpoint's may take")
+    too_deep = ModelError(f"{path}: checkpoint metadata nests deeper than {MAX_METADATA_DEPTH} levels")
     try:
         metadata = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ModelError(f"{path}: checkpoint metadata is not valid JSON: {exc}") from exc
-    if metadata.get("format") != FORMAT:
-        raise ModelError(f"{path}: not a dereflect checkpoint (format {metadata.get('format')!r})")
-    if int(metadata.get("format_version", -1)) > FORMAT_VERSION:
-        raise ModelError(
-            f"{path}: checkpoint format {metadata['format_version']} is newer than this dereflect "
-            f"({__version__}) reads; upgrade dereflect"
-        )
-    for key in ("method", "kind", "networks"):
-        if key not in metadata:
-            raise ModelError(f"{path}: checkpoint metadata lacks {key!r}")
+    except RecursionError:
+        raise too_deep from None
+    if _nests_deeper(metadata, MAX_METADATA_DEPTH):
+        raise too_deep
+    _check_metadata(path, metadata)
     return metadata
 
 
-def load_checkpoint(path: os.PathLike) -> Checkpoint:
-    """Load a checkpoint's metadata and tensors (CPU); no code is executed from the file."""
+def read_metadata(path: os.PathLike) -> Dict[str, Any]:
+    """Read and validate only the JSON metadata of a checkpoint (no tensor is read)."""
     path = Path(path)
-    metadata = read_metadata(path)
-    with safe_open(str(path), framework="pt") as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    with _open(path) as handle:
+        return _read_metadata(path, handle)
+
+
+def _expected_tensors(path: Path, name: str, spec: Dict[str, Any]) -> Dict[str, TensorSpec]:
+    """The state (dtype code and shape per tensor) the network's architecture has, built on the meta
+    device: no memory and no initialisation, even for a paper-sized network."""
+    from .models import build_model
+
+    try:
+        with torch.device("meta"):
+            module = build_model(spec["arch"], spec["config"])
+    except Exception as exc:  # the config came from the file: whatever stops the build is the file's problem
+        raise ModelError(f"{path}: network {_show(name)} ({spec['arch']}) cannot be built from its recorded config: "
+                         f"{_first_line(exc)}") from exc
+    return {key: (_DTYPE_CODES.get(value.dtype, str(value.dtype)), tuple(value.shape))
+            for key, value in module.state_dict().items()}
+
+
+def _listed(keys: List[str]) -> str:
+    # The list's repr quotes each name, so a name from the file cannot break the line.
+    return f"{[_cut(k, 80) for k in keys[:3]]}{f' (+{len(keys) - 3} more)' if len(keys) > 3 else ''}"
+
+
+def _tensor_mismatches(expected: Dict[str, TensorSpec], found: Dict[str, TensorSpec]) -> List[str]:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    common = sorted(set(expected) & set(found))
+    wrong_dtype = [k for k in common if found[k][0] != expected[k][0]]
+    wrong_shape = [k for k in common if found[k][1] != expected[k][1]]
+    parts = []
+    if missing:
+        parts.append(f"missing {_listed(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {_listed(unexpected)}")
+    if wrong_dtype:
+        parts.append("wrong dtype " + ", ".join(f"{k} {found[k][0]} != {expected[k][0]}" for k in wrong_dtype[:3])
+                     + (f" (+{len(wrong_dtype) - 3} more)" if len(wrong_dtype) > 3 else ""))
+    if wrong_shape:
+        parts.append("wrong shape " + ", ".join(f"{k} {found[k][1]} != {expected[k][1]}" for k in wrong_shape[:3])
+                     + (f" (+{len(wrong_shape) - 3} more)" if len(wrong_shape) > 3 else ""))
+    return parts
+
+
+def _check_tensors(path: Path, metadata: Dict[str, Any], header: Dict[str, TensorSpec]) -> None:
+    """Every tensor the header declares against what the metadata says the file holds."""
+    networks = metadata["networks"]
+    found: Dict[str, Dict[str, TensorSpec]] = {name: {} for name in networks}
+    optim: Dict[str, TensorSpec] = {}
+    for key, entry in header.items():
+        head, _, rest = key.partition("/")
+        if head == "optim":
+            optim[key] = entry
+        elif head in found:
+            found[head][rest] = entry
+        else:
+            raise ModelError(f"{path}: tensor {_show(key)} belongs to no network listed in the metadata")
+    largest = 0
+    for name, spec in networks.items():
+        if not found[name]:
+            raise ModelError(f"{path}: network {_show(name)} is listed in the metadata but has no tensors")
+        expected = _expected_tensors(path, name, spec)
+        problems = _tensor_mismatches(expected, found[name])
+        if problems:
+            raise ModelError(f"{path}: network {_show(name)} ({spec['arch']}): weights do not match the recorded "
+                             "architecture: " + "; ".join(problems))
+        largest = max([largest, *(math.prod(shape) for _, shape in expected.values())])
+    optimizers = metadata.get("optimizers", {})
+    for key, (dtype, shape) in optim.items():
+        parts = key.split("/", 3)
+        if len(parts) != 4 or parts[1] not in optimizers or parts[2] not in optimizers[parts[1]]["state"] \
+                or not parts[3]:
+            raise ModelError(f"{path}: tensor {_show(key)} is not the state of an optimiser listed in the metadata")
+        if dtype not in _NUMERIC_CODES:
+            raise ModelError(f"{path}: optimiser tensor {_show(key)} has dtype {dtype}; optimiser state is numeric "
+                             f"({', '.join(sorted(_NUMERIC_CODES))})")
+        # Optimiser state is per parameter (moments) or a scalar (step): never larger than a parameter.
+        if math.prod(shape) > largest:
+            raise ModelError(f"{path}: optimiser tensor {_show(key)} has {math.prod(shape)} elements, more than "
+                             f"the largest network tensor ({largest})")
+
+
+def load_checkpoint(path: os.PathLike) -> Checkpoint:
+    """Load a checkpoint's metadata and tensors (CPU) after validating both; no code is executed from the file."""
+    path = Path(path)
+    with _open(path) as handle:
+        metadata = _read_metadata(path, handle)
+        header = {}
+        for key in handle.keys():
+            view = handle.get_slice(key)
+            header[key] = (view.get_dtype(), tuple(view.get_shape()))
+        _check_tensors(path, metadata, header)
+        tensors = {key: handle.get_tensor(key) for key in header}
     states: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in metadata["networks"]}
     optim_tensors: Dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         head, _, rest = key.partition("/")
         if head == "optim":
             optim_tensors[key] = value
-        elif head in states:
-            states[head][rest] = value
         else:
-            raise ModelError(f"{path}: tensor {key!r} belongs to no network listed in the metadata")
-    for name, state in states.items():
-        if not state:
-            raise ModelError(f"{path}: network {name!r} is listed in the metadata but has no tensors")
+            states[head][rest] = value
     optimizer_states = {
         name: _unflatten_optimizer(name, meta, optim_tensors)
         for name, meta in metadata.get("optimizers", {}).items()
