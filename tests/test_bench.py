@@ -189,6 +189,28 @@ def test_device_table_matches_only_the_device_in_use(monkeypatch):
     assert not bench.table_matches(device_spec("h100"), on_gpu=False)  # timed on the CPU
     assert bench.table_matches(device_spec("custom:1,2"), on_gpu=False)  # the user's own figures for their device
     assert bench.device_in_use(True) == "NVIDIA H100 80GB HBM3"
+    assert bench.resolve_device_table("auto", on_gpu=True).key == "h100"
+
+
+@pytest.mark.parametrize("board, matching, auto", [
+    ("NVIDIA Jetson AGX Orin Developer Kit", {"agx-orin"}, "agx-orin"),
+    ("NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super", {"orin-nano", "orin-nano-super"}, None),
+    (None, set(), None),
+])
+def test_device_table_on_a_jetson_goes_by_the_board(monkeypatch, tmp_path, board, matching, auto):
+    """Every Orin's GPU is called "Orin": the device tree's board name tells which table entry it is."""
+    import dereflect.trt_api
+    from dereflect.tools import flops
+
+    monkeypatch.setattr(dereflect.trt_api, "gpu_info", lambda: ("Orin", "8.7"))
+    model = tmp_path / "model"
+    if board:
+        model.write_bytes(board.encode() + b"\0")
+    monkeypatch.setattr(flops, "DEVICE_TREE_MODEL", (tmp_path / "missing", model))
+    assert flops.jetson_model() == board
+    assert {key for key in flops.DEVICE_TABLE if bench.table_matches(device_spec(key), on_gpu=True)} == matching
+    found = bench.resolve_device_table("auto", on_gpu=True)
+    assert (found.key if found else None) == auto
 
 
 def test_bench_command_writes_json_and_png(export_dir, tmp_path, capsys):

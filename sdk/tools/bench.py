@@ -42,7 +42,7 @@ import platform
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from dereflect import __version__
@@ -199,6 +199,14 @@ def device_in_use(on_gpu: bool) -> str:
     return _cpu_name()
 
 
+def _table_keys_in_use() -> Set[str]:
+    """The device table entries the GPU in use may be (its name; on a Jetson, the board's)."""
+    from dereflect.tools.flops import jetson_model, table_keys_for
+    from dereflect.trt_api import gpu_info
+
+    return table_keys_for(gpu_info()[0], jetson_model())
+
+
 def table_matches(spec: Any, on_gpu: bool) -> bool:
     """Whether the device table ``spec`` describes the device the run is timed on.
 
@@ -206,18 +214,12 @@ def table_matches(spec: Any, on_gpu: bool) -> bool:
     """
     if spec.key == "custom":
         return True
-    if not on_gpu:
-        return False
-    from dereflect.tools.flops import device_for_gpu
-    from dereflect.trt_api import gpu_info
-
-    found = device_for_gpu(gpu_info()[0])
-    return found is not None and found.key == spec.key
+    return on_gpu and spec.key in _table_keys_in_use()
 
 
 def resolve_device_table(choice: Optional[str], on_gpu: bool) -> Optional[Any]:
-    """The DeviceSpec for ``--device-table`` (``auto``: the running GPU when the table knows it)."""
-    from dereflect.tools.flops import device_for_gpu, device_spec
+    """The DeviceSpec for ``--device-table`` (``auto``: the running GPU when the table knows which it is)."""
+    from dereflect.tools.flops import DEVICE_TABLE, device_spec
 
     if choice is None or str(choice).lower() in ("", "none"):
         return None
@@ -225,9 +227,9 @@ def resolve_device_table(choice: Optional[str], on_gpu: bool) -> Optional[Any]:
         return device_spec(choice)
     if not on_gpu:
         return None
-    from dereflect.trt_api import gpu_info
-
-    return device_for_gpu(gpu_info()[0])
+    keys = _table_keys_in_use()
+    # An Orin Nano may run in its Super mode or not: with two candidates, auto picks neither.
+    return DEVICE_TABLE[keys.pop()] if len(keys) == 1 else None
 
 
 def size_costs(pipeline: BenchPipeline, height: int, width: int, element_bytes: Optional[int]) -> Dict[str, Any]:
@@ -354,7 +356,8 @@ def run_bench(
         compare = spec is not None and table_matches(spec, pipeline.on_gpu)
         notes = list(pipeline.notes)
         if spec is None and str(device_table).lower() == "auto":
-            where = f"the GPU {in_use} is not in the table" if pipeline.on_gpu else f"this run is on the CPU ({in_use})"
+            where = (f"the table has no single entry for the GPU {in_use}" if pipeline.on_gpu
+                     else f"this run is on the CPU ({in_use})")
             notes.append(f"no floors: --device-table auto uses the running GPU's table entry and {where}; name a "
                          "device (h100, h200, agx-orin, orin-nano, orin-nano-super or custom:TFLOPS,GBPS) to get "
                          "its floors")
