@@ -54,8 +54,10 @@ def default_timing_cache(trt_version: str, gpu_name: str) -> Path:
     """``timing-<trt>-<gpu>.cache`` in ``$DEREFLECT_CACHE`` (the folder the training weights use too),
     else ``$XDG_CACHE_HOME/dereflect`` or ``~/.cache/dereflect``: kept across exports on one device."""
     env = os.environ.get("DEREFLECT_CACHE")
-    base = Path(env).expanduser() if env else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
-        "dereflect"
+    if env:
+        base = Path(env).expanduser()
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dereflect"
     tag = re.sub(r"[^A-Za-z0-9.]+", "-", f"{trt_version}-{gpu_name}").strip("-")
     return base / f"timing-{tag}.cache"
 
