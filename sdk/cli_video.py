@@ -80,7 +80,7 @@ def run_video(args: argparse.Namespace) -> int:
     # FFmpeg logs each damaged frame and each encoder it fails to open (e.g. H.264 on the PyPI
     # wheel) straight to stderr; the summary reports both. Read when OpenCV first uses FFmpeg.
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-    from .video import audio_note, check_job, describe_source, is_pipeline, parse_source, process_video
+    from .video import audio_note, check_job, is_pipeline, parse_source, process_video
 
     check_job(args.input, args.output, overwrite=args.overwrite, camera=args.camera, show=args.show)
     remover = open_from_args(args)
@@ -109,6 +109,7 @@ def run_video(args: argparse.Namespace) -> int:
         print(f"warning: {summary.failed} frame(s) failed and were written unchanged "
               f"(first: frame {summary.failures[0][0]}: {summary.failures[0][1]})", file=sys.stderr)
     source = parse_source(args.input, args.camera)
-    if isinstance(source, str) and not is_pipeline(source) and not is_pipeline(args.output):
-        print(audio_note(describe_source(source), summary.output), file=sys.stderr)
+    # Cameras and pipelines give OpenCV no audio track to lose; a file or stream may have one.
+    if not args.camera and isinstance(source, str) and not is_pipeline(source) and not is_pipeline(args.output):
+        print(audio_note(source, summary.output), file=sys.stderr)
     return 1 if summary.failed or summary.skipped else 0

@@ -108,6 +108,7 @@ class VideoSummary:
 
     @property
     def interrupted(self) -> bool:
+        """Whether the run was stopped before the source ended."""
         return self.stopped_by is not None
 
 
@@ -138,6 +139,7 @@ def parse_source(source: Union[str, int, os.PathLike], camera: bool = False) -> 
 
 
 def describe_source(source: Source) -> str:
+    """How messages name a source: "camera N", "input pipeline" or the path / URL."""
     if isinstance(source, int):
         return f"camera {source}"
     return "input pipeline" if is_pipeline(source) else source
@@ -160,13 +162,19 @@ def _quiet_opencv() -> Iterator[None]:
         if logging is not None:
             logging.setLogLevel(logging.LOG_LEVEL_SILENT)
         sys.stderr.flush()
-        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 2)
+        try:
+            saved: Optional[int] = os.dup(2)
+        except OSError:  # no descriptor 2 (a daemon): nothing to silence
+            saved = None
+        null = os.open(os.devnull, os.O_WRONLY)
+        if saved is not None:
+            os.dup2(null, 2)
         try:
             yield
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            if saved is not None:
+                os.dup2(saved, 2)
+                os.close(saved)
             os.close(null)
             if logging is not None:
                 logging.setLogLevel(level)
@@ -236,12 +244,12 @@ def _check_output_path(output: Path, source: Source, overwrite: bool) -> None:
             raise InputError(f"{output}: file exists; pass --overwrite to replace it")
 
 
-def _check_input(src: Source) -> None:
+def _check_input(src: Source, camera: bool) -> None:
     if is_pipeline(src):
         _require_gstreamer("the input", "a file or camera index")
         if "appsink" not in str(src):
             raise InputError("input pipeline: it must end in appsink, where OpenCV takes the frames")
-    elif isinstance(src, str) and "://" not in src:
+    elif isinstance(src, str) and not camera and "://" not in src:
         path = Path(src)
         if path.is_dir():
             raise InputError(f"{src}: is a folder, not a video file")
@@ -260,7 +268,7 @@ def check_job(source: Union[str, int, os.PathLike], output: Output, overwrite: b
     pipelines and a display for ``show``. :func:`process_video` runs it too. Raises InputError.
     """
     src = parse_source(source, camera)
-    _check_input(src)
+    _check_input(src, camera)
     if is_pipeline(output):
         _require_gstreamer("the output", "a video file")
         if not str(output).lstrip().startswith("appsrc"):
@@ -274,11 +282,11 @@ def check_job(source: Union[str, int, os.PathLike], output: Output, overwrite: b
 def open_source(source: Union[str, int, os.PathLike], camera: bool = False) -> cv2.VideoCapture:
     """Open a video file, URL, camera index or GStreamer pipeline; InputError when OpenCV cannot read it."""
     src = parse_source(source, camera)
-    _check_input(src)
+    _check_input(src, camera)
     with _quiet_opencv():
         capture = cv2.VideoCapture(src, cv2.CAP_GSTREAMER) if is_pipeline(src) else cv2.VideoCapture(src)
     if not capture.isOpened():
-        if isinstance(src, int):
+        if camera or isinstance(src, int):
             raise InputError(f"camera {src}: cannot open it (no such camera, or another program is using it)")
         if is_pipeline(src):
             raise InputError("input pipeline: GStreamer could not start it (test it with gst-launch-1.0, "
@@ -538,12 +546,14 @@ def process_video(
         fps = float(capture.get(cv2.CAP_PROP_FPS) or 0.0)
         if not fps > 0 or fps > 1000:
             fps = DEFAULT_CAMERA_FPS
-        is_file = isinstance(src, str) and not is_pipeline(src)
-        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if is_file else 0
-        expected = total if total > 0 else None
+        live = camera or isinstance(src, int)
+        is_file = not live and isinstance(src, str) and not is_pipeline(src)
+        total = max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0), 0) if is_file else 0
+        expected = total or None
         if max_frames is not None and expected is not None:
             expected = min(expected, max_frames)
-        frames = _Frames(capture, step_over=not isinstance(src, int), total=expected and total)
+        # A camera's failed read means it is gone: no stepping over, unlike a damaged frame in a file.
+        frames = _Frames(capture, step_over=not live, total=total or None)
         first = frames.next()
         if first is None:
             raise InputError(f"{describe_source(src)}: no frame could be decoded (the video holds no frames, "

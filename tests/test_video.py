@@ -131,6 +131,13 @@ def test_refuses_input_existing_and_bad_outputs(tmp_path):
         process_video(tmp_path / "nope.avi", tmp_path / "o.avi", Darken(), progress=False)
 
 
+@pytest.mark.parametrize("camera", [99, "/dev/video99"])
+def test_a_missing_camera_is_one_clear_error_without_opencv_log_lines(tmp_path, capfd, camera):
+    with pytest.raises(InputError, match=f"^camera {camera}: cannot open it"):
+        process_video(camera, tmp_path / "cam.mp4", Darken(), camera=True, progress=False)
+    assert capfd.readouterr().err == "" and list(tmp_path.iterdir()) == []
+
+
 def test_camera_sources_parse():
     assert parse_source("0") == 0 and parse_source(2) == 2
     assert parse_source("clip.mp4") == "clip.mp4"
