@@ -1,16 +1,18 @@
-"""``dereflect remove`` (images and folders) and ``dereflect video`` (files and cameras)."""
+"""``dereflect remove``: image files and folders of images."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from dereflect.cli_options import add_model_options, open_from_args
 from dereflect.errors import DereflectError, InputError
 
-from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, is_image_file
+from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, check_output_path, is_image_file, some_names
 
 INTERMEDIATE_SUFFIXES = {
     "stage1": "stage-1 estimate B1",
@@ -21,77 +23,186 @@ INTERMEDIATE_SUFFIXES = {
     "gradient": "CRRN background gradient",
 }
 
+DESCRIPTION = """\
+Remove reflections from image files and folders of images. A single input file with an image
+file name as -o writes that file; otherwise -o is a folder (an existing one, a name without an
+extension, or any name ending with /) and the outputs keep the input names (with --recursive,
+their subfolders too). Inputs are never changed."""
+
+EPILOG = """\
+exit status: 0 every image written; 1 some images failed (one line each; the others were
+written); 2 nothing written (a bad option, input or output path, or every image failed: a
+one-line error each).
+
+Checked before any work starts, with nothing written when a check fails: -o names an image
+format (.png .jpg .jpeg .bmp .tif .tiff .webp .ppm .pgm .pnm) or a folder; every output's folder
+can be created and written to (no part of the path is a file); every name fits the file system.
+A folder's own images are processed; its subfolders only with --recursive. Hidden files,
+subfolders and files that are not images are skipped and counted in one line. Outputs are
+written atomically (a hidden temporary file, then a rename), so a failed or interrupted image
+leaves no partial file."""
+
 
 def register(subparsers: Any) -> None:
     remove = subparsers.add_parser(
         "remove",
         help="remove reflections from images",
-        description="Remove reflections from image files and folders of images. A single input file with an "
-                    "image file name as -o writes that file; otherwise -o is a folder and outputs keep the "
-                    "input names. Inputs are never overwritten.",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    remove.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders")
-    remove.add_argument("-o", "--output", required=True, metavar="OUT", help="output file or folder")
+    remove.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders of images")
+    remove.add_argument("-o", "--output", required=True, metavar="OUT",
+                        help="output image file (one input file) or folder (required)")
+    remove.add_argument("-r", "--recursive", action="store_true",
+                        help="also process the images in subfolders of IN folders, keeping the folder structure "
+                             "under OUT (default: a folder's own images only)")
+    remove.add_argument("-q", "--quiet", action="store_true",
+                        help="print errors only: no progress bar, no line per image, no note of skipped files "
+                             "(default: off)")
     remove.add_argument("--save-intermediates", action="store_true",
                         help="also write NAME.stage1.png, NAME.confidence.png, NAME.mask_background.png, "
-                             "NAME.mask_reflection.png and NAME.reflection.png next to each output")
-    remove.add_argument("--overwrite", action="store_true", help="replace existing output files")
+                             "NAME.mask_reflection.png and NAME.reflection.png (CRRN: NAME.gradient.png, "
+                             "NAME.reflection.png) next to each output, at the resolution the networks ran at "
+                             "(default: off)")
+    remove.add_argument("--overwrite", action="store_true",
+                        help="replace existing output files (default: an existing output is an error for that "
+                             "image)")
     remove.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                        help=f"refuse images with more pixels (default {DEFAULT_MAX_PIXELS:,})")
+                        help="refuse images with more pixels, from their header before decoding "
+                             f"(0: no limit; default: {DEFAULT_MAX_PIXELS:,})")
     add_model_options(remove)
     remove.set_defaults(func=run_remove)
 
 
-def _collect_inputs(inputs: List[str]) -> List[Path]:
-    files: List[Path] = []
+@dataclass
+class RemovePlan:
+    """What ``dereflect remove`` will do: (input, output) pairs, and what it skips by reason."""
+
+    pairs: List[Tuple[Path, Path]]
+    skipped: Dict[str, List[str]] = field(default_factory=dict)
+
+    def skipped_note(self) -> Optional[str]:
+        """One line naming what was skipped, or None."""
+        if not self.skipped:
+            return None
+        parts = [f"{len(names)} {reason} ({some_names(names, 3)})" for reason, names in self.skipped.items()]
+        return "skipped " + "; ".join(parts)
+
+
+_SUBFOLDER = "subfolder(s) (use --recursive)"
+
+
+def _walk(folder: Path, recursive: bool, output: Optional[Path], relative: Path,
+          found: List[Tuple[Path, Path]], skipped: Dict[str, List[str]]) -> None:
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot list this folder: {exc.strerror or exc}") from exc
+    for entry in entries:
+        if entry.name.startswith("."):
+            reason = "hidden file(s)"
+        elif entry.is_dir():
+            if output is not None and output.exists() and os.path.samefile(entry, output):
+                reason = "output folder(s)"
+            elif not recursive:
+                reason = _SUBFOLDER
+            elif entry.is_symlink():
+                reason = "link(s) to a folder"  # not followed: a link may lead back up the tree
+            else:
+                _walk(entry, recursive, output, relative / entry.name, found, skipped)
+                continue
+        elif entry.is_file() and is_image_file(entry):
+            found.append((entry, relative / entry.name))
+            continue
+        else:
+            reason = "file(s) that are not images"
+        skipped.setdefault(reason, []).append(str(entry))
+
+
+def _inputs(inputs: List[str], recursive: bool, output: Optional[Path]) -> RemovePlan:
+    """The image files to process, each with its output name relative to OUT, and what was skipped."""
+    plan = RemovePlan(pairs=[])
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p))
+            found: List[Tuple[Path, Path]] = []
+            skipped: Dict[str, List[str]] = {}
+            _walk(path, recursive, output, Path(), found, skipped)
             if not found:
-                raise InputError(f"{path}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            files.extend(found)
+                note = " (it has subfolders: use --recursive)" if _SUBFOLDER in skipped else ""
+                raise InputError(f"{path}: folder holds no images ({', '.join(IMAGE_EXTENSIONS)}){note}")
+            plan.pairs.extend(found)
+            for reason, names in skipped.items():
+                plan.skipped.setdefault(reason, []).extend(names)
+        elif path.is_file():
+            plan.pairs.append((path, Path(path.name)))
+        elif os.path.lexists(path) and not path.exists():
+            raise InputError(f"{path}: broken symbolic link")
         elif path.exists():
-            files.append(path)
+            raise InputError(f"{path}: not a file or a folder")
         else:
             raise InputError(f"{path}: file not found")
-    return files
+    return plan
 
 
-def plan_outputs(inputs: List[str], output: str) -> List[Tuple[Path, Path]]:
-    """(input, output) pairs: one file to a file name, else into the folder ``output``."""
-    files = _collect_inputs(inputs)
+def _output_is_folder(output: str, inputs: List[str]) -> bool:
+    """Whether -o names a folder; InputError when it names neither an image file nor a folder."""
     out = Path(output)
-    single = len(inputs) == 1 and Path(inputs[0]).is_file()
-    if single and is_image_file(out) and not out.is_dir():
-        return [(files[0], out)]
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder; with several inputs -o must be a folder")
-    pairs = []
-    seen = {}
-    for path in files:
-        target = out / path.name
+    if out.is_dir() or output.endswith(("/", os.sep)) or not out.suffix:
+        return True
+    if not is_image_file(out):
+        raise InputError(f"-o {output}: {out.suffix!r} is not an image format ({', '.join(IMAGE_EXTENSIONS)}); "
+                         "to name a folder, end it with /")
+    if len(inputs) != 1 or not Path(inputs[0]).is_file():
+        raise InputError(f"-o {output} names one image file, but the input is a folder or several files; "
+                         "give a folder")
+    return False
+
+
+def intermediate_path(target: Path, key: str) -> Path:
+    """Where ``--save-intermediates`` writes intermediate ``key`` of the output ``target``."""
+    base = target.with_suffix("")
+    return base.with_name(f"{base.name}.{key}.png")
+
+
+def plan_outputs(inputs: List[str], output: str, recursive: bool = False,
+                 intermediates: bool = False) -> RemovePlan:
+    """(input, output) pairs, every output path checked; InputError before any work when one is unusable."""
+    folder = _output_is_folder(output, inputs)
+    out = Path(output)
+    plan = _inputs(inputs, recursive, out if folder else None)
+    if folder:
+        check_output_path(out, folder=True)
+    pairs: List[Tuple[Path, Path]] = []
+    seen: Dict[Path, Path] = {}
+    for source, relative in plan.pairs:
+        if folder and not is_image_file(relative):
+            raise InputError(f"{source}: not an image file name; in a folder the output keeps the input's name, "
+                             f"which must end in one of {', '.join(IMAGE_EXTENSIONS)}")
+        target = out / relative if folder else out
         if target in seen:
-            raise InputError(f"{path} and {seen[target]} would both be written to {target}; rename one")
-        seen[target] = path
-        pairs.append((path, target))
-    return pairs
+            raise InputError(f"{source} and {seen[target]} would both be written to {target}; rename one")
+        seen[target] = source
+        if target.exists() and (os.path.samefile(source, target) or source.resolve() == target.resolve()):
+            raise InputError(f"{target}: refusing to overwrite the input image; choose another output")
+        check_output_path(target)
+        if intermediates:
+            for key in INTERMEDIATE_SUFFIXES:
+                check_output_path(intermediate_path(target, key))
+        pairs.append((source, target))
+    plan.pairs = pairs
+    return plan
 
 
-def _save_intermediates(result: Any, target: Path, overwrite: bool) -> List[Path]:
+def _intermediate_images(result: Any) -> Dict[str, Any]:
+    """The intermediates of a Result in BGR order (the command line runs in OpenCV's order) as images."""
     import cv2
     import numpy as np
 
-    from .imageio import write_image
-
-    written = []
-    base = target.with_suffix("")
-
-    def name(key: str) -> Path:
-        return base.with_name(f"{base.name}.{key}.png")
-
+    images: Dict[str, Any] = {}
     if result.stage1 is not None:
-        written.append(write_image(name("stage1"), result.stage1, overwrite=overwrite))
+        images["stage1"] = result.stage1
     if result.confidence is not None:
         conf = result.confidence
         edges = conf[conf > 0]
@@ -100,49 +211,73 @@ def _save_intermediates(result: Any, target: Path, overwrite: bool) -> List[Path
             # The 99th percentile, not the maximum: a few extreme ratios would leave the rest dark.
             top = float(np.percentile(edges, 99))
             scaled = (np.clip(conf / top, 0, 1) * 255).astype(np.uint8)
-        coloured = cv2.applyColorMap(scaled, cv2.COLORMAP_INFERNO)[:, :, ::-1]
-        written.append(write_image(name("confidence"), coloured, overwrite=overwrite))
+        images["confidence"] = cv2.applyColorMap(scaled, cv2.COLORMAP_INFERNO)
     for key in ("mask_background", "mask_reflection", "gradient"):
         value = getattr(result, key)
         if value is not None:
             plane = value.astype(np.float32)
             if key == "gradient" and plane.max() > 0:
                 plane = plane / plane.max()
-            grey = np.repeat(plane[:, :, None], 3, axis=2)
-            written.append(write_image(name(key), grey, overwrite=overwrite))
-    written.append(write_image(name("reflection"), np.clip(result.reflection, 0, 1), overwrite=overwrite))
-    return written
+            images[key] = np.repeat(plane[:, :, None], 3, axis=2)
+    images["reflection"] = np.clip(result.reflection, 0, 1)
+    return images
+
+
+def _remove_one(remover: Any, source: Path, target: Path, args: argparse.Namespace) -> None:
+    from .imageio import read_array, write_image
+
+    if not args.overwrite and os.path.lexists(target):
+        raise InputError(f"{target}: file exists; pass --overwrite to replace it")
+    image, info = read_array(source, max_pixels=args.max_pixels or None)
+    if not args.save_intermediates:
+        write_image(target, remover.remove(image, colour_order="BGR"), info, overwrite=args.overwrite,
+                    colour_order="BGR")
+        return
+    result = remover.remove_with_intermediates(image, colour_order="BGR")
+    extras = {intermediate_path(target, key): value for key, value in _intermediate_images(result).items()}
+    if not args.overwrite:
+        for path in extras:
+            if os.path.lexists(path):
+                raise InputError(f"{path}: file exists; pass --overwrite to replace it")
+    write_image(target, result.background, info, overwrite=args.overwrite, colour_order="BGR")
+    for path, value in extras.items():
+        write_image(path, value, overwrite=args.overwrite, colour_order="BGR")
+
+
+def _one_line(exc: BaseException, source: Path, target: Path) -> str:
+    """The error as one line that names the image."""
+    message = str(exc) if not isinstance(exc, MemoryError) else "out of memory"
+    message = " ".join(message.split()) or type(exc).__name__
+    return message if str(source) in message or str(target) in message else f"{source}: {message}"
 
 
 def run_remove(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .imageio import read_image, write_image
-
-    pairs = plan_outputs(args.inputs, args.output)
-    for source, target in pairs:
-        if target.exists() and source.resolve() == target.resolve():
-            raise InputError(f"{target}: refusing to overwrite the input image; choose another output")
+    if args.max_pixels < 0:
+        raise InputError(f"--max-pixels must be 0 (no limit) or positive, not {args.max_pixels}")
+    plan = plan_outputs(args.inputs, args.output, recursive=args.recursive, intermediates=args.save_intermediates)
+    note = plan.skipped_note()
+    if note and not args.quiet:
+        print(f"dereflect: {note}", file=sys.stderr)
     remover = open_from_args(args)
-    failures = 0
-    with tqdm(pairs, unit="image", disable=len(pairs) < 2, file=sys.stderr) as bar:
+    written = failed = 0
+    total = len(plan.pairs)
+    with tqdm(plan.pairs, unit="image", disable=args.quiet or total < 2, file=sys.stderr) as bar:
         for source, target in bar:
             try:
-                rgb, info = read_image(source, max_pixels=args.max_pixels or None)
-                if args.save_intermediates:
-                    result = remover.remove_with_intermediates(rgb)
-                    background = result.background
-                else:
-                    background = remover.remove(rgb)
-                write_image(target, background, info, overwrite=args.overwrite)
-                if args.save_intermediates:
-                    _save_intermediates(result, target, args.overwrite)
-                bar.write(f"{source} -> {target}")
-            except DereflectError as exc:
-                failures += 1
-                bar.write(f"dereflect: error: {exc}", file=sys.stderr)
-    if failures:
-        print(f"dereflect: {failures} of {len(pairs)} image(s) failed", file=sys.stderr)
-        return 1
+                _remove_one(remover, source, target, args)
+            except (DereflectError, MemoryError) as exc:
+                failed += 1
+                # Through tqdm, so that the line does not break the progress bar.
+                bar.write(f"dereflect: error: {_one_line(exc, source, target)}", file=sys.stderr)
+                continue
+            written += 1
+            if not args.quiet:
+                bar.write(f"{source} -> {target}", file=sys.stdout)
+    if failed:
+        print(f"dereflect: {failed} of {total} image(s) failed; {written} written", file=sys.stderr)
+        return 1 if written else 2
+    if total > 1 and not args.quiet:
+        print(f"dereflect: {written} image(s) written to {args.output}", file=sys.stderr)
     return 0
-

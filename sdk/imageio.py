@@ -9,22 +9,28 @@ Everything the networks see is RGB float32 in [0, 1], HxWx3. The conversions are
   alpha (PNG, TIFF, WebP); JPEG and BMP outputs drop it.
 * **16-bit** images are scaled by 1/65535; they are written back as 16-bit where the output
   format supports it (PNG, TIFF) and as 8-bit otherwise.
-* **Float arrays** must lie in [0, 1]. Excursions up to ``FLOAT_TOLERANCE`` (resampling and
-  colour-conversion overshoot) are clipped silently; anything further out is an InputError,
-  because it usually means 0-255 data in a float array, which clipping would ruin. NaN and
-  infinity are always errors.
-* **Huge images** over ``max_pixels`` (default ``DEFAULT_MAX_PIXELS``, 100 MP) are refused
-  before decoding where the header can be read (PNG, JPEG), so a hostile or mistaken file
-  cannot exhaust memory; pass a larger ``max_pixels`` (``--max-pixels`` on the command line)
-  to accept them.
+* **Float images** (arrays, and float TIFFs: one rule for both, :func:`check_image`) must lie
+  in [0, 1]. Excursions up to ``FLOAT_TOLERANCE`` (resampling and colour-conversion overshoot)
+  are clipped silently; anything further out is an InputError, because it usually means 0-255
+  data in a float image, which clipping would ruin. NaN and infinity are always errors.
+* **Huge images** over ``max_pixels`` (default ``DEFAULT_MAX_PIXELS``, 100 MP) are refused from
+  the size their header declares, before decoding, for every format read (PNG, JPEG, TIFF and
+  BigTIFF in either byte order, BMP, WebP, PPM/PGM/PBM), so a hostile or mistaken file cannot
+  exhaust memory; pass a larger ``max_pixels`` (``--max-pixels`` on the command line) to accept
+  them. Content in any other format is refused, whatever its extension.
+* **JPEG** files must reach their end-of-image marker (a cut file is refused: some OpenCV builds
+  would return it half grey); data after that marker (a phone's "motion photo" video) is ignored.
 
-Writes are atomic (a temporary file in the same folder, then a rename) and never replace the
+Large images are validated and converted in row strips (:func:`rgb_rows`), so that neither
+costs a full-size float copy. Writes check the output path first (:func:`check_output_path`),
+are atomic (a hidden temporary file in the same folder, then a rename) and never replace the
 input file; an existing file is replaced only with ``overwrite=True``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import struct
 import uuid
 from dataclasses import dataclass
@@ -42,6 +48,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", "
 _SIXTEEN_BIT_FORMATS = (".png", ".tif", ".tiff")
 _ALPHA_FORMATS = (".png", ".tif", ".tiff", ".webp")
 _COLOUR_ORDERS = ("RGB", "BGR")
+#: Rows are validated and converted this many pixels at a time, so a large image never needs a
+#: full-size float copy (about 12 MB of float RGB per chunk).
+CHUNK_PIXELS = 1 << 20
+#: What POSIX file systems allow when ``pathconf`` cannot say.
+_NAME_MAX = 255
+_PATH_MAX = 4096
 
 PathLike = Union[str, os.PathLike]
 
@@ -77,56 +89,109 @@ def _check_colour_order(colour_order: str) -> str:
     return order
 
 
-def _to_float(array: np.ndarray, name: str) -> np.ndarray:
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) * np.float32(1.0 / 255.0)
-    if array.dtype == np.uint16:
-        return array.astype(np.float32) * np.float32(1.0 / 65535.0)
+def row_chunks(height: int, width: int, pixels: Optional[int] = None) -> Sequence[Tuple[int, int]]:
+    """(top, bottom) row ranges of about ``pixels`` (default ``CHUNK_PIXELS``) pixels each covering ``height`` rows."""
+    rows = max(1, (pixels or CHUNK_PIXELS) // max(width, 1))
+    return [(top, min(top + rows, height)) for top in range(0, height, rows)]
+
+
+def _layout(array: np.ndarray, name: str) -> Tuple[int, bool]:
+    """(channels, squeeze) of an image array; InputError when it is not one."""
+    if not isinstance(array, np.ndarray):
+        raise InputError(f"{name} must be a numpy array, not {type(array).__name__}")
+    squeeze = array.ndim == 2
+    shape = array.shape + (1,) if squeeze else array.shape
+    if len(shape) != 3 or shape[2] not in (1, 3, 4):
+        raise InputError(
+            f"{name} has shape {array.shape}; expected HxWx3 (or HxW grey, HxWx1, HxWx4 with alpha)"
+        )
+    if shape[0] == 0 or shape[1] == 0:
+        raise InputError(f"{name} is empty (shape {array.shape})")
+    if array.dtype not in (np.uint8, np.uint16) and array.dtype.kind != "f":
+        raise InputError(f"{name} has dtype {array.dtype}; use uint8, uint16 or float in [0, 1]")
+    return shape[2], squeeze
+
+
+def _check_float_values(array: np.ndarray, name: str) -> None:
+    """NaN, infinity and values outside [0, 1] (beyond the tolerance), checked in row chunks."""
+    bad, low, high = 0, np.inf, -np.inf
+    for top, bottom in row_chunks(array.shape[0], array.shape[1]):
+        chunk = array[top:bottom].astype(np.float32)
+        finite = np.isfinite(chunk)
+        if not finite.all():
+            bad += int((~finite).sum())
+            continue
+        low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+    if bad:
+        raise InputError(f"{name} contains {bad} NaN or infinite value(s); float images must hold finite values "
+                         "in [0, 1]")
+    if low < -FLOAT_TOLERANCE or high > 1.0 + FLOAT_TOLERANCE:
+        hint = " (it looks like 0-255 data: divide by 255, or use 8- or 16-bit integers)" if high > 2.0 else ""
+        raise InputError(f"{name} has values in [{low:.4g}, {high:.4g}]; float images must be in [0, 1]{hint}")
+
+
+def check_image(array: np.ndarray, colour_order: str = "RGB", name: str = "image") -> ImageInfo:
+    """Validate ``array`` as an image without converting it; the :class:`ImageInfo` to restore it.
+
+    The one rule for arrays passed to the API and for decoded files (see the module notes):
+    shape, dtype and, for floats, finite values in [0, 1]. ``alpha`` is left None (it is read
+    with :func:`alpha_rows`).
+    """
+    _check_colour_order(colour_order)
+    channels, squeeze = _layout(array, name)
     if array.dtype.kind == "f":
-        out = array.astype(np.float32)
-        if not np.isfinite(out).all():
-            bad = int((~np.isfinite(out)).sum())
-            raise InputError(f"{name} contains {bad} NaN or infinite value(s); pass finite values in [0, 1]")
-        low, high = float(out.min()), float(out.max())
-        if low < -FLOAT_TOLERANCE or high > 1.0 + FLOAT_TOLERANCE:
-            hint = " (it looks like 0-255 data: divide by 255 or pass uint8)" if high > 2.0 else ""
-            raise InputError(
-                f"{name} has values in [{low:.4g}, {high:.4g}]; float images must be in [0, 1]{hint}"
-            )
-        return np.clip(out, 0.0, 1.0, out=out)
-    raise InputError(f"{name} has dtype {array.dtype}; use uint8, uint16 or float in [0, 1]")
+        _check_float_values(array, name)
+    return ImageInfo(dtype=array.dtype, channels=channels, squeeze=squeeze)
+
+
+def _convert(source: np.ndarray, out: np.ndarray) -> None:
+    """``source`` (uint8, uint16 or float, already validated) as float32 in [0, 1], written into ``out``."""
+    if source.dtype == np.uint8:
+        np.multiply(source, np.float32(1.0 / 255.0), out=out, dtype=np.float32)
+    elif source.dtype == np.uint16:
+        np.multiply(source, np.float32(1.0 / 65535.0), out=out, dtype=np.float32)
+    else:
+        out[...] = source
+        np.clip(out, 0.0, 1.0, out=out)
+
+
+def rgb_rows(array: np.ndarray, colour_order: str = "RGB", top: int = 0, bottom: Optional[int] = None,
+             left: int = 0, right: Optional[int] = None) -> np.ndarray:
+    """Rows ``top:bottom`` and columns ``left:right`` of a validated image as RGB float32 in [0, 1].
+
+    Grey is replicated to three channels and alpha left out; this is what :func:`to_float_rgb`
+    returns for the whole image, a window at a time.
+    """
+    view = array[top:bottom, left:right]
+    if view.ndim == 2:
+        view = view[:, :, None]
+    out = np.empty(view.shape[:2] + (3,), np.float32)
+    if view.shape[2] == 1:
+        _convert(view, out[:, :, :1])
+        out[:, :, 1:] = out[:, :, :1]
+        return out
+    colour = view[:, :, 2::-1] if _check_colour_order(colour_order) == "BGR" else view[:, :, :3]
+    _convert(colour, out)
+    return out
+
+
+def alpha_rows(array: np.ndarray, top: int = 0, bottom: Optional[int] = None) -> Optional[np.ndarray]:
+    """The alpha channel of rows ``top:bottom`` as float32 HxW in [0, 1], or None without one."""
+    if array.ndim != 3 or array.shape[2] != 4:
+        return None
+    view = array[top:bottom, :, 3]
+    out = np.empty(view.shape, np.float32)
+    _convert(view, out)
+    return out
 
 
 def to_float_rgb(
     array: np.ndarray, colour_order: str = "RGB", name: str = "image"
 ) -> Tuple[np.ndarray, ImageInfo]:
     """Validate ``array`` and convert it to RGB float32 HxWx3 in [0, 1], plus what was converted."""
-    order = _check_colour_order(colour_order)
-    if not isinstance(array, np.ndarray):
-        raise InputError(f"{name} must be a numpy array, not {type(array).__name__}")
-    squeeze = array.ndim == 2
-    if squeeze:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise InputError(
-            f"{name} has shape {array.shape}; expected HxWx3 (or HxW grey, HxWx1, HxWx4 with alpha)"
-        )
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise InputError(f"{name} is empty (shape {array.shape})")
-    channels = array.shape[2]
-    values = _to_float(array, name)
-    alpha = None
-    if channels == 4:
-        alpha = values[:, :, 3].copy()
-        values = values[:, :, :3]
-    if channels == 1:
-        rgb = np.repeat(values, 3, axis=2)
-    elif order == "BGR":
-        rgb = values[:, :, ::-1]
-    else:
-        rgb = values
-    info = ImageInfo(dtype=array.dtype, channels=channels, alpha=alpha, squeeze=squeeze)
-    return np.ascontiguousarray(rgb, dtype=np.float32), info
+    info = check_image(array, colour_order, name)
+    info.alpha = alpha_rows(array)
+    return rgb_rows(array, colour_order), info
 
 
 def as_float_rgb(array: np.ndarray, colour_order: str = "RGB") -> np.ndarray:
@@ -167,35 +232,157 @@ def from_float_rgb(rgb: np.ndarray, info: ImageInfo, colour_order: str = "RGB") 
     return _quantise(colour, info.dtype)
 
 
-def _png_size(head: bytes) -> Optional[Tuple[int, int]]:
-    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 24 and head[12:16] == b"IHDR":
-        width, height = struct.unpack(">II", head[16:24])
-        return width, height
-    return None
+# -- headers: the declared size of every format read, before decoding -------------------------
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: In JPEG entropy-coded data 0xFF is followed by 0x00 (stuffing) or a restart marker; any other
+#: byte after it starts a marker (EOI, or the tables and header of the next progressive scan).
+_JPEG_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
+_JPEG_STANDALONE = {0x01, 0xD8} | set(range(0xD0, 0xD8))
 
 
-def _jpeg_size(data: bytes) -> Optional[Tuple[int, int]]:
-    """Width and height from the first start-of-frame marker, without decoding."""
-    if data[:2] != b"\xff\xd8":
-        return None
+def _jpeg_size(data: bytes, name: str) -> Tuple[int, int]:
+    """Width and height from the frame header, after checking that the image data reaches EOI."""
+    size: Optional[Tuple[int, int]] = None
     pos = 2
-    while pos + 4 <= len(data):
+    while True:
+        while pos < len(data) and data[pos] == 0xFF and pos + 1 < len(data) and data[pos + 1] == 0xFF:
+            pos += 1  # fill bytes before a marker
+        if pos + 2 > len(data):
+            raise InputError(f"{name}: JPEG file is truncated (no end-of-image marker); re-export or re-copy it")
         if data[pos] != 0xFF:
-            return None
+            raise InputError(f"{name}: corrupt JPEG (no marker at byte {pos}); re-export or re-copy it")
         marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+        if marker == 0xD9:
+            if size is None:
+                raise InputError(f"{name}: corrupt JPEG (it ends before any image data)")
+            return size
+        if marker in _JPEG_STANDALONE:
             pos += 2
             continue
+        if pos + 4 > len(data):
+            raise InputError(f"{name}: JPEG file is truncated (no end-of-image marker); re-export or re-copy it")
         (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
-        is_sof = 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)
-        if is_sof and pos + 9 <= len(data):
+        end = pos + 2 + length
+        if length < 2 or end > len(data):
+            raise InputError(f"{name}: JPEG file is truncated (no end-of-image marker); re-export or re-copy it")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and size is None:
+            if length < 7:
+                raise InputError(f"{name}: corrupt JPEG frame header")
             height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
-            return width, height
-        pos += 2 + length
-    return None
+            size = (width, height)
+        if marker != 0xDA:
+            pos = end
+            continue
+        if size is None:
+            raise InputError(f"{name}: corrupt JPEG (image data before the frame header)")
+        found = _JPEG_MARKER.search(data, end)
+        if found is None:
+            raise InputError(f"{name}: JPEG file is truncated (no end-of-image marker); re-export or re-copy it")
+        pos = found.start()
+
+
+def _tiff_size(data: bytes, name: str) -> Tuple[int, int]:
+    """ImageWidth and ImageLength of the first IFD (what OpenCV decodes), classic TIFF or BigTIFF."""
+    order = "<" if data[:2] == b"II" else ">"
+    truncated = InputError(f"{name}: TIFF header is truncated or corrupt")
+    if len(data) < 16:
+        raise truncated
+    (version,) = struct.unpack(order + "H", data[2:4])
+    if version == 42:
+        (offset,) = struct.unpack(order + "I", data[4:8])
+        count_format, entry_size, value_at = "H", 12, 8
+    else:
+        (offset,) = struct.unpack(order + "Q", data[8:16])
+        count_format, entry_size, value_at = "Q", 20, 12
+    count_size = struct.calcsize(count_format)
+    if offset + count_size > len(data):
+        raise truncated
+    (count,) = struct.unpack(order + count_format, data[offset:offset + count_size])
+    first = offset + count_size
+    if first + count * entry_size > len(data):
+        raise truncated
+    found: Dict[int, int] = {}
+    value_formats = {3: "H", 4: "I", 16: "Q"}  # SHORT, LONG, LONG8
+    for index in range(count):
+        entry = first + index * entry_size
+        tag, kind = struct.unpack(order + "HH", data[entry:entry + 4])
+        if tag in (256, 257) and kind in value_formats:
+            fmt = order + value_formats[kind]
+            (found[tag],) = struct.unpack(fmt, data[entry + value_at:entry + value_at + struct.calcsize(fmt)])
+    if 256 not in found or 257 not in found:
+        raise InputError(f"{name}: TIFF header declares no image size")
+    return found[256], found[257]
+
+
+def _bmp_size(data: bytes, name: str) -> Tuple[int, int]:
+    if len(data) < 26:
+        raise InputError(f"{name}: BMP header is truncated")
+    (header,) = struct.unpack("<I", data[14:18])
+    if header == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+        return struct.unpack("<HH", data[18:22])
+    width, height = struct.unpack("<ii", data[18:26])
+    return width, abs(height)  # a negative height means top-down rows
+
+
+def _webp_size(data: bytes, name: str) -> Tuple[int, int]:
+    chunk = data[12:16]
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        (bits,) = struct.unpack("<I", data[21:25])
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    raise InputError(f"{name}: WebP header is truncated or corrupt")
+
+
+_PNM_TOKEN = re.compile(rb"(?:\s|#[^\n]*(?:\n|$))*(\d+)")
+
+
+def _pnm_size(data: bytes, name: str) -> Tuple[int, int]:
+    sizes = []
+    pos = 2
+    for _ in range(2):
+        match = _PNM_TOKEN.match(data, pos)
+        if match is None or match.end() == len(data):
+            raise InputError(f"{name}: PNM header is truncated or corrupt")
+        sizes.append(int(match.group(1)))
+        pos = match.end()
+    return sizes[0], sizes[1]
+
+
+def read_header(data: bytes, name: str = "image") -> Tuple[str, int, int]:
+    """(format, width, height) that the header of the encoded image ``data`` declares, without decoding.
+
+    Raises InputError naming ``name`` when the content is none of the formats read (whatever the
+    file's extension) or its header is cut or corrupt; JPEGs are also checked to reach their
+    end-of-image marker.
+    """
+    head = data[:16]
+    if head[:8] == _PNG_SIGNATURE:
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise InputError(f"{name}: PNG header is truncated or corrupt")
+        found = ("PNG",) + struct.unpack(">II", data[16:24])
+    elif head[:2] == b"\xff\xd8":
+        found = ("JPEG",) + _jpeg_size(data, name)
+    elif head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        found = ("TIFF",) + _tiff_size(data, name)
+    elif head[:2] == b"BM":
+        found = ("BMP",) + _bmp_size(data, name)
+    elif head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        found = ("WebP",) + _webp_size(data, name)
+    elif re.match(rb"P[1-6]\s", head):
+        found = ("PNM",) + _pnm_size(data, name)
+    else:
+        raise InputError(
+            f"{name}: not a readable image (unknown or unsupported format; supported: {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    kind, width, height = found
+    if width <= 0 or height <= 0:
+        raise InputError(f"{name}: {kind} header declares an empty image ({width}x{height})")
+    return kind, int(width), int(height)
 
 
 def _check_pixels(path: Path, width: int, height: int, max_pixels: Optional[int]) -> None:
@@ -207,14 +394,15 @@ def _check_pixels(path: Path, width: int, height: int, max_pixels: Optional[int]
         )
 
 
-def read_image(
-    path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
-) -> Tuple[np.ndarray, ImageInfo]:
-    """Read an image file as RGB float32 HxWx3 in [0, 1] and the :class:`ImageInfo` to restore it.
+def read_array(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Tuple[np.ndarray, ImageInfo]:
+    """Read an image file as OpenCV stores it, validated: BGR, BGRA or grey; uint8, uint16 or float32.
 
-    Raises InputError naming the file when it is missing, empty, truncated, not an image
-    OpenCV can decode, or larger than ``max_pixels`` (None or 0: no limit). JPEG EXIF
-    orientation is applied.
+    What :func:`read_image` converts to float; the command line passes this array straight to
+    :meth:`dereflect.Remover.remove` (``colour_order="BGR"``), so a large image never exists as a
+    full-size float copy. The size is checked against ``max_pixels`` (None or 0: no limit) from
+    the header before decoding; a float image must pass :func:`check_image`. Raises InputError
+    naming the file when it is missing, empty, truncated, not an image in a supported format,
+    too large or out of range. JPEG EXIF orientation is applied.
     """
     path = Path(path)
     if not path.exists():
@@ -227,32 +415,39 @@ def read_image(
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     if not data:
         raise InputError(f"{path}: file is empty (0 bytes)")
-    size = _png_size(data[:32]) or _jpeg_size(data)
-    if size:
-        _check_pixels(path, size[0], size[1], max_pixels)
-    is_jpeg = data[:2] == b"\xff\xd8"
-    # Older OpenCV builds return a partially decoded JPEG (grey bottom) instead of failing;
-    # a JPEG stream ends with the EOI marker, so its absence means the file was cut short.
-    if is_jpeg and b"\xff\xd9" not in data[-1024:]:
-        raise InputError(f"{path}: JPEG file is truncated (no end-of-image marker); re-export or re-copy it")
+    kind, width, height = read_header(data, str(path))
+    _check_pixels(path, width, height, max_pixels)
     # IMREAD_UNCHANGED keeps alpha and 16 bits but ignores EXIF orientation, which only
     # JPEGs carry in practice (and they have neither alpha nor 16 bits).
-    flags = cv2.IMREAD_ANYCOLOR if is_jpeg else cv2.IMREAD_UNCHANGED
-    decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    flags = cv2.IMREAD_ANYCOLOR if kind == "JPEG" else cv2.IMREAD_UNCHANGED
+    try:
+        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    except cv2.error:
+        decoded = None
+    del data
     if decoded is None:
-        raise InputError(
-            f"{path}: not a readable image (truncated, corrupt or an unsupported format; "
-            f"supported: {', '.join(IMAGE_EXTENSIONS)})"
-        )
-    _check_pixels(path, decoded.shape[1], decoded.shape[0], max_pixels)
+        raise InputError(f"{path}: not a readable image (truncated or corrupt {kind} data)")
     if decoded.dtype not in (np.uint8, np.uint16) and decoded.dtype.kind != "f":
         raise InputError(f"{path}: unsupported sample type {decoded.dtype}; use 8- or 16-bit images")
-    if decoded.dtype.kind == "f":
-        decoded = np.clip(np.nan_to_num(decoded, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
-    rgb, info = to_float_rgb(decoded, "BGR", name=str(path))
+    info = check_image(decoded, "BGR", name=str(path))
     info.path = path
+    return decoded, info
+
+
+def read_image(
+    path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+) -> Tuple[np.ndarray, ImageInfo]:
+    """Read an image file as RGB float32 HxWx3 in [0, 1] and the :class:`ImageInfo` to restore it.
+
+    The checks of :func:`read_array`; its errors name the file.
+    """
+    array, info = read_array(path, max_pixels)
+    rgb = rgb_rows(array, "BGR")
+    info.alpha = alpha_rows(array)
     return rgb, info
 
+
+# -- writing ----------------------------------------------------------------------------------
 
 def _same_file(a: Path, b: Path) -> bool:
     try:
@@ -261,58 +456,133 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def write_image(
-    path: PathLike, rgb: np.ndarray, info: Optional[ImageInfo] = None, overwrite: bool = False
-) -> Path:
-    """Write an RGB image (float in [0, 1] or uint8/uint16) atomically; return the path.
+def _limit(folder: Path, name: str, default: int) -> int:
+    try:
+        return int(os.pathconf(folder, name))
+    except (OSError, ValueError):
+        return default
 
-    With ``info`` from :func:`read_image` the original bit depth (where the format allows),
-    grey-ness and alpha (where the format stores it) are restored. Never replaces
-    ``info.path`` (the input file); replaces another existing file only when ``overwrite``.
+
+def _temporary_name(path: Path, name_max: int = _NAME_MAX) -> Path:
+    """A hidden, unique sibling of ``path`` for the atomic write, never longer than the file system allows."""
+    token = uuid.uuid4().hex[:16]
+    fixed = len(os.fsencode(f"..{token}{path.suffix}.tmp"))
+    stem = os.fsencode(path.stem)[:max(name_max - fixed, 1)].decode("utf-8", "ignore") or "out"
+    return path.with_name(f".{stem}.{token}{path.suffix}.tmp")
+
+
+def _existing_folder(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (as anything, a broken link included)."""
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_path(path: PathLike, folder: bool = False) -> Path:
+    """Check, before any work, that an image file (or with ``folder``, a folder of images) can be written at ``path``.
+
+    InputError naming the problem when ``path`` (a file) has no extension of a format OpenCV
+    writes or is an existing folder; ``path`` (a folder) exists as a file; a part of the path
+    is an existing file or a broken link; the nearest existing folder is not writable; or a
+    name is longer than the file system allows. Creates nothing; returns ``path``.
     """
     path = Path(path)
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise InputError(f"{path}: exists and is not a folder")
+    else:
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or not cv2.haveImageWriter(str(path)):
+            what = f"no image format written as {path.suffix!r}" if path.suffix else "no extension"
+            raise InputError(f"{path}: not an image file name ({what}); use one of {', '.join(IMAGE_EXTENSIONS)}")
+        if path.is_dir():
+            raise InputError(f"{path}: is a folder; name an image file")
+    existing = _existing_folder(path if folder else path.parent)
+    if existing.is_symlink() and not existing.exists():
+        raise InputError(f"{path}: {existing} is a broken symbolic link, not a folder")
+    if not existing.is_dir():
+        raise InputError(f"{path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: no permission to write in {existing}")
+    name_max = _limit(existing, "PC_NAME_MAX", _NAME_MAX)
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > name_max:
+            raise InputError(f"{path}: the name {part[:32]!r}... is {size} bytes; this file system allows {name_max}")
+    if len(os.fsencode(os.path.abspath(path))) >= _limit(existing, "PC_PATH_MAX", _PATH_MAX):
+        raise InputError(f"{path}: the path is longer than this file system allows")
+    return path
+
+
+def _stored(array: np.ndarray, target: ImageInfo, colour_order: str, alpha: Optional[np.ndarray]) -> np.ndarray:
+    """``array`` as the file will store it: OpenCV's channel order, ``target``'s dtype and channels.
+
+    ``alpha`` (float HxW) is re-attached when the target keeps alpha and ``array`` has none of its own.
+    """
+    channels, _ = _layout(array, "output image")
+    if array.dtype == target.dtype and (channels == target.channels or (channels, target.channels) == (4, 3)):
+        # Already the stored values: no float round trip, only the channel order (and a dropped alpha).
+        if channels == 1:
+            return array
+        if _check_colour_order(colour_order) == "RGB":
+            return array[:, :, [2, 1, 0, 3][:target.channels]]
+        return np.ascontiguousarray(array[:, :, :target.channels])
+    height, width = array.shape[:2]
+    out: Optional[np.ndarray] = None
+    for top, bottom in row_chunks(height, width):
+        rows_alpha = alpha_rows(array, top, bottom) if channels == 4 else (
+            alpha[top:bottom] if alpha is not None else None)
+        strip = ImageInfo(dtype=target.dtype, channels=target.channels, alpha=rows_alpha, squeeze=True)
+        rows = from_float_rgb(rgb_rows(array, colour_order, top, bottom), strip, "BGR")
+        if out is None:
+            out = np.empty((height,) + rows.shape[1:], rows.dtype)
+        out[top:bottom] = rows
+    return out
+
+
+def write_image(
+    path: PathLike, image: np.ndarray, info: Optional[ImageInfo] = None, overwrite: bool = False,
+    colour_order: str = "RGB",
+) -> Path:
+    """Write an image (float in [0, 1] or uint8/uint16) atomically; return the path.
+
+    ``image`` is in ``colour_order`` (RGB, or BGR as from :func:`read_array`). With ``info``
+    from :func:`read_image` / :func:`read_array` the original bit depth (where the format
+    allows), grey-ness and alpha (where the format stores it) are restored; an integer array
+    that already holds them is written as it is. The path is checked first
+    (:func:`check_output_path`). Never replaces ``info.path`` (the input file); replaces another
+    existing file only when ``overwrite``.
+    """
+    path = check_output_path(path)
     ext = path.suffix.lower()
-    if not ext or not cv2.haveImageWriter(str(path)):
-        raise InputError(f"{path}: cannot write this image format; use one of {', '.join(IMAGE_EXTENSIONS)}")
     if info is not None and info.path is not None and (
         _same_file(path, info.path) or path.resolve() == Path(info.path).resolve()
     ):
         raise InputError(f"{path}: refusing to overwrite the input image; choose another output path")
     if path.exists() and not overwrite:
         raise InputError(f"{path}: file exists; pass overwrite=True (--overwrite) to replace it")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder")
-    array = np.asarray(rgb)
-    if array.dtype.kind != "f":
-        array, _ = to_float_rgb(array, "RGB", name="output image")
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise InputError(f"output image has shape {array.shape}; expected HxWx3")
     if info is None:
         info = ImageInfo(dtype=np.dtype(np.uint8), channels=3)
-    dtype = info.dtype
-    if np.dtype(dtype) not in (np.uint8, np.uint16):
+    dtype = np.dtype(info.dtype)
+    if dtype not in (np.uint8, np.uint16) or (dtype == np.uint16 and ext not in _SIXTEEN_BIT_FORMATS):
         dtype = np.dtype(np.uint8)
-    if np.dtype(dtype) == np.uint16 and ext not in _SIXTEEN_BIT_FORMATS:
-        dtype = np.dtype(np.uint8)
-    channels = info.channels
-    if channels == 4 and ext not in _ALPHA_FORMATS:
-        channels = 3
-    target = ImageInfo(dtype=dtype, channels=channels, alpha=info.alpha, squeeze=info.squeeze)
-    out = from_float_rgb(array, target, "BGR")
-    ok, encoded = cv2.imencode(ext, out)
+    channels = 3 if info.channels == 4 and ext not in _ALPHA_FORMATS else info.channels
+    target = ImageInfo(dtype=dtype, channels=channels, squeeze=True)
+    ok, encoded = cv2.imencode(ext, _stored(np.asarray(image), target, colour_order, info.alpha))
     if not ok:
         raise InputError(f"{path}: OpenCV could not encode the image as {ext}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     # A uniquely named sibling opened with "xb" (not mkstemp, whose files are private 0600), so
     # the output gets the permissions the user's umask gives any new file.
-    tmp_name = str(path.parent / f".{path.stem}.{uuid.uuid4().hex}{ext}.tmp")
+    tmp_name = _temporary_name(path, _limit(_existing_folder(path.parent), "PC_NAME_MAX", _NAME_MAX))
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp_name, "xb") as tmp:
-            tmp.write(encoded.tobytes())
+            tmp.write(encoded.ravel())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+        if isinstance(exc, OSError):
+            raise InputError(f"{path}: cannot write: {exc.strerror or exc}") from exc
         raise
     return path
 

@@ -4,7 +4,12 @@
 
     from dereflect import Remover
     remover = Remover.from_dir("exports/rm2s-lite")          # ONNX Runtime on the CPU
-    clean = remover.remove(frame, colour_order="BGR")         # uint8 in -> uint8 out
+    clean = remover.remove(frame)                             # an OpenCV (BGR) uint8 frame in, same out
+
+**Colour order.** Arrays are taken, and given back, in OpenCV's channel order, BGR, by default
+(what ``cv2.imread`` and ``cv2.VideoCapture`` give): the convention of the OpenCV ecosystem's
+libraries. Pass ``colour_order="RGB"`` for arrays from Pillow, imageio, matplotlib or torchvision.
+The networks themselves always see RGB.
 
 **Any size.** The exported graphs pad to their stride internally, so any H x W runs as is up
 to ``max_side`` (default 1024, and never more than a TensorRT engine's profile allows).
@@ -23,6 +28,14 @@ Larger images are handled by one of two strategies (``large_image=``):
   own 2-means threshold (tiles that hold only background or only reflection split their
   edges differently) and the cost grows with the tile count.
 
+**Memory.** Both strategies work on the full-resolution image in strips of about
+``STRIP_PIXELS`` pixels (guided: the downscale, the upsampled filter coefficients and the
+result; tile: one band of tiles), converting the caller's array a strip at a time and writing
+the result straight into the caller's type. So besides the input and the output arrays, a
+large image costs the networks' pass at ``max_side`` and a few strips, whatever its size: no
+full-size float copy is made. The resampling is OpenCV's ``INTER_AREA`` / ``INTER_LINEAR``
+arithmetic done strip by strip (:func:`shrink_area`, :func:`resize_linear_rows`).
+
 **Threads.** A Remover may be shared between threads: inference is serialised by a lock,
 so sharing is safe but gives no parallel speed-up. For parallel throughput create one
 Remover per thread (each holds its own sessions / execution contexts).
@@ -37,11 +50,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
-from dereflect.backends.base import open_backend
-from dereflect.errors import InputError
-from dereflect.imageio import ImageInfo, from_float_rgb, to_float_rgb
+from dereflect.backends.base import HostExecutor, open_backend
+from dereflect.errors import DereflectError, InputError
+from dereflect.imageio import ImageInfo, alpha_rows, check_image, from_float_rgb, rgb_rows, row_chunks
 from dereflect.manifest import Manifest, load_manifest
-from dereflect.methods.base import NULL_TIMER, Layers, Timer, get_method
+from dereflect.methods.base import NULL_TIMER, Executor, Layers, MiddleStepOutput, Timer, get_method
 from dereflect.models import BUNDLED_MODELS
 
 DEFAULT_MAX_SIDE = 1024
@@ -49,20 +62,33 @@ LARGE_IMAGE_STRATEGIES = ("guided", "tile")
 TILE_OVERLAP = 64
 GUIDED_RADIUS = 2
 GUIDED_EPS = 1e-4
+#: Pixels per strip of a large image (about 12 MB per float RGB strip); with the networks' pass
+#: at ``max_side``, what bounds the memory a large image needs beyond its input and output.
+STRIP_PIXELS = 1 << 20
+#: The image-like Result fields besides ``background``, and all of them.
+_LAYERS = ("reflection", "stage1", "confidence", "mask_background", "mask_reflection", "gradient")
+INTERMEDIATES = _LAYERS + ("thresholds",)
+_PLANES = ("confidence", "mask_background", "mask_reflection", "gradient")
+_MASKS = ("mask_background", "mask_reflection")
 
 
 @dataclass
 class Result:
-    """A removal with its intermediates, all at the input's full resolution.
+    """A removal with its intermediates at the resolution the networks ran at.
 
     ``background`` is what :meth:`Remover.remove` returns (the input's dtype, shape and colour
-    order). Image-like intermediates are float32 HxWx3 in the caller's colour order:
-    ``reflection`` (``I - B``, signed; CRRN: the network's reflection output) and ``stage1``
-    (RM2S). ``confidence`` (float32 HxW), ``mask_background`` / ``mask_reflection`` (bool HxW)
-    and ``thresholds`` (the 2-means centres ``(low, high)``) are RM2S's middle step;
-    ``gradient`` (float32 HxW) is CRRN's. When the networks ran at reduced resolution
-    (``scale < 1``) the intermediates are resized from that resolution; ``tiles`` > 1 means
-    they were blended from tiles, each with its own thresholds (``thresholds`` is then None).
+    order), always at full resolution. Image-like intermediates are float32 HxWx3 in the
+    caller's colour order: ``reflection`` (``I - B``, signed; CRRN: the network's reflection
+    output) and ``stage1`` (RM2S). ``confidence`` (float32 HxW), ``mask_background`` /
+    ``mask_reflection`` (bool HxW) and ``thresholds`` (the 2-means centres ``(low, high)``) are
+    RM2S's middle step; ``gradient`` (float32 HxW) is CRRN's.
+
+    The intermediates are full size when the image fits ``max_side`` and with the ``tile``
+    strategy (blended from the tiles, each with its own thresholds: ``tiles`` > 1 and
+    ``thresholds`` None). With the ``guided`` strategy (``scale`` < 1) they are the networks'
+    own outputs at the reduced size, ``scale`` times the input's (resize them if you need them
+    full size): upsampling them would only interpolate, and full-size copies of a 100 MP image
+    cost gigabytes.
     """
 
     background: np.ndarray
@@ -82,6 +108,118 @@ def _box(x: np.ndarray, radius: int) -> np.ndarray:
     return cv2.boxFilter(x, -1, (size, size), normalize=True, borderType=cv2.BORDER_REFLECT)
 
 
+def _linear_taps(dst: int, src: int) -> Tuple[np.ndarray, np.ndarray]:
+    """OpenCV's INTER_LINEAR source index and float32 weight for each of ``dst`` positions over ``src``."""
+    scale = 1.0 / (dst / src)
+    position = ((np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+    index = np.floor(position)
+    return index.astype(np.int64), position - index
+
+
+def _resize_columns_linear(rows: np.ndarray, width: int) -> np.ndarray:
+    index, weight = _linear_taps(width, rows.shape[1])
+    last = rows.shape[1] - 1
+    weight[(index < 0) | (index >= last)] = 0.0  # OpenCV clamps the position at both edges
+    index = np.clip(index, 0, last)
+    following = np.minimum(index + 1, last)
+    return rows[:, index] * (np.float32(1.0) - weight)[None, :, None] + rows[:, following] * weight[None, :, None]
+
+
+def resize_linear_rows(image: np.ndarray, height: int, width: int, top: int, bottom: int) -> np.ndarray:
+    """Rows ``top:bottom`` of ``image`` (h x w x C float32) resized bilinearly to ``height`` x ``width``.
+
+    OpenCV's own INTER_LINEAR arithmetic (half-pixel centres, clamped edges, a horizontal then a
+    vertical pass with float32 weights), so a layer can be upsampled a strip at a time. Bit for
+    bit ``cv2.resize`` where OpenCV runs its own code; builds with Intel IPP (the x86 PyPI
+    wheel) resize slightly differently (up to about 1e-5).
+    """
+    index, weight = _linear_taps(height, image.shape[0])
+    index, weight = index[top:bottom], weight[top:bottom]
+    first = np.clip(index, 0, image.shape[0] - 1)  # rows are clamped, the weights kept (as OpenCV does)
+    second = np.clip(index + 1, 0, image.shape[0] - 1)
+    low, high = int(first.min()), int(second.max()) + 1
+    rows = _resize_columns_linear(image[low:high], width)
+    return (rows[first - low] * (np.float32(1.0) - weight)[:, None, None]
+            + rows[second - low] * weight[:, None, None])
+
+
+def _area_tab(src: int, dst: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OpenCV's INTER_AREA weights for shrinking ``src`` positions to ``dst``: (dst index, src index,
+    float32 weight), in its order (by destination, then source)."""
+    scale = 1.0 / (dst / src)
+    entries = []
+    for d in range(dst):
+        start = d * scale
+        end = start + scale
+        cell = min(scale, src - start)
+        first, last = int(np.ceil(start)), int(np.floor(end))
+        last = min(last, src - 1)
+        first = min(first, last)
+        if first - start > 1e-3:
+            entries.append((d, first - 1, (first - start) / cell))
+        entries.extend((d, s, 1.0 / cell) for s in range(first, last))
+        if end - last > 1e-3:
+            entries.append((d, last, min(min(end - last, 1.0), cell) / cell))
+    dst_index, src_index, weight = zip(*entries)
+    return np.array(dst_index), np.array(src_index), np.array(weight, np.float32)
+
+
+def _shrink_columns_area(rows: np.ndarray, tab: Tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
+    """The horizontal INTER_AREA pass: each output column sums its source columns in OpenCV's order."""
+    dst_index, src_index, weight = tab
+    counts = np.bincount(dst_index)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    out = None
+    for k in range(int(counts.max())):
+        # Columns with fewer sources add 0 * a pixel, which leaves their sums exactly as they are.
+        has = counts > k
+        entry = np.minimum(starts + k, len(src_index) - 1)
+        term = rows[:, np.where(has, src_index[entry], 0)] * np.where(has, weight[entry], 0)[None, :, None]
+        out = term if out is None else out + term
+    return out
+
+
+def shrink_area(frame: Any, height: int, width: int) -> np.ndarray:
+    """``frame`` (a :class:`_Frame`) shrunk to ``height`` x ``width`` as ``cv2.resize(..., INTER_AREA)`` does
+    on its float RGB, bit for bit, reading it a strip at a time."""
+    src_h, src_w = frame.height, frame.width
+    if src_h % height == 0 and src_w % width == 0:
+        # OpenCV's block-average path: an output row depends only on its own block of input rows.
+        step = src_h // height
+        rows = max(1, STRIP_PIXELS // (src_w * step)) * step
+        return np.concatenate([
+            cv2.resize(frame.rgb(top, top + rows), (width, (min(top + rows, src_h) - top) // step),
+                       interpolation=cv2.INTER_AREA)
+            for top in range(0, src_h, rows)])
+    columns = _area_tab(src_w, width)
+    dst_rows, src_rows, weights = _area_tab(src_h, height)
+    out = np.empty((height, width, 3), np.float32)
+    begun = np.zeros(height, bool)
+    for top, bottom in row_chunks(src_h, src_w, STRIP_PIXELS):
+        shrunk = _shrink_columns_area(frame.rgb(top, bottom), columns)
+        for j in range(*np.searchsorted(src_rows, [top, bottom])):
+            term = weights[j] * shrunk[src_rows[j] - top]
+            if begun[dst_rows[j]]:
+                out[dst_rows[j]] += term
+            else:
+                out[dst_rows[j]], begun[dst_rows[j]] = term, True
+    return out
+
+
+def guided_coefficients(value: np.ndarray, guide_low: np.ndarray, radius: int = GUIDED_RADIUS,
+                        eps: float = GUIDED_EPS) -> Tuple[np.ndarray, np.ndarray]:
+    """The fast guided filter's smoothed coefficients ``(a, b)`` at low resolution (``value ~ a * guide + b``)."""
+    value = np.asarray(value, dtype=np.float32)
+    guide_low = np.asarray(guide_low, dtype=np.float32)
+    mean_i = _box(guide_low, radius)
+    mean_p = _box(value, radius)
+    cov = _box(guide_low * value, radius) - mean_i * mean_p
+    var = _box(guide_low * guide_low, radius) - mean_i * mean_i
+    a = cov / (var + np.float32(eps))
+    b = mean_p - a * mean_i
+    return _box(a, radius), _box(b, radius)
+
+
 def guided_upsample(
     value: np.ndarray, guide_low: np.ndarray, guide_high: np.ndarray,
     radius: int = GUIDED_RADIUS, eps: float = GUIDED_EPS,
@@ -91,20 +229,12 @@ def guided_upsample(
     Per channel, the local linear model ``value ~ a * guide + b`` is fitted on ``radius`` boxes
     at low resolution, its coefficients are smoothed and upsampled bilinearly, and applied
     to the full-resolution guide, so edges come from the guide rather than from interpolation.
+    (The Remover applies it a strip at a time.)
     """
-    value = np.asarray(value, dtype=np.float32)
-    guide_low = np.asarray(guide_low, dtype=np.float32)
-    guide_high = np.asarray(guide_high, dtype=np.float32)
-    mean_i = _box(guide_low, radius)
-    mean_p = _box(value, radius)
-    cov = _box(guide_low * value, radius) - mean_i * mean_p
-    var = _box(guide_low * guide_low, radius) - mean_i * mean_i
-    a = cov / (var + np.float32(eps))
-    b = mean_p - a * mean_i
+    a, b = guided_coefficients(value, guide_low, radius, eps)
     height, width = guide_high.shape[:2]
-    a_high = cv2.resize(_box(a, radius), (width, height), interpolation=cv2.INTER_LINEAR)
-    b_high = cv2.resize(_box(b, radius), (width, height), interpolation=cv2.INTER_LINEAR)
-    return a_high * guide_high + b_high
+    return (resize_linear_rows(a, height, width, 0, height) * np.asarray(guide_high, np.float32)
+            + resize_linear_rows(b, height, width, 0, height))
 
 
 def fit_size(height: int, width: int, max_hw: Tuple[int, int]) -> Tuple[int, int, float]:
@@ -130,6 +260,71 @@ def _ramp(length: int, overlap: int) -> np.ndarray:
     return np.minimum(edge / float(max(overlap, 1) + 1), 1.0)
 
 
+class _Frame:
+    """An image to process, read as RGB float32 a window at a time, so that a large image never
+    exists as one full-size float copy. ``converted``: the array is RGB float32 in [0, 1] already."""
+
+    def __init__(self, array: np.ndarray, colour_order: str = "RGB", converted: bool = False) -> None:
+        self.array = array
+        self.colour_order = colour_order
+        self.converted = converted
+        self.height, self.width = array.shape[:2]
+
+    def rgb(self, top: int = 0, bottom: Optional[int] = None, left: int = 0,
+            right: Optional[int] = None) -> np.ndarray:
+        if self.converted:
+            return self.array[top:bottom, left:right]
+        return rgb_rows(self.array, self.colour_order, top, bottom, left, right)
+
+
+class _Background:
+    """Where the full-resolution background goes, strip by strip: converted to the caller's type
+    (``info``: dtype, channels, the frame's colour order and alpha) or, without ``info``, float32 RGB."""
+
+    def __init__(self, frame: _Frame, info: Optional[ImageInfo] = None) -> None:
+        self.frame = frame
+        self.info = info
+        self.array: Optional[np.ndarray] = None
+
+    def put(self, top: int, bottom: int, rows: np.ndarray) -> None:
+        if self.info is not None:
+            strip = ImageInfo(dtype=self.info.dtype, channels=self.info.channels, squeeze=self.info.squeeze,
+                              alpha=alpha_rows(self.frame.array, top, bottom))
+            rows = from_float_rgb(rows, strip, self.frame.colour_order)
+        if top == 0 and bottom == self.frame.height:
+            self.array = rows
+            return
+        if self.array is None:
+            self.array = np.empty((self.frame.height,) + rows.shape[1:], rows.dtype)
+        self.array[top:bottom] = rows
+
+
+class _BatchExecutor(Executor):
+    """The host executor over N frames of one size: each network runs once on N x C x H x W, RM2S's
+    middle step frame by frame (its 2-means is per frame), ``download`` gives N x H x W x C."""
+
+    def __init__(self, host: HostExecutor) -> None:
+        self.host = host
+
+    def upload(self, images: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)
+
+    def network(self, name: str, x: np.ndarray) -> Dict[str, np.ndarray]:
+        return self.host.network(name, x)
+
+    def clip(self, x: np.ndarray) -> np.ndarray:
+        return self.host.clip(x)
+
+    def middle_step(self, image: np.ndarray, stage1: np.ndarray, settings: Any,
+                    intermediates: bool) -> MiddleStepOutput:
+        parts = [self.host.middle_step(image[i:i + 1], stage1[i:i + 1], settings, False).stage2_input
+                 for i in range(image.shape[0])]
+        return MiddleStepOutput(stage2_input=np.concatenate(parts))
+
+    def download(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32)
+
+
 class Remover:
     """Removes reflections from images with a model (see the module docstring).
 
@@ -144,6 +339,9 @@ class Remover:
     default to the manifest's. With ``device_middle_step`` (default) a backend that can keep the
     frame on the GPU (TensorRT, torch on CUDA) does so for :meth:`remove`; that path uses the
     kernel's histogram 2-means.
+
+    Arrays are BGR by default (OpenCV's order; ``colour_order="RGB"`` for others), in
+    :meth:`remove`, :meth:`remove_batch` and :meth:`remove_with_intermediates` alike.
     """
 
     def __init__(
@@ -172,6 +370,8 @@ class Remover:
         self.settings = self.method.settings(manifest.settings, **overrides)
         self.large_image = large_image
         self._lock = threading.Lock()
+        #: whether the networks took a batch (None: not tried yet; see remove_batch)
+        self._batches: Optional[bool] = None
         self._backend = open_backend(manifest, self.method, backend, device=device, precision=precision,
                                      **backend_options)
         self.backend = self._backend.name
@@ -252,49 +452,49 @@ class Remover:
         layers.reflection = rgb - layers.background if not intermediates else layers.reflection
         return layers
 
-    def _guided(self, rgb: np.ndarray, size: Tuple[int, int], intermediates: bool, settings: Any = None) -> Layers:
-        height, width = rgb.shape[:2]
-        small = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    def _fits(self, height: int, width: int) -> bool:
+        return self.max_hw is None or (height <= self.max_hw[0] and width <= self.max_hw[1])
+
+    def _guided(self, frame: _Frame, size: Tuple[int, int], out: _Background, intermediates: bool,
+                settings: Any = None) -> Dict[str, Any]:
+        small = shrink_area(frame, size[0], size[1])
         low = self.run_once(small, intermediates, settings=settings)
-        residual = small - low.background
-        reflection = guided_upsample(residual, small, rgb)
-        background = np.clip(rgb - reflection, 0.0, 1.0)
+        a, b = guided_coefficients(small - low.background, small)
+        for top, bottom in row_chunks(frame.height, frame.width, STRIP_PIXELS):
+            guide = frame.rgb(top, bottom)
+            reflection = (resize_linear_rows(a, frame.height, frame.width, top, bottom) * guide
+                          + resize_linear_rows(b, frame.height, frame.width, top, bottom))
+            out.put(top, bottom, np.clip(guide - reflection, 0.0, 1.0))
+        return {key: getattr(low, key) for key in INTERMEDIATES}
 
-        def up(x: Optional[np.ndarray], nearest: bool = False) -> Optional[np.ndarray]:
-            if x is None:
-                return None
-            mode = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-            if x.dtype == bool:
-                return cv2.resize(x.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
-            return cv2.resize(x, (width, height), interpolation=mode)
-
-        return Layers(
-            background=background,
-            reflection=up(low.reflection) if low.gradient is not None else rgb - background,
-            stage1=up(low.stage1),
-            confidence=up(low.confidence, nearest=True),
-            mask_background=up(low.mask_background),
-            mask_reflection=up(low.mask_reflection),
-            gradient=up(low.gradient),
-            thresholds=low.thresholds,
-        )
-
-    def _tiled(self, rgb: np.ndarray, intermediates: bool, settings: Any = None) -> Tuple[Layers, int]:
-        height, width = rgb.shape[:2]
+    def _tiled(self, frame: _Frame, out: _Background, intermediates: bool,
+               settings: Any = None) -> Tuple[Dict[str, Any], int]:
+        """Tiles in rows ("bands"); a band's sums cover only its rows, and the rows no later band
+        reaches are blended and handed on as soon as the band is done."""
+        height, width = frame.height, frame.width
         tile_h, tile_w = min(self.max_hw[0], height), min(self.max_hw[1], width)
         overlap = min(TILE_OVERLAP, tile_h // 4, tile_w // 4)
+        tops, lefts = tile_starts(height, tile_h, overlap), tile_starts(width, tile_w, overlap)
+        weight = (_ramp(tile_h, overlap)[:, None] * _ramp(tile_w, overlap)[None, :])[:, :, None]
+        keys = ("background",) + _LAYERS if intermediates else ("background",)
         sums: Dict[str, np.ndarray] = {}
-        weights = np.zeros((height, width, 1), np.float32)
+        weights = np.zeros((tile_h, width, 1), np.float32)
+        full: Dict[str, np.ndarray] = {}
         count = 0
-        for top in tile_starts(height, tile_h, overlap):
-            for left in tile_starts(width, tile_w, overlap):
-                window = (slice(top, top + tile_h), slice(left, left + tile_w))
-                layers = self.run_once(np.ascontiguousarray(rgb[window]), intermediates, settings=settings)
-                weight = (_ramp(tile_h, overlap)[:, None] * _ramp(tile_w, overlap)[None, :])[:, :, None]
+        for band, top in enumerate(tops):
+            if band:
+                # Rows the previous band shares with this one keep their sums so far.
+                shift = top - tops[band - 1]
+                for total in list(sums.values()) + [weights]:
+                    total[:tile_h - shift] = total[shift:].copy()
+                    total[tile_h - shift:] = 0.0
+            for left in lefts:
+                window = (slice(0, tile_h), slice(left, left + tile_w))
+                tile = np.ascontiguousarray(frame.rgb(top, top + tile_h, left, left + tile_w))
+                layers = self.run_once(tile, intermediates, settings=settings)
                 weights[window] += weight
                 count += 1
-                for key in ("background", "reflection", "stage1", "confidence", "mask_background",
-                            "mask_reflection", "gradient"):
+                for key in keys:
                     value = getattr(layers, key)
                     if value is None:
                         continue
@@ -302,70 +502,127 @@ class Remover:
                     if value.ndim == 2:
                         value = value[:, :, None]
                     if key not in sums:
-                        sums[key] = np.zeros((height, width, value.shape[2]), np.float32)
+                        sums[key] = np.zeros((tile_h, width, value.shape[2]), np.float32)
                     sums[key][window] += value * weight
-        blended = {key: total / weights for key, total in sums.items()}
-        for key in ("confidence", "mask_background", "mask_reflection", "gradient"):
-            if key in blended:
-                blended[key] = blended[key][:, :, 0]
-        for key in ("mask_background", "mask_reflection"):
-            if key in blended:
-                blended[key] = blended[key] > 0.5
-        return Layers(**blended), count
+            done = (tops[band + 1] if band + 1 < len(tops) else height) - top
+            for key, total in sums.items():
+                blended = total[:done] / weights[:done]
+                if key == "background":
+                    out.put(top, top + done, blended)
+                    continue
+                if key in _PLANES:
+                    blended = blended[:, :, 0] > 0.5 if key in _MASKS else blended[:, :, 0]
+                if key not in full:
+                    full[key] = np.empty((height, width) + blended.shape[2:], blended.dtype)
+                full[key][top:top + done] = blended
+        return full, count
 
-    def _process(self, rgb: np.ndarray, intermediates: bool, settings: Any = None) -> Tuple[Layers, float, int]:
-        height, width = rgb.shape[:2]
-        if self.max_hw is None or (height <= self.max_hw[0] and width <= self.max_hw[1]):
-            return self.run_once(rgb, intermediates, settings=settings), 1.0, 1
+    def _process(self, frame: _Frame, out: _Background, intermediates: bool,
+                 settings: Any = None) -> Tuple[Dict[str, Any], float, int]:
+        """Run ``frame`` at whatever size it needs; its full-resolution background goes to ``out``.
+
+        Returns the intermediates (the :data:`INTERMEDIATES` at the resolution the networks ran
+        at; see :class:`Result`), that resolution's scale and the tile count.
+        """
+        if self._fits(frame.height, frame.width):
+            layers = self.run_once(frame.rgb(), intermediates, settings=settings)
+            out.put(0, frame.height, layers.background)
+            return {key: getattr(layers, key) for key in INTERMEDIATES}, 1.0, 1
         if self.large_image == "tile":
-            layers, count = self._tiled(rgb, intermediates, settings)
-            return layers, 1.0, count
-        small_h, small_w, scale = fit_size(height, width, self.max_hw)
-        return self._guided(rgb, (small_h, small_w), intermediates, settings), scale, 1
+            extras, count = self._tiled(frame, out, intermediates, settings)
+            return extras, 1.0, count
+        small_h, small_w, scale = fit_size(frame.height, frame.width, self.max_hw)
+        return self._guided(frame, (small_h, small_w), out, intermediates, settings), scale, 1
 
     def process(self, rgb: np.ndarray, settings: Any = None) -> Layers:
         """The layers of one HxWx3 float32 RGB frame at full size (what :meth:`remove` returns, before
         the conversion back to the input's type), with ``settings`` replacing the method's for it."""
+        frame = _Frame(rgb, converted=True)
+        out = _Background(frame)
         with self._lock:
-            layers, _, _ = self._process(rgb, intermediates=False, settings=settings)
-        return layers
+            self._process(frame, out, intermediates=False, settings=settings)
+        return Layers(background=out.array, reflection=rgb - out.array)
 
     # -- public API -----------------------------------------------------------------------
 
-    def remove(self, image: np.ndarray, colour_order: str = "RGB") -> np.ndarray:
+    def remove(self, image: np.ndarray, colour_order: str = "BGR") -> np.ndarray:
         """The background of ``image``, with the input's dtype, shape and colour order.
 
         ``image``: HxWx3 (or HxW grey, HxWx4 with alpha kept), uint8, uint16 or float in [0, 1];
-        ``colour_order``: "RGB" or "BGR" (OpenCV frames). See :mod:`dereflect.imageio`.
+        ``colour_order``: "BGR" (default: OpenCV's order, as ``cv2.imread`` and ``cv2.VideoCapture``
+        give) or "RGB" (Pillow, imageio, matplotlib). See :mod:`dereflect.imageio`.
         """
-        rgb, info = to_float_rgb(image, colour_order)
+        return self._remove(image, check_image(image, colour_order), colour_order)
+
+    def _remove(self, image: np.ndarray, info: ImageInfo, colour_order: str) -> np.ndarray:
+        frame = _Frame(image, colour_order)
+        out = _Background(frame, info)
         with self._lock:
-            layers, _, _ = self._process(rgb, intermediates=False)
-        return from_float_rgb(layers.background, info, colour_order)
+            self._process(frame, out, intermediates=False)
+        return out.array
 
     def remove_batch(
-        self, images: Union[Sequence[np.ndarray], np.ndarray], colour_order: str = "RGB"
+        self, images: Union[Sequence[np.ndarray], np.ndarray], colour_order: str = "BGR"
     ) -> Union[List[np.ndarray], np.ndarray]:
         """:meth:`remove` for each image (any mix of sizes); an NxHxWxC array gives an array back.
 
-        Images run one at a time: exported graphs may fix the batch dimension to 1, and
-        frames of different sizes cannot share a batch.
+        Frames of one size that the networks take whole (not a large image) run as one batch
+        through each network: exported graphs have a dynamic batch axis, and RM2S's middle step
+        runs frame by frame between the networks. The results are :meth:`remove`'s, up to float
+        rounding. The frames run one at a time instead (a loop over :meth:`remove`) when their
+        sizes differ, when they are larger than ``max_side``, on a backend that keeps the frame
+        on the GPU (TensorRT, torch on CUDA: their executors take one frame) or with an engine
+        profile's minimum size, and for a graph exported with a fixed batch of 1 (found at the
+        first batch, which then runs again frame by frame, as do the later ones).
+        ``colour_order`` as in :meth:`remove` (BGR by default).
         """
-        if isinstance(images, np.ndarray):
-            if images.ndim != 4:
-                raise InputError(f"a batch array must be NxHxWxC, got shape {images.shape}")
-            return np.stack([self.remove(image, colour_order) for image in images])
-        return [self.remove(image, colour_order) for image in images]
+        if isinstance(images, np.ndarray) and images.ndim != 4:
+            raise InputError(f"a batch array must be NxHxWxC, got shape {images.shape}")
+        infos = [check_image(image, colour_order, f"image {i}") for i, image in enumerate(images)]
+        frames = [_Frame(image, colour_order) for image in images]
+        if not frames:
+            return images[:0].copy() if isinstance(images, np.ndarray) else []
+        backgrounds = None
+        sizes = {(frame.height, frame.width) for frame in frames}
+        if (len(frames) > 1 and len(sizes) == 1 and self._fits(*next(iter(sizes))) and self._batches is not False
+                and self._device is None and self.min_hw is None):
+            with self._lock:
+                backgrounds = self._run_batch(np.stack([frame.rgb() for frame in frames]))
+        if backgrounds is None:
+            outs = [self._remove(image, info, colour_order) for image, info in zip(images, infos)]
+        else:
+            outs = []
+            for frame, info, background in zip(frames, infos, backgrounds):
+                info.alpha = alpha_rows(frame.array)
+                outs.append(from_float_rgb(background, info, colour_order))
+        return np.stack(outs) if isinstance(images, np.ndarray) else outs
 
-    def remove_with_intermediates(self, image: np.ndarray, colour_order: str = "RGB") -> Result:
-        """:meth:`remove` plus the intermediates (see :class:`Result`); always the CPU middle step."""
-        rgb, info = to_float_rgb(image, colour_order)
+    def _run_batch(self, batch: np.ndarray) -> Optional[np.ndarray]:
+        """The backgrounds of an N x H x W x 3 RGB batch, or None when the networks refuse a batch."""
+        try:
+            layers = self.method.run(_BatchExecutor(self._host), batch, self.settings)
+        except DereflectError:
+            if self._batches:
+                raise  # batches ran before: this is a real error
+            self._batches = False  # a fixed batch of 1; a real error comes back frame by frame
+            return None
+        self._batches = True
+        return layers.background
+
+    def remove_with_intermediates(self, image: np.ndarray, colour_order: str = "BGR") -> Result:
+        """:meth:`remove` plus the intermediates (see :class:`Result` for their resolution); always the
+        CPU middle step. ``colour_order`` as in :meth:`remove` (BGR by default); the image-like
+        intermediates come in the same order."""
+        info = check_image(image, colour_order)
+        frame = _Frame(image, colour_order)
+        out = _Background(frame, info)
         with self._lock:
-            layers, scale, tiles = self._process(rgb, intermediates=True)
-        return _to_result(layers, info, colour_order, scale, tiles)
+            extras, scale, tiles = self._process(frame, out, intermediates=True)
+        return _to_result(out.array, extras, colour_order, scale, tiles)
 
 
-def _to_result(layers: Layers, info: ImageInfo, colour_order: str, scale: float, tiles: int) -> Result:
+def _to_result(background: np.ndarray, extras: Dict[str, Any], colour_order: str, scale: float,
+               tiles: int) -> Result:
     def order(x: Optional[np.ndarray]) -> Optional[np.ndarray]:
         if x is None:
             return None
@@ -373,14 +630,14 @@ def _to_result(layers: Layers, info: ImageInfo, colour_order: str, scale: float,
         return np.ascontiguousarray(x[:, :, ::-1]) if colour_order.upper() == "BGR" else x
 
     return Result(
-        background=from_float_rgb(layers.background, info, colour_order),
-        reflection=order(layers.reflection),
-        stage1=order(layers.stage1),
-        confidence=layers.confidence,
-        mask_background=layers.mask_background,
-        mask_reflection=layers.mask_reflection,
-        gradient=layers.gradient,
-        thresholds=layers.thresholds if tiles == 1 else None,
+        background=background,
+        reflection=order(extras.get("reflection")),
+        stage1=order(extras.get("stage1")),
+        confidence=extras.get("confidence"),
+        mask_background=extras.get("mask_background"),
+        mask_reflection=extras.get("mask_reflection"),
+        gradient=extras.get("gradient"),
+        thresholds=extras.get("thresholds") if tiles == 1 else None,
         scale=scale,
         tiles=tiles,
     )

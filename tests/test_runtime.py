@@ -8,6 +8,7 @@ have an exact answer).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from dereflect.backends.base import Runner, backend_name
 from dereflect.backends.onnxruntime import OnnxRuntimeRunner
 from dereflect.errors import InputError, MissingDependencyError, ModelError
 from dereflect.middle_step.reference import middle_step_reference
-from dereflect.remover import fit_size, guided_upsample, tile_starts
+from dereflect.remover import _ramp, fit_size, guided_coefficients, guided_upsample, tile_starts
 from onnx_fixtures import make_crrn_export, make_rm2s_export
 
 REAL_PHOTOS = SHARED_DATA / "natural" / "bsds500"
@@ -63,19 +64,38 @@ def test_remove_float_matches_reference(remover):
     image = _photo()
     expected, ref = _expected(image)
     assert ref.mask_background.any() and ref.mask_reflection.any()
-    out = remover.remove(image)
+    out = remover.remove(image, colour_order="RGB")
     assert out.dtype == np.float32 and out.shape == image.shape
     np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
 def test_remove_uint8_and_bgr(remover):
     image8 = (_photo(seed=1) * 255).round().astype(np.uint8)
-    out = remover.remove(image8)
+    out = remover.remove(image8, colour_order="RGB")
     assert out.dtype == np.uint8 and out.shape == image8.shape
     expected, _ = _expected(image8.astype(np.float32) / 255)
     assert np.abs(out.astype(np.float32) - expected * 255).max() <= 1.0
     out_bgr = remover.remove(image8[:, :, ::-1].copy(), colour_order="BGR")
     np.testing.assert_array_equal(out_bgr, out[:, :, ::-1])
+
+
+def test_default_colour_order_is_opencvs_bgr(remover, tmp_path):
+    # The common call: a frame as OpenCV reads it, no colour_order. The toy middle step is not
+    # symmetric in the channels, so reading it as RGB would give a different result.
+    path = tmp_path / "frame.png"
+    assert cv2.imwrite(str(path), (_photo(seed=1)[:, :, ::-1] * 255).round().astype(np.uint8))
+    frame = cv2.imread(str(path))
+    rgb = frame[:, :, ::-1].copy()
+    want_bgr = remover.remove(rgb, colour_order="RGB")[:, :, ::-1]
+    np.testing.assert_array_equal(remover.remove(frame), want_bgr)
+    assert not np.array_equal(remover.remove(frame, colour_order="RGB"), want_bgr)
+    result = remover.remove_with_intermediates(frame)
+    np.testing.assert_array_equal(result.background, want_bgr)
+    np.testing.assert_allclose(result.stage1, ((rgb.astype(np.float32) / 255) ** 2)[:, :, ::-1], atol=1e-6)
+    np.testing.assert_array_equal(remover.remove_batch([frame, frame])[1], want_bgr)
+    import dereflect
+
+    assert "Remover" in dir(dereflect)
 
 
 def test_remove_keeps_grey_rgba_and_16_bit(remover):
@@ -92,7 +112,7 @@ def test_remove_keeps_grey_rgba_and_16_bit(remover):
 def test_intermediates_match_reference(remover):
     image = _photo(seed=3)
     expected, ref = _expected(image)
-    result = remover.remove_with_intermediates(image)
+    result = remover.remove_with_intermediates(image, colour_order="RGB")
     np.testing.assert_allclose(result.stage1, image * image, atol=1e-6)
     np.testing.assert_allclose(result.confidence, ref.confidence, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(result.mask_background, ref.mask_background)
@@ -112,6 +132,52 @@ def test_batch_list_and_array(remover):
     assert isinstance(stacked, np.ndarray) and stacked.shape == (3, 40, 56, 3)
     with pytest.raises(InputError, match="NxHxWxC"):
         remover.remove_batch(np.zeros((4, 4, 3), np.float32))
+    assert remover.remove_batch([]) == []
+
+
+def _count_network_calls(remover, monkeypatch):
+    calls = []
+    for name, runner in remover._host.runners.items():
+        def infer(feeds, _name=name, _infer=runner.infer):
+            calls.append((_name, next(iter(feeds.values())).shape[0]))
+            return _infer(feeds)
+        monkeypatch.setattr(runner, "infer", infer)
+    return calls
+
+
+def test_batch_runs_each_network_once(rm2s_dir, monkeypatch):
+    remover = Remover.from_dir(rm2s_dir)
+    frames = [(_photo(seed=s) * 255).astype(np.uint8) for s in range(4)]
+    want = [remover.remove(frame) for frame in frames]
+    calls = _count_network_calls(remover, monkeypatch)
+    outs = remover.remove_batch(frames)
+    assert calls == [("stage1", 4), ("stage2", 4)]
+    for got, expected in zip(outs, want):
+        assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    calls.clear()
+    remover.remove_batch([frames[0], frames[1][:30]])  # two sizes: one frame at a time
+    assert calls == [("stage1", 1), ("stage2", 1)] * 2
+
+
+def test_batch_falls_back_for_a_fixed_batch_graph(tmp_path, monkeypatch):
+    import onnx
+    from dereflect.manifest import load_manifest, sha256_file
+
+    directory = make_crrn_export(tmp_path / "fixed")
+    model = onnx.load(str(directory / "crrn.onnx"))
+    for value in list(model.graph.input) + list(model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(directory / "crrn.onnx"))
+    manifest = load_manifest(directory, check_hashes=False)
+    manifest.networks["crrn"].sha256 = sha256_file(directory / "crrn.onnx")
+    manifest.save()
+    remover = Remover.from_dir(directory)
+    frames = [(_photo(seed=s) * 255).astype(np.uint8) for s in range(3)]
+    calls = _count_network_calls(remover, monkeypatch)
+    outs = remover.remove_batch(frames)
+    assert calls == [("crrn", 3)] + [("crrn", 1)] * 3 and remover._batches is False
+    for got, frame in zip(outs, frames):
+        np.testing.assert_array_equal(got, remover.remove(frame))
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -151,7 +217,8 @@ def test_large_image_guided_default(crrn_dir):
     small = cv2.resize(image, (64, 46), interpolation=cv2.INTER_AREA)
     naive = cv2.resize(0.7 * small, (210, 150), interpolation=cv2.INTER_LINEAR)
     assert guided_error < 0.02 < np.abs(naive - 0.7 * image).max()
-    assert result.gradient.shape == image.shape[:2]
+    # Intermediates stay at the resolution the networks ran at.
+    assert result.gradient.shape == (46, 64) and result.reflection.shape == (46, 64, 3)
 
 
 def test_large_image_tiles_are_seamless(crrn_dir):
@@ -164,11 +231,116 @@ def test_large_image_tiles_are_seamless(crrn_dir):
 
 def test_large_image_rm2s_both_strategies(rm2s_dir):
     image = (_photo(130, 170, seed=7) * 255).astype(np.uint8)
-    for strategy in ("guided", "tile"):
+    for strategy, size in (("guided", (49, 64)), ("tile", (130, 170))):
         remover = Remover.from_dir(rm2s_dir, max_side=64, large_image=strategy)
         result = remover.remove_with_intermediates(image)
         assert result.background.shape == image.shape and result.background.dtype == np.uint8
-        assert result.confidence.shape == image.shape[:2] and result.mask_reflection.dtype == bool
+        assert result.confidence.shape == size and result.mask_reflection.dtype == bool
+        assert result.stage1.shape == size + (3,)
+
+
+@contextlib.contextmanager
+def _opencv_own_code():
+    """cv2.resize without Intel IPP (which x86 wheels use): the arithmetic the strips reproduce."""
+    used = cv2.ipp.useIPP()
+    cv2.ipp.setUseIPP(False)
+    try:
+        yield
+    finally:
+        cv2.ipp.setUseIPP(used)
+
+
+def _whole_image_guided(remover, rgb):
+    """The large-image path as it was before it worked in strips: full-size float arrays throughout."""
+    height, width = rgb.shape[:2]
+    small_h, small_w, _ = fit_size(height, width, remover.max_hw)
+    small = cv2.resize(rgb, (small_w, small_h), interpolation=cv2.INTER_AREA)
+    low = remover.run_once(small)
+    a, b = guided_coefficients(small - low.background, small)
+    a_high = cv2.resize(a, (width, height), interpolation=cv2.INTER_LINEAR)
+    b_high = cv2.resize(b, (width, height), interpolation=cv2.INTER_LINEAR)
+    return np.clip(rgb - (a_high * rgb + b_high), 0.0, 1.0)
+
+
+def _whole_image_tiles(remover, rgb, key="background"):
+    height, width = rgb.shape[:2]
+    tile_h, tile_w = min(remover.max_hw[0], height), min(remover.max_hw[1], width)
+    overlap = min(64, tile_h // 4, tile_w // 4)
+    sums, weights = None, np.zeros((height, width, 1), np.float32)
+    for top in tile_starts(height, tile_h, overlap):
+        for left in tile_starts(width, tile_w, overlap):
+            window = (slice(top, top + tile_h), slice(left, left + tile_w))
+            value = getattr(remover.run_once(np.ascontiguousarray(rgb[window]), intermediates=True), key)
+            value = value.astype(np.float32).reshape(value.shape[:2] + (-1,))
+            weight = (_ramp(tile_h, overlap)[:, None] * _ramp(tile_w, overlap)[None, :])[:, :, None]
+            weights[window] += weight
+            sums = np.zeros((height, width, value.shape[2]), np.float32) if sums is None else sums
+            sums[window] += value * weight
+    return sums / weights
+
+
+@pytest.mark.parametrize("shape", [(130, 170), (256, 128), (97, 301)])
+def test_large_images_in_strips_match_the_whole_image_computation(rm2s_dir, monkeypatch, shape):
+    import dereflect.remover as remover_module
+
+    monkeypatch.setattr(remover_module, "STRIP_PIXELS", 900)  # many strips even on a small image
+    rgb = _photo(*shape, seed=8)
+    guided = Remover.from_dir(rm2s_dir, max_side=64)
+    got = guided.remove(rgb, colour_order="RGB")
+    with _opencv_own_code():
+        np.testing.assert_array_equal(got, _whole_image_guided(guided, rgb))
+    # With IPP (the x86 wheel's default) the old whole-image resize differs in the last digits only.
+    assert np.abs(got - _whole_image_guided(guided, rgb)).max() < 1e-4
+    tiled = Remover.from_dir(rm2s_dir, max_side=64, large_image="tile")
+    np.testing.assert_array_equal(tiled.remove(rgb, colour_order="RGB"), _whole_image_tiles(tiled, rgb))
+    result = tiled.remove_with_intermediates(rgb, colour_order="RGB")
+    # (The CPU middle step's confidence varies in its last bit with the memory alignment of its input.)
+    np.testing.assert_allclose(result.confidence, _whole_image_tiles(tiled, rgb, "confidence")[:, :, 0], rtol=1e-6)
+    np.testing.assert_array_equal(result.mask_reflection,
+                                  _whole_image_tiles(tiled, rgb, "mask_reflection")[:, :, 0] > 0.5)
+    # uint8 BGR in, uint8 BGR out: the same values, converted a strip at a time.
+    frame = (rgb[:, :, ::-1] * 255).round().astype(np.uint8)
+    want = guided.remove(frame.astype(np.float32) * np.float32(1 / 255))  # how uint8 is read
+    np.testing.assert_array_equal(guided.remove(frame), (np.clip(want, 0, 1) * 255 + 0.5).astype(np.uint8))
+
+
+def test_strips_keep_grey_alpha_and_16_bit(crrn_dir, monkeypatch):
+    import dereflect.remover as remover_module
+
+    monkeypatch.setattr(remover_module, "STRIP_PIXELS", 700)
+    remover = Remover.from_dir(crrn_dir, max_side=48)
+    rgb = _photo(120, 90, seed=4)
+    rgba = np.dstack([(rgb * 65535).astype(np.uint16), np.arange(120 * 90, dtype=np.uint16).reshape(120, 90)])
+    out = remover.remove(rgba)
+    assert out.dtype == np.uint16 and out.shape == rgba.shape
+    np.testing.assert_array_equal(out[:, :, 3], rgba[:, :, 3])
+    grey = (rgb[:, :, 0] * 255).astype(np.uint8)
+    assert remover.remove(grey).shape == grey.shape
+    assert np.abs(remover.remove(grey).astype(int) - (grey * 0.7).astype(int)).max() <= 2
+
+
+@pytest.mark.parametrize("src, dst", [((300, 400), (100, 133)), ((800, 1200), (100, 150)), ((150, 210), (46, 64)),
+                                      ((1313, 1001), (100, 77)), ((64, 64), (64, 32))])
+def test_shrink_area_is_opencvs_inter_area(monkeypatch, src, dst):
+    import dereflect.remover as remover_module
+
+    monkeypatch.setattr(remover_module, "STRIP_PIXELS", 5000)
+    image = np.random.default_rng(0).random(src + (3,), dtype=np.float32)
+    got = remover_module.shrink_area(remover_module._Frame(image, converted=True), *dst)
+    np.testing.assert_array_equal(got, cv2.resize(image, dst[::-1], interpolation=cv2.INTER_AREA))
+
+
+@pytest.mark.parametrize("src, dst", [((46, 64), (150, 210)), ((68, 102), (800, 1200)), ((100, 77), (1313, 1001)),
+                                      ((1, 5), (7, 9))])
+def test_resize_linear_rows_is_opencvs_inter_linear(src, dst):
+    from dereflect.remover import resize_linear_rows
+
+    image = np.random.default_rng(1).random(src + (3,), dtype=np.float32) * 2 - 0.5
+    with _opencv_own_code():
+        want = cv2.resize(image, dst[::-1], interpolation=cv2.INTER_LINEAR).reshape(dst + (3,))
+    got = np.concatenate([resize_linear_rows(image, *dst, top, min(top + 37, dst[0]))
+                          for top in range(0, dst[0], 37)])
+    np.testing.assert_array_equal(got, want)
 
 
 def test_bad_options(rm2s_dir):
@@ -344,8 +516,14 @@ def test_cli_remove_file_and_intermediates(cli, rm2s_dir, tmp_path):
     assert out.shape == (40, 56, 3)
     for key in ("stage1", "confidence", "mask_background", "mask_reflection", "reflection"):
         assert cv2.imread(str(target.with_name(f"a_clean.{key}.png"))) is not None, key
-    assert cli(["remove", str(source), "-o", str(target), "--model", str(rm2s_dir)]) == 1
+    # Exit 2: nothing written (the one output exists); exit 1: some written, some failed.
+    assert cli(["remove", str(source), "-o", str(target), "--model", str(rm2s_dir)]) == 2
     assert cli(["remove", str(source), "-o", str(target), "--model", str(rm2s_dir), "--overwrite"]) == 0
+    other = _write_png(tmp_path / "in" / "b.png", seed=1)
+    out_dir = tmp_path / "out2"
+    assert cli(["remove", str(source), "-o", f"{out_dir}/", "--model", str(rm2s_dir)]) == 0
+    assert cli(["remove", str(source), str(other), "-o", str(out_dir), "--model", str(rm2s_dir)]) == 1
+    assert (out_dir / "b.png").is_file()
 
 
 def test_cli_remove_folder_with_a_bad_file(cli, rm2s_dir, tmp_path, capsys):
@@ -895,7 +1073,7 @@ def test_torch_device_rm2s_path_on_cpu(rm2s_dir):
     image = _photo(seed=32)
     method = get_method("rm2s")
     out = executor.run(method, image, method.settings(manifest.settings)).background
-    np.testing.assert_allclose(out, Remover.from_dir(rm2s_dir).remove(image), atol=1e-5)
+    np.testing.assert_allclose(out, Remover.from_dir(rm2s_dir).remove(image, colour_order="RGB"), atol=1e-5)
 
 
 def test_torch_backend_from_checkpoint(tmp_path):
@@ -912,7 +1090,7 @@ def test_torch_backend_from_checkpoint(tmp_path):
 
     image = _photo(30, 44, seed=31)
     remover = Remover.from_dir(export, backend="torch", device="cpu", checkpoint=path)
-    result = remover.remove_with_intermediates(image)
+    result = remover.remove_with_intermediates(image, colour_order="RGB")
     with torch.no_grad():
         x = torch.from_numpy(image.transpose(2, 0, 1)[None].copy())
         # The tiny U-Net has stride 4: 30 x 44 is edge-padded to 32 x 44, as the ONNX graphs do.
