@@ -207,7 +207,8 @@ def _name_max(folder: Path) -> int:
 
 
 def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
+    """``path`` or its nearest ancestor that exists (as anything, a broken link included)."""
+    while not os.path.lexists(path) and path != path.parent:
         path = path.parent
     return path
 
@@ -216,9 +217,12 @@ def _check_output_path(output: Path, source: Source, overwrite: bool) -> None:
     try:
         folder = _nearest_existing(output.parent)
         # Before any look at the output itself: the system refuses to even stat a name that is too long.
-        name_bytes, name_max = len(os.fsencode(output.name)), _name_max(folder)
-        if name_bytes > name_max:
-            raise InputError(f"{output}: the file name is {name_bytes} bytes; this file system allows {name_max}")
+        name_max = _name_max(folder)
+        for part in output.parts:
+            if len(os.fsencode(part)) > name_max:
+                what = "file name" if part == output.name else f"folder name {part[:24]!r}..."
+                raise InputError(f"{output}: the {what} is {len(os.fsencode(part))} bytes; this file system "
+                                 f"allows {name_max}")
         if output.is_dir():
             raise InputError(f"{output}: is a folder; name the output file, e.g. {output / 'clean.mp4'}")
         exists = output.exists()
@@ -228,6 +232,8 @@ def _check_output_path(output: Path, source: Source, overwrite: bool) -> None:
     if ext not in CODECS_BY_EXTENSION:
         raise InputError(f"{output}: unknown video extension '{ext or '(none)'}'; use one of "
                          f"{', '.join(CODECS_BY_EXTENSION)}")
+    if folder.is_symlink() and not folder.exists():
+        raise InputError(f"{output}: {folder} is a broken symbolic link, not a folder")
     if not folder.is_dir():
         raise InputError(f"{output}: {folder} is a file, not a folder")
     try:

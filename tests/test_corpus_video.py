@@ -131,6 +131,11 @@ def _folder(folder: Path, name: str) -> str:
     return name
 
 
+def _broken_link(folder: Path, name: str) -> str:
+    (folder / name).symlink_to(folder / "missing")
+    return name
+
+
 def _simple(tmp: Path) -> List[str]:
     _clip(tmp / "in.avi")
     return ["in.avi", "-o", "out.mp4"]
@@ -175,6 +180,11 @@ CASES = [
          Err(r"clips: is a folder, not a video file")),
     Case("output-under-a-file", lambda d: _simple(d)[:1] + ["-o", _file(d, "out.mp4", b"x") + "/x.mp4"],
          Err(r"out\.mp4/x\.mp4: out\.mp4 is a file, not a folder")),
+    Case("output-folder-is-a-broken-link",
+         lambda d: _simple(d)[:1] + ["-o", _broken_link(d, "gone") + "/out.mp4"],
+         Err(r"gone/out\.mp4: gone is a broken symbolic link, not a folder")),
+    Case("folder-name-too-long", lambda d: _simple(d)[:1] + ["-o", "f" * 300 + "/out.mp4"],
+         Err(r"the folder name 'f+'\.\.\. is 300 bytes; this file system allows 255")),
     Case("unknown-extension", lambda d: _simple(d)[:1] + ["-o", "out.xyz"], Err(r"unknown video extension '\.xyz'")),
     Case("gif-extension", lambda d: _simple(d)[:1] + ["-o", "out.gif"], Err(r"unknown video extension '\.gif'")),
     Case("no-extension", lambda d: _simple(d)[:1] + ["-o", "out"], Err(r"unknown video extension '\(none\)'")),
