@@ -103,7 +103,7 @@ def _walk(folder: Path, recursive: bool, output: Optional[Path], relative: Path,
         if entry.name.startswith("."):
             reason = "hidden file(s)"
         elif entry.is_dir():
-            if output is not None and output.exists() and os.path.samefile(entry, output):
+            if output is not None and os.path.exists(output) and os.path.samefile(entry, output):
                 reason = "output folder(s)"
             elif not recursive:
                 reason = _SUBFOLDER
@@ -125,7 +125,7 @@ def _inputs(inputs: List[str], recursive: bool, output: Optional[Path]) -> Remov
     plan = RemovePlan(pairs=[])
     for raw in inputs:
         path = Path(raw)
-        if path.is_dir():
+        if os.path.isdir(path):
             found: List[Tuple[Path, Path]] = []
             skipped: Dict[str, List[str]] = {}
             _walk(path, recursive, output, Path(), found, skipped)
@@ -135,11 +135,11 @@ def _inputs(inputs: List[str], recursive: bool, output: Optional[Path]) -> Remov
             plan.pairs.extend(found)
             for reason, names in skipped.items():
                 plan.skipped.setdefault(reason, []).extend(names)
-        elif path.is_file():
+        elif os.path.isfile(path):
             plan.pairs.append((path, Path(path.name)))
-        elif os.path.lexists(path) and not path.exists():
+        elif os.path.lexists(path) and not os.path.exists(path):
             raise InputError(f"{path}: broken symbolic link")
-        elif path.exists():
+        elif os.path.exists(path):
             raise InputError(f"{path}: not a file or a folder")
         else:
             raise InputError(f"{path}: file not found")
@@ -149,12 +149,12 @@ def _inputs(inputs: List[str], recursive: bool, output: Optional[Path]) -> Remov
 def _output_is_folder(output: str, inputs: List[str]) -> bool:
     """Whether -o names a folder; InputError when it names neither an image file nor a folder."""
     out = Path(output)
-    if out.is_dir() or output.endswith(("/", os.sep)) or not out.suffix:
+    if os.path.isdir(out) or output.endswith(("/", os.sep)) or not out.suffix:
         return True
     if not is_image_file(out):
         raise InputError(f"-o {output}: {out.suffix!r} is not an image format ({', '.join(IMAGE_EXTENSIONS)}); "
                          "to name a folder, end it with /")
-    if len(inputs) != 1 or not Path(inputs[0]).is_file():
+    if len(inputs) != 1 or os.path.isdir(inputs[0]):
         raise InputError(f"-o {output} names one image file, but the input is a folder or several files; "
                          "give a folder")
     return False
@@ -184,7 +184,7 @@ def plan_outputs(inputs: List[str], output: str, recursive: bool = False,
         if target in seen:
             raise InputError(f"{source} and {seen[target]} would both be written to {target}; rename one")
         seen[target] = source
-        if target.exists() and (os.path.samefile(source, target) or source.resolve() == target.resolve()):
+        if os.path.exists(target) and os.path.samefile(source, target):
             raise InputError(f"{target}: refusing to overwrite the input image; choose another output")
         check_output_path(target)
         if intermediates:

@@ -405,9 +405,9 @@ def read_array(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -
     too large or out of range. JPEG EXIF orientation is applied.
     """
     path = Path(path)
-    if not path.exists():
+    if not os.path.exists(path):
         raise InputError(f"{path}: file not found")
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise InputError(f"{path}: not a file")
     try:
         data = path.read_bytes()
@@ -482,27 +482,17 @@ def check_output_path(path: PathLike, folder: bool = False) -> Path:
     """Check, before any work, that an image file (or with ``folder``, a folder of images) can be written at ``path``.
 
     InputError naming the problem when ``path`` (a file) has no extension of a format OpenCV
-    writes or is an existing folder; ``path`` (a folder) exists as a file; a part of the path
-    is an existing file or a broken link; the nearest existing folder is not writable; or a
-    name is longer than the file system allows. Creates nothing; returns ``path``.
+    writes or is an existing folder; ``path`` (a folder) exists as a file; a name is longer than
+    the file system allows (the hidden temporary name of the atomic write is kept within it);
+    a part of the path is an existing file or a broken link; or the nearest existing folder is
+    not writable. Creates nothing; returns ``path``.
     """
     path = Path(path)
-    if folder:
-        if path.exists() and not path.is_dir():
-            raise InputError(f"{path}: exists and is not a folder")
-    else:
-        if path.suffix.lower() not in IMAGE_EXTENSIONS or not cv2.haveImageWriter(str(path)):
-            what = f"no image format written as {path.suffix!r}" if path.suffix else "no extension"
-            raise InputError(f"{path}: not an image file name ({what}); use one of {', '.join(IMAGE_EXTENSIONS)}")
-        if path.is_dir():
-            raise InputError(f"{path}: is a folder; name an image file")
+    if not folder and (path.suffix.lower() not in IMAGE_EXTENSIONS or not cv2.haveImageWriter(str(path))):
+        what = f"no image format written as {path.suffix!r}" if path.suffix else "no extension"
+        raise InputError(f"{path}: not an image file name ({what}); use one of {', '.join(IMAGE_EXTENSIONS)}")
+    # os.path's tests, not Path's: they answer False for a name too long to look up instead of raising.
     existing = _existing_folder(path if folder else path.parent)
-    if existing.is_symlink() and not existing.exists():
-        raise InputError(f"{path}: {existing} is a broken symbolic link, not a folder")
-    if not existing.is_dir():
-        raise InputError(f"{path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{path}: no permission to write in {existing}")
     name_max = _limit(existing, "PC_NAME_MAX", _NAME_MAX)
     for part in path.parts:
         size = len(os.fsencode(part))
@@ -510,6 +500,16 @@ def check_output_path(path: PathLike, folder: bool = False) -> Path:
             raise InputError(f"{path}: the name {part[:32]!r}... is {size} bytes; this file system allows {name_max}")
     if len(os.fsencode(os.path.abspath(path))) >= _limit(existing, "PC_PATH_MAX", _PATH_MAX):
         raise InputError(f"{path}: the path is longer than this file system allows")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{path}: exists and is not a folder")
+    if not folder and os.path.isdir(path):
+        raise InputError(f"{path}: is a folder; name an image file")
+    if os.path.islink(existing) and not os.path.exists(existing):
+        raise InputError(f"{path}: {existing} is a broken symbolic link, not a folder")
+    if not os.path.isdir(existing):
+        raise InputError(f"{path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: no permission to write in {existing}")
     return path
 
 
@@ -558,7 +558,7 @@ def write_image(
         _same_file(path, info.path) or path.resolve() == Path(info.path).resolve()
     ):
         raise InputError(f"{path}: refusing to overwrite the input image; choose another output path")
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:
         raise InputError(f"{path}: file exists; pass overwrite=True (--overwrite) to replace it")
     if info is None:
         info = ImageInfo(dtype=np.dtype(np.uint8), channels=3)

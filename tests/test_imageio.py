@@ -8,12 +8,17 @@ import pytest
 from dereflect.errors import InputError
 from dereflect.imageio import (
     FLOAT_TOLERANCE,
+    _temporary_name,
     as_float_rgb,
+    check_output_path,
     from_float_rgb,
+    read_array,
+    read_header,
     read_image,
     to_float_rgb,
     write_image,
 )
+from image_fixtures import declared_only, tiff_bytes
 
 
 def _rgb8(h=24, w=32, seed=0):
@@ -107,10 +112,84 @@ def test_huge_image_refused_from_header_and_limit_can_be_raised(tmp_path):
         assert read_image(p, max_pixels=200_000)[0].shape == (300, 400, 3)
 
 
-def test_huge_image_refused_after_decode_when_header_unknown(tmp_path):
-    path = _save_bgr(tmp_path / "big.bmp", np.zeros((300, 400, 3), np.uint8))
-    with pytest.raises(InputError, match="MP"):
-        read_image(path, max_pixels=100_000)
+@pytest.mark.parametrize("ext, params, channels", [
+    (".png", [], 3), (".png", [], 4), (".jpg", [], 3), (".jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1], 3),
+    (".jpg", [cv2.IMWRITE_JPEG_RST_INTERVAL, 2], 1), (".bmp", [], 3), (".bmp", [], 1), (".webp", [], 3),
+    (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101], 3), (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101], 4),
+    (".tif", [], 3), (".ppm", [], 3), (".pgm", [], 1), (".pnm", [], 1),
+])
+def test_header_size_of_every_format_matches_the_decoded_image(tmp_path, ext, params, channels):
+    image = np.dstack([_rgb8(37, 53)] * 2)[:, :, :channels]
+    path = tmp_path / f"a{ext}"
+    assert cv2.imwrite(str(path), image, params)
+    kind, width, height = read_header(path.read_bytes())
+    assert (width, height) == (53, 37), kind
+    assert read_image(path)[0].shape == (37, 53, 3)
+    with pytest.raises(InputError, match=r"53x37 .*over the limit"):
+        read_image(path, max_pixels=53 * 37 - 1)
+
+
+@pytest.mark.parametrize("big_endian", [False, True])
+@pytest.mark.parametrize("bigtiff", [False, True])
+def test_tiffs_opencv_does_not_write(tmp_path, big_endian, bigtiff):
+    rgb = _rgb8(9, 11)
+    path = tmp_path / "a.tif"
+    path.write_bytes(tiff_bytes(rgb, big_endian=big_endian, bigtiff=bigtiff))
+    image, info = read_image(path)
+    np.testing.assert_allclose(image, rgb / 255.0, atol=1e-6)
+    path.write_bytes(declared_only("bigtiff" if bigtiff else "tif-be" if big_endian else "tif", 24000, 24000))
+    with pytest.raises(InputError, match="24000x24000"):
+        read_image(path)
+
+
+def test_float_files_follow_the_array_rule(tmp_path):
+    path = tmp_path / "f.tif"
+    values = np.random.default_rng(0).random((6, 7, 3)).astype(np.float32)
+    path.write_bytes(tiff_bytes(values))
+    image, info = read_image(path)
+    np.testing.assert_allclose(image, values, atol=1e-7)
+    assert info.dtype == np.float32
+    values[2, 2, 0] = np.nan
+    path.write_bytes(tiff_bytes(values))
+    with pytest.raises(InputError, match=r"f\.tif contains 1 NaN or infinite") as err:
+        read_image(path)
+    with pytest.raises(InputError, match="contains 1 NaN or infinite") as from_api:
+        as_float_rgb(values)
+    assert str(err.value).split(" contains ")[1] == str(from_api.value).split(" contains ")[1]
+    path.write_bytes(tiff_bytes(np.nan_to_num(values) * 255))
+    with pytest.raises(InputError, match="0-255"):
+        read_image(path)
+
+
+def test_jpeg_end_marker_and_what_follows(tmp_path):
+    ok, data = cv2.imencode(".jpg", _rgb8(40, 40), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    data = data.tobytes()
+    path = tmp_path / "a.jpg"
+    path.write_bytes(data + b"\x00\x00\x00\x18ftypmp42" + b"\xff\xd9" * 3)  # a motion photo's video
+    assert read_image(path)[0].shape == (40, 40, 3)
+    for cut in (len(data) - 2, len(data) * 2 // 3, 400):
+        path.write_bytes(data[:cut])
+        with pytest.raises(InputError, match="truncated"):
+            read_image(path)
+
+
+def test_read_array_keeps_what_the_file_stores(tmp_path):
+    bgra = np.dstack([_rgb8(), np.full((24, 32), 9, np.uint8)])
+    path = _save_bgr(tmp_path / "a.png", bgra)
+    array, info = read_array(path)
+    np.testing.assert_array_equal(array, bgra)
+    assert info.channels == 4 and info.alpha is None and info.path == path
+    out = write_image(tmp_path / "o.png", array, info, colour_order="BGR")
+    np.testing.assert_array_equal(cv2.imread(str(out), cv2.IMREAD_UNCHANGED), bgra)
+    jpg = write_image(tmp_path / "o.bmp", array, info, colour_order="BGR")
+    np.testing.assert_array_equal(cv2.imread(str(jpg), cv2.IMREAD_UNCHANGED), bgra[:, :, :3])
+    deep = (bgra[:, :, :3].astype(np.uint16) * 257)
+    # 16-bit to a format that stores 8 bits: rounded, a strip at a time.
+    written = write_image(tmp_path / "d.bmp", deep, read_array(_save_bgr(tmp_path / "d.png", deep))[1],
+                          colour_order="BGR")
+    np.testing.assert_array_equal(cv2.imread(str(written), cv2.IMREAD_UNCHANGED), bgra[:, :, :3])
+    rgb = write_image(tmp_path / "rgb.png", bgra[:, :, 2::-1], colour_order="RGB")
+    np.testing.assert_array_equal(cv2.imread(str(rgb)), bgra[:, :, :3])
 
 
 def test_write_is_atomic_and_refuses_input_and_existing(tmp_path):
@@ -170,6 +249,32 @@ def test_tiny_float_excursions_are_clipped():
 def test_bad_colour_order():
     with pytest.raises(InputError, match="colour_order"):
         as_float_rgb(_rgb8(), "RGBA")
+
+
+def test_output_paths_are_checked_before_writing(tmp_path):
+    image = np.zeros((4, 5, 3), np.float32)
+    (tmp_path / "photo.jpg").write_bytes(b"x")
+    for path, match in [
+        (tmp_path / "photo.jpg" / "x.png", "photo.jpg is a file, not a folder"),
+        (tmp_path / "out.xyz", "not an image file name"),
+        (tmp_path / "out", "no extension"),
+        (tmp_path / ("n" * 252 + ".png"), "256 bytes"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            write_image(path, image)
+    with pytest.raises(InputError, match="exists and is not a folder"):
+        check_output_path(tmp_path / "photo.jpg", folder=True)
+    assert check_output_path(tmp_path / "new" / "deeper", folder=True) == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg"]
+
+
+def test_the_longest_legal_name_is_written(tmp_path):
+    path = tmp_path / ("z" * 251 + ".png")
+    assert len(_temporary_name(path).name.encode()) <= 255
+    assert _temporary_name(path).name.startswith(".z") and _temporary_name(path).suffix == ".tmp"
+    write_image(path, np.zeros((4, 5, 3), np.float32))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_written_images_get_the_usual_file_permissions(tmp_path):
