@@ -82,3 +82,22 @@ def test_video_session_carries_rm2s_centres_on_the_cpu_middle_step(tmp_path):
                                atol=1e-6)
     measured = measure_flicker(remover, frames=4, size=(40, 56))
     assert set(measured) == {"per_frame", "temporal"} and all(v >= 0 for v in measured.values())
+
+
+def test_video_command_takes_temporal_on_and_keeps_every_frame(tmp_path):
+    import cv2
+    import dereflect.cli
+
+    clip = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (56, 40))
+    for frame in flicker_sequence(frames=5, height=40, width=56):
+        writer.write((frame[:, :, ::-1] * 255).astype(np.uint8))
+    writer.release()
+    export = make_rm2s_export(tmp_path / "rm2s")
+    for mode in ("on", "off"):
+        out = tmp_path / f"clean_{mode}.avi"
+        assert dereflect.cli.main(["video", str(clip), "-o", str(out), "--model", str(export), "--temporal", mode,
+                                   "--no-progress"]) == 0
+        capture = cv2.VideoCapture(str(out))
+        assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 5
+        capture.release()
