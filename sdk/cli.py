@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(module_name).register(subparsers)
     for child in iter_parsers(parser):
         if child is not parser:
-            child.formatter_class = DefaultsHelpFormatter
+            # A command whose description or epilog is laid out line by line keeps its line breaks.
+            raw = issubclass(child.formatter_class, argparse.RawDescriptionHelpFormatter)
+            child.formatter_class = TopLevelHelpFormatter if raw else DefaultsHelpFormatter
     return parser
 
 
