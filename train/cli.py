@@ -193,7 +193,12 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
                         help="random seed of initialisation, synthesis and data order (default: 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    parser.add_argument("--workers", type=int, default=2, metavar="N", help="data loader processes (default: 2)")
+    parser.add_argument("--workers", type=int, default=2, metavar="N",
+                        help="data loader processes, per rank under torchrun (default: 2)")
+    parser.add_argument("--cache-mb", type=float, default=2048, metavar="MB",
+                        help="decode the training photos (and --real pairs) once and keep up to MB megabytes of "
+                             "them in memory, shared by the loader processes, instead of decoding two files per "
+                             "sample; the samples are the same (per rank under torchrun; 0: off) (default: 2048)")
     parser.add_argument("--val-every", type=int, default=100, metavar="N",
                         help="validate every N steps and keep the best as best.safetensors (default: 100)")
     parser.add_argument("--preview-every", type=int, default=100, metavar="N",
@@ -264,6 +269,8 @@ def _train_config(args):
         raise InputError(f"--keep-every must be 0 (off) or a positive step count, not {args.keep_every}")
     if args.time_limit is not None and not args.time_limit > 0:
         raise InputError(f"--time-limit must be a positive number of minutes, not {args.time_limit:g}")
+    if not args.cache_mb >= 0:
+        raise InputError(f"--cache-mb must be a number of megabytes >= 0 (0: off), not {args.cache_mb:g}")
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, val_every=args.val_every,
                        preview_every=args.preview_every, save_every=args.save_every, log_every=args.log_every,
                        seed=args.seed, device=args.device, amp=not args.no_amp, keep_every=args.keep_every,
@@ -277,24 +284,37 @@ def _run_dir(args, kind: str) -> Path:
 
 
 def _fit(args, task, recipe, kind: str) -> int:
+    """Train ``task``: in this process, or as one rank of a data-parallel run when started by torchrun."""
+    from .distributed import distributed
     from .trainer import Trainer, resume_trainer
 
     config = _train_config(args)
-    train_loader, val_loader = build_loaders(args, recipe)
-    trainer = Trainer(task, config, _run_dir(args, kind), train_loader, val_loader)
-    resume_trainer(trainer, args.resume)
-    final = trainer.fit()
-    print(f"checkpoint: {final}")
-    print(f"log: {trainer.run_dir / 'log.jsonl'}  previews: {trainer.run_dir / 'previews'}")
+    with distributed(args.device) as context:
+        train_loader, val_loader = build_loaders(args, recipe, context)
+        trainer = Trainer(task, config, _run_dir(args, kind), train_loader, val_loader, dist=context)
+        resume_trainer(trainer, args.resume)
+        final = trainer.fit()
+    if context.is_main:
+        print(f"checkpoint: {final}")
+        print(f"log: {trainer.run_dir / 'log.jsonl'}  previews: {trainer.run_dir / 'previews'}")
     return 0
 
 
-def build_loaders(args, recipe):
-    """Training loader (synthesised pairs) and validation loader, as the options say."""
+def build_loaders(args, recipe, context=None):
+    """Training loader (synthesised pairs) and validation loader, as the options say.
+
+    Under data-parallel training (``context``, a ``distributed.DistributedContext``) the training
+    loader gives this rank's share of every batch, and only rank 0 gets a validation loader (None
+    elsewhere).
+    """
     from dereflect.errors import InputError
     from dereflect.tools.datasets import detect_layout, read_name_list
 
     from .data import GroundTruthPairs, MixedPairs, RealPairs, SyntheticPairs, find_images, make_loader
+    from .distributed import DistributedContext, pick_device
+
+    context = context or DistributedContext(pick_device(args.device))
+    say = print if context.is_main else (lambda *_: None)
 
     val_recipe = recipe.with_size(recipe.sizes[0])
     val_seed = 1_000_003 + args.seed
@@ -317,8 +337,8 @@ def build_loaders(args, recipe):
             exclude = prefix
             val_set = SyntheticPairs(args.data, val_recipe, seed=val_seed, length=args.val_count, include=prefix)
         else:
-            print(f"note: no photo name starts with {args.val_prefix!r}; validating on pairs synthesised "
-                  "from the training photos with another seed (not held out)")
+            say(f"note: no photo name starts with {args.val_prefix!r}; validating on pairs synthesised "
+                "from the training photos with another seed (not held out)")
             val_set = SyntheticPairs(args.data, val_recipe, seed=val_seed, length=args.val_count)
     train_set = SyntheticPairs(args.data, recipe, seed=args.seed, reflection_folders=args.reflections,
                                exclude=exclude)
@@ -330,10 +350,16 @@ def build_loaders(args, recipe):
         holdout = read_name_list(args.real_holdout) if args.real_holdout else ()
         real = RealPairs(args.real, size=recipe.sizes, seed=args.seed, exclude_names=holdout)
         train_set = MixedPairs([(train_set, 1.0 - args.real_fraction), (real, args.real_fraction)], seed=args.seed)
+    if args.cache_mb > 0:
+        started = time.monotonic()
+        kept = train_set.keep_decoded(int(args.cache_mb * 2**20))
+        say(f"decoded training images kept in memory: {kept / 2**20:.0f} MB in {time.monotonic() - started:.1f} s")
     batch = min(4, args.batch_size) if isinstance(val_set, SyntheticPairs) else 1
-    train_loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed, workers=args.workers)
+    train_loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed, workers=args.workers,
+                               pin_memory=context.device.type == "cuda", rank=context.rank,
+                               world_size=context.world_size)
     val_loader = make_loader(val_set, batch, shuffle=False, seed=val_seed, workers=0, drop_last=False)
-    return train_loader, val_loader
+    return train_loader, (val_loader if context.is_main else None)
 
 
 def _first_n(dataset, count: int):

@@ -91,6 +91,8 @@ class CRRNTask(Task):
         self.phase = schedule_phase(0, total_steps, gin_fraction)
         self.data_recipe = data_recipe or {}
         self.vgg_init = vgg_init is not None
+        # What training_step runs: DistributedDataParallel once distributed.
+        self._train_gin, self._train_model = self.model.gin, self.model
 
     def _init_from_stage1(self, checkpoint: Checkpoint) -> None:
         """IiN (encoder, decoder, head, gain) from a lite RM2S stage-1 network: the same layers.
@@ -113,6 +115,13 @@ class CRRNTask(Task):
     def optimizers(self):
         return {"gin": self.gin_optimizer, "crrn": self.optimizer}
 
+    def distribute(self, wrap):
+        # GiN gets a wrapper of its own for the GiN-alone phase: one wrapper over the whole network would
+        # wait there for IiN's gradients, which never come (find_unused_parameters would instead search
+        # the graph for unused parameters at every step of every phase). The two share GiN's parameters;
+        # a wrapper exchanges gradients only after its own forward, so each step averages them once.
+        self._train_gin, self._train_model = wrap(self.model.gin), wrap(self.model)
+
     def set_step(self, step: int) -> None:
         self.phase = schedule_phase(step, self.total_steps, self.gin_fraction)
         set_learning_rate(self.optimizer, self.lr * (0.1 if self.phase == "joint_low_lr" else 1.0))
@@ -133,13 +142,13 @@ class CRRNTask(Task):
         image = batch["input"]
         if self.phase == "gin":
             with torch.autocast(device_type=image.device.type, enabled=scaler.is_enabled()):
-                predicted, _ = self.model.gin(image)
+                predicted, _ = self._train_gin(image)
             total = 1 - si_torch(predicted.float(), gradient)
             terms = {"si_gradient": float(total.detach())}
             optimizer = self.gin_optimizer
         else:
             with torch.autocast(device_type=image.device.type, enabled=scaler.is_enabled()):
-                b, r, g = self.model(image)
+                b, r, g = self._train_model(image)
             total, terms = self._loss(b.float(), r.float(), g.float(), batch)
             optimizer = self.optimizer
         optimizer.zero_grad(set_to_none=True)

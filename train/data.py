@@ -25,7 +25,7 @@ import os
 import random
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import cv2
 import numpy as np
@@ -149,8 +149,75 @@ def _warn_once(path: PathLike, message: str) -> None:
     warnings.warn(message, ImageSkippedWarning, stacklevel=3)
 
 
+class DecodedImages:
+    """Decoded images kept in memory, so a training run decodes each file once instead of once per sample.
+
+    An image is stored as uint8 when the reader's own conversion of those values gives back exactly the
+    float32 image it returned (8-bit files), else as float32; :meth:`get` returns the reader's array bit for
+    bit either way. All bytes sit in one torch tensor, which a spawned loader process receives as shared
+    memory (torch.multiprocessing's pickling) rather than as a copy.
+    """
+
+    def __init__(self, items: Iterable[Tuple[int, np.ndarray]], budget_bytes: int):
+        """Keep ``(key, image)`` items (HxWx3 float32 in [0, 1]) in order until ``budget_bytes`` is full.
+
+        ``items`` is read lazily and no further than the budget, so a generator that decodes files
+        decodes only the ones kept.
+        """
+        parts: List[Tuple[int, np.ndarray, Tuple[int, ...], bool]] = []
+        total = 0
+        for key, image in items:
+            packed, is_uint8 = _pack(image)
+            start = total + (-total % 4)  # float32 entries are read in place: keep them aligned
+            if start + packed.nbytes > budget_bytes:
+                break
+            parts.append((int(key), packed, image.shape, is_uint8))
+            total = start + packed.nbytes
+        self._buffer = torch.empty(total, dtype=torch.uint8)
+        flat = self._buffer.numpy()
+        self._entries: Dict[int, Tuple[int, Tuple[int, ...], bool]] = {}
+        offset = 0
+        for key, packed, shape, is_uint8 in parts:
+            offset += -offset % 4
+            flat[offset:offset + packed.nbytes] = packed.reshape(-1).view(np.uint8)
+            self._entries[key] = (offset, shape, is_uint8)
+            offset += packed.nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._buffer.numel())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: int) -> Optional[np.ndarray]:
+        """The image stored under ``key`` (a new float32 array), or None."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        offset, shape, is_uint8 = entry
+        count = int(np.prod(shape))
+        flat = self._buffer.numpy()
+        if is_uint8:
+            return _from_uint8(flat[offset:offset + count].reshape(shape))
+        return flat[offset:offset + 4 * count].view(np.float32).reshape(shape).copy()
+
+
+def _from_uint8(values: np.ndarray) -> np.ndarray:
+    # The image reader's conversion (dereflect.imageio), so that uint8 storage is exact for 8-bit files.
+    return np.multiply(values, np.float32(1.0 / 255.0), dtype=np.float32)
+
+
+def _pack(image: np.ndarray) -> Tuple[np.ndarray, bool]:
+    """(uint8 values, True) when they give ``image`` back exactly, else (float32 copy, False)."""
+    values = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    if np.array_equal(_from_uint8(values), image):
+        return values, True
+    return np.ascontiguousarray(image, dtype=np.float32), False
+
+
 class _ImagePool:
-    """Paths plus a per-process record of the ones found unusable."""
+    """Paths plus a per-process record of the ones found unusable, and optionally the decoded images."""
 
     def __init__(self, paths: List[Path], min_size: Size, what: str, folders: Sequence[Path]):
         self.paths = paths
@@ -158,9 +225,26 @@ class _ImagePool:
         self.what = what
         self.folders = folders
         self.bad: Set[int] = set()
+        self.decoded: Optional[DecodedImages] = None
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def keep_decoded(self, budget_bytes: int) -> int:
+        """Decode the usable images in order and keep them, up to ``budget_bytes``; returns the bytes kept.
+
+        Unusable images met on the way are warned about and recorded as :meth:`find` would.
+        """
+        def usable() -> Iterator[Tuple[int, np.ndarray]]:
+            for j, path in enumerate(self.paths):
+                img = None if j in self.bad else load_usable(path, self.min_size)
+                if img is None:
+                    self.bad.add(j)
+                else:
+                    yield j, img
+
+        self.decoded = DecodedImages(usable(), budget_bytes)
+        return self.decoded.nbytes
 
     def find(self, start: int, avoid: Optional[int] = None) -> Tuple[int, np.ndarray]:
         """Load the first usable image at or after ``start`` (cyclically), skipping ``avoid``.
@@ -173,7 +257,9 @@ class _ImagePool:
             j = (start + step) % n
             if j == avoid or j in self.bad:
                 continue
-            img = load_usable(self.paths[j], self.min_size)
+            img = self.decoded.get(j) if self.decoded is not None else None
+            if img is None:
+                img = load_usable(self.paths[j], self.min_size)
             if img is not None:
                 return j, img
             self.bad.add(j)
@@ -750,6 +836,16 @@ class SyntheticPairs(Dataset):
         """Epoch used by plain integer indices."""
         self.epoch = int(epoch)
 
+    def keep_decoded(self, budget_bytes: int) -> int:
+        """Decode the photos (then the reflection layers) once and keep them in memory, up to ``budget_bytes``.
+
+        Samples stay bit-identical; each kept file is no longer decoded per sample. Returns the bytes kept.
+        """
+        used = self._photos.keep_decoded(budget_bytes)
+        if self._reflections is not None:
+            used += self._reflections.keep_decoded(budget_bytes - used)
+        return used
+
     def __len__(self) -> int:
         return self.length
 
@@ -812,7 +908,7 @@ class RealPairs(Dataset):
     crop as in :func:`random_crop`) applied identically to the photo and its clean layer, and one
     per-channel brightness/colour factor ``exp(N(0, colour_jitter))`` applied to both (so the pair's
     own colour relation is kept). ``exclude_names`` holds back a validation split. Images are
-    read per sample (as synthesis reads its photos), so no worker holds the set in memory.
+    read per sample (as synthesis reads its photos) unless :meth:`keep_decoded` keeps them in memory.
     """
 
     keyed = True
@@ -833,6 +929,7 @@ class RealPairs(Dataset):
         self.names = [pair.name for pair in pairs]
         self.pairs = pairs
         self.root = Path(root)
+        self._decoded: Optional[DecodedImages] = None
 
     @property
     def sizes(self) -> List[Size]:
@@ -844,7 +941,23 @@ class RealPairs(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def keep_decoded(self, budget_bytes: int) -> int:
+        """Decode the pairs once (checking each as a sample would) and keep them, up to ``budget_bytes``."""
+        def images() -> Iterator[Tuple[int, np.ndarray]]:
+            for index in range(len(self)):
+                inp, bg = self._read(index)
+                yield 2 * index, inp
+                yield 2 * index + 1, bg
+
+        self._decoded = None  # read the files themselves, not an earlier copy
+        self._decoded = DecodedImages(images(), budget_bytes)
+        return self._decoded.nbytes
+
     def _read(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
+        if self._decoded is not None:
+            inp, bg = self._decoded.get(2 * index), self._decoded.get(2 * index + 1)
+            if inp is not None and bg is not None:
+                return inp, bg
         pair = self.pairs[index]
         inp, bg = read_image(pair.input), read_image(pair.target)
         if inp.shape != bg.shape:
@@ -911,6 +1024,14 @@ class MixedPairs(Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def keep_decoded(self, budget_bytes: int) -> int:
+        """Each part's images kept decoded in memory, in order, sharing ``budget_bytes``."""
+        used = 0
+        for part in self.parts:
+            if hasattr(part, "keep_decoded"):
+                used += part.keep_decoded(budget_bytes - used)
+        return used
 
     def part_of(self, key: Union[int, SampleKey]) -> int:
         """Which part sample ``key`` comes from."""
@@ -1017,6 +1138,12 @@ class MultiSizeBatchSampler(Sampler):
     The epoch is :meth:`set_epoch`'s value; each pass then moves it on by one, so a loop that
     never calls ``set_epoch`` still sees new samples every epoch. With ``keys=False`` it
     yields plain indices (for datasets without seeds or sizes).
+
+    Data-parallel training: with ``world_size`` ranks the order is cut into global batches of
+    ``batch_size * world_size`` keys, one size each, and rank ``rank`` takes the ``rank``-th slice of
+    ``batch_size``. So no two ranks draw the same sample, every rank has the same number of batches,
+    and the ranks' batches together are exactly the batches of one process with the global batch size
+    (with ``world_size=1`` the batches are those of earlier versions).
     """
 
     def __init__(
@@ -1028,14 +1155,22 @@ class MultiSizeBatchSampler(Sampler):
         shuffle: bool = True,
         drop_last: bool = True,
         keys: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if batch_size < 1 or n_sizes < 1 or length < 1:
             raise InputError(
                 f"need length, batch_size and n_sizes >= 1, got {length}, {batch_size}, {n_sizes}"
             )
-        if drop_last and length < batch_size:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise InputError(f"rank {rank} is not one of the {world_size} ranks")
+        if world_size > 1 and not drop_last:
+            raise InputError("splitting batches over ranks needs drop_last: a partial last batch would leave "
+                             "some ranks without samples")
+        if drop_last and length < batch_size * world_size:
+            on_ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
             raise InputError(
-                f"{length} samples cannot fill one batch of {batch_size} with drop_last; "
+                f"{length} samples cannot fill one batch of {batch_size}{on_ranks} with drop_last; "
                 "lower the batch size or add images"
             )
         self.length = length
@@ -1045,24 +1180,35 @@ class MultiSizeBatchSampler(Sampler):
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.keys = keys
+        self.rank = int(rank)
+        self.world_size = int(world_size)
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Make the next pass epoch ``epoch``, starting after its first ``skip_batches`` batches (resuming
+        mid-epoch: the skipped keys are never loaded)."""
+        if not 0 <= skip_batches < max(len(self), 1):
+            raise InputError(f"cannot skip {skip_batches} of the {len(self)} batches of an epoch")
         self.epoch = int(epoch)
+        self.skip = int(skip_batches)
 
     def __len__(self) -> int:
+        per_step = self.batch_size * self.world_size
         if self.drop_last:
-            return self.length // self.batch_size
-        return -(-self.length // self.batch_size)
+            return self.length // per_step
+        return -(-self.length // per_step)
 
     def batches(self, epoch: int) -> List[List[Union[int, SampleKey]]]:
-        """The batches of ``epoch`` (without touching the sampler's epoch)."""
+        """This rank's batches of ``epoch`` (without touching the sampler's epoch)."""
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, _SAMPLER_TAG]))
         order = rng.permutation(self.length) if self.shuffle else np.arange(self.length)
+        per_step = self.batch_size * self.world_size
         out: List[List[Union[int, SampleKey]]] = []
         for b in range(len(self)):
-            chunk = order[b * self.batch_size:(b + 1) * self.batch_size]
-            size_id = int(rng.integers(self.n_sizes))
+            chunk = order[b * per_step:(b + 1) * per_step][self.rank * self.batch_size:
+                                                              (self.rank + 1) * self.batch_size]
+            size_id = int(rng.integers(self.n_sizes))  # one draw per global batch: all ranks take one size
             if self.keys:
                 out.append([(int(i), epoch, size_id) for i in chunk])
             else:
@@ -1072,16 +1218,18 @@ class MultiSizeBatchSampler(Sampler):
     def __iter__(self) -> Iterator[List[Union[int, SampleKey]]]:
         # The epoch is read when iteration actually starts: DataLoader may create and drop
         # an iterator without using it.
-        epoch = self.epoch
+        epoch, skip = self.epoch, self.skip
         self.epoch += 1
-        yield from self.batches(epoch)
+        self.skip = 0
+        yield from self.batches(epoch)[skip:]
 
 
 class SeededLoader(DataLoader):
     """A DataLoader with ``set_epoch`` (forwarded to its batch sampler and dataset)."""
 
-    def set_epoch(self, epoch: int) -> None:
-        self.batch_sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Make the next pass epoch ``epoch``, from its batch ``skip_batches`` on (see the sampler)."""
+        self.batch_sampler.set_epoch(epoch, skip_batches)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
@@ -1089,6 +1237,7 @@ class SeededLoader(DataLoader):
 def _worker_init(worker_id: int) -> None:
     # Samples draw from their own generators; seeding the globals anyway keeps any stray
     # np.random use deterministic, and one OpenCV thread per worker avoids oversubscription.
+    # The seed is the loader generator's (see make_loader), distinct per rank and worker.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -1103,14 +1252,17 @@ def make_loader(
     workers: int = 2,
     drop_last: Optional[bool] = None,
     pin_memory: Optional[bool] = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> SeededLoader:
     """A deterministic DataLoader over ``dataset``.
 
     Batches come from :class:`MultiSizeBatchSampler` (one size per batch for multi-size
-    :class:`SyntheticPairs`). ``drop_last`` defaults to ``shuffle`` (training);
-    ``pin_memory`` to CUDA availability; workers persist across epochs and are spawned, so a
-    script that builds a loader with workers needs an ``if __name__ == "__main__":`` guard.
-    Call ``loader.set_epoch(e)`` before epoch ``e`` (resuming); without it each pass over the
+    :class:`SyntheticPairs`; with ``world_size`` > 1 this rank's share of each global batch).
+    ``drop_last`` defaults to ``shuffle`` (training); ``pin_memory`` (page-locked batches, so copies
+    to the GPU can be asynchronous) to CUDA availability; workers persist across epochs and are
+    spawned, so a script that builds a loader with workers needs an ``if __name__ == "__main__":``
+    guard. Call ``loader.set_epoch(e)`` before epoch ``e`` (resuming); without it each pass over the
     loader moves on to the next epoch by itself.
     """
     sizes = getattr(dataset, "sizes", None)
@@ -1123,6 +1275,8 @@ def make_loader(
         shuffle=shuffle,
         drop_last=shuffle if drop_last is None else drop_last,
         keys=keyed,
+        rank=rank,
+        world_size=world_size,
     )
     workers = max(0, int(workers))
     return SeededLoader(
@@ -1135,5 +1289,6 @@ def make_loader(
         # workers start from a fresh interpreter.
         multiprocessing_context="spawn" if workers > 0 else None,
         worker_init_fn=_worker_init if workers > 0 else None,
-        generator=torch.Generator().manual_seed(int(seed)),
+        # Rank 0 keeps the seed earlier versions used; other ranks' workers get their own seeds.
+        generator=torch.Generator().manual_seed(int(seed) + (int(rank) << 32)),
     )

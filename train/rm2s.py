@@ -59,9 +59,13 @@ class Stage1Task(Task):
         self.encoder_lr_scale = encoder_lr_scale
         self.data_recipe = data_recipe or {}
         self.loss_weights = loss_weights or {}
+        self._train_model = self.model  # what training_step runs: DistributedDataParallel once distributed
 
     def networks(self):
         return {"stage1": (self.arch, self.config.to_dict(), self.model)}
+
+    def distribute(self, wrap):
+        self._train_model = wrap(self.model)
 
     def optimizers(self):
         return {"stage1": self.optimizer}
@@ -80,7 +84,7 @@ class Stage1Task(Task):
 
     def training_step(self, batch, step, scaler):
         with torch.autocast(device_type=batch["input"].device.type, enabled=scaler.is_enabled()):
-            estimate = self.model(batch["input"])
+            estimate = self._train_model(batch["input"])
         total, terms = self._loss(estimate.float(), batch)
         self.optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
@@ -162,6 +166,12 @@ class Stage2Task(Task):
         self.data_recipe = data_recipe or {}
         self.loss_weights = loss_weights or {}
         self.stage1_source = {"path": str(stage1.path), "step": stage1.step}
+        # What training_step runs: DistributedDataParallel once distributed. Stage 1 is frozen: each rank
+        # runs it alone.
+        self._train_generator, self._train_critic = self.generator, self.critic
+
+    def distribute(self, wrap):
+        self._train_generator, self._train_critic = wrap(self.generator), wrap(self.critic)
 
     def networks(self):
         return {
@@ -207,11 +217,14 @@ class Stage2Task(Task):
         real = batch["background"]
 
         with torch.autocast(device_type=device_type, enabled=scaler.is_enabled()):
-            fake = self.generator(z)
-        d_real = self.critic(real)
-        d_fake = self.critic(fake.detach().float())
+            fake = self._train_generator(z)
+        d_real = self._train_critic(real)
+        d_fake = self._train_critic(fake.detach().float())
         d_loss = discriminator_loss(d_real, d_fake)
         if self.gp_weight > 0:
+            # The plain critic: the penalty differentiates it with respect to its input (create_graph), which
+            # DistributedDataParallel does not support; its share of the critic's gradient still reaches
+            # the parameters in d_loss.backward() below, where the wrapped critic averages it.
             d_loss = d_loss + gradient_penalty(self.critic, real, fake.detach().float(), weight=self.gp_weight)
         self.d_optimizer.zero_grad(set_to_none=True)
         d_loss.backward()
@@ -219,6 +232,8 @@ class Stage2Task(Task):
         if self.gp_weight <= 0:
             clip_weights_(self.critic, self.clip)
 
+        # The plain critic: this loss steps the generator only, so the critic's gradients from it are not
+        # exchanged between ranks (the critic's optimiser clears them before its next step).
         total, terms = self._generator_loss(fake.float(), batch, self.critic(fake.float()))
         self.g_optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()

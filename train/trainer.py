@@ -4,7 +4,8 @@ A *task* (``rm2s.Stage1Task``, ``rm2s.Stage2Task``, ``crrn.CRRNTask``) says what
 its networks, optimisers, one training step, one validation step and a preview picture. The
 ``Trainer`` does everything around it the same way for all of them: device and mixed precision,
 the progress bar, the JSON-lines log, periodic validation PSNR, preview PNGs, checkpoints and
-resuming.
+resuming, and data-parallel training over several processes (see ``distributed``): the task's
+networks wrapped for gradient averaging, every file written by rank 0 alone.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -24,6 +25,7 @@ from dereflect.errors import InputError
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint, load_checkpoint, load_state_strict, save_checkpoint
+from .distributed import DistributedContext, pick_device
 
 
 @dataclass
@@ -44,15 +46,6 @@ class TrainConfig:
     #: stop after this many seconds of training, saving ``final.safetensors`` (None: no limit);
     #: the learning-rate schedule stays the one of ``steps``
     time_limit_s: Optional[float] = None
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --device cpu")
-    return device
 
 
 def psnr_torch(estimate: torch.Tensor, target: torch.Tensor) -> float:
@@ -110,6 +103,15 @@ class Task:
     def set_step(self, step: int) -> None:
         """Called before every step, for tasks whose schedule changes with the step."""
 
+    def distribute(self, wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+        """Train through ``wrap(module)`` (DistributedDataParallel) for each network the task trains.
+
+        Called once, on every rank, after the networks are on their device. ``training_step`` then runs
+        the wrapped modules (their gradients are averaged over the ranks in backward); validation,
+        previews and checkpoints keep using the plain ones.
+        """
+        raise InputError(f"{type(self).__name__} does not support data-parallel training")
+
     def metadata(self) -> Dict[str, Any]:
         """Extra checkpoint metadata (data recipe, loss weights, ...)."""
         return {}
@@ -148,11 +150,19 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def _cycle(loader: Iterable, start_epoch: int) -> Iterator[Dict[str, torch.Tensor]]:
+def _cycle(loader: Iterable, start_epoch: int, skip_batches: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
+    """The loader's batches, epoch after epoch, from batch ``skip_batches`` of ``start_epoch`` on.
+
+    A loader without ``set_epoch`` has no positions to resume at: it simply runs on.
+    """
     epoch = start_epoch
     while True:
         if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
+            if skip_batches:
+                loader.set_epoch(epoch, skip_batches)
+            else:
+                loader.set_epoch(epoch)
+        skip_batches = 0
         yielded = False
         for batch in loader:
             yielded = True
@@ -163,15 +173,27 @@ def _cycle(loader: Iterable, start_epoch: int) -> Iterator[Dict[str, torch.Tenso
 
 
 class Trainer:
-    """Runs a task for ``config.steps`` steps, writing everything into ``run_dir``."""
+    """Runs a task for ``config.steps`` steps, writing everything into ``run_dir``.
 
-    def __init__(self, task: Task, config: TrainConfig, run_dir: Path, train_loader, val_loader=None):
+    With a ``dist`` context of several ranks, every rank runs this with its own share of the batches
+    (``train_loader`` built with its rank) and the same task; rank 0 alone validates, logs, writes
+    previews and checkpoints (``val_loader`` is used on rank 0 only), and the ranks stop together.
+    ``config.batch_size`` is the batch of one rank. Without ``dist`` it is one process on
+    ``config.device``.
+    """
+
+    def __init__(self, task: Task, config: TrainConfig, run_dir: Path, train_loader, val_loader=None,
+                 dist: Optional[DistributedContext] = None):
         self.task = task
         self.config = config
         self.run_dir = Path(run_dir)
         self.train_loader = train_loader
         self.val_loader = val_loader
-        self.device = pick_device(config.device)
+        self.dist = dist or DistributedContext(pick_device(config.device))
+        self.device = self.dist.device
+        # On the device before resuming: loading optimiser state puts it where the parameters are.
+        self.task.to(self.device)
+        self._wrapped = False
         self.amp = bool(config.amp and self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.step = 0
@@ -208,23 +230,32 @@ class Trainer:
         self._segment_start = (self.step, self.elapsed)
 
     def save(self, name: str) -> Path:
+        """Write checkpoint ``name`` (rank 0 only; other ranks write nothing and get the same path)."""
+        path = self.run_dir / name
+        if not self.dist.is_main:
+            return path
         return save_checkpoint(
-            self.run_dir / name,
+            path,
             method=self.task.method,
             kind=self.task.kind,
             networks=self.task.networks(),
             step=self.step,
             training={**asdict(self.config), "device": str(self.device), "best_val_loss": self.best_val,
                       "hardware": _hardware(self.device), "elapsed_s": round(self._elapsed(), 1),
-                      "segments": self.segments + [self._current_segment()]},
+                      **self._batch_sizes(), "segments": self.segments + [self._current_segment()]},
             optimizers=self.task.optimizers(),
             extra=self.task.metadata(),
         )
 
+    def _batch_sizes(self) -> Dict[str, int]:
+        """``batch_size`` is per rank (the option); a step trains on ``global_batch_size`` samples."""
+        return {"world_size": self.dist.world_size, "batch_size": self.config.batch_size,
+                "global_batch_size": self.config.batch_size * self.dist.world_size}
+
     def _current_segment(self) -> Dict[str, Any]:
         start_step, start_elapsed = self._segment_start
         return {"from_step": start_step, "to_step": self.step, "hardware": _hardware(self.device),
-                "batch_size": self.config.batch_size, "elapsed_s": round(self._elapsed() - start_elapsed, 1)}
+                **self._batch_sizes(), "elapsed_s": round(self._elapsed() - start_elapsed, 1)}
 
     def _elapsed(self) -> float:
         return self.elapsed + (time.monotonic() - self._started if self._started is not None else 0.0)
@@ -271,39 +302,58 @@ class Trainer:
         return path
 
     def log(self, record: Dict[str, Any]) -> None:
+        """Append ``record`` to ``log.jsonl`` (rank 0 only)."""
+        if not self.dist.is_main:
+            return
         self.history.append(record)
         with open(self.run_dir / "log.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def fit(self) -> Path:
         """Train until ``config.steps``; returns the path of the final checkpoint."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.task.to(self.device)
         for _, _, module in self.task.networks().values():
             module.train()
+        if self.dist.enabled and not self._wrapped:
+            self.task.distribute(self.dist.wrap)
+            self._wrapped = True
         steps_per_epoch = max(len(self.train_loader), 1) if hasattr(self.train_loader, "__len__") else 1
-        batches = _cycle(self.train_loader, start_epoch=self.step // steps_per_epoch)
-        if self.step == 0 and self.val_loader is not None:
+        # Resuming continues inside the epoch where the run stopped, as an uninterrupted run would.
+        batches = _cycle(self.train_loader, *divmod(self.step, steps_per_epoch))
+        if self.step == 0 and self.val_loader is not None and main:
             self.log({"step": 0, **self.validate(), "time": 0.0})
         started = self._started = time.monotonic()
         first_step = self.step
         bar = tqdm(total=self.config.steps, initial=self.step, desc=f"{self.task.kind}", unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not main)
         running: Dict[str, float] = {}
+        # Whether to stop is decided by all ranks together, so that none waits for a step the others skip.
+        (stop,) = self.dist.any_rank(self._out_of_time())
         try:
             while self.step < self.config.steps:
-                if self._out_of_time():
-                    tqdm.write(f"time limit of {self.config.time_limit_s:g} s reached at step {self.step}; "
-                               f"saving final.safetensors")
+                if stop:
+                    if main:
+                        tqdm.write(f"time limit reached at step {self.step}; saving final.safetensors")
                     self.log({"step": self.step, "stopped": "time limit",
                               "time": round(time.monotonic() - started, 2)})
                     break
-                batch = _to_device(next(batches), self.device)
+                waiting = time.perf_counter()
+                batch = next(batches)
+                loaded = time.perf_counter()
+                batch = _to_device(batch, self.device)
                 self.task.set_step(self.step)
                 terms = self.task.training_step(batch, self.step, self.scaler)
-                if not all(math.isfinite(v) for v in terms.values()):
-                    raise FloatingPointError(f"non-finite loss at step {self.step}: {terms}")
+                stepped = time.perf_counter()  # the loss terms are on the host: the step has finished
+                non_finite, stop = self.dist.any_rank(not all(math.isfinite(v) for v in terms.values()),
+                                                      self._out_of_time())
+                if non_finite:
+                    raise FloatingPointError(f"non-finite loss at step {self.step} (this rank's terms: {terms})")
                 self.step += 1
+                # Seconds waiting for the loader, and for the transfer plus the optimisation step.
+                terms = {**terms, "data_s": loaded - waiting, "step_s": stepped - loaded}
                 for key, value in terms.items():
                     running[key] = running.get(key, 0.0) + value
                 bar.update(1)
@@ -314,13 +364,13 @@ class Trainer:
                         self.step % self.config.log_every)
                     record.update({k: v / max(count, 1) for k, v in running.items()})
                     running = {}
-                if self.step % self.config.val_every == 0 or self.step == self.config.steps:
+                if main and (self.step % self.config.val_every == 0 or self.step == self.config.steps):
                     record.update(self.validate())
                     val_loss = record.get("val_loss")
                     if val_loss is not None and (self.best_val is None or val_loss < self.best_val):
                         self.best_val = val_loss
                         self.save("best.safetensors")
-                if self.step % self.config.preview_every == 0:
+                if main and self.step % self.config.preview_every == 0:
                     with self._evaluating():
                         _, estimate = self.task.validation_step(batch)
                         self.write_preview(batch, estimate, f"train_{self.step:07d}.png")
@@ -336,6 +386,7 @@ class Trainer:
         finally:
             bar.close()
         final = self.save("final.safetensors")
+        self.dist.barrier()  # every rank returns once the final checkpoint is written
         self.elapsed, self._started = self._elapsed(), None
         return final
 
