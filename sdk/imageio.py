@@ -424,7 +424,7 @@ def read_array(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -
         decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     except cv2.error:
         decoded = None
-    del data
+    del data  # the encoded file (tens of MB for a large photo) is not needed while validating
     if decoded is None:
         raise InputError(f"{path}: not a readable image (truncated or corrupt {kind} data)")
     if decoded.dtype not in (np.uint8, np.uint16) and decoded.dtype.kind != "f":
