@@ -32,7 +32,7 @@ def main() -> None:
     rows = []
     for model in args.model or BUNDLED_MODELS:
         remover = Remover.load(model)
-        result = remover.remove_with_intermediates(image)
+        result = remover.remove_with_intermediates(image, colour_order="RGB")
         caption = (f"{remover.manifest.name}: PSNR {psnr(image, clean):.2f} -> {psnr(result.background, clean):.2f} "
                    f"dB, SSIM {ssim(image, clean):.3f} -> {ssim(result.background, clean):.3f}")
         rows.append((caption, contact_row(image, result, clean, tile=256)))

@@ -325,7 +325,7 @@ def load_manifest(directory: os.PathLike, check_hashes: bool = True) -> Manifest
     if version > FORMAT_VERSION:
         raise ModelError(f"{path}: manifest format {version} is newer than this dereflect reads ({FORMAT_VERSION})")
     method_name = data.get("method")
-    if method_name not in METHODS or not get_method(method_name).exportable:
+    if not isinstance(method_name, str) or method_name not in METHODS or not get_method(method_name).exportable:
         raise ModelError(f"{path}: unknown method {method_name!r} (known: rm2s, crrn)")
     method = get_method(method_name)
     raw_networks = _mapping(data.get("networks"), f"{path}: networks")

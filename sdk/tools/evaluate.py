@@ -47,7 +47,7 @@ input itself as the background.
 
 **Models**: an export directory (ONNX Runtime by default, any runtime backend), a training
 checkpoint ``.safetensors`` (PyTorch, extra ``train``; an RM2S stage-1 checkpoint is scored
-as stage 1 alone), or any object with ``remove_with_intermediates(image) -> Result`` such as
+as stage 1 alone), or any object with ``remove_with_intermediates(image, colour_order="RGB") -> Result`` such as
 a :class:`~dereflect.remover.Remover`.
 """
 
@@ -571,7 +571,7 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
                                       desc="dereflect eval")):
         image, target, mask = load_pair(pair, short)
         start = time.perf_counter()
-        result = runner.remove_with_intermediates(image)
+        result = runner.remove_with_intermediates(image, colour_order="RGB")
         seconds = time.perf_counter() - start
         background = as_float_rgb(result.background)
         if background.shape != image.shape:
