@@ -183,7 +183,7 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
     parser.add_argument("--steps", type=int, default=2000, metavar="N",
                         help="training steps; the learning-rate schedule spans them (default: 2000)")
     parser.add_argument("--batch-size", type=int, default=default_batch, metavar="N",
-                        help=f"pairs per step (default: {default_batch})")
+                        help=f"pairs per step on each process (default: {default_batch})")
     parser.add_argument("--size", default=default_size,
                         help=f"training crop, 'N' or 'HxW', comma-separated for multi-size (default: {default_size})")
     _add_synthesis_option(parser)
@@ -191,7 +191,9 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
                         help="learning rate (default: 1e-4; RM2S with --recipe paper: 2e-4, the paper's)")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed of initialisation, synthesis and data order (default: 0)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:1 ...; under torchrun cuda (or auto) is each process's own GPU "
+                             "and cpu trains with gloo (default: auto)")
     parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     parser.add_argument("--workers", type=int, default=2, metavar="N",
                         help="data loader processes, per rank under torchrun (default: 2)")
