@@ -270,6 +270,14 @@ def test_torchrun_trains_crrn_on_two_ranks_and_one_process_resumes_it(tmp_path, 
     assert "checkpoint:" in capsys.readouterr().out
 
 
+def test_every_task_moves_its_losses_with_its_networks_to_the_rank_device():
+    # Each rank puts its task on its own GPU; a loss left behind on the CPU fails the first step there.
+    features = RestorationLoss(FeatureLoss(MobileNetV2Encoder(3).state_dict()))
+    task = CRRNTask(CRRNConfig.preset("lite", norm="none"), total_steps=2, transfer_loss=features)
+    task.to(torch.device("meta"))
+    assert {t.device.type for t in [*task.model.parameters(), *task.loss.buffers()]} == {"meta"}
+
+
 def test_under_torchrun_a_numbered_gpu_or_a_missing_rank_is_refused(monkeypatch):
     from dereflect.errors import InputError
 

@@ -302,20 +302,18 @@ def _fit(args, task, recipe, kind: str) -> int:
     return 0
 
 
-def build_loaders(args, recipe, context=None):
+def build_loaders(args, recipe, context):
     """Training loader (synthesised pairs) and validation loader, as the options say.
 
-    Under data-parallel training (``context``, a ``distributed.DistributedContext``) the training
-    loader gives this rank's share of every batch, and only rank 0 gets a validation loader (None
-    elsewhere).
+    ``context`` (a ``distributed.DistributedContext``) is this process's place in the run: under
+    data-parallel training the training loader gives this rank's share of every batch, and only
+    rank 0 gets a validation loader (None elsewhere).
     """
     from dereflect.errors import InputError
     from dereflect.tools.datasets import detect_layout, read_name_list
 
     from .data import GroundTruthPairs, MixedPairs, RealPairs, SyntheticPairs, find_images, make_loader
-    from .distributed import DistributedContext, pick_device
 
-    context = context or DistributedContext(pick_device(args.device))
     say = print if context.is_main else (lambda *_: None)
 
     val_recipe = recipe.with_size(recipe.sizes[0])

@@ -115,6 +115,11 @@ class CRRNTask(Task):
     def optimizers(self):
         return {"gin": self.gin_optimizer, "crrn": self.optimizer}
 
+    def to(self, device):
+        super().to(device)
+        if self.transfer:  # the transfer loss holds its feature network (the paper's loss has no state)
+            self.loss.to(device)
+
     def distribute(self, wrap):
         # GiN gets a wrapper of its own for the GiN-alone phase: one wrapper over the whole network would
         # wait there for IiN's gradients, which never come (find_unused_parameters would instead search
