@@ -161,8 +161,8 @@ class DecodedImages:
     def __init__(self, items: Iterable[Tuple[int, np.ndarray]], budget_bytes: int):
         """Keep ``(key, image)`` items (HxWx3 float32 in [0, 1]) in order until ``budget_bytes`` is full.
 
-        ``items`` is read lazily and no further than the budget, so a generator that decodes files
-        decodes only the ones kept.
+        ``items`` is read lazily and only up to the first image that does not fit, so a generator that
+        decodes files decodes one more than it keeps at most.
         """
         parts: List[Tuple[int, np.ndarray, Tuple[int, ...], bool]] = []
         total = 0
