@@ -36,6 +36,10 @@ def register(subparsers: Any) -> None:
     onnx.add_argument("--no-golden", dest="golden", action="store_false", help="skip the golden test files")
     onnx.add_argument("--force", action="store_true", help="replace an earlier export in DIR")
     onnx.add_argument("--name", default=None, help="model name in the manifest (default: the checkpoint's name)")
+    onnx.add_argument("--max-side", type=int, default=None, metavar="N",
+                      help="record the longest side the networks should run at (the scale the model was trained "
+                           "to see); the runtime scales larger frames down and guides the result back up "
+                           "(default: none recorded, the runtime's 1024)")
     onnx.add_argument("--opset", type=int, default=17,
                       help="ONNX opset (default: 17, the highest TensorRT 8.5 reads)")
     onnx.set_defaults(func=run_onnx)
@@ -118,7 +122,7 @@ def run_onnx(args: argparse.Namespace) -> int:
     from .onnx_export import export_onnx, export_summary
 
     manifest = export_onnx(args.checkpoint, args.out, fp16=args.fp16, opset=args.opset, golden=args.golden,
-                           force=args.force, model_name=args.name)
+                           force=args.force, model_name=args.name, max_side=args.max_side)
     print("\n".join(export_summary(manifest)))
     return 0
 

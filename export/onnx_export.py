@@ -230,11 +230,14 @@ def export_onnx(
     golden: bool = True,
     force: bool = False,
     model_name: Optional[str] = None,
+    max_side: Optional[int] = None,
 ) -> Manifest:
     """Export ``checkpoint_path`` into ``out_dir`` and return the written manifest.
 
     ``model_name`` is the model's name in the manifest (default: the checkpoint's recorded name, else
-    its file name).
+    its file name). ``max_side`` records the longest side the networks are meant to run at (the
+    scale the model was trained to see; the runtime scales larger frames down and guides the result
+    back up); None leaves the runtime's default.
 
     Raises ModelError when the checkpoint is incomplete, the target is not replaceable, parity
     with PyTorch fails, or the FP16 file is below :data:`FP16_MIN_PSNR` against the FP32 one.
@@ -249,6 +252,8 @@ def export_onnx(
     from .trt_support import check_trt_compat
     from .verify import natural_images, network_feeds, ort_backend, write_goldens
 
+    if max_side is not None and int(max_side) < 32:
+        raise InputError(f"max_side must be at least 32, got {max_side}")
     if opset not in SUPPORTED_OPSETS:
         raise InputError(f"opset {opset} is not supported; use 13-20 (17 keeps TensorRT 8.5 reachable)")
     checkpoint_path = Path(checkpoint_path)
@@ -299,6 +304,7 @@ def export_onnx(
             networks=networks,
             directory=tmp,
             settings=method.settings_from_checkpoint(metadata),
+            max_side=max_side,
             checkpoint={"file": checkpoint_path.name, "sha256": sha256_file(checkpoint_path),
                         "metadata": {k: v for k, v in metadata.items() if k != "optimizers"}},
         )
@@ -379,7 +385,8 @@ def export_onnx(
 
 def export_summary(manifest: Manifest) -> List[str]:
     """Human-readable lines describing an export (for the command line)."""
-    lines = [f"exported {manifest.method} ({manifest.name}) to {manifest.directory}"]
+    lines = [f"exported {manifest.method} ({manifest.name}) to {manifest.directory}"
+             + (f"; networks run at up to {manifest.max_side} px" if manifest.max_side else "")]
     for name, spec in manifest.networks.items():
         files = spec.onnx + (f", {spec.onnx_fp16}" if spec.onnx_fp16 else "")
         ins = ", ".join(f"{t.name}[{t.channels}]" for t in spec.inputs)

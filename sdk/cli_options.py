@@ -44,9 +44,10 @@ def add_model_options(parser: argparse.ArgumentParser, positional: bool = False,
     group.add_argument("--c2", type=float, default=None, metavar="C",
                        help="RM2S: background-mask threshold offset (default: the model's, 0.5)")
     if sizes:
-        group.add_argument("--max-side", type=int, default=1024, metavar="N",
+        group.add_argument("--max-side", type=int, default=None, metavar="N",
                            help="longest side the networks run at; larger images use --large-image "
-                                "(0: no limit; default: 1024)")
+                                "(0: no limit; default: the side the model recommends, 1024 for models "
+                                "without one)")
         group.add_argument("--large-image", default="guided", choices=["guided", "tile"],
                            help="guided: run scaled down, guided-upsample the reflection layer (default); "
                                 "tile: overlapping full-resolution tiles with blended seams")
@@ -55,12 +56,11 @@ def add_model_options(parser: argparse.ArgumentParser, positional: bool = False,
 def model_options(args: argparse.Namespace) -> Dict[str, Any]:
     """The keyword options of :func:`dereflect.models.open_model` that ``args`` set."""
     options: Dict[str, Any] = {"backend": args.backend, "device": args.device, "precision": args.precision}
-    for key in ("checkpoint", "threads", "threshold", "c1", "c2"):
+    for key in ("checkpoint", "threads", "threshold", "c1", "c2", "max_side"):
         if getattr(args, key, None) is not None:
             options[key] = getattr(args, key)
-    for key in ("max_side", "large_image"):
-        if hasattr(args, key):
-            options[key] = getattr(args, key)
+    if hasattr(args, "large_image"):
+        options["large_image"] = args.large_image
     return options
 
 

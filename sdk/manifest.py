@@ -24,6 +24,7 @@ Manifest (format_version 1)::
       },
       "middle_step": {"c1": 0.5, "c2": 0.5, "gradient_threshold": 1.0, "epsilon": 1e-7},  (rm2s)
       "colour_order": "RGB",
+      "max_side": 224,                       (optional: the longest side the networks are meant to run at)
       "checkpoint": {"file": "...", "sha256": "...", "metadata": {...}},
       "golden": {"stage1": {"file": "golden/stage1.npz", "sha256": "..."}, ...},
       "fp16": {...}, "parity": {...}, "tensorrt_check": {...}, "export": {...},   (records of the export)
@@ -206,6 +207,9 @@ class Manifest:
     checkpoint: Dict[str, Any] = field(default_factory=dict)
     colour_order: str = "RGB"
     records: Dict[str, Any] = field(default_factory=dict)
+    #: the longest side the networks are meant to run at (the size the model was trained to see);
+    #: larger frames are scaled down and the result guided back up. None: the runtime's default.
+    max_side: Optional[int] = None
 
     def path_of(self, network: str, fp16: bool = False) -> Path:
         spec = self.networks[network]
@@ -242,6 +246,8 @@ class Manifest:
         key = get_method(self.method).settings_key
         if key:
             data[key] = dict(self.settings)
+        if self.max_side is not None:
+            data["max_side"] = self.max_side
         data.update(self.records)
         return data
 
@@ -348,6 +354,9 @@ def load_manifest(directory: os.PathLike, check_hashes: bool = True) -> Manifest
         if key in data:
             records[key] = _string(data, key, str(path))
     settings = data.get(method.settings_key) if method.settings_key else None
+    max_side = _integer(data, "max_side", str(path), 0, 0) if "max_side" in data else None
+    if max_side is not None and max_side < 32:
+        raise ModelError(f"{path}: max_side must be at least 32, got {max_side}")
     manifest = Manifest(
         method=method_name,
         name=_string(data, "name", str(path), method_name),
@@ -357,6 +366,7 @@ def load_manifest(directory: os.PathLike, check_hashes: bool = True) -> Manifest
         checkpoint=dict(_mapping(data.get("checkpoint") or {}, f"{path}: checkpoint")),
         colour_order="RGB",
         records=records,
+        max_side=max_side,
     )
     _check_contract(manifest, path)
     method.settings(manifest.settings)  # validates the section now, not at the first frame

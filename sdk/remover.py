@@ -333,7 +333,8 @@ class Remover:
     "onnxruntime" (default for exports), "tensorrt" or "torch" (default for checkpoints);
     ``device`` and ``precision`` are the backend's, and its own options (``threads`` for
     onnxruntime, ``checkpoint``/``use_cupy`` for torch, ``use_graph`` for TensorRT) are checked:
-    an option the backend does not take raises InputError. ``max_side`` (None or 0: no limit)
+    an option the backend does not take raises InputError. ``max_side`` (default "model": the
+    side the model's manifest recommends, else 1024; None or 0: no limit)
     and ``large_image`` ("guided" or "tile") handle large images; ``threshold`` is the CPU middle
     step's 2-means ("exact" sort, or "histogram", the CUDA kernel's algorithm); ``c1``/``c2``
     default to the manifest's. With ``device_middle_step`` (default) a backend that can keep the
@@ -350,7 +351,7 @@ class Remover:
         backend: str = "onnxruntime",
         device: str = "auto",
         precision: str = "auto",
-        max_side: Optional[int] = DEFAULT_MAX_SIDE,
+        max_side: Union[int, None, str] = "model",
         large_image: str = "guided",
         threshold: Optional[str] = None,
         c1: Optional[float] = None,
@@ -362,8 +363,10 @@ class Remover:
             raise InputError(
                 f"large_image must be one of {', '.join(LARGE_IMAGE_STRATEGIES)}, not {large_image!r}"
             )
-        if max_side is not None and (isinstance(max_side, bool) or int(max_side) < 0):
-            raise InputError(f"max_side must be positive (or 0 / None for no limit), not {max_side}")
+        if max_side == "model":
+            max_side = manifest.max_side or DEFAULT_MAX_SIDE
+        if max_side is not None and (isinstance(max_side, (bool, str)) or int(max_side) < 0):
+            raise InputError(f"max_side must be positive (or 0 / None for no limit), not {max_side!r}")
         self.manifest = manifest
         self.method = get_method(manifest.method)
         overrides = {k: v for k, v in (("c1", c1), ("c2", c2), ("threshold", threshold)) if v is not None}

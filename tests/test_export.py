@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 
-from dereflect.errors import DereflectError, ModelError  # noqa: E402
+from dereflect.errors import DereflectError, InputError, ModelError  # noqa: E402
 from dereflect.export import cli as export_cli  # noqa: E402
 from dereflect.export import fp16 as fp16_mod  # noqa: E402
 from dereflect.export.onnx_export import FP16_MIN_PSNR, export_onnx  # noqa: E402
@@ -423,3 +423,26 @@ def test_a_checkpoint_and_its_export_run_with_the_same_settings_and_give_the_sam
 
     assert open_model(checkpoint, device="cpu").settings == open_model(manifest.directory).settings
     assert (open_model(checkpoint, device="cpu").settings.c1, open_model(checkpoint).settings.c2) == (0.2, 0.8)
+
+
+def test_an_export_can_record_the_side_its_networks_should_run_at(rm2s, tmp_path):
+    """A model trained on small views is run at that scale by default; the user can still choose."""
+    from dereflect.remover import Remover
+
+    checkpoint, _ = rm2s
+    manifest = export_onnx(checkpoint, tmp_path / "small", fp16=False, golden=False, max_side=224)
+    assert json.loads((tmp_path / "small" / "manifest.json").read_text())["max_side"] == 224
+    assert Remover.from_dir(manifest.directory).max_hw == (224, 224)
+    assert Remover.from_dir(manifest.directory, max_side=512).max_hw == (512, 512)
+    assert Remover.from_dir(manifest.directory, max_side=0).max_hw is None
+    assert Remover.from_dir(rm2s[1].directory).max_hw == (1024, 1024)  # none recorded: the runtime's default
+    image = np.random.default_rng(0).uniform(0, 1, (300, 400, 3)).astype(np.float32)
+    result = Remover.from_dir(manifest.directory).remove_with_intermediates(image, colour_order="RGB")
+    assert result.background.shape == image.shape and result.scale < 1
+    with pytest.raises(InputError, match="at least 32"):
+        export_onnx(checkpoint, tmp_path / "tiny", fp16=False, golden=False, max_side=16)
+    data = json.loads((tmp_path / "small" / "manifest.json").read_text())
+    data["max_side"] = "big"
+    (tmp_path / "small" / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ModelError, match="max_side"):
+        Remover.from_dir(tmp_path / "small")

@@ -124,6 +124,7 @@ class BenchPipeline:
     def __init__(self, model: Any, backend: Optional[str] = None, **options: Any) -> None:
         from dereflect.models import open_model
 
+        options.pop("max_side", None)  # each size runs at its own resolution
         self.remover = open_model(model, backend=backend, max_side=None, **options)
         self.manifest = self.remover.manifest
         self.method = self.remover.method
