@@ -1104,3 +1104,57 @@ def test_torch_backend_from_checkpoint(tmp_path):
     other.write_bytes(path.read_bytes() + b" ")
     with pytest.raises(ModelError, match="not the checkpoint this export was made from"):
         Remover.from_dir(export, backend="torch", device="cpu", checkpoint=other)
+
+
+def test_the_runtime_refuses_an_engine_changed_after_it_was_built(fake_trt, tmp_path):
+    """The runtime applies the same engine check as export verify: sidecar, versions and the engine's hash."""
+    from dereflect.manifest import sha256_file
+    from dereflect.trt_api import engine_paths, read_engine_info, write_engine_info
+
+    export = fake_trt(tmp_path / "trt")
+    engine, sidecar = engine_paths(export, "stage2")
+    info = read_engine_info(sidecar)
+    info.engine_sha256 = sha256_file(engine)
+    write_engine_info(info, sidecar)
+    with Remover.from_dir(export, backend="tensorrt") as remover:
+        assert remover.remove(_photo(seed=5)).shape == (40, 56, 3)
+    engine.write_bytes(engine.read_bytes() + b"tampered")
+    with pytest.raises(ModelError, match="does not match the SHA-256 in its sidecar"):
+        Remover.from_dir(export, backend="tensorrt")
+
+
+def test_unknown_backend_options_are_refused_with_the_ones_it_takes(rm2s_dir):
+    with pytest.raises(InputError, match=r"no option\(s\) threadz; it takes: device, precision, threads"):
+        Remover.load(rm2s_dir, threadz=2)
+    with pytest.raises(InputError, match="no option"):
+        Remover.load(rm2s_dir, backend="onnxruntime", checkpoint="x.safetensors")
+    with pytest.raises(InputError, match="threads must be a positive integer"):
+        Remover.load(rm2s_dir, threads=0)
+
+
+def test_bench_times_the_calls_remove_makes(rm2s_dir, crrn_dir, monkeypatch):
+    """bench and Remover.remove run the same method sequence on the same executor: the same calls."""
+    from dereflect.backends.base import HostExecutor
+    from dereflect.tools.bench import BenchPipeline
+
+    calls = []
+    for name in ("upload", "network", "clip", "middle_step", "download"):
+        original = getattr(HostExecutor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            calls.append((_name, args[0] if _name == "network" else None))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(HostExecutor, name, spy)
+    for directory in (rm2s_dir, crrn_dir):
+        image = _photo(seed=9)
+        remover = Remover.load(directory)
+        calls.clear()
+        expected = remover.remove(image, colour_order="RGB")
+        through_remove = list(calls)
+        pipeline = BenchPipeline(directory)
+        calls.clear()
+        layers = pipeline.run(image, pipeline.timer())
+        assert calls == through_remove and len(calls) >= 3
+        np.testing.assert_allclose(layers.background, expected, atol=1e-6)
+    assert ("middle_step", None) in through_remove or ("network", "crrn") in through_remove
