@@ -26,7 +26,7 @@ from dereflect.methods.base import Method, get_method, method_for_checkpoint
 
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent / "models"
 #: The bundled models, by name; the first is the default.
-BUNDLED_MODELS = ("rm2s-lite", "crrn-lite")
+BUNDLED_MODELS = ("crrn-lite", "rm2s-lite")
 ModelRef = Union[str, os.PathLike, None]
 
 

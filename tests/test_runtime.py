@@ -409,7 +409,8 @@ def test_load_takes_a_bundled_name_or_a_directory(monkeypatch, tmp_path):
     assert Remover.load("crrn-lite").manifest.directory == tmp_path / "models" / "crrn-lite"
     assert Remover.load(tmp_path / "models" / "crrn-lite").method.name == "crrn"
     with pytest.raises(ModelError, match="lacks the bundled model 'rm2s-lite'"):
-        Remover.load()  # the default bundled model is rm2s-lite
+        Remover.load("rm2s-lite")
+    assert Remover.load().manifest.directory == tmp_path / "models" / "crrn-lite"  # the default bundled model
 
 
 # -- threads ------------------------------------------------------------------------------
@@ -553,7 +554,7 @@ def test_cli_without_model_explains(cli, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(pipeline, "BUNDLED_MODELS_DIR", tmp_path / "none")
     source = _write_png(tmp_path / "a.png")
     assert cli(["remove", str(source), "-o", str(tmp_path / "b.png")]) == 2
-    assert "lacks the bundled model 'rm2s-lite'" in capsys.readouterr().err
+    assert "lacks the bundled model 'crrn-lite'" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not REAL_PHOTOS.is_dir(), reason="shared real photos not present")
