@@ -86,7 +86,9 @@ def read_quality(specs: Sequence[str]) -> Tuple[List[str], Dict[str, List[str]]]
         if column not in columns:
             columns.append(column)
         mean = report["mean"]
-        values.setdefault(variant, {})[column] = f"{mean['model']['psnr']:.2f} ({mean['baseline']['psnr']:.2f})"
+        baseline = mean["baseline"]["psnr"]  # null in JSON where the input is the ground truth (infinite)
+        values.setdefault(variant, {})[column] = (f"{mean['model']['psnr']:.2f} "
+                                                  f"({'inf' if baseline is None else format(baseline, '.2f')})")
     return columns, {v: [cells.get(c, "-") for c in columns] for v, cells in values.items()}
 
 
