@@ -73,8 +73,9 @@ _MASKS = ("mask_background", "mask_reflection")
 
 
 @dataclass
-class Result:
-    """A removal with its intermediates at the resolution the networks ran at.
+class Result(Layers):
+    """A removal with its intermediates at the resolution the networks ran at: :class:`Layers` with
+    the caller's dtype and colour order, plus where they were computed (``scale``, ``tiles``).
 
     ``background`` is what :meth:`Remover.remove` returns (the input's dtype, shape and colour
     order), always at full resolution. Image-like intermediates are float32 HxWx3 in the
@@ -91,14 +92,6 @@ class Result:
     cost gigabytes.
     """
 
-    background: np.ndarray
-    reflection: np.ndarray
-    stage1: Optional[np.ndarray] = None
-    confidence: Optional[np.ndarray] = None
-    mask_background: Optional[np.ndarray] = None
-    mask_reflection: Optional[np.ndarray] = None
-    gradient: Optional[np.ndarray] = None
-    thresholds: Optional[Tuple[float, float]] = None
     scale: float = 1.0
     tiles: int = 1
 
