@@ -1159,3 +1159,23 @@ def test_bench_times_the_calls_remove_makes(rm2s_dir, crrn_dir, monkeypatch):
         assert calls == through_remove and len(calls) >= 3
         np.testing.assert_allclose(layers.background, expected, atol=1e-6)
     assert ("middle_step", None) in through_remove or ("network", "crrn") in through_remove
+
+
+def test_an_export_made_before_the_restructure_still_loads_and_runs(tmp_path):
+    """tests/old_manifest_rm2s.json is the manifest the previous exporter wrote for the earlier bundled
+    rm2s-lite (its checkpoint metadata trimmed), laid over the toy networks with their hashes."""
+    import json
+
+    from dereflect.manifest import sha256_file
+
+    directory = make_rm2s_export(tmp_path / "old")
+    text = (Path(__file__).parent / "old_manifest_rm2s.json").read_text()
+    for name in ("stage1", "stage2"):
+        text = text.replace(f"SHA_{name}", sha256_file(directory / f"{name}.onnx"))
+    (directory / "manifest.json").write_text(text)
+    old = json.loads(text)
+    assert "max_side" not in old and old["middle_step"]["epsilon"] == 1e-7
+    remover = Remover.load(directory)
+    assert remover.settings.gradient_threshold == 1.0 and remover.max_hw == (1024, 1024)
+    image = _photo(seed=12)
+    np.testing.assert_allclose(remover.remove(image, colour_order="RGB"), _expected(image)[0], atol=2e-3)
