@@ -459,19 +459,24 @@ def _same_file(a: Path, b: Path) -> bool:
 def _limit(folder: Path, name: str, default: int) -> int:
     try:
         return int(os.pathconf(folder, name))
-    except (OSError, ValueError):
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows) or no answer for this file system
         return default
 
 
-def _temporary_name(path: Path, name_max: int = _NAME_MAX) -> Path:
+def name_max(folder: Path) -> int:
+    """The longest file name (bytes) the file system of ``folder`` allows."""
+    return _limit(folder, "PC_NAME_MAX", _NAME_MAX)
+
+
+def _temporary_name(path: Path, longest: int = _NAME_MAX) -> Path:
     """A hidden, unique sibling of ``path`` for the atomic write, never longer than the file system allows."""
     token = uuid.uuid4().hex[:16]
     fixed = len(os.fsencode(f"..{token}{path.suffix}.tmp"))
-    stem = os.fsencode(path.stem)[:max(name_max - fixed, 1)].decode("utf-8", "ignore") or "out"
+    stem = os.fsencode(path.stem)[:max(longest - fixed, 1)].decode("utf-8", "ignore") or "out"
     return path.with_name(f".{stem}.{token}{path.suffix}.tmp")
 
 
-def _existing_folder(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
     """``path`` or its nearest ancestor that exists (as anything, a broken link included)."""
     while not os.path.lexists(path) and path != path.parent:
         path = path.parent
@@ -492,12 +497,12 @@ def check_output_path(path: PathLike, folder: bool = False) -> Path:
         what = f"no image format written as {path.suffix!r}" if path.suffix else "no extension"
         raise InputError(f"{path}: not an image file name ({what}); use one of {', '.join(IMAGE_EXTENSIONS)}")
     # os.path's tests, not Path's: they answer False for a name too long to look up instead of raising.
-    existing = _existing_folder(path if folder else path.parent)
-    name_max = _limit(existing, "PC_NAME_MAX", _NAME_MAX)
+    existing = nearest_existing(path if folder else path.parent)
+    longest = name_max(existing)
     for part in path.parts:
         size = len(os.fsencode(part))
-        if size > name_max:
-            raise InputError(f"{path}: the name {part[:32]!r}... is {size} bytes; this file system allows {name_max}")
+        if size > longest:
+            raise InputError(f"{path}: the name {part[:32]!r}... is {size} bytes; this file system allows {longest}")
     if len(os.fsencode(os.path.abspath(path))) >= _limit(existing, "PC_PATH_MAX", _PATH_MAX):
         raise InputError(f"{path}: the path is longer than this file system allows")
     if folder and os.path.exists(path) and not os.path.isdir(path):
@@ -572,7 +577,7 @@ def write_image(
         raise InputError(f"{path}: OpenCV could not encode the image as {ext}")
     # A uniquely named sibling opened with "xb" (not mkstemp, whose files are private 0600), so
     # the output gets the permissions the user's umask gives any new file.
-    tmp_name = _temporary_name(path, _limit(_existing_folder(path.parent), "PC_NAME_MAX", _NAME_MAX))
+    tmp_name = _temporary_name(path, name_max(nearest_existing(path.parent)))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp_name, "xb") as tmp:

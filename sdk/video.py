@@ -54,6 +54,7 @@ import cv2
 import numpy as np
 
 from .errors import InputError
+from .imageio import name_max, nearest_existing
 
 #: The codecs tried for each output extension, best first (H.264 where the OpenCV build can encode it).
 CODECS_BY_EXTENSION: Dict[str, Tuple[str, ...]] = {
@@ -199,30 +200,16 @@ def _check_display() -> None:
                          "or install an OpenCV with a GUI")
 
 
-def _name_max(folder: Path) -> int:
-    try:
-        return os.pathconf(folder, "PC_NAME_MAX")
-    except (AttributeError, OSError, ValueError):  # no pathconf (Windows) or no answer for this file system
-        return 255
-
-
-def _nearest_existing(path: Path) -> Path:
-    """``path`` or its nearest ancestor that exists (as anything, a broken link included)."""
-    while not os.path.lexists(path) and path != path.parent:
-        path = path.parent
-    return path
-
-
 def _check_output_path(output: Path, source: Source, overwrite: bool) -> None:
     try:
-        folder = _nearest_existing(output.parent)
+        folder = nearest_existing(output.parent)
         # Before any look at the output itself: the system refuses to even stat a name that is too long.
-        name_max = _name_max(folder)
+        longest = name_max(folder)
         for part in output.parts:
-            if len(os.fsencode(part)) > name_max:
+            if len(os.fsencode(part)) > longest:
                 what = "file name" if part == output.name else f"folder name {part[:24]!r}..."
                 raise InputError(f"{output}: the {what} is {len(os.fsencode(part))} bytes; this file system "
-                                 f"allows {name_max}")
+                                 f"allows {longest}")
         if output.is_dir():
             raise InputError(f"{output}: is a folder; name the output file, e.g. {output / 'clean.mp4'}")
         exists = output.exists()
@@ -387,7 +374,7 @@ def _worker(remover: Any, in_q: queue.Queue, out_q: queue.Queue, stop: threading
 def _partial_path(output: Path) -> Path:
     """The hidden name the output is written under; shortened when it would outgrow the file-name limit."""
     name = f".{output.stem}.partial{output.suffix}"
-    if len(os.fsencode(name)) > _name_max(_nearest_existing(output.parent)):
+    if len(os.fsencode(name)) > name_max(nearest_existing(output.parent)):
         name = f".dereflect-{hashlib.sha1(os.fsencode(output.name)).hexdigest()[:16]}.partial{output.suffix}"
     return output.with_name(name)
 
