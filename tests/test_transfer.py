@@ -250,6 +250,27 @@ def test_mixed_pairs_take_each_source_at_its_weight_and_mark_real_samples(tmp_pa
         MixedPairs([(synthetic, 0.5), (RealPairs(tmp_path / "real", size=32), 0.5)])
 
 
+
+def test_real_pairs_take_the_crop_geometry_of_the_training_recipe(tmp_path, photo_folder):
+    """--synthesis crop_scale=... (whole-photo views, say) reaches the real pairs too, mix or not."""
+    from dereflect.cli import build_parser
+    from dereflect.train.cli import build_loaders, build_recipe
+    from dereflect.train.distributed import DistributedContext
+
+    real = write_real_pairs(tmp_path / "real", ["1", "2", "3"], size=(96, 128))
+    for extra in ([], ["--clean-fraction", "0.2"]):
+        args = build_parser().parse_args(
+            ["train", "rm2s-stage1", "--data", str(photo_folder), "--real", str(real), "--size", "48x64",
+             "--synthesis", "crop_scale=0.9,1.0", "--workers", "0", "--cache-mb", "0", *extra])
+        recipe = build_recipe(args, "rm2s-stage1", [(48, 64)])
+        loader, _ = build_loaders(args, recipe, DistributedContext(torch.device("cpu")))
+        real_pairs = next(part for part in loader.dataset.parts if isinstance(part, RealPairs))
+        assert real_pairs.geometry.crop_scale == (0.9, 1.0)
+        assert real_pairs.geometry.rotate90 == recipe.primary.rotate90
+        inp, _ = real_pairs.sample_arrays((0, 0, 0))
+        assert inp.shape == (48, 64, 3)
+
+
 # --------------------------------------------------------------------------- loss and training
 
 

@@ -348,7 +348,10 @@ def build_loaders(args, recipe, context):
         if not 0.0 < args.real_fraction < 1.0:
             raise InputError(f"--real-fraction must be between 0 and 1 (exclusive), got {args.real_fraction}")
         holdout = read_name_list(args.real_holdout) if args.real_holdout else ()
-        real = RealPairs(args.real, size=recipe.sizes, seed=args.seed, exclude_names=holdout)
+        # The real pairs take the recipe's geometry, so both kinds of sample show photos at one scale.
+        geometry = recipe.primary
+        real = RealPairs(args.real, size=recipe.sizes, seed=args.seed, exclude_names=holdout,
+                         crop_scale=geometry.crop_scale, flip_p=geometry.flip_p, rotate90=geometry.rotate90)
         train_set = MixedPairs([(train_set, 1.0 - args.real_fraction), (real, args.real_fraction)], seed=args.seed)
     if args.cache_mb > 0:
         started = time.monotonic()

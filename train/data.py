@@ -448,6 +448,11 @@ class SynthesisConfig:
             out[f.name] = value
         return out
 
+    @property
+    def primary(self) -> SynthesisConfig:
+        """This recipe (as :attr:`RecipeMix.primary` is a mix's first): real pairs take its geometry."""
+        return self
+
     def with_size(self, size: Any) -> SynthesisConfig:
         """The same recipe at other target size(s)."""
         return dataclasses.replace(self, size=size)
@@ -562,6 +567,11 @@ class RecipeMix:
             raise InputError(f"RecipeMix weights must be > 0, got {weights}")
         set_(self, "recipes", tuple(r.with_size(recipes[0].size) for r in recipes))
         set_(self, "weights", weights)
+
+    @property
+    def primary(self) -> SynthesisConfig:
+        """The first recipe: its sizes and crop geometry are the mix's (real pairs take them too)."""
+        return self.recipes[0]
 
     @property
     def size(self) -> Tuple[Size, ...]:
