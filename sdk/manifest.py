@@ -217,7 +217,8 @@ class Manifest:
         if not filename:
             raise ModelError(
                 f"{self.directory}: network {network!r} has no FP16 ONNX file; export the checkpoint again "
-                "(dereflect export onnx writes one unless --no-fp16) or use --precision fp32"
+                "(dereflect export onnx writes one unless --no-fp16) or run it in FP32 (remove and video: "
+                "--precision fp32; export verify: without --fp16)"
             )
         return inside(self.directory, filename, f"network {network!r}")
 

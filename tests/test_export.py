@@ -399,6 +399,13 @@ def test_cli_export_onnx(tmp_path, capsys):
     assert "stage2.onnx" in printed and "TensorRT parser check" in printed
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["method"] == "rm2s"
     assert cli_main(["export", "onnx", str(checkpoint), "-o", str(tmp_path / "out")]) == 2
+    capsys.readouterr()
+    # No FP16 files: the hint names the FP32 route of each command that can ask for them.
+    from dereflect.cli import main
+
+    assert main(["export", "verify", str(tmp_path / "out"), "--backend", "onnxruntime", "--fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "no FP16 ONNX file" in err and "export verify: without --fp16" in err
 
 
 def test_a_checkpoint_and_its_export_run_with_the_same_settings_and_give_the_same_result(rm2s, tmp_path):
