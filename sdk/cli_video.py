@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from typing import Any
 
@@ -54,7 +55,8 @@ def register(subparsers: Any) -> None:
                     "OUT. Frame order, exact size and nominal frame rate are kept; audio is NOT copied "
                     "(OpenCV handles video frames only). A frame that fails is written unchanged, a frame "
                     "that cannot be decoded is replaced by the previous output frame; both are counted. "
-                    "Ctrl+C, SIGTERM and q in the --show window stop the run and keep what was processed.",
+                    "Ctrl+C, SIGTERM and q in the --show window stop the run and keep what was processed "
+                    "(exit status 130, 143 and 0).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -118,4 +120,7 @@ def run_video(args: argparse.Namespace) -> int:
     # Cameras and pipelines give OpenCV no audio track to lose; a file or stream may have one.
     if not args.camera and isinstance(source, str) and not is_pipeline(source) and not is_pipeline(args.output):
         print(audio_note(source, summary.output), file=sys.stderr)
+    if summary.stopped_by in ("SIGINT", "SIGTERM"):
+        # Like any command stopped by a signal (128 + its number), though the file is complete so far.
+        return 128 + signal.Signals[summary.stopped_by].value
     return 1 if summary.failed or summary.skipped else 0
