@@ -197,8 +197,9 @@ def _trace_size(stride: int, min_size: int) -> Tuple[int, int]:
     return base, base + stride
 
 
-def _export_network(torch, module, path: Path, input_name: str, channels: int, output_names, opset: int,
-                    stride: int, min_size: int) -> Dict[str, int]:
+def export_network(torch, module, path: Path, input_name: str, channels: int, output_names, opset: int,
+                   stride: int, min_size: int) -> Dict[str, int]:
+    """``module`` (a PaddedModel in eval mode) to ``path`` as every export writes it; returns the cleanup counts."""
     import onnx
 
     height, width = _trace_size(stride, min_size)
@@ -287,8 +288,8 @@ def export_onnx(
                 raise ModelError(f"{name}: the network returns {len(probe)} outputs, "
                                  f"expected {list(output_names)}")
             path = tmp / f"{name}.onnx"
-            cleaned[name] = _export_network(torch, module, path, input_name, channels, output_names, opset,
-                                            stride, min_size)
+            cleaned[name] = export_network(torch, module, path, input_name, channels, output_names, opset,
+                                           stride, min_size)
             modules[name] = module
             networks[name] = NetworkSpec(
                 name=name, onnx=path.name, sha256=sha256_file(path),

@@ -72,6 +72,15 @@ def register(subparsers) -> None:
     _add_synthesis_option(synth)
     synth.set_defaults(func=run_synthesize)
 
+    from_export = commands.add_parser(
+        "from-export", help="rebuild a training checkpoint from an export or bundled model, to fine-tune it",
+        description="Write a training checkpoint with the weights of MODEL (a bundled model such as crrn-lite, "
+                    "or an export directory), rebuilt from its ONNX files and checked against them, so that "
+                    "training can go on from it with --resume (a GAN critic, not exported, starts afresh).")
+    from_export.add_argument("model", metavar="MODEL", help="bundled model name or export directory")
+    from_export.add_argument("-o", "--out", required=True, metavar="FILE", help="checkpoint to write (.safetensors)")
+    from_export.set_defaults(func=run_from_export)
+
     fit_gain = commands.add_parser(
         "fit-gain", help="fit the global-gain baseline (three channel gains) on real pairs, for dereflect eval")
     fit_gain.add_argument("--real", required=True, metavar="DIR",
@@ -495,6 +504,24 @@ def run_synthesize(args) -> int:
     (out / "recipe.json").write_text(json.dumps({"recipe": recipe.to_dict(), "seed": args.seed,
                                                  "include": args.include, "data": args.data}, indent=2) + "\n")
     print(f"{args.count} pairs in {out} (evaluate with: dereflect eval MODEL --data {out})")
+    return 0
+
+
+def run_from_export(args) -> int:
+    from dereflect.errors import InputError
+
+    from .from_export import checkpoint_from_export
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".safetensors":
+        raise InputError(f"-o {out}: a checkpoint file ends in .safetensors")
+    if out.exists():
+        raise InputError(f"{out} exists; choose a new file name")
+    path, summary = checkpoint_from_export(args.model, out)
+    fresh = f"; started afresh: {', '.join(summary['fresh'])}" if summary["fresh"] else ""
+    print(f"{path}: {summary['method']} ({summary['kind']}), step {summary['step']}, networks "
+          f"{', '.join(summary['networks'])} as exported (largest difference from the ONNX files "
+          f"{summary['max_abs']:.1e}){fresh}")
     return 0
 
 
