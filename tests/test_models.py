@@ -51,6 +51,16 @@ def test_import_does_not_load_torch_until_used():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_building_every_network_on_the_meta_device_stays_light():
+    """Checkpoint validation builds networks on the meta device: that must not pull in torch._dynamo
+    (arithmetic on meta tensors does, over a second on the first load of a CRRN checkpoint)."""
+    code = ("import sys, torch; from dereflect.train.models import ARCHS, build_model\n"
+            "with torch.device('meta'):\n"
+            "    for arch in ARCHS: build_model(arch)\n"
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 @pytest.mark.parametrize("in_channels", [3, 9])
 def test_unet_parameter_counts(in_channels):
     paper = on_meta(lambda: RM2SUNet(UNetConfig.preset("paper", in_channels=in_channels)))

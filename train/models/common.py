@@ -177,13 +177,16 @@ def _sobel_weight(channels: int) -> torch.Tensor:
     Grey is luma for 3 channels and the channel itself for 1. The Sobel kernels are divided by 8
     so that each response is the derivative per pixel (a unit ramp gives 1).
     """
+    # Made on the CPU even under a meta-device context (checkpoint validation builds networks there):
+    # arithmetic on meta tensors imports torch._dynamo, over a second on the first load.
+    cpu = torch.device("cpu")
     if channels == 3:
-        grey = torch.tensor(LUMA, dtype=torch.float32)
+        grey = torch.tensor(LUMA, dtype=torch.float32, device=cpu)
     elif channels == 1:
-        grey = torch.ones(1)
+        grey = torch.ones(1, device=cpu)
     else:
         raise InputError(f"gradient_magnitude takes 1 (grey) or 3 (RGB) channels, got {channels}")
-    sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
+    sobel_x = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=cpu) / 8.0
     kernels = torch.stack([sobel_x, sobel_x.t()])
     return kernels[:, None, :, :] * grey[None, :, None, None]
 
