@@ -271,6 +271,27 @@ def test_real_pairs_take_the_crop_geometry_of_the_training_recipe(tmp_path, phot
         assert inp.shape == (48, 64, 3)
 
 
+
+def test_validation_pairs_are_seen_at_the_side_the_model_runs_at(tmp_path, photo_folder):
+    """Lite models run at 224 px: their validation (and best.safetensors) sees photos at that scale."""
+    from dereflect.cli import build_parser
+    from dereflect.train.cli import build_loaders, build_recipe
+    from dereflect.train.distributed import DistributedContext
+
+    val = write_real_pairs(tmp_path / "val", ["1", "2"], size=(600, 800))
+    for extra, side in (([], 224), (["--val-max-side", "320"], 320), (["--config", "lite-scratch"], 512)):
+        args = build_parser().parse_args(["train", "rm2s-stage1", "--data", str(photo_folder), "--val", str(val),
+                                          "--size", "64", "--workers", "0", "--cache-mb", "0", *extra])
+        _, val_loader = build_loaders(args, build_recipe(args, "rm2s-stage1", [(64, 64)]),
+                                      DistributedContext(torch.device("cpu")))
+        sample = next(iter(val_loader))
+        assert max(sample["input"].shape[-2:]) <= side and max(sample["input"].shape[-2:]) > side - 32
+    args = build_parser().parse_args(["train", "rm2s-stage1", "--data", str(photo_folder), "--val", str(val),
+                                      "--val-max-side", "16"])
+    with pytest.raises(InputError, match="at least 32"):
+        build_loaders(args, build_recipe(args, "rm2s-stage1", [(64, 64)]), DistributedContext(torch.device("cpu")))
+
+
 # --------------------------------------------------------------------------- loss and training
 
 

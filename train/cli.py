@@ -170,6 +170,11 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
     parser.add_argument("--val-prefix", default="test_",
                         help="photos named so are held out of training and used for validation (default: test_)")
     parser.add_argument("--val-count", type=int, default=24, help="validation images (default: 24)")
+    parser.add_argument("--val-max-side", type=int, default=None, metavar="N",
+                        help="longest side of --val pairs with ground truth as the network sees them (scaled "
+                             "down), so that validation, and best.safetensors, see photos at the scale the "
+                             "model will run at (default: 224 for --config lite, the side the lite models run "
+                             "at; else 512)")
     parser.add_argument("--config", choices=CONFIGS, default="lite",
                         help="network: lite (ImageNet MobileNetV2 encoder; the shipped models), lite-scratch "
                              "(the earlier lite networks, trained from scratch) or paper (the authors' sizes) "
@@ -336,7 +341,10 @@ def build_loaders(args, recipe, context):
         except InputError:  # not a dataset with ground truth: photos to synthesise pairs from
             val_set = SyntheticPairs(root, val_recipe, seed=val_seed, length=args.val_count)
         else:
-            val_set = _first_n(GroundTruthPairs(root, layout=layout, max_side=512), args.val_count)
+            side = args.val_max_side or (224 if args.config == "lite" else 512)
+            if side < 32:
+                raise InputError(f"--val-max-side must be at least 32, got {side}")
+            val_set = _first_n(GroundTruthPairs(root, layout=layout, max_side=side), args.val_count)
     else:
         try:
             held_out = find_images(args.data, include=prefix) if prefix else []
