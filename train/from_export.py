@@ -132,8 +132,10 @@ def _calibrate(net: nn.Module, feed: np.ndarray) -> None:
     With the identity BatchNorm y = x + b, setting mean m, variance s^2 - eps, scale s and shift
     b + m gives the same y in eval mode, and in train mode the batch statistics are near m and s.
     """
+    from dereflect.train.models.common import PaddedModel
+
     bn_convs = _batchnorms_after_convs(net)
-    sums: Dict[str, List[torch.Tensor]] = {}
+    sums: Dict[str, list] = {}  # name -> [batches, sum of channel means, sum of channel mean squares]
 
     def record(name: str):
         def hook(module, inputs, output):
@@ -143,8 +145,6 @@ def _calibrate(net: nn.Module, feed: np.ndarray) -> None:
             entry[1] = entry[1] + x.mean((0, 2, 3))
             entry[2] = entry[2] + (x * x).mean((0, 2, 3))
         return hook
-
-    from dereflect.train.models.common import PaddedModel
 
     handles = [net.get_submodule(name).register_forward_hook(record(name)) for name in bn_convs]
     try:
