@@ -26,7 +26,8 @@ from torch import nn
 from .checkpoint import save_checkpoint
 from .models import build_model
 
-#: Photo-like images (N, H, W) whose statistics each BatchNorm is rescaled to.
+#: Photo-like images (N, H, W) whose statistics each BatchNorm is rescaled to; the parity check runs on
+#: them too (with random inputs of several sizes).
 CALIBRATION_SHAPE = (8, 160, 224)
 #: Metadata keys ``save_checkpoint`` writes itself; every other recorded key is carried over.
 _OWN_KEYS = {"format", "format_version", "method", "kind", "networks", "step", "data_recipe", "training",
@@ -90,8 +91,10 @@ def _match(probe: Dict[str, np.ndarray], state: Dict[str, torch.Tensor],
 
 
 def _unfold(net: nn.Module, onnx_path: Path, input_name: str, output_names: List[str], channels: int,
-            network: str) -> None:
-    """Load the export's weights for ``net`` (in place): folded convolutions, identity BatchNorms."""
+            network: str) -> Dict[str, str]:
+    """Load the export's weights for ``net`` (in place): folded convolutions, identity BatchNorms.
+
+    Returns the BatchNorm -> convolution pairs it unfolded."""
     from dereflect.export.onnx_export import export_network
     from dereflect.train.models.common import PaddedModel
 
@@ -124,9 +127,10 @@ def _unfold(net: nn.Module, onnx_path: Path, input_name: str, output_names: List
             state[f"{bn}.running_var"] = torch.full_like(state[f"{bn}.running_var"], 1.0 - module.eps)
     net.load_state_dict(state)
     net.eval()
+    return bn_convs
 
 
-def _calibrate(net: nn.Module, feed: np.ndarray) -> None:
+def _calibrate(net: nn.Module, bn_convs: Dict[str, str], feed: np.ndarray) -> None:
     """Rescale each BatchNorm to its input's mean and spread on ``feed``, keeping its function.
 
     With the identity BatchNorm y = x + b, setting mean m, variance s^2 - eps, scale s and shift
@@ -134,7 +138,6 @@ def _calibrate(net: nn.Module, feed: np.ndarray) -> None:
     """
     from dereflect.train.models.common import PaddedModel
 
-    bn_convs = _batchnorms_after_convs(net)
     sums: Dict[str, list] = {}  # name -> [batches, sum of channel means, sum of channel mean squares]
 
     def record(name: str):
@@ -173,7 +176,6 @@ def checkpoint_from_export(model: Any, out: os.PathLike) -> Tuple[Path, Dict[str
     parity difference). Raises InputError for a checkpoint (nothing to rebuild) and ModelError for an
     export that records no checkpoint metadata or whose files do not fit it.
     """
-    from dereflect.export.onnx_export import MEASURE_SHAPE
     from dereflect.export.parity import check_parity, random_cases
     from dereflect.export.verify import natural_images, network_feeds, ort_backend
     from dereflect.models import open_source
@@ -190,7 +192,6 @@ def checkpoint_from_export(model: Any, out: os.PathLike) -> Tuple[Path, Dict[str
     available = metadata["networks"]
     backend = ort_backend(manifest)
     feeds = network_feeds(backend, natural_images(*CALIBRATION_SHAPE, seed=11))
-    checks = network_feeds(backend, natural_images(*MEASURE_SHAPE, seed=7))
     networks, report = {}, None
     for contract in method.networks:
         stored = method.checkpoint_network(contract, available)
@@ -198,10 +199,11 @@ def checkpoint_from_export(model: Any, out: os.PathLike) -> Tuple[Path, Dict[str
         net = build_model(spec["arch"], spec["config"])
         onnx_path = manifest.path_of(contract.name)
         input_name = contract.input.name
-        _unfold(net, onnx_path, input_name, [t.name for t in contract.outputs], contract.input.channels, stored)
-        _calibrate(net, feeds[contract.name][input_name])
+        bn_convs = _unfold(net, onnx_path, input_name, [t.name for t in contract.outputs], contract.input.channels,
+                           stored)
+        _calibrate(net, bn_convs, feeds[contract.name][input_name])
         cases = random_cases(input_name, contract.input.channels)
-        cases.append(("natural", checks[contract.name]))
+        cases.append(("natural", feeds[contract.name]))
         report = check_parity(contract.name, PaddedModel(net).eval(), str(onnx_path), cases, report=report)
         networks[stored] = (spec["arch"], spec["config"], net)
     if not report.passed:
