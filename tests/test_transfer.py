@@ -251,19 +251,23 @@ def test_mixed_pairs_take_each_source_at_its_weight_and_mark_real_samples(tmp_pa
 
 
 
-def test_real_pairs_take_the_crop_geometry_of_the_training_recipe(tmp_path, photo_folder):
-    """--synthesis crop_scale=... (whole-photo views, say) reaches the real pairs too, mix or not."""
+def _cli_loaders(argv):
+    """``dereflect train rm2s-stage1 ARGV``'s recipe and (training, validation) loaders, as the command builds them."""
     from dereflect.cli import build_parser
-    from dereflect.train.cli import build_loaders, build_recipe
+    from dereflect.train.cli import build_loaders, build_recipe, parse_sizes
     from dereflect.train.distributed import DistributedContext
 
+    args = build_parser().parse_args(["train", "rm2s-stage1", "--workers", "0", "--cache-mb", "0", *argv])
+    recipe = build_recipe(args, "rm2s-stage1", parse_sizes(args.size))
+    return recipe, *build_loaders(args, recipe, DistributedContext(torch.device("cpu")))
+
+
+def test_real_pairs_take_the_crop_geometry_of_the_training_recipe(tmp_path, photo_folder):
+    """--synthesis crop_scale=... (whole-photo views, say) reaches the real pairs too, mix or not."""
     real = write_real_pairs(tmp_path / "real", ["1", "2", "3"], size=(96, 128))
     for extra in ([], ["--clean-fraction", "0.2"]):
-        args = build_parser().parse_args(
-            ["train", "rm2s-stage1", "--data", str(photo_folder), "--real", str(real), "--size", "48x64",
-             "--synthesis", "crop_scale=0.9,1.0", "--workers", "0", "--cache-mb", "0", *extra])
-        recipe = build_recipe(args, "rm2s-stage1", [(48, 64)])
-        loader, _ = build_loaders(args, recipe, DistributedContext(torch.device("cpu")))
+        recipe, loader, _ = _cli_loaders(["--data", str(photo_folder), "--real", str(real), "--size", "48x64",
+                                          "--synthesis", "crop_scale=0.9,1.0", *extra])
         real_pairs = next(part for part in loader.dataset.parts if isinstance(part, RealPairs))
         assert real_pairs.geometry.crop_scale == (0.9, 1.0)
         assert real_pairs.geometry.rotate90 == recipe.primary.rotate90
@@ -271,25 +275,17 @@ def test_real_pairs_take_the_crop_geometry_of_the_training_recipe(tmp_path, phot
         assert inp.shape == (48, 64, 3)
 
 
-
 def test_validation_pairs_are_seen_at_the_side_the_model_runs_at(tmp_path, photo_folder):
     """Lite models run at 224 px: their validation (and best.safetensors) sees photos at that scale."""
-    from dereflect.cli import build_parser
-    from dereflect.train.cli import build_loaders, build_recipe
-    from dereflect.train.distributed import DistributedContext
-
     val = write_real_pairs(tmp_path / "val", ["1", "2"], size=(600, 800))
+    common = ["--data", str(photo_folder), "--val", str(val), "--size", "64"]
     for extra, side in (([], 224), (["--val-max-side", "320"], 320), (["--config", "lite-scratch"], 512)):
-        args = build_parser().parse_args(["train", "rm2s-stage1", "--data", str(photo_folder), "--val", str(val),
-                                          "--size", "64", "--workers", "0", "--cache-mb", "0", *extra])
-        _, val_loader = build_loaders(args, build_recipe(args, "rm2s-stage1", [(64, 64)]),
-                                      DistributedContext(torch.device("cpu")))
+        _, _, val_loader = _cli_loaders([*common, *extra])
         sample = next(iter(val_loader))
         assert max(sample["input"].shape[-2:]) <= side and max(sample["input"].shape[-2:]) > side - 32
-    args = build_parser().parse_args(["train", "rm2s-stage1", "--data", str(photo_folder), "--val", str(val),
-                                      "--val-max-side", "16"])
-    with pytest.raises(InputError, match="at least 32"):
-        build_loaders(args, build_recipe(args, "rm2s-stage1", [(64, 64)]), DistributedContext(torch.device("cpu")))
+    for side in ("16", "0"):
+        with pytest.raises(InputError, match="at least 32"):
+            _cli_loaders([*common, "--val-max-side", side])
 
 
 # --------------------------------------------------------------------------- loss and training

@@ -341,7 +341,7 @@ def build_loaders(args, recipe, context):
         except InputError:  # not a dataset with ground truth: photos to synthesise pairs from
             val_set = SyntheticPairs(root, val_recipe, seed=val_seed, length=args.val_count)
         else:
-            side = args.val_max_side or (224 if args.config == "lite" else 512)
+            side = args.val_max_side if args.val_max_side is not None else (224 if args.config == "lite" else 512)
             if side < 32:
                 raise InputError(f"--val-max-side must be at least 32, got {side}")
             val_set = _first_n(GroundTruthPairs(root, layout=layout, max_side=side), args.val_count)
