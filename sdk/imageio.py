@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -483,38 +484,56 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_output_path(path: PathLike, folder: bool = False) -> Path:
-    """Check, before any work, that an image file (or with ``folder``, a folder of images) can be written at ``path``.
+def check_output_location(path: Path, folder: bool = False, example: str = "clean.png") -> Path:
+    """The checks every output (image, folder of images, video) shares, before any work; returns the
+    nearest existing folder, where the output will be created.
 
-    InputError naming the problem when ``path`` (a file) has no extension of a format OpenCV
-    writes or is an existing folder; ``path`` (a folder) exists as a file; a name is longer than
-    the file system allows (the hidden temporary name of the atomic write is kept within it);
-    a part of the path is an existing file or a broken link; or the nearest existing folder is
-    not writable. Creates nothing; returns ``path``.
+    InputError naming the problem when a name is longer than the file system allows (checked first:
+    the system refuses to even look up such a name), so is the whole path, ``path`` is an existing
+    folder (a file is wanted; ``example`` names one inside it) or, with ``folder``, an existing file,
+    a part of the path is a file or a broken link, or nothing can be written in the nearest existing
+    folder. Leaves nothing behind.
     """
-    path = Path(path)
-    if not folder and (path.suffix.lower() not in IMAGE_EXTENSIONS or not cv2.haveImageWriter(str(path))):
-        what = f"no image format written as {path.suffix!r}" if path.suffix else "no extension"
-        raise InputError(f"{path}: not an image file name ({what}); use one of {', '.join(IMAGE_EXTENSIONS)}")
-    # os.path's tests, not Path's: they answer False for a name too long to look up instead of raising.
     existing = nearest_existing(path if folder else path.parent)
     longest = name_max(existing)
     for part in path.parts:
         size = len(os.fsencode(part))
         if size > longest:
-            raise InputError(f"{path}: the name {part[:32]!r}... is {size} bytes; this file system allows {longest}")
+            what = "file name" if part == path.name and not folder else f"folder name {part[:24]!r}..."
+            raise InputError(f"{path}: the {what} is {size} bytes; this file system allows {longest}")
     if len(os.fsencode(os.path.abspath(path))) >= _limit(existing, "PC_PATH_MAX", _PATH_MAX):
         raise InputError(f"{path}: the path is longer than this file system allows")
+    # os.path's tests, not Path's: they answer False instead of raising where a look-up fails.
     if folder and os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{path}: exists and is not a folder")
     if not folder and os.path.isdir(path):
-        raise InputError(f"{path}: is a folder; name an image file")
+        raise InputError(f"{path}: is a folder; name the output file, e.g. {path / example}")
     if os.path.islink(existing) and not os.path.exists(existing):
         raise InputError(f"{path}: {existing} is a broken symbolic link, not a folder")
     if not os.path.isdir(existing):
         raise InputError(f"{path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{path}: no permission to write in {existing}")
+    try:
+        # A real file, not os.access: root passes os.access everywhere, yet cannot write to a read-only mount.
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".dereflect-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write in {existing} ({exc.strerror})") from None
+    return existing
+
+
+def check_output_path(path: PathLike, folder: bool = False) -> Path:
+    """Check, before any work, that an image file (or with ``folder``, a folder of images) can be written at ``path``.
+
+    InputError naming the problem when ``path`` (a file) has no extension of a format OpenCV
+    writes, or for any of :func:`check_output_location`'s reasons (the hidden temporary name of
+    the atomic write is kept within the file-name limit when it is made). Returns ``path``.
+    """
+    path = Path(path)
+    if not folder and (path.suffix.lower() not in IMAGE_EXTENSIONS or not cv2.haveImageWriter(str(path))):
+        what = f"no image format written as {path.suffix!r}" if path.suffix else "no extension"
+        raise InputError(f"{path}: not an image file name ({what}); use one of {', '.join(IMAGE_EXTENSIONS)}")
+    check_output_location(path, folder)
     return path
 
 

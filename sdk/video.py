@@ -42,7 +42,6 @@ import re
 import shlex
 import signal
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -54,7 +53,7 @@ import cv2
 import numpy as np
 
 from .errors import InputError
-from .imageio import name_max, nearest_existing
+from .imageio import check_output_location, name_max, nearest_existing
 
 #: The codecs tried for each output extension, best first (H.264 where the OpenCV build can encode it).
 CODECS_BY_EXTENSION: Dict[str, Tuple[str, ...]] = {
@@ -201,36 +200,12 @@ def _check_display() -> None:
 
 
 def _check_output_path(output: Path, source: Source, overwrite: bool) -> None:
-    try:
-        folder = nearest_existing(output.parent)
-        # Before any look at the output itself: the system refuses to even stat a name that is too long.
-        longest = name_max(folder)
-        for part in output.parts:
-            if len(os.fsencode(part)) > longest:
-                what = "file name" if part == output.name else f"folder name {part[:24]!r}..."
-                raise InputError(f"{output}: the {what} is {len(os.fsencode(part))} bytes; this file system "
-                                 f"allows {longest}")
-        if output.is_dir():
-            raise InputError(f"{output}: is a folder; name the output file, e.g. {output / 'clean.mp4'}")
-        exists = output.exists()
-    except OSError as exc:
-        raise InputError(f"{output}: cannot use this path ({exc.strerror})") from None
+    check_output_location(output, example="clean.mp4")
     ext = output.suffix.lower()
     if ext not in CODECS_BY_EXTENSION:
         raise InputError(f"{output}: unknown video extension '{ext or '(none)'}'; use one of "
                          f"{', '.join(CODECS_BY_EXTENSION)}")
-    if folder.is_symlink() and not folder.exists():
-        raise InputError(f"{output}: {folder} is a broken symbolic link, not a folder")
-    if not folder.is_dir():
-        raise InputError(f"{output}: {folder} is a file, not a folder")
-    try:
-        # A real file, not os.access: root passes os.access everywhere, yet cannot write to read-only mounts.
-        handle, probe = tempfile.mkstemp(dir=folder, prefix=".dereflect-probe-")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as exc:
-        raise InputError(f"{output}: cannot write in {folder} ({exc.strerror})") from None
-    if exists:
+    if os.path.exists(output):
         if isinstance(source, str) and os.path.exists(source) and os.path.samefile(source, output):
             raise InputError(f"{output}: refusing to overwrite the input video; choose another output path")
         if not overwrite:

@@ -620,8 +620,8 @@ def test_read_only_output_folder(shared_folder, monkeypatch):
 
     code, stderr, api_error = _unprivileged(run)
     assert code == 2 and "Traceback" not in stderr
-    assert re.fullmatch(r"dereflect: error: .*a\.png: no permission to write in .*locked\n", stderr)
-    assert "b.png: no permission to write in" in api_error
+    assert re.fullmatch(r"dereflect: error: .*a\.png: cannot write in .*locked \(Permission denied\)\n", stderr)
+    assert "b.png: cannot write in" in api_error
     assert _hashes(shared_folder) == before and not any(locked.iterdir())
 
 

@@ -258,7 +258,8 @@ def test_output_paths_are_checked_before_writing(tmp_path):
         (tmp_path / "photo.jpg" / "x.png", "photo.jpg is a file, not a folder"),
         (tmp_path / "out.xyz", "not an image file name"),
         (tmp_path / "out", "no extension"),
-        (tmp_path / ("n" * 252 + ".png"), "256 bytes"),
+        (tmp_path / ("n" * 252 + ".png"), "the file name is 256 bytes"),
+        (tmp_path / ("d" * 300) / "x.png", "the folder name 'dddd.*'... is 300 bytes"),
     ]:
         with pytest.raises(InputError, match=match):
             write_image(path, image)
@@ -266,6 +267,10 @@ def test_output_paths_are_checked_before_writing(tmp_path):
         check_output_path(tmp_path / "photo.jpg", folder=True)
     assert check_output_path(tmp_path / "new" / "deeper", folder=True) == tmp_path / "new" / "deeper"
     assert not (tmp_path / "new").exists()
+    (tmp_path / "out.png").mkdir()
+    with pytest.raises(InputError, match=r"out\.png: is a folder; name the output file, e\.g\. .*out\.png/clean\.png"):
+        write_image(tmp_path / "out.png", image)
+    (tmp_path / "out.png").rmdir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg"]
 
 

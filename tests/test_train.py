@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 from dereflect.cli import main  # noqa: E402
 from dereflect.errors import ModelError  # noqa: E402
-from dereflect.train.checkpoint import load_checkpoint, read_metadata, save_checkpoint  # noqa: E402
+from dereflect.train.checkpoint import load_checkpoint, load_state_strict, read_metadata, save_checkpoint  # noqa: E402
 from dereflect.train.crrn import CRRNTask, schedule_phase  # noqa: E402
 from dereflect.train.data import SynthesisConfig, SyntheticPairs, make_loader  # noqa: E402
 from dereflect.train.models.crrn import CRRNConfig  # noqa: E402
@@ -98,6 +98,32 @@ def test_checkpoint_loading_refuses_pickles_foreign_files_and_mismatched_weights
     # refused by the loader itself, from the file's header, before any network is built
     with pytest.raises(ModelError, match="wrong shape"):
         load_checkpoint(path)
+
+
+def test_load_state_strict_names_each_mismatch_and_leaves_the_network_untouched():
+    from dereflect.train.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("rm2s_unet", tiny_unet().to_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: torch.ones_like(v) for k, v in before.items()}
+    first, second, third = sorted(k for k, v in state.items() if v.dim() == 4)[:3]
+    del state[first]
+    state["extra.weight"] = torch.zeros(1)
+    state[second] = torch.zeros(1, 2, 3)
+    state[third] = state[third].half()
+    with pytest.raises(ModelError) as info:
+        load_state_strict(model, state, "ckpt:stage1")
+    message = str(info.value)
+    assert message.startswith("ckpt:stage1: weights do not match the recorded architecture")
+    assert f"missing ['{first}']" in message and "unexpected ['extra.weight']" in message
+    assert f"wrong shape {second} (1, 2, 3) != {tuple(before[second].shape)}" in message
+    assert f"wrong dtype {third} F16 != F32" in message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    good = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in before.items()}
+    load_state_strict(model, good, "ckpt:stage1")
+    assert all(torch.equal(good[k], v) for k, v in model.state_dict().items())
 
 
 def test_average_command_writes_the_mean_and_refuses_mismatched_checkpoints(tmp_path, capsys):

@@ -347,6 +347,10 @@ def read_metadata(path: os.PathLike) -> Dict[str, Any]:
         return _read_metadata(path, handle)
 
 
+def _specs(state: Dict[str, torch.Tensor]) -> Dict[str, TensorSpec]:
+    return {key: (_DTYPE_CODES.get(value.dtype, str(value.dtype)), tuple(value.shape)) for key, value in state.items()}
+
+
 def _expected_tensors(path: Path, name: str, spec: Dict[str, Any]) -> Dict[str, TensorSpec]:
     """The state (dtype code and shape per tensor) the network's architecture has, built on the meta
     device: no memory and no initialisation, even for a paper-sized network."""
@@ -358,8 +362,7 @@ def _expected_tensors(path: Path, name: str, spec: Dict[str, Any]) -> Dict[str, 
     except Exception as exc:  # the config came from the file: whatever stops the build is the file's problem
         raise ModelError(f"{path}: network {_show(name)} ({spec['arch']}) cannot be built from its recorded config: "
                          f"{_first_line(exc)}") from exc
-    return {key: (_DTYPE_CODES.get(value.dtype, str(value.dtype)), tuple(value.shape))
-            for key, value in module.state_dict().items()}
+    return _specs(module.state_dict())
 
 
 def _listed(keys: List[str]) -> str:
@@ -452,23 +455,11 @@ def load_checkpoint(path: os.PathLike) -> Checkpoint:
 
 
 def load_state_strict(module: torch.nn.Module, state: Dict[str, torch.Tensor], where: str) -> None:
-    """Load ``state`` into ``module``, naming every missing, unexpected or mis-shaped tensor."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if wrong:
-            parts.append(
-                "wrong shape "
-                + ", ".join(f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in wrong[:5])
-            )
-        raise ModelError(f"{where}: weights do not match the recorded architecture: " + "; ".join(parts))
+    """Load ``state`` into ``module``, naming every missing, unexpected or mismatched tensor (in the words
+    the checkpoint loader uses)."""
+    problems = _tensor_mismatches(_specs(module.state_dict()), _specs(state))
+    if problems:
+        raise ModelError(f"{where}: weights do not match the recorded architecture: " + "; ".join(problems))
     module.load_state_dict(state, strict=True)
 
 
