@@ -66,8 +66,8 @@ def register(subparsers: Any) -> None:
                              "NAME.reflection.png) next to each output, at the resolution the networks ran at "
                              "(default: off)")
     remove.add_argument("--overwrite", action="store_true",
-                        help="replace existing output files (default: an existing output is an error for that "
-                             "image)")
+                        help="replace existing output files (default: an image whose output exists is not run, "
+                             "and named; the others are done)")
     remove.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                         help="refuse images with more pixels, from their header before decoding "
                              f"(0: no limit; default: {DEFAULT_MAX_PIXELS:,})")
@@ -81,6 +81,8 @@ class RemovePlan:
 
     pairs: List[Tuple[Path, Path]]
     skipped: Dict[str, List[str]] = field(default_factory=dict)
+    #: Outputs (or their intermediates) that exist already, kept without ``--overwrite``: those inputs are not run.
+    existing: List[Path] = field(default_factory=list)
 
     def skipped_note(self) -> Optional[str]:
         """One line naming what was skipped, or None."""
@@ -167,8 +169,12 @@ def intermediate_path(target: Path, key: str) -> Path:
 
 
 def plan_outputs(inputs: List[str], output: str, recursive: bool = False,
-                 intermediates: bool = False) -> RemovePlan:
-    """(input, output) pairs, every output path checked; InputError before any work when one is unusable."""
+                 intermediates: bool = False, overwrite: bool = False) -> RemovePlan:
+    """(input, output) pairs, every output path checked; InputError before any work when one is unusable.
+
+    Without ``overwrite``, inputs whose output exists already go to ``existing`` instead of the pairs
+    (a folder run again after an interruption does the rest); InputError when that leaves nothing to do.
+    """
     folder = _output_is_folder(output, inputs)
     out = Path(output)
     plan = _inputs(inputs, recursive, out if folder else None)
@@ -187,10 +193,19 @@ def plan_outputs(inputs: List[str], output: str, recursive: bool = False,
         if os.path.exists(target) and os.path.samefile(source, target):
             raise InputError(f"{target}: refusing to overwrite the input image; choose another output")
         check_output_path(target)
+        written = [target]
         if intermediates:
-            for key in INTERMEDIATE_SUFFIXES:
-                check_output_path(intermediate_path(target, key))
+            written += [check_output_path(intermediate_path(target, key)) for key in INTERMEDIATE_SUFFIXES]
+        found = [path for path in written if os.path.lexists(path)]
+        if found and not overwrite:
+            plan.existing.append(found[0])
+            continue
         pairs.append((source, target))
+    if plan.existing and not pairs:
+        if len(plan.existing) == 1:
+            raise InputError(f"{plan.existing[0]}: file exists; pass --overwrite to replace it")
+        raise InputError(f"{output}: all {len(plan.existing)} outputs exist already "
+                         f"({some_names([str(p) for p in plan.existing], 3)}); pass --overwrite to replace them")
     plan.pairs = pairs
     return plan
 
@@ -256,10 +271,17 @@ def run_remove(args: argparse.Namespace) -> int:
 
     if args.max_pixels < 0:
         raise InputError(f"--max-pixels must be 0 (no limit) or positive, not {args.max_pixels}")
-    plan = plan_outputs(args.inputs, args.output, recursive=args.recursive, intermediates=args.save_intermediates)
+    plan = plan_outputs(args.inputs, args.output, recursive=args.recursive, intermediates=args.save_intermediates,
+                        overwrite=args.overwrite)
     note = plan.skipped_note()
     if note and not args.quiet:
         print(f"dereflect: {note}", file=sys.stderr)
+    kept = len(plan.existing)
+    if kept:
+        # Not --quiet: like a failure, it is something the user asked for that was not done.
+        print(f"dereflect: {kept} output(s) exist already and are kept, their inputs not run "
+              f"({some_names([str(p) for p in plan.existing], 3)}); pass --overwrite to replace them",
+              file=sys.stderr)
     remover = open_from_args(args)
     written = failed = 0
     total = len(plan.pairs)
@@ -275,8 +297,11 @@ def run_remove(args: argparse.Namespace) -> int:
             written += 1
             if not args.quiet:
                 bar.write(f"{source} -> {target}", file=sys.stdout)
-    if failed:
-        print(f"dereflect: {failed} of {total} image(s) failed; {written} written", file=sys.stderr)
+    if failed or kept:
+        counts = [f"{failed} of {total} image(s) failed"] if failed else []
+        if kept:
+            counts.append(f"{kept} not run (output exists)")
+        print(f"dereflect: {'; '.join(counts)}; {written} written", file=sys.stderr)
         return 1 if written else 2
     if total > 1 and not args.quiet:
         print(f"dereflect: {written} image(s) written to {args.output}", file=sys.stderr)

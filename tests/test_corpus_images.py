@@ -380,6 +380,37 @@ def folder_with_one_bad_image(tmp):
 
 
 @case
+def folder_run_again_does_only_the_rest(tmp):
+    # As after an interrupted run: one output exists already; it is kept, the other images are done.
+    folder = tmp / "in"
+    for seed, name in enumerate(["a.png", "b.png", "c.png"]):
+        _save(folder / name, _photo(seed=seed))
+    _save(tmp / "out" / "b.png", _photo(seed=9))
+
+    def check(root: Path, out: str, err: str) -> None:
+        assert np.array_equal(cv2.imread(str(root / "out" / "b.png")), _photo(seed=9))
+        assert "1 output(s) exist already and are kept, their inputs not run" in err and "b.png" in err
+        assert "1 not run (output exists); 2 written" in err and "error" not in err
+
+    return Expect([str(folder), "-o", str(tmp / "out")], code=1, outputs={"out/a.png": "in/a.png",
+                  "out/c.png": "in/c.png"}, check=check)
+
+
+@case
+def folder_whose_every_output_exists(tmp):
+    folder = tmp / "in"
+    for seed, name in enumerate(["a.png", "b.png"]):
+        _save(folder / name, _photo(seed=seed))
+        _save(tmp / "out" / name, _photo(seed=9))
+
+    def check(root: Path, out: str, err: str) -> None:
+        assert all(np.array_equal(cv2.imread(str(p)), _photo(seed=9)) for p in (root / "out").iterdir())
+
+    return Expect([str(folder), "-o", str(tmp / "out")], code=2,
+                  error=r"out: all 2 outputs exist already \(.*a\.png, .*b\.png\); pass --overwrite", check=check)
+
+
+@case
 def folder_where_every_image_fails(tmp):
     folder = tmp / "in"
     _write(folder / "a.png", b"")
