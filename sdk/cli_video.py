@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from typing import Any
 
 from dereflect.cli_options import add_model_options, open_from_args
+from dereflect.stop_signals import exit_status
 
 EPILOG = """\
 exit status: 0 done (also when stopped with Ctrl+C or SIGTERM: the output holds every frame
@@ -121,6 +121,6 @@ def run_video(args: argparse.Namespace) -> int:
     if not args.camera and isinstance(source, str) and not is_pipeline(source) and not is_pipeline(args.output):
         print(audio_note(source, summary.output), file=sys.stderr)
     if summary.stopped_by in ("SIGINT", "SIGTERM"):
-        # Like any command stopped by a signal (128 + its number), though the file is complete so far.
-        return 128 + signal.Signals[summary.stopped_by].value
+        # Like any command stopped by a signal, though the file is complete so far.
+        return exit_status(summary.stopped_by)
     return 1 if summary.failed or summary.skipped else 0

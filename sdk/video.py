@@ -40,7 +40,6 @@ import os
 import queue
 import re
 import shlex
-import signal
 import sys
 import threading
 import time
@@ -54,6 +53,7 @@ import numpy as np
 
 from .errors import InputError
 from .imageio import check_output_location, name_max, nearest_existing
+from .stop_signals import StopSignals
 
 #: The codecs tried for each output extension, best first (H.264 where the OpenCV build can encode it).
 CODECS_BY_EXTENSION: Dict[str, Tuple[str, ...]] = {
@@ -429,34 +429,6 @@ class _Sink:
                 break
 
 
-class _StopSignals:
-    """SIGINT and SIGTERM set a flag that the writing loop checks, so the run ends between frames.
-
-    Installed only from the main thread and only over the default handlers, so an application's
-    own handlers win. A second signal while the file is being finished is ignored: finishing takes
-    moments, and being killed then would lose every frame.
-    """
-
-    def __init__(self) -> None:
-        self.received: Optional[str] = None
-        self.previous: Dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
-                if signal.getsignal(sig) is default:
-                    self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if self.received is None:
-            self.received = signal.Signals(signum).name
-
-    def __exit__(self, *_exc: Any) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 class _Window:
     """The ``show`` window; q, Esc or closing it asks the run to stop."""
 
@@ -593,7 +565,7 @@ def _run(summary: VideoSummary, sink: _Sink, frames: _Frames, first: Tuple[np.nd
     keep = False
     start = time.perf_counter()
     try:
-        with _StopSignals() as signals:
+        with StopSignals() as signals:
             try:
                 for thread in threads:
                     thread.start()

@@ -434,3 +434,44 @@ def test_synthesis_overrides_reach_the_recipe_and_bad_keys_are_named(photo_folde
     code = main(["train", "rm2s-stage1", *PAPER, "--data", str(photo_folder), "--out", str(tmp_path / "bad"),
                  "--synthesis", "reflection_wieght=0.3"])
     assert code == 2 and "reflection_wieght" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("signal_name, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_stop_signal_ends_training_after_a_step_with_a_checkpoint_to_resume_from(tmp_path, signal_name, status):
+    # The whole process group gets the signal, as from Ctrl+C in a terminal: loader workers included.
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import write_photo_folder
+
+    photos = write_photo_folder(tmp_path / "photos", 8)
+    write_photo_folder(photos, 2, seed=1, prefix="test_")
+    out = tmp_path / "run"
+    options = ["--config", "lite-scratch", "--recipe", "paper", "--device", "cpu", "--data", str(photos),
+               "--size", "64x96", "--batch-size", "1", "--val-count", "2", "--workers", "1", "--log-every", "1",
+               "--save-every", "100000", "--val-every", "100000", "--gin-fraction", "0.5"]
+    process = subprocess.Popen([sys.executable, "-m", "dereflect", "train", "crrn", *options, "--steps", "100000",
+                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = out / "log.jsonl"
+    deadline = time.monotonic() + 180
+    while not (log.exists() and len(log.read_text().splitlines()) >= 4) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        time.sleep(0.1)
+    os.killpg(process.pid, getattr(signal, signal_name))
+    stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode == status, stderr[-2000:]
+    assert "Traceback" not in stderr
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    stopped = records[-1]
+    assert stopped["stopped"] == signal_name and stopped["step"] >= 3
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["last.safetensors"]
+    assert load_checkpoint(out / "last.safetensors").step == stopped["step"]
+    assert f"--resume {out / 'last.safetensors'}" in stderr
+
+    steps = stopped["step"] + 2
+    assert main(["train", "crrn", *options[:-8], "--workers", "0", "--steps", str(steps),
+                 "--resume", str(out / "last.safetensors"), "--out", str(tmp_path / "resumed")]) == 0
+    assert load_checkpoint(tmp_path / "resumed" / "final.safetensors").step == steps

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 from dereflect.errors import require
+from dereflect.stop_signals import exit_status
 
 
 def register(subparsers) -> None:
@@ -220,7 +222,8 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
     parser.add_argument("--preview-every", type=int, default=100, metavar="N",
                         help="write preview images to the run folder every N steps (default: 100)")
     parser.add_argument("--save-every", type=int, default=500, metavar="N",
-                        help="save last.safetensors (to --resume from) every N steps (default: 500)")
+                        help="save last.safetensors (to --resume from) every N steps, and when Ctrl+C or SIGTERM "
+                             "stops the run (default: 500)")
     parser.add_argument("--log-every", type=int, default=10, metavar="N",
                         help="log the mean losses to log.jsonl every N steps (default: 10)")
     parser.add_argument("--keep-every", type=int, default=0, metavar="N",
@@ -313,7 +316,10 @@ def _fit(args, task, recipe, kind: str) -> int:
     if context.is_main:
         print(f"checkpoint: {final}")
         print(f"log: {trainer.run_dir / 'log.jsonl'}  previews: {trainer.run_dir / 'previews'}")
-    return 0
+        if trainer.stopped_by:
+            print(f"stopped by {trainer.stopped_by} at step {trainer.step}; go on with the same command and "
+                  f"--resume {final}", file=sys.stderr)
+    return exit_status(trainer.stopped_by) if trainer.stopped_by else 0
 
 
 def build_loaders(args, recipe, context):

@@ -23,6 +23,7 @@ import dataclasses
 import math
 import os
 import random
+import signal
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
@@ -1252,6 +1253,11 @@ def _worker_init(worker_id: int) -> None:
     np.random.seed(seed)
     random.seed(seed)
     cv2.setNumThreads(1)
+    # Ctrl+C reaches the whole process group (and systemd's SIGTERM the whole service): the trainer
+    # stops between steps and shuts its workers down itself, while a worker killed by the signal
+    # would fail the run. A worker whose trainer is gone exits by itself (PyTorch's watchdog).
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
 
 
 def make_loader(

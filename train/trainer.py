@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import torch
 from dereflect.errors import InputError
+from dereflect.stop_signals import StopSignals
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint, load_checkpoint, load_state_strict, save_checkpoint
@@ -203,6 +204,8 @@ class Trainer:
         self.segments: List[Dict[str, Any]] = []
         self._segment_start = (0, 0.0)  # step and elapsed seconds where this run began
         self._started: Optional[float] = None
+        #: "SIGINT" or "SIGTERM" when the last ``fit`` was stopped by one (and saved ``last.safetensors``)
+        self.stopped_by: Optional[str] = None
         self.history: List[Dict[str, Any]] = []
 
     def resume(self, checkpoint: Checkpoint) -> None:
@@ -310,7 +313,12 @@ class Trainer:
             handle.write(json.dumps(record) + "\n")
 
     def fit(self) -> Path:
-        """Train until ``config.steps``; returns the path of the final checkpoint."""
+        """Train until ``config.steps`` or the time limit; returns the path of ``final.safetensors``.
+
+        Ctrl+C (SIGINT) or SIGTERM stops the run after the step in progress and saves
+        ``last.safetensors`` instead, to resume from (its path is returned; ``stopped_by`` names the
+        signal).
+        """
         main = self.dist.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -325,20 +333,35 @@ class Trainer:
         batches = _cycle(self.train_loader, *divmod(self.step, steps_per_epoch))
         if self.step == 0 and self.val_loader is not None and main:
             self.log({"step": 0, **self.validate(), "time": 0.0})
+        self.stopped_by = None
+        with StopSignals() as signals:
+            self._run_steps(batches, signals)
+        # After Ctrl+C or SIGTERM the finished steps go where --resume expects them.
+        final = self.save("last.safetensors" if self.stopped_by else "final.safetensors")
+        self.dist.barrier()  # every rank returns once the checkpoint is written
+        self.elapsed, self._started = self._elapsed(), None
+        return final
+
+    def _run_steps(self, batches: Iterator[Dict[str, Any]], signals: StopSignals) -> None:
+        """Steps until ``config.steps``, the time limit or a stop signal, with logs, validation and saves."""
+        main = self.dist.is_main
         started = self._started = time.monotonic()
         first_step = self.step
         bar = tqdm(total=self.config.steps, initial=self.step, desc=f"{self.task.kind}", unit="step",
                    dynamic_ncols=True, disable=not main)
         running: Dict[str, float] = {}
         # Whether to stop is decided by all ranks together, so that none waits for a step the others skip.
-        (stop,) = self.dist.any_rank(self._out_of_time())
+        timed_out, signalled = self.dist.any_rank(self._out_of_time(), signals.received is not None)
         try:
             while self.step < self.config.steps:
-                if stop:
+                if timed_out or signalled:
+                    # A rank that saw no signal itself was stopped with the others by torchrun (SIGTERM).
+                    self.stopped_by = (signals.received or "SIGTERM") if signalled else None
+                    reason = self.stopped_by or "time limit"
                     if main:
-                        tqdm.write(f"time limit reached at step {self.step}; saving final.safetensors")
-                    self.log({"step": self.step, "stopped": "time limit",
-                              "time": round(time.monotonic() - started, 2)})
+                        tqdm.write(f"stopped by {reason} at step {self.step}; saving "
+                                   f"{'last' if self.stopped_by else 'final'}.safetensors")
+                    self.log({"step": self.step, "stopped": reason, "time": round(time.monotonic() - started, 2)})
                     break
                 waiting = time.perf_counter()
                 batch = next(batches)
@@ -347,8 +370,9 @@ class Trainer:
                 self.task.set_step(self.step)
                 terms = self.task.training_step(batch, self.step, self.scaler)
                 stepped = time.perf_counter()  # the loss terms are on the host: the step has finished
-                non_finite, stop = self.dist.any_rank(not all(math.isfinite(v) for v in terms.values()),
-                                                      self._out_of_time())
+                non_finite, timed_out, signalled = self.dist.any_rank(
+                    not all(math.isfinite(v) for v in terms.values()), self._out_of_time(),
+                    signals.received is not None)
                 if non_finite:
                     raise FloatingPointError(f"non-finite loss at step {self.step} (this rank's terms: {terms})")
                 self.step += 1
@@ -385,10 +409,6 @@ class Trainer:
                     self.save(f"step{self.step:07d}.safetensors")
         finally:
             bar.close()
-        final = self.save("final.safetensors")
-        self.dist.barrier()  # every rank returns once the final checkpoint is written
-        self.elapsed, self._started = self._elapsed(), None
-        return final
 
     def _out_of_time(self) -> bool:
         limit = self.config.time_limit_s
