@@ -32,6 +32,7 @@ from dereflect.tools.evaluate import (
     load_model,
     load_pair,
     parse_resize,
+    reflection_mask,
     resize_short,
 )
 from dereflect.tools.metrics import psnr, si, si_region, ssim, ssim_region
@@ -300,6 +301,39 @@ def test_evaluate_scores_baseline_and_model(crrn_dir, paired, tmp_path):
         in markdown
     sheet = cv2.imread(str(out / "contact_sheet.png"))
     assert sheet.shape == (22 + 3 * (18 + CONTACT_TILE + 4), 4 + 5 * (CONTACT_TILE + 4), 3)
+
+
+def test_reflection_mask_marks_where_the_input_is_brighter_despite_misalignment():
+    target = 0.75 * _photo(80, 96, seed=3)  # room for the added light: no clipping
+    image = target.copy()
+    image[20:60, 30:80] = np.clip(image[20:60, 30:80] + 0.2, 0, 1)  # the reflection: light added
+    image = np.roll(image, 1, axis=1)  # real pairs are a pixel or so apart
+    mask = reflection_mask(image, target)
+    truth = np.zeros(mask.shape, bool)
+    truth[20:60, 31:81] = True
+    # The blur widens the region by about 0.7 sigma each side: the reflection is covered, little more.
+    assert (mask & truth).sum() / truth.sum() > 0.97 and (mask & truth).sum() / (mask | truth).sum() > 0.8
+    assert not mask[:12].any() and not mask[:, :20].any()
+    # Darker everywhere (a gain below 1) is not a reflection; brighter everywhere marks the frame.
+    assert not reflection_mask(0.9 * target, target).any()
+    assert reflection_mask(np.clip(target + 0.1, 0, 1), target).mean() > 0.95
+
+
+def test_evaluate_auto_masks_are_the_pairs_reflection_masks(crrn_dir, paired, tmp_path):
+    masks = tmp_path / "masks"
+    for name in ("a", "b", "c"):
+        blended, clean = _read(paired / f"blended/{name}.png"), _read(paired / f"transmission_layer/{name}.png")
+        region = reflection_mask(blended, clean)
+        assert 0.05 < region.mean() < 1.0
+        _write(masks / f"{name}.png", region.astype(np.float32), grey=True)
+    auto = evaluate(crrn_dir, paired, masks="auto", out_dir=tmp_path / "out", progress=False)
+    drawn = evaluate(crrn_dir, paired, masks=masks, progress=False)
+    assert auto.metrics == ("psnr", "ssim", "si", "ssimr", "sir")
+    for mine, theirs in zip(auto.images, drawn.images):
+        for row in ("model", "baseline"):
+            assert getattr(mine, row) == pytest.approx(getattr(theirs, row), abs=1e-9)
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["data"]["masks"] == "auto"
+    assert "region masks derived from each pair" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_evaluate_resize_limit_and_identity_baseline(crrn_dir, tmp_path):

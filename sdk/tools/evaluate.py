@@ -31,6 +31,9 @@ InputError listing them: a silently smaller test set would give incomparable num
 **Region masks** (``masks=DIR``) give the regional SSIMr / SIr of CRRN: ``DIR/<name>.*`` per
 image (nested folders for SIR2 names), white (> 0.5) where the region is. Every image needs
 one; an all-black mask leaves that image's regional scores empty (null) and out of the mean.
+``masks="auto"`` derives each pair's mask from the pair itself (:func:`reflection_mask`): for real
+pairs without drawn masks (Zhang et al.'s, your own), the regional scores say what a model does
+where the reflection is, which whole-image PSNR mixes with how little it changes elsewhere.
 
 **Resize protocol** (``resize=``): ``"native"`` scores at the files' resolution;
 ``"short:N"`` first resizes input, ground truth and mask so the short side is N pixels (aspect
@@ -122,10 +125,37 @@ def resize_short(image: np.ndarray, short: Optional[int], nearest: bool = False)
     return np.clip(cv2.resize(image, size, interpolation=interpolation), 0.0, 1.0)
 
 
-def load_pair(pair: Pair, short: Optional[int] = None
+#: ``masks=AUTO_MASKS`` derives each pair's reflection-region mask from the pair (see reflection_mask).
+AUTO_MASKS = "auto"
+#: reflection_mask's settings: how much brighter (mean over channels, on [0, 1]) the input must be,
+#: the blur that tolerates real pairs' misalignment (sigma, px) and the opening that drops specks (px).
+AUTO_MASK_LEVEL, AUTO_MASK_BLUR, AUTO_MASK_OPEN = 12 / 255, 3.0, 5
+
+
+def reflection_mask(image: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Where a pair's input carries its reflection: bool HxW, True where the input is brighter than
+    the ground truth by more than 12/255 (mean over channels, after a Gaussian blur of sigma 3 px,
+    which tolerates the slight misalignment of real pairs), specks smaller than 5x5 px removed.
+
+    Reflected light adds, so the reflection is where the photo is brighter than its clean layer;
+    a colour cast over the whole frame (real captures have one) marks the whole frame.
+    """
+    difference = cv2.GaussianBlur((image - target).mean(axis=2), (0, 0), AUTO_MASK_BLUR)
+    mask = (difference > AUTO_MASK_LEVEL).astype(np.uint8)
+    return cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((AUTO_MASK_OPEN, AUTO_MASK_OPEN), np.uint8)) > 0
+
+
+def _masks_text(masks: str) -> str:
+    if masks == AUTO_MASKS:
+        return (f"derived from each pair: input brighter than ground truth by > {round(AUTO_MASK_LEVEL * 255)}/255 "
+                f"after a {AUTO_MASK_BLUR:g}-px blur")
+    return f"from {masks}"
+
+
+def load_pair(pair: Pair, short: Optional[int] = None, auto_mask: bool = False
               ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """Input and ground truth (RGB float32 in [0, 1]; None for a photo without one) and the mask
-    (bool HxW or None), resized."""
+    (bool HxW or None; with ``auto_mask`` the pair's :func:`reflection_mask`), resized."""
     image, _ = read_image(pair.input)
     if pair.target is None:
         return resize_short(image, short), None, None
@@ -144,7 +174,8 @@ def load_pair(pair: Pair, short: Optional[int] = None
                 f"{image.shape[0]}x{image.shape[1]}"
             )
         mask = resize_short(mask_rgb.mean(axis=2) > 0.5, short, nearest=True)
-    return resize_short(image, short), resize_short(target, short), mask
+    image, target = resize_short(image, short), resize_short(target, short)
+    return image, target, reflection_mask(image, target) if auto_mask else mask
 
 
 # --------------------------------------------------------------------------- models
@@ -309,7 +340,7 @@ class Report:
             f"backend {self.model.get('backend') or 'n/a'})" + (f", from {self.model['source']}"
                                                                if self.model.get("source") else ""),
             f"- Data: {d['dir']} (layout {d['layout']}, {d['images']} images"
-            + (f", region masks from {d['masks']}" if d.get("masks") else "") + ")",
+            + (f", region masks {_masks_text(d['masks'])}" if d.get("masks") else "") + ")",
             f"- Resize protocol: {p['resize_description']}",
             f"- Network resolution: {p['network_resolution']}",
             f"- Metrics: {p['metrics']}",
@@ -528,6 +559,7 @@ def evaluate(
     (a validation split). ``limit``: score only the first N images (sorted by name).
     ``out_dir``: also write report.md, report.json and contact_sheet.png there.
     ``contact_images``: rows of the contact sheet (spread over the set; 0: none).
+    ``masks``: region masks for SSIMr / SIr, a folder or ``"auto"`` (each pair's reflection_mask).
     ``gain_baseline``: also score the input times three channel gains ("R,G,B" or a JSON file from
     ``dereflect train fit-gain``), the baseline a model must beat on real photos.
     ``options``: how the model is run (``backend``, ``device``, ``precision``, ``max_side``, ...:
@@ -536,7 +568,8 @@ def evaluate(
     short = parse_resize(resize)
     if limit is not None and int(limit) < 1:
         raise InputError(f"limit must be a positive number of images, not {limit}")
-    used_layout, pairs = find_pairs(data_dir, layout, masks)
+    auto_mask = masks == AUTO_MASKS
+    used_layout, pairs = find_pairs(data_dir, layout, None if auto_mask else masks)
     if names is not None:
         pairs = filter_pairs(pairs, read_name_list(names), keep=True, where=str(data_dir))
     if limit is not None:
@@ -563,13 +596,14 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
     from tqdm import tqdm
 
     metrics = BASE_METRICS + (REGION_METRICS if masks is not None else ())
+    auto_mask = masks == AUTO_MASKS
     chosen = set(_contact_indices(len(pairs), contact_images))
     rows: List[Tuple[str, List[np.ndarray]]] = []
     images: List[ImageScores] = []
     reduced = 0
     for index, pair in enumerate(tqdm(pairs, unit="image", disable=not progress, file=sys.stderr,
                                       desc="dereflect eval")):
-        image, target, mask = load_pair(pair, short)
+        image, target, mask = load_pair(pair, short, auto_mask)
         start = time.perf_counter()
         result = runner.remove_with_intermediates(image, colour_order="RGB")
         seconds = time.perf_counter() - start
@@ -649,8 +683,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--resize", default="native", metavar="native|short:N",
                         help="resize protocol: native resolution, or short side N px, e.g. short:420 "
                              "(default: native)")
-    parser.add_argument("--masks", metavar="DIR",
-                        help="region masks DIR/<name>.* for SSIMr and SIr (default: none, no SSIMr/SIr)")
+    parser.add_argument("--masks", metavar="DIR|auto",
+                        help="region masks DIR/<name>.* for SSIMr and SIr, or 'auto': each pair's reflection "
+                             "region, where the input is brighter than the ground truth by more than 12/255 "
+                             "(blurred for misalignment) (default: none, no SSIMr/SIr)")
     parser.add_argument("--limit", type=int, metavar="N", help="score only the first N images (default: all)")
     parser.add_argument("--out", metavar="DIR",
                         help="write report.md, report.json, contact_sheet.png here (default: print the report only)")
