@@ -84,6 +84,10 @@ class RemovePlan:
     #: Outputs (or their intermediates) that exist already, kept without ``--overwrite``: those inputs are not run.
     existing: List[Path] = field(default_factory=list)
 
+    def some_existing(self) -> str:
+        """The first existing outputs and how many more: for messages."""
+        return some_names([str(path) for path in self.existing], 3)
+
     def skipped_note(self) -> Optional[str]:
         """One line naming what was skipped, or None."""
         if not self.skipped:
@@ -205,7 +209,7 @@ def plan_outputs(inputs: List[str], output: str, recursive: bool = False,
         if len(plan.existing) == 1:
             raise InputError(f"{plan.existing[0]}: file exists; pass --overwrite to replace it")
         raise InputError(f"{output}: all {len(plan.existing)} outputs exist already "
-                         f"({some_names([str(p) for p in plan.existing], 3)}); pass --overwrite to replace them")
+                         f"({plan.some_existing()}); pass --overwrite to replace them")
     plan.pairs = pairs
     return plan
 
@@ -280,7 +284,7 @@ def run_remove(args: argparse.Namespace) -> int:
     if kept:
         # Not --quiet: like a failure, it is something the user asked for that was not done.
         print(f"dereflect: {kept} output(s) exist already and are kept, their inputs not run "
-              f"({some_names([str(p) for p in plan.existing], 3)}); pass --overwrite to replace them",
+              f"({plan.some_existing()}); pass --overwrite to replace them",
               file=sys.stderr)
     remover = open_from_args(args)
     written = failed = 0
