@@ -413,6 +413,51 @@ def test_cli_eval(monkeypatch, crrn_dir, paired, tmp_path, capsys):
     assert code == 2 and "data folder not found" in capsys.readouterr().err
 
 
+def test_a_stop_signal_ends_eval_between_images_with_a_partial_report(monkeypatch, crrn_dir, paired, tmp_path,
+                                                                       capsys):
+    import dereflect.tools.evaluate as evaluate_module
+
+    class Signals:  # what StopSignals gives: the first signal's name once one has come
+        received = None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    signals = Signals()
+    real_load = evaluate_module.load_model
+
+    def load_then_signal_after_the_second_image(model, **options):
+        runner = real_load(model, **options)
+        remove = runner.remove_with_intermediates
+        calls = []
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                signals.received = "SIGINT"  # Ctrl+C while the second image runs
+            return remove(*args, **kwargs)
+
+        runner.remove_with_intermediates = counted
+        return runner
+
+    monkeypatch.setattr(evaluate_module, "load_model", load_then_signal_after_the_second_image)
+    monkeypatch.setattr(evaluate_module, "StopSignals", lambda: signals)
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.tools.evaluate",))
+    out = tmp_path / "out"
+    code = dereflect.cli.main(["eval", str(crrn_dir), "--data", str(paired), "--out", str(out), "--no-progress"])
+    assert code == 130
+    assert "stopped by SIGINT after 2 of 3 images" in capsys.readouterr().err
+    data = json.loads((out / "report.json").read_text())
+    assert [i["name"] for i in data["images"]] == ["a", "b"] and data["data"]["images"] == 2
+    assert data["protocol"]["stopped"].startswith("by SIGINT after 2 of 3 images")
+    full = evaluate(crrn_dir, paired, progress=False)
+    assert data["mean"]["model"]["psnr"] == pytest.approx(np.mean([s.model["psnr"] for s in full.images[:2]]))
+    assert "**Partial**: stopped by SIGINT after 2 of 3 images" in (out / "report.md").read_text()
+
+
 def test_import_needs_no_torch():
     code = "import sys, dereflect.tools.evaluate; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

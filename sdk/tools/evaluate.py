@@ -73,6 +73,7 @@ from dereflect import __version__
 from dereflect.cli_options import add_model_options, model_options
 from dereflect.errors import InputError, ModelError
 from dereflect.imageio import as_float_rgb, read_image, write_image
+from dereflect.stop_signals import StopSignals, exit_status
 from dereflect.tools.datasets import LAYOUTS, Pair, PathLike, filter_pairs, find_pairs, read_name_list
 from dereflect.tools.metrics import WINDOW, psnr, si, si_region, ssim, ssim_region
 
@@ -345,6 +346,7 @@ class Report:
             f"- Network resolution: {p['network_resolution']}",
             f"- Metrics: {p['metrics']}",
             f"- dereflect {__version__}, {self.created}",
+            *([f"- **Partial**: stopped {p['stopped']}"] if p.get("stopped") else []),
             "",
             "## Mean",
             "",
@@ -550,6 +552,7 @@ def evaluate(
     gain_baseline: Any = None,
     contact_images: int = DEFAULT_CONTACT_IMAGES,
     progress: bool = True,
+    stop: Optional[StopSignals] = None,
     **options: Any,
 ) -> Report:
     """Score ``model`` on ``data_dir`` beside the do-nothing baseline; see the module doc.
@@ -562,6 +565,8 @@ def evaluate(
     ``masks``: region masks for SSIMr / SIr, a folder or ``"auto"`` (each pair's reflection_mask).
     ``gain_baseline``: also score the input times three channel gains ("R,G,B" or a JSON file from
     ``dereflect train fit-gain``), the baseline a model must beat on real photos.
+    ``stop``: a :class:`dereflect.stop_signals.StopSignals` in force; once it has received a signal
+    the run ends between two images and the report holds those scored (``protocol["stopped"]``).
     ``options``: how the model is run (``backend``, ``device``, ``precision``, ``max_side``, ...:
     :func:`dereflect.models.open_model`'s).
     """
@@ -578,7 +583,7 @@ def evaluate(
     runner = load_model(model, **options)
     try:
         report = _run(runner, describe_model(runner, model), pairs, short, masks, contact_images, progress,
-                      gains)
+                      gains, stop)
     finally:
         if runner is not model and hasattr(runner, "close"):
             runner.close()
@@ -592,7 +597,7 @@ def evaluate(
 
 def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Optional[int],
          masks: Optional[PathLike], contact_images: int, progress: bool,
-         gains: Optional[Dict[str, Any]] = None) -> Report:
+         gains: Optional[Dict[str, Any]] = None, stop: Optional[StopSignals] = None) -> Report:
     from tqdm import tqdm
 
     metrics = BASE_METRICS + (REGION_METRICS if masks is not None else ())
@@ -601,8 +606,12 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
     rows: List[Tuple[str, List[np.ndarray]]] = []
     images: List[ImageScores] = []
     reduced = 0
+    stopped_by = None
     for index, pair in enumerate(tqdm(pairs, unit="image", disable=not progress, file=sys.stderr,
                                       desc="dereflect eval")):
+        if stop is not None and stop.received:
+            stopped_by = stop.received
+            break
         image, target, mask = load_pair(pair, short, auto_mask)
         start = time.perf_counter()
         result = runner.remove_with_intermediates(image, colour_order="RGB")
@@ -645,6 +654,8 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
             "resize_description": describe_resize(short),
             "network_resolution": network_resolution,
             "images_not_run_whole": reduced,
+            **({"stopped": f"by {stopped_by} after {len(images)} of {len(pairs)} images; the means are of "
+                           "those"} if stopped_by else {}),
             "metrics": "on the background, RGB float in [0, 1] (data range 1); PSNR over all pixels and "
                        "channels; SSIM as skimage structural_similarity with an 11x11 Gaussian window "
                        "(sigma 1.5), population covariances, channel mean, 5-px border cropped; SI its "
@@ -718,13 +729,17 @@ def run_eval(args: Any) -> int:
             return 0
     if args.data is None:
         raise InputError("--data DIR is required (or give --flicker to measure flicker only)")
-    report = evaluate(args.model, args.data, layout=args.layout, resize=args.resize, masks=args.masks,
-                      limit=args.limit, out_dir=args.out, names=args.names, gain_baseline=args.gain_baseline,
-                      contact_images=args.contact_images,
-                      progress=not args.no_progress, **model_options(args))
+    with StopSignals() as signals:  # Ctrl+C or SIGTERM: the images scored so far are reported
+        report = evaluate(args.model, args.data, layout=args.layout, resize=args.resize, masks=args.masks,
+                          limit=args.limit, out_dir=args.out, names=args.names, gain_baseline=args.gain_baseline,
+                          contact_images=args.contact_images, progress=not args.no_progress, stop=signals,
+                          **model_options(args))
     print(f"{report.model['name']} on {report.data['dir']} ({report.data['layout']}, {report.data['images']} "
           f"images, resize {report.protocol['resize']})")
     print(report.mean_table())
     if args.out:
         print(f"report written to {Path(args.out) / REPORT_FILES['markdown']}")
+    if "stopped" in report.protocol:
+        print(f"dereflect: stopped {report.protocol['stopped']}", file=sys.stderr)
+        return exit_status(signals.received)
     return 0
