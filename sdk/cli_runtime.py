@@ -282,7 +282,7 @@ def run_remove(args: argparse.Namespace) -> int:
         print(f"dereflect: {note}", file=sys.stderr)
     kept = len(plan.existing)
     if kept:
-        # Not --quiet: like a failure, it is something the user asked for that was not done.
+        # Even with --quiet: the user may have expected those outputs replaced.
         print(f"dereflect: {kept} output(s) exist already and are kept, their inputs not run "
               f"({plan.some_existing()}); pass --overwrite to replace them",
               file=sys.stderr)
@@ -290,23 +290,35 @@ def run_remove(args: argparse.Namespace) -> int:
     written = failed = 0
     total = len(plan.pairs)
     with tqdm(plan.pairs, unit="image", disable=args.quiet or total < 2, file=sys.stderr) as bar:
-        for source, target in bar:
-            try:
-                _remove_one(remover, source, target, args)
-            except (DereflectError, MemoryError) as exc:
-                failed += 1
-                # Through tqdm, so that the line does not break the progress bar.
-                bar.write(f"dereflect: error: {_one_line(exc, source, target)}", file=sys.stderr)
-                continue
-            written += 1
-            if not args.quiet:
-                bar.write(f"{source} -> {target}", file=sys.stdout)
+        try:
+            for source, target in bar:
+                try:
+                    _remove_one(remover, source, target, args)
+                except (DereflectError, MemoryError) as exc:
+                    failed += 1
+                    # Through tqdm, so that the line does not break the progress bar.
+                    bar.write(f"dereflect: error: {_one_line(exc, source, target)}", file=sys.stderr)
+                    continue
+                written += 1
+                if not args.quiet:
+                    bar.write(f"{source} -> {target}", file=sys.stdout)
+        except KeyboardInterrupt:
+            # At once, not after the image in progress (one large image can take minutes); writes are
+            # atomic, so what was written is whole, and a second run does the rest.
+            if total > 1:
+                bar.write(f"dereflect: {written} of {total} image(s) written before the interruption; the same "
+                          "command again does the rest", file=sys.stderr)
+            raise
     if failed or kept:
         counts = [f"{failed} of {total} image(s) failed"] if failed else []
         if kept:
             counts.append(f"{kept} not run (output exists)")
         print(f"dereflect: {'; '.join(counts)}; {written} written", file=sys.stderr)
-        return 1 if written else 2
+        # Keeping an existing output is what was asked (no --overwrite): a second run after an
+        # interruption that does the rest has done everything.
+        if failed:
+            return 1 if written else 2
+        return 0
     if total > 1 and not args.quiet:
         print(f"dereflect: {written} image(s) written to {args.output}", file=sys.stderr)
     return 0

@@ -392,7 +392,7 @@ def folder_run_again_does_only_the_rest(tmp):
         assert "1 output(s) exist already and are kept, their inputs not run" in err and "b.png" in err
         assert "1 not run (output exists); 2 written" in err and "error" not in err
 
-    return Expect([str(folder), "-o", str(tmp / "out")], code=1, outputs={"out/a.png": "in/a.png",
+    return Expect([str(folder), "-o", str(tmp / "out")], code=0, outputs={"out/a.png": "in/a.png",
                   "out/c.png": "in/c.png"}, check=check)
 
 
@@ -581,6 +581,33 @@ def test_remove_corpus(make, tmp_path, cli, api, model_dir, capsys):
         _same_as_api(api, tmp_path / source, tmp_path / target, expect.options)
     if expect.check:
         expect.check(tmp_path, out, err)
+
+
+def test_an_interrupted_folder_run_is_finished_by_running_it_again(tmp_path, cli, model_dir, monkeypatch, capsys):
+    import dereflect.cli_runtime as runtime
+
+    folder = tmp_path / "in"
+    for seed, name in enumerate(["a.png", "b.png", "c.png"]):
+        _save(folder / name, _photo(seed=seed))
+    command = ["remove", str(folder), "-o", str(tmp_path / "out"), "--model", str(model_dir),
+               "--max-side", str(MAX_SIDE)]
+    real_remove_one = runtime._remove_one
+
+    def ctrl_c_at_the_second_image(remover, source, target, args):
+        if source.name == "b.png":
+            raise KeyboardInterrupt
+        real_remove_one(remover, source, target, args)
+
+    monkeypatch.setattr(runtime, "_remove_one", ctrl_c_at_the_second_image)
+    assert cli(command) == 130
+    err = capsys.readouterr().err
+    assert "1 of 3 image(s) written before the interruption; the same command again does the rest" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]
+
+    monkeypatch.setattr(runtime, "_remove_one", real_remove_one)
+    assert cli(command) == 0  # a.png kept as it was, b.png and c.png done: all done
+    assert "1 not run (output exists); 2 written" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "c.png"]
 
 
 def test_corpus_has_the_cases_the_issue_lists():
