@@ -517,14 +517,15 @@ def test_cli_remove_file_and_intermediates(cli, rm2s_dir, tmp_path):
     assert out.shape == (40, 56, 3)
     for key in ("stage1", "confidence", "mask_background", "mask_reflection", "reflection"):
         assert cv2.imread(str(target.with_name(f"a_clean.{key}.png"))) is not None, key
-    # Exit 2: nothing written (the one output exists); exit 1: some written, some failed.
+    # Exit 2: nothing written (the one output exists); exit 0: the rest written, existing outputs kept.
     assert cli(["remove", str(source), "-o", str(target), "--model", str(rm2s_dir)]) == 2
     assert cli(["remove", str(source), "-o", str(target), "--model", str(rm2s_dir), "--overwrite"]) == 0
     other = _write_png(tmp_path / "in" / "b.png", seed=1)
     out_dir = tmp_path / "out2"
     assert cli(["remove", str(source), "-o", f"{out_dir}/", "--model", str(rm2s_dir)]) == 0
-    assert cli(["remove", str(source), str(other), "-o", str(out_dir), "--model", str(rm2s_dir)]) == 1
-    assert (out_dir / "b.png").is_file()
+    kept = (out_dir / "a.png").read_bytes()
+    assert cli(["remove", str(source), str(other), "-o", str(out_dir), "--model", str(rm2s_dir)]) == 0
+    assert (out_dir / "b.png").is_file() and (out_dir / "a.png").read_bytes() == kept
 
 
 def test_cli_remove_folder_with_a_bad_file(cli, rm2s_dir, tmp_path, capsys):
