@@ -36,7 +36,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Set, Tuple, Union
 
 import cv2
 import numpy as np
@@ -484,6 +484,11 @@ def nearest_existing(path: Path) -> Path:
     return path
 
 
+#: Folders a probe file was written in: a folder of 10,000 outputs (on a network share, say) is
+#: probed once, not once per image. A folder that turns read-only later fails at the write itself.
+_WRITABLE_FOLDERS: Set[Path] = set()
+
+
 def check_output_location(path: Path, folder: bool = False, example: str = "clean.png") -> Path:
     """The checks every output (image, folder of images, video) shares, before any work; returns the
     nearest existing folder, where the output will be created.
@@ -512,13 +517,15 @@ def check_output_location(path: Path, folder: bool = False, example: str = "clea
         raise InputError(f"{path}: {existing} is a broken symbolic link, not a folder")
     if not os.path.isdir(existing):
         raise InputError(f"{path}: {existing} is a file, not a folder")
-    try:
-        # A real file, not os.access: root passes os.access everywhere, yet cannot write to a read-only mount.
-        handle, probe = tempfile.mkstemp(dir=existing, prefix=".dereflect-probe-")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot write in {existing} ({exc.strerror})") from None
+    if existing not in _WRITABLE_FOLDERS:
+        try:
+            # A real file, not os.access: root passes os.access everywhere, yet cannot write to a read-only mount.
+            handle, probe = tempfile.mkstemp(dir=existing, prefix=".dereflect-probe-")
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot write in {existing} ({exc.strerror})") from None
+        _WRITABLE_FOLDERS.add(existing)
     return existing
 
 

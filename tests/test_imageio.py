@@ -274,6 +274,27 @@ def test_output_paths_are_checked_before_writing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.jpg"]
 
 
+def test_a_folder_is_probed_for_writing_once(tmp_path, monkeypatch):
+    import dereflect.imageio as imageio
+
+    probes = []
+    real_mkstemp = imageio.tempfile.mkstemp
+
+    def counted(*args, **kwargs):
+        probes.append(kwargs.get("dir"))
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(imageio, "_WRITABLE_FOLDERS", set())
+    monkeypatch.setattr(imageio.tempfile, "mkstemp", counted)
+    for name in ("a.png", "b.png", "c.png"):
+        write_image(tmp_path / "out" / name, np.zeros((4, 5, 3), np.float32))
+    # The nearest existing folder before out/ existed, then out/ itself: once each.
+    assert probes == [tmp_path, tmp_path / "out"]
+    check_output_path(tmp_path / "out" / "d.png")
+    assert probes == [tmp_path, tmp_path / "out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png", "c.png"]
+
+
 def test_the_longest_legal_name_is_written(tmp_path):
     path = tmp_path / ("z" * 251 + ".png")
     assert len(_temporary_name(path).name.encode()) <= 255
