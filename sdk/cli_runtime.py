@@ -245,8 +245,7 @@ def _intermediate_images(result: Any) -> Dict[str, Any]:
 def _remove_one(remover: Any, source: Path, target: Path, args: argparse.Namespace) -> None:
     from .imageio import read_array, write_image
 
-    if not args.overwrite and os.path.lexists(target):
-        raise InputError(f"{target}: file exists; pass --overwrite to replace it")
+    # plan_outputs kept back the inputs whose outputs exist; write_image refuses one made since.
     image, info = read_array(source, max_pixels=args.max_pixels or None)
     if not args.save_intermediates:
         write_image(target, remover.remove(image, colour_order="BGR"), info, overwrite=args.overwrite,
@@ -254,10 +253,6 @@ def _remove_one(remover: Any, source: Path, target: Path, args: argparse.Namespa
         return
     result = remover.remove_with_intermediates(image, colour_order="BGR")
     extras = {intermediate_path(target, key): value for key, value in _intermediate_images(result).items()}
-    if not args.overwrite:
-        for path in extras:
-            if os.path.lexists(path):
-                raise InputError(f"{path}: file exists; pass --overwrite to replace it")
     write_image(target, result.background, info, overwrite=args.overwrite, colour_order="BGR")
     for path, value in extras.items():
         write_image(path, value, overwrite=args.overwrite, colour_order="BGR")
