@@ -32,10 +32,9 @@ from dereflect.tools.evaluate import (
     load_model,
     load_pair,
     parse_resize,
-    reflection_mask,
     resize_short,
 )
-from dereflect.tools.metrics import psnr, si, si_region, ssim, ssim_region
+from dereflect.tools.metrics import psnr, reflection_mask, si, si_region, ssim, ssim_region
 from onnx_fixtures import make_crrn_export, make_rm2s_export
 
 

@@ -16,6 +16,7 @@ from conftest import smooth_photo, write_photo_folder  # noqa: E402
 from dereflect.cli import main  # noqa: E402
 from dereflect.errors import InputError, ModelError  # noqa: E402
 from dereflect.tools.datasets import read_name_list  # noqa: E402
+from dereflect.tools.metrics import reflection_mask  # noqa: E402
 from dereflect.train.checkpoint import load_checkpoint, transplant_state  # noqa: E402
 from dereflect.train.data import (  # noqa: E402
     MixedPairs,
@@ -25,7 +26,7 @@ from dereflect.train.data import (  # noqa: E402
     colour_ratios,
     synthesize,
 )
-from dereflect.train.losses import RestorationLoss  # noqa: E402
+from dereflect.train.losses import RestorationLoss, reflection_region  # noqa: E402
 from dereflect.train.models import build_model  # noqa: E402
 from dereflect.train.models.backbone import (  # noqa: E402
     MOBILENET_WHEEL_MEMBER,
@@ -305,6 +306,43 @@ def test_restoration_loss_is_zero_on_the_target_and_goes_easier_on_real_gradient
         RestorationLoss(None, perceptual=0.1)
 
 
+def test_reflection_region_is_the_numpy_reflection_mask_for_a_batch():
+    rng = np.random.default_rng(4)
+    targets = 0.7 * rng.random((3, 3, 40, 56)).astype(np.float32)
+    images = targets.copy()
+    images[0, :, 8:30, 10:40] += 0.15  # a reflection
+    images[1] += 0.1  # brighter everywhere: the whole frame
+    images += rng.normal(0, 0.04, images.shape).astype(np.float32)  # noise puts pixels near the level
+    images = np.roll(images, 1, axis=-1)  # misaligned by a pixel
+    region = reflection_region(torch.from_numpy(images), torch.from_numpy(targets))
+    assert region.shape == (3, 1, 40, 56)
+    for index in range(3):
+        expected = reflection_mask(images[index].transpose(1, 2, 0), targets[index].transpose(1, 2, 0))
+        assert np.array_equal(region[index, 0].numpy() > 0.5, expected)
+    assert 0.2 < float(region[0].mean()) < 0.6 and float(region[1].mean()) > 0.95
+
+
+def test_reflection_emphasis_weighs_errors_inside_the_reflection():
+    target = 0.6 * torch.rand(1, 3, 48, 48)
+    image = target.clone()
+    image[..., 8:24, 8:24] += 0.3  # the reflection's region, about a tenth of the frame
+    inside, outside = target.clone(), target.clone()
+    inside[..., 10:20, 10:20] += 0.1  # the same error, inside the reflection or away from it
+    outside[..., 30:40, 30:40] += 0.1
+    plain = RestorationLoss(None, perceptual=0.0)
+    emphasised = RestorationLoss(None, perceptual=0.0, reflection_emphasis=4.0)
+    assert float(plain(inside, target)[0]) == pytest.approx(float(plain(outside, target)[0]))
+    inside_loss, outside_loss = emphasised(inside, target, image=image)[0], emphasised(outside, target, image=image)[0]
+    assert float(inside_loss) > 2.5 * float(outside_loss)
+    # a pair without a reflection is weighed evenly: the plain loss
+    assert float(emphasised(outside, target, image=target)[0]) == pytest.approx(float(plain(outside, target)[0]))
+    assert emphasised.describe()["reflection_emphasis"] == 4.0
+    with pytest.raises(InputError, match="input image"):
+        emphasised(outside, target)
+    with pytest.raises(InputError, match=">= 0"):
+        RestorationLoss(None, perceptual=0.0, reflection_emphasis=-1.0)
+
+
 def test_lite_training_with_real_pairs_runs_end_to_end_and_stage2_and_crrn_start_from_it(
         tmp_path, mobilenet_cache, capsys):
     photos = write_photo_folder(tmp_path / "photos", 6, height=136, width=136)
@@ -323,9 +361,10 @@ def test_lite_training_with_real_pairs_runs_end_to_end_and_stage2_and_crrn_start
     assert stage2.network_spec("generator")["config"]["in_channels"] == 9
     assert stage2.metadata["loss"]["adversarial"] == 0.05
     assert main(["train", "crrn", *common, "--init", str(tmp_path / "s1" / "final.safetensors"),
-                 "--out", str(tmp_path / "c")]) == 0
+                 "--reflection-emphasis", "3", "--out", str(tmp_path / "c")]) == 0
     crrn = load_checkpoint(tmp_path / "c" / "final.safetensors")
     assert crrn.metadata["schedule"]["init"]["step"] == 2
+    assert crrn.metadata["loss"]["reflection_emphasis"] == 3 and stage1.metadata["loss"]["reflection_emphasis"] == 0
     log = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
     assert "si_grad" in log[-1] or "si_gradient" in log[-1]
     capsys.readouterr()
@@ -333,3 +372,8 @@ def test_lite_training_with_real_pairs_runs_end_to_end_and_stage2_and_crrn_start
     assert main(["train", "crrn", *common, "--init", str(tmp_path / "s2" / "final.safetensors"),
                  "--out", str(tmp_path / "c2")]) == 2
     assert "stage-1 checkpoint" in capsys.readouterr().err
+    # the emphasis weighs the transfer recipe's loss; the paper's own loss has no such term
+    assert main(["train", "crrn", *common, "--recipe", "paper", "--reflection-emphasis", "3",
+                 "--out", str(tmp_path / "c3")]) == 2
+    assert "--reflection-emphasis belongs to the transfer recipe" in capsys.readouterr().err
+    assert not (tmp_path / "c3").exists()

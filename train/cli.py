@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from dereflect.errors import require
+from dereflect.errors import InputError, require
 from dereflect.stop_signals import exit_status
 
 
@@ -125,7 +125,6 @@ def _add_synthesis_option(parser: argparse.ArgumentParser) -> None:
 def build_recipe(args, preset: str, sizes):
     """The synthesis recipe the options ask for: ``preset`` with --synthesis, mixed per --mix and
     --clean-fraction (each fraction is of all pairs; ``preset`` makes the rest)."""
-    from dereflect.errors import InputError
 
     from .data import RecipeMix, SynthesisConfig
 
@@ -192,6 +191,11 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
                              "split train/splits/zhang89_val.txt")
     parser.add_argument("--real-fraction", type=float, default=0.4, metavar="F",
                         help="fraction of training samples taken from --real (default: 0.4)")
+    parser.add_argument("--reflection-emphasis", type=float, default=None, metavar="E",
+                        help="weigh the loss 1 + E inside each pair's reflection region (where the input is "
+                             "brighter than its clean layer: the region of 'dereflect eval --masks auto') and 1 "
+                             "elsewhere, to push the model to change more where the reflection is (transfer "
+                             "recipe; default: 0)")
     parser.add_argument("--encoder-lr-scale", type=float, default=None, metavar="S",
                         help="the pretrained encoder's learning rate as a fraction of --lr; 0 freezes it "
                              "(transfer recipe; default: 0.1)")
@@ -246,7 +250,6 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
 
 def parse_sizes(text: str):
     """'256' -> [(256, 256)]; '96x160,224x288' -> [(96, 160), (224, 288)]."""
-    from dereflect.errors import InputError
 
     sizes = []
     for part in str(text).split(","):
@@ -264,7 +267,6 @@ def parse_sizes(text: str):
 
 def parse_overrides(items) -> dict:
     """['reflection_weight=0.05,0.5', 'ghost=false'] -> {'reflection_weight': [0.05, 0.5], 'ghost': False}."""
-    from dereflect.errors import InputError
 
     overrides = {}
     for item in items or ():
@@ -280,7 +282,6 @@ def parse_overrides(items) -> dict:
 
 
 def _train_config(args):
-    from dereflect.errors import InputError
 
     from .trainer import TrainConfig
 
@@ -329,7 +330,6 @@ def build_loaders(args, recipe, context):
     data-parallel training the training loader gives this rank's share of every batch, and only
     rank 0 gets a validation loader (None elsewhere).
     """
-    from dereflect.errors import InputError
     from dereflect.tools.datasets import detect_layout, read_name_list
 
     from .data import GroundTruthPairs, MixedPairs, RealPairs, SyntheticPairs, find_images, make_loader
@@ -439,17 +439,27 @@ def rm2s_network(config_name: str, in_channels: int):
                                           in_channels=in_channels)
 
 
-def transfer_loss():
+def transfer_loss(args):
     """The transfer recipe's loss, with the offline ImageNet MobileNetV2 as its feature network."""
     from .losses import FeatureLoss, RestorationLoss
     from .models.backbone import load_mobilenet_weights
 
-    return RestorationLoss(FeatureLoss(load_mobilenet_weights()))
+    emphasis = args.reflection_emphasis or 0.0
+    if emphasis < 0:
+        raise InputError(f"--reflection-emphasis must be >= 0, got {emphasis:g}")
+    return RestorationLoss(FeatureLoss(load_mobilenet_weights()), reflection_emphasis=emphasis)
+
+
+def _paper_recipe_refuses(args) -> None:
+    """Options of the transfer recipe, refused with the paper's own loss and optimiser."""
+    for option, value in (("--encoder-lr-scale", args.encoder_lr_scale),
+                          ("--reflection-emphasis", args.reflection_emphasis)):
+        if value is not None:
+            raise InputError(f"{option} belongs to the transfer recipe; drop it or use --recipe transfer")
 
 
 def run_rm2s_stage1(args) -> int:
     require("torch", "train", "training")
-    from dereflect.errors import InputError
 
     from .models.backbone import load_mobilenet_weights
     from .rm2s import ENCODER_LR_SCALE, STAGE1_LR, TRANSFER_LR, Stage1Task
@@ -460,10 +470,9 @@ def run_rm2s_stage1(args) -> int:
     if uses_transfer(args):
         scale = ENCODER_LR_SCALE if args.encoder_lr_scale is None else args.encoder_lr_scale
         task = Stage1Task(config, lr=args.lr or TRANSFER_LR, data_recipe=recipe.to_dict(), arch=arch,
-                          transfer_loss=transfer_loss(), imagenet=imagenet, encoder_lr_scale=scale)
+                          transfer_loss=transfer_loss(args), imagenet=imagenet, encoder_lr_scale=scale)
     else:
-        if args.encoder_lr_scale is not None:
-            raise InputError("--encoder-lr-scale belongs to the transfer recipe; drop it or use --recipe transfer")
+        _paper_recipe_refuses(args)
         task = Stage1Task(config, _load_loss_vgg(args), lr=args.lr or STAGE1_LR, data_recipe=recipe.to_dict(),
                           arch=arch, imagenet=imagenet)
     return _fit(args, task, recipe, "rm2s-stage1")
@@ -484,10 +493,11 @@ def run_rm2s_stage2(args) -> int:
                   data_recipe=recipe.to_dict(), arch=arch)
     if transfer:
         task = Stage2Task(config, load_checkpoint(args.stage1), None, lr=args.lr or TRANSFER_LR,
-                          transfer_loss=transfer_loss(), adversarial_weight=args.adversarial_weight,
+                          transfer_loss=transfer_loss(args), adversarial_weight=args.adversarial_weight,
                           encoder_lr_scale=ENCODER_LR_SCALE if args.encoder_lr_scale is None
                           else args.encoder_lr_scale, **common)
     else:
+        _paper_recipe_refuses(args)
         task = Stage2Task(config, load_checkpoint(args.stage1), _load_loss_vgg(args), lr=args.lr or STAGE2_LR,
                           **common)
     return _fit(args, task, recipe, "rm2s-stage2")
@@ -497,7 +507,6 @@ def run_synthesize(args) -> int:
     require("torch", "train", "data synthesis")
     import cv2
     import numpy as np
-    from dereflect.errors import InputError
     from tqdm import tqdm
 
     from .data import SyntheticPairs
@@ -522,7 +531,6 @@ def run_synthesize(args) -> int:
 
 
 def run_from_export(args) -> int:
-    from dereflect.errors import InputError
 
     from .from_export import checkpoint_from_export
 
@@ -541,7 +549,6 @@ def run_from_export(args) -> int:
 
 def run_fit_gain(args) -> int:
     """Least-squares channel gains from the photos through glass to their clean layers (no network)."""
-    from dereflect.errors import InputError
     from dereflect.tools.datasets import filter_pairs, find_pairs, read_name_list
     from dereflect.tools.evaluate import fit_global_gain
 
@@ -570,7 +577,6 @@ def run_average(args) -> int:
 
 def run_crrn(args) -> int:
     require("torch", "train", "training")
-    from dereflect.errors import InputError
 
     from .checkpoint import load_checkpoint
     from .crrn import CRRN_LR, CRRNTask, vgg16_init_state
@@ -580,6 +586,8 @@ def run_crrn(args) -> int:
 
     if args.reflection_loss_weight < 0:
         raise InputError(f"--reflection-loss-weight must be >= 0, got {args.reflection_loss_weight:g}")
+    if not uses_transfer(args):
+        _paper_recipe_refuses(args)
     recipe = build_recipe(args, "crrn", parse_sizes(args.size))
     common = dict(total_steps=args.steps, gin_fraction=args.gin_fraction, lr=args.lr or CRRN_LR,
                   data_recipe=recipe.to_dict())
@@ -587,7 +595,7 @@ def run_crrn(args) -> int:
         imagenet = None if args.resume or args.init else load_mobilenet_weights()
         init = load_checkpoint(args.init) if args.init and not args.resume else None
         scale = ENCODER_LR_SCALE if args.encoder_lr_scale is None else args.encoder_lr_scale
-        loss = transfer_loss() if uses_transfer(args) else None
+        loss = transfer_loss(args) if uses_transfer(args) else None
         task = CRRNTask(MobileCRRNConfig.preset("lite"), arch="crrn_mobile", transfer_loss=loss, imagenet=imagenet,
                         init=init, encoder_lr_scale=scale, reflection_weight=args.reflection_loss_weight, **common)
     else:

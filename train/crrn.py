@@ -173,7 +173,7 @@ class CRRNTask(Task):
         background, reflection, gradient = self.targets(batch)
         if not self.transfer:
             return self.loss(b, background, r, reflection, g, gradient)
-        total, terms = self.loss(b, background, batch.get("real"))
+        total, terms = self.loss(b, background, batch.get("real"), batch["input"])
         si_grad = 1 - si_torch(g, gradient)
         terms["si_grad"] = si_grad.detach()
         return total + si_grad, terms
@@ -186,8 +186,7 @@ class CRRNTask(Task):
 
     def metadata(self) -> Dict[str, Any]:
         if self.transfer:
-            loss = {"name": "transfer", "gradient": self.loss.gradient, "perceptual": self.loss.perceptual,
-                    "real_gradient_scale": self.loss.real_gradient_scale, "si_gradient": 1.0}
+            loss = {**self.loss.describe(), "si_gradient": 1.0}
         else:
             loss = {"name": "crrn", "gamma": self.loss.gamma, "reflection_weight": self.loss.reflection_weight,
                     "reflection_target": REFLECTION_TARGET}

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from dereflect.errors import InputError
-from dereflect.tools.metrics import K1, K2, RADIUS, SIGMA, WINDOW
+from dereflect.tools.metrics import AUTO_MASK_BLUR, AUTO_MASK_LEVEL, AUTO_MASK_OPEN, K1, K2, RADIUS, SIGMA, WINDOW
 from torch import nn
 
 from .vgg import VGGFeatures
@@ -249,6 +249,34 @@ class FeatureLoss(nn.Module):
         return sum((a - b).abs().mean() for a, b in zip(got, wanted)) / len(got)
 
 
+def reflection_region(image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The torch twin of ``dereflect.tools.metrics.reflection_mask`` for a batch: (N, 1, H, W) of 0/1.
+
+    The same blur (OpenCV's own Gaussian taps and its reflect-101 border) and the same opening, so a
+    training pair's emphasised region is the region ``dereflect eval --masks auto`` scores.
+    """
+    import cv2
+
+    k = int(round(AUTO_MASK_BLUR * 8 + 1)) | 1  # the kernel size OpenCV picks for a float image at ksize (0, 0)
+    taps = torch.from_numpy(cv2.getGaussianKernel(k, AUTO_MASK_BLUR, cv2.CV_32F).ravel()).to(image)
+    difference = (image - target).mean(1, keepdim=True).float()
+    difference = F.pad(difference, (k // 2, k // 2, k // 2, k // 2), mode="reflect")
+    difference = F.conv2d(difference, taps.view(1, 1, 1, k))
+    difference = F.conv2d(difference, taps.view(1, 1, k, 1))
+    mask = (difference > AUTO_MASK_LEVEL).float()
+    # Opening: erosion then dilation over a square; max-pooling pads with -inf, so the frame's edge
+    # neither erodes nor dilates, as in OpenCV.
+    eroded = -F.max_pool2d(-mask, AUTO_MASK_OPEN, 1, AUTO_MASK_OPEN // 2)
+    return F.max_pool2d(eroded, AUTO_MASK_OPEN, 1, AUTO_MASK_OPEN // 2)
+
+
+def _weighted_means(values: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-sample means of ``values`` (N, C, H, W), weighted by ``weight`` (N, 1, H, W) or not."""
+    if weight is None:
+        return values.flatten(1).mean(1)
+    return (values * weight).flatten(1).sum(1) / (weight.flatten(1).sum(1) * values.shape[1])
+
+
 def _image_gradients(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
@@ -259,25 +287,45 @@ class RestorationLoss(nn.Module):
     What the strongest recent methods train with (ERRNet's L1, 0.4 x gradient L1 and a perceptual
     term), with the light MobileNetV2 features in place of VGG's. Real pairs are slightly
     misaligned, and finite differences are what a shift of a pixel disturbs most: their gradient
-    term is scaled by ``real_gradient_scale``. ``forward(output, target, real)`` takes ``real``
-    as an (N,) tensor of 0/1 (or None: all synthetic) and returns ``(total, terms)``.
+    term is scaled by ``real_gradient_scale``.
+
+    ``reflection_emphasis`` (E > 0) weighs the L1 and gradient terms 1 + E inside each pair's
+    reflection region (:func:`reflection_region` of input and target) and 1 elsewhere, normalised
+    per pair: a pair's loss stays on the same scale, more of it comes from where the reflection is.
+    A pair without a reflection is weighed evenly.
+
+    ``forward(output, target, real, image)`` takes ``real`` as an (N,) tensor of 0/1 (or None: all
+    synthetic) and ``image``, the network's input (needed with an emphasis), and returns
+    ``(total, terms)``.
     """
 
     def __init__(self, features: Optional[FeatureLoss], gradient: float = 0.4, perceptual: float = 0.1,
-                 real_gradient_scale: float = 0.5) -> None:
+                 real_gradient_scale: float = 0.5, reflection_emphasis: float = 0.0) -> None:
         super().__init__()
-        if min(gradient, perceptual, real_gradient_scale) < 0:
+        if min(gradient, perceptual, real_gradient_scale, reflection_emphasis) < 0:
             raise InputError("RestorationLoss weights must be >= 0")
         if perceptual > 0 and features is None:
             raise InputError("RestorationLoss: a perceptual weight needs the FeatureLoss network")
         self.features = features
         self.gradient, self.perceptual, self.real_gradient_scale = gradient, perceptual, real_gradient_scale
+        self.reflection_emphasis = reflection_emphasis
 
-    def forward(self, output: torch.Tensor, target: torch.Tensor,
-                real: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Terms]:
-        l1 = (output - target).abs().mean()
+    def describe(self) -> Dict[str, object]:
+        """The loss's settings as a checkpoint's metadata records them."""
+        return {"name": "transfer", "gradient": self.gradient, "perceptual": self.perceptual,
+                "real_gradient_scale": self.real_gradient_scale, "reflection_emphasis": self.reflection_emphasis}
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor, real: Optional[torch.Tensor] = None,
+                image: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Terms]:
+        weight = None
+        if self.reflection_emphasis > 0:
+            if image is None:
+                raise InputError("RestorationLoss: a reflection emphasis needs the network's input image")
+            weight = 1.0 + self.reflection_emphasis * reflection_region(image, target)
+        l1 = _weighted_means((output - target).abs(), weight).mean()
         (ox, oy), (tx, ty) = _image_gradients(output), _image_gradients(target)
-        per_sample = (ox - tx).abs().flatten(1).mean(1) + (oy - ty).abs().flatten(1).mean(1)
+        per_sample = (_weighted_means((ox - tx).abs(), None if weight is None else weight[..., :, 1:]) +
+                      _weighted_means((oy - ty).abs(), None if weight is None else weight[..., 1:, :]))
         if real is not None:
             per_sample = per_sample * (1.0 - real.float() * (1.0 - self.real_gradient_scale))
         grad = per_sample.mean()

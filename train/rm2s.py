@@ -79,7 +79,7 @@ class Stage1Task(Task):
 
     def _loss(self, estimate, batch):
         if self.transfer:
-            return self.loss(estimate, batch["background"], batch.get("real"))
+            return self.loss(estimate, batch["background"], batch.get("real"), batch["input"])
         return self.loss(estimate, batch["background"])
 
     def training_step(self, batch, step, scaler):
@@ -100,8 +100,7 @@ class Stage1Task(Task):
 
     def metadata(self):
         if self.transfer:
-            loss = {"name": "transfer", "gradient": self.loss.gradient, "perceptual": self.loss.perceptual,
-                    "real_gradient_scale": self.loss.real_gradient_scale}
+            loss = self.loss.describe()
             optimiser = {"name": "adam", "lr": self.lr, "encoder_lr_scale": self.encoder_lr_scale}
         else:
             loss = {"name": "rm2s-stage1", **self.loss_weights}
@@ -193,7 +192,7 @@ class Stage2Task(Task):
     def _generator_loss(self, fake, batch, d_fake):
         if not self.transfer:
             return self.loss(fake, batch["background"], d_fake)
-        total, terms = self.loss(fake, batch["background"], batch.get("real"))
+        total, terms = self.loss(fake, batch["background"], batch.get("real"), batch["input"])
         adversarial = -d_fake.mean()
         terms["adversarial"] = adversarial.detach()
         return total + self.adversarial_weight * adversarial, terms
@@ -259,9 +258,7 @@ class Stage2Task(Task):
 
     def metadata(self) -> Dict[str, Any]:
         if self.transfer:
-            loss = {"name": "transfer", "gradient": self.loss.gradient, "perceptual": self.loss.perceptual,
-                    "real_gradient_scale": self.loss.real_gradient_scale,
-                    "adversarial": self.adversarial_weight}
+            loss = {**self.loss.describe(), "adversarial": self.adversarial_weight}
             optimiser = {"name": "adam", "lr": self.lr, "encoder_lr_scale": self.encoder_lr_scale}
         else:
             loss = {"name": "rm2s-stage2", **self.loss_weights}

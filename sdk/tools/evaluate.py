@@ -75,7 +75,17 @@ from dereflect.errors import InputError, ModelError
 from dereflect.imageio import as_float_rgb, read_image, write_image
 from dereflect.stop_signals import StopSignals, exit_status
 from dereflect.tools.datasets import LAYOUTS, Pair, PathLike, filter_pairs, find_pairs, read_name_list
-from dereflect.tools.metrics import WINDOW, psnr, si, si_region, ssim, ssim_region
+from dereflect.tools.metrics import (
+    AUTO_MASK_BLUR,
+    AUTO_MASK_LEVEL,
+    WINDOW,
+    psnr,
+    reflection_mask,
+    si,
+    si_region,
+    ssim,
+    ssim_region,
+)
 
 BASE_METRICS = ("psnr", "ssim", "si")
 REGION_METRICS = ("ssimr", "sir")
@@ -128,24 +138,6 @@ def resize_short(image: np.ndarray, short: Optional[int], nearest: bool = False)
 
 #: ``masks=AUTO_MASKS`` derives each pair's reflection-region mask from the pair (see reflection_mask).
 AUTO_MASKS = "auto"
-#: reflection_mask's settings: how much brighter (mean over channels, on [0, 1]) the input must be,
-#: the blur that tolerates real pairs' misalignment (sigma, px) and the opening that drops specks (px).
-AUTO_MASK_LEVEL, AUTO_MASK_BLUR, AUTO_MASK_OPEN = 12 / 255, 3.0, 5
-
-
-def reflection_mask(image: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Where a pair's input carries its reflection: bool HxW, True where the input is brighter than
-    the ground truth by more than 12/255 (mean over channels, after a Gaussian blur of sigma 3 px,
-    which tolerates the slight misalignment of real pairs), specks smaller than 5x5 px removed.
-
-    Reflected light adds, so the reflection is where the photo is brighter than its clean layer;
-    a colour cast over the whole frame (real captures have one) marks the whole frame.
-    """
-    difference = cv2.GaussianBlur((image - target).mean(axis=2), (0, 0), AUTO_MASK_BLUR)
-    mask = (difference > AUTO_MASK_LEVEL).astype(np.uint8)
-    return cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((AUTO_MASK_OPEN, AUTO_MASK_OPEN), np.uint8)) > 0
-
-
 def _masks_text(masks: str) -> str:
     if masks == AUTO_MASKS:
         return (f"derived from each pair: input brighter than ground truth by > {round(AUTO_MASK_LEVEL * 255)}/255 "

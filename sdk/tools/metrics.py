@@ -13,6 +13,9 @@ SI (structure index, CRRN) is the structure-only part of SSIM:
 The regional variants (SSIMr / SIr) average the full-size map over the pixels of a mask; the
 map there is not cropped, so masks may touch the border.
 
+``reflection_mask`` marks where a pair's input carries its reflection (the region of SSIMr / SIr
+for ``dereflect eval --masks auto``, and of the training loss's reflection emphasis).
+
 Images are HxW or HxWxC arrays; channels are scored separately and averaged. Arrays are
 converted to float64, so ``data_range`` must match the values (1.0 for images in [0, 1],
 255 for uint8 images).
@@ -149,3 +152,21 @@ def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
     if mse == 0.0:
         return float("inf")
     return float(10.0 * np.log10(data_range**2 / mse))
+
+
+#: reflection_mask's settings: how much brighter (mean over channels, on [0, 1]) the input must be,
+#: the blur that tolerates real pairs' misalignment (sigma, px) and the opening that drops specks (px).
+AUTO_MASK_LEVEL, AUTO_MASK_BLUR, AUTO_MASK_OPEN = 12 / 255, 3.0, 5
+
+
+def reflection_mask(image: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Where a pair's input carries its reflection: bool HxW, True where the input is brighter than
+    the ground truth by more than 12/255 (mean over channels, after a Gaussian blur of sigma 3 px,
+    which tolerates the slight misalignment of real pairs), specks smaller than 5x5 px removed.
+
+    Reflected light adds, so the reflection is where the photo is brighter than its clean layer;
+    a colour cast over the whole frame (real captures have one) marks the whole frame.
+    """
+    difference = cv2.GaussianBlur((image - target).mean(axis=2), (0, 0), AUTO_MASK_BLUR)
+    mask = (difference > AUTO_MASK_LEVEL).astype(np.uint8)
+    return cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((AUTO_MASK_OPEN, AUTO_MASK_OPEN), np.uint8)) > 0
