@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -252,12 +253,20 @@ def test_torchrun_trains_crrn_on_two_ranks_and_one_process_resumes_it(tmp_path, 
                "--size", "64x96", "--batch-size", "1", "--gin-fraction", "0.5", "--val-count", "2",
                "--workers", "0", "--log-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launched = subprocess.run(
+    # A session of its own: on a timeout the whole group goes (torchrun's ranks too, which would
+    # otherwise outlive the test, one of them waiting in a collective).
+    launched = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
          "-m", "dereflect", "train", "crrn", *options, "--steps", "2", "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=RUN_TIMEOUT_S)
-    assert launched.returncode == 0, launched.stderr[-3000:]
-    assert launched.stdout.count("checkpoint:") == 1  # rank 0 alone reports
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = launched.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(launched.pid, signal.SIGKILL)
+        stdout, stderr = launched.communicate()
+        pytest.fail(f"torchrun did not finish in {RUN_TIMEOUT_S} s: {stderr[-3000:]}")
+    assert launched.returncode == 0, stderr[-3000:]
+    assert stdout.count("checkpoint:") == 1  # rank 0 alone reports
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
     checkpoint = load_checkpoint(out / "final.safetensors")
