@@ -250,7 +250,6 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
 
 def parse_sizes(text: str):
     """'256' -> [(256, 256)]; '96x160,224x288' -> [(96, 160), (224, 288)]."""
-
     sizes = []
     for part in str(text).split(","):
         part = part.strip().lower()
@@ -267,7 +266,6 @@ def parse_sizes(text: str):
 
 def parse_overrides(items) -> dict:
     """['reflection_weight=0.05,0.5', 'ghost=false'] -> {'reflection_weight': [0.05, 0.5], 'ghost': False}."""
-
     overrides = {}
     for item in items or ():
         key, sep, text = item.partition("=")
@@ -282,7 +280,6 @@ def parse_overrides(items) -> dict:
 
 
 def _train_config(args):
-
     from .trainer import TrainConfig
 
     if args.keep_every < 0:
@@ -531,7 +528,6 @@ def run_synthesize(args) -> int:
 
 
 def run_from_export(args) -> int:
-
     from .from_export import checkpoint_from_export
 
     out = Path(args.out)

@@ -138,6 +138,8 @@ def resize_short(image: np.ndarray, short: Optional[int], nearest: bool = False)
 
 #: ``masks=AUTO_MASKS`` derives each pair's reflection-region mask from the pair (see reflection_mask).
 AUTO_MASKS = "auto"
+
+
 def _masks_text(masks: str) -> str:
     if masks == AUTO_MASKS:
         return (f"derived from each pair: input brighter than ground truth by > {round(AUTO_MASK_LEVEL * 255)}/255 "
