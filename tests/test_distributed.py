@@ -253,18 +253,25 @@ def test_torchrun_trains_crrn_on_two_ranks_and_one_process_resumes_it(tmp_path, 
                "--size", "64x96", "--batch-size", "1", "--gin-fraction", "0.5", "--val-count", "2",
                "--workers", "0", "--log-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # A session of its own: on a timeout the whole group goes (torchrun's ranks too, which would
-    # otherwise outlive the test, one of them waiting in a collective).
-    launched = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-         "-m", "dereflect", "train", "crrn", *options, "--steps", "2", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        stdout, stderr = launched.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(launched.pid, signal.SIGKILL)
-        stdout, stderr = launched.communicate()
-        pytest.fail(f"torchrun did not finish in {RUN_TIMEOUT_S} s: {stderr[-3000:]}")
+    # Output to files, not pipes: torchrun starts each rank in a session of its own, so a rank left
+    # behind (one was seen hanging in gloo's teardown) would keep a pipe open and a read of it waiting.
+    # On a timeout torchrun and its ranks are killed, so that none outlives the test.
+    logs = {name: tmp_path / f"torchrun.{name}" for name in ("out", "err")}
+    with open(logs["out"], "w") as stdout_file, open(logs["err"], "w") as stderr_file:
+        launched = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+             "-m", "dereflect", "train", "crrn", *options, "--steps", "2", "--out", str(out)],
+            stdout=stdout_file, stderr=stderr_file, text=True, env=env)
+        try:
+            launched.wait(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            ranks = Path(f"/proc/{launched.pid}/task/{launched.pid}/children")
+            for pid in (ranks.read_text().split() if ranks.exists() else []):
+                os.kill(int(pid), signal.SIGKILL)
+            launched.kill()
+            launched.wait()
+            pytest.fail(f"torchrun did not finish in {RUN_TIMEOUT_S} s: {logs['err'].read_text()[-3000:]}")
+    stdout, stderr = logs["out"].read_text(), logs["err"].read_text()
     assert launched.returncode == 0, stderr[-3000:]
     assert stdout.count("checkpoint:") == 1  # rank 0 alone reports
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

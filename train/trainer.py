@@ -107,9 +107,10 @@ class Task:
     def distribute(self, wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
         """Train through ``wrap(module)`` (DistributedDataParallel) for each network the task trains.
 
-        Called once, on every rank, after the networks are on their device. ``training_step`` then runs
-        the wrapped modules (their gradients are averaged over the ranks in backward); validation,
-        previews and checkpoints keep using the plain ones.
+        Called on every rank after the networks are on their device (and with the identity at the end of
+        ``fit``, to drop the wrappers). ``training_step`` then runs the wrapped modules (their gradients
+        are averaged over the ranks in backward); validation, previews and checkpoints keep using the
+        plain ones.
         """
         raise InputError(f"{type(self).__name__} does not support data-parallel training")
 
@@ -338,6 +339,12 @@ class Trainer:
             self._run_steps(batches, signals)
         # After Ctrl+C or SIGTERM the finished steps go where --resume expects them.
         final = self.save("last.safetensors" if self.stopped_by else "final.safetensors")
+        if self._wrapped:
+            # The gradient-averaging wrappers go while every rank is still here, so the process group is
+            # torn down when the run leaves it; a wrapper freed only at exit, with the group destroyed and
+            # a peer gone, was seen to hang a rank in gloo's teardown (torchrun then never returned).
+            self.task.distribute(lambda module: module)
+            self._wrapped = False
         self.dist.barrier()  # every rank returns once the checkpoint is written
         self.elapsed, self._started = self._elapsed(), None
         return final
