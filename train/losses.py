@@ -210,6 +210,10 @@ def gradient_penalty(
 # ---------------------------------------------------------------- transfer recipe (all methods)
 
 
+#: MobileNetV2 blocks whose outputs :class:`FeatureLoss` compares (strides 2, 4 and 8).
+FEATURE_LOSS_TAPS = (1, 3, 6)
+
+
 class FeatureLoss(nn.Module):
     """Light perceptual loss: mean absolute difference of frozen ImageNet MobileNetV2 features.
 
@@ -217,13 +221,13 @@ class FeatureLoss(nn.Module):
     percent of VGG's, which keeps the term affordable on a CPU.
     """
 
-    def __init__(self, state: Dict[str, torch.Tensor], taps: Sequence[int] = (1, 3, 6)):
+    def __init__(self, state: Dict[str, torch.Tensor], taps: Sequence[int] = FEATURE_LOSS_TAPS):
         super().__init__()
         from .models.backbone import MobileNetV2Encoder
 
-        encoder = MobileNetV2Encoder()
-        encoder.load_imagenet(state)
         self.taps = tuple(taps)
+        encoder = MobileNetV2Encoder()
+        encoder.load_imagenet(state, blocks=max(self.taps) + 1)  # the blocks past the last tap are never run
         self.blocks = encoder.features[: max(self.taps) + 1]
         self.register_buffer("mean", encoder.mean.clone(), persistent=False)
         self.register_buffer("std", encoder.std.clone(), persistent=False)

@@ -401,7 +401,7 @@ class Trainer:
                     if val_loss is not None and (self.best_val is None or val_loss < self.best_val):
                         self.best_val = val_loss
                         self.save("best.safetensors")
-                if main and self.step % self.config.preview_every == 0:
+                if main and self.config.preview_every and self.step % self.config.preview_every == 0:
                     with self._evaluating():
                         _, estimate = self.task.validation_step(batch)
                         self.write_preview(batch, estimate, f"train_{self.step:07d}.png")

@@ -104,17 +104,20 @@ class MobileNetV2Encoder(nn.Module):
                 taps.append(x)
         return taps
 
-    def load_imagenet(self, state: Dict[str, torch.Tensor]) -> None:
+    def load_imagenet(self, state: Dict[str, torch.Tensor], blocks: Optional[int] = None) -> None:
         """Copy torchvision's ImageNet ``mobilenet_v2`` weights (``features.*`` keys) into the encoder.
 
         Keys of the final 1x1 conv (``features.18``) and the classifier are ignored; every other
         key must be there with the expected shape, or a ModelError names what is wrong and nothing
-        is copied.
+        is copied. ``blocks``: copy only the first ``blocks`` feature blocks (the others keep their
+        values and need not be in ``state``), for a network that uses no more of them.
         """
         # BatchNorm's step counters are not weights (torchvision's file predates them).
-        own = {k: v for k, v in self.state_dict().items() if not k.endswith("num_batches_tracked")}
-        given = {k: v for k, v in state.items() if k.startswith("features.") and not k.startswith("features.18.")
-                 and not k.endswith("num_batches_tracked")}
+        own = mobilenet_blocks({k: v for k, v in self.state_dict().items() if not k.endswith("num_batches_tracked")},
+                               blocks)
+        given = mobilenet_blocks({k: v for k, v in state.items() if k.startswith("features.")
+                                  and not k.startswith("features.18.") and not k.endswith("num_batches_tracked")},
+                                 blocks)
         missing = sorted(set(own) - set(given))
         unexpected = sorted(set(given) - set(own))
         if missing or unexpected:
@@ -231,6 +234,14 @@ def prepare_mobilenet_weights(source: Union[str, os.PathLike],
                                                  "input": "RGB [0,1], ImageNet mean/std"})
     os.replace(partial, out)
     return out
+
+
+def mobilenet_blocks(state: Dict[str, torch.Tensor], blocks: Optional[int]) -> Dict[str, torch.Tensor]:
+    """The ``features.N.*`` entries of ``state`` with N below ``blocks`` (all of ``state``: None)."""
+    if blocks is None:
+        return dict(state)
+    return {k: v for k, v in state.items()
+            if k.startswith("features.") and k.split(".")[1].isdigit() and int(k.split(".")[1]) < blocks}
 
 
 def load_mobilenet_weights(path: Optional[Union[str, os.PathLike]] = None,
