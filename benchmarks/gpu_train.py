@@ -326,6 +326,8 @@ def run(pack_dir: Path, out: Path, work: Path, minutes: Optional[float], methods
         budget_s: float, cpu_smoke: bool, env: Dict[str, str]) -> Dict[str, Any]:
     """Train, score, pick, write; see the module doc. Returns what ``out/gpu_train.json`` holds."""
     began = time.monotonic()
+    # The training processes run in the checkout: every path they are given is absolute.
+    pack_dir, out, work = pack_dir.resolve(), out.resolve(), work.resolve()
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     import torch
