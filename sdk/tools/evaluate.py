@@ -576,8 +576,8 @@ def evaluate(
     gains = read_gain_baseline(gain_baseline) if gain_baseline is not None else None
     runner = load_model(model, **options)
     try:
-        report = _run(runner, describe_model(runner, model), pairs, short, masks, contact_images, progress,
-                      gains, stop)
+        report = _run(runner, describe_model(runner, model), pairs, short, masks is not None, auto_mask,
+                      contact_images, progress, gains, stop)
     finally:
         if runner is not model and hasattr(runner, "close"):
             runner.close()
@@ -589,13 +589,14 @@ def evaluate(
     return report
 
 
-def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Optional[int],
-         masks: Optional[PathLike], contact_images: int, progress: bool,
+def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Optional[int], regions: bool,
+         auto_mask: bool, contact_images: int, progress: bool,
          gains: Optional[Dict[str, Any]] = None, stop: Optional[StopSignals] = None) -> Report:
+    """Score ``pairs``; ``regions``: SSIMr / SIr too, inside each pair's mask (``auto_mask``: its
+    reflection_mask, else the mask file attached to the pair)."""
     from tqdm import tqdm
 
-    metrics = BASE_METRICS + (REGION_METRICS if masks is not None else ())
-    auto_mask = masks == AUTO_MASKS
+    metrics = BASE_METRICS + (REGION_METRICS if regions else ())
     chosen = set(_contact_indices(len(pairs), contact_images))
     rows: List[Tuple[str, List[np.ndarray]]] = []
     images: List[ImageScores] = []
