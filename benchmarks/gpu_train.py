@@ -56,12 +56,13 @@ DATA_OPTIONS = [
     "--mix-fraction", "0.2", "--mix-synthesis", "reflection_weight=0.05,0.4",
     "--mix-synthesis", "crop_scale=0.7,1.0", "--clean-fraction", "0.3",
 ]
-#: Per method: the bundled model it continues, its training command and options, and how many
-#: steps past the start its schedule spans (CRRN drops its rate to a tenth two thirds in).
+#: Per method: the bundled model it continues, its training command and options, how many steps
+#: past the start its schedule spans and where its rate drops to a tenth (CRRN's schedule drops it
+#: 2540 steps past a start at 4250 with this span; RM2S is told to do the same, --lr-drop-at).
 METHODS: Dict[str, Dict[str, Any]] = {
     "crrn": {"model": "crrn-lite", "command": "crrn", "span": 6000,
              "options": ["--gin-fraction", "0.1", "--lr", "1e-4", "--reflection-emphasis", "3"]},
-    "rm2s": {"model": "rm2s-lite", "command": "rm2s-stage2", "span": 20000, "stage1": True,
+    "rm2s": {"model": "rm2s-lite", "command": "rm2s-stage2", "span": 20000, "stage1": True, "drop_after": 2540,
              "options": ["--lr", "1e-4"]},
 }
 GPU = {"size": "160x224", "batch": 16, "workers": 6, "keep_every": 500, "score_side": SCORE_SIDE,
@@ -69,7 +70,7 @@ GPU = {"size": "160x224", "batch": 16, "workers": 6, "keep_every": 500, "score_s
 #: The smoke test's sizes: the smallest the stage-2 critic takes; any clean-layer figure passes,
 #: so that picking and writing the weights run too.
 SMOKE = {"size": "128", "batch": 2, "workers": 0, "keep_every": 2, "score_side": 64, "steps": 4,
-         "val_pairs": 2, "clean_floor": 0.0}
+         "drop_after": 2, "val_pairs": 2, "clean_floor": 0.0}
 
 
 def _log(message: str) -> None:
@@ -268,6 +269,8 @@ def _train_command(method: str, start: Path, pack_dir: Path, run_dir: Path, sett
                *spec["options"]]
     if spec.get("stage1"):
         command += ["--stage1", str(start)]
+    if "drop_after" in spec:
+        command += ["--lr-drop-at", str(step + settings.get("drop_after", spec["drop_after"]))]
     if minutes:
         command += ["--time-limit", f"{minutes:g}"]
     return command

@@ -150,7 +150,10 @@ def test_the_run_trains_scores_picks_and_returns_weights_on_the_cpu(sources, tmp
     for method, spec in gpu_train.METHODS.items():
         run = result["runs"][method]
         assert run["exit"] == 0 and run["last_step"] == run["start_step"] + gpu_train.SMOKE["steps"]
-        assert "--reflection-emphasis" in run["command"] if method == "crrn" else "--stage1" in run["command"]
+        if method == "crrn":
+            assert "--reflection-emphasis" in run["command"]
+        else:
+            assert {"--stage1", "--lr-drop-at"} <= set(run["command"])
         names = [r["name"] for r in result["rows"] if r["method"] == method]
         kept = [f"step{run['start_step'] + s:07d}" for s in (2, 4)]
         assert names == ["start", *kept] and result["picked"][method] in kept

@@ -364,3 +364,23 @@ def test_lite_training_with_real_pairs_runs_end_to_end_and_stage2_and_crrn_start
                  "--out", str(tmp_path / "c3")]) == 2
     assert "--reflection-emphasis belongs to the transfer recipe" in capsys.readouterr().err
     assert not (tmp_path / "c3").exists()
+
+
+def test_lr_drop_at_trains_rm2s_at_a_tenth_of_the_rate_from_that_step():
+    from dereflect.train.models.rm2s import MobileUNetConfig
+    from dereflect.train.rm2s import Stage1Task
+
+    config = MobileUNetConfig(decoder_widths=(8, 8, 8, 8, 8))
+    task = Stage1Task(config, lr=1e-4, transfer_loss=RestorationLoss(None, perceptual=0.0), encoder_lr_scale=0.1,
+                      arch="rm2s_mobile_unet", lr_drop_at=300)
+    rates = []
+    for step in (0, 299, 300, 5000):
+        task.set_step(step)
+        rates.append(sorted(group["lr"] for group in task.optimizer.param_groups))
+    assert rates[0] == rates[1] == pytest.approx([1e-5, 1e-4])  # the encoder at a tenth of the rate throughout
+    assert rates[2] == rates[3] == pytest.approx([1e-6, 1e-5])
+    assert task.metadata()["optimiser"]["lr_drop_at"] == 300
+    steady = Stage1Task(config, lr=1e-4, transfer_loss=RestorationLoss(None, perceptual=0.0), arch="rm2s_mobile_unet")
+    steady.set_step(10**6)
+    assert max(group["lr"] for group in steady.optimizer.param_groups) == pytest.approx(1e-4)
+    assert "lr_drop_at" not in steady.metadata()["optimiser"]

@@ -25,10 +25,12 @@ def register(subparsers) -> None:
 
     stage1 = commands.add_parser("rm2s-stage1", help="RM2S stage 1: initial background estimate")
     _common_options(stage1, default_size="256", default_batch=6)
+    _add_lr_drop_option(stage1)
     stage1.set_defaults(func=run_rm2s_stage1)
 
     stage2 = commands.add_parser("rm2s-stage2", help="RM2S stage 2: the GAN generator refining stage 1")
     _common_options(stage2, default_size="256", default_batch=6)
+    _add_lr_drop_option(stage2)
     stage2.add_argument("--stage1", required=True, metavar="CKPT", help="trained stage-1 checkpoint")
     stage2.add_argument("--masks", choices=["stage1", "ground-truth"], default="stage1",
                         help="edge masks from the stage-1 output (the paper, as at inference) or from the "
@@ -105,6 +107,13 @@ def register(subparsers) -> None:
 RECIPE_PRESETS = ("rm2s-stage1", "rm2s-stage2", "crrn", "transfer")
 #: --config name -> the architecture it builds, per method (lite: ImageNet MobileNetV2 encoder).
 CONFIGS = ("lite", "lite-scratch", "paper")
+
+
+def _add_lr_drop_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lr-drop-at", type=int, default=None, metavar="STEP",
+                        help="train at a tenth of the rate from this step on (the generator's, in stage 2), to "
+                             "settle a continuation (default: one rate throughout, the paper's; CRRN has its "
+                             "paper's schedule instead)")
 
 
 def _add_synthesis_option(parser: argparse.ArgumentParser) -> None:
@@ -467,11 +476,12 @@ def run_rm2s_stage1(args) -> int:
     if uses_transfer(args):
         scale = ENCODER_LR_SCALE if args.encoder_lr_scale is None else args.encoder_lr_scale
         task = Stage1Task(config, lr=args.lr or TRANSFER_LR, data_recipe=recipe.to_dict(), arch=arch,
-                          transfer_loss=transfer_loss(args), imagenet=imagenet, encoder_lr_scale=scale)
+                          transfer_loss=transfer_loss(args), imagenet=imagenet, encoder_lr_scale=scale,
+                          lr_drop_at=args.lr_drop_at)
     else:
         _paper_recipe_refuses(args)
         task = Stage1Task(config, _load_loss_vgg(args), lr=args.lr or STAGE1_LR, data_recipe=recipe.to_dict(),
-                          arch=arch, imagenet=imagenet)
+                          arch=arch, imagenet=imagenet, lr_drop_at=args.lr_drop_at)
     return _fit(args, task, recipe, "rm2s-stage1")
 
 
@@ -487,7 +497,7 @@ def run_rm2s_stage2(args) -> int:
     common = dict(masks=args.masks, critic=DiscriminatorConfig.preset(args.critic or
                                                                       ("paper" if args.config == "paper" else "lite")),
                   critic_lr=args.critic_lr or DISCRIMINATOR_LR, gp_weight=args.gp, c1=args.c1, c2=args.c2,
-                  data_recipe=recipe.to_dict(), arch=arch)
+                  data_recipe=recipe.to_dict(), arch=arch, lr_drop_at=args.lr_drop_at)
     if transfer:
         task = Stage2Task(config, load_checkpoint(args.stage1), None, lr=args.lr or TRANSFER_LR,
                           transfer_loss=transfer_loss(args), adversarial_weight=args.adversarial_weight,

@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint, transplant_state
 from .losses import RestorationLoss, RM2SStage1Loss, RM2SStage2Loss, clip_weights_, discriminator_loss, gradient_penalty
 from .models import build_model
 from .models.rm2s import DiscriminatorConfig
-from .trainer import Task, encoder_parameter_groups, set_learning_rate, to_uint8_rgb
+from .trainer import Task, dropped_rate, encoder_parameter_groups, set_learning_rate, to_uint8_rgb
 
 # The paper's learning rates (the authors' code used 2e-3 for the generators).
 STAGE1_LR = 2e-4
@@ -42,8 +42,9 @@ class Stage1Task(Task):
     def __init__(self, config, vgg=None, lr: float = STAGE1_LR, data_recipe: Optional[dict] = None,
                  loss_weights: Optional[Dict[str, float]] = None, arch: str = "rm2s_unet",
                  transfer_loss: Optional[RestorationLoss] = None, imagenet=None,
-                 encoder_lr_scale: float = ENCODER_LR_SCALE):
+                 encoder_lr_scale: float = ENCODER_LR_SCALE, lr_drop_at: Optional[int] = None):
         self.config = config
+        self.lr_drop_at = lr_drop_at
         self.arch = arch
         self.model = build_model(arch, config.to_dict())
         if imagenet is not None:
@@ -75,7 +76,7 @@ class Stage1Task(Task):
         self.loss.to(device)
 
     def set_step(self, step: int) -> None:
-        set_learning_rate(self.optimizer, self.lr)
+        set_learning_rate(self.optimizer, dropped_rate(self.lr, step, self.lr_drop_at))
 
     def _loss(self, estimate, batch):
         if self.transfer:
@@ -105,6 +106,8 @@ class Stage1Task(Task):
         else:
             loss = {"name": "rm2s-stage1", **self.loss_weights}
             optimiser = {"name": "rmsprop", "lr": self.lr}
+        if self.lr_drop_at is not None:
+            optimiser["lr_drop_at"] = self.lr_drop_at
         return {"data_recipe": self.data_recipe, "loss": loss, "optimiser": optimiser}
 
 
@@ -130,7 +133,7 @@ class Stage2Task(Task):
                  c1: float = 0.5, c2: float = 0.5, data_recipe: Optional[dict] = None,
                  loss_weights: Optional[Dict[str, float]] = None, arch: str = "rm2s_unet",
                  transfer_loss: Optional[RestorationLoss] = None, adversarial_weight: float = 0.05,
-                 encoder_lr_scale: float = ENCODER_LR_SCALE):
+                 encoder_lr_scale: float = ENCODER_LR_SCALE, lr_drop_at: Optional[int] = None):
         if masks not in ("stage1", "ground-truth"):
             raise InputError(f"masks must be 'stage1' or 'ground-truth', not {masks!r}")
         if stage1.metadata.get("kind") not in ("rm2s-stage1", "rm2s-stage2"):
@@ -149,7 +152,7 @@ class Stage2Task(Task):
                                  f"{stage1.path} holds {self.stage1_spec['arch']}")
             transplant_state(self.generator, stage1.states["stage1"])
         self.critic = build_model("rm2s_discriminator", self.critic_config.to_dict())
-        self.lr = lr
+        self.lr, self.lr_drop_at = lr, lr_drop_at
         self.transfer = transfer_loss is not None
         if self.transfer:
             self.loss = transfer_loss
@@ -187,7 +190,7 @@ class Stage2Task(Task):
         self.loss.to(device)
 
     def set_step(self, step: int) -> None:
-        set_learning_rate(self.g_optimizer, self.lr)
+        set_learning_rate(self.g_optimizer, dropped_rate(self.lr, step, self.lr_drop_at))
 
     def _generator_loss(self, fake, batch, d_fake):
         if not self.transfer:
@@ -263,6 +266,8 @@ class Stage2Task(Task):
         else:
             loss = {"name": "rm2s-stage2", **self.loss_weights}
             optimiser = {"name": "rmsprop", "lr": self.lr}
+        if self.lr_drop_at is not None:
+            optimiser["lr_drop_at"] = self.lr_drop_at
         return {
             "data_recipe": self.data_recipe,
             "loss": loss,

@@ -143,6 +143,11 @@ def encoder_parameter_groups(model: torch.nn.Module, lr: float, encoder_lr_scale
     return groups
 
 
+def dropped_rate(lr: float, step: int, drop_at: Optional[int]) -> float:
+    """``lr``, or a tenth of it from step ``drop_at`` on (None: never)."""
+    return lr * 0.1 if drop_at is not None and step >= drop_at else lr
+
+
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set every group's rate to ``lr`` times its ``lr_scale`` (1 where it has none).
 
