@@ -385,7 +385,9 @@ def run(pack_dir: Path, out: Path, work: Path, minutes: Optional[float], methods
     limit = settings.get("val_pairs")
     reserve = 45.0  # seconds kept for writing the weights out
     for method, (_, _, start, run_dir) in processes.items():
-        candidates = [("start", start)] + [(p.stem, p) for p in sorted(run_dir.glob("step*.safetensors"))]
+        # Newest first: if time runs short, the steps after the rate's drop are the ones scored.
+        candidates = [("start", start)] + [(p.stem, p) for p in sorted(run_dir.glob("step*.safetensors"),
+                                                                        reverse=True)]
         for name, path in candidates:
             if time.monotonic() - began > budget_s - reserve:
                 result.setdefault("skipped", []).append(f"{method}/{name}")
@@ -447,7 +449,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="where the table and the weights go (default: $OUT, else runs/gpu_train)")
     runner.add_argument("--work", type=Path, default=Path("/tmp/gpu_train"),
                         help="run folders (default: /tmp/gpu_train)")
-    runner.add_argument("--minutes", type=float, default=6.0, help="training time per run (default: 6)")
+    runner.add_argument("--minutes", type=float, default=5.5, help="training time per run (default: 5.5)")
     runner.add_argument("--budget-s", type=float, default=540.0,
                         help="wall time for the whole command: scoring stops in time to write the result "
                              "(default: 540, inside the lease's 600 s per command)")

@@ -156,7 +156,7 @@ def test_the_run_trains_scores_picks_and_returns_weights_on_the_cpu(sources, tmp
             assert {"--stage1", "--lr-drop-at"} <= set(run["command"])
         names = [r["name"] for r in result["rows"] if r["method"] == method]
         kept = [f"step{run['start_step'] + s:07d}" for s in (2, 4)]
-        assert names == ["start", *kept] and result["picked"][method] in kept
+        assert names == ["start", *reversed(kept)] and result["picked"][method] in kept
         returned = [f for f in sorted(out.iterdir()) if f.name.startswith(f"{method}_step")]
         assert returned, method
         checkpoint = load_checkpoint(gpu_train.join(returned, tmp_path / "back" / method)[0])
