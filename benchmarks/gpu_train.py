@@ -366,8 +366,19 @@ def run(pack_dir: Path, out: Path, work: Path, minutes: Optional[float], methods
         processes[method] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO),
                              log, start, run_dir)
         result["runs"][method] = {"command": command[2:], "start_step": info["step"]}
+    reserve = 45.0  # seconds kept for writing the weights out
     for method, (process, log, _, run_dir) in processes.items():
-        code = process.wait()
+        outran = False
+        try:  # a run that outlasts the budget (its --time-limit should stop it long before) is stopped
+            code = process.wait(timeout=max(1.0, budget_s - reserve - (time.monotonic() - began)))
+        except subprocess.TimeoutExpired:
+            outran = True
+            process.terminate()  # SIGTERM: the trainer saves last.safetensors and exits
+            try:
+                code = process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                code = process.wait()
         log.close()
         tail = (work / f"train_{method}.log").read_text(errors="replace").replace("\r", "\n").splitlines()[-5:]
         records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()] \
@@ -377,13 +388,14 @@ def run(pack_dir: Path, out: Path, work: Path, minutes: Optional[float], methods
                                        "last_step": records[-1].get("step") if records else None})
         _log(f"{method}: exit {code}, {result['runs'][method]['last_step']} steps, "
              f"{result['runs'][method]['steps_per_s']} steps/s")
-        if code != 0:
+        if outran:
+            result.setdefault("notes", []).append(f"{method}: training stopped (exit {code}): it outran --budget-s")
+        elif code != 0:
             result.setdefault("notes", []).append(f"{method}: training failed (exit {code}): {tail[-1:]}")
     save()
 
     clean = _clean_layers(pack_dir / "val", work)
     limit = settings.get("val_pairs")
-    reserve = 45.0  # seconds kept for writing the weights out
     for method, (_, _, start, run_dir) in processes.items():
         # Newest first: if time runs short, the steps after the rate's drop are the ones scored.
         candidates = [("start", start)] + [(p.stem, p) for p in sorted(run_dir.glob("step*.safetensors"),
@@ -407,8 +419,9 @@ def run(pack_dir: Path, out: Path, work: Path, minutes: Optional[float], methods
             result.setdefault("notes", []).append(f"{method}: no kept checkpoint reached {settings['clean_floor']:g} "
                                                   "dB on the clean layers (or none was scored); no weights returned")
             continue
-        name = f"{method}_step{picked[method]['step']}.safetensors"
-        weights = weights_only(Path(picked[method]["path"]), work / name)
+        weights = work / f"{method}_step{picked[method]['step']}.safetensors"
+        weights.unlink(missing_ok=True)  # left by an earlier run in the same --work
+        weights = weights_only(Path(picked[method]["path"]), weights)
         picked[method]["files"] = [p.name for p in cut(weights, out)]
     result["picked"] = {m: (r and r["name"]) for m, r in picked.items()}
     result["table"] = _table(result["rows"], picked)
