@@ -91,6 +91,51 @@ def test_resuming_mid_epoch_trains_on_the_batches_an_unbroken_run_takes(photo_fo
     assert record["data_s"] >= 0 and record["step_s"] > 0
 
 
+FAILING_RUN = """
+import sys
+from dereflect.train.crrn import CRRNTask
+from dereflect.train.data import SynthesisConfig, SyntheticPairs, make_loader
+from dereflect.train.models.crrn import CRRNConfig
+from dereflect.train.trainer import TrainConfig, Trainer
+
+
+class FailingTask(CRRNTask):
+    def training_step(self, batch, step, scaler=None):
+        if step == 1:
+            raise RuntimeError("the step failed")
+        return super().training_step(batch, step, scaler)
+
+
+if __name__ == "__main__":
+    photos, run_dir = sys.argv[1:]
+    task = FailingTask(CRRNConfig.preset("lite", norm="none"), total_steps=4, gin_fraction=0.0)
+    data = SyntheticPairs(photos, SynthesisConfig.crrn(size=[(64, 96)]), seed=0)
+    config = TrainConfig(steps=4, batch_size=2, val_every=100, preview_every=100, save_every=100, device="cpu")
+    Trainer(task, config, run_dir, make_loader(data, 2, workers=1)).fit()
+"""
+
+
+def test_a_failing_step_ends_the_process_with_its_loader_workers(photo_folder, tmp_path):
+    """The workers ignore SIGTERM (Ctrl+C stops the trainer, not them), so a loader left alive by an
+    exception kept the process waiting for them at exit, forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "failing_run.py"
+    script.write_text(FAILING_RUN)
+    process = subprocess.Popen([sys.executable, str(script), str(photo_folder), str(tmp_path / "run")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the workers too
+        process.communicate()
+        pytest.fail("the process did not exit after its training step failed")
+    assert process.returncode == 1 and "RuntimeError: the step failed" in err
+
+
 # ----------------------------------------------------------------------------- decoded images
 
 

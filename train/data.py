@@ -1244,6 +1244,18 @@ class SeededLoader(DataLoader):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
+    def close(self) -> None:
+        """Stop the worker processes now; the next pass starts new ones.
+
+        Persistent workers otherwise live as long as the loader, and they ignore SIGTERM
+        (:func:`_worker_init`): a loader still referenced when the interpreter exits (from an
+        exception's traceback, say) would leave multiprocessing's exit handler waiting for them
+        forever. PyTorch offers no public call for this; its iterator's own shutdown is used.
+        """
+        iterator, self._iterator = getattr(self, "_iterator", None), None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
 
 def _worker_init(worker_id: int) -> None:
     # Samples draw from their own generators; seeding the globals anyway keeps any stray

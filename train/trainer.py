@@ -340,8 +340,14 @@ class Trainer:
         if self.step == 0 and self.val_loader is not None and main:
             self.log({"step": 0, **self.validate(), "time": 0.0})
         self.stopped_by = None
-        with StopSignals() as signals:
-            self._run_steps(batches, signals)
+        try:
+            with StopSignals() as signals:
+                self._run_steps(batches, signals)
+        finally:  # also when a step fails: loader workers left running would keep the process from exiting
+            batches.close()
+            for loader in (self.train_loader, self.val_loader):
+                if hasattr(loader, "close"):
+                    loader.close()
         # After Ctrl+C or SIGTERM the finished steps go where --resume expects them.
         final = self.save("last.safetensors" if self.stopped_by else "final.safetensors")
         if self._wrapped:
