@@ -6,7 +6,7 @@
     python benchmarks/gpu_train.py pack --photos photos/ --real zhang89/ \\
         --holdout train/splits/zhang89_val.txt --weights ~/.cache/dereflect
     # there, in one call (the device tool: carry ["gpu_pack"]; the result lands in $OUT)
-    python benchmarks/gpu_train.py run --out "$OUT"
+    python3 benchmarks/gpu_train.py run --out "$OUT"      # python3: the one holding torch there
     # here again: the returned files joined into checkpoints, checked
     python benchmarks/gpu_train.py collect FILES_AT -o runs/gpu
     # anywhere: the same run on the CPU with tiny sizes, to check the script (its figures mean nothing)
