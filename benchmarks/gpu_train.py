@@ -83,20 +83,17 @@ def _log(message: str) -> None:
 def _encode_jpeg(path: Path, long_side: int, quality: int) -> bytes:
     """``path`` (any readable image) shrunk to ``long_side`` (never enlarged), as JPEG bytes."""
     import cv2
-    from dereflect.imageio import read_array
+    import numpy as np
+    from dereflect.imageio import ImageInfo, from_float_rgb, read_image
 
-    array, _ = read_array(path)
-    if array.ndim == 2:
-        array = cv2.cvtColor(array, cv2.COLOR_GRAY2BGR)
-    array = array[..., :3]
-    if array.dtype != "uint8":
-        array = (array / 257).astype("uint8") if array.dtype == "uint16" else (array.clip(0, 1) * 255).astype("uint8")
-    height, width = array.shape[:2]
+    rgb, _ = read_image(path)  # grey, alpha and 16 bits converted as everywhere else
+    height, width = rgb.shape[:2]
     scale = long_side / max(height, width)
     if scale < 1:
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        array = cv2.resize(array, size, interpolation=cv2.INTER_AREA)
-    ok, data = cv2.imencode(".jpg", array, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    bgr = from_float_rgb(rgb, ImageInfo(dtype=np.dtype(np.uint8), channels=3), "BGR")
+    ok, data = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise RuntimeError(f"{path}: JPEG encoding failed")
     return data.tobytes()
@@ -296,11 +293,15 @@ def importable_env(site: Path) -> Dict[str, str]:
 
 
 def _score(checkpoint: Path, val: Path, clean: Path, side: int, device: str, limit: Optional[int]) -> Dict[str, Any]:
-    from dereflect.tools.evaluate import evaluate
+    from dereflect.tools.evaluate import evaluate, load_model
 
-    options = {"max_side": side, "device": device, "contact_images": 0, "progress": False, "limit": limit}
-    on_val = evaluate(str(checkpoint), val, masks="auto", **options)
-    on_clean = evaluate(str(checkpoint), clean, **options)
+    runner = load_model(str(checkpoint), max_side=side, device=device)  # opened once for both sets
+    try:
+        options = {"contact_images": 0, "progress": False, "limit": limit}
+        on_val = evaluate(runner, val, masks="auto", **options)
+        on_clean = evaluate(runner, clean, **options)
+    finally:
+        runner.close()
     model, nothing = on_val.mean("model"), on_val.mean("baseline")
     return {"psnr": model["psnr"], "gain": model["psnr"] - nothing["psnr"], "ssim": model["ssim"],
             "ssimr": model["ssimr"], "clean_psnr": on_clean.mean("model")["psnr"]}
@@ -335,7 +336,7 @@ def run(pack_dir: Path, out: Path, work: Path, minutes: Optional[float], methods
     work.mkdir(parents=True, exist_ok=True)
     import torch
     from dereflect.errors import InputError
-    from dereflect.train.checkpoint import load_checkpoint, weights_only
+    from dereflect.train.checkpoint import read_metadata, weights_only
     from dereflect.train.from_export import checkpoint_from_export
 
     cuda = torch.cuda.is_available() and not cpu_smoke
@@ -404,7 +405,7 @@ def run(pack_dir: Path, out: Path, work: Path, minutes: Optional[float], methods
             if time.monotonic() - began > budget_s - reserve:
                 result.setdefault("skipped", []).append(f"{method}/{name}")
                 continue
-            row = {"method": method, "name": name, "step": load_checkpoint(path).step, "path": str(path),
+            row = {"method": method, "name": name, "step": int(read_metadata(path)["step"]), "path": str(path),
                    **_score(path, pack_dir / "val", clean, settings["score_side"], device, limit)}
             result["rows"].append(row)
             _log(f"{method} {name}: {row['psnr']:.2f} dB ({row['gain']:+.2f}), SSIMr {row['ssimr']:.3f}, "

@@ -226,9 +226,10 @@ class FeatureLoss(nn.Module):
         from .models.backbone import MobileNetV2Encoder
 
         self.taps = tuple(taps)
+        used = max(self.taps) + 1  # the blocks past the last tap are never run, nor loaded
         encoder = MobileNetV2Encoder()
-        encoder.load_imagenet(state, blocks=max(self.taps) + 1)  # the blocks past the last tap are never run
-        self.blocks = encoder.features[: max(self.taps) + 1]
+        encoder.load_imagenet(state, blocks=used)
+        self.blocks = encoder.features[:used]
         self.register_buffer("mean", encoder.mean.clone(), persistent=False)
         self.register_buffer("std", encoder.std.clone(), persistent=False)
         self.requires_grad_(False)
