@@ -23,6 +23,8 @@ from dereflect.train.data import (  # noqa: E402
     SynthesisConfig,
     SyntheticPairs,
     colour_ratios,
+    read_image,
+    reflection_layer,
     synthesize,
 )
 from dereflect.train.losses import RestorationLoss, reflection_region  # noqa: E402
@@ -205,6 +207,33 @@ def test_screen_blend_and_colour_terms_do_what_the_recipe_says():
     assert np.allclose(ratios[0], np.log([0.84 / 0.5, 0.7 / 0.5, 0.56 / 0.5]), atol=1e-5)
     assert not synthesize(b, r, SynthesisConfig.transfer(size=16).without_reflection(),
                           np.random.default_rng(0))[2].any()
+
+
+def test_reflection_layers_added_to_their_own_clean_layers_give_back_the_photos(tmp_path, capsys):
+    """`train reflection-layers` writes one layer per training pair; synthesis adding a layer (weight 1, no
+    vignette, colour or screen blend) to its pair's clean layer rebuilds the photo through the glass."""
+    root = write_real_pairs(tmp_path / "real", ["1", "2", "3"])  # clean = 0.8 x photo: the glass adds light
+    holdout = tmp_path / "val.txt"
+    holdout.write_text("3\n")
+    out = tmp_path / "layers"
+    assert main(["train", "reflection-layers", "--real", str(root), "--real-holdout", str(holdout),
+                 "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["1.png", "2.png"]
+    additive = SynthesisConfig.transfer(size=16, screen_p=0.0, reflection_weight=(1.0, 1.0),
+                                        background_scale=(0.0, 0.0), vignette=False, colour_log_mean=0.0,
+                                        colour_log_sd=0.0, colour_channel_log_mean=(0.0, 0.0, 0.0))
+    for name in ("1", "2"):
+        photo = read_image(root / "blended" / f"{name}.png")
+        clean = read_image(root / "transmission_layer" / f"{name}.png")
+        layer = read_image(out / f"{name}.png")
+        assert np.abs(layer - reflection_layer(photo, clean)).max() <= 0.5 / 255 + 1e-6
+        rebuilt = synthesize(clean, layer, additive, np.random.default_rng(0), real_reflection=True)[0]
+        assert np.abs(rebuilt - photo).mean() < 0.005 < 0.05 < np.abs(clean - photo).mean()
+    assert main(["train", "reflection-layers", "--real", str(root), "-o", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and len(list(out.iterdir())) == 2
+    assert not (tmp_path / "layers.partial").exists()
+    with pytest.raises(InputError, match="one shape"):
+        reflection_layer(np.zeros((4, 4, 3)), np.zeros((4, 5, 3)))
 
 
 def test_real_pairs_crop_both_images_alike_and_hold_back_the_named_ones(tmp_path):

@@ -94,6 +94,18 @@ def register(subparsers) -> None:
     fit_gain.add_argument("-o", "--out", required=True, metavar="FILE", help="JSON file to write")
     fit_gain.set_defaults(func=run_fit_gain)
 
+    layers = commands.add_parser(
+        "reflection-layers", help="write the reflection layer of each real pair, for --reflections",
+        description="For each real pair write (blended^g - clean^g)+ ^ (1/g): what the glass added, as an image "
+                    "that training's --reflections adds to other photos (a real reflection's sharpness and "
+                    "colour on many backgrounds).")
+    layers.add_argument("--real", required=True, metavar="DIR", help="real pairs (blended/ + transmission_layer/)")
+    layers.add_argument("--real-holdout", metavar="FILE", default=None,
+                        help="names to leave out (the validation split); default: none")
+    layers.add_argument("--gamma", type=float, default=2.2, help="the synthesis gamma (default: 2.2)")
+    layers.add_argument("-o", "--out", required=True, metavar="DIR", help="new folder to write (PNG per pair)")
+    layers.set_defaults(func=run_reflection_layers)
+
     average = commands.add_parser(
         "average", help="average the weights of several checkpoints of one run (for evaluation and export)")
     average.add_argument("checkpoints", nargs="+", metavar="CKPT",
@@ -569,6 +581,45 @@ def run_fit_gain(args) -> int:
               "data": str(args.real), "holdout": args.real_holdout, "pairs": [p.name for p in pairs]}
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"global gain (R, G, B) = {', '.join(f'{g:.4f}' for g in gain)} from {len(pairs)} pairs -> {out}")
+    return 0
+
+
+def run_reflection_layers(args) -> int:
+    """One PNG per real pair (its reflection layer), written beside ``--out`` and renamed when complete."""
+    require("torch", "train", "reflection layers")
+    import shutil
+
+    import cv2
+    import numpy as np
+    from dereflect.tools.datasets import filter_pairs, find_pairs, read_name_list
+    from tqdm import tqdm
+
+    from .data import read_image, reflection_layer
+
+    out = Path(args.out)
+    if out.exists():
+        raise InputError(f"{out} exists; choose a new folder")
+    if args.gamma <= 0:
+        raise InputError(f"--gamma must be > 0, got {args.gamma:g}")
+    _, pairs = find_pairs(args.real, "paired")
+    if args.real_holdout:
+        pairs = filter_pairs(pairs, read_name_list(args.real_holdout), keep=False, where=args.real)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # an earlier run's unfinished folder, never the user's
+    partial.mkdir(parents=True)
+    try:
+        for pair in tqdm(pairs, desc="reflection layers", unit="pair"):
+            blended, clean = read_image(pair.input), read_image(pair.target)
+            if blended.shape != clean.shape:
+                raise InputError(f"{args.real}: pair '{pair.name}' has a photo of {blended.shape[:2]} and a clean "
+                                 f"layer of {clean.shape[:2]}; a pair must have one size")
+            layer = (reflection_layer(blended, clean, args.gamma) * 255 + 0.5).astype(np.uint8)
+            cv2.imwrite(str(partial / f"{pair.name}.png"), cv2.cvtColor(layer, cv2.COLOR_RGB2BGR))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    partial.rename(out)
+    print(f"{len(pairs)} reflection layers in {out} (train with: --reflections {out})")
     return 0
 
 

@@ -744,6 +744,24 @@ def colour_ratios(inputs: Sequence[np.ndarray], backgrounds: Sequence[np.ndarray
     return np.asarray(out)
 
 
+def reflection_layer(blended: np.ndarray, clean: np.ndarray, gamma: float = 2.2) -> np.ndarray:
+    """The reflection of a real pair as an image: ``(blended^gamma - clean^gamma)+ ^ (1/gamma)``, HxWx3 in [0, 1].
+
+    Synthesis linearises a reflection image with ``gamma`` and adds it to the linearised
+    background, so this layer, added with weight 1 to its own clean layer, gives back the photo
+    wherever the photo is the brighter of the two. Added to other photos (``--reflections``) it
+    carries a real reflection's sharpness, colour and shape, which blurred photos do not: later
+    work found synthetic training removes blurry reflections and leaves sharp ones (REFERENCE.md).
+    Where the pair is misaligned the layer also holds thin edges of the clean scene.
+    """
+    if blended.shape != clean.shape or blended.ndim != 3 or blended.shape[2] != 3:
+        raise InputError(f"reflection_layer needs two HxWx3 images of one shape, got {blended.shape} and {clean.shape}")
+    if gamma <= 0:
+        raise InputError(f"gamma must be > 0, got {gamma}")
+    linear = np.power(blended.astype(np.float32), gamma) - np.power(clean.astype(np.float32), gamma)
+    return np.power(np.clip(linear, 0.0, 1.0), 1.0 / gamma).astype(np.float32)
+
+
 def random_crop(
     img: np.ndarray,
     size: Size,
