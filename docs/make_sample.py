@@ -11,7 +11,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from dereflect.train.data import SynthesisConfig, synthesize
+from dereflect.train.synthesis import SynthesisConfig, synthesize
 from skimage import data
 
 ASSETS = Path(__file__).resolve().parent.parent / "sdk" / "assets"

@@ -16,15 +16,12 @@ from dereflect.train.data import (
     GroundTruthPairs,
     ImageSkippedWarning,
     MultiSizeBatchSampler,
-    RecipeMix,
-    SynthesisConfig,
     SyntheticPairs,
     find_images,
     fit_for_network,
     make_loader,
-    sample_rng,
-    synthesize,
 )
+from dereflect.train.synthesis import RecipeMix, SynthesisConfig, sample_rng, synthesize
 
 SMALL = {"size": 32}
 

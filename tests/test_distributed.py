@@ -27,7 +27,7 @@ from dereflect.cli import main  # noqa: E402
 from dereflect.train import distributed as distributed_module  # noqa: E402
 from dereflect.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from dereflect.train.crrn import CRRNTask  # noqa: E402
-from dereflect.train.data import SynthesisConfig, SyntheticPairs, make_loader  # noqa: E402
+from dereflect.train.data import SyntheticPairs, make_loader  # noqa: E402
 from dereflect.train.distributed import DistributedContext, distributed  # noqa: E402
 from dereflect.train.losses import FeatureLoss, RestorationLoss  # noqa: E402
 from dereflect.train.models import build_model  # noqa: E402
@@ -35,6 +35,7 @@ from dereflect.train.models.backbone import MobileNetV2Encoder  # noqa: E402
 from dereflect.train.models.crrn import CRRNConfig  # noqa: E402
 from dereflect.train.models.rm2s import DiscriminatorConfig, UNetConfig  # noqa: E402
 from dereflect.train.rm2s import Stage2Task  # noqa: E402
+from dereflect.train.synthesis import SynthesisConfig  # noqa: E402
 from dereflect.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 WORLD = 2

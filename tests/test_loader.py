@@ -22,12 +22,12 @@ from dereflect.train.data import (  # noqa: E402
     MixedPairs,
     MultiSizeBatchSampler,
     RealPairs,
-    SynthesisConfig,
     SyntheticPairs,
     make_loader,
     read_image,
 )
 from dereflect.train.models.crrn import CRRNConfig  # noqa: E402
+from dereflect.train.synthesis import SynthesisConfig  # noqa: E402
 from dereflect.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 # ----------------------------------------------------------------------------- batches over ranks
@@ -94,7 +94,8 @@ def test_resuming_mid_epoch_trains_on_the_batches_an_unbroken_run_takes(photo_fo
 FAILING_RUN = """
 import sys
 from dereflect.train.crrn import CRRNTask
-from dereflect.train.data import SynthesisConfig, SyntheticPairs, make_loader
+from dereflect.train.data import SyntheticPairs, make_loader
+from dereflect.train.synthesis import SynthesisConfig
 from dereflect.train.models.crrn import CRRNConfig
 from dereflect.train.trainer import TrainConfig, Trainer
 

@@ -13,10 +13,11 @@ from dereflect.cli import main  # noqa: E402
 from dereflect.errors import ModelError  # noqa: E402
 from dereflect.train.checkpoint import load_checkpoint, load_state_strict, read_metadata, save_checkpoint  # noqa: E402
 from dereflect.train.crrn import CRRNTask, schedule_phase  # noqa: E402
-from dereflect.train.data import SynthesisConfig, SyntheticPairs, make_loader  # noqa: E402
+from dereflect.train.data import SyntheticPairs, make_loader  # noqa: E402
 from dereflect.train.models.crrn import CRRNConfig  # noqa: E402
 from dereflect.train.models.rm2s import DiscriminatorConfig, UNetConfig  # noqa: E402
 from dereflect.train.rm2s import Stage1Task, Stage2Task  # noqa: E402
+from dereflect.train.synthesis import SynthesisConfig  # noqa: E402
 from dereflect.train.trainer import TrainConfig, Trainer  # noqa: E402
 from dereflect.train.vgg import load_vgg  # noqa: E402
 

@@ -17,16 +17,7 @@ from dereflect.errors import InputError, ModelError  # noqa: E402
 from dereflect.tools.datasets import read_name_list  # noqa: E402
 from dereflect.tools.metrics import reflection_mask  # noqa: E402
 from dereflect.train.checkpoint import load_checkpoint, transplant_state  # noqa: E402
-from dereflect.train.data import (  # noqa: E402
-    MixedPairs,
-    RealPairs,
-    SynthesisConfig,
-    SyntheticPairs,
-    colour_ratios,
-    read_image,
-    reflection_layer,
-    synthesize,
-)
+from dereflect.train.data import MixedPairs, RealPairs, SyntheticPairs, read_image  # noqa: E402
 from dereflect.train.losses import RestorationLoss, reflection_region  # noqa: E402
 from dereflect.train.models import build_model  # noqa: E402
 from dereflect.train.models.backbone import (  # noqa: E402
@@ -35,6 +26,7 @@ from dereflect.train.models.backbone import (  # noqa: E402
     load_mobilenet_weights,
     prepare_mobilenet_weights,
 )
+from dereflect.train.synthesis import SynthesisConfig, colour_ratios, reflection_layer, synthesize  # noqa: E402
 
 
 def fake_torchvision_state(seed: int = 0) -> dict:

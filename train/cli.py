@@ -147,7 +147,7 @@ def build_recipe(args, preset: str, sizes):
     """The synthesis recipe the options ask for: ``preset`` with --synthesis, mixed per --mix and
     --clean-fraction (each fraction is of all pairs; ``preset`` makes the rest)."""
 
-    from .data import RecipeMix, SynthesisConfig
+    from .synthesis import RecipeMix, SynthesisConfig
 
     presets = {"rm2s-stage1": SynthesisConfig.rm2s_stage1, "rm2s-stage2": SynthesisConfig.rm2s_stage2,
                "crrn": SynthesisConfig.crrn, "transfer": SynthesisConfig.transfer}
@@ -594,7 +594,8 @@ def run_reflection_layers(args) -> int:
     from dereflect.tools.datasets import filter_pairs, find_pairs, read_name_list
     from tqdm import tqdm
 
-    from .data import read_image, reflection_layer
+    from .data import read_image
+    from .synthesis import reflection_layer
 
     out = Path(args.out)
     if out.exists():
