@@ -1,9 +1,11 @@
-"""Tests of dereflect.train.data: discovery, synthesis recipe, datasets and loaders."""
+"""Tests of dereflect.train.data and dereflect.train.synthesis: discovery, synthesis recipe, datasets and loaders."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -445,3 +447,14 @@ def test_fit_for_network():
     assert fit_for_network(img, size=40).shape == (40, 40, 3)
     with pytest.raises(InputError):
         fit_for_network(np.zeros((20, 100, 3), np.uint8))
+
+
+def test_synthesis_needs_neither_torch_nor_the_datasets():
+    """The recipes and the blend are NumPy and OpenCV: a tool that only synthesises pairs never loads torch."""
+    code = ("import sys, numpy as np, dereflect.train.synthesis as s; "
+            "s.synthesize(np.full((8, 8, 3), 0.5, np.float32), np.full((8, 8, 3), 0.2, np.float32), "
+            "s.SynthesisConfig(size=8), s.sample_rng(0, 0, 0)); "
+            "print(sorted(m for m in ('torch', 'dereflect.train.data') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -272,8 +272,9 @@ class SyntheticPairs(Dataset):
     short epochs still cycle through the collection) and a reflection image drawn from the
     sample's generator: from ``reflection_folders`` when given (real reflection layers, e.g.
     CRRN's RID or ``dereflect train reflection-layers``: no ghost, no blur, weighted per the
-    recipe), otherwise from the same photos, never the background's own. Unreadable or too-small images are skipped with one
-    :class:`ImageSkippedWarning` each (per process) and the next usable image is taken.
+    recipe), otherwise from the same photos, never the background's own. Unreadable or too-small
+    images are skipped with one :class:`ImageSkippedWarning` each (per process) and the next usable
+    image is taken.
 
     ``dataset[i]`` uses the dataset's epoch (:meth:`set_epoch`) and the first size;
     ``dataset[(i, epoch, size_id)]`` (what :class:`MultiSizeBatchSampler` yields) names both,
