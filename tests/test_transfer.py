@@ -223,7 +223,13 @@ def test_reflection_layers_added_to_their_own_clean_layers_give_back_the_photos(
         assert np.abs(rebuilt - photo).mean() < 0.005 < 0.05 < np.abs(clean - photo).mean()
     assert main(["train", "reflection-layers", "--real", str(root), "-o", str(out)]) == 2
     assert "exists" in capsys.readouterr().err and len(list(out.iterdir())) == 2
-    assert not (tmp_path / "layers.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layers", "real", "val.txt"]  # no unfinished folder
+    mismatched = write_real_pairs(tmp_path / "mismatched", ["1"])
+    write_real_pairs(tmp_path / "other", ["1"], size=(64, 64))
+    (tmp_path / "other" / "transmission_layer" / "1.png").replace(mismatched / "transmission_layer" / "1.png")
+    assert main(["train", "reflection-layers", "--real", str(mismatched), "-o", str(tmp_path / "none")]) == 2
+    assert "one size" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".none", "none"))]  # nothing half-written
     with pytest.raises(InputError, match="one shape"):
         reflection_layer(np.zeros((4, 4, 3)), np.zeros((4, 5, 3)))
 

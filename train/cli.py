@@ -588,6 +588,7 @@ def run_reflection_layers(args) -> int:
     """One PNG per real pair (its reflection layer), written beside ``--out`` and renamed when complete."""
     require("torch", "train", "reflection layers")
     import shutil
+    import tempfile
 
     import cv2
     import numpy as np
@@ -605,9 +606,8 @@ def run_reflection_layers(args) -> int:
     _, pairs = find_pairs(args.real, "paired")
     if args.real_holdout:
         pairs = filter_pairs(pairs, read_name_list(args.real_holdout), keep=False, where=args.real)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # an earlier run's unfinished folder, never the user's
-    partial.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         for pair in tqdm(pairs, desc="reflection layers", unit="pair"):
             blended, clean = read_image(pair.input), read_image(pair.target)
