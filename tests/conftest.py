@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import cv2
@@ -31,6 +32,16 @@ def write_photo_folder(folder: Path, count: int, height: int = 96, width: int = 
     for index in range(count):
         cv2.imwrite(str(folder / f"{prefix}{index:03d}.jpg"), smooth_photo(rng, height, width))
     return folder
+
+
+def sigint_as_in_a_terminal() -> None:
+    """``preexec_fn`` for a subprocess that a test stops with SIGINT, as Ctrl+C in a terminal would.
+
+    A shell starts background jobs (``cmd &``, ``nohup``) with SIGINT ignored and Python keeps an
+    ignored SIGINT so, which is right for a program but would make such a test fail under a
+    background test run.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def write_real_pairs(root: Path, names, size=(96, 128), gain=0.8) -> Path:

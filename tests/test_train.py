@@ -468,7 +468,7 @@ def test_a_stop_signal_ends_training_after_a_step_with_a_checkpoint_to_resume_fr
     import subprocess
     import time
 
-    from conftest import write_photo_folder
+    from conftest import sigint_as_in_a_terminal, write_photo_folder
 
     photos = write_photo_folder(tmp_path / "photos", 8)
     write_photo_folder(photos, 2, seed=1, prefix="test_")
@@ -478,7 +478,8 @@ def test_a_stop_signal_ends_training_after_a_step_with_a_checkpoint_to_resume_fr
                "--save-every", "100000", "--val-every", "100000", "--gin-fraction", "0.5"]
     process = subprocess.Popen([sys.executable, "-m", "dereflect", "train", "crrn", *options, "--steps", "100000",
                                 "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               preexec_fn=sigint_as_in_a_terminal)
     log = out / "log.jsonl"
     deadline = time.monotonic() + 180
     while not (log.exists() and len(log.read_text().splitlines()) >= 4) and time.monotonic() < deadline:

@@ -16,6 +16,7 @@ import cv2
 import dereflect.cli
 import numpy as np
 import pytest
+from conftest import sigint_as_in_a_terminal
 from dereflect.errors import InputError
 from dereflect.video import has_gstreamer, parse_source, process_video
 
@@ -433,9 +434,7 @@ def _slow_cli(tmp_path, frames):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "dereflect.cli", "video", str(source), "-o", str(out),
                                 "--model", str(model), "--threads", "1", "--no-progress"],
-                               stderr=subprocess.PIPE, text=True, env=env,
-                               # A shell may start background jobs with SIGINT ignored; Python then keeps it so.
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                               stderr=subprocess.PIPE, text=True, env=env, preexec_fn=sigint_as_in_a_terminal)
     return process, out, tmp_path / ".out.partial.avi"
 
 
