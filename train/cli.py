@@ -595,7 +595,7 @@ def run_reflection_layers(args) -> int:
     from dereflect.tools.datasets import filter_pairs, find_pairs, read_name_list
     from tqdm import tqdm
 
-    from .data import read_image
+    from .data import read_pair
     from .synthesis import reflection_layer
 
     out = Path(args.out)
@@ -610,10 +610,7 @@ def run_reflection_layers(args) -> int:
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         for pair in tqdm(pairs, desc="reflection layers", unit="pair"):
-            blended, clean = read_image(pair.input), read_image(pair.target)
-            if blended.shape != clean.shape:
-                raise InputError(f"{args.real}: pair '{pair.name}' has a photo of {blended.shape[:2]} and a clean "
-                                 f"layer of {clean.shape[:2]}; a pair must have one size")
+            blended, clean = read_pair(pair)
             layer = (reflection_layer(blended, clean, args.gamma) * 255 + 0.5).astype(np.uint8)
             cv2.imwrite(str(partial / f"{pair.name}.png"), cv2.cvtColor(layer, cv2.COLOR_RGB2BGR))
     except BaseException:

@@ -104,6 +104,16 @@ def read_image(path: PathLike) -> np.ndarray:
     return read_rgb(path)[0]
 
 
+def read_pair(pair: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """(input, target) of a :class:`dereflect.tools.datasets.Pair` as :func:`read_image` reads them;
+    InputError naming both files when their sizes differ."""
+    inp, target = read_image(pair.input), read_image(pair.target)
+    if inp.shape != target.shape:
+        raise InputError(f"pair '{pair.name}': {pair.input} is {inp.shape[0]}x{inp.shape[1]} but {pair.target} is "
+                         f"{target.shape[0]}x{target.shape[1]}; a pair must have one size")
+    return inp, target
+
+
 def load_usable(path: PathLike, min_size: Optional[Size] = None) -> Optional[np.ndarray]:
     """Read a training image, or return None (warning once per path) if it cannot be used.
 
@@ -459,10 +469,7 @@ class RealPairs(Dataset):
             if inp is not None and bg is not None:
                 return inp, bg
         pair = self.pairs[index]
-        inp, bg = read_image(pair.input), read_image(pair.target)
-        if inp.shape != bg.shape:
-            raise InputError(f"{self.root}: pair '{pair.name}' has an input of {inp.shape[:2]} and a background "
-                             f"of {bg.shape[:2]}; a pair must have one size")
+        inp, bg = read_pair(pair)
         short_min, long_min = self.geometry.min_source_size
         if min(inp.shape[:2]) < short_min or max(inp.shape[:2]) < long_min:
             raise InputError(f"{self.root}: pair '{pair.name}' ({inp.shape[0]}x{inp.shape[1]}) is smaller than "
@@ -613,12 +620,7 @@ class GroundTruthPairs(Dataset):
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         pair = self.pairs[index]
-        inp, bg = read_image(pair.input), read_image(pair.target)
-        if inp.shape != bg.shape:
-            raise InputError(
-                f"pair '{pair.name}': input {pair.input.name} is {inp.shape[0]}x{inp.shape[1]} but background "
-                f"{pair.target.name} is {bg.shape[0]}x{bg.shape[1]}; a pair must have one size"
-            )
+        inp, bg = read_pair(pair)
         i, b = self._fit(inp), self._fit(bg)
         return {
             "input": _to_tensor(i),
