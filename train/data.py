@@ -13,7 +13,7 @@ import random
 import signal
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import cv2
 import numpy as np
@@ -23,6 +23,9 @@ from dereflect.imageio import IMAGE_EXTENSIONS, is_visible_image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .synthesis import Recipe, RecipeMix, Size, SynthesisConfig, random_crop, sample_rng, synthesize
+
+if TYPE_CHECKING:
+    from dereflect.tools.datasets import Pair
 
 PathLike = Union[str, "os.PathLike[str]"]
 SampleKey = Tuple[int, int, int]
@@ -104,8 +107,8 @@ def read_image(path: PathLike) -> np.ndarray:
     return read_rgb(path)[0]
 
 
-def read_pair(pair: Any) -> Tuple[np.ndarray, np.ndarray]:
-    """(input, target) of a :class:`dereflect.tools.datasets.Pair` as :func:`read_image` reads them;
+def read_pair(pair: Pair) -> Tuple[np.ndarray, np.ndarray]:
+    """(input, target) of a pair as :func:`read_image` reads them;
     InputError naming both files when their sizes differ."""
     inp, target = read_image(pair.input), read_image(pair.target)
     if inp.shape != target.shape:
