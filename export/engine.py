@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from dereflect.errors import MissingDependencyError, ModelError, require
+from dereflect.imageio import staged_file
 from dereflect.manifest import MANIFEST_NAME, Manifest, inside, load_manifest, sha256_file
 from dereflect.trt_api import (
     EngineInfo,
@@ -184,10 +185,8 @@ def prepare_engine_dir(model: Any, out: Optional[os.PathLike] = None) -> Manifes
 
 
 def _write_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    with staged_file(path) as staged, open(staged, "wb") as handle:
         handle.write(memoryview(data))
-    os.replace(tmp, path)
 
 
 def _network_flags(trt: Any, ver, strong: bool) -> int:

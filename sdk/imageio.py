@@ -480,6 +480,24 @@ def _temporary_name(path: Path, longest: int = _NAME_MAX) -> Path:
 
 
 @contextlib.contextmanager
+def staged_file(path: Path) -> Iterator[Path]:
+    """A hidden, unique sibling of ``path`` (not yet created) to write; it replaces ``path`` when the
+    block ends without an error and is removed otherwise, so ``path`` is never half-written and no
+    other file is touched (a fixed ``NAME.tmp`` could be the user's). The caller creates the file,
+    so it gets the permissions the user's umask gives any new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = _temporary_name(path, name_max(path.parent))
+    try:
+        yield staged
+        os.replace(staged, path)
+    except BaseException:
+        if os.path.lexists(staged):
+            os.unlink(staged)
+        raise
+
+
+@contextlib.contextmanager
 def staged_folder(out: Path, replace: bool = False) -> Iterator[Path]:
     """A new hidden folder beside ``out`` to fill; it becomes ``out`` when the block ends without an
     error, and is removed otherwise, so ``out`` is never half-written and an existing one survives a
@@ -623,20 +641,11 @@ def write_image(
     ok, encoded = cv2.imencode(ext, _stored(np.asarray(image), target, colour_order, info.alpha))
     if not ok:
         raise InputError(f"{path}: OpenCV could not encode the image as {ext}")
-    # A uniquely named sibling opened with "xb" (not mkstemp, whose files are private 0600), so
-    # the output gets the permissions the user's umask gives any new file.
-    tmp_name = _temporary_name(path, name_max(nearest_existing(path.parent)))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp_name, "xb") as tmp:
-            tmp.write(encoded.ravel())
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        if isinstance(exc, OSError):
-            raise InputError(f"{path}: cannot write: {exc.strerror or exc}") from exc
-        raise
+        with staged_file(path) as staged, open(staged, "xb") as handle:
+            handle.write(encoded.ravel())
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write: {exc.strerror or exc}") from exc
     return path
 
 

@@ -49,6 +49,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from dereflect.errors import ModelError
+from dereflect.imageio import staged_file
 
 FORMAT = "dereflect-export"
 FORMAT_VERSION = 1
@@ -254,9 +255,8 @@ class Manifest:
 
     def save(self) -> Path:
         path = self.directory / MANIFEST_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        with staged_file(path) as staged:
+            staged.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     def verify_files(self, fp16: bool = False) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import InputError, ModelError
+from .imageio import staged_file
 
 Version = Tuple[int, int, int]
 Shape = Tuple[int, int, int, int]
@@ -243,9 +244,8 @@ def _check_sidecar_fields(data: Dict[str, Any]) -> None:
 def write_engine_info(info: EngineInfo, path: os.PathLike) -> Path:
     """Write a sidecar atomically (temporary file, then rename)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info.to_dict(), indent=2) + "\n")
-    os.replace(tmp, path)
+    with staged_file(path) as staged:
+        staged.write_text(json.dumps(info.to_dict(), indent=2) + "\n")
     return path
 
 

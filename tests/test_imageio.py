@@ -15,6 +15,7 @@ from dereflect.imageio import (
     read_array,
     read_header,
     read_image,
+    staged_file,
     staged_folder,
     to_float_rgb,
     write_image,
@@ -331,3 +332,20 @@ def test_a_staged_folder_appears_whole_or_not_at_all_and_replaces_only_when_told
     with staged_folder(out, replace=True) as staged:
         (staged / "d.txt").write_text("four")
     assert [p.name for p in out.iterdir()] == ["d.txt"] and [p.name for p in tmp_path.iterdir()] == ["made"]
+
+
+def test_a_staged_file_replaces_its_target_whole_or_not_at_all_and_touches_no_other_file(tmp_path):
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    users_file = tmp_path / "report.json.tmp"
+    users_file.write_text("the user's")
+    with pytest.raises(RuntimeError, match="half way"):
+        with staged_file(target) as staged:
+            staged.write_text("half")
+            raise RuntimeError("half way")
+    assert target.read_text() == "old"
+    with staged_file(target) as staged:
+        assert staged.parent == tmp_path and staged.name.startswith(".report.") and not staged.exists()
+        staged.write_text("new")
+    assert target.read_text() == "new" and users_file.read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.json.tmp"]

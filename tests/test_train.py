@@ -59,6 +59,8 @@ def test_checkpoint_round_trip_keeps_weights_metadata_and_optimizer(tmp_path):
     optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3)
     model(torch.rand(2, 3, 64, 64)).mean().backward()
     optimizer.step()
+    users_file = tmp_path / "c.safetensors.tmp"  # a name a fixed temporary sibling would have taken
+    users_file.write_text("the user's")
     path = save_checkpoint(tmp_path / "c.safetensors", method="rm2s", kind="rm2s-stage1",
                            networks={"stage1": ("rm2s_unet", tiny_unet().to_dict(), model)}, step=7,
                            data_recipe={"size": [[64, 64]]}, optimizers={"stage1": optimizer})
@@ -73,7 +75,8 @@ def test_checkpoint_round_trip_keeps_weights_metadata_and_optimizer(tmp_path):
     restored.load_state_dict(checkpoint.optimizer_states["stage1"])
     before = optimizer.state_dict()["state"][0]["square_avg"]
     assert torch.equal(restored.state_dict()["state"][0]["square_avg"], before)
-    assert not (tmp_path / "c.safetensors.tmp").exists()
+    assert users_file.read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "c.safetensors.tmp"]
 
 
 def test_checkpoint_loading_refuses_pickles_foreign_files_and_mismatched_weights(tmp_path):

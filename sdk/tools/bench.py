@@ -48,6 +48,7 @@ import numpy as np
 from dereflect import __version__
 from dereflect.cli_options import add_model_options, model_options
 from dereflect.errors import DereflectError, InputError, MissingDependencyError
+from dereflect.imageio import staged_file
 from dereflect.methods.base import NULL_TIMER, CudaEventTimer, Timer
 
 VARIATION_THRESHOLD = 0.05
@@ -463,9 +464,8 @@ def write_report(report: Dict[str, Any], out_dir: os.PathLike) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "bench.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    with staged_file(path) as staged:
+        staged.write_text(json.dumps(report, indent=2) + "\n")
     return path
 
 

@@ -59,7 +59,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -72,7 +71,7 @@ import numpy as np
 from dereflect import __version__
 from dereflect.cli_options import add_model_options, model_options
 from dereflect.errors import InputError, ModelError
-from dereflect.imageio import as_float_rgb, read_image, write_image
+from dereflect.imageio import as_float_rgb, read_image, staged_file, write_image
 from dereflect.stop_signals import StopSignals, exit_status
 from dereflect.tools.datasets import LAYOUTS, Pair, PathLike, filter_pairs, find_pairs, read_name_list
 from dereflect.tools.metrics import (
@@ -366,9 +365,8 @@ class Report:
         written = {}
         for key, text in (("markdown", self.to_markdown()), ("json", self.to_json())):
             path = out / REPORT_FILES[key]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            with staged_file(path) as staged:
+                staged.write_text(text)
             written[key] = path
         if self.contact_sheet is not None:
             written["contact_sheet"] = write_image(out / REPORT_FILES["contact_sheet"], self.contact_sheet,

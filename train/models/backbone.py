@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from dereflect.errors import InputError, ModelError
+from dereflect.imageio import staged_file
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -228,11 +229,9 @@ def prepare_mobilenet_weights(source: Union[str, os.PathLike],
                 if k.startswith("features.") and not k.startswith("features.18.") and v.is_floating_point()}
     MobileNetV2Encoder().load_imagenet(features)  # validates keys and shapes
     out = _cache_dir(cache_dir) / MOBILENET_FILE_NAME
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    save_file(features, str(partial), metadata={"arch": "mobilenet_v2", "origin": path.name,
-                                                 "input": "RGB [0,1], ImageNet mean/std"})
-    os.replace(partial, out)
+    with staged_file(out) as staged:
+        save_file(features, str(staged), metadata={"arch": "mobilenet_v2", "origin": path.name,
+                                                    "input": "RGB [0,1], ImageNet mean/std"})
     return out
 
 
