@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from dereflect.errors import MissingDependencyError, ModelError, require
-from dereflect.imageio import staged_file
+from dereflect.imageio import staged_file, staged_folder
 from dereflect.manifest import MANIFEST_NAME, Manifest, inside, load_manifest, sha256_file
 from dereflect.trt_api import (
     EngineInfo,
@@ -118,10 +118,7 @@ def _copy_export(manifest: Manifest, target: Path) -> None:
     """Copy the manifest and the files it lists into the new folder ``target``, checking their hashes."""
     manifest.verify_files(fp16=True)
     goldens = {entry["file"]: entry["sha256"] for entry in (manifest.records.get("golden") or {}).values()}
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with staged_folder(target) as tmp:
         for relative in _listed_files(manifest):
             source = inside(manifest.directory, relative, relative)
             if relative in goldens and (not source.is_file() or sha256_file(source) != goldens[relative]):
@@ -133,11 +130,6 @@ def _copy_export(manifest: Manifest, target: Path) -> None:
         copied = load_manifest(tmp)
         if not copied.records.get("golden"):
             _write_missing_goldens(copied)
-        if target.is_dir():  # an empty folder the user made for it
-            target.rmdir()
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_missing_goldens(manifest: Manifest) -> None:
@@ -178,7 +170,6 @@ def prepare_engine_dir(model: Any, out: Optional[os.PathLike] = None) -> Manifes
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ModelError(f"{target} exists and is not an export of {source.manifest.name}; choose a new or empty "
                          "folder with -o DIR")
-    target.parent.mkdir(parents=True, exist_ok=True)
     _copy_export(source.manifest, target)
     log.info("copied %s (%s) to %s", source.manifest.name, source.path, target)
     return load_manifest(target)

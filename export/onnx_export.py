@@ -20,8 +20,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -29,6 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from dereflect import __version__
 from dereflect.errors import InputError, ModelError, require
+from dereflect.imageio import staged_folder
 from dereflect.manifest import MANIFEST_NAME, Manifest, NetworkSpec, TensorSpec, sha256_file
 
 log = logging.getLogger("dereflect.export")
@@ -76,23 +75,6 @@ def _check_target(out_dir: Path, force: bool) -> None:
             f"{out_dir} is not empty and is not a dereflect export directory; refusing to replace it even "
             "with --force"
         )
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    backup.rmdir()
-    os.replace(out_dir, backup)
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:
-        os.replace(backup, out_dir)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 # --- graph clean-up ---------------------------------------------------------------------------------
@@ -263,13 +245,8 @@ def export_onnx(
     available = set(checkpoint.metadata["networks"])
     out_dir = Path(out_dir).expanduser().resolve()
     _check_target(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    # mkdtemp makes the directory private (0700); the export should get the usual permissions.
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
+    # _check_target allowed replacing out_dir (an empty folder, or an earlier export with force).
+    with staged_folder(out_dir, replace=True) as tmp:
         modules: Dict[str, Any] = {}
         networks: Dict[str, NetworkSpec] = {}
         cleaned: Dict[str, Dict[str, int]] = {}
@@ -376,10 +353,6 @@ def export_onnx(
         fp32.close()
         manifest.records = extra
         manifest.save()
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     manifest.directory = out_dir
     return manifest
 

@@ -501,20 +501,47 @@ def staged_file(path: Path) -> Iterator[Path]:
 def staged_folder(out: Path, replace: bool = False) -> Iterator[Path]:
     """A new hidden folder beside ``out`` to fill; it becomes ``out`` when the block ends without an
     error, and is removed otherwise, so ``out`` is never half-written and an existing one survives a
-    failure. An ``out`` that exists by then is replaced only with ``replace`` (else InputError)."""
+    failure. An empty folder at ``out`` (made for the purpose) counts as none; anything else there
+    is replaced only with ``replace`` (else InputError), and kept until the new folder is in place."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    os.chmod(staged, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield staged
-        if os.path.lexists(out):
-            if not replace:
-                raise InputError(f"{out} exists; nothing was written")
-            shutil.rmtree(out)
-        os.replace(staged, out)
+        _put_in_place(staged, out, replace)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _put_in_place(staged: Path, out: Path, replace: bool) -> None:
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        out.rmdir()
+    if not os.path.lexists(out):
+        os.replace(staged, out)
+        return
+    if not replace:
+        raise InputError(f"{out} exists; nothing was written")
+    # The old one steps aside first and goes only once the new one is in place.
+    backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    backup.rmdir()
+    os.replace(out, backup)
+    try:
+        os.replace(staged, out)
+    except OSError:
+        os.replace(backup, out)
+        raise
+    if backup.is_dir() and not backup.is_symlink():
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        backup.unlink()
 
 
 def nearest_existing(path: Path) -> Path:

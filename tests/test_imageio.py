@@ -349,3 +349,30 @@ def test_a_staged_file_replaces_its_target_whole_or_not_at_all_and_touches_no_ot
         staged.write_text("new")
     assert target.read_text() == "new" and users_file.read_text() == "the user's"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.json.tmp"]
+
+
+def test_a_staged_folder_takes_an_empty_folder_is_an_ordinary_folder_and_keeps_the_old_one_on_failure(
+        tmp_path, monkeypatch):
+    import os
+    import stat
+
+    out, plain = tmp_path / "made", tmp_path / "plain"
+    out.mkdir()  # made for the purpose: counts as none
+    plain.mkdir()
+    with staged_folder(out) as staged:
+        (staged / "a.txt").write_text("one")
+    assert [p.name for p in out.iterdir()] == ["a.txt"]
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)  # not mkdtemp's 0700
+    real_replace = os.replace
+
+    def full_disk_for_the_new_folder(source, target):
+        if str(source).endswith(".partial"):
+            raise OSError(28, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", full_disk_for_the_new_folder)
+    with pytest.raises(OSError, match="No space"):
+        with staged_folder(out, replace=True) as staged:
+            (staged / "b.txt").write_text("two")
+    assert [p.name for p in out.iterdir()] == ["a.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["made", "plain"]
