@@ -103,28 +103,21 @@ def _conv_unit(cin: int, cout: int, k: int, stride: int, pad: int, norm: str, ac
     return nn.Sequential(conv, norm_layer(norm, cout), activation(act, slope))
 
 
-class _Down(nn.Module):
-    def __init__(self, cin: int, cout: int, cfg: UNetConfig):
+class _Block(nn.Module):
+    """A resolution step of the U-Net: a stride-2 conv (``down``) or transposed conv (up) that
+    halves or doubles the size, then ``convs_per_block`` same-size convs."""
+
+    def __init__(self, cin: int, cout: int, cfg: UNetConfig, down: bool):
         super().__init__()
-        act, slope, norm = cfg.encoder_activation, cfg.negative_slope, cfg.norm
-        mid = cin if cfg.stride_conv_keeps_width else cout
-        layers = [_conv_unit(cin, mid, cfg.down_kernel, 2, (cfg.down_kernel - 1) // 2, norm, act, slope)]
-        for i in range(cfg.convs_per_block):
-            layers.append(_conv_unit(mid if i == 0 else cout, cout, cfg.kernel_size, 1, cfg.kernel_size // 2,
-                                     norm, act, slope))
-        self.body = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-
-class _Up(nn.Module):
-    def __init__(self, cin: int, cout: int, cfg: UNetConfig):
-        super().__init__()
-        act, slope, norm = cfg.decoder_activation, cfg.negative_slope, cfg.norm
-        mid = cin if cfg.transpose_keeps_width else cout
-        layers = [_conv_unit(cin, mid, cfg.up_kernel, 2, (cfg.up_kernel - 2) // 2, norm, act, slope,
-                             transposed=True)]
+        act = cfg.encoder_activation if down else cfg.decoder_activation
+        slope, norm = cfg.negative_slope, cfg.norm
+        if down:
+            mid = cin if cfg.stride_conv_keeps_width else cout
+            layers = [_conv_unit(cin, mid, cfg.down_kernel, 2, (cfg.down_kernel - 1) // 2, norm, act, slope)]
+        else:
+            mid = cin if cfg.transpose_keeps_width else cout
+            layers = [_conv_unit(cin, mid, cfg.up_kernel, 2, (cfg.up_kernel - 2) // 2, norm, act, slope,
+                                 transposed=True)]
         for i in range(cfg.convs_per_block):
             layers.append(_conv_unit(mid if i == 0 else cout, cout, cfg.kernel_size, 1, cfg.kernel_size // 2,
                                      norm, act, slope))
@@ -150,7 +143,7 @@ class RM2SUNet(nn.Module):
 
         widths = list(cfg.widths)
         ins = [cfg.in_channels] + widths[:-1]
-        self.down = nn.ModuleList([_Down(cin, cout, cfg) for cin, cout in zip(ins, widths)])
+        self.down = nn.ModuleList([_Block(cin, cout, cfg, down=True) for cin, cout in zip(ins, widths)])
 
         deepest = widths[-1]
         if cfg.bottleneck_channels:
@@ -171,7 +164,7 @@ class RM2SUNet(nn.Module):
         prev = deepest
         for j, (skip, cout) in enumerate(zip(skips, outs)):
             joins_skip = j > 0 or self.bottleneck is not None
-            ups.append(_Up(prev + skip if joins_skip else prev, cout, cfg))
+            ups.append(_Block(prev + skip if joins_skip else prev, cout, cfg, down=False))
             prev = cout
         self.up = nn.ModuleList(ups)
         self.head = nn.Conv2d(widths[0], cfg.out_channels, cfg.kernel_size, padding=cfg.kernel_size // 2)
