@@ -590,10 +590,9 @@ def run_reflection_layers(args) -> int:
     import cv2
     import numpy as np
     from dereflect.imageio import staged_folder
-    from dereflect.tools.datasets import filter_pairs, find_pairs, read_name_list
+    from dereflect.tools.datasets import filter_pairs, find_pairs, read_name_list, read_pair
     from tqdm import tqdm
 
-    from .data import read_pair
     from .synthesis import reflection_layer
 
     out = Path(args.out)

@@ -13,19 +13,17 @@ import random
 import signal
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import cv2
 import numpy as np
 import torch
 from dereflect.errors import InputError
 from dereflect.imageio import IMAGE_EXTENSIONS, is_visible_image
+from dereflect.tools.datasets import read_pair
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .synthesis import Recipe, RecipeMix, Size, SynthesisConfig, random_crop, sample_rng, synthesize
-
-if TYPE_CHECKING:
-    from dereflect.tools.datasets import Pair
 
 PathLike = Union[str, "os.PathLike[str]"]
 SampleKey = Tuple[int, int, int]
@@ -105,16 +103,6 @@ def read_image(path: PathLike) -> np.ndarray:
     from dereflect.imageio import read_image as read_rgb
 
     return read_rgb(path)[0]
-
-
-def read_pair(pair: Pair) -> Tuple[np.ndarray, np.ndarray]:
-    """(input, target) of a pair as :func:`read_image` reads them;
-    InputError naming both files when their sizes differ."""
-    inp, target = read_image(pair.input), read_image(pair.target)
-    if inp.shape != target.shape:
-        raise InputError(f"pair '{pair.name}': {pair.input} is {inp.shape[0]}x{inp.shape[1]} but {pair.target} is "
-                         f"{target.shape[0]}x{target.shape[1]}; a pair must have one size")
-    return inp, target
 
 
 def load_usable(path: PathLike, min_size: Optional[Size] = None) -> Optional[np.ndarray]:

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 from dereflect.errors import InputError
-from dereflect.imageio import IMAGE_EXTENSIONS, images_by_stem, is_visible_image, some_names
+from dereflect.imageio import IMAGE_EXTENSIONS, images_by_stem, is_visible_image, read_image, some_names
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -63,6 +64,16 @@ def _paired_dirs(root: Path) -> Optional[Tuple[Path, Path]]:
         if (root / input_dir).is_dir() and (root / target_dir).is_dir():
             return root / input_dir, root / target_dir
     return None
+
+
+def read_pair(pair: Pair) -> Tuple[np.ndarray, np.ndarray]:
+    """A pair's input and ground truth as HxWx3 float32 RGB in [0, 1] (the runtime's reader);
+    InputError naming both files when their sizes differ."""
+    image, target = read_image(pair.input)[0], read_image(pair.target)[0]
+    if image.shape != target.shape:
+        raise InputError(f"pair '{pair.name}': {pair.input} is {image.shape[0]}x{image.shape[1]} but ground truth "
+                         f"{pair.target} is {target.shape[0]}x{target.shape[1]}; a pair must have one size")
+    return image, target
 
 
 def _read_paired_dirs(root: Path, prefix: str = "") -> List[Pair]:

@@ -73,7 +73,7 @@ from dereflect.cli_options import add_model_options, model_options
 from dereflect.errors import InputError, ModelError
 from dereflect.imageio import as_float_rgb, read_image, staged_file, write_image
 from dereflect.stop_signals import StopSignals, exit_status
-from dereflect.tools.datasets import LAYOUTS, Pair, PathLike, filter_pairs, find_pairs, read_name_list
+from dereflect.tools.datasets import LAYOUTS, Pair, PathLike, filter_pairs, find_pairs, read_name_list, read_pair
 from dereflect.tools.metrics import (
     AUTO_MASK_BLUR,
     AUTO_MASK_LEVEL,
@@ -150,15 +150,9 @@ def load_pair(pair: Pair, short: Optional[int] = None, auto_mask: bool = False
               ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """Input and ground truth (RGB float32 in [0, 1]; None for a photo without one) and the mask
     (bool HxW or None; with ``auto_mask`` the pair's :func:`reflection_mask`), resized."""
-    image, _ = read_image(pair.input)
     if pair.target is None:
-        return resize_short(image, short), None, None
-    target, _ = read_image(pair.target)
-    if image.shape != target.shape:
-        raise InputError(
-            f"{pair.name}: input {pair.input} is {image.shape[0]}x{image.shape[1]} but ground truth "
-            f"{pair.target} is {target.shape[0]}x{target.shape[1]}; a pair must have one size"
-        )
+        return resize_short(read_image(pair.input)[0], short), None, None
+    image, target = read_pair(pair)
     mask = None
     if pair.mask is not None:
         mask_rgb, _ = read_image(pair.mask)
