@@ -18,7 +18,7 @@ from dereflect.train.models.crrn import CRRNConfig  # noqa: E402
 from dereflect.train.models.rm2s import DiscriminatorConfig, UNetConfig  # noqa: E402
 from dereflect.train.rm2s import Stage1Task, Stage2Task  # noqa: E402
 from dereflect.train.synthesis import SynthesisConfig  # noqa: E402
-from dereflect.train.trainer import TrainConfig, Trainer  # noqa: E402
+from dereflect.train.trainer import TrainConfig, Trainer, loss_values  # noqa: E402
 from dereflect.train.vgg import load_vgg  # noqa: E402
 
 TINY_UNET = {"widths": (8, 8, 16, 16, 16)}
@@ -394,6 +394,7 @@ def test_synthesize_writes_a_repeatable_paired_test_set(photo_folder, tmp_path):
     args = ["train", "synthesize", "--data", str(photo_folder), "--count", "3", "--include", "test_",
             "--size", "64", "--seed", "5"]
     assert main(args + ["-o", str(tmp_path / "a")]) == 0
+    (tmp_path / "b").mkdir()  # an empty folder made for it counts as none
     assert main(args + ["-o", str(tmp_path / "b")]) == 0
     for folder in ("blended", "transmission_layer"):
         names = sorted(p.name for p in (tmp_path / "a" / folder).iterdir())
@@ -404,6 +405,16 @@ def test_synthesize_writes_a_repeatable_paired_test_set(photo_folder, tmp_path):
             assert np.array_equal(a, cv2.imread(str(tmp_path / "b" / folder / name)))
     assert json.loads((tmp_path / "a" / "recipe.json").read_text())["seed"] == 5
     assert main(args + ["-o", str(tmp_path / "a")]) == 2
+    # a failure half way leaves no half-written folder
+    from dereflect.train.data import SyntheticPairs
+
+    real_sample = SyntheticPairs.sample_arrays
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SyntheticPairs, "sample_arrays",
+                      lambda self, key: real_sample(self, key) if key == 0 else 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            main(args + ["-o", str(tmp_path / "c")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "photos"]
 
 
 def test_mix_option_records_both_recipes_and_needs_a_preset(photo_folder, fake_vgg16, tmp_path, capsys):
@@ -503,3 +514,12 @@ def test_a_stop_signal_ends_training_after_a_step_with_a_checkpoint_to_resume_fr
     assert main(["train", "crrn", *options[:-8], "--workers", "0", "--steps", str(steps),
                  "--resume", str(out / "last.safetensors"), "--out", str(tmp_path / "resumed")]) == 0
     assert load_checkpoint(tmp_path / "resumed" / "final.safetensors").step == steps
+
+
+def test_loss_values_reads_every_term_as_a_float_in_its_order():
+    weight = torch.tensor(2.0, requires_grad=True)
+    values = loss_values(loss=weight * 1.5, l1=torch.tensor(0.25, dtype=torch.float16), d_loss=torch.tensor([0.5]),
+                         count=3)
+    assert values == {"loss": 3.0, "l1": 0.25, "d_loss": 0.5, "count": 3.0}
+    assert list(values) == ["loss", "l1", "d_loss", "count"] and all(type(v) is float for v in values.values())
+    assert loss_values(count=2) == {"count": 2.0} and loss_values() == {}

@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint, transplant_state
 from .losses import CRRNLoss, RestorationLoss, si_torch
 from .models import build_model
 from .models.common import gradient_magnitude
-from .trainer import Task, encoder_parameter_groups, set_learning_rate, to_uint8_rgb
+from .trainer import Task, encoder_parameter_groups, loss_values, set_learning_rate, to_uint8_rgb
 
 CRRN_LR = 1e-4
 PAPER_EPOCHS = {"gin": 40, "joint": 50, "joint_low_lr": 30}
@@ -149,7 +149,7 @@ class CRRNTask(Task):
             with torch.autocast(device_type=image.device.type, enabled=scaler.is_enabled()):
                 predicted, _ = self._train_gin(image)
             total = 1 - si_torch(predicted.float(), gradient)
-            terms = {"si_gradient": float(total.detach())}
+            terms = {"si_gradient": total}
             optimizer = self.gin_optimizer
         else:
             with torch.autocast(device_type=image.device.type, enabled=scaler.is_enabled()):
@@ -160,13 +160,13 @@ class CRRNTask(Task):
         scaler.scale(total).backward()
         scaler.step(optimizer)
         scaler.update()
-        return {"loss": float(total.detach()), **{k: float(v) for k, v in terms.items()}}
+        return loss_values(loss=total, **terms)
 
     @torch.no_grad()
     def validation_step(self, batch):
         b, r, g = self.model(batch["input"])
         total, terms = self._loss(b, r, g, batch)
-        return {"loss": float(total.detach()), **{k: float(v) for k, v in terms.items()}}, b
+        return loss_values(loss=total, **terms), b
 
     def _loss(self, b, r, g, batch):
         """The paper's loss, or the transfer loss on B plus CRRN's SI term on GiN's gradient."""

@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint, transplant_state
 from .losses import RestorationLoss, RM2SStage1Loss, RM2SStage2Loss, clip_weights_, discriminator_loss, gradient_penalty
 from .models import build_model
 from .models.rm2s import DiscriminatorConfig
-from .trainer import Task, dropped_rate, encoder_parameter_groups, set_learning_rate, to_uint8_rgb
+from .trainer import Task, dropped_rate, encoder_parameter_groups, loss_values, set_learning_rate, to_uint8_rgb
 
 # The paper's learning rates (the authors' code used 2e-3 for the generators).
 STAGE1_LR = 2e-4
@@ -91,13 +91,13 @@ class Stage1Task(Task):
         scaler.scale(total).backward()
         scaler.step(self.optimizer)
         scaler.update()
-        return {"loss": float(total.detach()), **{k: float(v) for k, v in terms.items()}}
+        return loss_values(loss=total, **terms)
 
     @torch.no_grad()
     def validation_step(self, batch):
         estimate = self.model(batch["input"])
         total, terms = self._loss(estimate, batch)
-        return {"loss": float(total.detach()), **{k: float(v) for k, v in terms.items()}}, estimate
+        return loss_values(loss=total, **terms), estimate
 
     def metadata(self):
         if self.transfer:
@@ -241,8 +241,7 @@ class Stage2Task(Task):
         scaler.scale(total).backward()
         scaler.step(self.g_optimizer)
         scaler.update()
-        return {"loss": float(total.detach()), "d_loss": float(d_loss.detach()),
-                **{k: float(v) for k, v in terms.items()}}
+        return loss_values(loss=total, d_loss=d_loss, **terms)
 
     @torch.no_grad()
     def validation_step(self, batch):
@@ -251,7 +250,7 @@ class Stage2Task(Task):
         # The critic's score is left out of the validation loss: it drifts as the critic
         # trains, and the critic needs larger images than some validation sets have.
         total, terms = self._generator_loss(fake, batch, torch.zeros(fake.shape[0], device=fake.device))
-        return {"loss": float(total.detach()), **{k: float(v) for k, v in terms.items()}}, fake
+        return loss_values(loss=total, **terms), fake
 
     def preview_row(self, batch, estimate, index):
         z, stage1 = self.stage2_input({k: v[index:index + 1] for k, v in batch.items()})

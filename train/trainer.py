@@ -55,6 +55,14 @@ def psnr_torch(estimate: torch.Tensor, target: torch.Tensor) -> float:
     return float((10 * torch.log10(1.0 / mse)).mean())
 
 
+def loss_values(**terms: Any) -> Dict[str, float]:
+    """A step's loss terms (tensors or numbers) as floats, read from the device in one transfer:
+    a ``float()`` per term would wait for the GPU once per term."""
+    tensors = {k: v.detach().float().reshape(()) for k, v in terms.items() if isinstance(v, torch.Tensor)}
+    values = dict(zip(tensors, torch.stack(list(tensors.values())).tolist())) if tensors else {}
+    return {k: values[k] if k in values else float(v) for k, v in terms.items()}
+
+
 def to_uint8_rgb(tensor: torch.Tensor) -> np.ndarray:
     """CHW tensor in [0, 1] (1 or 3 channels) -> HxWx3 uint8."""
     array = tensor.detach().float().clamp(0, 1).cpu().numpy()
