@@ -35,7 +35,6 @@ written and the file is finished.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import re
@@ -52,7 +51,7 @@ import cv2
 import numpy as np
 
 from .errors import InputError
-from .imageio import check_output_location, name_max, nearest_existing
+from .imageio import check_output_location, name_max, nearest_existing, staging_name
 from .stop_signals import StopSignals
 
 #: The codecs tried for each output extension, best first (H.264 where the OpenCV build can encode it).
@@ -346,14 +345,6 @@ def _worker(remover: Any, in_q: queue.Queue, out_q: queue.Queue, stop: threading
         _put(out_q, _END, stop)
 
 
-def _partial_path(output: Path) -> Path:
-    """The hidden name the output is written under; shortened when it would outgrow the file-name limit."""
-    name = f".{output.stem}.partial{output.suffix}"
-    if len(os.fsencode(name)) > name_max(nearest_existing(output.parent)):
-        name = f".dereflect-{hashlib.sha1(os.fsencode(output.name)).hexdigest()[:16]}.partial{output.suffix}"
-    return output.with_name(name)
-
-
 class _Sink:
     """Where frames go: a file written under a hidden name and renamed when finished, or a GStreamer pipeline."""
 
@@ -378,7 +369,9 @@ class _Sink:
                 f"(OpenCV would silently crop to {width & ~1}x{height & ~1}); write an .avi instead "
                 "(Motion JPEG keeps any size)"
             )
-        self.partial = _partial_path(output)
+        # A unique hidden name (a fixed one could be the user's file), ending in the container's suffix,
+        # by which OpenCV chooses the muxer.
+        self.partial = staging_name(output, name_max(nearest_existing(output.parent)), f".partial{output.suffix}")
         for folder in reversed(output.parents):
             if not folder.exists():
                 folder.mkdir()

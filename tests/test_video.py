@@ -82,13 +82,15 @@ def test_indices_survive_the_codec(tmp_path):
 
 def test_round_trip_keeps_count_order_size_and_rate(tmp_path):
     source = _write_video(tmp_path / "in.avi", 40)
+    users = tmp_path / ".out.partial.avi"  # what an earlier version wrote under: a name a user's file may have
+    users.write_bytes(b"mine")
     summary = process_video(source, tmp_path / "out.avi", Darken(), queue_size=2, progress=False)
     frames, fps = _read_video(tmp_path / "out.avi")
     assert summary.frames == 40 and summary.failed == 0 and summary.expected_frames == 40
     assert [_index(f) for f in frames] == list(range(40))
     assert frames[0].shape == (H, W, 3) and fps == pytest.approx(FPS)
     assert summary.fps > 0
-    assert not list(tmp_path.glob(".*partial*"))
+    assert users.read_bytes() == b"mine" and list(tmp_path.glob(".*partial*")) == [users]
 
 
 def test_failing_frame_is_passed_through_and_counted(tmp_path):
@@ -266,7 +268,7 @@ def test_output_checks_come_before_any_work(tmp_path):
 
 def test_a_name_near_the_limit_gets_a_short_hidden_name_while_written(tmp_path):
     source = _write_video(tmp_path / "in.avi", 3)
-    out = tmp_path / ("n" * 250 + ".avi")  # ".<stem>.partial.avi" would be 263 bytes
+    out = tmp_path / ("n" * 250 + ".avi")  # ".<stem>.<token>.partial.avi" would be 280 bytes
     summary = process_video(source, out, Darken(), progress=False)
     assert summary.frames == 3 and len(_read_video(out)[0]) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.avi", out.name])
@@ -425,7 +427,7 @@ def test_gstreamer_pipelines_end_to_end(tmp_path):
 
 
 def _slow_cli(tmp_path, frames):
-    """A `dereflect video` subprocess on a long clip, and the path of its hidden partial output."""
+    """A `dereflect video` subprocess on a long clip, and the path of its output."""
     from onnx_fixtures import make_crrn_export
 
     model = make_crrn_export(tmp_path / "model")
@@ -435,14 +437,14 @@ def _slow_cli(tmp_path, frames):
     process = subprocess.Popen([sys.executable, "-m", "dereflect.cli", "video", str(source), "-o", str(out),
                                 "--model", str(model), "--threads", "1", "--no-progress"],
                                stderr=subprocess.PIPE, text=True, env=env, preexec_fn=sigint_as_in_a_terminal)
-    return process, out, tmp_path / ".out.partial.avi"
+    return process, out
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_sigint_finish_the_file_with_every_frame_so_far(tmp_path, signum):
-    process, out, partial = _slow_cli(tmp_path, 6000)
+    process, out = _slow_cli(tmp_path, 6000)
     deadline = time.monotonic() + 60
-    while not partial.exists() and process.poll() is None and time.monotonic() < deadline:
+    while not list(tmp_path.glob(".out.*.partial.avi")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(0.3)
     process.send_signal(signum)
@@ -452,4 +454,4 @@ def test_sigterm_and_sigint_finish_the_file_with_every_frame_so_far(tmp_path, si
     assert f"stopped by {signal.Signals(signum).name}" in err and "Traceback" not in err
     assert 0 < len(frames) < 6000 and f"{len(frames)} frame(s) at {W}x{H}" in err
     assert [_index(f) for f in frames] == [i % 256 for i in range(len(frames))]
-    assert not partial.exists() and err.count("audio is not copied") == 1
+    assert not list(tmp_path.glob(".*partial*")) and err.count("audio is not copied") == 1
