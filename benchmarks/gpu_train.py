@@ -117,13 +117,13 @@ def pack(photos: Path, real: Path, holdout: Path, out: Path, weights: Optional[P
     that is too large, or any error, leaves an existing ``out`` as it was.
     """
     from dereflect.errors import InputError
-    from dereflect.imageio import images_by_stem, staged_folder
+    from dereflect.imageio import images_by_stem, is_free_folder, staged_folder
     from dereflect.tools.datasets import filter_pairs, read_name_list, read_paired
     from dereflect.train.losses import FEATURE_LOSS_TAPS
     from dereflect.train.models.backbone import MOBILENET_FILE_NAME, load_mobilenet_weights, mobilenet_blocks
     from safetensors.torch import save_file
 
-    if out.exists() and not force:
+    if not force and not is_free_folder(out):
         raise InputError(f"{out} exists; pass --force to replace it (nothing was written)")
     names = read_name_list(holdout)
     pairs = read_paired(real)

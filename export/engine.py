@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from dereflect.errors import MissingDependencyError, ModelError, require
-from dereflect.imageio import staged_file, staged_folder
+from dereflect.imageio import is_free_folder, staged_file, staged_folder
 from dereflect.manifest import MANIFEST_NAME, Manifest, inside, load_manifest, sha256_file
 from dereflect.trt_api import (
     EngineInfo,
@@ -167,7 +167,7 @@ def prepare_engine_dir(model: Any, out: Optional[os.PathLike] = None) -> Manifes
         if not existing.records.get("golden"):
             _write_missing_goldens(existing)
         return existing
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    if not is_free_folder(target):
         raise ModelError(f"{target} exists and is not an export of {source.manifest.name}; choose a new or empty "
                          "folder with -o DIR")
     _copy_export(source.manifest, target)

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from dereflect import __version__
 from dereflect.errors import InputError, ModelError, require
-from dereflect.imageio import staged_folder
+from dereflect.imageio import is_free_folder, staged_folder
 from dereflect.manifest import MANIFEST_NAME, Manifest, NetworkSpec, TensorSpec, sha256_file
 
 log = logging.getLogger("dereflect.export")
@@ -63,10 +63,10 @@ def _is_export_dir(path: Path) -> bool:
 
 
 def _check_target(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ModelError(f"{out_dir} exists and is not a directory")
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+    if is_free_folder(out_dir):
         return
+    if not out_dir.is_dir():
+        raise ModelError(f"{out_dir} exists and is not a directory")
     if not force:
         raise ModelError(f"{out_dir} is not empty; choose a new directory or pass --force to replace an "
                          "earlier export")

@@ -471,12 +471,15 @@ def name_max(folder: Path) -> int:
     return _limit(folder, "PC_NAME_MAX", _NAME_MAX)
 
 
-def _temporary_name(path: Path, longest: int = _NAME_MAX) -> Path:
-    """A hidden, unique sibling of ``path`` for the atomic write, never longer than the file system allows."""
+def staging_name(path: Path, longest: int = _NAME_MAX, ending: Optional[str] = None) -> Path:
+    """A hidden, unique sibling of ``path`` to write before renaming it into place, never longer than
+    the file system allows: ``.STEM.TOKEN`` and ``ending`` (default: ``path``'s suffix and ``.tmp``;
+    a video writer needs its container's suffix last)."""
     token = uuid.uuid4().hex[:16]
-    fixed = len(os.fsencode(f"..{token}{path.suffix}.tmp"))
+    ending = f"{path.suffix}.tmp" if ending is None else ending
+    fixed = len(os.fsencode(f"..{token}{ending}"))
     stem = os.fsencode(path.stem)[:max(longest - fixed, 1)].decode("utf-8", "ignore") or "out"
-    return path.with_name(f".{stem}.{token}{path.suffix}.tmp")
+    return path.with_name(f".{stem}.{token}{ending}")
 
 
 @contextlib.contextmanager
@@ -487,7 +490,7 @@ def staged_file(path: Path) -> Iterator[Path]:
     so it gets the permissions the user's umask gives any new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staged = _temporary_name(path, name_max(path.parent))
+    staged = staging_name(path, name_max(path.parent))
     try:
         yield staged
         os.replace(staged, path)
@@ -521,10 +524,17 @@ def _umask() -> int:
     return mask
 
 
+def is_free_folder(out: Path) -> bool:
+    """Whether :func:`staged_folder` puts its folder at ``out`` without replacing anything: nothing is
+    there, or an empty folder (made for the purpose). Commands check it before their work begins."""
+    out = Path(out)
+    return not os.path.lexists(out) or (out.is_dir() and not out.is_symlink() and not any(out.iterdir()))
+
+
 def _put_in_place(staged: Path, out: Path, replace: bool) -> None:
-    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-        out.rmdir()
-    if not os.path.lexists(out):
+    if is_free_folder(out):
+        if out.is_dir():
+            out.rmdir()
         os.replace(staged, out)
         return
     if not replace:

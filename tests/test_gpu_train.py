@@ -78,6 +78,7 @@ def test_pack_shrinks_the_images_keeps_the_holdout_apart_and_only_the_weights_th
 
 def test_pack_refuses_to_replace_or_outgrow_and_leaves_an_existing_pack_alone(sources, tmp_path):
     out = tmp_path / "pack"
+    out.mkdir()  # an empty folder made for it counts as none
     args = (sources["photos"], sources["real"], sources["holdout"], out, sources["weights"])
     gpu_train.pack(*args)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

@@ -8,15 +8,16 @@ import pytest
 from dereflect.errors import InputError
 from dereflect.imageio import (
     FLOAT_TOLERANCE,
-    _temporary_name,
     as_float_rgb,
     check_output_path,
     from_float_rgb,
+    is_free_folder,
     read_array,
     read_header,
     read_image,
     staged_file,
     staged_folder,
+    staging_name,
     to_float_rgb,
     write_image,
 )
@@ -299,8 +300,8 @@ def test_a_folder_is_probed_for_writing_once(tmp_path, monkeypatch):
 
 def test_the_longest_legal_name_is_written(tmp_path):
     path = tmp_path / ("z" * 251 + ".png")
-    assert len(_temporary_name(path).name.encode()) <= 255
-    assert _temporary_name(path).name.startswith(".z") and _temporary_name(path).suffix == ".tmp"
+    assert len(staging_name(path).name.encode()) <= 255
+    assert staging_name(path).name.startswith(".z") and staging_name(path).suffix == ".tmp"
     write_image(path, np.zeros((4, 5, 3), np.float32))
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
@@ -376,3 +377,13 @@ def test_a_staged_folder_takes_an_empty_folder_is_an_ordinary_folder_and_keeps_t
             (staged / "b.txt").write_text("two")
     assert [p.name for p in out.iterdir()] == ["a.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["made", "plain"]
+
+
+def test_a_free_folder_is_nothing_or_an_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    assert is_free_folder(tmp_path / "none") and is_free_folder(tmp_path / "empty")
+    assert not any(is_free_folder(tmp_path / name) for name in ("full", "file", "link"))

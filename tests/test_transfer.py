@@ -208,6 +208,7 @@ def test_reflection_layers_added_to_their_own_clean_layers_give_back_the_photos(
     holdout = tmp_path / "val.txt"
     holdout.write_text("3\n")
     out = tmp_path / "layers"
+    out.mkdir()  # an empty folder made for it counts as none
     assert main(["train", "reflection-layers", "--real", str(root), "--real-holdout", str(holdout),
                  "-o", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["1.png", "2.png"]

@@ -524,27 +524,27 @@ def run_rm2s_stage2(args) -> int:
 
 def run_synthesize(args) -> int:
     require("torch", "train", "data synthesis")
-    import cv2
     import numpy as np
+    from dereflect.imageio import is_free_folder, staged_folder, write_image
     from tqdm import tqdm
 
     from .data import SyntheticPairs
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise InputError(f"{out} exists and is not empty; choose a new folder")
+    if not is_free_folder(out):
+        raise InputError(f"{out} exists and is not an empty folder; choose a new folder")
     recipe = build_recipe(args, args.recipe, parse_sizes(args.size)[:1])
     include = (args.include,) if args.include else ()
     pairs = SyntheticPairs(args.data, recipe, seed=args.seed, length=args.count, include=include)
-    for folder in ("blended", "transmission_layer"):
-        (out / folder).mkdir(parents=True, exist_ok=True)
-    for index in tqdm(range(args.count), desc="synthesising", unit="pair"):
-        mixture, background, _ = pairs.sample_arrays(index)
-        for folder, image in (("blended", mixture), ("transmission_layer", background)):
-            rgb8 = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
-            cv2.imwrite(str(out / folder / f"{index:04d}.png"), cv2.cvtColor(rgb8, cv2.COLOR_RGB2BGR))
-    (out / "recipe.json").write_text(json.dumps({"recipe": recipe.to_dict(), "seed": args.seed,
-                                                 "include": args.include, "data": args.data}, indent=2) + "\n")
+    with staged_folder(out) as partial:
+        for folder in ("blended", "transmission_layer"):
+            (partial / folder).mkdir()
+        for index in tqdm(range(args.count), desc="synthesising", unit="pair"):
+            mixture, background, _ = pairs.sample_arrays(index)
+            for folder, image in (("blended", mixture), ("transmission_layer", background)):
+                write_image(partial / folder / f"{index:04d}.png", (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8))
+        (partial / "recipe.json").write_text(json.dumps({"recipe": recipe.to_dict(), "seed": args.seed,
+                                                         "include": args.include, "data": args.data}, indent=2) + "\n")
     print(f"{args.count} pairs in {out} (evaluate with: dereflect eval MODEL --data {out})")
     return 0
 
@@ -587,17 +587,16 @@ def run_fit_gain(args) -> int:
 def run_reflection_layers(args) -> int:
     """One PNG per real pair (its reflection layer), written beside ``--out`` and renamed when complete."""
     require("torch", "train", "reflection layers")
-    import cv2
     import numpy as np
-    from dereflect.imageio import staged_folder
+    from dereflect.imageio import is_free_folder, staged_folder, write_image
     from dereflect.tools.datasets import filter_pairs, find_pairs, read_name_list, read_pair
     from tqdm import tqdm
 
     from .synthesis import reflection_layer
 
     out = Path(args.out)
-    if out.exists():
-        raise InputError(f"{out} exists; choose a new folder")
+    if not is_free_folder(out):
+        raise InputError(f"{out} exists and is not an empty folder; choose a new folder")
     if args.gamma <= 0:
         raise InputError(f"--gamma must be > 0, got {args.gamma:g}")
     _, pairs = find_pairs(args.real, "paired")
@@ -606,8 +605,8 @@ def run_reflection_layers(args) -> int:
     with staged_folder(out) as partial:
         for pair in tqdm(pairs, desc="reflection layers", unit="pair"):
             blended, clean = read_pair(pair)
-            layer = (reflection_layer(blended, clean, args.gamma) * 255 + 0.5).astype(np.uint8)
-            cv2.imwrite(str(partial / f"{pair.name}.png"), cv2.cvtColor(layer, cv2.COLOR_RGB2BGR))
+            write_image(partial / f"{pair.name}.png",
+                        (reflection_layer(blended, clean, args.gamma) * 255 + 0.5).astype(np.uint8))
     print(f"{len(pairs)} reflection layers in {out} (train with: --reflections {out})")
     return 0
 
