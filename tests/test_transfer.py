@@ -18,7 +18,7 @@ from dereflect.tools.datasets import read_name_list  # noqa: E402
 from dereflect.tools.metrics import reflection_mask  # noqa: E402
 from dereflect.train.checkpoint import load_checkpoint, transplant_state  # noqa: E402
 from dereflect.train.data import MixedPairs, RealPairs, SyntheticPairs, read_image  # noqa: E402
-from dereflect.train.losses import RestorationLoss, reflection_region  # noqa: E402
+from dereflect.train.losses import RestorationLoss, best_channel_gains, reflection_region  # noqa: E402
 from dereflect.train.models import build_model  # noqa: E402
 from dereflect.train.models.backbone import (  # noqa: E402
     MOBILENET_WHEEL_MEMBER,
@@ -358,6 +358,29 @@ def test_reflection_emphasis_weighs_errors_inside_the_reflection():
         RestorationLoss(None, perceptual=0.0, reflection_emphasis=-1.0)
 
 
+def test_real_colour_weight_scores_real_pairs_partly_after_their_best_channel_gains():
+    target = 0.2 + 0.6 * torch.rand(2, 3, 32, 32)
+    recoloured = target / torch.tensor([1.2, 0.9, 0.8]).view(1, 3, 1, 1)  # the right picture, the wrong colour
+    plain = RestorationLoss(None, perceptual=0.0)
+    fitted = RestorationLoss(None, perceptual=0.0, real_colour_weight=0.0)
+    half = RestorationLoss(None, perceptual=0.0, real_colour_weight=0.5)
+    real, synthetic = torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0])
+    plain_loss = float(plain(recoloured, target, real)[0])
+    assert plain_loss > 0.05
+    assert float(fitted(recoloured, target, real)[0]) < 1e-5  # a real pair's colour change is fitted away
+    synthetic_loss = float(plain(recoloured, target, synthetic)[0])
+    assert float(fitted(recoloured, target, synthetic)[0]) == pytest.approx(synthetic_loss)
+    assert float(half(recoloured, target, real)[0]) == pytest.approx(0.5 * plain_loss, rel=1e-4)
+    # a structural error stays whatever the colour: a reflection left in is still scored
+    left_in = recoloured.clone()
+    left_in[..., 8:20, 8:20] += 0.2
+    assert float(fitted(left_in, target, real)[0]) > 0.01
+    assert torch.equal(best_channel_gains(recoloured, target, torch.tensor([1.0, 0.0]))[1].flatten(), torch.ones(3))
+    assert half.describe()["real_colour_weight"] == 0.5
+    with pytest.raises(InputError, match="real_colour_weight"):
+        RestorationLoss(None, perceptual=0.0, real_colour_weight=1.5)
+
+
 def test_lite_training_with_real_pairs_runs_end_to_end_and_stage2_and_crrn_start_from_it(
         tmp_path, mobilenet_cache, capsys):
     photos = write_photo_folder(tmp_path / "photos", 6, height=136, width=136)
@@ -376,10 +399,11 @@ def test_lite_training_with_real_pairs_runs_end_to_end_and_stage2_and_crrn_start
     assert stage2.network_spec("generator")["config"]["in_channels"] == 9
     assert stage2.metadata["loss"]["adversarial"] == 0.05
     assert main(["train", "crrn", *common, "--init", str(tmp_path / "s1" / "final.safetensors"),
-                 "--reflection-emphasis", "3", "--out", str(tmp_path / "c")]) == 0
+                 "--reflection-emphasis", "3", "--real-colour-weight", "0.5", "--out", str(tmp_path / "c")]) == 0
     crrn = load_checkpoint(tmp_path / "c" / "final.safetensors")
     assert crrn.metadata["schedule"]["init"]["step"] == 2
     assert crrn.metadata["loss"]["reflection_emphasis"] == 3 and stage1.metadata["loss"]["reflection_emphasis"] == 0
+    assert crrn.metadata["loss"]["real_colour_weight"] == 0.5 and stage1.metadata["loss"]["real_colour_weight"] == 1
     log = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
     assert "si_grad" in log[-1] or "si_gradient" in log[-1]
     capsys.readouterr()
@@ -391,6 +415,11 @@ def test_lite_training_with_real_pairs_runs_end_to_end_and_stage2_and_crrn_start
     assert main(["train", "crrn", *common, "--recipe", "paper", "--reflection-emphasis", "3",
                  "--out", str(tmp_path / "c3")]) == 2
     assert "--reflection-emphasis belongs to the transfer recipe" in capsys.readouterr().err
+    assert main(["train", "crrn", *common, "--recipe", "paper", "--real-colour-weight", "0.5",
+                 "--out", str(tmp_path / "c3")]) == 2
+    assert "--real-colour-weight belongs to the transfer recipe" in capsys.readouterr().err
+    assert main(["train", "crrn", *common, "--real-colour-weight", "2", "--out", str(tmp_path / "c3")]) == 2
+    assert "--real-colour-weight must be between 0 and 1" in capsys.readouterr().err
     assert not (tmp_path / "c3").exists()
 
 

@@ -217,6 +217,10 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
                              "brighter than its clean layer: the region of 'dereflect eval --masks auto') and 1 "
                              "elsewhere, to push the model to change more where the reflection is (transfer "
                              "recipe; default: 0)")
+    parser.add_argument("--real-colour-weight", type=float, default=None, metavar="W",
+                        help="score real pairs W x as usual plus (1 - W) x after each pair's best channel gains, "
+                             "so the camera's exposure and white-balance change between the two shots weighs "
+                             "less than the reflection (transfer recipe; default: 1)")
     parser.add_argument("--encoder-lr-scale", type=float, default=None, metavar="S",
                         help="the pretrained encoder's learning rate as a fraction of --lr; 0 freezes it "
                              "(transfer recipe; default: 0.1)")
@@ -463,15 +467,20 @@ def transfer_loss(args):
     from .models.backbone import load_mobilenet_weights
 
     emphasis = args.reflection_emphasis or 0.0
+    colour = 1.0 if args.real_colour_weight is None else args.real_colour_weight
     if emphasis < 0:
         raise InputError(f"--reflection-emphasis must be >= 0, got {emphasis:g}")
-    return RestorationLoss(FeatureLoss(load_mobilenet_weights()), reflection_emphasis=emphasis)
+    if not 0.0 <= colour <= 1.0:
+        raise InputError(f"--real-colour-weight must be between 0 and 1, got {colour:g}")
+    return RestorationLoss(FeatureLoss(load_mobilenet_weights()), reflection_emphasis=emphasis,
+                           real_colour_weight=colour)
 
 
 def _paper_recipe_refuses(args) -> None:
     """Options of the transfer recipe, refused with the paper's own loss and optimiser."""
     for option, value in (("--encoder-lr-scale", args.encoder_lr_scale),
-                          ("--reflection-emphasis", args.reflection_emphasis)):
+                          ("--reflection-emphasis", args.reflection_emphasis),
+                          ("--real-colour-weight", args.real_colour_weight)):
         if value is not None:
             raise InputError(f"{option} belongs to the transfer recipe; drop it or use --recipe transfer")
 

@@ -286,6 +286,16 @@ def _image_gradients(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
 
+def best_channel_gains(output: torch.Tensor, target: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 1, 1) gains: per real sample (``real`` 1) and channel the least-squares factor from
+    ``output`` to ``target`` (clamped to [0.5, 2]), 1 for the others; not differentiated."""
+    with torch.no_grad():
+        gains = (output * target).sum((2, 3)) / (output * output).sum((2, 3)).clamp_min(1e-6)
+        gains = gains.clamp(0.5, 2.0)
+        gains = torch.where(real.view(-1, 1) > 0.5, gains, torch.ones_like(gains))
+    return gains[..., None, None]
+
+
 class RestorationLoss(nn.Module):
     """The ``transfer`` loss: L1 + ``gradient`` x gradient L1 + ``perceptual`` x :class:`FeatureLoss`.
 
@@ -299,26 +309,37 @@ class RestorationLoss(nn.Module):
     per pair: a pair's loss stays on the same scale, more of it comes from where the reflection is.
     A pair without a reflection is weighed evenly.
 
+    ``real_colour_weight`` (W < 1) scores a real pair W x as above plus (1 - W) x the same on the
+    output after that pair's best channel gains (least squares from output to target, not
+    differentiated): the exposure and white balance a camera changes between the two shots of a
+    real pair, which nothing in the photo predicts, then weighs less against what the reflection
+    itself leaves. Synthetic pairs, whose colour change is drawn from matched statistics, keep
+    the plain loss.
+
     ``forward(output, target, real, image)`` takes ``real`` as an (N,) tensor of 0/1 (or None: all
     synthetic) and ``image``, the network's input (needed with an emphasis), and returns
     ``(total, terms)``.
     """
 
     def __init__(self, features: Optional[FeatureLoss], gradient: float = 0.4, perceptual: float = 0.1,
-                 real_gradient_scale: float = 0.5, reflection_emphasis: float = 0.0) -> None:
+                 real_gradient_scale: float = 0.5, reflection_emphasis: float = 0.0,
+                 real_colour_weight: float = 1.0) -> None:
         super().__init__()
         if min(gradient, perceptual, real_gradient_scale, reflection_emphasis) < 0:
             raise InputError("RestorationLoss weights must be >= 0")
+        if not 0.0 <= real_colour_weight <= 1.0:
+            raise InputError(f"RestorationLoss: real_colour_weight must be in [0, 1], got {real_colour_weight:g}")
         if perceptual > 0 and features is None:
             raise InputError("RestorationLoss: a perceptual weight needs the FeatureLoss network")
         self.features = features
         self.gradient, self.perceptual, self.real_gradient_scale = gradient, perceptual, real_gradient_scale
-        self.reflection_emphasis = reflection_emphasis
+        self.reflection_emphasis, self.real_colour_weight = reflection_emphasis, real_colour_weight
 
     def describe(self) -> Dict[str, object]:
         """The loss's settings as a checkpoint's metadata records them."""
         return {"name": "transfer", "gradient": self.gradient, "perceptual": self.perceptual,
-                "real_gradient_scale": self.real_gradient_scale, "reflection_emphasis": self.reflection_emphasis}
+                "real_gradient_scale": self.real_gradient_scale, "reflection_emphasis": self.reflection_emphasis,
+                "real_colour_weight": self.real_colour_weight}
 
     def forward(self, output: torch.Tensor, target: torch.Tensor, real: Optional[torch.Tensor] = None,
                 image: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Terms]:
@@ -327,6 +348,15 @@ class RestorationLoss(nn.Module):
             if image is None:
                 raise InputError("RestorationLoss: a reflection emphasis needs the network's input image")
             weight = 1.0 + self.reflection_emphasis * reflection_region(image, target)
+        total, terms = self._score(output, target, real, weight)
+        if self.real_colour_weight < 1 and real is not None:
+            fitted, _ = self._score(output * best_channel_gains(output, target, real), target, real, weight)
+            total = self.real_colour_weight * total + (1 - self.real_colour_weight) * fitted
+            terms["colour_fitted"] = fitted.detach()
+        return total, terms
+
+    def _score(self, output: torch.Tensor, target: torch.Tensor, real: Optional[torch.Tensor],
+               weight: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Terms]:
         l1 = _weighted_means((output - target).abs(), weight).mean()
         (ox, oy), (tx, ty) = _image_gradients(output), _image_gradients(target)
         per_sample = (_weighted_means((ox - tx).abs(), None if weight is None else weight[..., :, 1:]) +
