@@ -34,7 +34,7 @@ from dereflect.tools.evaluate import (
     parse_resize,
     resize_short,
 )
-from dereflect.tools.metrics import psnr, reflection_mask, si, si_region, ssim, ssim_region
+from dereflect.tools.metrics import best_channel_gains, psnr, reflection_mask, si, si_region, ssim, ssim_region
 from onnx_fixtures import make_crrn_export, make_rm2s_export
 
 
@@ -520,6 +520,48 @@ def test_global_gain_baseline_is_fitted_on_training_pairs_and_scored_beside_the_
         evaluate(crrn_dir, root, gain_baseline="1,-1,1", progress=False)
     assert dereflect.cli.main(["train", "fit-gain", "--real", str(root), "-o", str(gain_file)]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_best_channel_gains_are_the_least_squares_factors_held_to_their_range():
+    rng = np.random.default_rng(5)
+    image = rng.uniform(0.1, 0.9, (20, 30, 3)).astype(np.float32)
+    assert np.allclose(best_channel_gains(image, image * np.float32([0.9, 1.1, 0.7])), [0.9, 1.1, 0.7], atol=1e-5)
+    assert np.allclose(best_channel_gains(image, image * np.float32([0.1, 3.0, 1.0])), [0.5, 2.0, 1.0])
+    noisy = image * np.float32([0.8, 0.9, 1.0]) + rng.normal(0, 0.05, image.shape).astype(np.float32)
+    gains = best_channel_gains(image, noisy)
+    for channel in range(3):  # the minimum of the squared error: nudging a gain either way costs more
+        for step in (-0.01, 0.01):
+            nudged = gains.copy()
+            nudged[channel] += step
+            assert np.sum((image * nudged - noisy) ** 2) > np.sum((image * gains - noisy) ** 2)
+    with pytest.raises(InputError, match="HxWx3"):
+        best_channel_gains(image[..., 0], image[..., 0])
+
+
+def test_colour_fitted_scores_separate_global_colour_from_the_rest(crrn_dir, tmp_path, capsys):
+    """A pair whose clean layer is its photo in other colours: doing nothing scores low, but perfectly
+    once colour fitted; the model's rows are reported beside, in the table, JSON and on the command line."""
+    rng = np.random.default_rng(6)
+    root = tmp_path / "pairs"
+    for folder in ("blended", "transmission_layer"):
+        (root / folder).mkdir(parents=True)
+    for name in ("1", "2"):
+        photo = rng.uniform(0.2, 0.9, (24, 32, 3)).astype(np.float32)
+        cv2.imwrite(str(root / "blended" / f"{name}.png"), np.round(photo[:, :, ::-1] * 65535).astype(np.uint16))
+        cv2.imwrite(str(root / "transmission_layer" / f"{name}.png"),
+                    np.round((photo * np.float32([0.9, 0.8, 0.7]))[:, :, ::-1] * 65535).astype(np.uint16))
+    report = evaluate(crrn_dir, root, colour_fitted=True, contact_images=0, progress=False)
+    assert report.mean("baseline_fitted")["psnr"] > 60 > report.mean("baseline")["psnr"]
+    model, fitted = report.mean("model"), report.mean("model_fitted")
+    assert fitted["psnr"] >= model["psnr"] - 0.01 and fitted["psnr"] != model["psnr"]
+    assert f"| {report.model['name']}, colour fitted |" in report.mean_table()
+    data = report.to_dict()
+    assert data["mean"]["model_fitted"]["psnr"] == pytest.approx(fitted["psnr"])
+    assert data["images"][0]["baseline_fitted"]["psnr"] > 60
+    plain = evaluate(crrn_dir, root, contact_images=0, progress=False)
+    assert "colour fitted" not in plain.mean_table() and "model_fitted" not in plain.to_dict()["mean"]
+    assert dereflect.cli.main(["eval", str(crrn_dir), "--data", str(root), "--colour-fitted", "--no-progress"]) == 0
+    assert "gain over do nothing, colour fitted" in capsys.readouterr().out
 
 
 def test_photos_without_ground_truth_get_a_contact_sheet_and_the_mean_change(crrn_dir, tmp_path):

@@ -15,6 +15,7 @@ from conftest import write_photo_folder, write_real_pairs  # noqa: E402
 from dereflect.cli import main  # noqa: E402
 from dereflect.errors import InputError, ModelError  # noqa: E402
 from dereflect.tools.datasets import read_name_list  # noqa: E402
+from dereflect.tools.metrics import best_channel_gains as metrics_channel_gains  # noqa: E402
 from dereflect.tools.metrics import reflection_mask  # noqa: E402
 from dereflect.train.checkpoint import load_checkpoint, transplant_state  # noqa: E402
 from dereflect.train.data import MixedPairs, RealPairs, SyntheticPairs, read_image  # noqa: E402
@@ -375,7 +376,10 @@ def test_real_colour_weight_scores_real_pairs_partly_after_their_best_channel_ga
     left_in = recoloured.clone()
     left_in[..., 8:20, 8:20] += 0.2
     assert float(fitted(left_in, target, real)[0]) > 0.01
-    assert torch.equal(best_channel_gains(recoloured, target, torch.tensor([1.0, 0.0]))[1].flatten(), torch.ones(3))
+    gains = best_channel_gains(recoloured, target, torch.tensor([1.0, 0.0]))
+    assert torch.equal(gains[1].flatten(), torch.ones(3))  # a synthetic sample keeps its colour
+    numpy_gains = metrics_channel_gains(recoloured[0].permute(1, 2, 0).numpy(), target[0].permute(1, 2, 0).numpy())
+    assert np.allclose(gains[0].flatten().numpy(), numpy_gains, atol=1e-5)  # the twin of the NumPy definition
     assert half.describe()["real_colour_weight"] == 0.5
     with pytest.raises(InputError, match="real_colour_weight"):
         RestorationLoss(None, perceptual=0.0, real_colour_weight=1.5)

@@ -14,7 +14,17 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from dereflect.errors import InputError
-from dereflect.tools.metrics import AUTO_MASK_BLUR, AUTO_MASK_LEVEL, AUTO_MASK_OPEN, K1, K2, RADIUS, SIGMA, WINDOW
+from dereflect.tools.metrics import (
+    AUTO_MASK_BLUR,
+    AUTO_MASK_LEVEL,
+    AUTO_MASK_OPEN,
+    CHANNEL_GAIN_RANGE,
+    K1,
+    K2,
+    RADIUS,
+    SIGMA,
+    WINDOW,
+)
 from torch import nn
 
 from .vgg import VGGFeatures
@@ -287,11 +297,11 @@ def _image_gradients(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def best_channel_gains(output: torch.Tensor, target: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """(N, 3, 1, 1) gains: per real sample (``real`` 1) and channel the least-squares factor from
-    ``output`` to ``target`` (clamped to [0.5, 2]), 1 for the others; not differentiated."""
+    """(N, 3, 1, 1) gains, not differentiated: per real sample (``real`` 1) the torch twin of
+    ``dereflect.tools.metrics.best_channel_gains``, 1 for the others."""
     with torch.no_grad():
         gains = (output * target).sum((2, 3)) / (output * output).sum((2, 3)).clamp_min(1e-6)
-        gains = gains.clamp(0.5, 2.0)
+        gains = gains.clamp(*CHANNEL_GAIN_RANGE)
         gains = torch.where(real.view(-1, 1) > 0.5, gains, torch.ones_like(gains))
     return gains[..., None, None]
 

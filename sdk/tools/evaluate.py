@@ -78,6 +78,7 @@ from dereflect.tools.metrics import (
     AUTO_MASK_BLUR,
     AUTO_MASK_LEVEL,
     WINDOW,
+    best_channel_gains,
     psnr,
     reflection_mask,
     si,
@@ -93,6 +94,8 @@ BASELINE_LABEL = "do nothing (input as output)"
 CONTACT_COLUMNS = ("input", "stage 1", "confidence", "result", "ground truth")
 CONTACT_TILE = 160
 DEFAULT_CONTACT_IMAGES = 4
+#: ImageScores' rows after the best channel gains (--colour-fitted)
+FITTED_ROWS = ("model_fitted", "baseline_fitted")
 REPORT_FILES = {"markdown": "report.md", "json": "report.json", "contact_sheet": "contact_sheet.png"}
 
 # --------------------------------------------------------------------------- resize protocol
@@ -236,6 +239,9 @@ class ImageScores:
     gain: Optional[Dict[str, Optional[float]]] = None
     #: mean absolute change the model made, |output - input| in [0, 1]
     change: float = 0.0
+    #: with colour fitting: the model's output and the input, each after its best channel gains
+    model_fitted: Optional[Dict[str, Optional[float]]] = None
+    baseline_fitted: Optional[Dict[str, Optional[float]]] = None
 
     def to_dict(self) -> Dict[str, Any]:
         out = {
@@ -246,6 +252,9 @@ class ImageScores:
         }
         if self.gain is not None:
             out["gain_baseline"] = {k: _clean(v) for k, v in self.gain.items()}
+        for key in FITTED_ROWS:
+            if getattr(self, key) is not None:
+                out[key] = {k: _clean(v) for k, v in getattr(self, key).items()}
         return out
 
 
@@ -262,9 +271,12 @@ class Report:
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat("T", "seconds"))
     #: the global-gain baseline's gains and where they come from (None: not scored)
     gain_baseline: Optional[Dict[str, Any]] = None
+    #: whether the model and the input were also scored after their best channel gains
+    colour_fitted: bool = False
 
     def mean(self, row: str = "model") -> Dict[str, Optional[float]]:
-        """Mean of each metric over the images where it is defined (``row``: "model", "baseline" or "gain")."""
+        """Mean of each metric over the images where it is defined (``row``: "model", "baseline", "gain",
+        "model_fitted" or "baseline_fitted")."""
         out: Dict[str, Optional[float]] = {}
         for metric in self.metrics:
             values = [getattr(s, row)[metric] for s in self.images
@@ -292,6 +304,8 @@ class Report:
                 if self.images else None,
                 **({"gain_baseline": {k: _clean(v) for k, v in self.mean("gain").items()}}
                    if self.gain_baseline else {}),
+                **{key: {k: _clean(v) for k, v in self.mean(key).items()} for key in FITTED_ROWS
+                   if self.colour_fitted},
             },
             "gain_baseline": self.gain_baseline,
             "images": [s.to_dict() for s in self.images],
@@ -314,6 +328,14 @@ class Report:
             label = "global gain (" + ", ".join(f"{g:.3f}" for g in self.gain_baseline["gain"]) + ")"
             lines.insert(3, f"| {label} | " + " | ".join(_fmt(m, gain[m]) for m in self.metrics) + " | - |")
             lines.append("| gain over global gain | " + _differences(self.metrics, model, gain) + " | |")
+        if self.colour_fitted:
+            fitted_base, fitted_model = self.mean("baseline_fitted"), self.mean("model_fitted")
+            lines.append(f"| {BASELINE_LABEL}, colour fitted | "
+                         + " | ".join(_fmt(m, fitted_base[m]) for m in self.metrics) + " | - |")
+            lines.append(f"| {self.model['name']}, colour fitted | "
+                         + " | ".join(_fmt(m, fitted_model[m]) for m in self.metrics) + " | |")
+            lines.append("| gain over do nothing, colour fitted | "
+                         + _differences(self.metrics, fitted_model, fitted_base) + " | |")
         if self.images:
             change = 255 * float(np.mean([s.change for s in self.images]))
             lines.append(f"\nMean change the model made: {change:.2f} / 255 per pixel and channel")
@@ -536,6 +558,7 @@ def evaluate(
     *,
     names: Optional[PathLike] = None,
     gain_baseline: Any = None,
+    colour_fitted: bool = False,
     contact_images: int = DEFAULT_CONTACT_IMAGES,
     progress: bool = True,
     stop: Optional[StopSignals] = None,
@@ -551,6 +574,9 @@ def evaluate(
     ``masks``: region masks for SSIMr / SIr, a folder or ``"auto"`` (each pair's reflection_mask).
     ``gain_baseline``: also score the input times three channel gains ("R,G,B" or a JSON file from
     ``dereflect train fit-gain``), the baseline a model must beat on real photos.
+    ``colour_fitted``: also score the output and the input each after its best channel gains against
+    the ground truth (three numbers per image taken from the truth: not a method, a measure of how
+    much of a score is global colour and brightness, which a real pair's two shots also differ in).
     ``stop``: a :class:`dereflect.stop_signals.StopSignals` in force; once it has received a signal
     the run ends between two images and the report holds those scored (``protocol["stopped"]``).
     ``options``: how the model is run (``backend``, ``device``, ``precision``, ``max_side``, ...:
@@ -569,7 +595,7 @@ def evaluate(
     runner = load_model(model, **options)
     try:
         report = _run(runner, describe_model(runner, model), pairs, short, masks is not None, auto_mask,
-                      contact_images, progress, gains, stop)
+                      contact_images, progress, gains, stop, colour_fitted)
     finally:
         if runner is not model and hasattr(runner, "close"):
             runner.close()
@@ -583,9 +609,11 @@ def evaluate(
 
 def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Optional[int], regions: bool,
          auto_mask: bool, contact_images: int, progress: bool,
-         gains: Optional[Dict[str, Any]] = None, stop: Optional[StopSignals] = None) -> Report:
+         gains: Optional[Dict[str, Any]] = None, stop: Optional[StopSignals] = None,
+         colour_fitted: bool = False) -> Report:
     """Score ``pairs``; ``regions``: SSIMr / SIr too, inside each pair's mask (``auto_mask``: its
-    reflection_mask, else the mask file attached to the pair)."""
+    reflection_mask, else the mask file attached to the pair); ``colour_fitted``: the model's output
+    and the input also after their best channel gains against the ground truth."""
     from tqdm import tqdm
 
     metrics = BASE_METRICS + (REGION_METRICS if regions else ())
@@ -618,6 +646,9 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
         if gains is not None and target is not None:
             gained = np.clip(image * np.asarray(gains["gain"], np.float32), 0.0, 1.0)
             scores.gain = score(gained, target, mask)
+        if colour_fitted and target is not None:
+            scores.model_fitted, scores.baseline_fitted = (
+                score(np.clip(x * best_channel_gains(x, target), 0.0, 1.0), target, mask) for x in (background, image))
         images.append(scores)
         reduced += int(scores.scale < 1.0 or getattr(result, "tiles", 1) > 1)
         if index in chosen:
@@ -654,6 +685,7 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
         contact_sheet=(contact_sheet(rows, columns=CONTACT_COLUMNS if all(p.target is not None for p in pairs)
                                      else CONTACT_COLUMNS[:-1] + ("4x |change|",)) if rows else None),
         gain_baseline=gains,
+        colour_fitted=colour_fitted,
     )
 
 
@@ -691,6 +723,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--gain-baseline", metavar="R,G,B|FILE", default=None,
                         help="also score the global-gain baseline: the input times three channel gains, given as "
                              "R,G,B or a JSON file from 'dereflect train fit-gain' (default: not scored)")
+    parser.add_argument("--colour-fitted", action="store_true",
+                        help="also score the output and the input each after its best channel gains against the "
+                             "ground truth: how much of the score is global colour and brightness (default: off)")
     parser.add_argument("--names", metavar="FILE",
                         help="score only the pairs named in FILE, one per line (e.g. train/splits/zhang89_val.txt) "
                              "(default: all pairs)")
@@ -719,8 +754,8 @@ def run_eval(args: Any) -> int:
     with StopSignals() as signals:  # Ctrl+C or SIGTERM: the images scored so far are reported
         report = evaluate(args.model, args.data, layout=args.layout, resize=args.resize, masks=args.masks,
                           limit=args.limit, out_dir=args.out, names=args.names, gain_baseline=args.gain_baseline,
-                          contact_images=args.contact_images, progress=not args.no_progress, stop=signals,
-                          **model_options(args))
+                          colour_fitted=args.colour_fitted, contact_images=args.contact_images,
+                          progress=not args.no_progress, stop=signals, **model_options(args))
     print(f"{report.model['name']} on {report.data['dir']} ({report.data['layout']}, {report.data['images']} "
           f"images, resize {report.protocol['resize']})")
     print(report.mean_table())

@@ -154,6 +154,23 @@ def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
     return float(10.0 * np.log10(data_range**2 / mse))
 
 
+#: The range a fitted channel gain is held to (a photo darker or brighter than its clean layer by more
+#: than a factor of two is not a colour change).
+CHANNEL_GAIN_RANGE = (0.5, 2.0)
+
+
+def best_channel_gains(output: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The three factors g (RGB) minimising sum over pixels of (g * output - target)^2, each held to
+    :data:`CHANNEL_GAIN_RANGE`: how far an image is from its target in global colour and brightness
+    alone. ``output`` and ``target``: HxWx3 in [0, 1]."""
+    output, target = np.asarray(output), np.asarray(target)
+    if output.shape != target.shape or output.ndim != 3 or output.shape[2] != 3:
+        raise InputError(f"two HxWx3 images of one size needed, got {output.shape} and {target.shape}")
+    flat_o, flat_t = output.reshape(-1, 3).astype(np.float64), target.reshape(-1, 3).astype(np.float64)
+    gains = (flat_o * flat_t).sum(0) / np.maximum((flat_o * flat_o).sum(0), 1e-6)
+    return np.clip(gains, *CHANNEL_GAIN_RANGE).astype(np.float32)
+
+
 #: reflection_mask's settings: how much brighter (mean over channels, on [0, 1]) the input must be,
 #: the blur that tolerates real pairs' misalignment (sigma, px) and the opening that drops specks (px).
 AUTO_MASK_LEVEL, AUTO_MASK_BLUR, AUTO_MASK_OPEN = 12 / 255, 3.0, 5
