@@ -296,13 +296,14 @@ def _score(checkpoint: Path, val: Path, clean: Path, side: int, device: str, lim
     runner = load_model(str(checkpoint), max_side=side, device=device)  # opened once for both sets
     try:
         options = {"contact_images": 0, "progress": False, "limit": limit}
-        on_val = evaluate(runner, val, masks="auto", **options)
+        on_val = evaluate(runner, val, masks="auto", colour_fitted=True, **options)
         on_clean = evaluate(runner, clean, **options)
     finally:
         runner.close()
     model, nothing = on_val.mean("model"), on_val.mean("baseline")
     return {"psnr": model["psnr"], "gain": model["psnr"] - nothing["psnr"], "ssim": model["ssim"],
-            "ssimr": model["ssimr"], "clean_psnr": on_clean.mean("model")["psnr"]}
+            "ssimr": model["ssimr"], "clean_psnr": on_clean.mean("model")["psnr"],
+            "fitted_gain": on_val.mean("model_fitted")["psnr"] - on_val.mean("baseline_fitted")["psnr"]}
 
 
 def _clean_layers(val: Path, work: Path) -> Path:
@@ -316,11 +317,12 @@ def _clean_layers(val: Path, work: Path) -> Path:
 
 
 def _table(rows: Sequence[Dict[str, Any]], picked: Dict[str, Optional[Dict[str, Any]]]) -> str:
-    lines = ["| method | checkpoint | PSNR (gain) | SSIM | SSIMr | clean layers |", "|---|---|---|---|---|---|"]
+    lines = ["| method | checkpoint | PSNR (gain) | gain, colour fitted | SSIM | SSIMr | clean layers |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         mark = " **picked**" if picked.get(row["method"]) is row else ""
         lines.append(f"| {row['method']} | {row['name']}{mark} | {row['psnr']:.2f} ({row['gain']:+.2f}) | "
-                     f"{row['ssim']:.3f} | {row['ssimr']:.3f} | {row['clean_psnr']:.2f} |")
+                     f"{row['fitted_gain']:+.2f} | {row['ssim']:.3f} | {row['ssimr']:.3f} | {row['clean_psnr']:.2f} |")
     return "\n".join(lines)
 
 
@@ -406,8 +408,8 @@ def run(pack_dir: Path, out: Path, work: Path, minutes: Optional[float], methods
             row = {"method": method, "name": name, "step": int(read_metadata(path)["step"]), "path": str(path),
                    **_score(path, pack_dir / "val", clean, settings["score_side"], device, limit)}
             result["rows"].append(row)
-            _log(f"{method} {name}: {row['psnr']:.2f} dB ({row['gain']:+.2f}), SSIMr {row['ssimr']:.3f}, "
-                 f"clean {row['clean_psnr']:.2f}")
+            _log(f"{method} {name}: {row['psnr']:.2f} dB ({row['gain']:+.2f}; colour fitted "
+                 f"{row['fitted_gain']:+.2f}), SSIMr {row['ssimr']:.3f}, clean {row['clean_psnr']:.2f}")
             save()
 
     picked = {}

@@ -165,5 +165,6 @@ def test_the_run_trains_scores_picks_and_returns_weights_on_the_cpu(sources, tmp
         checkpoint = load_checkpoint(gpu_train.join(returned, tmp_path / "back" / method)[0])
         assert checkpoint.metadata["kind"] == spec["command"] and checkpoint.optimizer_states == {}
         assert not list((work / "runs" / method / "previews").glob("train_*.png"))  # --preview-every 0
-    assert result["table"] in (out / "gpu_train.md").read_text()
+    assert result["table"] in (out / "gpu_train.md").read_text() and "gain, colour fitted" in result["table"]
+    assert all(isinstance(row["fitted_gain"], float) for row in result["rows"])
     assert len(list(out.iterdir())) <= 8  # the lease returns at most eight files
