@@ -217,6 +217,9 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
                              "brighter than its clean layer: the region of 'dereflect eval --masks auto') and 1 "
                              "elsewhere, to push the model to change more where the reflection is (transfer "
                              "recipe; default: 0)")
+    parser.add_argument("--gradient-weight", type=float, default=None, metavar="W",
+                        help="weight of the gradient L1 term, which scores edges (a reflection's among them) "
+                             "(transfer recipe; default: 0.4, ERRNet's)")
     parser.add_argument("--real-colour-weight", type=float, default=None, metavar="W",
                         help="score real pairs W x as usual plus (1 - W) x after each pair's best channel gains, "
                              "so the camera's exposure and white-balance change between the two shots weighs "
@@ -463,16 +466,18 @@ def rm2s_network(config_name: str, in_channels: int):
 
 def transfer_loss(args):
     """The transfer recipe's loss, with the offline ImageNet MobileNetV2 as its feature network."""
-    from .losses import FeatureLoss, RestorationLoss
+    from .losses import GRADIENT_WEIGHT, FeatureLoss, RestorationLoss
     from .models.backbone import load_mobilenet_weights
 
     emphasis = args.reflection_emphasis or 0.0
     colour = 1.0 if args.real_colour_weight is None else args.real_colour_weight
-    if emphasis < 0:
-        raise InputError(f"--reflection-emphasis must be >= 0, got {emphasis:g}")
+    gradient = GRADIENT_WEIGHT if args.gradient_weight is None else args.gradient_weight
+    for option, value in (("--reflection-emphasis", emphasis), ("--gradient-weight", gradient)):
+        if value < 0:
+            raise InputError(f"{option} must be >= 0, got {value:g}")
     if not 0.0 <= colour <= 1.0:
         raise InputError(f"--real-colour-weight must be between 0 and 1, got {colour:g}")
-    return RestorationLoss(FeatureLoss(load_mobilenet_weights()), reflection_emphasis=emphasis,
+    return RestorationLoss(FeatureLoss(load_mobilenet_weights()), gradient=gradient, reflection_emphasis=emphasis,
                            real_colour_weight=colour)
 
 
@@ -480,7 +485,8 @@ def _paper_recipe_refuses(args) -> None:
     """Options of the transfer recipe, refused with the paper's own loss and optimiser."""
     for option, value in (("--encoder-lr-scale", args.encoder_lr_scale),
                           ("--reflection-emphasis", args.reflection_emphasis),
-                          ("--real-colour-weight", args.real_colour_weight)):
+                          ("--real-colour-weight", args.real_colour_weight),
+                          ("--gradient-weight", args.gradient_weight)):
         if value is not None:
             raise InputError(f"{option} belongs to the transfer recipe; drop it or use --recipe transfer")
 

@@ -296,6 +296,10 @@ def _image_gradients(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
 
+#: The transfer loss's weight on the gradient L1 term (ERRNet's).
+GRADIENT_WEIGHT = 0.4
+
+
 def best_channel_gains(output: torch.Tensor, target: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """(N, 3, 1, 1) gains, not differentiated: per real sample (``real`` 1) the torch twin of
     ``dereflect.tools.metrics.best_channel_gains``, 1 for the others."""
@@ -331,7 +335,7 @@ class RestorationLoss(nn.Module):
     ``(total, terms)``.
     """
 
-    def __init__(self, features: Optional[FeatureLoss], gradient: float = 0.4, perceptual: float = 0.1,
+    def __init__(self, features: Optional[FeatureLoss], gradient: float = GRADIENT_WEIGHT, perceptual: float = 0.1,
                  real_gradient_scale: float = 0.5, reflection_emphasis: float = 0.0,
                  real_colour_weight: float = 1.0) -> None:
         super().__init__()
