@@ -71,6 +71,9 @@ def register(subparsers: Any) -> None:
     remove.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                         help="refuse images with more pixels, from their header before decoding "
                              f"(0: no limit; default: {DEFAULT_MAX_PIXELS:,})")
+    remove.add_argument("--strip-metadata", action="store_true",
+                        help="write outputs without the input's EXIF (capture time, camera, place) and colour "
+                             "profile (default: JPEG and PNG outputs keep both, orientation set to upright)")
     add_model_options(remove)
     remove.set_defaults(func=run_remove)
 
@@ -247,6 +250,8 @@ def _remove_one(remover: Any, source: Path, target: Path, args: argparse.Namespa
 
     # plan_outputs kept back the inputs whose outputs exist; write_image refuses one made since.
     image, info = read_array(source, max_pixels=args.max_pixels or None)
+    if args.strip_metadata:
+        info.metadata = None
     if not args.save_intermediates:
         write_image(target, remover.remove(image, colour_order="BGR"), info, overwrite=args.overwrite,
                     colour_order="BGR")

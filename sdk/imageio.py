@@ -18,6 +18,9 @@ Everything the networks see is RGB float32 in [0, 1], HxWx3. The conversions are
   BigTIFF in either byte order, BMP, WebP, PPM/PGM/PBM), so a hostile or mistaken file cannot
   exhaust memory; pass a larger ``max_pixels`` (``--max-pixels`` on the command line) to accept
   them. Content in any other format is refused, whatever its extension.
+* **Colour profile and EXIF** of JPEG and PNG files are kept in :attr:`ImageInfo.metadata` and
+  written into JPEG and PNG outputs (:mod:`dereflect.metadata`: orientation reset to upright, the
+  thumbnail unlinked).
 * **JPEG** files must reach their end-of-image marker (a cut file is refused: some OpenCV builds
   would return it half grey); data after that marker (a phone's "motion photo" video) is ignored.
 
@@ -44,6 +47,7 @@ import cv2
 import numpy as np
 
 from .errors import InputError
+from .metadata import Metadata, embed_metadata, read_metadata
 
 DEFAULT_MAX_PIXELS = 100_000_000
 FLOAT_TOLERANCE = 0.02
@@ -67,7 +71,9 @@ class ImageInfo:
 
     ``dtype`` and ``channels`` describe the original (1, 3 or 4 channels; ``squeeze`` is True
     when a grey original had no channel axis); ``alpha`` is the original alpha channel
-    (float32 HxW in [0, 1]) or None; ``path`` is the file it came from, if any.
+    (float32 HxW in [0, 1]) or None; ``path`` is the file it came from, if any; ``metadata`` its
+    colour profile and EXIF (JPEG and PNG files), which :func:`write_image` carries to JPEG and PNG
+    outputs (set it to None to write without).
     """
 
     dtype: np.dtype
@@ -75,6 +81,7 @@ class ImageInfo:
     alpha: Optional[np.ndarray] = None
     squeeze: bool = False
     path: Optional[Path] = None
+    metadata: Optional[Metadata] = None
 
     @property
     def bit_depth(self) -> int:
@@ -420,6 +427,7 @@ def read_array(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -
         raise InputError(f"{path}: file is empty (0 bytes)")
     kind, width, height = read_header(data, str(path))
     _check_pixels(path, width, height, max_pixels)
+    metadata = read_metadata(data, kind)
     # IMREAD_UNCHANGED keeps alpha and 16 bits but ignores EXIF orientation, which only
     # JPEGs carry in practice (and they have neither alpha nor 16 bits).
     flags = cv2.IMREAD_ANYCOLOR if kind == "JPEG" else cv2.IMREAD_UNCHANGED
@@ -434,6 +442,7 @@ def read_array(path: PathLike, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -
         raise InputError(f"{path}: unsupported sample type {decoded.dtype}; use 8- or 16-bit images")
     info = check_image(decoded, "BGR", name=str(path))
     info.path = path
+    info.metadata = metadata
     return decoded, info
 
 
@@ -655,8 +664,9 @@ def write_image(
 
     ``image`` is in ``colour_order`` (RGB, or BGR as from :func:`read_array`). With ``info``
     from :func:`read_image` / :func:`read_array` the original bit depth (where the format
-    allows), grey-ness and alpha (where the format stores it) are restored; an integer array
-    that already holds them is written as it is. The path is checked first
+    allows), grey-ness and alpha (where the format stores it) are restored, and its colour profile
+    and EXIF (``info.metadata``) go into JPEG and PNG outputs; an integer array that already holds
+    them is written as it is. The path is checked first
     (:func:`check_output_path`). Never replaces ``info.path`` (the input file); replaces another
     existing file only when ``overwrite``.
     """
@@ -678,9 +688,10 @@ def write_image(
     ok, encoded = cv2.imencode(ext, _stored(np.asarray(image), target, colour_order, info.alpha))
     if not ok:
         raise InputError(f"{path}: OpenCV could not encode the image as {ext}")
+    encoded = embed_metadata(encoded.tobytes(), ext, info.metadata, grey=channels == 1)
     try:
         with staged_file(path) as staged, open(staged, "xb") as handle:
-            handle.write(encoded.ravel())
+            handle.write(encoded)
     except OSError as exc:
         raise InputError(f"{path}: cannot write: {exc.strerror or exc}") from exc
     return path
