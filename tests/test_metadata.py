@@ -154,3 +154,18 @@ def test_cli_keeps_metadata_unless_stripped(tmp_path, monkeypatch):
     assert kept.info["icc_profile"] == _profile() and kept.getexif()[MAKE] == "TestCam"
     assert "icc_profile" not in stripped.info and not dict(stripped.getexif())
     assert source.read_bytes() == before
+
+
+def test_big_endian_exif_set_upright(tmp_path):
+    # Hand-built, as cameras writing Motorola order do: IFD0 holds orientation 8 and Make, no thumbnail.
+    make = b"BigEndianCam\x00"
+    entries = [struct.pack(">HHIHH", ORIENTATION, 3, 1, 8, 0),
+               struct.pack(">HHII", MAKE, 2, len(make), 8 + 2 + 12 * 2 + 4)]
+    block = b"MM\x00*" + struct.pack(">I", 8) + struct.pack(">H", 2) + b"".join(entries) + bytes(4) + make
+    ok, encoded = cv2.imencode(".jpg", _pixels())
+    assert ok
+    source = tmp_path / "mm.jpg"
+    source.write_bytes(encoded.tobytes()[:2] + _segment(0xE1, b"Exif\x00\x00" + block) + encoded.tobytes()[2:])
+    out = Image.open(_round_trip(source, tmp_path / "out.jpg"))
+    assert out.size == (30, 40)  # orientation 8 applied by the reader
+    assert (out.getexif()[ORIENTATION], out.getexif()[MAKE]) == (1, "BigEndianCam")
