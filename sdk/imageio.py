@@ -664,9 +664,9 @@ def write_image(
 
     ``image`` is in ``colour_order`` (RGB, or BGR as from :func:`read_array`). With ``info``
     from :func:`read_image` / :func:`read_array` the original bit depth (where the format
-    allows), grey-ness and alpha (where the format stores it) are restored, and its colour profile
-    and EXIF (``info.metadata``) go into JPEG and PNG outputs; an integer array that already holds
-    them is written as it is. The path is checked first
+    allows), grey-ness and alpha (where the format stores it) are restored (an integer array that
+    already holds them is written as it is), and its colour profile and EXIF (``info.metadata``) go
+    into JPEG and PNG outputs. The path is checked first
     (:func:`check_output_path`). Never replaces ``info.path`` (the input file); replaces another
     existing file only when ``overwrite``.
     """
@@ -688,10 +688,12 @@ def write_image(
     ok, encoded = cv2.imencode(ext, _stored(np.asarray(image), target, colour_order, info.alpha))
     if not ok:
         raise InputError(f"{path}: OpenCV could not encode the image as {ext}")
-    encoded = embed_metadata(encoded.tobytes(), ext, info.metadata, grey=channels == 1)
+    data: Union[bytes, np.ndarray] = encoded.ravel()
+    if info.metadata:  # spliced into a copy of the encoded bytes; without, the array is written as it is
+        data = embed_metadata(encoded.tobytes(), ext, info.metadata, grey=channels == 1)
     try:
         with staged_file(path) as staged, open(staged, "xb") as handle:
-            handle.write(encoded)
+            handle.write(data)
     except OSError as exc:
         raise InputError(f"{path}: cannot write: {exc.strerror or exc}") from exc
     return path
