@@ -14,6 +14,8 @@ from pathlib import Path
 from dereflect.errors import InputError, require
 from dereflect.stop_signals import exit_status
 
+from .models import ENCODERS
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -201,6 +203,9 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
                         help="network: lite (ImageNet MobileNetV2 encoder; the shipped models), lite-scratch "
                              "(the earlier lite networks, trained from scratch) or paper (the authors' sizes) "
                              "(default: lite)")
+    parser.add_argument("--encoder", choices=ENCODERS, default=None,
+                        help="ImageNet encoder of a --config lite network, from 'dereflect weights' "
+                             "(default: mobilenetv2, the shipped models'; rm2s-stage2: its stage 1's)")
     parser.add_argument("--recipe", choices=["paper", "transfer"], default=None,
                         help="paper: the method's own synthesis, loss and optimiser; transfer: later work's "
                              "synthesis with colour matched to real pairs, L1 + gradient + feature loss, Adam "
@@ -454,12 +459,21 @@ def _find_loss_vgg(args):
         return vgg
 
 
-def rm2s_network(config_name: str, in_channels: int):
-    """(arch, config) of an RM2S U-Net for a --config name."""
+def lite_encoder(args) -> str:
+    """The --encoder of a lite network (mobilenetv2 when not given); refused with other configs."""
+    if args.encoder and args.config != "lite":
+        raise InputError(f"--encoder picks the ImageNet encoder of --config lite, not of {args.config}")
+    return args.encoder or "mobilenetv2"
+
+
+def rm2s_network(config_name: str, in_channels: int, encoder: str = "mobilenetv2"):
+    """(arch, config) of an RM2S U-Net for a --config name (``encoder``: of the lite network)."""
+    from .models import DECODER_WIDTHS
     from .models.rm2s import MobileUNetConfig, UNetConfig
 
     if config_name == "lite":
-        return "rm2s_mobile_unet", MobileUNetConfig.preset("lite", in_channels=in_channels)
+        return "rm2s_mobile_unet", MobileUNetConfig.preset("lite", in_channels=in_channels, encoder=encoder,
+                                                           decoder_widths=DECODER_WIDTHS[encoder])
     return "rm2s_unet", UNetConfig.preset("lite" if config_name == "lite-scratch" else "paper",
                                           in_channels=in_channels)
 
@@ -494,12 +508,12 @@ def _paper_recipe_refuses(args) -> None:
 def run_rm2s_stage1(args) -> int:
     require("torch", "train", "training")
 
-    from .models.backbone import load_mobilenet_weights
+    from .models.backbone import load_encoder_weights
     from .rm2s import ENCODER_LR_SCALE, STAGE1_LR, TRANSFER_LR, Stage1Task
 
     recipe = build_recipe(args, "rm2s-stage1", parse_sizes(args.size))
-    arch, config = rm2s_network(args.config, 3)
-    imagenet = load_mobilenet_weights() if arch == "rm2s_mobile_unet" and not args.resume else None
+    arch, config = rm2s_network(args.config, 3, lite_encoder(args))
+    imagenet = load_encoder_weights(config.encoder) if arch == "rm2s_mobile_unet" and not args.resume else None
     if uses_transfer(args):
         scale = ENCODER_LR_SCALE if args.encoder_lr_scale is None else args.encoder_lr_scale
         task = Stage1Task(config, lr=args.lr or TRANSFER_LR, data_recipe=recipe.to_dict(), arch=arch,
@@ -515,24 +529,34 @@ def run_rm2s_stage1(args) -> int:
 def run_rm2s_stage2(args) -> int:
     require("torch", "train", "training")
     from .checkpoint import load_checkpoint
+    from .models import config_class
     from .models.rm2s import DiscriminatorConfig
     from .rm2s import DISCRIMINATOR_LR, ENCODER_LR_SCALE, STAGE2_LR, TRANSFER_LR, Stage2Task
 
     recipe = build_recipe(args, "rm2s-stage2", parse_sizes(args.size))
-    arch, config = rm2s_network(args.config, 9)
+    stage1 = load_checkpoint(args.stage1)
+    encoder = lite_encoder(args)
+    spec = stage1.network_spec("stage1")
+    if spec["arch"] == "rm2s_mobile_unet":  # the stage-2 generator starts from stage 1's weights: its encoder
+        stage1_encoder = config_class(spec["arch"]).from_dict(spec["config"]).encoder
+        if args.encoder and args.encoder != stage1_encoder:
+            raise InputError(f"--encoder {args.encoder}: {args.stage1} was trained on {stage1_encoder}, and "
+                             "stage 2 starts from it; drop --encoder")
+        encoder = stage1_encoder
+    arch, config = rm2s_network(args.config, 9, encoder)
     transfer = uses_transfer(args)
     common = dict(masks=args.masks, critic=DiscriminatorConfig.preset(args.critic or
                                                                       ("paper" if args.config == "paper" else "lite")),
                   critic_lr=args.critic_lr or DISCRIMINATOR_LR, gp_weight=args.gp, c1=args.c1, c2=args.c2,
                   data_recipe=recipe.to_dict(), arch=arch, lr_drop_at=args.lr_drop_at)
     if transfer:
-        task = Stage2Task(config, load_checkpoint(args.stage1), None, lr=args.lr or TRANSFER_LR,
+        task = Stage2Task(config, stage1, None, lr=args.lr or TRANSFER_LR,
                           transfer_loss=transfer_loss(args), adversarial_weight=args.adversarial_weight,
                           encoder_lr_scale=ENCODER_LR_SCALE if args.encoder_lr_scale is None
                           else args.encoder_lr_scale, **common)
     else:
         _paper_recipe_refuses(args)
-        task = Stage2Task(config, load_checkpoint(args.stage1), _load_loss_vgg(args), lr=args.lr or STAGE2_LR,
+        task = Stage2Task(config, stage1, _load_loss_vgg(args), lr=args.lr or STAGE2_LR,
                           **common)
     return _fit(args, task, recipe, "rm2s-stage2")
 
@@ -640,7 +664,8 @@ def run_crrn(args) -> int:
 
     from .checkpoint import load_checkpoint
     from .crrn import CRRN_LR, CRRNTask, vgg16_init_state
-    from .models.backbone import load_mobilenet_weights
+    from .models import DECODER_WIDTHS
+    from .models.backbone import load_encoder_weights
     from .models.crrn import CRRNConfig, MobileCRRNConfig
     from .rm2s import ENCODER_LR_SCALE
 
@@ -651,12 +676,14 @@ def run_crrn(args) -> int:
     recipe = build_recipe(args, "crrn", parse_sizes(args.size))
     common = dict(total_steps=args.steps, gin_fraction=args.gin_fraction, lr=args.lr or CRRN_LR,
                   data_recipe=recipe.to_dict())
+    encoder = lite_encoder(args)
     if args.config == "lite":
-        imagenet = None if args.resume or args.init else load_mobilenet_weights()
+        imagenet = None if args.resume or args.init else load_encoder_weights(encoder)
         init = load_checkpoint(args.init) if args.init and not args.resume else None
         scale = ENCODER_LR_SCALE if args.encoder_lr_scale is None else args.encoder_lr_scale
         loss = transfer_loss(args) if uses_transfer(args) else None
-        task = CRRNTask(MobileCRRNConfig.preset("lite"), arch="crrn_mobile", transfer_loss=loss, imagenet=imagenet,
+        config = MobileCRRNConfig.preset("lite", encoder=encoder, decoder_widths=DECODER_WIDTHS[encoder])
+        task = CRRNTask(config, arch="crrn_mobile", transfer_loss=loss, imagenet=imagenet,
                         init=init, encoder_lr_scale=scale, reflection_weight=args.reflection_loss_weight, **common)
     else:
         if uses_transfer(args):

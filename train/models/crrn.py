@@ -36,6 +36,7 @@ import torch
 from dereflect.errors import InputError, ModelError
 from torch import nn
 
+from . import ENCODERS
 from .common import GradientMagnitude, ModelConfig, check_choice, check_input, check_positive_ints, norm_layer
 
 #: Convs per VGG-16 block; with a max-pool after each block this gives torchvision's indices.
@@ -327,9 +328,10 @@ class CRRN(nn.Module):
 
 @dataclass
 class MobileCRRNConfig(ModelConfig):
-    """CRRN with an ImageNet MobileNetV2 encoder in IiN (the shipped ``lite`` model).
+    """CRRN with an ImageNet mobile encoder in IiN (the shipped ``lite`` model).
 
-    The paper builds IiN on an ImageNet VGG-16; here the encoder is MobileNetV2 and IiN's decoder is
+    The paper builds IiN on an ImageNet VGG-16; here the encoder is MobileNetV2 (``encoder``; or
+    EfficientNet-Lite0, ``models.ENCODERS``) and IiN's decoder is
     a U-Net decoder (``decoder_widths``, strides 16 to 1) that takes GiN's five decoder features at
     the matching resolutions, as the paper concatenates them. GiN is the paper's (``gin_widths``).
     The output is bounded as in RM2S's lite U-Net (``backbone.BoundedOutput``).
@@ -340,6 +342,7 @@ class MobileCRRNConfig(ModelConfig):
     decoder_widths: Tuple[int, ...] = (96, 64, 32, 24, 16)
     max_log_gain: float = 1.0
     fraction_bias: float = -4.0
+    encoder: str = "mobilenetv2"
     norm: str = "batch"
 
     _PRESETS = {"lite": {}}
@@ -354,25 +357,26 @@ class MobileCRRNConfig(ModelConfig):
         if self.gin_up_kernel % 2:
             raise InputError(f"{name}: gin_up_kernel must be even, got {self.gin_up_kernel}")
         check_choice(name, "norm", self.norm, ("batch", "none"))
+        check_choice(name, "encoder", self.encoder, ENCODERS)
         if not 0.0 <= float(self.max_log_gain) <= 3.0:
             raise InputError(f"{name}: max_log_gain must lie in [0, 3], got {self.max_log_gain}")
 
 
 class MobileCRRN(nn.Module):
-    """image -> (background, reflection, background gradient), IiN on a MobileNetV2 encoder.
+    """image -> (background, reflection, background gradient), IiN on an ImageNet mobile encoder.
 
     Same contract as :class:`CRRN`: H and W multiples of 32, R = I - B, B clamped in eval mode.
     """
 
     def __init__(self, config: MobileCRRNConfig):
         super().__init__()
-        from .backbone import BoundedOutput, MobileNetV2Encoder, UNetDecoder
+        from .backbone import BoundedOutput, UNetDecoder, make_encoder
 
         self.config = config
         self.stride = 32
         self.min_size = 32
         self.gin = GiN(config)
-        self.encoder = MobileNetV2Encoder(3)
+        self.encoder = make_encoder(config.encoder, 3)
         self.decoder = UNetDecoder(self.encoder.widths, config.decoder_widths, 3,
                                    extra_widths=self.gin.feature_widths)
         self.head = nn.Conv2d(self.decoder.out_channels, 3, 3, padding=1)
@@ -396,5 +400,5 @@ class MobileCRRN(nn.Module):
         return background, image - background, gradient
 
     def load_imagenet(self, state) -> None:
-        """ImageNet MobileNetV2 weights into IiN's encoder."""
+        """ImageNet weights of the config's encoder into IiN's encoder."""
         self.encoder.load_imagenet(state)

@@ -26,6 +26,7 @@ import torch
 from dereflect.errors import InputError
 from torch import nn
 
+from . import ENCODERS
 from .common import ModelConfig, activation, check_choice, check_input, check_positive_ints, norm_layer
 
 _NORMS = ("batch", "none")
@@ -254,9 +255,10 @@ class Discriminator(nn.Module):
 
 @dataclass
 class MobileUNetConfig(ModelConfig):
-    """RM2S U-Net on an ImageNet MobileNetV2 encoder (both stages of the shipped ``lite`` model).
+    """RM2S U-Net on an ImageNet mobile encoder (both stages of the shipped ``lite`` model).
 
-    decoder_widths: the decoder's five levels (strides 16, 8, 4, 2, 1). max_log_gain: bound L of
+    encoder: MobileNetV2 or EfficientNet-Lite0 (``models.ENCODERS``). decoder_widths: the decoder's
+    five levels (strides 16, 8, 4, 2, 1). max_log_gain: bound L of
     the per-image RGB gain (0: no gain head). fraction_bias: initial logit of the reflection
     fraction (sigmoid(-4) = 0.018: the untrained network is nearly the identity).
     """
@@ -265,6 +267,7 @@ class MobileUNetConfig(ModelConfig):
     decoder_widths: Tuple[int, ...] = (96, 64, 32, 24, 16)
     max_log_gain: float = 1.0
     fraction_bias: float = -4.0
+    encoder: str = "mobilenetv2"
 
     _PRESETS = {"lite": {}}
 
@@ -278,10 +281,11 @@ class MobileUNetConfig(ModelConfig):
             raise InputError(f"{name}: decoder_widths needs 5 values, got {self.decoder_widths!r}")
         if not 0.0 <= float(self.max_log_gain) <= 3.0:
             raise InputError(f"{name}: max_log_gain must lie in [0, 3], got {self.max_log_gain}")
+        check_choice(name, "encoder", self.encoder, ENCODERS)
 
 
 class RM2SMobileUNet(nn.Module):
-    """(N, 3 or 9, H, W) -> background (N, 3, H, W): MobileNetV2 encoder, U-Net decoder, bounded output.
+    """(N, 3 or 9, H, W) -> background (N, 3, H, W): ImageNet encoder, U-Net decoder, bounded output.
 
     The first three input channels are the image I; the output is ``g * I * (1 - a)`` (see
     :class:`~dereflect.train.models.backbone.BoundedOutput`). H and W must be multiples of 32.
@@ -289,12 +293,12 @@ class RM2SMobileUNet(nn.Module):
 
     def __init__(self, config: MobileUNetConfig):
         super().__init__()
-        from .backbone import BoundedOutput, MobileNetV2Encoder, UNetDecoder
+        from .backbone import BoundedOutput, UNetDecoder, make_encoder
 
         self.config = config
         self.stride = 32
         self.min_size = 32
-        self.encoder = MobileNetV2Encoder(config.in_channels)
+        self.encoder = make_encoder(config.encoder, config.in_channels)
         self.decoder = UNetDecoder(self.encoder.widths, config.decoder_widths, config.in_channels)
         self.head = nn.Conv2d(self.decoder.out_channels, 3, 3, padding=1)
         nn.init.zeros_(self.head.weight)
@@ -315,5 +319,5 @@ class RM2SMobileUNet(nn.Module):
         return self.output(x[:, :3], logits, taps[-1])
 
     def load_imagenet(self, state) -> None:
-        """ImageNet MobileNetV2 weights into the encoder (see ``MobileNetV2Encoder.load_imagenet``)."""
+        """ImageNet weights of the config's encoder (see ``MobileNetV2Encoder.load_imagenet``)."""
         self.encoder.load_imagenet(state)
