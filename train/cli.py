@@ -205,7 +205,8 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
                              "(default: lite)")
     parser.add_argument("--encoder", choices=ENCODERS, default=None,
                         help="ImageNet encoder of a --config lite network, from 'dereflect weights' "
-                             "(default: mobilenetv2, the shipped models'; rm2s-stage2: its stage 1's)")
+                             "(default: that of the checkpoint the run starts from, --resume, --stage1 or "
+                             "--init; else mobilenetv2, the shipped models')")
     parser.add_argument("--recipe", choices=["paper", "transfer"], default=None,
                         help="paper: the method's own synthesis, loss and optimiser; transfer: later work's "
                              "synthesis with colour matched to real pairs, L1 + gradient + feature loss, Adam "
@@ -459,11 +460,26 @@ def _find_loss_vgg(args):
         return vgg
 
 
-def lite_encoder(args) -> str:
-    """The --encoder of a lite network (mobilenetv2 when not given); refused with other configs."""
+def lite_encoder(args, start=None) -> str:
+    """The ImageNet encoder of a lite network: --encoder, else the one in checkpoint ``start``.
+
+    ``start``: the checkpoint the run resumes or starts from (--resume, --stage1, --init), whose
+    encoder it must keep; mobilenetv2 when neither says. --encoder is refused with other configs
+    and where it contradicts ``start``.
+    """
+    from .checkpoint import read_metadata
+    from .models import encoder_of
+
     if args.encoder and args.config != "lite":
         raise InputError(f"--encoder picks the ImageNet encoder of --config lite, not of {args.config}")
-    return args.encoder or "mobilenetv2"
+    recorded = [encoder_of(spec) for spec in read_metadata(start)["networks"].values()] if start else []
+    theirs = next((encoder for encoder in recorded if encoder), None)
+    if theirs is None:
+        return args.encoder or "mobilenetv2"
+    if args.encoder and args.encoder != theirs:
+        raise InputError(f"--encoder {args.encoder}: {start} holds a network on {theirs}, and this run starts from "
+                         "it; drop --encoder")
+    return theirs
 
 
 def rm2s_network(config_name: str, in_channels: int, encoder: str = "mobilenetv2"):
@@ -512,7 +528,7 @@ def run_rm2s_stage1(args) -> int:
     from .rm2s import ENCODER_LR_SCALE, STAGE1_LR, TRANSFER_LR, Stage1Task
 
     recipe = build_recipe(args, "rm2s-stage1", parse_sizes(args.size))
-    arch, config = rm2s_network(args.config, 3, lite_encoder(args))
+    arch, config = rm2s_network(args.config, 3, lite_encoder(args, args.resume))
     imagenet = load_encoder_weights(config.encoder) if arch == "rm2s_mobile_unet" and not args.resume else None
     if uses_transfer(args):
         scale = ENCODER_LR_SCALE if args.encoder_lr_scale is None else args.encoder_lr_scale
@@ -529,21 +545,12 @@ def run_rm2s_stage1(args) -> int:
 def run_rm2s_stage2(args) -> int:
     require("torch", "train", "training")
     from .checkpoint import load_checkpoint
-    from .models import config_class
     from .models.rm2s import DiscriminatorConfig
     from .rm2s import DISCRIMINATOR_LR, ENCODER_LR_SCALE, STAGE2_LR, TRANSFER_LR, Stage2Task
 
     recipe = build_recipe(args, "rm2s-stage2", parse_sizes(args.size))
     stage1 = load_checkpoint(args.stage1)
-    encoder = lite_encoder(args)
-    spec = stage1.network_spec("stage1")
-    if spec["arch"] == "rm2s_mobile_unet":  # the stage-2 generator starts from stage 1's weights: its encoder
-        stage1_encoder = config_class(spec["arch"]).from_dict(spec["config"]).encoder
-        if args.encoder and args.encoder != stage1_encoder:
-            raise InputError(f"--encoder {args.encoder}: {args.stage1} was trained on {stage1_encoder}, and "
-                             "stage 2 starts from it; drop --encoder")
-        encoder = stage1_encoder
-    arch, config = rm2s_network(args.config, 9, encoder)
+    arch, config = rm2s_network(args.config, 9, lite_encoder(args, args.resume or args.stage1))
     transfer = uses_transfer(args)
     common = dict(masks=args.masks, critic=DiscriminatorConfig.preset(args.critic or
                                                                       ("paper" if args.config == "paper" else "lite")),
@@ -676,10 +683,10 @@ def run_crrn(args) -> int:
     recipe = build_recipe(args, "crrn", parse_sizes(args.size))
     common = dict(total_steps=args.steps, gin_fraction=args.gin_fraction, lr=args.lr or CRRN_LR,
                   data_recipe=recipe.to_dict())
-    encoder = lite_encoder(args)
+    encoder = lite_encoder(args, args.resume or args.init)
     if args.config == "lite":
-        imagenet = None if args.resume or args.init else load_encoder_weights(encoder)
         init = load_checkpoint(args.init) if args.init and not args.resume else None
+        imagenet = None if args.resume or args.init else load_encoder_weights(encoder)
         scale = ENCODER_LR_SCALE if args.encoder_lr_scale is None else args.encoder_lr_scale
         loss = transfer_loss(args) if uses_transfer(args) else None
         config = MobileCRRNConfig.preset("lite", encoder=encoder, decoder_widths=DECODER_WIDTHS[encoder])

@@ -14,7 +14,7 @@ from dereflect.errors import InputError
 
 from .checkpoint import Checkpoint, transplant_state
 from .losses import CRRNLoss, RestorationLoss, si_torch
-from .models import build_model, config_class
+from .models import build_model, encoder_of
 from .models.common import gradient_magnitude
 from .trainer import Task, encoder_parameter_groups, loss_values, set_learning_rate, to_uint8_rgb
 
@@ -104,10 +104,10 @@ class CRRNTask(Task):
                 checkpoint.network_spec("stage1")["arch"] != "rm2s_mobile_unet":
             raise InputError("--init takes a lite RM2S stage-1 checkpoint (rm2s_mobile_unet) for a lite CRRN; "
                              f"{checkpoint.path} is a {checkpoint.metadata.get('kind')}")
-        stage1_encoder = config_class("rm2s_mobile_unet").from_dict(checkpoint.network_spec("stage1")["config"]).encoder
+        stage1_encoder = encoder_of(checkpoint.network_spec("stage1"))
         if stage1_encoder != self.config.encoder:
-            raise InputError(f"--init {checkpoint.path}: its encoder is {stage1_encoder}, this CRRN's "
-                             f"{self.config.encoder}; pass --encoder {stage1_encoder}")
+            raise InputError(f"{checkpoint.path}: a stage 1 on {stage1_encoder} cannot start a CRRN on "
+                             f"{self.config.encoder}")
         untouched = transplant_state(self.model, checkpoint.states["stage1"])
         if any(not key.startswith("gin.") for key in untouched):
             raise InputError(f"{checkpoint.path}: does not cover IiN ({[k for k in untouched if 'gin' not in k][:3]})")

@@ -33,7 +33,7 @@ ENCODERS = ("mobilenetv2", "efficientnet-lite0")
 #: 44.1 GFLOP per megapixel against 43.9 with MobileNetV2 (``dereflect.tools.flops``).
 DECODER_WIDTHS = {"mobilenetv2": (96, 64, 32, 24, 16), "efficientnet-lite0": (96, 64, 32, 20, 14)}
 
-__all__ = ["ARCHS", "DECODER_WIDTHS", "ENCODERS", "MODEL_CONFIGS", "build_model", "config_class"]
+__all__ = ["ARCHS", "DECODER_WIDTHS", "ENCODERS", "MODEL_CONFIGS", "build_model", "config_class", "encoder_of"]
 
 
 def _lookup(arch: str) -> Tuple[Any, Any]:
@@ -47,6 +47,11 @@ def _lookup(arch: str) -> Tuple[Any, Any]:
 def config_class(arch: str) -> Any:
     """The config dataclass of ``arch``."""
     return _lookup(arch)[0]
+
+
+def encoder_of(spec: Mapping[str, Any]) -> Optional[str]:
+    """The ImageNet encoder of a recorded network (``{"arch", "config"}``); None for a network without one."""
+    return getattr(config_class(spec["arch"]).from_dict(spec["config"]), "encoder", None)
 
 
 def build_model(arch: str, config: Optional[Mapping[str, Any]] = None) -> nn.Module:
