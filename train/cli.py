@@ -484,12 +484,10 @@ def lite_encoder(args, start=None) -> str:
 
 def rm2s_network(config_name: str, in_channels: int, encoder: str = "mobilenetv2"):
     """(arch, config) of an RM2S U-Net for a --config name (``encoder``: of the lite network)."""
-    from .models import DECODER_WIDTHS
     from .models.rm2s import MobileUNetConfig, UNetConfig
 
     if config_name == "lite":
-        return "rm2s_mobile_unet", MobileUNetConfig.preset("lite", in_channels=in_channels, encoder=encoder,
-                                                           decoder_widths=DECODER_WIDTHS[encoder])
+        return "rm2s_mobile_unet", MobileUNetConfig.preset("lite", in_channels=in_channels, encoder=encoder)
     return "rm2s_unet", UNetConfig.preset("lite" if config_name == "lite-scratch" else "paper",
                                           in_channels=in_channels)
 
@@ -671,7 +669,6 @@ def run_crrn(args) -> int:
 
     from .checkpoint import load_checkpoint
     from .crrn import CRRN_LR, CRRNTask, vgg16_init_state
-    from .models import DECODER_WIDTHS
     from .models.backbone import load_encoder_weights
     from .models.crrn import CRRNConfig, MobileCRRNConfig
     from .rm2s import ENCODER_LR_SCALE
@@ -689,7 +686,7 @@ def run_crrn(args) -> int:
         imagenet = None if args.resume or args.init else load_encoder_weights(encoder)
         scale = ENCODER_LR_SCALE if args.encoder_lr_scale is None else args.encoder_lr_scale
         loss = transfer_loss(args) if uses_transfer(args) else None
-        config = MobileCRRNConfig.preset("lite", encoder=encoder, decoder_widths=DECODER_WIDTHS[encoder])
+        config = MobileCRRNConfig.preset("lite", encoder=encoder)
         task = CRRNTask(config, arch="crrn_mobile", transfer_loss=loss, imagenet=imagenet,
                         init=init, encoder_lr_scale=scale, reflection_weight=args.reflection_loss_weight, **common)
     else:

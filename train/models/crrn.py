@@ -30,13 +30,13 @@ million parameters); it cannot take the ImageNet VGG weights and is trained from
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, Tuple
+from typing import Any, List, Mapping, Optional, Tuple
 
 import torch
 from dereflect.errors import InputError, ModelError
 from torch import nn
 
-from . import ENCODERS
+from . import DECODER_WIDTHS, ENCODERS
 from .common import GradientMagnitude, ModelConfig, check_choice, check_input, check_positive_ints, norm_layer
 
 #: Convs per VGG-16 block; with a max-pool after each block this gives torchvision's indices.
@@ -331,15 +331,16 @@ class MobileCRRNConfig(ModelConfig):
     """CRRN with an ImageNet mobile encoder in IiN (the shipped ``lite`` model).
 
     The paper builds IiN on an ImageNet VGG-16; here the encoder is MobileNetV2 (``encoder``; or
-    EfficientNet-Lite0, ``models.ENCODERS``) and IiN's decoder is
-    a U-Net decoder (``decoder_widths``, strides 16 to 1) that takes GiN's five decoder features at
-    the matching resolutions, as the paper concatenates them. GiN is the paper's (``gin_widths``).
+    EfficientNet-Lite0, ``models.ENCODERS``) and IiN's decoder is a U-Net decoder
+    (``decoder_widths``, strides 16 to 1; None: the encoder's, ``models.DECODER_WIDTHS``) that takes
+    GiN's five decoder features at the matching resolutions, as the paper concatenates them. GiN is
+    the paper's (``gin_widths``).
     The output is bounded as in RM2S's lite U-Net (``backbone.BoundedOutput``).
     """
 
     gin_widths: Tuple[int, ...] = (8, 8, 16, 16, 32)
     gin_up_kernel: int = 4
-    decoder_widths: Tuple[int, ...] = (96, 64, 32, 24, 16)
+    decoder_widths: Optional[Tuple[int, ...]] = None
     max_log_gain: float = 1.0
     fraction_bias: float = -4.0
     encoder: str = "mobilenetv2"
@@ -349,6 +350,9 @@ class MobileCRRNConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        check_choice(name, "encoder", self.encoder, ENCODERS)
+        if self.decoder_widths is None:
+            self.decoder_widths = DECODER_WIDTHS[self.encoder]
         for key in ("gin_widths", "decoder_widths"):
             values = tuple(getattr(self, key))
             check_positive_ints(name, key, values)
@@ -357,7 +361,6 @@ class MobileCRRNConfig(ModelConfig):
         if self.gin_up_kernel % 2:
             raise InputError(f"{name}: gin_up_kernel must be even, got {self.gin_up_kernel}")
         check_choice(name, "norm", self.norm, ("batch", "none"))
-        check_choice(name, "encoder", self.encoder, ENCODERS)
         if not 0.0 <= float(self.max_log_gain) <= 3.0:
             raise InputError(f"{name}: max_log_gain must lie in [0, 3], got {self.max_log_gain}")
 

@@ -20,13 +20,13 @@ ReLU/LeakyReLU, Concat and Sigmoid are used.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from dereflect.errors import InputError
 from torch import nn
 
-from . import ENCODERS
+from . import DECODER_WIDTHS, ENCODERS
 from .common import ModelConfig, activation, check_choice, check_input, check_positive_ints, norm_layer
 
 _NORMS = ("batch", "none")
@@ -258,13 +258,13 @@ class MobileUNetConfig(ModelConfig):
     """RM2S U-Net on an ImageNet mobile encoder (both stages of the shipped ``lite`` model).
 
     encoder: MobileNetV2 or EfficientNet-Lite0 (``models.ENCODERS``). decoder_widths: the decoder's
-    five levels (strides 16, 8, 4, 2, 1). max_log_gain: bound L of
-    the per-image RGB gain (0: no gain head). fraction_bias: initial logit of the reflection
-    fraction (sigmoid(-4) = 0.018: the untrained network is nearly the identity).
+    five levels (strides 16, 8, 4, 2, 1; None: the encoder's, ``models.DECODER_WIDTHS``).
+    max_log_gain: bound L of the per-image RGB gain (0: no gain head). fraction_bias: initial logit
+    of the reflection fraction (sigmoid(-4) = 0.018: the untrained network is nearly the identity).
     """
 
     in_channels: int = 3
-    decoder_widths: Tuple[int, ...] = (96, 64, 32, 24, 16)
+    decoder_widths: Optional[Tuple[int, ...]] = None
     max_log_gain: float = 1.0
     fraction_bias: float = -4.0
     encoder: str = "mobilenetv2"
@@ -273,6 +273,9 @@ class MobileUNetConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        check_choice(name, "encoder", self.encoder, ENCODERS)
+        if self.decoder_widths is None:
+            self.decoder_widths = DECODER_WIDTHS[self.encoder]
         check_positive_ints(name, "in_channels", (self.in_channels,))
         check_positive_ints(name, "decoder_widths", tuple(self.decoder_widths))
         if self.in_channels % 3:
@@ -281,7 +284,6 @@ class MobileUNetConfig(ModelConfig):
             raise InputError(f"{name}: decoder_widths needs 5 values, got {self.decoder_widths!r}")
         if not 0.0 <= float(self.max_log_gain) <= 3.0:
             raise InputError(f"{name}: max_log_gain must lie in [0, 3], got {self.max_log_gain}")
-        check_choice(name, "encoder", self.encoder, ENCODERS)
 
 
 class RM2SMobileUNet(nn.Module):
