@@ -54,7 +54,8 @@ class LiteBlock(nn.Module):
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, expansion: int):
         super().__init__()
         hidden = cin * expansion
-        if expansion != 1:
+        self.expands = expansion != 1
+        if self.expands:
             self.expand_conv = nn.Conv2d(cin, hidden, 1, bias=False)
             self.bn0 = nn.BatchNorm2d(hidden, eps=BN_EPS)
         self.pad = _strided_same_pad(kernel) if stride == 2 else nn.Identity()
@@ -67,7 +68,7 @@ class LiteBlock(nn.Module):
         self.use_skip = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(self.bn0(self.expand_conv(x))) if hasattr(self, "expand_conv") else x
+        y = self.act(self.bn0(self.expand_conv(x))) if self.expands else x
         y = self.act(self.bn1(self.depthwise_conv(self.pad(y))))
         y = self.bn2(self.project_conv(y))
         return x + y if self.use_skip else y
