@@ -58,6 +58,17 @@ def lite0_cache(tmp_path: Path, lite0_wheel: Path, monkeypatch) -> Path:
     return cache
 
 
+@pytest.fixture
+def training_cache(lite0_cache: Path) -> Path:
+    """Beside Lite0's weights, stand-in MobileNetV2 ones: the transfer recipe's feature loss runs MobileNetV2
+    whichever the encoder."""
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in MobileNetV2Encoder().state_dict().items() if not k.endswith("num_batches_tracked")},
+              str(lite0_cache / MOBILENET_FILE_NAME))
+    return lite0_cache
+
+
 def test_weights_command_converts_the_wheel_key_for_key_without_the_head(lite0_cache):
     state = load_encoder_weights("efficientnet-lite0")
     assert (lite0_cache / FILE_NAME).is_file()
@@ -132,12 +143,7 @@ def test_untrained_lite_networks_on_either_encoder_are_nearly_the_identity(encod
         build_model("crrn_mobile", {"encoder": "resnet50"})
 
 
-def test_training_options_name_the_encoder_that_does_not_fit(tmp_path, lite0_cache, capsys):
-    from safetensors.torch import save_file
-
-    # the transfer recipe's feature loss runs MobileNetV2 whichever the encoder: random weights will do
-    save_file({k: v for k, v in MobileNetV2Encoder().state_dict().items() if not k.endswith("num_batches_tracked")},
-              str(lite0_cache / MOBILENET_FILE_NAME))
+def test_training_options_name_the_encoder_that_does_not_fit(tmp_path, training_cache, capsys):
     photos = write_photo_folder(tmp_path / "photos", 3, 96, 96)
     write_photo_folder(photos, 2, 96, 96, seed=1, prefix="test_")
     common = ["--data", str(photos), "--size", "64", "--batch-size", "1", "--val-count", "1", "--workers", "0",
@@ -158,11 +164,8 @@ def test_training_options_name_the_encoder_that_does_not_fit(tmp_path, lite0_cac
     assert "holds a network on efficientnet-lite0" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
 
-def test_stage2_and_an_initialised_crrn_take_their_stage1s_encoder(tmp_path, lite0_cache, capsys):
-    from safetensors.torch import save_file
 
-    save_file({k: v for k, v in MobileNetV2Encoder().state_dict().items() if not k.endswith("num_batches_tracked")},
-              str(lite0_cache / MOBILENET_FILE_NAME))
+def test_stage2_and_an_initialised_crrn_take_their_stage1s_encoder(tmp_path, training_cache, capsys):
     photos = write_photo_folder(tmp_path / "photos", 3, 160, 160)
     write_photo_folder(photos, 2, 160, 160, seed=1, prefix="test_")
     common = ["--data", str(photos), "--size", "128",  # the stage-2 critic takes 128 px or more
