@@ -402,12 +402,13 @@ def test_lite_training_with_real_pairs_runs_end_to_end_and_stage2_and_crrn_start
     assert stage2.metadata["loss"]["adversarial"] == 0.05
     assert main(["train", "crrn", *common, "--init", str(tmp_path / "s1" / "final.safetensors"),
                  "--reflection-emphasis", "3", "--real-colour-weight", "0.5", "--gradient-weight", "1",
-                 "--out", str(tmp_path / "c")]) == 0
+                 "--perceptual-weight", "0.5", "--out", str(tmp_path / "c")]) == 0
     crrn = load_checkpoint(tmp_path / "c" / "final.safetensors")
     assert crrn.metadata["schedule"]["init"]["step"] == 2
     assert crrn.metadata["loss"]["reflection_emphasis"] == 3 and stage1.metadata["loss"]["reflection_emphasis"] == 0
     assert crrn.metadata["loss"]["real_colour_weight"] == 0.5 and stage1.metadata["loss"]["real_colour_weight"] == 1
     assert crrn.metadata["loss"]["gradient"] == 1 and stage1.metadata["loss"]["gradient"] == 0.4
+    assert crrn.metadata["loss"]["perceptual"] == 0.5 and stage1.metadata["loss"]["perceptual"] == 0.1
     log = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
     assert "si_grad" in log[-1] or "si_gradient" in log[-1]
     capsys.readouterr()
@@ -426,6 +427,11 @@ def test_lite_training_with_real_pairs_runs_end_to_end_and_stage2_and_crrn_start
     assert "--real-colour-weight must be between 0 and 1" in capsys.readouterr().err
     assert main(["train", "crrn", *common, "--gradient-weight", "-1", "--out", str(tmp_path / "c3")]) == 2
     assert "--gradient-weight must be >= 0" in capsys.readouterr().err
+    assert main(["train", "crrn", *common, "--perceptual-weight", "-0.1", "--out", str(tmp_path / "c3")]) == 2
+    assert "--perceptual-weight must be >= 0" in capsys.readouterr().err
+    assert main(["train", "crrn", *common, "--recipe", "paper", "--perceptual-weight", "1",
+                 "--out", str(tmp_path / "c3")]) == 2
+    assert "--perceptual-weight belongs to the transfer recipe" in capsys.readouterr().err
     assert not (tmp_path / "c3").exists()
 
 

@@ -226,6 +226,9 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
     parser.add_argument("--gradient-weight", type=float, default=None, metavar="W",
                         help="weight of the gradient L1 term, which scores edges (a reflection's among them) "
                              "(transfer recipe; default: 0.4, ERRNet's)")
+    parser.add_argument("--perceptual-weight", type=float, default=None, metavar="W",
+                        help="weight of the perceptual term (the L1 distance of ImageNet MobileNetV2 features), "
+                             "which scores structure rather than pixels (transfer recipe; default: 0.1)")
     parser.add_argument("--real-colour-weight", type=float, default=None, metavar="W",
                         help="score real pairs W x as usual plus (1 - W) x after each pair's best channel gains, "
                              "so the camera's exposure and white-balance change between the two shots weighs "
@@ -494,19 +497,21 @@ def rm2s_network(config_name: str, in_channels: int, encoder: str = "mobilenetv2
 
 def transfer_loss(args):
     """The transfer recipe's loss, with the offline ImageNet MobileNetV2 as its feature network."""
-    from .losses import GRADIENT_WEIGHT, FeatureLoss, RestorationLoss
+    from .losses import GRADIENT_WEIGHT, PERCEPTUAL_WEIGHT, FeatureLoss, RestorationLoss
     from .models.backbone import load_mobilenet_weights
 
     emphasis = args.reflection_emphasis or 0.0
     colour = 1.0 if args.real_colour_weight is None else args.real_colour_weight
     gradient = GRADIENT_WEIGHT if args.gradient_weight is None else args.gradient_weight
-    for option, value in (("--reflection-emphasis", emphasis), ("--gradient-weight", gradient)):
+    perceptual = PERCEPTUAL_WEIGHT if args.perceptual_weight is None else args.perceptual_weight
+    for option, value in (("--reflection-emphasis", emphasis), ("--gradient-weight", gradient),
+                          ("--perceptual-weight", perceptual)):
         if value < 0:
             raise InputError(f"{option} must be >= 0, got {value:g}")
     if not 0.0 <= colour <= 1.0:
         raise InputError(f"--real-colour-weight must be between 0 and 1, got {colour:g}")
-    return RestorationLoss(FeatureLoss(load_mobilenet_weights()), gradient=gradient, reflection_emphasis=emphasis,
-                           real_colour_weight=colour)
+    return RestorationLoss(FeatureLoss(load_mobilenet_weights()), gradient=gradient, perceptual=perceptual,
+                           reflection_emphasis=emphasis, real_colour_weight=colour)
 
 
 def _paper_recipe_refuses(args) -> None:
@@ -514,7 +519,8 @@ def _paper_recipe_refuses(args) -> None:
     for option, value in (("--encoder-lr-scale", args.encoder_lr_scale),
                           ("--reflection-emphasis", args.reflection_emphasis),
                           ("--real-colour-weight", args.real_colour_weight),
-                          ("--gradient-weight", args.gradient_weight)):
+                          ("--gradient-weight", args.gradient_weight),
+                          ("--perceptual-weight", args.perceptual_weight)):
         if value is not None:
             raise InputError(f"{option} belongs to the transfer recipe; drop it or use --recipe transfer")
 

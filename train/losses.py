@@ -298,6 +298,7 @@ def _image_gradients(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 #: The transfer loss's weight on the gradient L1 term (ERRNet's).
 GRADIENT_WEIGHT = 0.4
+PERCEPTUAL_WEIGHT = 0.1
 
 
 def best_channel_gains(output: torch.Tensor, target: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -335,9 +336,9 @@ class RestorationLoss(nn.Module):
     ``(total, terms)``.
     """
 
-    def __init__(self, features: Optional[FeatureLoss], gradient: float = GRADIENT_WEIGHT, perceptual: float = 0.1,
-                 real_gradient_scale: float = 0.5, reflection_emphasis: float = 0.0,
-                 real_colour_weight: float = 1.0) -> None:
+    def __init__(self, features: Optional[FeatureLoss], gradient: float = GRADIENT_WEIGHT,
+                 perceptual: float = PERCEPTUAL_WEIGHT, real_gradient_scale: float = 0.5,
+                 reflection_emphasis: float = 0.0, real_colour_weight: float = 1.0) -> None:
         super().__init__()
         if min(gradient, perceptual, real_gradient_scale, reflection_emphasis) < 0:
             raise InputError("RestorationLoss weights must be >= 0")
