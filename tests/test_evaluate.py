@@ -141,8 +141,15 @@ def test_read_ceilnet(tmp_path):
     assert detect_layout(root) == "ceilnet"
 
     _write(root / "3-input.png", _photo())
-    with pytest.raises(InputError, match=r"1 NAME-input file\(s\) without ground truth \(3\)"):
+    with pytest.raises(InputError, match=r"1 NAME-input file\(s\) without ground truth \(3\)") as some_missing:
         read_ceilnet(root)
+    assert "--layout photos" not in str(some_missing.value)
+    # photos through glass with no ground truth at all: the message names the layout that looks at them
+    photos = tmp_path / "real_photos"
+    for i in range(2):
+        _write(photos / f"{i}-input.png", _photo(seed=i))
+    with pytest.raises(InputError, match=r"2 NAME-input file\(s\) without ground truth.*pass --layout photos"):
+        read_ceilnet(photos)
     (tmp_path / "ceil_empty").mkdir()
     with pytest.raises(InputError, match="no NAME-input"):
         read_ceilnet(tmp_path / "ceil_empty")

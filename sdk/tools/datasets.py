@@ -55,6 +55,8 @@ def _match(inputs: Dict[str, Path], targets: Dict[str, Path], where: str, input_
             parts.append(f"{len(only_in)} {input_what} without ground truth ({some_names(only_in)})")
         if only_gt:
             parts.append(f"{len(only_gt)} {target_what} without an input ({some_names(only_gt)})")
+        if not targets:
+            parts.append("for photos without ground truth (to look at, not to score) pass --layout photos")
         raise InputError(f"{where}: inputs and ground truths are matched by name, but " + "; ".join(parts))
     return [Pair(prefix + key, inputs[key], targets[key]) for key in sorted(inputs)]
 
