@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from dereflect.errors import InputError
 from torch import nn
 
+from . import DECODER_WIDTHS, ENCODERS
+
 #: Luma weights used for grey images everywhere in the project (the RM2S code's choice).
 LUMA = (0.2125, 0.7154, 0.0721)
 
@@ -64,6 +66,12 @@ def check_choice(owner: str, name: str, value: Any, choices: Tuple[Any, ...]) ->
     """Raise InputError unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise InputError(f"{owner}: {name}={value!r} is not one of {list(choices)}")
+
+
+def lite_decoder_widths(owner: str, encoder: str, decoder_widths: Optional[Tuple[int, ...]]) -> Tuple[int, ...]:
+    """A lite config's decoder widths: ``decoder_widths`` as given, or ``encoder``'s own (checked) when None."""
+    check_choice(owner, "encoder", encoder, ENCODERS)
+    return DECODER_WIDTHS[encoder] if decoder_widths is None else decoder_widths
 
 
 def check_positive_ints(owner: str, name: str, values: Tuple[Any, ...], allow_zero: bool = False) -> None:

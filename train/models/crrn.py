@@ -36,8 +36,15 @@ import torch
 from dereflect.errors import InputError, ModelError
 from torch import nn
 
-from . import DECODER_WIDTHS, ENCODERS
-from .common import GradientMagnitude, ModelConfig, check_choice, check_input, check_positive_ints, norm_layer
+from .common import (
+    GradientMagnitude,
+    ModelConfig,
+    check_choice,
+    check_input,
+    check_positive_ints,
+    lite_decoder_widths,
+    norm_layer,
+)
 
 #: Convs per VGG-16 block; with a max-pool after each block this gives torchvision's indices.
 VGG16_LAYOUT = (2, 2, 3, 3, 3)
@@ -350,9 +357,7 @@ class MobileCRRNConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        check_choice(name, "encoder", self.encoder, ENCODERS)
-        if self.decoder_widths is None:
-            self.decoder_widths = DECODER_WIDTHS[self.encoder]
+        self.decoder_widths = lite_decoder_widths(name, self.encoder, self.decoder_widths)
         for key in ("gin_widths", "decoder_widths"):
             values = tuple(getattr(self, key))
             check_positive_ints(name, key, values)

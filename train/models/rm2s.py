@@ -26,8 +26,15 @@ import torch
 from dereflect.errors import InputError
 from torch import nn
 
-from . import DECODER_WIDTHS, ENCODERS
-from .common import ModelConfig, activation, check_choice, check_input, check_positive_ints, norm_layer
+from .common import (
+    ModelConfig,
+    activation,
+    check_choice,
+    check_input,
+    check_positive_ints,
+    lite_decoder_widths,
+    norm_layer,
+)
 
 _NORMS = ("batch", "none")
 _ACTS = ("relu", "leaky_relu")
@@ -273,9 +280,7 @@ class MobileUNetConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        check_choice(name, "encoder", self.encoder, ENCODERS)
-        if self.decoder_widths is None:
-            self.decoder_widths = DECODER_WIDTHS[self.encoder]
+        self.decoder_widths = lite_decoder_widths(name, self.encoder, self.decoder_widths)
         check_positive_ints(name, "in_channels", (self.in_channels,))
         check_positive_ints(name, "decoder_widths", tuple(self.decoder_widths))
         if self.in_channels % 3:
