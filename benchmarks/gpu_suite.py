@@ -34,7 +34,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 SMOKE = {"sizes": "64,96x128", "presets": "lite", "warmup": 1, "runs": 3, "authors_runs": 2}
 #: module -> what provides it; checked before anything heavy is imported.
@@ -69,8 +69,8 @@ def _table(header: Sequence[str], rows: List[Sequence[str]]) -> List[str]:
     return lines
 
 
-def run_preset(preset: str, workdir: Path, sizes, device: str, precision: str, table: Optional[str],
-               args: argparse.Namespace) -> Dict[str, Any]:
+def run_preset(preset: str, workdir: Path, sizes: Sequence[Tuple[str, int, int]], device: str, precision: str,
+               table: Optional[str], args: argparse.Namespace) -> Dict[str, Any]:
     """SDK bench report and the authors' structure stats for one preset."""
     from authors_baseline import AuthorsPipeline
     from dereflect.tools.bench import run_bench, summarize, synthetic_frame, time_stages
@@ -93,7 +93,7 @@ def run_preset(preset: str, workdir: Path, sizes, device: str, precision: str, t
     return {"sdk": sdk, "authors": authors}
 
 
-def middle_step_rows(sizes, device: str, args: argparse.Namespace) -> Dict[str, Any]:
+def middle_step_rows(sizes: Sequence[Tuple[str, int, int]], device: str, args: argparse.Namespace) -> Dict[str, Any]:
     import cv2
     from authors_baseline import middle_step_samples
     from dereflect.tools.bench import summarize, synthetic_frame

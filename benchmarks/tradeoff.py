@@ -26,9 +26,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from dereflect.models import open_model
-from dereflect.remover import fit_size
+from dereflect.remover import Remover, fit_size
 from dereflect.tools.bench import synthetic_frame
-from dereflect.tools.flops import device_spec, pipeline_costs
+from dereflect.tools.flops import Cost, device_spec, pipeline_costs
 
 SIZES = {"360p": (360, 640), "720p": (720, 1280)}
 FLOOR_SIZE = (1080, 1920)
@@ -39,7 +39,7 @@ def parse_variant(text: str) -> Tuple[str, Optional[int]]:
     return model, (int(side) if side else 1024)
 
 
-def latency_ms(remover, height: int, width: int, warmup: int, runs: int) -> float:
+def latency_ms(remover: Remover, height: int, width: int, warmup: int, runs: int) -> float:
     frame = (synthetic_frame(height, width) * 255).astype(np.uint8)
     for _ in range(warmup):
         remover.remove(frame)
@@ -51,7 +51,7 @@ def latency_ms(remover, height: int, width: int, warmup: int, runs: int) -> floa
     return statistics.median(times)
 
 
-def network_costs(remover, height: int, width: int) -> float:
+def network_costs(remover: Remover, height: int, width: int) -> Dict[str, Cost]:
     """FLOPs of the networks and the middle step for one frame of ``height`` x ``width`` network input."""
     manifest = remover.manifest
     files = [(name, manifest.path_of(name)) for name in remover.method.network_names]

@@ -38,6 +38,7 @@ from dereflect.imageio import is_free_folder, staged_file, staged_folder
 from dereflect.manifest import MANIFEST_NAME, Manifest, inside, load_manifest, sha256_file
 from dereflect.trt_api import (
     EngineInfo,
+    Version,
     derive_profile,
     engine_paths,
     fp16_flag_available,
@@ -180,7 +181,7 @@ def _write_atomic(path: Path, data: Any) -> None:
         handle.write(memoryview(data))
 
 
-def _network_flags(trt: Any, ver, strong: bool) -> int:
+def _network_flags(trt: Any, ver: Version, strong: bool) -> int:
     flags = 0
     if needs_explicit_batch_flag(ver):
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)

@@ -22,13 +22,19 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from dereflect import __version__
 from dereflect.errors import InputError, ModelError, require
 from dereflect.imageio import is_free_folder, staged_folder
 from dereflect.manifest import MANIFEST_NAME, Manifest, NetworkSpec, TensorSpec, sha256_file
+
+if TYPE_CHECKING:
+    from dereflect.train.checkpoint import Checkpoint
+    from onnx import GraphProto, ModelProto
+    from torch import nn
 
 log = logging.getLogger("dereflect.export")
 
@@ -40,7 +46,7 @@ CALIBRATION_SHAPE = (2, 128, 192)
 MEASURE_SHAPE = (2, 160, 224)
 
 
-def _method(checkpoint) -> Any:
+def _method(checkpoint: Checkpoint) -> Any:
     """The method the checkpoint deploys as; ModelError when it cannot be exported."""
     from dereflect.methods.base import method_for_checkpoint
 
@@ -79,7 +85,7 @@ def _check_target(out_dir: Path, force: bool) -> None:
 
 # --- graph clean-up ---------------------------------------------------------------------------------
 
-def _fold_identities(graph) -> int:
+def _fold_identities(graph: GraphProto) -> int:
     """Point consumers of ``Identity(initializer)`` at the initializer itself and drop the Identity."""
     initializers = {init.name for init in graph.initializer}
     outputs = {o.name for o in graph.output}
@@ -97,7 +103,7 @@ def _fold_identities(graph) -> int:
     return len(alias)
 
 
-def _fold_batchnorm(graph) -> int:
+def _fold_batchnorm(graph: GraphProto) -> int:
     """Fold ``BatchNormalization`` into a preceding Conv/ConvTranspose (group 1) used only by it.
 
     BN(y) = s * (y - mean) + beta with s = gamma / sqrt(var + eps), so the layer's weights are
@@ -152,14 +158,14 @@ def _fold_batchnorm(graph) -> int:
     return folded
 
 
-def _drop_unused_initializers(graph) -> None:
+def _drop_unused_initializers(graph: GraphProto) -> None:
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
     keep = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
 
 
-def clean_graph(model) -> Dict[str, int]:
+def clean_graph(model: ModelProto) -> Dict[str, int]:
     """Fold Identity-of-weights and BatchNorm-after-(Transposed)Conv in place; returns the counts."""
     import onnx
 
@@ -179,8 +185,8 @@ def _trace_size(stride: int, min_size: int) -> Tuple[int, int]:
     return base, base + stride
 
 
-def export_network(torch, module, path: Path, input_name: str, channels: int, output_names, opset: int,
-                   stride: int, min_size: int) -> Dict[str, int]:
+def export_network(torch: ModuleType, module: nn.Module, path: Path, input_name: str, channels: int,
+                   output_names: Sequence[str], opset: int, stride: int, min_size: int) -> Dict[str, int]:
     """``module`` (a PaddedModel in eval mode) to ``path`` as every export writes it; returns the cleanup counts."""
     import onnx
 

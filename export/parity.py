@@ -10,10 +10,13 @@ Measured on the project's models it is about 1e-6 (different kernels sum in diff
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from dereflect.errors import ModelError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FP32_TOLERANCE = 1e-4
 #: (N, H, W) of the random-image cases.
@@ -70,7 +73,7 @@ def random_cases(input_name: str, channels: int, sizes: Sequence[Tuple[int, int,
     return [("random", {input_name: rng.random((n, channels, h, w), dtype=np.float32)}) for n, h, w in sizes]
 
 
-def _torch_outputs(module, feed: Dict[str, np.ndarray], names: Sequence[str]) -> Dict[str, np.ndarray]:
+def _torch_outputs(module: nn.Module, feed: Dict[str, np.ndarray], names: Sequence[str]) -> Dict[str, np.ndarray]:
     import torch
 
     with torch.no_grad():
@@ -84,7 +87,7 @@ def _torch_outputs(module, feed: Dict[str, np.ndarray], names: Sequence[str]) ->
 
 def check_parity(
     network: str,
-    module,
+    module: nn.Module,
     onnx_path: str,
     cases: Sequence[Case],
     data_ranges: Optional[Dict[str, float]] = None,

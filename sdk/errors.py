@@ -7,6 +7,7 @@ Every error a user can cause (bad image, wrong model directory, missing extra) i
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 
 
 class DereflectError(Exception):
@@ -25,7 +26,7 @@ class MissingDependencyError(DereflectError, ImportError):
     """An optional dependency (an extra) is not installed."""
 
 
-def require(module: str, extra: str, what: str = ""):
+def require(module: str, extra: str, what: str = "") -> ModuleType:
     """Import ``module`` or raise a MissingDependencyError naming the pip line that fixes it."""
     try:
         return importlib.import_module(module)

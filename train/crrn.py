@@ -7,15 +7,17 @@ the same proportions, so a short run keeps the schedule's shape.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from dereflect.errors import InputError
 
 from .checkpoint import Checkpoint, transplant_state
-from .losses import CRRNLoss, RestorationLoss, si_torch
+from .losses import CRRNLoss, RestorationLoss, Terms, si_torch
 from .models import build_model, encoder_of
 from .models.common import gradient_magnitude
+from .models.crrn import CRRNConfig, MobileCRRNConfig
 from .trainer import Task, encoder_parameter_groups, loss_values, set_learning_rate, to_uint8_rgb
 
 CRRN_LR = 1e-4
@@ -64,10 +66,11 @@ class CRRNTask(Task):
     kind = "crrn"
     preview_labels = ("input", "gradient", "background", "reflection", "ground truth")
 
-    def __init__(self, config, total_steps: int, gin_fraction: float = 40 / 120,
-                 lr: float = CRRN_LR, vgg_init=None, gamma: float = 0.8, data_recipe: Optional[dict] = None,
-                 reflection_weight: float = 1.0, arch: str = "crrn", transfer_loss: Optional[RestorationLoss] = None,
-                 imagenet=None, init: Optional[Checkpoint] = None, encoder_lr_scale: float = 0.1):
+    def __init__(self, config: Union[CRRNConfig, MobileCRRNConfig], total_steps: int, gin_fraction: float = 40 / 120,
+                 lr: float = CRRN_LR, vgg_init: Optional[Dict[str, torch.Tensor]] = None, gamma: float = 0.8,
+                 data_recipe: Optional[dict] = None, reflection_weight: float = 1.0, arch: str = "crrn",
+                 transfer_loss: Optional[RestorationLoss] = None, imagenet: Optional[Dict[str, torch.Tensor]] = None,
+                 init: Optional[Checkpoint] = None, encoder_lr_scale: float = 0.1):
         self.config = config
         self.arch = arch
         self.model = build_model(arch, config.to_dict())
@@ -113,18 +116,18 @@ class CRRNTask(Task):
             raise InputError(f"{checkpoint.path}: does not cover IiN ({[k for k in untouched if 'gin' not in k][:3]})")
         self.init_source = {"path": str(checkpoint.path), "step": checkpoint.step}
 
-    def networks(self):
+    def networks(self) -> Dict[str, Tuple[str, Dict[str, Any], torch.nn.Module]]:
         return {"crrn": (self.arch, self.config.to_dict(), self.model)}
 
-    def optimizers(self):
+    def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
         return {"gin": self.gin_optimizer, "crrn": self.optimizer}
 
-    def to(self, device):
+    def to(self, device: torch.device) -> None:
         super().to(device)
         if self.transfer:  # the transfer loss holds its feature network (the paper's loss has no state)
             self.loss.to(device)
 
-    def distribute(self, wrap):
+    def distribute(self, wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
         # GiN gets a wrapper of its own for the GiN-alone phase: one wrapper over the whole network would
         # wait there for IiN's gradients, which never come (find_unused_parameters would instead search
         # the graph for unused parameters at every step of every phase). The two share GiN's parameters;
@@ -135,7 +138,7 @@ class CRRNTask(Task):
         self.phase = schedule_phase(step, self.total_steps, self.gin_fraction)
         set_learning_rate(self.optimizer, self.lr * (0.1 if self.phase == "joint_low_lr" else 1.0))
 
-    def targets(self, batch):
+    def targets(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(background, reflection, background gradient) targets for the model's three outputs.
 
         The model's reflection is R = I - B (see ``models.crrn``), so its target is the input minus
@@ -146,7 +149,8 @@ class CRRNTask(Task):
         background = batch["background"]
         return background, batch["input"] - background, gradient_magnitude(background)
 
-    def training_step(self, batch, step, scaler):
+    def training_step(self, batch: Dict[str, torch.Tensor], step: int,
+                      scaler: torch.amp.GradScaler) -> Dict[str, float]:
         _, _, gradient = self.targets(batch)
         image = batch["input"]
         if self.phase == "gin":
@@ -167,12 +171,13 @@ class CRRNTask(Task):
         return loss_values(loss=total, **terms)
 
     @torch.no_grad()
-    def validation_step(self, batch):
+    def validation_step(self, batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, float], torch.Tensor]:
         b, r, g = self.model(batch["input"])
         total, terms = self._loss(b, r, g, batch)
         return loss_values(loss=total, **terms), b
 
-    def _loss(self, b, r, g, batch):
+    def _loss(self, b: torch.Tensor, r: torch.Tensor, g: torch.Tensor,
+              batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Terms]:
         """The paper's loss, or the transfer loss on B plus CRRN's SI term on GiN's gradient."""
         background, reflection, gradient = self.targets(batch)
         if not self.transfer:
@@ -182,7 +187,7 @@ class CRRNTask(Task):
         terms["si_grad"] = si_grad.detach()
         return total + si_grad, terms
 
-    def preview_row(self, batch, estimate, index):
+    def preview_row(self, batch: Dict[str, torch.Tensor], estimate: torch.Tensor, index: int) -> List[np.ndarray]:
         _, r, g = self.model(batch["input"][index:index + 1])
         scale = float(g.amax()) or 1.0
         return [to_uint8_rgb(batch["input"][index]), to_uint8_rgb(g[0] / scale), to_uint8_rgb(estimate[index]),

@@ -141,7 +141,7 @@ def _calibrate(net: nn.Module, bn_convs: Dict[str, str], feed: np.ndarray) -> No
     sums: Dict[str, list] = {}  # name -> [batches, sum of channel means, sum of channel mean squares]
 
     def record(name: str):
-        def hook(module, inputs, output):
+        def hook(module: nn.Module, inputs: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             x = inputs[0].detach().double()
             entry = sums.setdefault(name, [0, 0.0, 0.0])
             entry[0] += 1

