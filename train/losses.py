@@ -233,7 +233,7 @@ class FeatureLoss(nn.Module):
 
     def __init__(self, state: Dict[str, torch.Tensor], taps: Sequence[int] = FEATURE_LOSS_TAPS):
         super().__init__()
-        from .models.backbone import MobileNetV2Encoder
+        from .models.mobilenet_v2 import MobileNetV2Encoder
 
         self.taps = tuple(taps)
         used = max(self.taps) + 1  # the blocks past the last tap are never run, nor loaded

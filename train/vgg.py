@@ -36,6 +36,8 @@ from dereflect.errors import InputError, ModelError
 from dereflect.imageio import staged_file
 from torch import nn
 
+from .models.common import IMAGENET_MEAN, IMAGENET_STD
+
 if TYPE_CHECKING:
     import h5py
 
@@ -55,8 +57,6 @@ TORCHVISION_URLS = {
     "vgg19_bn": "https://download.pytorch.org/models/vgg19_bn-c79401a0.pth",
 }
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Caffe VGG mean (BGR, 0..255) of the original ImageNet model; HED files record their own.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 HED_MEAN_BGR = (104.00699, 116.66877, 122.67892)

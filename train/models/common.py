@@ -16,6 +16,10 @@ from torch import nn
 
 from . import DECODER_WIDTHS, ENCODERS
 
+#: ImageNet's per-channel mean and standard deviation of RGB in [0, 1] (torchvision's encoders' input).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 #: Luma weights used for grey images everywhere in the project (the RM2S code's choice).
 LUMA = (0.2125, 0.7154, 0.0721)
 

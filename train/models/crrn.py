@@ -37,6 +37,8 @@ from dereflect.errors import InputError, ModelError
 from torch import nn
 
 from .common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     GradientMagnitude,
     ModelConfig,
     check_choice,
@@ -48,8 +50,6 @@ from .common import (
 
 #: Convs per VGG-16 block; with a max-pool after each block this gives torchvision's indices.
 VGG16_LAYOUT = (2, 2, 3, 3, 3)
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -229,8 +229,8 @@ class IiN(nn.Module):
         norm = config.norm
         self.config = config
         self.imagenet_normalize = config.imagenet_normalize
-        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.vgg = make_vgg16_features(tuple(config.vgg_widths))
         self.fc = _unit(config.vgg_widths[-1], config.fc_channels, 3, norm)
         self.feat_a = FeatureA(config.fc_channels, config.feat_width, norm)

