@@ -67,7 +67,7 @@ def register(subparsers: Any) -> None:
                                  f"(default: {default})")
     engine.add_argument("--timing-cache", metavar="FILE", default=None,
                         help="timing cache file (default: timing-<TensorRT>-<GPU>.cache in $DEREFLECT_CACHE, "
-                             "else $XDG_CACHE_HOME/dereflect or ~/.cache/dereflect)")
+                             "else ~/.cache/dereflect)")
     engine.add_argument("--workspace", type=int, metavar="MIB", default=None,
                         help="builder workspace limit in MiB (default: TensorRT's)")
     engine.add_argument("--network", action="append", metavar="NAME",

