@@ -7,7 +7,7 @@ Everything here traces into ONNX opset 17 with dynamic height and width
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,16 @@ class ModelConfig:
         values = dict(cls._PRESETS[name])
         values.update(overrides)
         return cls.from_dict(values)
+
+
+def tapped_outputs(blocks: nn.Sequential, x: torch.Tensor, taps: Tuple[int, ...]) -> List[torch.Tensor]:
+    """``x`` through ``blocks`` in turn; the outputs of the blocks at the indices ``taps`` (an encoder's features)."""
+    outputs = []
+    for index, block in enumerate(blocks):
+        x = block(x)
+        if index in taps:
+            outputs.append(x)
+    return outputs
 
 
 def check_choice(owner: str, name: str, value: Any, choices: Tuple[Any, ...]) -> None:

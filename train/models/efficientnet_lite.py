@@ -23,6 +23,7 @@ import torch
 from dereflect.errors import InputError
 from torch import nn
 
+from .common import tapped_outputs
 from .encoder_weights import copy_imagenet_state, read_packaged_state_dict, save_encoder_weights
 
 #: Stage settings: expansion, kernel, first stride, width, repeats (EfficientNet-B0's, which Lite0 keeps).
@@ -103,13 +104,7 @@ class EfficientNetLite0Encoder(nn.Module):
         self.widths = WIDTHS
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        x = self.act(self.bn0(self.conv_stem(self.stem_pad(x * 2.0 - 1.0))))
-        taps = []
-        for index, block in enumerate(self.blocks):
-            x = block(x)
-            if index in TAPS:
-                taps.append(x)
-        return taps
+        return tapped_outputs(self.blocks, self.act(self.bn0(self.conv_stem(self.stem_pad(x * 2.0 - 1.0)))), TAPS)
 
     def load_imagenet(self, state: Dict[str, torch.Tensor]) -> None:
         """Copy the converted ImageNet weights (this module's key names) into the encoder.

@@ -16,7 +16,7 @@ import torch
 from dereflect.errors import InputError
 from torch import nn
 
-from .common import IMAGENET_MEAN, IMAGENET_STD
+from .common import IMAGENET_MEAN, IMAGENET_STD, tapped_outputs
 from .encoder_weights import copy_imagenet_state, read_packaged_state_dict, save_encoder_weights
 
 #: torchvision's inverted-residual settings: expansion t, width c, repeats n, first stride s.
@@ -85,13 +85,7 @@ class MobileNetV2Encoder(nn.Module):
         self.widths = WIDTHS
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        x = (x - self.mean) / self.std
-        taps = []
-        for index, block in enumerate(self.features):
-            x = block(x)
-            if index in TAPS:
-                taps.append(x)
-        return taps
+        return tapped_outputs(self.features, (x - self.mean) / self.std, TAPS)
 
     def load_imagenet(self, state: Dict[str, torch.Tensor], blocks: Optional[int] = None) -> None:
         """Copy torchvision's ImageNet ``mobilenet_v2`` weights (``features.*`` keys) into the encoder.
