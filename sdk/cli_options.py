@@ -16,10 +16,11 @@ MODEL_HELP = (f"a bundled model ({', '.join(BUNDLED_MODELS)}), an export directo
               "(.safetensors, runs on torch)")
 
 
-def add_model_options(parser: argparse.ArgumentParser, positional: bool = False, sizes: bool = True) -> None:
+def add_model_options(parser: argparse.ArgumentParser, positional: bool = False, output: bool = True) -> None:
     """Add the model reference (``MODEL`` or ``--model``) and the runtime options to ``parser``.
 
-    ``sizes``: also ``--max-side`` and ``--large-image`` (not for commands that choose sizes themselves).
+    ``output``: also what shapes the output image, ``--max-side``, ``--large-image`` and
+    ``--strength`` (not for commands that choose sizes themselves and time the networks).
     """
     if positional:
         parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
@@ -43,7 +44,7 @@ def add_model_options(parser: argparse.ArgumentParser, positional: bool = False,
                        help="RM2S: reflection-mask threshold offset (default: the model's, 0.5)")
     group.add_argument("--c2", type=float, default=None, metavar="C",
                        help="RM2S: background-mask threshold offset (default: the model's, 0.5)")
-    if sizes:
+    if output:
         group.add_argument("--max-side", type=int, default=None, metavar="N",
                            help="longest side the networks run at; larger images use --large-image "
                                 "(0: no limit; default: the side the model recommends, 1024 for models "
@@ -51,12 +52,16 @@ def add_model_options(parser: argparse.ArgumentParser, positional: bool = False,
         group.add_argument("--large-image", default="guided", choices=["guided", "tile"],
                            help="guided: run scaled down, guided-upsample the reflection layer (default); "
                                 "tile: overlapping full-resolution tiles with blended seams")
+        group.add_argument("--strength", type=float, default=None, metavar="K",
+                           help="how much of the model's change to apply, 0 to 2: 0 leaves the input as it "
+                                "is, below 1 changes less (photos without a reflection are left more alone), "
+                                "above 1 amplifies the change, errors included (default: 1, the model's output)")
 
 
 def model_options(args: argparse.Namespace) -> Dict[str, Any]:
     """The keyword options of :func:`dereflect.models.open_model` that ``args`` set."""
     options: Dict[str, Any] = {"backend": args.backend, "device": args.device, "precision": args.precision}
-    for key in ("checkpoint", "threads", "threshold", "c1", "c2", "max_side"):
+    for key in ("checkpoint", "threads", "threshold", "c1", "c2", "max_side", "strength"):
         if getattr(args, key, None) is not None:
             options[key] = getattr(args, key)
     if hasattr(args, "large_image"):

@@ -70,6 +70,9 @@ _LAYERS = ("reflection", "stage1", "confidence", "mask_background", "mask_reflec
 INTERMEDIATES = _LAYERS + ("thresholds",)
 _PLANES = ("confidence", "mask_background", "mask_reflection", "gradient")
 _MASKS = ("mask_background", "mask_reflection")
+#: The strengths a Remover takes: 0 gives the input back, 1 the model's output (the default),
+#: above 1 the model's change amplified (more of what it removes, and more of its errors).
+STRENGTH_RANGE = (0.0, 2.0)
 
 
 @dataclass
@@ -230,6 +233,25 @@ def guided_upsample(
             + resize_linear_rows(b, height, width, 0, height))
 
 
+def with_strength(image: np.ndarray, background: np.ndarray, strength: float) -> np.ndarray:
+    """``image + strength * (background - image)`` clipped to [0, 1]: the model's change scaled.
+
+    ``image`` and ``background`` are float RGB of one shape: how much a Remover changes a photo
+    (its ``strength`` option).
+    """
+    return np.clip(image + np.float32(strength) * (background - image), 0.0, 1.0).astype(np.float32)
+
+
+def check_strength(strength: Any) -> float:
+    """``strength`` as a float, or InputError when it is not a number in :data:`STRENGTH_RANGE`."""
+    low, high = STRENGTH_RANGE
+    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating, np.integer)) \
+            or not low <= float(strength) <= high:
+        raise InputError(f"strength must be a number from {low:g} to {high:g} (0: the input unchanged, 1: the "
+                         f"model's output, above 1: its change amplified), not {strength!r}")
+    return float(strength)
+
+
 def fit_size(height: int, width: int, max_hw: Tuple[int, int]) -> Tuple[int, int, float]:
     """The largest size with the same aspect that fits ``max_hw``; returns (h, w, scale)."""
     scale = min(max_hw[0] / height, max_hw[1] / width, 1.0)
@@ -271,15 +293,19 @@ class _Frame:
 
 
 class _Background:
-    """Where the full-resolution background goes, strip by strip: converted to the caller's type
-    (``info``: dtype, channels, the frame's colour order and alpha) or, without ``info``, float32 RGB."""
+    """Where the full-resolution background goes, strip by strip: its change from the frame scaled
+    by ``strength`` (:func:`with_strength`), then converted to the caller's type (``info``: dtype,
+    channels, the frame's colour order and alpha) or, without ``info``, float32 RGB."""
 
-    def __init__(self, frame: _Frame, info: Optional[ImageInfo] = None) -> None:
+    def __init__(self, frame: _Frame, info: Optional[ImageInfo] = None, strength: float = 1.0) -> None:
         self.frame = frame
         self.info = info
+        self.strength = strength
         self.array: Optional[np.ndarray] = None
 
     def put(self, top: int, bottom: int, rows: np.ndarray) -> None:
+        if self.strength != 1.0:
+            rows = with_strength(self.frame.rgb(top, bottom), rows, self.strength)
         if self.info is not None:
             strip = ImageInfo(dtype=self.info.dtype, channels=self.info.channels, squeeze=self.info.squeeze,
                               alpha=alpha_rows(self.frame.array, top, bottom))
@@ -332,7 +358,9 @@ class Remover:
     step's 2-means ("exact" sort, or "histogram", the CUDA kernel's algorithm); ``c1``/``c2``
     default to the manifest's. With ``device_middle_step`` (default) a backend that can keep the
     frame on the GPU (TensorRT, torch on CUDA) does so for :meth:`remove`; that path uses the
-    kernel's histogram 2-means.
+    kernel's histogram 2-means. ``strength`` (0 to 2, default 1) scales the model's change to the
+    photo at full resolution (:func:`with_strength`): below 1 it changes less, above 1 more; the
+    intermediates are the networks' own.
 
     Arrays are BGR by default (OpenCV's order; ``colour_order="RGB"`` for others), in
     :meth:`remove`, :meth:`remove_batch` and :meth:`remove_with_intermediates` alike.
@@ -350,6 +378,7 @@ class Remover:
         c1: Optional[float] = None,
         c2: Optional[float] = None,
         device_middle_step: bool = True,
+        strength: float = 1.0,
         **backend_options: Any,
     ) -> None:
         if large_image not in LARGE_IMAGE_STRATEGIES:
@@ -360,6 +389,7 @@ class Remover:
             max_side = manifest.max_side or DEFAULT_MAX_SIDE
         if max_side is not None and (isinstance(max_side, (bool, str)) or int(max_side) < 0):
             raise InputError(f"max_side must be positive (or 0 / None for no limit), not {max_side!r}")
+        self.strength = check_strength(strength)
         self.manifest = manifest
         self.method = get_method(manifest.method)
         overrides = {k: v for k, v in (("c1", c1), ("c2", c2), ("threshold", threshold)) if v is not None}
@@ -416,7 +446,8 @@ class Remover:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Remover {self.manifest.name!r} ({self.method.name}) on {self.backend}>"
+        strength = f", strength {self.strength:g}" if self.strength != 1.0 else ""
+        return f"<Remover {self.manifest.name!r} ({self.method.name}) on {self.backend}{strength}>"
 
     def describe(self) -> Any:
         """Where the networks run and at what precision (:class:`~dereflect.backends.base.BackendDescription`)."""
@@ -534,7 +565,7 @@ class Remover:
         """The layers of one HxWx3 float32 RGB frame at full size (what :meth:`remove` returns, before
         the conversion back to the input's type), with ``settings`` replacing the method's for it."""
         frame = _Frame(rgb, converted=True)
-        out = _Background(frame)
+        out = _Background(frame, strength=self.strength)
         with self._lock:
             self._process(frame, out, intermediates=False, settings=settings)
         return Layers(background=out.array, reflection=rgb - out.array)
@@ -552,7 +583,7 @@ class Remover:
 
     def _remove(self, image: np.ndarray, info: ImageInfo, colour_order: str) -> np.ndarray:
         frame = _Frame(image, colour_order)
-        out = _Background(frame, info)
+        out = _Background(frame, info, self.strength)
         with self._lock:
             self._process(frame, out, intermediates=False)
         return out.array
@@ -589,8 +620,9 @@ class Remover:
         else:
             outs = []
             for frame, info, background in zip(frames, infos, backgrounds):
-                info.alpha = alpha_rows(frame.array)
-                outs.append(from_float_rgb(background, info, colour_order))
+                out = _Background(frame, info, self.strength)
+                out.put(0, frame.height, background)
+                outs.append(out.array)
         return np.stack(outs) if isinstance(images, np.ndarray) else outs
 
     def _run_batch(self, batch: np.ndarray) -> Optional[np.ndarray]:
@@ -611,7 +643,7 @@ class Remover:
         intermediates come in the same order."""
         info = check_image(image, colour_order)
         frame = _Frame(image, colour_order)
-        out = _Background(frame, info)
+        out = _Background(frame, info, self.strength)
         with self._lock:
             extras, scale, tiles = self._process(frame, out, intermediates=True)
         return _to_result(out.array, extras, colour_order, scale, tiles)

@@ -419,6 +419,25 @@ def test_cli_eval(monkeypatch, crrn_dir, paired, tmp_path, capsys):
     assert code == 2 and "data folder not found" in capsys.readouterr().err
 
 
+def test_eval_scores_the_model_at_the_strength_asked_and_says_so(monkeypatch, crrn_dir, paired, tmp_path, capsys):
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.tools.evaluate",))
+    report = evaluate(crrn_dir, paired, progress=False, strength=0)
+    for scores in report.images:  # strength 0 leaves the input: the model scores as doing nothing
+        assert scores.model["psnr"] == pytest.approx(scores.baseline["psnr"], abs=1e-6)
+    assert report.model["strength"] == 0 and report.model_label == "toy-crrn at strength 0"
+    half = evaluate(crrn_dir, paired, progress=False, strength=0.5)
+    for scores, name in zip(half.images, "abc"):
+        image = _read(paired / f"blended/{name}.png")
+        target = _read(paired / f"transmission_layer/{name}.png")
+        assert scores.model["psnr"] == pytest.approx(psnr(0.85 * image, target), abs=1e-3)
+    out = tmp_path / "out"
+    assert dereflect.cli.main(["eval", str(crrn_dir), "--data", str(paired), "--strength", "0.5", "--out", str(out),
+                               "--no-progress"]) == 0
+    assert "toy-crrn at strength 0.5" in capsys.readouterr().out
+    assert "Model: toy-crrn at strength 0.5" in (out / "report.md").read_text()
+    assert json.loads((out / "report.json").read_text())["model"]["strength"] == 0.5
+
+
 def test_a_stop_signal_ends_eval_between_images_with_a_partial_report(monkeypatch, crrn_dir, paired, tmp_path,
                                                                        capsys):
     import dereflect.tools.evaluate as evaluate_module

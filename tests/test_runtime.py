@@ -352,6 +352,51 @@ def test_bad_options(rm2s_dir):
         Remover.from_dir(rm2s_dir, threshold="kmeans")
 
 
+# -- strength -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strength", [0, 0.5, 1, 1.5, 2])
+def test_strength_scales_the_models_change(crrn_dir, strength):
+    image = _photo(seed=8)
+    remover = Remover.from_dir(crrn_dir, strength=strength)
+    want = np.clip(image + strength * (0.7 * image - image), 0, 1)  # the toy CRRN's background is 0.7 I
+    np.testing.assert_allclose(remover.remove(image, colour_order="RGB"), want, atol=1e-6)
+    np.testing.assert_allclose(remover.process(image).background, want, atol=1e-6)  # the video route
+    assert (f"strength {strength:g}" in repr(remover)) == (strength != 1)
+
+
+def test_strength_zero_gives_the_input_back_in_its_own_type(crrn_dir):
+    image = (_photo(seed=9) * 65535).astype(np.uint16)
+    np.testing.assert_array_equal(Remover.from_dir(crrn_dir, strength=0).remove(image), image)
+
+
+@pytest.mark.parametrize("strategy", ["guided", "tile"])
+def test_strength_applies_at_full_resolution_and_leaves_the_intermediates_alone(crrn_dir, strategy):
+    image = _photo(150, 210, seed=10)
+    plain = Remover.from_dir(crrn_dir, max_side=64, large_image=strategy).remove_with_intermediates(image)
+    half = Remover.from_dir(crrn_dir, max_side=64, large_image=strategy,
+                            strength=0.5).remove_with_intermediates(image)
+    np.testing.assert_allclose(half.background, image + 0.5 * (plain.background - image), atol=1e-6)
+    np.testing.assert_array_equal(half.reflection, plain.reflection)  # the networks' own
+    if strategy == "tile":
+        np.testing.assert_allclose(half.background, 0.85 * image, atol=1e-5)
+
+
+def test_strength_in_a_batch_is_that_of_one_image_at_a_time(rm2s_dir):
+    images = np.stack([(_photo(seed=s) * 255).astype(np.uint8) for s in (11, 12, 13)])
+    remover = Remover.from_dir(rm2s_dir, strength=1.5)
+    batch = remover.remove_batch(images)
+    assert remover._batches  # the batch ran through the networks as one
+    one_by_one = np.stack([remover.remove(image) for image in images])
+    assert np.abs(batch.astype(int) - one_by_one).max() <= 1  # float rounding
+    assert np.abs(batch.astype(int) - Remover.from_dir(rm2s_dir).remove_batch(images)).max() > 5
+
+
+@pytest.mark.parametrize("bad", [-0.1, 2.5, float("nan"), float("inf"), "1", True, None])
+def test_bad_strength_is_refused_by_name(crrn_dir, bad):
+    with pytest.raises(InputError, match="strength must be a number from 0 to 2"):
+        Remover.from_dir(crrn_dir, strength=bad)
+
+
 # -- model directories ------------------------------------------------------------------
 
 def test_wrong_export_directories(tmp_path, rm2s_dir):
@@ -556,6 +601,21 @@ def test_cli_without_model_explains(cli, monkeypatch, tmp_path, capsys):
     source = _write_png(tmp_path / "a.png")
     assert cli(["remove", str(source), "-o", str(tmp_path / "b.png")]) == 2
     assert "lacks the bundled model 'crrn-lite'" in capsys.readouterr().err
+
+
+def test_cli_remove_strength(cli, crrn_dir, tmp_path, capsys):
+    source = _write_png(tmp_path / "a.png")
+    model = ["--model", str(crrn_dir)]
+    assert cli(["remove", str(source), "-o", str(tmp_path / "same.png"), *model, "--strength", "0"]) == 0
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "same.png")), cv2.imread(str(source)))
+    assert cli(["remove", str(source), "-o", str(tmp_path / "half.png"), *model, "--strength", "0.5"]) == 0
+    want = np.clip(cv2.imread(str(source)) * 0.85 + 0.5, 0, 255).astype(np.uint8)  # I + 0.5 (0.7 I - I)
+    assert np.abs(cv2.imread(str(tmp_path / "half.png")).astype(int) - want).max() <= 1
+    capsys.readouterr()
+    assert cli(["remove", str(source), "-o", str(tmp_path / "no.png"), *model, "--strength", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "strength must be a number from 0 to 2" in err and "Traceback" not in err
+    assert not (tmp_path / "no.png").exists()
 
 
 @pytest.mark.skipif(not REAL_PHOTOS.is_dir(), reason="shared real photos not present")

@@ -161,6 +161,12 @@ def test_video_cli_with_an_export(tmp_path, monkeypatch, capsys):
     assert frames[3].mean() == pytest.approx(0.7 * _frame(3).mean(), rel=0.1)
     err = capsys.readouterr().err
     assert "audio is not copied" in err and "6 frame(s)" in err
+    # --strength 0.5 keeps half the model's change: halfway between the input and the full change.
+    half = tmp_path / "half.mp4"
+    assert dereflect.cli.main(["video", str(source), "-o", str(half), "--model", str(model), "--no-progress",
+                               "--strength", "0.5"]) == 0
+    midway = (_frame(3).mean() + frames[3].mean()) / 2
+    assert _read_video(half)[0][3].mean() == pytest.approx(midway, rel=0.05)
 
 
 def _frame_chunks(data: bytes):

@@ -526,7 +526,7 @@ def register(subparsers: Any) -> None:
                     "bench.json into --out, and bench.png where matplotlib is installed (pip install "
                     "matplotlib).",
     )
-    add_model_options(bench, positional=True, sizes=False)
+    add_model_options(bench, positional=True, output=False)
     bench.add_argument("--sizes", default=DEFAULT_SIZES,
                        help=f"comma-separated: N (square), Np (16:9) or HxW (default: {DEFAULT_SIZES})")
     bench.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed runs per size (default: 3)")

@@ -195,6 +195,7 @@ def describe_model(model: Any, source: Any = None) -> Dict[str, Any]:
         "source": str(path) if path is not None else None,
         "max_side": None,
         "large_image": getattr(model, "large_image", None),
+        "strength": getattr(model, "strength", None),
     }
     max_hw = getattr(model, "max_hw", None)
     if max_hw:
@@ -274,6 +275,12 @@ class Report:
     #: whether the model and the input were also scored after their best channel gains
     colour_fitted: bool = False
 
+    @property
+    def model_label(self) -> str:
+        """The model's name, with its strength where that is not the model's own output (1)."""
+        strength = self.model.get("strength")
+        return self.model["name"] + (f" at strength {strength:g}" if strength not in (None, 1.0) else "")
+
     def mean(self, row: str = "model") -> Dict[str, Optional[float]]:
         """Mean of each metric over the images where it is defined (``row``: "model", "baseline", "gain",
         "model_fitted" or "baseline_fitted")."""
@@ -320,7 +327,7 @@ class Report:
         lines = ["| | " + " | ".join(labels) + " | s/image |", "|---" * (len(labels) + 2) + "|"]
         base, model = self.mean("baseline"), self.mean("model")
         lines.append(f"| {BASELINE_LABEL} | " + " | ".join(_fmt(m, base[m]) for m in self.metrics) + " | - |")
-        lines.append(f"| {self.model['name']} | " + " | ".join(_fmt(m, model[m]) for m in self.metrics)
+        lines.append(f"| {self.model_label} | " + " | ".join(_fmt(m, model[m]) for m in self.metrics)
                      + f" | {self.seconds_per_image:.3f} |")
         lines.append("| gain over do nothing | " + _differences(self.metrics, model, base) + " | |")
         if self.gain_baseline:
@@ -332,7 +339,7 @@ class Report:
             fitted_base, fitted_model = self.mean("baseline_fitted"), self.mean("model_fitted")
             lines.append(f"| {BASELINE_LABEL}, colour fitted | "
                          + " | ".join(_fmt(m, fitted_base[m]) for m in self.metrics) + " | - |")
-            lines.append(f"| {self.model['name']}, colour fitted | "
+            lines.append(f"| {self.model_label}, colour fitted | "
                          + " | ".join(_fmt(m, fitted_model[m]) for m in self.metrics) + " | |")
             lines.append("| gain over do nothing, colour fitted | "
                          + _differences(self.metrics, fitted_model, fitted_base) + " | |")
@@ -344,9 +351,9 @@ class Report:
     def to_markdown(self) -> str:
         p, d = self.protocol, self.data
         lines = [
-            f"# dereflect eval: {self.model['name']}",
+            f"# dereflect eval: {self.model_label}",
             "",
-            f"- Model: {self.model['name']} ({self.model.get('method') or 'unknown method'}, "
+            f"- Model: {self.model_label} ({self.model.get('method') or 'unknown method'}, "
             f"backend {self.model.get('backend') or 'n/a'})" + (f", from {self.model['source']}"
                                                                if self.model.get("source") else ""),
             f"- Data: {d['dir']} (layout {d['layout']}, {d['images']} images"
@@ -756,7 +763,7 @@ def run_eval(args: Any) -> int:
                           limit=args.limit, out_dir=args.out, names=args.names, gain_baseline=args.gain_baseline,
                           colour_fitted=args.colour_fitted, contact_images=args.contact_images,
                           progress=not args.no_progress, stop=signals, **model_options(args))
-    print(f"{report.model['name']} on {report.data['dir']} ({report.data['layout']}, {report.data['images']} "
+    print(f"{report.model_label} on {report.data['dir']} ({report.data['layout']}, {report.data['images']} "
           f"images, resize {report.protocol['resize']})")
     print(report.mean_table())
     if args.out:
