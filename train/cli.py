@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple, Union
 from dereflect.errors import InputError, require
 from dereflect.stop_signals import exit_status
 
-from .models import ENCODERS
+from .models import DEFAULT_ENCODER, ENCODERS
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -218,7 +218,7 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
     parser.add_argument("--encoder", choices=ENCODERS, default=None,
                         help="ImageNet encoder of a --config lite network, from 'dereflect weights' "
                              "(default: that of the checkpoint the run starts from, --resume, --stage1 or "
-                             "--init; else mobilenetv2, the shipped models')")
+                             f"--init; else {DEFAULT_ENCODER}, the shipped models')")
     parser.add_argument("--recipe", choices=["paper", "transfer"], default=None,
                         help="paper: the method's own synthesis, loss and optimiser; transfer: later work's "
                              "synthesis with colour matched to real pairs, L1 + gradient + feature loss, Adam "
@@ -480,7 +480,7 @@ def lite_encoder(args: argparse.Namespace, start: Optional[str] = None) -> str:
     """The ImageNet encoder of a lite network: --encoder, else the one in checkpoint ``start``.
 
     ``start``: the checkpoint the run resumes or starts from (--resume, --stage1, --init), whose
-    encoder it must keep; mobilenetv2 when neither says. --encoder is refused with other configs
+    encoder it must keep; DEFAULT_ENCODER when neither says. --encoder is refused with other configs
     and where it contradicts ``start``.
     """
     from .checkpoint import read_metadata
@@ -491,7 +491,7 @@ def lite_encoder(args: argparse.Namespace, start: Optional[str] = None) -> str:
     recorded = [encoder_of(spec) for spec in read_metadata(start)["networks"].values()] if start else []
     theirs = next((encoder for encoder in recorded if encoder), None)
     if theirs is None:
-        return args.encoder or "mobilenetv2"
+        return args.encoder or DEFAULT_ENCODER
     if args.encoder and args.encoder != theirs:
         raise InputError(f"--encoder {args.encoder}: {start} holds a network on {theirs}, and this run starts from "
                          "it; drop --encoder")
@@ -499,7 +499,7 @@ def lite_encoder(args: argparse.Namespace, start: Optional[str] = None) -> str:
 
 
 def rm2s_network(config_name: str, in_channels: int,
-                 encoder: str = "mobilenetv2") -> Tuple[str, Union[MobileUNetConfig, UNetConfig]]:
+                 encoder: str = DEFAULT_ENCODER) -> Tuple[str, Union[MobileUNetConfig, UNetConfig]]:
     """(arch, config) of an RM2S U-Net for a --config name (``encoder``: of the lite network)."""
     from .models.rm2s import MobileUNetConfig, UNetConfig
 

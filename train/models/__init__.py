@@ -28,13 +28,16 @@ ARCHS = tuple(_ARCHS)
 
 #: The ImageNet encoders a lite network can be built on (its config's ``encoder``; ``backbone.make_encoder``).
 ENCODERS = ("mobilenetv2", "efficientnet-lite0")
+#: The encoder of a lite network unless told otherwise (the shipped models').
+DEFAULT_ENCODER = ENCODERS[0]
 #: The lite networks' decoder widths (strides 16 to 1) with each encoder, the default of their
 #: configs' ``decoder_widths``: EfficientNet-Lite0 costs more than MobileNetV2, so its two
 #: full-resolution levels are narrower, keeping the lite CRRN at 44.1 GFLOP per megapixel against
 #: 43.9 with MobileNetV2 (``dereflect.tools.flops``).
 DECODER_WIDTHS = {"mobilenetv2": (96, 64, 32, 24, 16), "efficientnet-lite0": (96, 64, 32, 20, 14)}
 
-__all__ = ["ARCHS", "DECODER_WIDTHS", "ENCODERS", "MODEL_CONFIGS", "build_model", "config_class", "encoder_of"]
+__all__ = ["ARCHS", "DECODER_WIDTHS", "DEFAULT_ENCODER", "ENCODERS", "MODEL_CONFIGS", "build_model", "config_class",
+           "encoder_of"]
 
 
 def _lookup(arch: str) -> Tuple[Any, Any]:

@@ -36,6 +36,7 @@ import torch
 from dereflect.errors import InputError, ModelError
 from torch import nn
 
+from . import DEFAULT_ENCODER
 from .common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -350,7 +351,7 @@ class MobileCRRNConfig(ModelConfig):
     decoder_widths: Optional[Tuple[int, ...]] = None
     max_log_gain: float = 1.0
     fraction_bias: float = -4.0
-    encoder: str = "mobilenetv2"
+    encoder: str = DEFAULT_ENCODER
     norm: str = "batch"
 
     _PRESETS = {"lite": {}}

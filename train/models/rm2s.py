@@ -26,6 +26,7 @@ import torch
 from dereflect.errors import InputError
 from torch import nn
 
+from . import DEFAULT_ENCODER
 from .common import (
     ModelConfig,
     activation,
@@ -274,7 +275,7 @@ class MobileUNetConfig(ModelConfig):
     decoder_widths: Optional[Tuple[int, ...]] = None
     max_log_gain: float = 1.0
     fraction_bias: float = -4.0
-    encoder: str = "mobilenetv2"
+    encoder: str = DEFAULT_ENCODER
 
     _PRESETS = {"lite": {}}
 
