@@ -365,8 +365,12 @@ def test_strength_scales_the_models_change(crrn_dir, strength):
 
 
 def test_strength_zero_gives_the_input_back_in_its_own_type(crrn_dir):
-    image = (_photo(seed=9) * 65535).astype(np.uint16)
-    np.testing.assert_array_equal(Remover.from_dir(crrn_dir, strength=0).remove(image), image)
+    rgb = _photo(seed=9)
+    grey = (rgb[:, :, 0] * 255).astype(np.uint8)
+    rgba = np.dstack([(rgb * 255).astype(np.uint8), np.full(rgb.shape[:2], 77, np.uint8)])
+    remover = Remover.from_dir(crrn_dir, strength=0)
+    for image in ((rgb * 65535).astype(np.uint16), grey, rgba):
+        np.testing.assert_array_equal(remover.remove(image), image)
 
 
 @pytest.mark.parametrize("strategy", ["guided", "tile"])
