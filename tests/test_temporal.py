@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -101,3 +102,20 @@ def test_video_command_takes_temporal_on_and_keeps_every_frame(tmp_path):
         capture = cv2.VideoCapture(str(out))
         assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 5
         capture.release()
+
+
+def test_eval_flicker_at_a_strength_says_so_and_strength_zero_does_not_flicker(tmp_path, monkeypatch, capsys):
+    import dereflect.cli
+
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.tools.evaluate",))
+    export = make_rm2s_export(tmp_path / "rm2s")
+    assert dereflect.cli.main(["eval", str(export), "--flicker", "--strength", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "at strength 0 " in printed
+    still = [float(x) for x in re.findall(r"(?:per frame|smoothing) ([0-9.]+)", printed)]
+    assert dereflect.cli.main(["eval", str(export), "--flicker"]) == 0
+    printed = capsys.readouterr().out
+    assert "at strength" not in printed
+    model = [float(x) for x in re.findall(r"(?:per frame|smoothing) ([0-9.]+)", printed)]
+    # At strength 0 the output is the input: what is left is the input's own change under the static threshold.
+    assert len(still) == len(model) == 2 and max(still) < 0.01 < 0.1 < min(model)

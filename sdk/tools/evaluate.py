@@ -182,6 +182,11 @@ def load_model(model: Any, **options: Any) -> Any:
     return open_model(model, **options)
 
 
+def at_strength(strength: Optional[float]) -> str:
+    """" at strength K" where a model's change is scaled (see ``Remover(strength=)``), else ""."""
+    return f" at strength {strength:g}" if strength not in (None, 1.0) else ""
+
+
 def describe_model(model: Any, source: Any = None) -> Dict[str, Any]:
     """What the report says about the model: name, method, backend, file and runtime limits."""
     manifest = getattr(model, "manifest", None)
@@ -278,8 +283,7 @@ class Report:
     @property
     def model_label(self) -> str:
         """The model's name, with its strength where that is not the model's own output (1)."""
-        strength = self.model.get("strength")
-        return self.model["name"] + (f" at strength {strength:g}" if strength not in (None, 1.0) else "")
+        return self.model["name"] + at_strength(self.model.get("strength"))
 
     def mean(self, row: str = "model") -> Dict[str, Optional[float]]:
         """Mean of each metric over the images where it is defined (``row``: "model", "baseline", "gain",
@@ -751,9 +755,9 @@ def run_eval(args: Any) -> int:
             measured = measure_flicker(remover)
         finally:
             remover.close()
-        print(f"flicker of {args.model or 'the default model'} (mean output change, 8-bit levels, where the input "
-              f"did not change): per frame {measured['per_frame']:.3f}, with temporal smoothing "
-              f"{measured['temporal']:.3f}")
+        print(f"flicker of {args.model or 'the default model'}{at_strength(remover.strength)} (mean output "
+              f"change, 8-bit levels, where the input did not change): per frame {measured['per_frame']:.3f}, "
+              f"with temporal smoothing {measured['temporal']:.3f}")
         if args.data is None:
             return 0
     if args.data is None:
