@@ -252,6 +252,11 @@ def check_strength(strength: Any) -> float:
     return float(strength)
 
 
+def at_strength(strength: Optional[float]) -> str:
+    """" at strength K" where a model's change is scaled, else "" (names in reports and reprs)."""
+    return f" at strength {strength:g}" if strength not in (None, 1.0) else ""
+
+
 def fit_size(height: int, width: int, max_hw: Tuple[int, int]) -> Tuple[int, int, float]:
     """The largest size with the same aspect that fits ``max_hw``; returns (h, w, scale)."""
     scale = min(max_hw[0] / height, max_hw[1] / width, 1.0)
@@ -446,8 +451,7 @@ class Remover:
         self.close()
 
     def __repr__(self) -> str:
-        strength = f", strength {self.strength:g}" if self.strength != 1.0 else ""
-        return f"<Remover {self.manifest.name!r} ({self.method.name}) on {self.backend}{strength}>"
+        return f"<Remover {self.manifest.name!r} ({self.method.name}) on {self.backend}{at_strength(self.strength)}>"
 
     def describe(self) -> Any:
         """Where the networks run and at what precision (:class:`~dereflect.backends.base.BackendDescription`)."""

@@ -72,6 +72,7 @@ from dereflect import __version__
 from dereflect.cli_options import add_model_options, model_options
 from dereflect.errors import InputError, ModelError
 from dereflect.imageio import as_float_rgb, read_image, staged_file, write_image
+from dereflect.remover import at_strength
 from dereflect.stop_signals import StopSignals, exit_status
 from dereflect.tools.datasets import LAYOUTS, Pair, PathLike, filter_pairs, find_pairs, read_name_list, read_pair
 from dereflect.tools.metrics import (
@@ -180,11 +181,6 @@ def load_model(model: Any, **options: Any) -> Any:
     from dereflect.models import open_model
 
     return open_model(model, **options)
-
-
-def at_strength(strength: Optional[float]) -> str:
-    """" at strength K" where a model's change is scaled (see ``Remover(strength=)``), else ""."""
-    return f" at strength {strength:g}" if strength not in (None, 1.0) else ""
 
 
 def describe_model(model: Any, source: Any = None) -> Dict[str, Any]:
