@@ -365,7 +365,8 @@ class Remover:
     frame on the GPU (TensorRT, torch on CUDA) does so for :meth:`remove`; that path uses the
     kernel's histogram 2-means. ``strength`` (0 to 2, default 1) scales the model's change to the
     photo at full resolution (:func:`with_strength`): below 1 it changes less, above 1 more; the
-    intermediates are the networks' own.
+    intermediates are the networks' own. It may be set between calls (a live control in a video
+    application), checked as at construction.
 
     Arrays are BGR by default (OpenCV's order; ``colour_order="RGB"`` for others), in
     :meth:`remove`, :meth:`remove_batch` and :meth:`remove_with_intermediates` alike.
@@ -394,7 +395,7 @@ class Remover:
             max_side = manifest.max_side or DEFAULT_MAX_SIDE
         if max_side is not None and (isinstance(max_side, (bool, str)) or int(max_side) < 0):
             raise InputError(f"max_side must be positive (or 0 / None for no limit), not {max_side!r}")
-        self.strength = check_strength(strength)
+        self.strength = strength
         self.manifest = manifest
         self.method = get_method(manifest.method)
         overrides = {k: v for k, v in (("c1", c1), ("c2", c2), ("threshold", threshold)) if v is not None}
@@ -431,6 +432,15 @@ class Remover:
         from dereflect.models import open_model
 
         return open_model(model, **options)
+
+    @property
+    def strength(self) -> float:
+        """How much of the model's change the outputs carry (see :func:`with_strength`)."""
+        return self._strength
+
+    @strength.setter
+    def strength(self, value: Any) -> None:
+        self._strength = check_strength(value)
 
     @property
     def executor(self) -> Any:

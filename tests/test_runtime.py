@@ -399,6 +399,20 @@ def test_strength_in_a_batch_is_that_of_one_image_at_a_time(rm2s_dir):
 def test_bad_strength_is_refused_by_name(crrn_dir, bad):
     with pytest.raises(InputError, match="strength must be a number from 0 to 2"):
         Remover.from_dir(crrn_dir, strength=bad)
+    remover = Remover.from_dir(crrn_dir, strength=0.5)
+    with pytest.raises(InputError, match="strength must be a number from 0 to 2"):
+        remover.strength = bad
+    assert remover.strength == 0.5
+
+
+def test_strength_can_change_between_frames(crrn_dir):
+    image = _photo(seed=14)
+    remover = Remover.from_dir(crrn_dir)
+    np.testing.assert_allclose(remover.remove(image, colour_order="RGB"), 0.7 * image, atol=1e-6)
+    remover.strength = 0
+    np.testing.assert_array_equal(remover.remove(image, colour_order="RGB"), image)
+    remover.strength = 2
+    np.testing.assert_allclose(remover.remove(image, colour_order="RGB"), 0.4 * image, atol=1e-6)
 
 
 # -- model directories ------------------------------------------------------------------
