@@ -72,6 +72,9 @@ def register(subparsers: Any) -> None:
                         help="builder workspace limit in MiB (default: TensorRT's)")
     engine.add_argument("--network", action="append", metavar="NAME",
                         help="build only this network; repeatable (default: all)")
+    engine.add_argument("--no-progress", action="store_true",
+                        help="no progress bars of the builder's phases (TensorRT 10 and later report them; "
+                             "default: shown)")
     engine.set_defaults(func=run_engine)
 
     verify = commands.add_parser(
@@ -137,7 +140,7 @@ def run_engine(args: argparse.Namespace) -> int:
     manifest = prepare_engine_dir(args.model, args.out)
     infos = build_engines(manifest.directory, fp16=args.fp16, min_shape=args.min, opt_shape=args.opt,
                           max_shape=args.max, timing_cache=args.timing_cache, workspace=workspace,
-                          networks=args.network)
+                          networks=args.network, progress=not args.no_progress)
     for name, info in infos.items():
         shapes = "; ".join(f"{k} {v['min']}..{v['max']} (opt {v['opt']})" for k, v in info.profiles.items())
         print(f"{name}: {info.engine} ({info.precision}, TensorRT {info.tensorrt_version}, {info.gpu_name} "

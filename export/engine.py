@@ -21,7 +21,9 @@ One engine per network, with the API the installed TensorRT needs (see
 Each build has one optimisation profile (``--min/--opt/--max``, the same H x W range for
 every network), a persistent timing cache shared by all builds (faster rebuilds on the same
 device), ``build_serialized_network``, and a sidecar JSON recording the TensorRT version,
-GPU, compute capability, profile, precision and the hash of the ONNX file used.
+GPU, compute capability, profile, precision and the hash of the ONNX file used. A build takes
+minutes on a Jetson: TensorRT 10 and later report its phases (``IProgressMonitor``), shown as
+progress bars; every version logs each network's start and how long it took.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ import logging
 import os
 import re
 import shutil
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -250,6 +255,43 @@ class _TimingCache:
         _write_atomic(self.path, self.cache.serialize())
 
 
+def build_progress(trt: Any, network: str) -> Optional[Any]:
+    """A ``trt.IProgressMonitor`` that draws the builder's phases of ``network`` as progress bars on
+    stderr (nested phases below their parent); None where TensorRT has no such interface (8.x)."""
+    base = getattr(trt, "IProgressMonitor", None)
+    if base is None:
+        return None
+    from tqdm import tqdm
+
+    class BuildProgress(base):
+        def __init__(self) -> None:
+            base.__init__(self)
+            # TensorRT may report from several of its threads.
+            self._lock = threading.Lock()
+            self._bars: Dict[str, Any] = {}
+
+        def phase_start(self, phase_name: str, parent_phase: Optional[str], num_steps: int) -> None:
+            with self._lock:
+                depth = len(self._bars)
+                self._bars[phase_name] = tqdm(total=num_steps, desc=f"{network}: {phase_name}", unit="step",
+                                              position=depth, leave=depth == 0, file=sys.stderr)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            with self._lock:
+                bar = self._bars.get(phase_name)
+                if bar is not None:
+                    bar.update(step + 1 - bar.n)
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name: str) -> None:
+            with self._lock:
+                bar = self._bars.pop(phase_name, None)
+                if bar is not None:
+                    bar.close()
+
+    return BuildProgress()
+
+
 def build_engines(
     export_dir: os.PathLike,
     fp16: bool = True,
@@ -259,12 +301,14 @@ def build_engines(
     timing_cache: Optional[os.PathLike] = None,
     workspace: Optional[int] = None,
     networks: Optional[Sequence[str]] = None,
+    progress: bool = True,
 ) -> Dict[str, EngineInfo]:
     """Build ``<network>.engine`` and its sidecar for each network of an export directory.
 
     ``min_shape``/``opt_shape``/``max_shape``: "NxCxHxW", "HxW" or a name such as "720p"
     (see :func:`dereflect.trt_api.parse_shape`). ``workspace``: bytes for the builder's
-    workspace pool (TensorRT's default when None). Returns the sidecars written.
+    workspace pool (TensorRT's default when None). ``progress``: the builder's phases as progress
+    bars on stderr where TensorRT reports them (:func:`build_progress`). Returns the sidecars written.
     """
     trt = require_tensorrt()
     ver = trt_version_tuple(trt)
@@ -321,13 +365,19 @@ def build_engines(
                 profiles[tensor.name] = shapes
             config.add_optimization_profile(profile)
             cache.attach(config)
-            log.info("building %s from %s (TensorRT %s, %s)", name, onnx_path.name, trt.__version__,
-                     "fp16" if fp16 else "fp32")
+            # TensorRT holds the monitor by reference: it must live until the build is done.
+            monitor = build_progress(trt, name) if progress else None
+            if monitor is not None:
+                config.progress_monitor = monitor
+            log.info("building %s from %s (TensorRT %s, %s)%s", name, onnx_path.name, trt.__version__,
+                     "fp16" if fp16 else "fp32", "" if monitor else ": this can take minutes")
+            began = time.monotonic()
             serialized = builder.build_serialized_network(network, config)
             # The parser owns the weights the network points to: it must live until the build is done.
-            del parser
+            del parser, monitor
             if serialized is None:
                 raise ModelError(f"TensorRT could not build an engine for {name!r}; see its log above")
+            log.info("built %s in %.0f s", name, time.monotonic() - began)
             engine_path, sidecar_path = engine_paths(manifest.directory, name)
             _write_atomic(engine_path, serialized)
             info = EngineInfo(

@@ -330,6 +330,14 @@ def make_fake_tensorrt(version: str, calls: list):
 
         def build_serialized_network(self, network, config):
             calls.append(("build",))
+            monitor = getattr(config, "progress_monitor", None)
+            if monitor is not None:  # as TensorRT reports: a phase, a nested one, their steps
+                monitor.phase_start("Building engine", None, 2)
+                monitor.phase_start("Tactic selection", "Building engine", 3)
+                calls.append(("steps", [monitor.step_complete("Tactic selection", i) for i in range(3)]))
+                monitor.phase_finish("Tactic selection")
+                calls.append(("steps", [monitor.step_complete("Building engine", i) for i in range(2)]))
+                monitor.phase_finish("Building engine")
             return b"ENGINE-" + version.encode()
 
     builder_flags = types.SimpleNamespace(OBEY_PRECISION_CONSTRAINTS="OBEY")
@@ -342,6 +350,13 @@ def make_fake_tensorrt(version: str, calls: list):
     trt.NetworkDefinitionCreationFlag = creation
     trt.BuilderFlag = builder_flags
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    if major >= 10:
+
+        class IProgressMonitor:
+            def __init__(self):
+                calls.append(("monitor",))
+
+        trt.IProgressMonitor = IProgressMonitor
     return trt
 
 
@@ -410,6 +425,28 @@ def test_build_engines_api_per_version(export_dir, fake_trt, tmp_path, version):
     assert {c[1] for c in calls2 if c[0] == "parse"} == {TensorProto.FLOAT}
     assert read_engine_info(engine_paths(export_dir, "stage1")[1]).precision == "fp32"
     assert cache.read_bytes() == b"++"
+
+
+@pytest.mark.parametrize("version", ["8.5.2.2", "10.3.0", "11.0.0"])
+def test_build_engines_shows_the_builders_phases_where_tensorrt_reports_them(export_dir, fake_trt, tmp_path,
+                                                                             version, capsys, caplog):
+    from dereflect.export.engine import build_engines
+
+    calls = fake_trt(version)
+    with caplog.at_level("INFO", logger="dereflect.export"):
+        build_engines(export_dir, timing_cache=tmp_path / "cache", networks=["stage1"])
+    err = capsys.readouterr().err
+    logged = caplog.text
+    assert "building stage1" in logged and "built stage1 in" in logged
+    if version.startswith("8."):  # no IProgressMonitor before TensorRT 10: a line says it takes a while
+        assert ("monitor",) not in calls and "this can take minutes" in logged and "Tactic" not in err
+    else:
+        assert calls.count(("monitor",)) == 1 and ("steps", [True, True, True]) in calls
+        # The top phase's bar stays, finished; a nested one is cleared when its phase ends.
+        assert "stage1: Building engine: 100%" in err and "2/2" in err and "stage1: Tactic selection" in err
+    calls = fake_trt(version)
+    build_engines(export_dir, timing_cache=tmp_path / "cache", networks=["stage1"], progress=False)
+    assert ("monitor",) not in calls and "Building engine" not in capsys.readouterr().err
 
 
 def test_build_engines_11_needs_fp16_onnx(export_dir, fake_trt, tmp_path):
