@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Any, List
 
 from dereflect.errors import ModelError, require
 from dereflect.models import BUNDLED_MODELS
+from dereflect.stop_signals import StopSignals, exit_status
 
 EXPORT_MODEL_HELP = f"a bundled model ({', '.join(BUNDLED_MODELS)}) or an export directory"
 
@@ -138,13 +140,20 @@ def run_engine(args: argparse.Namespace) -> int:
     _log_to_stderr()
     workspace = args.workspace * (1 << 20) if args.workspace else None
     manifest = prepare_engine_dir(args.model, args.out)
-    infos = build_engines(manifest.directory, fp16=args.fp16, min_shape=args.min, opt_shape=args.opt,
-                          max_shape=args.max, timing_cache=args.timing_cache, workspace=workspace,
-                          networks=args.network, progress=not args.no_progress)
+    # Ctrl+C or SIGTERM: the build in progress is cancelled (TensorRT 10+) or finished, the engines built kept.
+    with StopSignals() as signals:
+        infos = build_engines(manifest.directory, fp16=args.fp16, min_shape=args.min, opt_shape=args.opt,
+                              max_shape=args.max, timing_cache=args.timing_cache, workspace=workspace,
+                              networks=args.network, progress=not args.no_progress, stop=signals)
     for name, info in infos.items():
         shapes = "; ".join(f"{k} {v['min']}..{v['max']} (opt {v['opt']})" for k, v in info.profiles.items())
         print(f"{name}: {info.engine} ({info.precision}, TensorRT {info.tensorrt_version}, {info.gpu_name} "
               f"sm {info.compute_capability}) {shapes}")
+    if signals.received:
+        print(f"dereflect: stopped by {signals.received} with {len(infos)} engine(s) built, kept in "
+              f"{manifest.directory}; run the command again to build the rest (--network NAME builds one)",
+              file=sys.stderr)
+        return exit_status(signals.received)
     print(f"check them with: dereflect export verify {manifest.directory} --backend tensorrt")
     return 0
 

@@ -23,7 +23,9 @@ every network), a persistent timing cache shared by all builds (faster rebuilds 
 device), ``build_serialized_network``, and a sidecar JSON recording the TensorRT version,
 GPU, compute capability, profile, precision and the hash of the ONNX file used. A build takes
 minutes on a Jetson: TensorRT 10 and later report its phases (``IProgressMonitor``), shown as
-progress bars; every version logs each network's start and how long it took.
+progress bars; every version logs each network's start and how long it took. Ctrl+C or SIGTERM
+(``stop``) cancels the build in progress where TensorRT reports progress (10 and later), else
+lets it finish; the engines built before are kept.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from dereflect.cache import cache_dir
 from dereflect.errors import MissingDependencyError, ModelError, require
 from dereflect.imageio import is_free_folder, staged_file, staged_folder
 from dereflect.manifest import MANIFEST_NAME, Manifest, inside, load_manifest, sha256_file
+from dereflect.stop_signals import StopSignals
 from dereflect.trt_api import (
     EngineInfo,
     Version,
@@ -255,9 +258,10 @@ class _TimingCache:
         _write_atomic(self.path, self.cache.serialize())
 
 
-def build_progress(trt: Any, network: str) -> Optional[Any]:
+def build_progress(trt: Any, network: str, show: bool = True, stop: Optional[StopSignals] = None) -> Optional[Any]:
     """A ``trt.IProgressMonitor`` that draws the builder's phases of ``network`` as progress bars on
-    stderr (nested phases below their parent); None where TensorRT has no such interface (8.x)."""
+    stderr (nested phases below their parent; ``show``) and cancels the build once ``stop`` has
+    received a signal; None where TensorRT has no such interface (8.x)."""
     base = getattr(trt, "IProgressMonitor", None)
     if base is None:
         return None
@@ -274,14 +278,14 @@ def build_progress(trt: Any, network: str) -> Optional[Any]:
             with self._lock:
                 depth = len(self._bars)
                 self._bars[phase_name] = tqdm(total=num_steps, desc=f"{network}: {phase_name}", unit="step",
-                                              position=depth, leave=depth == 0, file=sys.stderr)
+                                              position=depth, leave=depth == 0, file=sys.stderr, disable=not show)
 
         def step_complete(self, phase_name: str, step: int) -> bool:
             with self._lock:
                 bar = self._bars.get(phase_name)
                 if bar is not None:
                     bar.update(step + 1 - bar.n)
-            return True  # False would cancel the build
+            return stop is None or stop.received is None  # False cancels the build
 
         def phase_finish(self, phase_name: str) -> None:
             with self._lock:
@@ -302,13 +306,17 @@ def build_engines(
     workspace: Optional[int] = None,
     networks: Optional[Sequence[str]] = None,
     progress: bool = True,
+    stop: Optional[StopSignals] = None,
 ) -> Dict[str, EngineInfo]:
     """Build ``<network>.engine`` and its sidecar for each network of an export directory.
 
     ``min_shape``/``opt_shape``/``max_shape``: "NxCxHxW", "HxW" or a name such as "720p"
     (see :func:`dereflect.trt_api.parse_shape`). ``workspace``: bytes for the builder's
     workspace pool (TensorRT's default when None). ``progress``: the builder's phases as progress
-    bars on stderr where TensorRT reports them (:func:`build_progress`). Returns the sidecars written.
+    bars on stderr where TensorRT reports them (:func:`build_progress`). ``stop``: a
+    :class:`~dereflect.stop_signals.StopSignals` in force; once it has received a signal the build
+    in progress is cancelled (TensorRT 10 and later; 8.x finishes it) and no further network is
+    built. Returns the sidecars written: every network's, or those built before a stop.
     """
     trt = require_tensorrt()
     ver = trt_version_tuple(trt)
@@ -366,16 +374,18 @@ def build_engines(
             config.add_optimization_profile(profile)
             cache.attach(config)
             # TensorRT holds the monitor by reference: it must live until the build is done.
-            monitor = build_progress(trt, name) if progress else None
+            monitor = build_progress(trt, name, show=progress, stop=stop) if progress or stop else None
             if monitor is not None:
                 config.progress_monitor = monitor
             log.info("building %s from %s (TensorRT %s, %s)%s", name, onnx_path.name, trt.__version__,
-                     "fp16" if fp16 else "fp32", "" if monitor else ": this can take minutes")
+                     "fp16" if fp16 else "fp32", "" if progress and monitor else ": this can take minutes")
             began = time.monotonic()
             serialized = builder.build_serialized_network(network, config)
             # The parser owns the weights the network points to: it must live until the build is done.
             del parser, monitor
             if serialized is None:
+                if stop is not None and stop.received:
+                    break  # cancelled by the monitor
                 raise ModelError(f"TensorRT could not build an engine for {name!r}; see its log above")
             log.info("built %s in %.0f s", name, time.monotonic() - began)
             engine_path, sidecar_path = engine_paths(manifest.directory, name)
@@ -389,6 +399,8 @@ def build_engines(
             )
             write_engine_info(info, sidecar_path)
             built[name] = info
+            if stop is not None and stop.received:
+                break
     finally:
         cache.save()
     return built

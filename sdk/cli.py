@@ -37,7 +37,8 @@ EPILOG = """exit status (every command):
   2    usage error or nothing done: bad options, model or input not found, missing extra
   130  interrupted (Ctrl+C; 143 for SIGTERM); what was finished is kept (video: the output file holds
        every frame processed so far; end a camera recording with --max-frames or q in --show instead;
-       train: last.safetensors at the last finished step; eval: the report of the images scored)
+       train: last.safetensors at the last finished step; eval: the report of the images scored;
+       export engine: the engines built, the one in progress cancelled where TensorRT allows)
 
 environment:
   DEREFLECT_CACHE  folder for downloaded or converted weights (train, weights) and the TensorRT timing

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import types
@@ -330,14 +332,19 @@ def make_fake_tensorrt(version: str, calls: list):
 
         def build_serialized_network(self, network, config):
             calls.append(("build",))
+            for hook in trt.during_build:
+                hook()
             monitor = getattr(config, "progress_monitor", None)
             if monitor is not None:  # as TensorRT reports: a phase, a nested one, their steps
                 monitor.phase_start("Building engine", None, 2)
                 monitor.phase_start("Tactic selection", "Building engine", 3)
-                calls.append(("steps", [monitor.step_complete("Tactic selection", i) for i in range(3)]))
+                steps = [monitor.step_complete("Tactic selection", i) for i in range(3)]
                 monitor.phase_finish("Tactic selection")
-                calls.append(("steps", [monitor.step_complete("Building engine", i) for i in range(2)]))
+                steps += [monitor.step_complete("Building engine", i) for i in range(2)]
                 monitor.phase_finish("Building engine")
+                calls.append(("steps", steps))
+                if not all(steps):
+                    return None  # cancelled, as TensorRT answers a monitor that asks
             return b"ENGINE-" + version.encode()
 
     builder_flags = types.SimpleNamespace(OBEY_PRECISION_CONSTRAINTS="OBEY")
@@ -350,6 +357,7 @@ def make_fake_tensorrt(version: str, calls: list):
     trt.NetworkDefinitionCreationFlag = creation
     trt.BuilderFlag = builder_flags
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.during_build = []  # callables a test runs inside each build
     if major >= 10:
 
         class IProgressMonitor:
@@ -441,7 +449,7 @@ def test_build_engines_shows_the_builders_phases_where_tensorrt_reports_them(exp
     if version.startswith("8."):  # no IProgressMonitor before TensorRT 10: a line says it takes a while
         assert ("monitor",) not in calls and "this can take minutes" in logged and "Tactic" not in err
     else:
-        assert calls.count(("monitor",)) == 1 and ("steps", [True, True, True]) in calls
+        assert calls.count(("monitor",)) == 1 and ("steps", [True] * 5) in calls
         # The top phase's bar stays, finished; a nested one is cleared when its phase ends.
         assert "stage1: Building engine: 100%" in err and "2/2" in err and "stage1: Tactic selection" in err
     calls = fake_trt(version)
@@ -583,6 +591,30 @@ def test_engine_copies_a_bundled_model_into_a_folder_of_its_own(bundled, fake_tr
                  "--timing-cache", str(tmp_path / "cache")]) == 0
     assert calls.count(("build",)) == 2 and (out / "stage1.engine.json").read_text() != engine_before
     assert read_engine_info(out / "stage1.engine.json").precision == "fp32"
+
+
+@pytest.mark.parametrize("version, kept", [("8.5.2.2", ["stage1"]), ("10.3.0", [])])
+def test_a_stop_signal_during_a_build_ends_the_command_cleanly_and_keeps_the_engines_built(
+        bundled, fake_trt, tmp_path, capsys, version, kept):
+    from dereflect.cli import main
+
+    calls = fake_trt(version)
+
+    def sigterm_once():
+        # The command's own handler must be in place, or the signal would end the test run itself.
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+        if calls.count(("build",)) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    sys.modules["tensorrt"].during_build.append(sigterm_once)
+    out = tmp_path / "engines"
+    assert main(["export", "engine", "rm2s-lite", "-o", str(out), "--timing-cache", str(tmp_path / "cache")]) == 143
+    err = capsys.readouterr().err
+    assert f"stopped by SIGTERM with {len(kept)} engine(s) built" in err and "Traceback" not in err
+    # 8.5 has no progress monitor: the build in progress finishes; 10 and later cancel it.
+    assert calls.count(("build",)) == 1 and sorted(p.stem for p in out.glob("*.engine")) == kept
+    assert ("steps", [False] * 5) in calls if not kept else ("monitor",) not in calls
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handler is gone again
 
 
 def test_engine_writes_goldens_into_the_copy_of_a_model_without_them(bundled, fake_trt, tmp_path, monkeypatch):
