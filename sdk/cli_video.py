@@ -69,7 +69,8 @@ def register(subparsers: Any) -> None:
     video.add_argument("--preview", action="store_true",
                        help="write input | output side by side: twice as wide (default: off)")
     video.add_argument("--show", action="store_true",
-                       help="also show the output in a window (needs a display; q or Esc stops; default: off)")
+                       help="also show the output in a window, with a strength slider (needs a display; q or "
+                            "Esc stops; default: off)")
     video.add_argument("--max-frames", type=int, metavar="N",
                        help="stop after N frames (default: all; cameras: stop with Ctrl+C)")
     video.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: off)")

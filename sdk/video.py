@@ -30,7 +30,9 @@ pace: if inference is slower, the driver drops frames before they are read, and 
 
 Stopping: Ctrl+C (SIGINT), SIGTERM (what ``timeout``, systemd and container runtimes send) and
 q / Esc in the ``show`` window all end the run the same way: the frames processed so far are
-written and the file is finished.
+written and the file is finished. The ``show`` window has a strength slider (0-200 %) where the
+remover takes a strength (:attr:`dereflect.remover.Remover.strength`): moved, it applies from
+the next frame the remover starts.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ MAX_BAD_READS = 16
 DEFAULT_CAMERA_FPS = 30.0
 MAX_REPORTED_FAILURES = 10
 WINDOW_NAME = "dereflect"
+#: The ``show`` window's slider: the remover's strength in percent, 0 to this.
+STRENGTH_SLIDER = ("strength %", 200)
 _END = object()
 
 Source = Union[str, int]
@@ -423,10 +427,27 @@ class _Sink:
 
 
 class _Window:
-    """The ``show`` window; q, Esc or closing it asks the run to stop."""
+    """The ``show`` window; q, Esc or closing it asks the run to stop. With a remover that takes a
+    strength, a slider sets it live (:data:`STRENGTH_SLIDER`)."""
+
+    def __init__(self, remover: Any) -> None:
+        self.remover = remover
+        self.opened = False
+
+    def _open(self) -> None:
+        cv2.namedWindow(WINDOW_NAME)
+        if isinstance(getattr(self.remover, "strength", None), float):
+            label, top = STRENGTH_SLIDER
+            cv2.createTrackbar(label, WINDOW_NAME, round(100 * self.remover.strength), top, self._set_strength)
+        self.opened = True
+
+    def _set_strength(self, percent: int) -> None:
+        self.remover.strength = percent / 100.0
 
     def show(self, image: np.ndarray) -> bool:
         """Show ``image``; False when the user asked to stop."""
+        if not self.opened:
+            self._open()
         cv2.imshow(WINDOW_NAME, image)
         key = cv2.waitKey(1) & 0xFF
         return key not in (ord("q"), 27) and cv2.getWindowProperty(WINDOW_NAME, cv2.WND_PROP_VISIBLE) >= 1
@@ -516,7 +537,7 @@ def _run(summary: VideoSummary, sink: _Sink, frames: _Frames, first: Tuple[np.nd
         threading.Thread(target=_worker, args=(remover, frames_q, results_q, stop, errors),
                          name="dereflect-infer", daemon=True),
     ]
-    window = _Window() if show else None
+    window = _Window(remover) if show else None
     bar = tqdm(total=summary.expected_frames, unit="frame", disable=not progress, dynamic_ncols=True,
                file=sys.stderr)
     last: Optional[np.ndarray] = None

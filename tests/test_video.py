@@ -333,12 +333,57 @@ def test_show_displays_each_output_frame_and_q_stops(tmp_path, monkeypatch):
     monkeypatch.setattr(cv2, "waitKey", lambda delay: ord("q") if len(shown) == 3 else -1)
     monkeypatch.setattr(cv2, "getWindowProperty", lambda name, prop: 1.0)
     monkeypatch.setattr(cv2, "destroyWindow", lambda name: None)
+    monkeypatch.setattr(cv2, "namedWindow", lambda name: None)
+    monkeypatch.setattr(cv2, "createTrackbar", lambda *args: pytest.fail("a slider for a remover without strength"))
     source = _write_video(tmp_path / "in.avi", 20)
     summary = process_video(source, tmp_path / "out.avi", Darken(), show=True, queue_size=1, progress=False)
     frames, _ = _read_video(tmp_path / "out.avi")
     # Frames the remover had finished when q was pressed are still written (and shown).
     assert summary.stopped_by == "the window" and 3 <= summary.frames == len(frames) < 20
     assert [_index(f) for f in shown] == [_index(f) for f in frames] == list(range(len(frames)))
+
+
+class Scaled(Darken):
+    """A stand-in remover with a strength: (1 - 0.5 strength) x the frame."""
+
+    def __init__(self):
+        super().__init__()
+        self.strength = 1.0
+        self.used = []
+
+    def remove(self, frame, colour_order="RGB"):
+        self.used.append(self.strength)
+        return (frame * (1 - 0.5 * self.strength)).astype(np.uint8)
+
+
+def test_show_window_has_a_strength_slider_that_applies_from_the_next_frame(tmp_path, monkeypatch):
+    import dereflect.video
+
+    sliders = []
+    monkeypatch.setenv("DISPLAY", ":0")
+    monkeypatch.setattr(dereflect.video, "_build_setting", lambda name: "QT5" if name == "GUI" else "NO")
+    monkeypatch.setattr(cv2, "namedWindow", lambda name: None)
+    monkeypatch.setattr(cv2, "createTrackbar", lambda *args: sliders.append(args))
+    remover = Scaled()
+    shown = []
+
+    def imshow(name, image):
+        shown.append(image)
+        if len(shown) == 2:  # the user drags the slider to 40 % after the second frame
+            sliders[0][4](40)
+
+    monkeypatch.setattr(cv2, "imshow", imshow)
+    monkeypatch.setattr(cv2, "waitKey", lambda delay: -1)
+    monkeypatch.setattr(cv2, "getWindowProperty", lambda name, prop: 1.0)
+    monkeypatch.setattr(cv2, "destroyWindow", lambda name: None)
+    source = _write_video(tmp_path / "in.avi", 12)
+    summary = process_video(source, tmp_path / "out.avi", remover, show=True, queue_size=1, progress=False)
+    assert summary.frames == 12 and len(sliders) == 1
+    label, window, start, top, _ = sliders[0]
+    assert (label, window, start, top) == ("strength %", dereflect.video.WINDOW_NAME, 100, 200)
+    # Frames already taken by the remover keep the old strength; from then on the new one.
+    switch = remover.used.index(0.4)
+    assert remover.used == [1.0] * switch + [0.4] * (12 - switch) and 2 <= switch <= 5
 
 
 @pytest.mark.skipif(not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")),
