@@ -110,6 +110,16 @@ class VideoSession:
                                                                                     "centre_filter"):
             self.settings = dataclasses.replace(remover.settings, centre_filter=CentreFilter(alpha, reset_ratio))
 
+    @property
+    def strength(self) -> Any:
+        """The remover's strength (see :attr:`dereflect.remover.Remover.strength`; None for a remover
+        without one); set here, it applies from the next frame."""
+        return getattr(self.remover, "strength", None)
+
+    @strength.setter
+    def strength(self, value: Any) -> None:
+        self.remover.strength = value
+
     def remove(self, frame: np.ndarray, colour_order: str = "BGR") -> np.ndarray:
         """The background of ``frame`` (the input's dtype, shape and colour order; OpenCV's BGR by default)."""
         rgb, info = to_float_rgb(frame, colour_order)

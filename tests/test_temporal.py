@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from dereflect.methods.base import Layers
 from dereflect.models import open_model
 from dereflect.temporal import CentreFilter, ColourFilter, VideoSession
 from dereflect.tools.flicker import flicker, flicker_sequence, measure_flicker
-from onnx_fixtures import make_rm2s_export
+from onnx_fixtures import make_crrn_export, make_rm2s_export
 
 
 class GainModel:
@@ -119,3 +120,17 @@ def test_eval_flicker_at_a_strength_says_so_and_strength_zero_does_not_flicker(t
     model = [float(x) for x in re.findall(r"(?:per frame|smoothing) ([0-9.]+)", printed)]
     # At strength 0 the output is the input: what is left is the input's own change under the static threshold.
     assert len(still) == len(model) == 2 and max(still) < 0.01 < 0.1 < min(model)
+
+
+def test_video_session_hands_the_strength_to_its_remover(tmp_path):
+    remover = open_model(make_crrn_export(tmp_path / "crrn"))
+    session = VideoSession(remover, temporal=False)
+    frame = flicker_sequence(frames=1, height=40, width=56)[0]
+    assert session.strength == 1.0
+    session.strength = 0
+    assert remover.strength == 0.0
+    np.testing.assert_array_equal(session.remove(frame, colour_order="RGB"), frame)
+    with pytest.raises(InputError, match="strength must be a number from 0 to 2"):
+        session.strength = 5
+    without = types.SimpleNamespace(settings=None)  # a remover that takes no strength
+    assert VideoSession(without, temporal=False).strength is None

@@ -386,6 +386,25 @@ def test_show_window_has_a_strength_slider_that_applies_from_the_next_frame(tmp_
     assert remover.used == [1.0] * switch + [0.4] * (12 - switch) and 2 <= switch <= 5
 
 
+def test_video_command_shows_the_slider_at_the_strength_asked(tmp_path, monkeypatch):
+    import dereflect.video
+    from onnx_fixtures import make_crrn_export
+
+    sliders = []
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.cli_video",))
+    monkeypatch.setenv("DISPLAY", ":0")
+    monkeypatch.setattr(dereflect.video, "_build_setting", lambda name: "QT5" if name == "GUI" else "NO")
+    for name, stand_in in (("namedWindow", lambda name: None), ("imshow", lambda name, image: None),
+                           ("waitKey", lambda delay: -1), ("getWindowProperty", lambda name, prop: 1.0),
+                           ("destroyWindow", lambda name: None), ("createTrackbar", lambda *a: sliders.append(a))):
+        monkeypatch.setattr(cv2, name, stand_in)
+    model = make_crrn_export(tmp_path / "model")
+    source = _write_video(tmp_path / "in.avi", 3)
+    assert dereflect.cli.main(["video", str(source), "-o", str(tmp_path / "out.avi"), "--model", str(model),
+                               "--show", "--strength", "1.5", "--no-progress"]) == 0
+    assert [(label, start, top) for label, _, start, top, _ in sliders] == [("strength %", 150, 200)]
+
+
 @pytest.mark.skipif(not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")),
                     reason="no display here (DISPLAY and WAYLAND_DISPLAY unset): a real --show window cannot open")
 def test_show_opens_a_real_window(tmp_path):
