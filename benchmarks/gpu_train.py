@@ -481,9 +481,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         if args.command == "pack":
-            from dereflect.train.vgg import default_cache_dir
+            from dereflect.cache import cache_dir
 
-            made = pack(args.photos, args.real, args.holdout, args.out, args.weights or default_cache_dir(),
+            made = pack(args.photos, args.real, args.holdout, args.out, cache_dir(args.weights),
                         args.photo_side, args.real_side, args.val_side, args.quality, args.limit_mb, args.force)
             print(f"{args.out}: {made['photos']} photos, {len(made['real_pairs'])} training pairs, "
                   f"{len(made['val_pairs'])} validation pairs, {made['bytes'] / 1e6:.1f} MB")

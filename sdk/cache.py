@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional, Union
 
 
-def cache_dir() -> Path:
-    """``$DEREFLECT_CACHE``, else ``~/.cache/dereflect``."""
+def cache_dir(folder: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """``folder`` where a caller names one, else ``$DEREFLECT_CACHE``, else ``~/.cache/dereflect``."""
+    if folder:
+        return Path(folder).expanduser()
     env = os.environ.get("DEREFLECT_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "dereflect"

@@ -449,11 +449,11 @@ def test_lr_drop_at_trains_rm2s_at_a_tenth_of_the_rate_from_that_step():
 
 
 def test_training_weights_and_the_timing_cache_share_one_folder(monkeypatch, tmp_path):
+    from dereflect.cache import cache_dir
     from dereflect.export.engine import default_timing_cache
-    from dereflect.train.models.encoder_weights import weights_cache_dir
     from dereflect.train.vgg import default_cache_dir
 
     monkeypatch.setenv("DEREFLECT_CACHE", str(tmp_path / "cache"))
-    assert weights_cache_dir(None) == default_cache_dir() == default_timing_cache("10.3", "Orin").parent
-    assert weights_cache_dir(None) == tmp_path / "cache"
-    assert weights_cache_dir(tmp_path / "mine") == tmp_path / "mine"
+    assert cache_dir(None) == default_cache_dir() == default_timing_cache("10.3", "Orin").parent
+    assert cache_dir(None) == tmp_path / "cache"
+    assert cache_dir(tmp_path / "mine") == tmp_path / "mine"

@@ -374,7 +374,7 @@ def prepare_hed_weights(
     import h5py
     from safetensors.numpy import save_file
 
-    out = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    out = default_cache_dir(cache_dir)
     out = out / HED_FILE_NAME
     if source is None:
         if out.is_file():
@@ -410,7 +410,7 @@ def _hub_checkpoint_dir() -> Path:
 
 def _torchvision_candidates(arch: str, cache_dir: Optional[Path]) -> List[Path]:
     name = TORCHVISION_URLS[arch].rsplit("/", 1)[1]
-    dirs = [cache_dir or default_cache_dir(), _hub_checkpoint_dir()]
+    dirs = [default_cache_dir(cache_dir), _hub_checkpoint_dir()]
     return [d / name for d in dirs]
 
 
@@ -492,7 +492,7 @@ def load_vgg(
         name = "vgg16" if source == "hed" else "vgg19_bn"
     if name is not None:
         _check_arch(name)
-    cdir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    cdir = default_cache_dir(cache_dir)
     if source == "auto":
         looked = []
         if name == "vgg16":

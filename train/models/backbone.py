@@ -18,11 +18,11 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from dereflect.cache import cache_dir as dereflect_cache_dir
 from dereflect.errors import InputError, ModelError
 from torch import nn
 
 from . import ENCODERS, efficientnet_lite, mobilenet_v2
-from .encoder_weights import weights_cache_dir
 
 
 class _EncoderKind(NamedTuple):
@@ -52,7 +52,7 @@ def load_encoder_weights(name: str, path: Optional[Union[str, os.PathLike]] = No
     from safetensors.torch import load_file
 
     kind = _encoder_kind(name)
-    file = Path(path) if path else weights_cache_dir(cache_dir) / kind.file_name
+    file = Path(path) if path else dereflect_cache_dir(cache_dir) / kind.file_name
     if not file.is_file():
         raise ModelError(f"{kind.label} weights not found at {file}; {kind.hint}")
     return load_file(str(file))

@@ -17,10 +17,6 @@ from dereflect.errors import InputError, ModelError
 from dereflect.imageio import staged_file
 
 
-def weights_cache_dir(cache_dir: Optional[Union[str, os.PathLike]]) -> Path:
-    return Path(cache_dir) if cache_dir else dereflect_cache_dir()
-
-
 def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, never pickled code
@@ -55,7 +51,7 @@ def save_encoder_weights(state: Dict[str, torch.Tensor], file_name: str, cache_d
     """Write converted encoder weights to ``<cache>/file_name`` atomically; their path."""
     from safetensors.torch import save_file
 
-    out = weights_cache_dir(cache_dir) / file_name
+    out = dereflect_cache_dir(cache_dir) / file_name
     with staged_file(out) as staged:
         save_file(state, str(staged), metadata=metadata)
     return out
