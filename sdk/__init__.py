@@ -17,6 +17,7 @@ __all__ = [
     "MissingDependencyError",
     "ModelError",
     "Remover",
+    "VideoSession",
     "__version__",
     "open_model",
 ]
@@ -28,6 +29,10 @@ def __getattr__(name: str):
         from dereflect.remover import Remover
 
         return Remover
+    if name == "VideoSession":
+        from dereflect.temporal import VideoSession
+
+        return VideoSession
     if name == "open_model":
         from dereflect.models import open_model
 

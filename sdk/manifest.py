@@ -221,7 +221,15 @@ class Manifest:
                 "(dereflect export onnx writes one unless --no-fp16) or run it in FP32 (remove and video: "
                 "--precision fp32; export verify: without --fp16)"
             )
-        return inside(self.directory, filename, f"network {network!r}")
+        path = inside(self.directory, filename, f"network {network!r}")
+        if not path.is_file():
+            other = spec.onnx if fp16 else spec.onnx_fp16
+            hint = ""
+            if other and inside(self.directory, other, f"network {network!r}").is_file():
+                kept = "fp32" if fp16 else "fp16"
+                hint = f"; this export keeps only its {kept.upper()} file: run it with --precision {kept}"
+            raise ModelError(f"{self.directory}: network {network!r}: file {filename} is missing{hint}")
+        return path
 
     def golden_path(self, network: str) -> Tuple[Path, str]:
         """The golden file of ``network`` and its recorded SHA-256."""
@@ -259,21 +267,32 @@ class Manifest:
             staged.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
-    def verify_files(self, fp16: bool = False) -> None:
-        """Check that every ONNX file named exists and has the recorded hash."""
+    def verify_files(self, fp16: Optional[bool] = False) -> None:
+        """Check that every ONNX file named (the FP16 ones with ``fp16``) exists and has the recorded hash.
+
+        ``fp16=None``, as a model is opened: each network needs its FP32 or its FP16 file (a device
+        may keep only the precision it runs), and every one present must have its hash.
+        """
         for name, spec in self.networks.items():
-            filename, expected = (spec.onnx_fp16, spec.sha256_fp16) if fp16 else (spec.onnx, spec.sha256)
-            if not filename:
-                continue
-            path = inside(self.directory, filename, f"network {name!r}")
-            if not path.is_file():
-                raise ModelError(f"{self.directory}: network {name!r}: file {filename} is missing")
-            actual = sha256_file(path)
-            if actual != expected:
-                raise ModelError(
-                    f"{path}: SHA-256 {actual[:12]}... does not match the manifest ({str(expected)[:12]}...); "
-                    "the file was changed or replaced after export"
-                )
+            files = [(spec.onnx_fp16, spec.sha256_fp16)] if fp16 else [(spec.onnx, spec.sha256)]
+            if fp16 is None:
+                files = [(f, h) for f, h in ((spec.onnx, spec.sha256), (spec.onnx_fp16, spec.sha256_fp16)) if f]
+                present = [(f, h) for f, h in files if inside(self.directory, f, f"network {name!r}").is_file()]
+                files = present or files[:1]  # none present: the FP32 file is reported missing
+            for filename, expected in files:
+                if filename:
+                    self._verify_file(name, filename, expected)
+
+    def _verify_file(self, name: str, filename: str, expected: Optional[str]) -> None:
+        path = inside(self.directory, filename, f"network {name!r}")
+        if not path.is_file():
+            raise ModelError(f"{self.directory}: network {name!r}: file {filename} is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ModelError(
+                f"{path}: SHA-256 {actual[:12]}... does not match the manifest ({str(expected)[:12]}...); "
+                "the file was changed or replaced after export"
+            )
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
@@ -372,5 +391,5 @@ def load_manifest(directory: os.PathLike, check_hashes: bool = True) -> Manifest
     _check_contract(manifest, path)
     method.settings(manifest.settings)  # validates the section now, not at the first frame
     if check_hashes:
-        manifest.verify_files()
+        manifest.verify_files(fp16=None)
     return manifest

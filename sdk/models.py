@@ -59,6 +59,9 @@ def resolve_model(model: ModelRef) -> Path:
     """The path a model reference names (a bundled model's export directory for its name)."""
     if model is None:
         return bundled_model_dir(BUNDLED_MODELS[0])
+    if not isinstance(model, (str, os.PathLike)):
+        raise InputError(f"a model is a bundled model's name ({', '.join(BUNDLED_MODELS)}), an export directory "
+                         f"or a checkpoint path, not {type(model).__name__} {model!r}")
     # A folder of that name that is not an export (say, a training run's) does not hide the bundled model.
     if str(model) in BUNDLED_MODELS and not (Path(model) / MANIFEST_NAME).is_file():
         return bundled_model_dir(str(model))

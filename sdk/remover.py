@@ -43,10 +43,11 @@ Remover per thread (each holds its own sessions / execution contexts).
 
 from __future__ import annotations
 
+import numbers
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -58,6 +59,9 @@ from dereflect.methods.base import NULL_TIMER, Executor, Layers, MiddleStepOutpu
 from dereflect.models import BUNDLED_MODELS
 
 DEFAULT_MAX_SIDE = 1024
+#: The smallest side the networks may be asked to run at (that of ``export onnx --max-side``): below
+#: it a U-Net's deepest level is a pixel or two wide.
+MIN_MAX_SIDE = 32
 LARGE_IMAGE_STRATEGIES = ("guided", "tile")
 TILE_OVERLAP = 64
 GUIDED_RADIUS = 2
@@ -249,7 +253,7 @@ def check_strength(strength: Any) -> float:
             or not low <= float(strength) <= high:
         raise InputError(f"strength must be a number from {low:g} to {high:g} (0: the input unchanged, 1: the "
                          f"model's output, above 1: its change amplified), not {strength!r}")
-    return float(strength)
+    return float(strength) + 0.0  # -0.0 is 0.0 (it would print as "-0")
 
 
 def at_strength(strength: Optional[float]) -> str:
@@ -387,14 +391,19 @@ class Remover:
         strength: float = 1.0,
         **backend_options: Any,
     ) -> None:
+        if not isinstance(manifest, Manifest):
+            raise InputError(f"Remover() takes a Manifest, not {type(manifest).__name__}; open a model by name "
+                             "or path with Remover.load (for example Remover.load('crrn-lite'))")
         if large_image not in LARGE_IMAGE_STRATEGIES:
             raise InputError(
                 f"large_image must be one of {', '.join(LARGE_IMAGE_STRATEGIES)}, not {large_image!r}"
             )
         if max_side == "model":
             max_side = manifest.max_side or DEFAULT_MAX_SIDE
-        if max_side is not None and (isinstance(max_side, (bool, str)) or int(max_side) < 0):
-            raise InputError(f"max_side must be positive (or 0 / None for no limit), not {max_side!r}")
+        if max_side is not None and (isinstance(max_side, (bool, np.bool_)) or not isinstance(max_side, numbers.Integral)
+                                     or 0 < max_side < MIN_MAX_SIDE or max_side < 0):
+            raise InputError(f"max_side must be a whole number of pixels, at least {MIN_MAX_SIDE} "
+                             f"(or 0 / None for no limit), not {max_side!r}")
         self.strength = strength
         self.manifest = manifest
         self.method = get_method(manifest.method)
@@ -402,6 +411,7 @@ class Remover:
         self.settings = self.method.settings(manifest.settings, **overrides)
         self.large_image = large_image
         self._lock = threading.Lock()
+        self._closed = False
         #: whether the networks took a batch (None: not tried yet; see remove_batch)
         self._batches: Optional[bool] = None
         self._backend = open_backend(manifest, self.method, backend, device=device, precision=precision,
@@ -448,11 +458,21 @@ class Remover:
         return self._device or self._host
 
     def close(self) -> None:
-        """Free the networks (sessions, engines, device memory)."""
-        closer = getattr(self._device, "close", None)
-        if closer is not None:
-            closer()
-        self._backend.close()
+        """Free the networks (sessions, engines, device memory); the Remover is then closed for good
+        (a later call raises InputError rather than quietly loading the networks again).
+        Waits for a frame in progress on another thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            closer = getattr(self._device, "close", None)
+            if closer is not None:
+                closer()
+            self._backend.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise InputError(f"{self!r} is closed; open the model again (Remover.load) to go on")
 
     def __enter__(self) -> Remover:
         return self
@@ -461,7 +481,9 @@ class Remover:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Remover {self.manifest.name!r} ({self.method.name}) on {self.backend}{at_strength(self.strength)}>"
+        closed = ", closed" if self._closed else ""
+        return (f"<Remover {self.manifest.name!r} ({self.method.name}) on {self.backend}"
+                f"{at_strength(self.strength)}{closed}>")
 
     def describe(self) -> Any:
         """Where the networks run and at what precision (:class:`~dereflect.backends.base.BackendDescription`)."""
@@ -477,6 +499,7 @@ class Remover:
         Below an engine profile's minimum the frame is edge-padded and the results cropped back.
         ``settings`` replaces the method's settings for this pass (a video's frame-to-frame state).
         """
+        self._check_open()
         height, width = rgb.shape[:2]
         settings = self.settings if settings is None else settings
         stateful = getattr(settings, "centre_filter", None) is not None
@@ -591,7 +614,11 @@ class Remover:
 
         ``image``: HxWx3 (or HxW grey, HxWx4 with alpha kept), uint8, uint16 or float in [0, 1];
         ``colour_order``: "BGR" (default: OpenCV's order, as ``cv2.imread`` and ``cv2.VideoCapture``
-        give) or "RGB" (Pillow, imageio, matplotlib). See :mod:`dereflect.imageio`.
+        give) or "RGB" (Pillow, imageio, matplotlib). With :mod:`dereflect.imageio`:
+        :func:`~dereflect.imageio.read_array` gives BGR (this default; write the result with
+        ``write_image(path, result, info, colour_order="BGR")``), :func:`~dereflect.imageio.read_image`
+        gives float RGB (pass ``colour_order="RGB"``). Both orders have three channels, so a mix-up
+        cannot be detected: it swaps red and blue.
         """
         return self._remove(image, check_image(image, colour_order), colour_order)
 
@@ -603,9 +630,10 @@ class Remover:
         return out.array
 
     def remove_batch(
-        self, images: Union[Sequence[np.ndarray], np.ndarray], colour_order: str = "BGR"
+        self, images: Union[Iterable[np.ndarray], np.ndarray], colour_order: str = "BGR"
     ) -> Union[List[np.ndarray], np.ndarray]:
-        """:meth:`remove` for each image (any mix of sizes); an NxHxWxC array gives an array back.
+        """:meth:`remove` for each image (any mix of sizes; a list, or any iterable, of arrays gives a
+        list); an NxHxWxC array gives an array back.
 
         Frames of one size that the networks take whole (not a large image) run as one batch
         through each network: exported graphs have a dynamic batch axis, and RM2S's middle step
@@ -617,8 +645,13 @@ class Remover:
         first batch, which then runs again frame by frame, as do the later ones).
         ``colour_order`` as in :meth:`remove` (BGR by default).
         """
-        if isinstance(images, np.ndarray) and images.ndim != 4:
-            raise InputError(f"a batch array must be NxHxWxC, got shape {images.shape}")
+        if isinstance(images, np.ndarray):
+            if images.ndim != 4:
+                raise InputError(f"a batch array must be NxHxWxC, got shape {images.shape}")
+        elif isinstance(images, Iterable) and not isinstance(images, (str, bytes)):
+            images = list(images)  # the frames are read twice below: a generator would be empty the second time
+        else:
+            raise InputError(f"remove_batch takes a list of images or an NxHxWxC array, not {type(images).__name__}")
         infos = [check_image(image, colour_order, f"image {i}") for i, image in enumerate(images)]
         frames = [_Frame(image, colour_order) for image in images]
         if not frames:
@@ -641,6 +674,7 @@ class Remover:
 
     def _run_batch(self, batch: np.ndarray) -> Optional[np.ndarray]:
         """The backgrounds of an N x H x W x 3 RGB batch, or None when the networks refuse a batch."""
+        self._check_open()
         try:
             layers = self.method.run(_BatchExecutor(self._host), batch, self.settings)
         except DereflectError:

@@ -98,10 +98,15 @@ class VideoSession:
 
     ``temporal=False`` runs every frame on its own (as ``Remover.remove``). With smoothing the RM2S
     middle step runs on the CPU (the fused GPU kernel computes each frame's centres by itself).
+    Sessions may share one Remover (one per stream, the networks loaded once); they then share its
+    :attr:`strength` too: for a strength per stream, give each stream its own Remover.
     """
 
     def __init__(self, remover: Any, temporal: bool = True, alpha: float = DEFAULT_ALPHA,
                  reset_ratio: float = RESET_RATIO) -> None:
+        if not (hasattr(remover, "process") and hasattr(remover, "settings")):
+            raise InputError(f"VideoSession takes a Remover (for example Remover.load('crrn-lite')), "
+                             f"not {type(remover).__name__}")
         self.remover = remover
         self.temporal = bool(temporal)
         self.colour = ColourFilter(alpha, reset_ratio) if self.temporal else None

@@ -1258,3 +1258,84 @@ def test_an_export_made_before_the_restructure_still_loads_and_runs(tmp_path):
     assert remover.settings.gradient_threshold == 1.0 and remover.max_hw == (1024, 1024)
     image = _photo(seed=12)
     np.testing.assert_allclose(remover.remove(image, colour_order="RGB"), _expected(image)[0], atol=2e-3)
+
+
+# -- an integrator's mistakes and edge cases ------------------------------------------------------
+
+def test_batch_takes_a_generator(remover):
+    images = [_photo(seed=s) for s in range(3)]
+    outs = remover.remove_batch(image for image in images)  # read twice inside: it must not come back empty
+    assert len(outs) == 3
+    for out, image in zip(outs, images):
+        np.testing.assert_allclose(out, remover.remove(image), atol=1e-6)
+    with pytest.raises(InputError, match="list of images"):
+        remover.remove_batch(5)
+
+
+def test_a_closed_remover_says_so(rm2s_dir):
+    remover = Remover.from_dir(rm2s_dir)
+    image = _photo()
+    with remover:
+        remover.remove(image)
+    assert "closed" in repr(remover)
+    for call in (lambda: remover.remove(image), lambda: remover.remove_batch([image, image]),
+                 lambda: remover.remove_with_intermediates(image)):
+        with pytest.raises(InputError, match="is closed"):
+            call()
+    assert not any(runner.is_active for runner in remover._host.runners.values())  # nothing loaded again
+    remover.close()  # closing twice is harmless
+
+
+def test_wrong_types_get_clear_errors(rm2s_dir):
+    from dereflect.temporal import VideoSession
+
+    with pytest.raises(InputError, match="Remover.load"):
+        Remover("crrn-lite")
+    for model in (123, b"crrn-lite"):
+        with pytest.raises(InputError, match="bundled model's name"):
+            Remover.load(model)
+    with pytest.raises(InputError, match="takes a Remover"):
+        VideoSession("crrn-lite")
+    for side in (2.5, 1, 31, -4, "big", True):
+        with pytest.raises(InputError, match="max_side"):
+            Remover.from_dir(rm2s_dir, max_side=side)
+    assert Remover.from_dir(rm2s_dir, max_side=np.int64(32)).max_hw == (32, 32)
+    assert Remover.from_dir(rm2s_dir, strength=-0.0).strength == 0.0 and "-0" not in repr(
+        Remover.from_dir(rm2s_dir, strength=-0.0))
+
+
+def test_middle_step_overrides_are_input_errors(rm2s_dir):
+    for value, message in ((-1, r"c1 must lie in \[0, 1\], got -1"), (float("nan"), "finite"), ("0.3", "finite")):
+        with pytest.raises(InputError, match=message):
+            Remover.from_dir(rm2s_dir, c1=value)
+    assert Remover.from_dir(rm2s_dir, c1=np.float32(0.25), c2=np.int64(1)).settings.c1 == 0.25
+
+
+def test_an_export_may_keep_only_its_fp16_files(tmp_path):
+    import shutil
+
+    from dereflect.models import bundled_model_dir
+
+    full = bundled_model_dir("crrn-lite")
+    fp16_only = Path(shutil.copytree(full, tmp_path / "crrn-lite"))
+    (fp16_only / "crrn.onnx").unlink()
+    image = (_photo(48, 64) * 255).astype(np.uint8)
+    expected = Remover.from_dir(full, precision="fp16", threads=1).remove(image)
+    np.testing.assert_array_equal(Remover.from_dir(fp16_only, precision="fp16", threads=1).remove(image), expected)
+    with pytest.raises(ModelError, match="--precision fp16"):
+        Remover.from_dir(fp16_only)  # FP32 by default on a CPU: the error says how to run what is there
+    (fp16_only / "crrn.fp16.onnx").write_bytes(b"changed")
+    with pytest.raises(ModelError, match="SHA-256"):  # what is there is still checked
+        Remover.from_dir(fp16_only, precision="fp16")
+    (fp16_only / "crrn.fp16.onnx").unlink()
+    with pytest.raises(ModelError, match="missing"):
+        Remover.from_dir(fp16_only, precision="fp16")
+
+
+def test_video_sessions_on_one_remover_share_its_strength(rm2s_dir):
+    import dereflect
+
+    remover = Remover.from_dir(rm2s_dir)
+    first, second = dereflect.VideoSession(remover), dereflect.VideoSession(remover)
+    first.strength = 0.5
+    assert second.strength == 0.5 == remover.strength

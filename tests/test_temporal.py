@@ -132,5 +132,5 @@ def test_video_session_hands_the_strength_to_its_remover(tmp_path):
     np.testing.assert_array_equal(session.remove(frame, colour_order="RGB"), frame)
     with pytest.raises(InputError, match="strength must be a number from 0 to 2"):
         session.strength = 5
-    without = types.SimpleNamespace(settings=None)  # a remover that takes no strength
+    without = types.SimpleNamespace(settings=None, process=None)  # a remover that takes no strength
     assert VideoSession(without, temporal=False).strength is None

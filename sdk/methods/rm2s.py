@@ -7,6 +7,7 @@ checkpoints (it is not exported: RM2S deploys both stages).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
@@ -44,12 +45,15 @@ class MiddleStepSettings:
         return {"c1": self.c1, "c2": self.c2, "gradient_threshold": self.gradient_threshold, "epsilon": self.epsilon}
 
 
-def _number(section: Mapping[str, Any], key: str, default: float, low: float, high: float, where: str) -> float:
+def _number(section: Mapping[str, Any], key: str, default: float, low: float, high: float, prefix: str,
+            error: type = ModelError) -> float:
+    """``section[key]`` checked to be a finite number in [low, high]: ModelError for a manifest's value,
+    ``error=InputError`` for a caller's (NumPy scalars count as numbers)."""
     value = section.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ModelError(f"{where}: {key} must be a finite number, got {value!r}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise error(f"{prefix}{key} must be a finite number, got {value!r}")
     if not low <= float(value) <= high:
-        raise ModelError(f"{where}: {key} must lie in [{low:g}, {high:g}], got {value!r}")
+        raise error(f"{prefix}{key} must lie in [{low:g}, {high:g}], got {float(value):g}")
     return float(value)
 
 
@@ -70,14 +74,14 @@ class RM2S(Method):
         if unknown:
             raise ModelError(f"{where}: unknown key(s) {unknown}")
         values = {
-            "c1": _number(section, "c1", 0.5, 0.0, 1.0, where),
-            "c2": _number(section, "c2", 0.5, 0.0, 1.0, where),
-            "gradient_threshold": _number(section, "gradient_threshold", GRADIENT_THRESHOLD, 0.0, 1e6, where),
-            "epsilon": _number(section, "epsilon", EPS, 1e-30, 1.0, where),
+            "c1": _number(section, "c1", 0.5, 0.0, 1.0, f"{where}: "),
+            "c2": _number(section, "c2", 0.5, 0.0, 1.0, f"{where}: "),
+            "gradient_threshold": _number(section, "gradient_threshold", GRADIENT_THRESHOLD, 0.0, 1e6, f"{where}: "),
+            "epsilon": _number(section, "epsilon", EPS, 1e-30, 1.0, f"{where}: "),
         }
         for key, value in (("c1", c1), ("c2", c2)):
             if value is not None:
-                values[key] = _number({key: value}, key, 0.5, 0.0, 1.0, f"--{key}")
+                values[key] = _number({key: value}, key, 0.5, 0.0, 1.0, "", InputError)
         chosen = threshold or "exact"
         if chosen not in THRESHOLDS:
             raise InputError(f"threshold must be one of {', '.join(THRESHOLDS)}, not {chosen!r}")
