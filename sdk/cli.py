@@ -32,7 +32,8 @@ COMMAND_MODULES = (
 #: Exit status of every command.
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 EPILOG = """exit status (every command):
-  0    everything asked was done (and every check or verification passed)
+  0    everything asked was done (and every check or verification passed), or nothing was left to do
+       (remove run again on a folder or several files: every output exists already)
   1    some items failed (files, frames, sizes) or a check / verification failed; the rest was done
   2    usage error or nothing done: bad options, model or input not found, missing extra
   130  interrupted (Ctrl+C; 143 for SIGTERM); what was finished is kept (video: the output file holds

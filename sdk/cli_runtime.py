@@ -30,13 +30,18 @@ extension, or any name ending with /) and the outputs keep the input names (with
 their subfolders too). Inputs are never changed."""
 
 EPILOG = """\
-exit status: 0 every image written; 1 some images failed (one line each; the others were
-written); 2 nothing written (a bad option, input or output path, or every image failed: a
-one-line error each).
+exit status: 0 every image written, or nothing left to do (every output exists already: one line
+says so); an existing output is kept without --overwrite and its input not run, so the same
+command again finishes an interrupted run; 1 some images failed (one line each; the others were
+written); 2 nothing written (a bad option, input or output path, every image failed, or the one
+input file named has its output already: a one-line error each).
 
 Checked before any work starts, with nothing written when a check fails: -o names an image
 format (.png .jpg .jpeg .bmp .tif .tiff .webp .ppm .pgm .pnm) or a folder; every output's folder
-can be created and written to (no part of the path is a file); every name fits the file system.
+can be created and written to (no part of the path is a file); every name fits the file system;
+no two inputs would write one file, outputs and --save-intermediates files alike, and none would
+replace an input. A colour image is refused as .pgm (grey only; use .ppm, .pnm or .png) before
+the model runs on it; a float TIFF is written as a float32 TIFF, as 8-bit in other formats.
 A folder's own images are processed; its subfolders only with --recursive. Hidden files,
 subfolders and files that are not images are skipped and counted in one line. Outputs are
 written atomically (a hidden temporary file, then a rename), so a failed or interrupted image
@@ -175,44 +180,58 @@ def intermediate_path(target: Path, key: str) -> Path:
     return base.with_name(f"{base.name}.{key}.png")
 
 
+def _file_id(path: Path) -> Tuple[int, int]:
+    """What identifies a file whatever the path to it (links, ``..``): its device and inode."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
 def plan_outputs(inputs: List[str], output: str, recursive: bool = False,
                  intermediates: bool = False, overwrite: bool = False) -> RemovePlan:
-    """(input, output) pairs, every output path checked; InputError before any work when one is unusable.
+    """(input, output) pairs, every file to be written checked; InputError before any work when one is
+    unusable: two inputs would write one file (an output or, with ``intermediates``, one of its
+    intermediates), a file written would replace an input, or a path cannot be written.
 
     Without ``overwrite``, inputs whose output exists already go to ``existing`` instead of the pairs
-    (a folder run again after an interruption does the rest); InputError when that leaves nothing to do.
+    (a folder run again after an interruption does the rest; when every output exists there is
+    nothing left to do). One input file named alone whose output exists is an InputError instead:
+    that file was asked for, and nothing would be done.
     """
     folder = _output_is_folder(output, inputs)
     out = Path(output)
     plan = _inputs(inputs, recursive, out if folder else None)
     if folder:
         check_output_path(out, folder=True)
+    input_ids = {_file_id(source) for source, _ in plan.pairs}
     pairs: List[Tuple[Path, Path]] = []
-    seen: Dict[Path, Path] = {}
+    # Every file to be written: the input it is written for, and whether it is an intermediate.
+    claimed: Dict[Path, Tuple[Path, bool]] = {}
     for source, relative in plan.pairs:
         if folder and not is_image_file(relative):
             raise InputError(f"{source}: not an image file name; in a folder the output keeps the input's name, "
                              f"which must end in one of {', '.join(IMAGE_EXTENSIONS)}")
         target = out / relative if folder else out
-        if target in seen:
-            raise InputError(f"{source} and {seen[target]} would both be written to {target}; rename one")
-        seen[target] = source
-        if os.path.exists(target) and os.path.samefile(source, target):
-            raise InputError(f"{target}: refusing to overwrite the input image; choose another output")
-        check_output_path(target)
         written = [target]
         if intermediates:
-            written += [check_output_path(intermediate_path(target, key)) for key in INTERMEDIATE_SUFFIXES]
+            written += [intermediate_path(target, key) for key in INTERMEDIATE_SUFFIXES]
+        for path in written:
+            intermediate = path != target
+            if path in claimed:
+                other, other_intermediate = claimed[path]
+                note = (" (--save-intermediates writes NAME.KEY.png beside each output NAME)"
+                        if intermediate or other_intermediate else "")
+                raise InputError(f"{source} and {other} would both be written to {path}{note}; rename one")
+            claimed[path] = (source, intermediate)
+            if os.path.exists(path) and _file_id(path) in input_ids:
+                raise InputError(f"{path}: refusing to overwrite the input image; choose another output")
+            check_output_path(path)
         found = [path for path in written if os.path.lexists(path)]
         if found and not overwrite:
             plan.existing.append(found[0])
             continue
         pairs.append((source, target))
-    if plan.existing and not pairs:
-        if len(plan.existing) == 1:
-            raise InputError(f"{plan.existing[0]}: file exists; pass --overwrite to replace it")
-        raise InputError(f"{output}: all {len(plan.existing)} outputs exist already "
-                         f"({plan.some_existing()}); pass --overwrite to replace them")
+    if plan.existing and not pairs and len(inputs) == 1 and not os.path.isdir(inputs[0]):
+        raise InputError(f"{plan.existing[0]}: file exists; pass --overwrite to replace it")
     plan.pairs = pairs
     return plan
 
@@ -245,18 +264,43 @@ def _intermediate_images(result: Any) -> Dict[str, Any]:
     return images
 
 
+class _TileBar:
+    """A progress bar over one large image's tiles (``--large-image tile`` can take minutes), opened
+    at the first tile so that images that fit the networks whole show none; only on a terminal."""
+
+    def __init__(self, source: Path, quiet: bool) -> None:
+        self.source, self.quiet, self.bar = source, quiet, None
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="tile", desc=self.source.name, leave=False, file=sys.stderr,
+                            disable=True if self.quiet else None)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> _TileBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _remove_one(remover: Any, source: Path, target: Path, args: argparse.Namespace) -> None:
-    from .imageio import read_array, write_image
+    from .imageio import output_layout, read_array, write_image
 
     # plan_outputs kept back the inputs whose outputs exist; write_image refuses one made since.
     image, info = read_array(source, max_pixels=args.max_pixels or None)
+    output_layout(target, info)  # a format that cannot hold this image (colour as .pgm): refused before the model
     if args.strip_metadata:
         info.metadata = None
-    if not args.save_intermediates:
-        write_image(target, remover.remove(image, colour_order="BGR"), info, overwrite=args.overwrite,
-                    colour_order="BGR")
-        return
-    result = remover.remove_with_intermediates(image, colour_order="BGR")
+    with _TileBar(source, quiet=args.quiet) as tiles:
+        if not args.save_intermediates:
+            write_image(target, remover.remove(image, colour_order="BGR", progress=tiles.update), info,
+                        overwrite=args.overwrite, colour_order="BGR")
+            return
+        result = remover.remove_with_intermediates(image, colour_order="BGR", progress=tiles.update)
     extras = {intermediate_path(target, key): value for key, value in _intermediate_images(result).items()}
     write_image(target, result.background, info, overwrite=args.overwrite, colour_order="BGR")
     for path, value in extras.items():
@@ -271,8 +315,15 @@ def _one_line(exc: BaseException, source: Path, target: Path) -> str:
 
 
 def run_remove(args: argparse.Namespace) -> int:
+    import cv2
     from tqdm import tqdm
 
+    # Every OpenCV failure here becomes one line of our own (an image that cannot be read or written),
+    # so OpenCV's log lines ([ERROR:...], [ WARN:...]) would only repeat it, or be noise (libtiff warnings).
+    # Not every build exposes the logging module to Python (as in video._quiet_opencv).
+    logging = getattr(getattr(cv2, "utils", None), "logging", None)
+    if logging is not None:
+        logging.setLogLevel(logging.LOG_LEVEL_SILENT)
     if args.max_pixels < 0:
         raise InputError(f"--max-pixels must be 0 (no limit) or positive, not {args.max_pixels}")
     plan = plan_outputs(args.inputs, args.output, recursive=args.recursive, intermediates=args.save_intermediates,
@@ -281,6 +332,12 @@ def run_remove(args: argparse.Namespace) -> int:
     if note and not args.quiet:
         print(f"dereflect: {note}", file=sys.stderr)
     kept = len(plan.existing)
+    if not plan.pairs:
+        # A run again after a finished one: nothing left to do is success, for scripts that resume.
+        # Said even with --quiet: the user may have expected those outputs replaced.
+        print(f"dereflect: nothing to do: all {kept} output(s) exist already ({plan.some_existing()}); "
+              "pass --overwrite to replace them", file=sys.stderr)
+        return 0
     if kept:
         # Even with --quiet: the user may have expected those outputs replaced.
         print(f"dereflect: {kept} output(s) exist already and are kept, their inputs not run "
@@ -289,7 +346,8 @@ def run_remove(args: argparse.Namespace) -> int:
     remover = open_from_args(args)
     written = failed = 0
     total = len(plan.pairs)
-    with tqdm(plan.pairs, unit="image", disable=args.quiet or total < 2, file=sys.stderr) as bar:
+    # disable=None: a bar only on a terminal; a log file would fill with its redraws.
+    with tqdm(plan.pairs, unit="image", disable=True if args.quiet or total < 2 else None, file=sys.stderr) as bar:
         try:
             for source, target in bar:
                 try:

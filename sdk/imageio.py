@@ -12,7 +12,12 @@ Everything the networks see is RGB float32 in [0, 1], HxWx3. The conversions are
 * **Float images** (arrays, and float TIFFs: one rule for both, :func:`check_image`) must lie
   in [0, 1]. Excursions up to ``FLOAT_TOLERANCE`` (resampling and colour-conversion overshoot)
   are clipped silently; anything further out is an InputError, because it usually means 0-255
-  data in a float image, which clipping would ruin. NaN and infinity are always errors.
+  data in a float image, which clipping would ruin. NaN and infinity are always errors. They are
+  written back as float32 in [0, 1] where the output format stores floats (TIFF) and as 8-bit
+  otherwise.
+* **PNM** outputs: ``.pgm`` stores grey only, so a colour image is refused (InputError, from
+  :func:`output_layout` before any work); ``.ppm`` stores colour only, so a grey image is written
+  as three equal channels; ``.pnm`` stores either.
 * **Huge images** over ``max_pixels`` (default ``DEFAULT_MAX_PIXELS``, 100 MP) are refused from
   the size their header declares, before decoding, for every format read (PNG, JPEG, TIFF and
   BigTIFF in either byte order, BMP, WebP, PPM/PGM/PBM), so a hostile or mistaken file cannot
@@ -53,6 +58,7 @@ DEFAULT_MAX_PIXELS = 100_000_000
 FLOAT_TOLERANCE = 0.02
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
 _SIXTEEN_BIT_FORMATS = (".png", ".tif", ".tiff")
+_FLOAT_FORMATS = (".tif", ".tiff")
 _ALPHA_FORMATS = (".png", ".tif", ".tiff", ".webp")
 _COLOUR_ORDERS = ("RGB", "BGR")
 #: Rows are validated and converted this many pixels at a time, so a large image never needs a
@@ -397,10 +403,14 @@ def read_header(data: bytes, name: str = "image") -> Tuple[str, int, int]:
 
 def _check_pixels(path: Path, width: int, height: int, max_pixels: Optional[int]) -> None:
     if max_pixels and width * height > max_pixels:
+        if max_pixels % 1_000_000:
+            # Not a whole number of megapixels (a small limit, say): exact counts, which always compare.
+            size, limit = f"{width * height:,} pixels", f"{max_pixels:,} pixels"
+        else:
+            size, limit = f"{width * height / 1e6:.1f} MP", f"{max_pixels // 1_000_000} MP"
         raise InputError(
-            f"{path}: image is {width}x{height} ({width * height / 1e6:.1f} MP), over the limit of "
-            f"{max_pixels / 1e6:.0f} MP; raise it with max_pixels=... (--max-pixels on the command line) "
-            "if you have the memory"
+            f"{path}: image is {width}x{height} ({size}), over the limit of {limit}; raise it with "
+            "max_pixels=... (--max-pixels on the command line) if you have the memory"
         )
 
 
@@ -636,8 +646,10 @@ def _stored(array: np.ndarray, target: ImageInfo, colour_order: str, alpha: Opti
     ``alpha`` (float HxW) is re-attached when the target keeps alpha and ``array`` has none of its own.
     """
     channels, _ = _layout(array, "output image")
-    if array.dtype == target.dtype and (channels == target.channels or (channels, target.channels) == (4, 3)):
+    if (array.dtype == target.dtype and array.dtype.kind != "f"
+            and (channels == target.channels or (channels, target.channels) == (4, 3))):
         # Already the stored values: no float round trip, only the channel order (and a dropped alpha).
+        # Floats take the round trip, which clips them to [0, 1] as every other output is.
         if channels == 1:
             return array
         if _check_colour_order(colour_order) == "RGB":
@@ -656,6 +668,32 @@ def _stored(array: np.ndarray, target: ImageInfo, colour_order: str, alpha: Opti
     return out
 
 
+def output_layout(path: PathLike, info: Optional[ImageInfo] = None) -> ImageInfo:
+    """The sample type and channel count :func:`write_image` stores an image described by ``info``
+    (None: 8-bit colour) as, in the format ``path``'s extension names.
+
+    The original's where the format holds it; else 8-bit (16-bit and float sources), no alpha, three
+    channels for a grey image in ``.ppm``. InputError when the format cannot hold the image at all
+    (a colour image as ``.pgm``), so that a caller can refuse before the work that makes it.
+    """
+    path = Path(path)
+    ext = path.suffix.lower()
+    if info is None:
+        info = ImageInfo(dtype=np.dtype(np.uint8), channels=3)
+    dtype = np.dtype(info.dtype)
+    if dtype.kind == "f":
+        dtype = np.dtype(np.float32 if ext in _FLOAT_FORMATS else np.uint8)
+    elif dtype == np.uint16 and ext not in _SIXTEEN_BIT_FORMATS:
+        dtype = np.dtype(np.uint8)
+    channels = 3 if info.channels == 4 and ext not in _ALPHA_FORMATS else info.channels
+    if ext == ".pgm" and channels != 1:
+        raise InputError(f"{path}: .pgm stores grey images only and this image is colour; name the output "
+                         ".ppm, .pnm or .png instead")
+    if ext == ".ppm" and channels == 1:
+        channels = 3  # OpenCV writes .ppm from colour only; three equal channels keep the grey exactly
+    return ImageInfo(dtype=dtype, channels=channels, squeeze=True)
+
+
 def write_image(
     path: PathLike, image: np.ndarray, info: Optional[ImageInfo] = None, overwrite: bool = False,
     colour_order: str = "RGB",
@@ -663,10 +701,10 @@ def write_image(
     """Write an image (float in [0, 1] or uint8/uint16) atomically; return the path.
 
     ``image`` is in ``colour_order`` (RGB, or BGR as from :func:`read_array`). With ``info``
-    from :func:`read_image` / :func:`read_array` the original bit depth (where the format
-    allows), grey-ness and alpha (where the format stores it) are restored (an integer array that
-    already holds them is written as it is), and its colour profile and EXIF (``info.metadata``) go
-    into JPEG and PNG outputs. The path is checked first
+    from :func:`read_image` / :func:`read_array` the original sample type (16-bit, float),
+    grey-ness and alpha are restored where the format stores them (:func:`output_layout`; an
+    integer array that already holds them is written as it is), and its colour profile and EXIF
+    (``info.metadata``) go into JPEG and PNG outputs. The path is checked first
     (:func:`check_output_path`). Never replaces ``info.path`` (the input file); replaces another
     existing file only when ``overwrite``.
     """
@@ -678,19 +716,14 @@ def write_image(
         raise InputError(f"{path}: refusing to overwrite the input image; choose another output path")
     if os.path.lexists(path) and not overwrite:
         raise InputError(f"{path}: file exists; pass overwrite=True (--overwrite) to replace it")
-    if info is None:
-        info = ImageInfo(dtype=np.dtype(np.uint8), channels=3)
-    dtype = np.dtype(info.dtype)
-    if dtype not in (np.uint8, np.uint16) or (dtype == np.uint16 and ext not in _SIXTEEN_BIT_FORMATS):
-        dtype = np.dtype(np.uint8)
-    channels = 3 if info.channels == 4 and ext not in _ALPHA_FORMATS else info.channels
-    target = ImageInfo(dtype=dtype, channels=channels, squeeze=True)
-    ok, encoded = cv2.imencode(ext, _stored(np.asarray(image), target, colour_order, info.alpha))
+    target = output_layout(path, info)
+    alpha = info.alpha if info is not None else None
+    ok, encoded = cv2.imencode(ext, _stored(np.asarray(image), target, colour_order, alpha))
     if not ok:
         raise InputError(f"{path}: OpenCV could not encode the image as {ext}")
     data: Union[bytes, np.ndarray] = encoded.ravel()
-    if info.metadata:  # spliced into a copy of the encoded bytes; without, the array is written as it is
-        data = embed_metadata(encoded.tobytes(), ext, info.metadata, grey=channels == 1)
+    if info is not None and info.metadata:  # spliced into a copy of the encoded bytes; else written as it is
+        data = embed_metadata(encoded.tobytes(), ext, info.metadata, grey=target.channels == 1)
     try:
         with staged_file(path) as staged, open(staged, "xb") as handle:
             handle.write(data)

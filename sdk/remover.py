@@ -47,7 +47,7 @@ import numbers
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -77,6 +77,8 @@ _MASKS = ("mask_background", "mask_reflection")
 #: The strengths a Remover takes: 0 gives the input back, 1 the model's output (the default),
 #: above 1 the model's change amplified (more of what it removes, and more of its errors).
 STRENGTH_RANGE = (0.0, 2.0)
+#: ``progress(done, total)``: told after each tile of a tiled large image.
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -400,8 +402,8 @@ class Remover:
             )
         if max_side == "model":
             max_side = manifest.max_side or DEFAULT_MAX_SIDE
-        if max_side is not None and (isinstance(max_side, (bool, np.bool_)) or not isinstance(max_side, numbers.Integral)
-                                     or 0 < max_side < MIN_MAX_SIDE or max_side < 0):
+        whole = isinstance(max_side, numbers.Integral) and not isinstance(max_side, (bool, np.bool_))
+        if max_side is not None and (not whole or 0 < max_side < MIN_MAX_SIDE or max_side < 0):
             raise InputError(f"max_side must be a whole number of pixels, at least {MIN_MAX_SIDE} "
                              f"(or 0 / None for no limit), not {max_side!r}")
         self.strength = strength
@@ -532,9 +534,10 @@ class Remover:
         return {key: getattr(low, key) for key in INTERMEDIATES}
 
     def _tiled(self, frame: _Frame, out: _Background, intermediates: bool,
-               settings: Any = None) -> Tuple[Dict[str, Any], int]:
+               settings: Any = None, progress: Optional[Progress] = None) -> Tuple[Dict[str, Any], int]:
         """Tiles in rows ("bands"); a band's sums cover only its rows, and the rows no later band
-        reaches are blended and handed on as soon as the band is done."""
+        reaches are blended and handed on as soon as the band is done. ``progress(done, total)``
+        after each tile."""
         height, width = frame.height, frame.width
         tile_h, tile_w = min(self.max_hw[0], height), min(self.max_hw[1], width)
         overlap = min(TILE_OVERLAP, tile_h // 4, tile_w // 4)
@@ -558,6 +561,8 @@ class Remover:
                 layers = self.run_once(tile, intermediates, settings=settings)
                 weights[window] += weight
                 count += 1
+                if progress is not None:
+                    progress(count, len(tops) * len(lefts))
                 for key in keys:
                     value = getattr(layers, key)
                     if value is None:
@@ -582,7 +587,7 @@ class Remover:
         return full, count
 
     def _process(self, frame: _Frame, out: _Background, intermediates: bool,
-                 settings: Any = None) -> Tuple[Dict[str, Any], float, int]:
+                 settings: Any = None, progress: Optional[Progress] = None) -> Tuple[Dict[str, Any], float, int]:
         """Run ``frame`` at whatever size it needs; its full-resolution background goes to ``out``.
 
         Returns the intermediates (the :data:`INTERMEDIATES` at the resolution the networks ran
@@ -593,7 +598,7 @@ class Remover:
             out.put(0, frame.height, layers.background)
             return {key: getattr(layers, key) for key in INTERMEDIATES}, 1.0, 1
         if self.large_image == "tile":
-            extras, count = self._tiled(frame, out, intermediates, settings)
+            extras, count = self._tiled(frame, out, intermediates, settings, progress)
             return extras, 1.0, count
         small_h, small_w, scale = fit_size(frame.height, frame.width, self.max_hw)
         return self._guided(frame, (small_h, small_w), out, intermediates, settings), scale, 1
@@ -609,7 +614,7 @@ class Remover:
 
     # -- public API -----------------------------------------------------------------------
 
-    def remove(self, image: np.ndarray, colour_order: str = "BGR") -> np.ndarray:
+    def remove(self, image: np.ndarray, colour_order: str = "BGR", progress: Optional[Progress] = None) -> np.ndarray:
         """The background of ``image``, with the input's dtype, shape and colour order.
 
         ``image``: HxWx3 (or HxW grey, HxWx4 with alpha kept), uint8, uint16 or float in [0, 1];
@@ -619,14 +624,17 @@ class Remover:
         ``write_image(path, result, info, colour_order="BGR")``), :func:`~dereflect.imageio.read_image`
         gives float RGB (pass ``colour_order="RGB"``). Both orders have three channels, so a mix-up
         cannot be detected: it swaps red and blue.
+        ``progress(done, total)`` is called after each tile of a large image with ``large_image="tile"``
+        (a progress bar's hook; nothing else reports).
         """
-        return self._remove(image, check_image(image, colour_order), colour_order)
+        return self._remove(image, check_image(image, colour_order), colour_order, progress)
 
-    def _remove(self, image: np.ndarray, info: ImageInfo, colour_order: str) -> np.ndarray:
+    def _remove(self, image: np.ndarray, info: ImageInfo, colour_order: str,
+                progress: Optional[Progress] = None) -> np.ndarray:
         frame = _Frame(image, colour_order)
         out = _Background(frame, info, self.strength)
         with self._lock:
-            self._process(frame, out, intermediates=False)
+            self._process(frame, out, intermediates=False, progress=progress)
         return out.array
 
     def remove_batch(
@@ -685,15 +693,16 @@ class Remover:
         self._batches = True
         return layers.background
 
-    def remove_with_intermediates(self, image: np.ndarray, colour_order: str = "BGR") -> Result:
+    def remove_with_intermediates(self, image: np.ndarray, colour_order: str = "BGR",
+                                  progress: Optional[Progress] = None) -> Result:
         """:meth:`remove` plus the intermediates (see :class:`Result` for their resolution); always the
-        CPU middle step. ``colour_order`` as in :meth:`remove` (BGR by default); the image-like
-        intermediates come in the same order."""
+        CPU middle step. ``colour_order`` and ``progress`` as in :meth:`remove` (BGR by default); the
+        image-like intermediates come in the same order."""
         info = check_image(image, colour_order)
         frame = _Frame(image, colour_order)
         out = _Background(frame, info, self.strength)
         with self._lock:
-            extras, scale, tiles = self._process(frame, out, intermediates=True)
+            extras, scale, tiles = self._process(frame, out, intermediates=True, progress=progress)
         return _to_result(out.array, extras, colour_order, scale, tiles)
 
 

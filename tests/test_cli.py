@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import onnx
 import pytest
 from dereflect.cli import EPILOG, DefaultsHelpFormatter, build_parser, iter_parsers, main
@@ -155,3 +158,136 @@ def test_export_check_takes_a_bundled_name(capsys):
     assert main(["export", "check", "rm2s-lite"]) == 0
     out = capsys.readouterr().out
     assert "models/rm2s-lite/stage1.onnx" in out and "TensorRT 8.5: OK" in out
+
+
+# --- remove: what is checked before the model runs, exit codes, progress ---------------------------
+
+class _IdentityRemover:
+    """Stands in for the model: gives the image back, and counts the images it was given."""
+
+    def __init__(self) -> None:
+        self.images = 0
+
+    def remove(self, image, colour_order="BGR", progress=None):
+        self.images += 1
+        return image.copy()
+
+
+@pytest.fixture
+def identity(monkeypatch):
+    """The remover ``dereflect remove`` opens, and how many times it was opened (``opened``)."""
+    import dereflect.cli_runtime as runtime
+
+    remover = _IdentityRemover()
+    remover.opened = 0
+
+    def opened(args, **overrides):
+        remover.opened += 1
+        return remover
+
+    monkeypatch.setattr(runtime, "open_from_args", opened)
+    return remover
+
+
+def _image(path: Path, array=None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8) if array is None else array
+    assert cv2.imwrite(str(path), array)
+    return path
+
+
+@pytest.mark.parametrize("names, written_twice", [
+    (["a.jpg", "a.png", "a.reflection.png"], "a.stage1.png"),  # two outputs' intermediates
+    (["a.jpg", "a.reflection.png"], "a.reflection.png"),  # an intermediate and another image's output
+])
+def test_remove_refuses_intermediates_written_twice_before_any_work(tmp_path, identity, capsys, names,
+                                                                     written_twice):
+    for name in names:
+        _image(tmp_path / "in" / name)
+    out = tmp_path / "out"
+    for overwrite in ([], ["--overwrite"]):
+        assert main(["remove", str(tmp_path / "in"), "-o", str(out), "--save-intermediates", *overwrite]) == 2
+        err = capsys.readouterr().err
+        assert f"would both be written to {out / written_twice}" in err and "rename one" in err, err
+        assert "--save-intermediates writes NAME.KEY.png" in err
+    assert not out.exists() and identity.opened == 0
+    # Without intermediates each image has a file of its own.
+    assert main(["remove", str(tmp_path / "in"), "-o", str(out), "-q"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+
+
+def test_remove_with_nothing_left_to_do_succeeds_but_one_file_asked_for_does_not(tmp_path, identity, capsys):
+    folder = tmp_path / "in"
+    for name in ("a.png", "b.png"):
+        _image(folder / name)
+    out = tmp_path / "out"
+    assert main(["remove", str(folder), "-o", str(out), "-q"]) == 0
+    assert identity.images == 2
+    capsys.readouterr()
+    for quiet in ([], ["-q"]):
+        assert main(["remove", str(folder), "-o", str(out), *quiet]) == 0
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "dereflect: nothing to do: all 2 output(s) exist already" in err, err
+        assert "pass --overwrite to replace them" in err and "error" not in err
+    assert main(["remove", str(folder / "a.png"), str(folder / "b.png"), "-o", str(out)]) == 0
+    assert identity.opened == 1 and identity.images == 2  # no model loaded, nothing run
+    # The one file named: it was asked for and is not written.
+    for target in (out / "a.png", f"{out}/"):
+        assert main(["remove", str(folder / "a.png"), "-o", str(target)]) == 2
+        assert f"error: {out / 'a.png'}: file exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_remove_refuses_colour_as_pgm_before_the_model_and_opencv_says_nothing(tmp_path, identity, capfd):
+    source = _image(tmp_path / "photo.png")
+    assert main(["remove", str(source), "-o", str(tmp_path / "out.pgm")]) == 2
+    err = capfd.readouterr().err
+    assert "out.pgm: .pgm stores grey images only and this image is colour; name the output .ppm" in err
+    assert "[ERROR" not in err and identity.images == 0 and not (tmp_path / "out.pgm").exists()
+    grey = _image(tmp_path / "grey.png", np.full((12, 16), 90, np.uint8))
+    assert main(["remove", str(grey), "-o", str(tmp_path / "grey.pgm"), "-q"]) == 0
+    # .ppm holds colour only: a grey image is written as three equal channels.
+    assert main(["remove", str(grey), "-o", str(tmp_path / "grey.ppm"), "-q"]) == 0
+    assert cv2.imread(str(tmp_path / "grey.ppm"), cv2.IMREAD_UNCHANGED).shape == (12, 16, 3)
+
+
+def test_remove_keeps_opencv_log_lines_from_the_user(tmp_path, identity, capfd):
+    logging = cv2.utils.logging
+    level = logging.getLogLevel()
+    logging.setLogLevel(logging.LOG_LEVEL_WARNING)  # OpenCV's default, whatever ran before
+    try:
+        # libtiff warns (through OpenCV's log) when it reads the four-channel TIFF OpenCV writes.
+        bgra = np.dstack([np.zeros((12, 16, 3), np.uint8), np.full((12, 16), 255, np.uint8)])
+        source = _image(tmp_path / "alpha.tif", bgra)
+        assert main(["remove", str(source), "-o", str(tmp_path / "out.png"), "-q"]) == 0
+    finally:
+        logging.setLogLevel(level)
+    assert capfd.readouterr().err == ""
+
+
+def test_remove_writes_a_float_tiff_as_float32(tmp_path, identity):
+    values = np.random.default_rng(1).random((12, 16, 3)).astype(np.float32)
+    source = _image(tmp_path / "f32.tif", values)
+    assert main(["remove", str(source), "-o", str(tmp_path / "out" / "f32.tif"), "-q"]) == 0
+    back = cv2.imread(str(tmp_path / "out" / "f32.tif"), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == np.float32
+    np.testing.assert_array_equal(back, values)
+    # A format without floats gets 8 bits.
+    assert main(["remove", str(source), "-o", str(tmp_path / "out" / "f32.png"), "-q"]) == 0
+    assert cv2.imread(str(tmp_path / "out" / "f32.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint8
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_remove_draws_its_progress_bar_on_a_terminal_only(tmp_path, identity, capsys, monkeypatch):
+    for name in ("a.png", "b.png", "c.png"):
+        _image(tmp_path / "in" / name)
+    assert main(["remove", str(tmp_path / "in"), "-o", str(tmp_path / "log")]) == 0
+    err = capsys.readouterr().err  # what a log file would hold
+    assert "\r" not in err and "image/s" not in err and "3 image(s) written" in err
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["remove", str(tmp_path / "in"), "-o", str(tmp_path / "tty")]) == 0
+    assert "3/3" in terminal.getvalue() and "\r" in terminal.getvalue()

@@ -12,6 +12,7 @@ from dereflect.imageio import (
     check_output_path,
     from_float_rgb,
     is_free_folder,
+    output_layout,
     read_array,
     read_header,
     read_image,
@@ -113,6 +114,13 @@ def test_huge_image_refused_from_header_and_limit_can_be_raised(tmp_path):
             read_image(p, max_pixels=100_000)
         assert "max_pixels" in str(err.value)
         assert read_image(p, max_pixels=200_000)[0].shape == (300, 400, 3)
+    # A limit that is not a whole number of megapixels is said in pixels, never rounded to "0 MP".
+    with pytest.raises(InputError, match=r"400x300 \(120,000 pixels\), over the limit of 1,000 pixels;"):
+        read_image(path, max_pixels=1000)
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(declared_only("png", 24000, 24000))
+    with pytest.raises(InputError, match=r"24000x24000 \(576\.0 MP\), over the limit of 100 MP;"):
+        read_image(huge)
 
 
 @pytest.mark.parametrize("ext, params, channels", [
@@ -162,6 +170,41 @@ def test_float_files_follow_the_array_rule(tmp_path):
     path.write_bytes(tiff_bytes(np.nan_to_num(values) * 255))
     with pytest.raises(InputError, match="0-255"):
         read_image(path)
+
+
+def test_float_images_are_written_as_float32_where_the_format_stores_floats(tmp_path):
+    values = np.random.default_rng(2).random((6, 7, 3)).astype(np.float32)
+    path = tmp_path / "f.tif"
+    path.write_bytes(tiff_bytes(values))
+    image, info = read_image(path)
+    for name in ("o.tif", "o.tiff"):
+        back = cv2.imread(str(write_image(tmp_path / name, image, info)), cv2.IMREAD_UNCHANGED)
+        assert back.dtype == np.float32
+        np.testing.assert_array_equal(back[:, :, ::-1], values)
+    # Clipped to [0, 1] as every output is; a float64 array is stored as float32.
+    over = write_image(tmp_path / "over.tif", (image * 2).astype(np.float64), info)
+    assert cv2.imread(str(over), cv2.IMREAD_UNCHANGED).max() == 1.0
+    png = cv2.imread(str(write_image(tmp_path / "o.png", image, info)), cv2.IMREAD_UNCHANGED)
+    assert png.dtype == np.uint8 and np.abs(png[:, :, ::-1] / 255.0 - values).max() <= 0.5 / 255 + 1e-6
+    assert output_layout(tmp_path / "o.tif", info).dtype == np.float32
+    assert output_layout(tmp_path / "o.webp", info).dtype == np.uint8
+
+
+def test_pnm_outputs_hold_what_their_format_holds(tmp_path):
+    colour = _save_bgr(tmp_path / "c.png", _rgb8())
+    grey = _save_bgr(tmp_path / "g.png", _rgb8()[:, :, 0])
+    image, info = read_image(colour)
+    with pytest.raises(InputError, match=r"o\.pgm: \.pgm stores grey images only .*\.ppm, \.pnm or \.png"):
+        output_layout(tmp_path / "o.pgm", info)
+    with pytest.raises(InputError, match="grey images only"):
+        write_image(tmp_path / "o.pgm", image, info)
+    assert not (tmp_path / "o.pgm").exists()
+    assert cv2.imread(str(write_image(tmp_path / "o.pnm", image, info)), cv2.IMREAD_UNCHANGED).shape == (24, 32, 3)
+    image, info = read_image(grey)
+    for ext, shape in ((".pgm", (24, 32)), (".pnm", (24, 32)), (".ppm", (24, 32, 3))):
+        back = cv2.imread(str(write_image(tmp_path / f"g{ext}", image, info)), cv2.IMREAD_UNCHANGED)
+        assert back.shape == shape, ext
+        np.testing.assert_array_equal(back if back.ndim == 2 else back[:, :, 1], _rgb8()[:, :, 0])
 
 
 def test_jpeg_end_marker_and_what_follows(tmp_path):

@@ -9,6 +9,7 @@ have an exact answer).
 from __future__ import annotations
 
 import contextlib
+import io
 import threading
 from pathlib import Path
 
@@ -1339,3 +1340,38 @@ def test_video_sessions_on_one_remover_share_its_strength(rm2s_dir):
     first, second = dereflect.VideoSession(remover), dereflect.VideoSession(remover)
     first.strength = 0.5
     assert second.strength == 0.5 == remover.strength
+
+
+def test_tiles_report_their_progress(crrn_dir):
+    image = _photo(100, 150)
+    calls = []
+    tiled = Remover.from_dir(crrn_dir, max_side=64, large_image="tile")
+    out = tiled.remove(image, colour_order="RGB", progress=lambda done, total: calls.append((done, total)))
+    np.testing.assert_allclose(out, tiled.remove(image, colour_order="RGB"))
+    total = calls[-1][1]
+    assert total > 1 and calls == [(done, total) for done in range(1, total + 1)]
+    assert tiled.remove_with_intermediates(image, colour_order="RGB", progress=lambda *a: calls.append(a)).tiles \
+        == total and len(calls) == 2 * total
+    calls.clear()
+    Remover.from_dir(crrn_dir, max_side=64).remove(image, progress=lambda *a: calls.append(a))  # guided: one pass
+    Remover.from_dir(crrn_dir, max_side=0).remove(image, progress=lambda *a: calls.append(a))
+    assert calls == []
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_cli_shows_a_bar_over_tiles_on_a_terminal(cli, crrn_dir, tmp_path, monkeypatch):
+    source = tmp_path / "big.png"
+    cv2.imwrite(str(source), (_photo(100, 150) * 255).astype(np.uint8))
+    args = ["remove", str(source), "--model", str(crrn_dir), "--max-side", "64", "--large-image", "tile"]
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert cli(args + ["-o", str(tmp_path / "a.png")]) == 0
+    assert "tile" in terminal.getvalue() and "big.png" in terminal.getvalue()
+    quiet = _Terminal()
+    monkeypatch.setattr("sys.stderr", quiet)
+    assert cli(args + ["-o", str(tmp_path / "b.png"), "-q"]) == 0
+    assert "tile" not in quiet.getvalue()
