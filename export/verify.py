@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-from dereflect.errors import InputError, ModelError
+from dereflect.errors import DereflectError, InputError, ModelError
 from dereflect.manifest import Manifest, TensorSpec, sha256_file
 from dereflect.trt_api import shape_in_profile
 
@@ -220,7 +220,8 @@ class VerifyReport:
     """Per network, case and output: PSNR, largest error (fraction of the value range), pass/fail.
 
     ``limit_source`` says where the pass limit came from (the precision's default or ``--min-psnr``);
-    ``notes`` what the reader must know to read the result (e.g. a reference computed here).
+    ``notes`` what the reader must know to read the result (e.g. a reference computed here);
+    ``unread`` the user's images that could not be read, each with why (they are not in the rows).
     """
 
     backend: str
@@ -231,6 +232,7 @@ class VerifyReport:
     rows: List[VerifyRow] = field(default_factory=list)
     limit_source: str = ""
     notes: List[str] = field(default_factory=list)
+    unread: Dict[str, str] = field(default_factory=dict)
 
     @property
     def compared(self) -> List[VerifyRow]:
@@ -271,6 +273,11 @@ class VerifyReport:
         for (network, output), row in self.worst().items():
             lines.append(f"worst {network}/{output}: {row.psnr_db:.2f} dB ({row.case})")
         lines.extend(f"note: {note}" for note in self.notes)
+        if self.unread:
+            from dereflect.imageio import some_names
+
+            lines.append(f"not read: {len(self.unread)} image(s) ({some_names(list(self.unread), 3)}), left out "
+                         "of the comparison")
         if not self.compared:
             lines.append("result: nothing compared")
         else:
@@ -278,8 +285,12 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _image_cases(directory: Any, max_side: int) -> List[Tuple[str, np.ndarray]]:
-    """The user's images (sorted), each scaled to fit ``max_side`` as the runtime would: (name, 1x3xHxW)."""
+def _image_cases(directory: Any, max_side: int, unread: Dict[str, str]) -> List[Tuple[str, np.ndarray]]:
+    """The user's images (sorted), each scaled to fit ``max_side`` as the runtime would: (name, 1x3xHxW).
+
+    An image that cannot be read is left out and put in ``unread`` (its path: why), as ``remove`` skips
+    one: a bad file among many should not leave the rest unverified.
+    """
     from dereflect.imageio import is_image_file, read_image
 
     folder = Path(directory)
@@ -290,7 +301,12 @@ def _image_cases(directory: Any, max_side: int) -> List[Tuple[str, np.ndarray]]:
         raise InputError(f"--images {folder}: no images in it")
     cases = []
     for path in files:
-        rgb, _ = read_image(path)
+        try:
+            rgb, _ = read_image(path)
+        except (DereflectError, MemoryError) as exc:
+            message = str(exc) or type(exc).__name__
+            unread[str(path)] = message if str(path) in message else f"{path}: {message}"
+            continue
         height, width = rgb.shape[:2]
         scale = min(1.0, max_side / max(height, width))
         if scale < 1.0:
@@ -334,6 +350,7 @@ def verify(
     are compared with ONNX Runtime's on the same inputs. ``backend="onnxruntime"`` tests the FP32
     files (or the FP16 files with ``fp16=True``); ``"tensorrt"`` the engines built on this device,
     opened by the runtime's own checks. ``min_psnr_db`` replaces the precision's pass limit.
+    An image that cannot be read is skipped and named in ``report.unread``.
     Raises ModelError for a missing/tampered file or an incompatible engine.
     """
     from dereflect.backends.base import open_backend
@@ -371,6 +388,7 @@ def verify(
             min_psnr, max_error = float(min_psnr_db), None
             limit_source = "given with --min-psnr"
         notes: List[str] = []
+        unread: Dict[str, str] = {}
         if images is None and manifest.records.get("golden"):
             cases_by_network = {name: [(f"golden {i}", inputs, expected)
                                        for i, (inputs, expected) in enumerate(load_goldens(manifest, name))]
@@ -386,7 +404,7 @@ def verify(
             else:
                 _, engine_max = tested.input_limits()
                 side = min([max_side] + ([min(engine_max)] if engine_max else []))
-                labelled = _image_cases(images, side)
+                labelled = _image_cases(images, side, unread)
                 reference_text = f"ONNX Runtime FP32 on the images in {images}"
             if backend == "onnxruntime" and precision == "fp32":
                 notes.append("ONNX Runtime FP32 compared with itself checks that the files load and run, not "
@@ -398,7 +416,8 @@ def verify(
                     expected = reference.runners[name].infer(feeds[name])
                     cases_by_network[name].append((label, feeds[name], expected))
         report = VerifyReport(backend=backend, precision=precision, reference=reference_text,
-                              min_psnr_db=min_psnr, max_error=max_error, limit_source=limit_source, notes=notes)
+                              min_psnr_db=min_psnr, max_error=max_error, limit_source=limit_source, notes=notes,
+                              unread=unread)
         for name in names:
             spec = manifest.networks[name]
             ranges = {out.name: data_range(out) for out in spec.outputs}

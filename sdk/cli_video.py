@@ -11,10 +11,10 @@ from dereflect.cli_options import add_model_options, open_from_args
 from dereflect.stop_signals import exit_status
 
 EPILOG = """\
-exit status: 0 done (also when stopped with Ctrl+C or SIGTERM: the output holds every frame
-processed so far); 1 done, but some frames failed (written unchanged) or could not be decoded
-(the previous output frame repeated in their place); 2 nothing written (bad input, output or
-option: a one-line error).
+exit status: 0 done (also when stopped by --max-frames or q in the --show window); 1 done, but
+some frames failed (written unchanged) or could not be decoded (the previous output frame
+repeated in their place); 2 nothing written (bad input, output or option: a one-line error);
+130 stopped by Ctrl+C, 143 by SIGTERM (the output holds every frame processed so far).
 
 output codec: H.264 where this OpenCV build has an encoder for it (the PyPI wheel has none),
 else MPEG-4 Part 2 (.mp4 .m4v .mov), Xvid (.mkv), Motion JPEG (.avi); the summary says which.
@@ -72,7 +72,7 @@ def register(subparsers: Any) -> None:
                        help="also show the output in a window, with a strength slider (needs a display; q or "
                             "Esc stops; default: off)")
     video.add_argument("--max-frames", type=int, metavar="N",
-                       help="stop after N frames (default: all; cameras: stop with Ctrl+C)")
+                       help="stop after N frames, a positive integer (default: all; cameras: stop with Ctrl+C)")
     video.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: off)")
     video.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
     video.add_argument("--temporal", choices=["on", "off"], default="on",
@@ -88,9 +88,10 @@ def run_video(args: argparse.Namespace) -> int:
     # wheel) straight to stderr; the summary reports both. Read when OpenCV first uses FFmpeg.
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     from .temporal import VideoSession
-    from .video import audio_note, check_job, is_pipeline, parse_source, process_video
+    from .video import audio_note, check_job, is_pipeline, may_have_audio, parse_source, process_video
 
-    check_job(args.input, args.output, overwrite=args.overwrite, camera=args.camera, show=args.show)
+    check_job(args.input, args.output, overwrite=args.overwrite, camera=args.camera, show=args.show,
+              max_frames=args.max_frames)
     remover = open_from_args(args)
     frames = VideoSession(remover, temporal=args.temporal == "on")
     summary = process_video(
@@ -118,8 +119,9 @@ def run_video(args: argparse.Namespace) -> int:
         print(f"warning: {summary.failed} frame(s) failed and were written unchanged "
               f"(first: frame {summary.failures[0][0]}: {summary.failures[0][1]})", file=sys.stderr)
     source = parse_source(args.input, args.camera)
-    # Cameras and pipelines give OpenCV no audio track to lose; a file or stream may have one.
-    if not args.camera and isinstance(source, str) and not is_pipeline(source) and not is_pipeline(args.output):
+    # Only for a run that finished (at the end or at --max-frames): a stopped run's file is partial,
+    # not yet the result to add audio to.
+    if not summary.interrupted and not args.camera and may_have_audio(source) and not is_pipeline(args.output):
         print(audio_note(source, summary.output), file=sys.stderr)
     if summary.stopped_by in ("SIGINT", "SIGTERM"):
         # Like any command stopped by a signal, though the file is complete so far.

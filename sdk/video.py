@@ -53,7 +53,7 @@ import cv2
 import numpy as np
 
 from .errors import InputError
-from .imageio import check_output_location, name_max, nearest_existing, staging_name
+from .imageio import check_output_location, is_image_file, name_max, nearest_existing, staging_name
 from .stop_signals import StopSignals
 
 #: The codecs tried for each output extension, best first (H.264 where the OpenCV build can encode it).
@@ -231,13 +231,16 @@ def _check_input(src: Source, camera: bool) -> None:
 
 
 def check_job(source: Union[str, int, os.PathLike], output: Output, overwrite: bool = False,
-              camera: bool = False, show: bool = False) -> None:
+              camera: bool = False, show: bool = False, max_frames: Optional[int] = None) -> None:
     """Every check that needs no decoding, so that a command refuses before it loads a model.
 
-    The output path (a folder, writable, a name that fits, a known extension, not the input,
-    not an existing file without ``overwrite``), the input file, GStreamer support for
-    pipelines and a display for ``show``. :func:`process_video` runs it too. Raises InputError.
+    ``max_frames`` (None or a positive integer), the output path (a folder, writable, a name
+    that fits, a known extension, not the input, not an existing file without ``overwrite``),
+    the input file, GStreamer support for pipelines and a display for ``show``.
+    :func:`process_video` runs it too. Raises InputError.
     """
+    if max_frames is not None and max_frames < 1:
+        raise InputError(f"--max-frames must be a positive integer, not {max_frames}")
     src = parse_source(source, camera)
     _check_input(src, camera)
     if is_pipeline(output):
@@ -456,12 +459,23 @@ class _Window:
         cv2.destroyWindow(WINDOW_NAME)
 
 
+def may_have_audio(source: Source) -> bool:
+    """Whether ``source`` is a local video file, the one input whose audio :func:`audio_note`'s line
+    can add back: cameras and pipelines give OpenCV no audio, a still image has none, and a URL may
+    be a live stream that ffmpeg would not read the same again. Whether the file holds an audio track
+    is not known here: OpenCV's FFmpeg backend (the PyPI wheel's) opens no audio streams."""
+    return isinstance(source, str) and os.path.isfile(source) and not is_image_file(source)
+
+
 def audio_note(source: Source, output: Union[Path, str]) -> str:
-    """The note that audio is not copied, with the ffmpeg line that adds it back for these files."""
+    """The note that audio is not copied, with the ffmpeg line that adds it back for these files.
+
+    ``-shortest`` cuts the audio where the video ends, as after ``max_frames``."""
     out = Path(output)
     with_audio = out.with_name(f"{out.stem}_with_audio{out.suffix}")
     command = " ".join(shlex.quote(str(part)) for part in
-                       ("ffmpeg", "-i", out, "-i", source, "-map", "0:v", "-map", "1:a?", "-c", "copy", with_audio))
+                       ("ffmpeg", "-i", out, "-i", source, "-map", "0:v", "-map", "1:a?", "-c", "copy", "-shortest",
+                        with_audio))
     return f"note: audio is not copied (OpenCV carries video frames only); to add it back: {command}"
 
 
@@ -492,7 +506,7 @@ def process_video(
     """
     from tqdm import tqdm
 
-    check_job(source, output, overwrite=overwrite, camera=camera, show=show)
+    check_job(source, output, overwrite=overwrite, camera=camera, show=show, max_frames=max_frames)
     src = parse_source(source, camera)
     target: Union[Path, str] = output if is_pipeline(output) else Path(output)
     capture = open_source(src, camera)

@@ -9,6 +9,7 @@ middle step's masks in stage 2 (so it has a stage-1 image and a confidence map).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -600,6 +601,93 @@ def test_photos_without_ground_truth_get_a_contact_sheet_and_the_mean_change(crr
     report = evaluate(crrn_dir, folder, layout="photos", out_dir=tmp_path / "out", progress=False)
     assert [s.name for s in report.images] == ["p1", "p2"]
     assert report.mean("model")["psnr"] is None and report.images[0].change > 0
-    assert "Mean change the model made" in report.mean_table()
+    change = 255 * np.mean([s.change for s in report.images])
+    assert f"| toy-crrn | 2 | {change:.2f} / 255 | {report.seconds_per_image:.3f} |" in report.mean_table()
     sheet = cv2.imread(str(tmp_path / "out" / "contact_sheet.png"))
     assert sheet.shape[0] == 22 + 2 * (18 + CONTACT_TILE + 4)
+
+
+def test_photos_print_and_report_only_what_means_something_without_ground_truth(monkeypatch, crrn_dir, tmp_path,
+                                                                               capsys):
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.tools.evaluate",))
+    folder = tmp_path / "photos"
+    for name in ("p1", "p2"):
+        _write(folder / f"{name}.png", _photo(seed=len(name) + 3))
+    out = tmp_path / "look"
+    assert dereflect.cli.main(["eval", str(crrn_dir), "--data", str(folder), "--layout", "photos", "--out", str(out),
+                               "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    change = 255 * report["mean"]["model_mean_change"]
+    # No table of "-" scores: the model, the images, the mean change, the time per image, the contact sheet.
+    assert re.fullmatch(
+        re.escape(f"toy-crrn on {folder} (photos, 2 images, resize native)\n"
+                  "| | images | mean change | s/image |\n|---|---|---|---|\n"
+                  f"| toy-crrn | 2 | {change:.2f} / 255 | ") + r"\d+\.\d{3}" + re.escape(" |\n\n"
+                  "No ground truth: nothing scored. Mean change: |output - input| per pixel and channel.\n"
+                  f"contact sheet: {out / 'contact_sheet.png'}\nreport written to {out / 'report.md'}\n"),
+        printed), printed
+    markdown = (out / "report.md").read_text()
+    assert "PSNR" not in markdown and " - |" not in markdown and "| - " not in markdown
+    assert "- Contact sheet: contact_sheet.png (input | stage 1 | confidence | result | 4x |change|)" in markdown
+    for image in report["images"]:
+        assert f"| {image['name']} | 40x56 | {255 * image['mean_change']:.2f} / 255 | " in markdown
+    assert dereflect.cli.main(["eval", str(crrn_dir), "--data", str(folder), "--layout", "photos",
+                               "--no-progress"]) == 0
+    assert "contact sheet: not written (--out DIR writes it)" in capsys.readouterr().out
+
+
+def _no_model(*args, **kwargs):
+    pytest.fail("the model was loaded before the options were checked")
+
+
+def test_eval_checks_out_and_contact_images_before_any_work(monkeypatch, crrn_dir, paired, tmp_path, capsys):
+    import dereflect.tools.evaluate as evaluate_module
+
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.tools.evaluate",))
+    monkeypatch.setattr(evaluate_module, "load_model", _no_model)
+    keep = tmp_path / "keep.jpg"
+    keep.write_bytes(b"a photo")
+    for extra, message in ((["--out", str(keep), "--limit", "2"], f"{keep}: exists and is not a folder"),
+                           (["--contact-images", "-1"], "--contact-images must be 0 (no contact sheet) or a "
+                                                        "positive number of rows, not -1"),
+                           (["--contact-images", "-1", "--flicker"], "--contact-images must be 0")):
+        code = dereflect.cli.main(["eval", str(crrn_dir), "--data", str(paired), "--no-progress", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"dereflect: error: {message}") and err.count("\n") == 1
+    assert keep.read_bytes() == b"a photo"
+    with pytest.raises(InputError, match="--contact-images must be 0"):
+        evaluate(crrn_dir, paired, contact_images=-2, progress=False)
+
+
+def test_eval_replaces_an_earlier_report_only_with_overwrite(monkeypatch, crrn_dir, paired, tmp_path, capsys):
+    import dereflect.tools.evaluate as evaluate_module
+
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.tools.evaluate",))
+    out = tmp_path / "out"
+    command = ["eval", str(crrn_dir), "--data", str(paired), "--out", str(out), "--no-progress"]
+    assert dereflect.cli.main(command) == 0
+    capsys.readouterr()
+    earlier = {path.name: path.read_bytes() for path in out.iterdir()}
+    assert sorted(earlier) == ["contact_sheet.png", "report.json", "report.md"]
+
+    real_load = evaluate_module.load_model
+    monkeypatch.setattr(evaluate_module, "load_model", _no_model)
+    assert dereflect.cli.main(command + ["--limit", "1"]) == 2
+    assert capsys.readouterr().err == (f"dereflect: error: {out}: report.md, report.json, contact_sheet.png exist "
+                                       "already (an earlier report); pass --overwrite to replace them\n")
+    (out / "report.json").unlink()
+    (out / "contact_sheet.png").unlink()
+    assert dereflect.cli.main(command) == 2
+    assert capsys.readouterr().err == (f"dereflect: error: {out / 'report.md'}: file exists; pass --overwrite to "
+                                       "replace it\n")
+    assert (out / "report.md").read_bytes() == earlier["report.md"]
+    with pytest.raises(InputError, match="file exists"):
+        evaluate(crrn_dir, paired, out_dir=out, progress=False)
+
+    # With --overwrite the new report replaces the old, and an old sheet does not stay beside a report without one.
+    monkeypatch.setattr(evaluate_module, "load_model", real_load)
+    (out / "contact_sheet.png").write_bytes(earlier["contact_sheet.png"])
+    assert dereflect.cli.main(command + ["--overwrite", "--limit", "1", "--contact-images", "0"]) == 0
+    assert sorted(path.name for path in out.iterdir()) == ["report.json", "report.md"]
+    assert json.loads((out / "report.json").read_text())["data"]["images"] == 1

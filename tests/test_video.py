@@ -160,7 +160,9 @@ def test_video_cli_with_an_export(tmp_path, monkeypatch, capsys):
     # The toy CRRN keeps 0.7 of the input.
     assert frames[3].mean() == pytest.approx(0.7 * _frame(3).mean(), rel=0.1)
     err = capsys.readouterr().err
+    # A finished run from a video file: the line that adds the source's audio back, cut to the video's length.
     assert "audio is not copied" in err and "6 frame(s)" in err
+    assert f"-map 0:v -map '1:a?' -c copy -shortest {tmp_path / 'out_with_audio.mp4'}" in err
     # --strength 0.5 keeps half the model's change: halfway between the input and the full change.
     half = tmp_path / "half.mp4"
     assert dereflect.cli.main(["video", str(source), "-o", str(half), "--model", str(model), "--no-progress",
@@ -524,4 +526,66 @@ def test_sigterm_and_sigint_finish_the_file_with_every_frame_so_far(tmp_path, si
     assert f"stopped by {signal.Signals(signum).name}" in err and "Traceback" not in err
     assert 0 < len(frames) < 6000 and f"{len(frames)} frame(s) at {W}x{H}" in err
     assert [_index(f) for f in frames] == [i % 256 for i in range(len(frames))]
-    assert not list(tmp_path.glob(".*partial*")) and err.count("audio is not copied") == 1
+    # A stopped run's file is partial: no hint to add the audio to it.
+    assert not list(tmp_path.glob(".*partial*")) and "audio is not copied" not in err
+
+
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit):
+        dereflect.cli.main(argv)
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_video_help_gives_the_exit_status_of_each_way_of_stopping(monkeypatch, capsys):
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.cli_video",))
+    text = _help(["video", "--help"], capsys)
+    status = text[text.index("exit status:"):text.index("output codec:")]
+    zero = status[:status.index("; 1 ")]
+    # Measured by test_sigterm_and_sigint_finish_the_file_with_every_frame_so_far: 130 and 143, not 0.
+    assert "Ctrl+C" not in zero and "SIGTERM" not in zero and "q in the --show window" in zero
+    assert "130 stopped by Ctrl+C, 143 by SIGTERM" in status
+    assert "(exit status 130, 143 and 0)" in text  # the description above says the same
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_max_frames_must_be_positive_before_anything_is_opened(tmp_path, monkeypatch, capsys, count):
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.cli_video",))
+    source = _write_video(tmp_path / "clip.avi", 3)
+    # A model that does not exist: had the model been opened first, the error would be about it.
+    code = dereflect.cli.main(["video", str(source), "-o", str(tmp_path / "y.mp4"), "--max-frames", count,
+                               "--model", str(tmp_path / "no-model"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"dereflect: error: --max-frames must be a positive integer, not {count}\n"
+    remover = Darken()
+    with pytest.raises(InputError, match="--max-frames must be a positive integer"):
+        process_video(source, tmp_path / "y.mp4", remover, max_frames=int(count), progress=False)
+    assert remover.calls == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["clip.avi"]
+
+
+def test_no_audio_hint_for_a_still_image_or_a_stopped_run(tmp_path, monkeypatch, capsys):
+    import dereflect.video
+    from onnx_fixtures import make_crrn_export
+
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.cli_video",))
+    model = make_crrn_export(tmp_path / "model")
+    still = tmp_path / "still.png"
+    cv2.imwrite(str(still), _frame(5))
+    assert dereflect.cli.main(["video", str(still), "-o", str(tmp_path / "still.avi"), "--model", str(model),
+                               "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "1 frame(s)" in err and "audio is not copied" not in err
+
+    # q in the --show window after the second frame (cv2's window calls replaced)
+    shown = []
+    monkeypatch.setenv("DISPLAY", ":0")
+    monkeypatch.setattr(dereflect.video, "_build_setting", lambda name: "QT5" if name == "GUI" else "NO")
+    for name, stand_in in (("namedWindow", lambda name: None), ("imshow", lambda name, image: shown.append(1)),
+                           ("waitKey", lambda delay: ord("q") if len(shown) == 2 else -1),
+                           ("getWindowProperty", lambda name, prop: 1.0), ("destroyWindow", lambda name: None),
+                           ("createTrackbar", lambda *a: None)):
+        monkeypatch.setattr(cv2, name, stand_in)
+    source = _write_video(tmp_path / "in.avi", 40)
+    assert dereflect.cli.main(["video", str(source), "-o", str(tmp_path / "out.avi"), "--model", str(model),
+                               "--show", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "stopped by the window" in err and "audio is not copied" not in err

@@ -59,6 +59,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -71,7 +72,7 @@ import numpy as np
 from dereflect import __version__
 from dereflect.cli_options import add_model_options, model_options
 from dereflect.errors import InputError, ModelError
-from dereflect.imageio import as_float_rgb, read_image, staged_file, write_image
+from dereflect.imageio import as_float_rgb, check_output_location, read_image, staged_file, write_image
 from dereflect.remover import at_strength
 from dereflect.stop_signals import StopSignals, exit_status
 from dereflect.tools.datasets import LAYOUTS, Pair, PathLike, filter_pairs, find_pairs, read_name_list, read_pair
@@ -93,6 +94,8 @@ REGION_METRICS = ("ssimr", "sir")
 METRIC_LABELS = {"psnr": "PSNR", "ssim": "SSIM", "si": "SI", "ssimr": "SSIMr", "sir": "SIr"}
 BASELINE_LABEL = "do nothing (input as output)"
 CONTACT_COLUMNS = ("input", "stage 1", "confidence", "result", "ground truth")
+#: The contact sheet's last column for photos without ground truth: what the model took away.
+CHANGE_COLUMN = "4x |change|"
 CONTACT_TILE = 160
 DEFAULT_CONTACT_IMAGES = 4
 #: ImageScores' rows after the best channel gains (--colour-fitted)
@@ -275,6 +278,8 @@ class Report:
     gain_baseline: Optional[Dict[str, Any]] = None
     #: whether the model and the input were also scored after their best channel gains
     colour_fitted: bool = False
+    #: False for photos without ground truth (layout "photos"): nothing scored, only the change measured
+    ground_truth: bool = True
 
     @property
     def model_label(self) -> str:
@@ -292,8 +297,17 @@ class Report:
         return out
 
     @property
+    def mean_change(self) -> float:
+        """Mean over the images of |output - input| (in [0, 1]); 0 with no images."""
+        return float(np.mean([s.change for s in self.images])) if self.images else 0.0
+
+    @property
     def seconds_per_image(self) -> float:
         return float(np.mean([s.seconds for s in self.images])) if self.images else 0.0
+
+    @property
+    def contact_columns(self) -> Tuple[str, ...]:
+        return CONTACT_COLUMNS if self.ground_truth else CONTACT_COLUMNS[:-1] + (CHANGE_COLUMN,)
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -307,8 +321,7 @@ class Report:
                 "baseline": {k: _clean(v) for k, v in self.mean("baseline").items()},
                 "model": {k: _clean(v) for k, v in self.mean("model").items()},
                 "model_seconds_per_image": round(self.seconds_per_image, 4),
-                "model_mean_change": round(float(np.mean([s.change for s in self.images])), 6)
-                if self.images else None,
+                "model_mean_change": round(self.mean_change, 6) if self.images else None,
                 **({"gain_baseline": {k: _clean(v) for k, v in self.mean("gain").items()}}
                    if self.gain_baseline else {}),
                 **{key: {k: _clean(v) for k, v in self.mean(key).items()} for key in FITTED_ROWS
@@ -322,7 +335,17 @@ class Report:
         return json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False) + "\n"
 
     def mean_table(self) -> str:
-        """The Markdown table of means: baseline, model, and the model's gain over the baseline."""
+        """The Markdown table of means: baseline, model, and the model's gain over the baseline; for photos
+        without ground truth, what the model did: images, mean change and time per image."""
+        if not self.ground_truth:
+            # Every score would be empty: a table of them would say nothing.
+            return "\n".join([
+                "| | images | mean change | s/image |", "|---|---|---|---|",
+                f"| {self.model_label} | {len(self.images)} | {255 * self.mean_change:.2f} / 255 | "
+                f"{self.seconds_per_image:.3f} |",
+                "",
+                "No ground truth: nothing scored. Mean change: |output - input| per pixel and channel.",
+            ])
         labels = [METRIC_LABELS[m] for m in self.metrics]
         lines = ["| | " + " | ".join(labels) + " | s/image |", "|---" * (len(labels) + 2) + "|"]
         base, model = self.mean("baseline"), self.mean("model")
@@ -344,8 +367,7 @@ class Report:
             lines.append("| gain over do nothing, colour fitted | "
                          + _differences(self.metrics, fitted_model, fitted_base) + " | |")
         if self.images:
-            change = 255 * float(np.mean([s.change for s in self.images]))
-            lines.append(f"\nMean change the model made: {change:.2f} / 255 per pixel and channel")
+            lines.append(f"\nMean change the model made: {255 * self.mean_change:.2f} / 255 per pixel and channel")
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
@@ -360,7 +382,10 @@ class Report:
             + (f", region masks {_masks_text(d['masks'])}" if d.get("masks") else "") + ")",
             f"- Resize protocol: {p['resize_description']}",
             f"- Network resolution: {p['network_resolution']}",
-            f"- Metrics: {p['metrics']}",
+            f"- Metrics: {p['metrics']}" if self.ground_truth else
+            "- Metrics: none (no ground truth); mean change |output - input| per pixel and channel",
+            *([f"- Contact sheet: {REPORT_FILES['contact_sheet']} ({' | '.join(self.contact_columns)})"]
+              if self.contact_sheet is not None else []),
             f"- dereflect {__version__}, {self.created}",
             *([f"- **Partial**: stopped {p['stopped']}"] if p.get("stopped") else []),
             "",
@@ -368,9 +393,14 @@ class Report:
             "",
             self.mean_table(),
             "",
-            "## Per image (input -> model)",
+            "## Per image (input -> model)" if self.ground_truth else "## Per image",
             "",
         ]
+        if not self.ground_truth:
+            lines += ["| image | size | mean change | s |", "|---|---|---|---|"]
+            lines += [f"| {s.name} | {s.height}x{s.width} | {255 * s.change:.2f} / 255 | {s.seconds:.3f} |"
+                      for s in self.images]
+            return "\n".join(lines) + "\n"
         labels = [METRIC_LABELS[m] for m in self.metrics]
         lines.append("| image | size | " + " | ".join(f"{lab} in | {lab} out" for lab in labels) + " |")
         lines.append("|---" * (2 + 2 * len(labels)) + "|")
@@ -380,10 +410,10 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def write(self, out_dir: PathLike) -> Dict[str, Path]:
-        """Write report.md, report.json and (when made) contact_sheet.png into ``out_dir``; replaces them."""
+        """Write report.md, report.json and (when made) contact_sheet.png into ``out_dir``, replacing an
+        earlier report there (:func:`check_out_dir` refuses that up front without ``overwrite``)."""
         out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            raise InputError(f"{out}: exists and is not a folder")
+        check_output_location(out, folder=True)
         out.mkdir(parents=True, exist_ok=True)
         written = {}
         for key, text in (("markdown", self.to_markdown()), ("json", self.to_json())):
@@ -391,9 +421,12 @@ class Report:
             with staged_file(path) as staged:
                 staged.write_text(text)
             written[key] = path
+        sheet = out / REPORT_FILES["contact_sheet"]
         if self.contact_sheet is not None:
-            written["contact_sheet"] = write_image(out / REPORT_FILES["contact_sheet"], self.contact_sheet,
-                                                   overwrite=True)
+            written["contact_sheet"] = write_image(sheet, self.contact_sheet, overwrite=True)
+        elif os.path.lexists(sheet):
+            # An earlier report's sheet beside this report would pass for its own.
+            sheet.unlink()
         return written
 
 
@@ -554,6 +587,34 @@ def _contact_indices(count: int, wanted: int) -> List[int]:
 # --------------------------------------------------------------------------- evaluation
 
 
+def check_out_dir(out_dir: PathLike, overwrite: bool = False) -> None:
+    """Check, before any work, that the report can be written into ``out_dir``.
+
+    InputError for any of :func:`dereflect.imageio.check_output_location`'s reasons (e.g. ``out_dir`` is a
+    file), and, without ``overwrite``, when it holds report files already (an earlier run's), naming them.
+    """
+    out = Path(out_dir)
+    check_output_location(out, folder=True)
+    existing = [out / name for name in REPORT_FILES.values() if os.path.lexists(out / name)]
+    if existing and not overwrite:
+        if len(existing) == 1:
+            raise InputError(f"{existing[0]}: file exists; pass --overwrite to replace it")
+        raise InputError(f"{out}: {', '.join(path.name for path in existing)} exist already (an earlier report); "
+                         "pass --overwrite to replace them")
+
+
+def check_options(limit: Optional[int] = None, contact_images: int = DEFAULT_CONTACT_IMAGES,
+                  out_dir: Optional[PathLike] = None, overwrite: bool = False) -> None:
+    """The checks of :func:`evaluate`'s options that need no data or model: InputError before any work."""
+    if limit is not None and int(limit) < 1:
+        raise InputError(f"limit must be a positive number of images, not {limit}")
+    if int(contact_images) < 0:
+        raise InputError(f"--contact-images must be 0 (no contact sheet) or a positive number of rows, "
+                         f"not {contact_images}")
+    if out_dir is not None:
+        check_out_dir(out_dir, overwrite)
+
+
 def evaluate(
     model: Any,
     data_dir: PathLike,
@@ -569,6 +630,7 @@ def evaluate(
     contact_images: int = DEFAULT_CONTACT_IMAGES,
     progress: bool = True,
     stop: Optional[StopSignals] = None,
+    overwrite: bool = False,
     **options: Any,
 ) -> Report:
     """Score ``model`` on ``data_dir`` beside the do-nothing baseline; see the module doc.
@@ -576,7 +638,8 @@ def evaluate(
     ``model``: a bundled model's name, an export directory, a training checkpoint (.safetensors)
     or an object with ``remove_with_intermediates``. ``names``: a file listing the pairs to score
     (a validation split). ``limit``: score only the first N images (sorted by name).
-    ``out_dir``: also write report.md, report.json and contact_sheet.png there.
+    ``out_dir``: also write report.md, report.json and contact_sheet.png there; an earlier report there
+    is replaced only with ``overwrite`` (else InputError before any work).
     ``contact_images``: rows of the contact sheet (spread over the set; 0: none).
     ``masks``: region masks for SSIMr / SIr, a folder or ``"auto"`` (each pair's reflection_mask).
     ``gain_baseline``: also score the input times three channel gains ("R,G,B" or a JSON file from
@@ -590,8 +653,7 @@ def evaluate(
     :func:`dereflect.models.open_model`'s).
     """
     short = parse_resize(resize)
-    if limit is not None and int(limit) < 1:
-        raise InputError(f"limit must be a positive number of images, not {limit}")
+    check_options(limit, contact_images, out_dir, overwrite)
     auto_mask = masks == AUTO_MASKS
     used_layout, pairs = find_pairs(data_dir, layout, None if auto_mask else masks)
     if names is not None:
@@ -671,7 +733,7 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
                               f"larger images {how} ({reduced} of {len(images)} image(s) here)")
     else:
         network_resolution = "networks run at the scored resolution (no size limit)"
-    return Report(
+    report = Report(
         model=model_info,
         data={},
         protocol={
@@ -689,11 +751,13 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
         },
         metrics=metrics,
         images=images,
-        contact_sheet=(contact_sheet(rows, columns=CONTACT_COLUMNS if all(p.target is not None for p in pairs)
-                                     else CONTACT_COLUMNS[:-1] + ("4x |change|",)) if rows else None),
         gain_baseline=gains,
         colour_fitted=colour_fitted,
+        ground_truth=all(p.target is not None for p in pairs),
     )
+    if rows:
+        report.contact_sheet = contact_sheet(rows, columns=report.contact_columns)
+    return report
 
 
 # --------------------------------------------------------------------------- command line
@@ -727,6 +791,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--limit", type=int, metavar="N", help="score only the first N images (default: all)")
     parser.add_argument("--out", metavar="DIR",
                         help="write report.md, report.json, contact_sheet.png here (default: print the report only)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the report files of an earlier run in --out (default: off, refused before "
+                             "any work)")
     parser.add_argument("--gain-baseline", metavar="R,G,B|FILE", default=None,
                         help="also score the global-gain baseline: the input times three channel gains, given as "
                              "R,G,B or a JSON file from 'dereflect train fit-gain' (default: not scored)")
@@ -743,6 +810,8 @@ def register(subparsers: Any) -> None:
 
 
 def run_eval(args: Any) -> int:
+    # Before the flicker measurement too: a bad option is one line before any work, not after it.
+    check_options(args.limit, args.contact_images, args.out, args.overwrite)
     if args.flicker:
         from dereflect.tools.flicker import measure_flicker
 
@@ -762,10 +831,16 @@ def run_eval(args: Any) -> int:
         report = evaluate(args.model, args.data, layout=args.layout, resize=args.resize, masks=args.masks,
                           limit=args.limit, out_dir=args.out, names=args.names, gain_baseline=args.gain_baseline,
                           colour_fitted=args.colour_fitted, contact_images=args.contact_images,
-                          progress=not args.no_progress, stop=signals, **model_options(args))
+                          progress=not args.no_progress, stop=signals, overwrite=args.overwrite,
+                          **model_options(args))
     print(f"{report.model_label} on {report.data['dir']} ({report.data['layout']}, {report.data['images']} "
           f"images, resize {report.protocol['resize']})")
     print(report.mean_table())
+    if report.contact_sheet is not None and args.out:
+        print(f"contact sheet: {Path(args.out) / REPORT_FILES['contact_sheet']}")
+    elif report.contact_sheet is not None and not report.ground_truth:
+        # Without ground truth the sheet is what there is to look at.
+        print("contact sheet: not written (--out DIR writes it)")
     if args.out:
         print(f"report written to {Path(args.out) / REPORT_FILES['markdown']}")
     if "stopped" in report.protocol:
