@@ -114,7 +114,8 @@ def row_chunks(height: int, width: int, pixels: Optional[int] = None) -> Sequenc
 def _layout(array: np.ndarray, name: str) -> Tuple[int, bool]:
     """(channels, squeeze) of an image array; InputError when it is not one."""
     if not isinstance(array, np.ndarray):
-        raise InputError(f"{name} must be a numpy array, not {type(array).__name__}")
+        hint = " (cv2.imread gives None for a file it cannot read)" if array is None else ""
+        raise InputError(f"{name} must be a numpy array, not {type(array).__name__}{hint}")
     squeeze = array.ndim == 2
     shape = array.shape + (1,) if squeeze else array.shape
     if len(shape) != 3 or shape[2] not in (1, 3, 4):

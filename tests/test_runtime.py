@@ -1375,3 +1375,8 @@ def test_cli_shows_a_bar_over_tiles_on_a_terminal(cli, crrn_dir, tmp_path, monke
     monkeypatch.setattr("sys.stderr", quiet)
     assert cli(args + ["-o", str(tmp_path / "b.png"), "-q"]) == 0
     assert "tile" not in quiet.getvalue()
+
+
+def test_a_failed_imread_is_named(remover):
+    with pytest.raises(InputError, match="cv2.imread gives None"):
+        remover.remove(cv2.imread("/nonexistent/photo.jpg"))
