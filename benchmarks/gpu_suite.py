@@ -8,8 +8,8 @@
 For each preset (random weights: latency does not depend on them; see random_export.py):
 
 1. this SDK's pipeline per stage at each size on the PyTorch backend in FP16
-   (``dereflect.tools.bench.run_bench``): what ``Remover.remove`` runs, staged with CUDA events
-   ``Remover`` runs;
+   (``dereflect.tools.bench.run_bench``): what ``Remover.remove`` runs, staged with CUDA events,
+   with the networks at each size in full (``max_side=0``), as the authors' structure runs them;
 2. FLOPs, minimum bytes, the floor on the device (``dereflect.tools.flops``; ``--device-table auto``
    picks the running GPU's entry) and each median as a multiple of it;
 3. the authors' structure with the same checkpoint (``authors_baseline.AuthorsPipeline``:
@@ -82,7 +82,7 @@ def run_preset(preset: str, workdir: Path, sizes: Sequence[Tuple[str, int, int]]
     _log(f"{preset}: random export in {time.time() - start:.0f} s")
     sdk = run_bench(export_dir, sizes, backend="torch", device=device, precision=precision,
                     warmup=args.warmup, runs=args.runs, device_table=table or "none", checkpoint=checkpoint,
-                    log=_log)
+                    max_side=0, log=_log)  # networks at each size in full, as the authors' structure runs
     authors_pipeline = AuthorsPipeline(checkpoint, device=device)
     authors = {}
     for label, height, width in sizes:

@@ -19,8 +19,9 @@ MODEL_HELP = (f"a bundled model ({', '.join(BUNDLED_MODELS)}), an export directo
 def add_model_options(parser: argparse.ArgumentParser, positional: bool = False, output: bool = True) -> None:
     """Add the model reference (``MODEL`` or ``--model``) and the runtime options to ``parser``.
 
-    ``output``: also what shapes the output image, ``--max-side``, ``--large-image`` and
-    ``--strength`` (not for commands that choose sizes themselves and time the networks).
+    ``--max-side`` (the resolution the networks run at) is for every command. ``output``: also what
+    shapes the output image, ``--large-image`` and ``--strength`` (not for ``bench``, which times
+    ``remove``'s default handling of a frame).
     """
     if positional:
         parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
@@ -44,11 +45,12 @@ def add_model_options(parser: argparse.ArgumentParser, positional: bool = False,
                        help="RM2S: reflection-mask threshold offset (default: the model's, 0.5)")
     group.add_argument("--c2", type=float, default=None, metavar="C",
                        help="RM2S: background-mask threshold offset (default: the model's, 0.5)")
+    larger = ("use --large-image" if output
+              else "are scaled down to it and guided-upsampled back, as remove does by default")
+    group.add_argument("--max-side", type=int, default=None, metavar="N",
+                       help=f"longest side the networks run at; larger images {larger} (0: no limit; default: "
+                            "the side the model recommends, 1024 for models without one)")
     if output:
-        group.add_argument("--max-side", type=int, default=None, metavar="N",
-                           help="longest side the networks run at; larger images use --large-image "
-                                "(0: no limit; default: the side the model recommends, 1024 for models "
-                                "without one)")
         group.add_argument("--large-image", default="guided", choices=["guided", "tile"],
                            help="guided: run scaled down, guided-upsample the reflection layer (default); "
                                 "tile: overlapping full-resolution tiles with blended seams")

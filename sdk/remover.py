@@ -522,15 +522,17 @@ class Remover:
         return self.max_hw is None or (height <= self.max_hw[0] and width <= self.max_hw[1])
 
     def _guided(self, frame: _Frame, size: Tuple[int, int], out: _Background, intermediates: bool,
-                settings: Any = None) -> Dict[str, Any]:
-        small = shrink_area(frame, size[0], size[1])
-        low = self.run_once(small, intermediates, settings=settings)
-        a, b = guided_coefficients(small - low.background, small)
-        for top, bottom in row_chunks(frame.height, frame.width, STRIP_PIXELS):
-            guide = frame.rgb(top, bottom)
-            reflection = (resize_linear_rows(a, frame.height, frame.width, top, bottom) * guide
-                          + resize_linear_rows(b, frame.height, frame.width, top, bottom))
-            out.put(top, bottom, np.clip(guide - reflection, 0.0, 1.0))
+                settings: Any = None, timer: Timer = NULL_TIMER) -> Dict[str, Any]:
+        with timer.stage("downscale"):
+            small = shrink_area(frame, size[0], size[1])
+        low = self.run_once(small, intermediates, timer, settings)
+        with timer.stage("upsample"):
+            a, b = guided_coefficients(small - low.background, small)
+            for top, bottom in row_chunks(frame.height, frame.width, STRIP_PIXELS):
+                guide = frame.rgb(top, bottom)
+                reflection = (resize_linear_rows(a, frame.height, frame.width, top, bottom) * guide
+                              + resize_linear_rows(b, frame.height, frame.width, top, bottom))
+                out.put(top, bottom, np.clip(guide - reflection, 0.0, 1.0))
         return {key: getattr(low, key) for key in INTERMEDIATES}
 
     def _tiled(self, frame: _Frame, out: _Background, intermediates: bool,
@@ -586,30 +588,32 @@ class Remover:
                 full[key][top:top + done] = blended
         return full, count
 
-    def _process(self, frame: _Frame, out: _Background, intermediates: bool,
-                 settings: Any = None, progress: Optional[Progress] = None) -> Tuple[Dict[str, Any], float, int]:
+    def _process(self, frame: _Frame, out: _Background, intermediates: bool, settings: Any = None,
+                 progress: Optional[Progress] = None, timer: Timer = NULL_TIMER) -> Tuple[Dict[str, Any], float, int]:
         """Run ``frame`` at whatever size it needs; its full-resolution background goes to ``out``.
 
         Returns the intermediates (the :data:`INTERMEDIATES` at the resolution the networks ran
         at; see :class:`Result`), that resolution's scale and the tile count.
         """
         if self._fits(frame.height, frame.width):
-            layers = self.run_once(frame.rgb(), intermediates, settings=settings)
+            layers = self.run_once(frame.rgb(), intermediates, timer, settings)
             out.put(0, frame.height, layers.background)
             return {key: getattr(layers, key) for key in INTERMEDIATES}, 1.0, 1
         if self.large_image == "tile":
             extras, count = self._tiled(frame, out, intermediates, settings, progress)
             return extras, 1.0, count
         small_h, small_w, scale = fit_size(frame.height, frame.width, self.max_hw)
-        return self._guided(frame, (small_h, small_w), out, intermediates, settings), scale, 1
+        return self._guided(frame, (small_h, small_w), out, intermediates, settings, timer), scale, 1
 
-    def process(self, rgb: np.ndarray, settings: Any = None) -> Layers:
+    def process(self, rgb: np.ndarray, settings: Any = None, timer: Timer = NULL_TIMER) -> Layers:
         """The layers of one HxWx3 float32 RGB frame at full size (what :meth:`remove` returns, before
-        the conversion back to the input's type), with ``settings`` replacing the method's for it."""
+        the conversion back to the input's type), with ``settings`` replacing the method's for it.
+        ``timer`` times the method's stages and, for a frame larger than the networks take with the
+        guided strategy, its "downscale" and "upsample" (what ``dereflect bench`` reports)."""
         frame = _Frame(rgb, converted=True)
         out = _Background(frame, strength=self.strength)
         with self._lock:
-            self._process(frame, out, intermediates=False, settings=settings)
+            self._process(frame, out, intermediates=False, settings=settings, timer=timer)
         return Layers(background=out.array, reflection=rgb - out.array)
 
     # -- public API -----------------------------------------------------------------------

@@ -9,12 +9,13 @@ Kept apart from the tests so the counts are in one place:
   Sub -> Concat -> Pad, then Slice back) around a 1x1 Conv 3->2, so a size that is not a
   multiple of the stride is counted at the padded size;
 * :func:`make_bench_export`: an RM2S export directory whose stage 1 is a 1x1 Conv + Sigmoid and
-  stage 2 a 1x1 Conv 9->3.
+  stage 2 a 1x1 Conv 9->3, optionally with a manifest ``max_side`` (the side its networks run at).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -108,7 +109,7 @@ TOY_STAGE1_FLOPS_PER_PIXEL = 2 * 3 * 3 + 3 + 3
 TOY_STAGE2_FLOPS_PER_PIXEL = 2 * 3 * 9
 
 
-def make_bench_export(directory: Path) -> Path:
+def make_bench_export(directory: Path, max_side: Optional[int] = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     stage1 = _model(
         [helper.make_node("Conv", ["image", "w", "b"], ["z"], kernel_shape=[1, 1]),
@@ -128,5 +129,5 @@ def make_bench_export(directory: Path) -> Path:
         "stage1": _spec(directory, "stage1", [("image", 3)], [("background", 3)]),
         "stage2": _spec(directory, "stage2", [("stage2_input", 9)], [("background", 3)]),
     }
-    Manifest(method="rm2s", name="toy-bench", networks=networks, directory=directory).save()
+    Manifest(method="rm2s", name="toy-bench", networks=networks, directory=directory, max_side=max_side).save()
     return directory

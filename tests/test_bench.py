@@ -43,6 +43,12 @@ def export_dir(tmp_path_factory):
     return make_bench_export(tmp_path_factory.mktemp("bench-export"))
 
 
+@pytest.fixture(scope="module")
+def small_export(tmp_path_factory):
+    """The toy export with a manifest max_side of 32, as the bundled models' say 224: larger frames are resampled."""
+    return make_bench_export(tmp_path_factory.mktemp("bench-export-32"), max_side=32)
+
+
 def _bench_args(*argv):
     parser = argparse.ArgumentParser()
     bench.register(parser.add_subparsers())
@@ -324,6 +330,100 @@ def test_bench_bad_options(export_dir, tmp_path):
         bench.run_bench(export_dir, [("8", 8, 8)], threshold="median")
     with pytest.raises(InputError, match="device table"):
         bench.run_bench(export_dir, [("8", 8, 8)], device_table="a100")
+
+
+def test_bench_times_what_remove_runs_for_a_frame_larger_than_max_side(small_export):
+    """Downscale, the networks at the reduced size, upsample: remove's own result, every stage timed."""
+    from dereflect import Remover
+
+    pipeline = bench.BenchPipeline(small_export)
+    try:
+        assert pipeline.network_size(40, 64) == (20, 32) and pipeline.network_size(24, 32) == (24, 32)
+        image = bench.synthetic_frame(40, 64)
+        timer = pipeline.timer()
+        background = pipeline.run_frame(image, timer)
+        times = timer.read()
+    finally:
+        pipeline.close()
+    with Remover.load(small_export) as remover:
+        np.testing.assert_array_equal(background, remover.process(image).background)
+    assert list(times) == ["downscale", "upload", "stage1", "middle", "stage2", "download", "upsample", "total"]
+    assert times["total"] >= sum(value for name, value in times.items() if name != "total")
+
+
+def test_bench_runs_the_networks_at_the_models_max_side(small_export, tmp_path, capsys):
+    args = _bench_args(small_export, "--sizes", "24x32,40x64", "--warmup", "0", "--runs", "1", "--out", tmp_path,
+                       "--device-table", "custom:42,204.8,5.3", "--no-plot")
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "networks at up to 32x32, larger frames scaled down as remove does" in printed
+    assert "24x32 (networks at 24x32)" in printed and "40x64 (networks at 20x32)" in printed
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["max_hw"] == [32, 32]
+    fits, large = report["sizes"]
+    assert list(fits["stages"]) == ["upload", "stage1", "middle", "stage2", "download"]
+    assert (large["height"], large["width"], large["network_height"], large["network_width"]) == (40, 64, 20, 32)
+    assert list(large["stages"]) == ["downscale", "upload", "stage1", "middle", "stage2", "download", "upsample"]
+    # Costs and floors are the networks' at the size they ran at; the resampling has no floor.
+    assert large["costs"]["stage1"]["gflop"] * 1e9 == pytest.approx(TOY_STAGE1_FLOPS_PER_PIXEL * 20 * 32)
+    assert large["costs"]["stage2"]["gflop"] * 1e9 == pytest.approx(TOY_STAGE2_FLOPS_PER_PIXEL * 20 * 32)
+    floors = large["limits"]["floor_ms"]
+    assert floors["middle"] == pytest.approx(middle_step_cost(20, 32).floor_ms(device_spec("custom:42,204.8,5.3")))
+    assert set(floors) == {"stage1", "middle", "stage2", "total"}
+    assert floors["total"] == pytest.approx(floors["stage1"] + floors["middle"] + floors["stage2"])
+    assert large["limits"]["ratio"]["total"] == pytest.approx(large["total"]["median_ms"] / floors["total"])
+    assert any(n.startswith("frames larger than 32x32 run as remove runs them") and n.endswith("no floor")
+               for n in report["notes"])
+
+
+@pytest.mark.parametrize("max_side, networks, header", [
+    ("0", (40, 64), "networks at each frame's full resolution (no max side)"),
+    ("48", (30, 48), "networks at up to 48x48"),
+])
+def test_bench_max_side_option(small_export, tmp_path, capsys, max_side, networks, header):
+    args = _bench_args(small_export, "--sizes", "40x64", "--max-side", max_side, "--warmup", "0", "--runs", "1",
+                       "--out", tmp_path, "--no-plot")
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert header in printed and f"40x64 (networks at {networks[0]}x{networks[1]})" in printed
+    entry = json.loads((tmp_path / "bench.json").read_text())["sizes"][0]
+    assert (entry["network_height"], entry["network_width"]) == networks
+    pixels = networks[0] * networks[1]
+    assert entry["costs"]["stage2"]["gflop"] * 1e9 == pytest.approx(TOY_STAGE2_FLOPS_PER_PIXEL * pixels)
+    assert ("downscale" in entry["stages"]) == (networks != (40, 64))
+
+
+def test_bench_takes_max_side_but_not_the_output_options():
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers())
+    text = parser._subparsers._group_actions[0].choices["bench"].format_help()
+    assert "--max-side" in text and "--large-image" not in text and "--strength" not in text
+
+
+def test_bench_of_a_bundled_model_runs_at_its_max_side():
+    """crrn-lite's manifest says 224: a 240x320 frame runs its network at 168x224, as remove does."""
+    report = bench.run_bench("crrn-lite", [("240x320", 240, 320)], warmup=0, runs=1, device_table="none")
+    entry = report["sizes"][0]
+    assert report["max_hw"] == [224, 224] and (entry["network_height"], entry["network_width"]) == (168, 224)
+    assert list(entry["stages"]) == ["downscale", "upload", "crrn", "download", "upsample"]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("keep.jpg", "keep.jpg: exists and is not a folder"),
+    ("keep.jpg/sub", "keep.jpg is a file, not a folder"),
+    ("x" * 300, "is 300 bytes; this file system allows"),
+])
+def test_bench_checks_the_output_folder_before_any_work(export_dir, tmp_path, capsys, monkeypatch, name, message):
+    from dereflect.cli import main
+
+    (tmp_path / "keep.jpg").write_bytes(b"jpeg")
+    monkeypatch.setattr(bench, "run_bench", lambda *args, **kwargs: pytest.fail("timed before checking --out"))
+    argv = ["bench", str(export_dir), "--sizes", "16", "--warmup", "0", "--runs", "1", "--out", str(tmp_path / name)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1
+    assert captured.err.startswith("dereflect: error: ") and message in captured.err
+    assert (tmp_path / "keep.jpg").read_bytes() == b"jpeg"
 
 
 def test_bench_command_does_not_import_torch(export_dir, tmp_path):

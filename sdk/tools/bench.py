@@ -6,24 +6,32 @@
 
 For each size: a synthetic frame, ``--warmup`` untimed runs, then ``--runs`` timed runs of the
 pipeline split into stages (RM2S: upload, stage1, middle, stage2, download; CRRN: upload,
-crrn, download). Each stage gets mean, median, p90, p99 and max, the whole run the same plus
-FPS. As trtexec does, a run whose coefficient of variation or ``(p90 - median) / median``
-exceeds ``--variation-threshold`` (5 %) is flagged: the machine was busy or clocks moved.
+crrn, download; plus downscale and upsample around them for a frame larger than the networks
+take). Each stage gets mean, median, p90, p99 and max, the whole run the same plus FPS. As
+trtexec does, a run whose coefficient of variation or ``(p90 - median) / median`` exceeds
+``--variation-threshold`` (5 %) is flagged: the machine was busy or clocks moved.
 
-**What is timed.** Exactly what :meth:`~dereflect.remover.Remover.remove` runs for a frame:
-the model is opened by the same route (:func:`dereflect.models.open_model`, any model
-reference), with no ``max_side`` so each size runs at its own resolution, and every run is
-:meth:`Remover.run_once <dereflect.remover.Remover.run_once>`, the method's one sequence on
-the executor ``remove`` uses, with the executor's own clock as the timer hook: the host
-monotonic clock for host arrays (ONNX Runtime; TensorRT engines one at a time; torch on the
-CPU), CUDA events on the stream where the frame stays on a GPU (torch on CUDA). A TensorRT
-device path replays a captured CUDA graph after its first frame; a graph cannot be split, so
-it is reported as one ``graph`` stage.
+**What is timed.** What :meth:`~dereflect.remover.Remover.remove` runs for a frame (a float32
+RGB one, :meth:`Remover.process <dereflect.remover.Remover.process>`: a uint8 photo adds its
+conversion to float and back, strip by strip, not timed here). The model is opened by the same
+route (:func:`dereflect.models.open_model`, any model reference) with the same ``max_side``
+(default: the side the model's manifest recommends, else 1024; ``--max-side 0``: no limit, the
+networks at the frame's full resolution). A frame that fits runs as one
+:meth:`Remover.run_once <dereflect.remover.Remover.run_once>`, the method's one sequence on the
+executor ``remove`` uses; a larger one as ``remove``'s default ``guided`` strategy runs it:
+``downscale`` (area shrink to fit), that sequence at the reduced size, ``upsample`` (the fast
+guided filter bringing the reflection layer back to the frame's resolution, on the host). The
+report gives, for each size, the resolution the networks ran at. The timer hook is the
+executor's own clock: the host monotonic clock for host arrays (ONNX Runtime; TensorRT engines
+one at a time; torch on the CPU), CUDA events on the stream where the frame stays on a GPU
+(torch on CUDA). A TensorRT device path replays a captured CUDA graph after its first frame; a
+graph cannot be split, so it is reported as one ``graph`` stage.
 
 **The floor.** With ``--device-table`` (or ``auto`` on a GPU the table knows), each network's
-FLOPs and minimum bytes are counted from its ONNX graph at that size
+FLOPs and minimum bytes are counted from its ONNX graph at the size the networks ran at
 (:mod:`dereflect.tools.flops`, needs ``onnx``: the ``export`` extra), the middle step's
-analytically. When the table is the device in use, every stage's median is reported as a
+analytically. The downscale and upsample stages have no floor: a frame's floor is its networks'
+and middle step's. When the table is the device in use, every stage's median is reported as a
 multiple of its floor (a comparison); a table of another device (``agx-orin`` named on an x86
 CPU) gives that device's floors as a prediction, with no multiples, and the report says so.
 
@@ -48,8 +56,9 @@ import numpy as np
 from dereflect import __version__
 from dereflect.cli_options import add_model_options, model_options
 from dereflect.errors import DereflectError, InputError, MissingDependencyError
-from dereflect.imageio import staged_file
+from dereflect.imageio import check_output_location, staged_file
 from dereflect.methods.base import NULL_TIMER, CudaEventTimer, Timer
+from dereflect.remover import fit_size
 
 VARIATION_THRESHOLD = 0.05
 DEFAULT_SIZES = "256,720p,1080p"
@@ -120,13 +129,21 @@ def is_variable(cov: float, p90_spread: float, threshold: float = VARIATION_THRE
 # -- the model, opened as remove opens it ----------------------------------------------------
 
 class BenchPipeline:
-    """A model opened for timing: the Remover ``remove`` would use, without a size limit."""
+    """A model opened for timing: the Remover ``remove`` would use, with the same options (``max_side``
+    included: by default the model's).
+
+    :meth:`run_frame` is what ``remove`` runs for a frame; :meth:`run` one network pass at the
+    image's own size, whatever ``max_side`` (what the side-by-side benchmarks compare).
+    """
 
     def __init__(self, model: Any, backend: Optional[str] = None, **options: Any) -> None:
         from dereflect.models import open_model
 
-        options.pop("max_side", None)  # each size runs at its own resolution
-        self.remover = open_model(model, backend=backend, max_side=None, **options)
+        # A tiled frame runs the networks once per tile: a stage table of one pass per frame would
+        # show only the last tile's.
+        if options.get("large_image", "guided") != "guided":
+            raise InputError("bench times remove's guided handling of large frames, not large_image 'tile'")
+        self.remover = open_model(model, backend=backend, **options)
         self.manifest = self.remover.manifest
         self.method = self.remover.method
         description = self.remover.describe()
@@ -135,10 +152,12 @@ class BenchPipeline:
         self.element_bytes = description.element_bytes
         self.description = description.text
         executor = self.remover.executor
-        clock = ("CUDA events on one stream" if isinstance(executor.timer(), CudaEventTimer)
+        clock = ("CUDA events on one stream (downscale, upsample: the host work between two events)"
+                 if isinstance(executor.timer(), CudaEventTimer)
                  else "the host monotonic clock; upload/download are the host layout conversions")
-        self.notes: List[str] = [f"each run is Remover.run_once, what remove runs per frame, on "
-                                 f"{type(executor).__name__}; stages timed with {clock}"]
+        self.notes: List[str] = [f"each run is what remove runs for the frame: Remover.run_once on "
+                                 f"{type(executor).__name__}, with remove's downscale and upsample around it "
+                                 f"for a frame larger than the networks take; stages timed with {clock}"]
         if "middle" in self.method.stages and executor is self.remover._host:
             self.notes.append(f"middle step on the CPU (threshold={self.remover.settings.threshold})")
 
@@ -147,7 +166,21 @@ class BenchPipeline:
         return self.method.stages
 
     def run(self, image: np.ndarray, timer: Timer) -> Any:
+        """One network pass (:meth:`Remover.run_once <dereflect.remover.Remover.run_once>`) at ``image``'s size."""
         return self.remover.run_once(image, timer=timer)
+
+    def network_size(self, height: int, width: int) -> Tuple[int, int]:
+        """The size the networks run at for an H x W frame in ``remove``: the frame's, or scaled down to
+        fit ``max_side`` (and a TensorRT engine's profile)."""
+        if self.remover.max_hw is None:
+            return height, width
+        net_height, net_width, _ = fit_size(height, width, self.remover.max_hw)
+        return net_height, net_width
+
+    def run_frame(self, image: np.ndarray, timer: Timer) -> np.ndarray:
+        """What ``remove`` runs for an HxWx3 float32 RGB frame (:meth:`Remover.process
+        <dereflect.remover.Remover.process>`), each stage timed; returns the background."""
+        return self.remover.process(image, timer=timer).background
 
     def timer(self) -> Timer:
         return self.remover.executor.timer()
@@ -179,14 +212,17 @@ def synthetic_frame(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 # -- measuring ----------------------------------------------------------------------------------
 
-def time_stages(pipeline: Any, image: np.ndarray, warmup: int, runs: int) -> Dict[str, List[float]]:
-    """``warmup`` untimed runs, then ``runs`` timed ones: samples (ms) per stage and ``total``."""
+def time_stages(pipeline: Any, image: np.ndarray, warmup: int, runs: int,
+                run: Optional[Callable[[np.ndarray, Timer], Any]] = None) -> Dict[str, List[float]]:
+    """``warmup`` untimed runs of ``run`` (default ``pipeline.run``), then ``runs`` timed ones, each with
+    a fresh ``pipeline.timer()``: samples (ms) per stage and ``total``."""
+    run = run or pipeline.run
     for _ in range(warmup):
-        pipeline.run(image, NULL_TIMER)
+        run(image, NULL_TIMER)
     samples: Dict[str, List[float]] = {}
     for _ in range(runs):
         timer = pipeline.timer()
-        pipeline.run(image, timer)
+        run(image, timer)
         for name, value in timer.read().items():
             samples.setdefault(name, []).append(value)
     return samples
@@ -235,7 +271,8 @@ def resolve_device_table(choice: Optional[str], on_gpu: bool) -> Optional[Any]:
 
 
 def size_costs(pipeline: BenchPipeline, height: int, width: int, element_bytes: Optional[int]) -> Dict[str, Any]:
-    """flops.Cost per network (from the FP32 ONNX files) and for the middle step, in the method's order."""
+    """flops.Cost per network (from the FP32 ONNX files) and for the middle step, in the method's order,
+    with the networks at ``height`` x ``width``."""
     from dereflect.tools.flops import pipeline_costs
 
     manifest = pipeline.manifest
@@ -248,8 +285,9 @@ def size_costs(pipeline: BenchPipeline, height: int, width: int, element_bytes: 
 
 def limits(costs: Dict[str, Any], device: Any, stage_stats: Dict[str, Dict[str, Any]],
            total: Dict[str, Any], compare: bool = True) -> Dict[str, Any]:
-    """Floor per stage and for the whole frame, and (``compare``: the table is the device in use) each
-    measured median as a multiple of it. Another device's floors are a prediction: no multiples."""
+    """Floor per stage and for the whole frame (the sum of the stages' in ``costs``: downscale and upsample
+    have none), and (``compare``: the table is the device in use) each measured median as a multiple of
+    it. Another device's floors are a prediction: no multiples."""
     floors = {name: cost.floor_ms(device) for name, cost in costs.items()}
     floors["total"] = sum(floors.values())
     result: Dict[str, Any] = {"device": device.key, "floor_ms": floors, "prediction": not compare,
@@ -264,15 +302,18 @@ def limits(costs: Dict[str, Any], device: Any, stage_stats: Dict[str, Dict[str, 
 def bench_size(pipeline: BenchPipeline, label: str, height: int, width: int, warmup: int, runs: int,
                device: Optional[Any], variation_threshold: float = VARIATION_THRESHOLD,
                compare: bool = True) -> Dict[str, Any]:
-    """Timings, statistics, costs and floors of one size (see :func:`run_bench`); ``compare``: the
-    device table is the device in use (see :func:`limits`)."""
+    """Timings, statistics, costs and floors of one frame size (see :func:`run_bench`), the costs and
+    floors at the size the networks ran at; ``compare``: the device table is the device in use (see
+    :func:`limits`)."""
+    net_height, net_width = pipeline.network_size(height, width)
     image = synthetic_frame(height, width)
-    samples = time_stages(pipeline, image, warmup, runs)
+    samples = time_stages(pipeline, image, warmup, runs, run=pipeline.run_frame)
     stats = {name: summarize(values, variation_threshold) for name, values in samples.items()
              if len(values) == runs}
     result: Dict[str, Any] = {
         "label": label, "height": height, "width": width,
-        "stages": {name: stats[name] for name in list(pipeline.stages) + ["graph"] if name in stats},
+        "network_height": net_height, "network_width": net_width,
+        "stages": {name: stats[name] for name in stage_order(pipeline.stages) if name in stats},
         "total": stats["total"],
         "samples_ms": samples,
     }
@@ -283,7 +324,7 @@ def bench_size(pipeline: BenchPipeline, label: str, height: int, width: int, war
         for name in ("total",) if stats[name]["variable"]
     ]
     try:
-        costs = size_costs(pipeline, height, width, pipeline.element_bytes)
+        costs = size_costs(pipeline, net_height, net_width, pipeline.element_bytes)
     except MissingDependencyError as exc:
         result["costs"] = None
         result["costs_error"] = str(exc)
@@ -292,6 +333,12 @@ def bench_size(pipeline: BenchPipeline, label: str, height: int, width: int, war
     if device is not None:
         result["limits"] = limits(costs, device, result["stages"], result["total"], compare)
     return result
+
+
+def stage_order(method_stages: Sequence[str]) -> Tuple[str, ...]:
+    """Every stage a frame may report, in the order they run: downscale (a frame larger than the networks
+    take), the method's stages (or a CUDA graph's one), upsample."""
+    return ("downscale", *method_stages, "graph", "upsample")
 
 
 def machine_info(on_gpu: bool = False) -> Dict[str, Any]:
@@ -343,7 +390,9 @@ def run_bench(
     """Benchmark a model (any model reference) at each ``(label, H, W)`` size; returns the report.
 
     ``options`` are :func:`dereflect.models.open_model`'s (``device``, ``precision``, ``threshold``,
-    the backend's own). A size that fails (e.g. outside a TensorRT profile) is reported with its
+    ``max_side``, the backend's own). Each frame runs as ``remove`` runs it: with ``max_side`` (default
+    the model's; 0: no limit), a frame larger than the networks take is scaled down for them and
+    guided-upsampled back (see :meth:`BenchPipeline.run_frame`). A size that fails is reported with its
     error; the others run.
     """
     if int(warmup) < 0 or int(runs) < 1:
@@ -368,10 +417,17 @@ def run_bench(
         elif not compare:
             notes.append(f"the floors are a prediction for {spec.name}, not a comparison: this run is on {in_use}, "
                          "so its times are not set against them (no 'x floor' multiples)")
+        max_hw = pipeline.remover.max_hw
+        if any(pipeline.network_size(height, width) != (height, width) for _, height, width in sizes):
+            notes.append(f"frames larger than {max_hw[0]}x{max_hw[1]} run as remove runs them: downscale to fit, "
+                         "the networks, upsample (guided filter) back to the frame, both on the host at the "
+                         "frame's resolution" + ("; these two have no floor" if spec is not None else ""))
         results = []
         for label, height, width in sizes:
             if log:
-                log(f"{label} ({height}x{width}): {warmup} warm-up + {runs} timed runs")
+                net_height, net_width = pipeline.network_size(height, width)
+                log(f"{label} ({height}x{width}, networks at {net_height}x{net_width}): {warmup} warm-up + "
+                    f"{runs} timed runs")
             try:
                 results.append(bench_size(pipeline, label, height, width, int(warmup), int(runs), spec,
                                           variation_threshold, compare))
@@ -381,7 +437,7 @@ def run_bench(
         notes.extend(f"no FLOPs, bytes or floors: {error}" for error in cost_errors)
         return {
             "format": REPORT_FORMAT,
-            "format_version": 1,
+            "format_version": 2,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "dereflect_version": __version__,
             "machine": machine_info(pipeline.on_gpu),
@@ -392,6 +448,7 @@ def run_bench(
             "precision": options.get("precision", "auto"),
             "element_bytes": pipeline.element_bytes,
             "threshold": getattr(pipeline.remover.settings, "threshold", None),
+            "max_hw": list(max_hw) if max_hw else None,
             "warmup": int(warmup),
             "runs": int(runs),
             "variation_threshold": variation_threshold,
@@ -410,9 +467,12 @@ def run_bench(
 
 def format_report(report: Dict[str, Any]) -> str:
     """The report as a plain-text table (medians and percentiles in ms)."""
+    max_hw = report.get("max_hw")
     lines = [
         f"dereflect bench: {report['model']['name']} ({report['model']['method']}) on "
         f"{report['backend_detail']}, {report['warmup']} warm-up + {report['runs']} timed runs",
+        (f"networks at up to {max_hw[0]}x{max_hw[1]}, larger frames scaled down as remove does "
+         "(--max-side; 0: no limit)") if max_hw else "networks at each frame's full resolution (no max side)",
     ]
     device = report.get("device_table")
     compare = report.get("floors") == "comparison"
@@ -423,20 +483,23 @@ def format_report(report: Dict[str, Any]) -> str:
         else:
             lines.append(f"PREDICTED floors for {device['name']} ({rates}): not the device in use "
                          f"({report.get('device_in_use', 'unknown')}), so not a comparison")
-    header = f"{'size':<10} {'stage':<9} {'mean':>9} {'median':>9} {'p90':>9} {'p99':>9} {'max':>9}"
+    cells = [entry["label"] if "error" in entry else
+             f"{entry['label']} (networks at {entry['network_height']}x{entry['network_width']})"
+             for entry in report["sizes"]]
+    width = max([10] + [len(cell) for cell in cells])
+    header = f"{'size':<{width}} {'stage':<9} {'mean':>9} {'median':>9} {'p90':>9} {'p99':>9} {'max':>9}"
     if device:
         header += f" {'floor':>9} {'x floor':>8}" if compare else f" {'predicted':>9}"
     lines.append(header)
-    for entry in report["sizes"]:
-        size = f"{entry['label']}"
+    for entry, size in zip(report["sizes"], cells):
         if "error" in entry:
-            lines.append(f"{size:<10} error: {entry['error']}")
+            lines.append(f"{size:<{width}} error: {entry['error']}")
             continue
         limits_ = entry.get("limits") or {}
         rows = list(entry["stages"].items()) + [("total", entry["total"])]
         for name, stats in rows:
             flag = "*" if stats["variable"] else " "
-            line = (f"{size:<10} {name:<9} {stats['mean_ms']:9.3f} {stats['median_ms']:9.3f} "
+            line = (f"{size:<{width}} {name:<9} {stats['mean_ms']:9.3f} {stats['median_ms']:9.3f} "
                     f"{stats['p90_ms']:9.3f} {stats['p99_ms']:9.3f} {stats['max_ms']:9.3f}{flag}")
             if limits_ and name in limits_["floor_ms"]:
                 line += f"{limits_['floor_ms'][name]:9.3f}"
@@ -450,7 +513,7 @@ def format_report(report: Dict[str, Any]) -> str:
         if costs:
             parts = ", ".join(f"{name} {c['gflop']:.2f} GFLOP / {c['min_mbytes']:.1f} MB"
                               for name, c in costs.items())
-            lines.append(f"{'':<10} cost: {parts}")
+            lines.append(f"{'':<{width}} cost: {parts}")
     lines.append("times in ms; * = variable timings (CoV or (p90 - median)/median above "
                  f"{report['variation_threshold']:.0%})")
     warnings = [w for entry in report["sizes"] for w in entry.get("warnings", [])]
@@ -480,7 +543,7 @@ def plot_report(report: Dict[str, Any], path: os.PathLike) -> Optional[Path]:
         return None
     figure = Figure(figsize=(12, 4.8), layout="constrained")
     dist, breakdown = figure.subplots(1, 2)
-    labels = [e["label"] for e in entries]
+    labels = [f"{e['label']}\n(networks {e['network_height']}x{e['network_width']})" for e in entries]
     dist.boxplot([e["samples_ms"]["total"] for e in entries], whis=(1, 99), showmeans=True)
     dist.set_xticks(range(1, len(labels) + 1), labels)
     medians = [e["total"]["median_ms"] for e in entries]
@@ -488,12 +551,14 @@ def plot_report(report: Dict[str, Any], path: os.PathLike) -> Optional[Path]:
         dist.set_yscale("log")
     dist.set_ylabel("ms per frame")
     dist.set_title(f"latency per frame ({report['runs']} runs; whiskers p1-p99, triangle = mean)")
-    stages = report["stages"]
+    # Sizes differ in their stages: only the larger frames are resampled.
+    stages = [name for name in stage_order(report["stages"]) if any(name in e["stages"] for e in entries)]
     bottoms = np.zeros(len(entries))
     positions = np.arange(len(entries))
     for name in stages:
         shares = np.array([100.0 * e["stages"][name]["median_ms"] / max(sum(
-            s["median_ms"] for s in e["stages"].values()), 1e-12) for e in entries])
+            s["median_ms"] for s in e["stages"].values()), 1e-12) if name in e["stages"] else 0.0
+            for e in entries])
         breakdown.bar(positions, shares, bottom=bottoms, label=name)
         bottoms += shares
     for x, entry in zip(positions, entries):
@@ -519,12 +584,14 @@ def register(subparsers: Any) -> None:
     bench = subparsers.add_parser(
         "bench",
         help="latency per stage, percentiles and the distance to the hardware floor",
-        description="Time a model per stage (upload, stage 1, middle step, stage 2, download) at each "
-                    "size: warm-up, then timed runs; mean, median, p90, p99, max and FPS. FLOPs, bytes and the "
-                    "floor they set on a device need the onnx package (pip install 'dereflect[export]'); "
-                    "floors of a device other than the one in use are a prediction, not a comparison. Writes "
-                    "bench.json into --out, and bench.png where matplotlib is installed (pip install "
-                    "matplotlib).",
+        description="Time what remove runs for a frame, per stage (upload, stage 1, middle step, stage 2, "
+                    "download; downscale and upsample around them when the frame is larger than --max-side), "
+                    "at each size: warm-up, then timed runs; mean, median, p90, p99, max and FPS. The report "
+                    "says at which resolution the networks ran for each size. FLOPs, bytes and the floor they "
+                    "set on a device (counted at that resolution) need the onnx package (pip install "
+                    "'dereflect[export]'); floors of a device other than the one in use are a prediction, not a "
+                    "comparison. Writes bench.json into --out, and bench.png where matplotlib is installed (pip "
+                    "install matplotlib).",
     )
     add_model_options(bench, positional=True, output=False)
     bench.add_argument("--sizes", default=DEFAULT_SIZES,
@@ -546,6 +613,8 @@ def register(subparsers: Any) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    # Before any timing: a folder that cannot be written would otherwise fail after all of it.
+    check_output_location(Path(args.out), folder=True)
     report = run_bench(
         args.model, parse_sizes(args.sizes), warmup=args.warmup, runs=args.runs, device_table=args.device_table,
         variation_threshold=args.variation_threshold, log=lambda message: print(message, file=sys.stderr),
