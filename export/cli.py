@@ -32,7 +32,9 @@ def register(subparsers: Any) -> None:
 
     onnx = commands.add_parser("onnx",
                                help="checkpoint -> export directory (ONNX, FP16 ONNX, goldens, manifest)")
-    onnx.add_argument("checkpoint", metavar="CHECKPOINT", help="an RM2S stage-2 or CRRN checkpoint")
+    onnx.add_argument("checkpoint", metavar="CHECKPOINT",
+                      help="an RM2S stage-2 or CRRN training checkpoint (.safetensors); a bundled model or an "
+                           "export becomes one with 'dereflect train from-export MODEL -o FILE'")
     onnx.add_argument("-o", "--out", required=True, metavar="DIR", help="export directory to create")
     onnx.add_argument("--no-fp16", dest="fp16", action="store_false", help="skip the FP16 ONNX files")
     onnx.add_argument("--no-golden", dest="golden", action="store_false", help="skip the golden test files")
@@ -41,7 +43,9 @@ def register(subparsers: Any) -> None:
     onnx.add_argument("--max-side", type=int, default=None, metavar="N",
                       help="record the longest side the networks should run at (the scale the model was trained "
                            "to see); the runtime scales larger frames down and guides the result back up "
-                           "(default: none recorded, the runtime's 1024)")
+                           "(default: the side the checkpoint records: its training's --val-max-side, or that "
+                           "of the export it was rebuilt from; older checkpoints record none: the runtime's "
+                           "1024)")
     onnx.add_argument("--opset", type=int, default=17,
                       help="ONNX opset (default: 17, the highest TensorRT 8.5 reads)")
     onnx.set_defaults(func=run_onnx)
@@ -96,7 +100,8 @@ def register(subparsers: Any) -> None:
                         help="verify only this network (repeatable; default: all)")
     verify.add_argument("--images", metavar="DIR", default=None,
                         help="compare on the images in DIR instead of the goldens: each network's outputs "
-                             "against ONNX Runtime FP32 on the same inputs (default: the goldens)")
+                             "against ONNX Runtime FP32 on the same inputs; an image that cannot be read is named "
+                             "and skipped (exit status 1) (default: the goldens)")
     verify.add_argument("--max-side", type=int, default=1024, metavar="N",
                         help="with --images: scale each image to this long side first (default: 1024)")
     verify.add_argument("--min-psnr", type=float, default=None, metavar="DB",
@@ -163,10 +168,13 @@ def run_verify(args: argparse.Namespace) -> int:
 
     report = verify(args.model, backend=args.backend, fp16=args.fp16, networks=args.network, images=args.images,
                     max_side=args.max_side, min_psnr_db=args.min_psnr)
+    for message in report.unread.values():
+        print(f"dereflect: error: {message}; skipped", file=sys.stderr)
     print(report.format())
     if not report.compared:
         return 2
-    return 0 if report.passed else 1
+    # An image that could not be read is an item that failed, as in remove.
+    return 0 if report.passed and not report.unread else 1
 
 
 def _onnx_files(target: str) -> List[Path]:

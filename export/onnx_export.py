@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import shlex
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -29,7 +30,7 @@ import numpy as np
 from dereflect import __version__
 from dereflect.errors import InputError, ModelError, require
 from dereflect.imageio import is_free_folder, staged_folder
-from dereflect.manifest import MANIFEST_NAME, Manifest, NetworkSpec, TensorSpec, sha256_file
+from dereflect.manifest import MANIFEST_NAME, MIN_MAX_SIDE, Manifest, NetworkSpec, TensorSpec, sha256_file
 
 if TYPE_CHECKING:
     from dereflect.train.checkpoint import Checkpoint
@@ -66,6 +67,25 @@ def _is_export_dir(path: Path) -> bool:
         return manifest.is_file() and '"dereflect-export"' in manifest.read_text()
     except (OSError, UnicodeDecodeError):
         return False
+
+
+def _refuse_an_export(reference: os.PathLike) -> None:
+    """InputError for an export directory (or its manifest) or a bundled model's name, where the other
+    commands take any model: it names the command that makes the training checkpoint export needs."""
+    from dereflect.models import BUNDLED_MODELS
+
+    path = Path(reference)
+    folder = path.parent if path.name == MANIFEST_NAME else path
+    if _is_export_dir(folder):
+        what = "an export's manifest" if folder != path else "an export directory"
+        name = folder.resolve().name
+    elif str(reference) in BUNDLED_MODELS and not path.is_file():
+        what, name = "a bundled model", str(reference)
+    else:
+        return  # a checkpoint, or what load_checkpoint explains
+    raise InputError(f"{reference} is {what}, not a training checkpoint: export onnx takes a checkpoint "
+                     f"(.safetensors); make one of it with: dereflect train from-export "
+                     f"{shlex.quote(str(reference))} -o {shlex.quote(name + '.safetensors')}")
 
 
 def _check_target(out_dir: Path, force: bool) -> None:
@@ -226,10 +246,12 @@ def export_onnx(
     ``model_name`` is the model's name in the manifest (default: the checkpoint's recorded name, else
     its file name). ``max_side`` records the longest side the networks are meant to run at (the
     scale the model was trained to see; the runtime scales larger frames down and guides the result
-    back up); None leaves the runtime's default.
+    back up); None takes the side the checkpoint records (its training's, or that of the export it
+    was rebuilt from), else leaves the runtime's default.
 
-    Raises ModelError when the checkpoint is incomplete, the target is not replaceable, parity
-    with PyTorch fails, or the FP16 file is below :data:`FP16_MIN_PSNR` against the FP32 one.
+    Raises InputError for a bundled model or an export directory (not a checkpoint), and ModelError
+    when the checkpoint is incomplete, the target is not replaceable, parity with PyTorch fails, or
+    the FP16 file is below :data:`FP16_MIN_PSNR` against the FP32 one.
     """
     torch = require("torch", "export", "exporting checkpoints")
     onnx = require("onnx", "export", "exporting checkpoints")
@@ -241,13 +263,16 @@ def export_onnx(
     from .trt_support import check_trt_compat
     from .verify import natural_images, network_feeds, ort_backend, write_goldens
 
-    if max_side is not None and int(max_side) < 32:
-        raise InputError(f"max_side must be at least 32, got {max_side}")
+    if max_side is not None and int(max_side) < MIN_MAX_SIDE:
+        raise InputError(f"max_side must be at least {MIN_MAX_SIDE}, got {max_side}")
     if opset not in SUPPORTED_OPSETS:
         raise InputError(f"opset {opset} is not supported; use 13-20 (17 keeps TensorRT 8.5 reachable)")
+    _refuse_an_export(checkpoint_path)
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
     method = _method(checkpoint)
+    if max_side is None:
+        max_side = checkpoint.metadata.get("max_side")
     available = set(checkpoint.metadata["networks"])
     out_dir = Path(out_dir).expanduser().resolve()
     _check_target(out_dir, force)

@@ -57,6 +57,10 @@ MANIFEST_NAME = "manifest.json"
 #: A manifest is a few kilobytes; anything far larger is not one.
 MAX_MANIFEST_BYTES = 4 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: The smallest side the networks may be asked to run at (a manifest's or a checkpoint's ``max_side``,
+#: ``export onnx --max-side``, a Remover's ``max_side``): below it a U-Net's deepest level is a pixel
+#: or two wide.
+MIN_MAX_SIDE = 32
 _RECORDS = ("fp16", "parity", "tensorrt_check", "export")
 
 
@@ -375,8 +379,8 @@ def load_manifest(directory: os.PathLike, check_hashes: bool = True) -> Manifest
             records[key] = _string(data, key, str(path))
     settings = data.get(method.settings_key) if method.settings_key else None
     max_side = _integer(data, "max_side", str(path), 0, 0) if "max_side" in data else None
-    if max_side is not None and max_side < 32:
-        raise ModelError(f"{path}: max_side must be at least 32, got {max_side}")
+    if max_side is not None and max_side < MIN_MAX_SIDE:
+        raise ModelError(f"{path}: max_side must be at least {MIN_MAX_SIDE}, got {max_side}")
     manifest = Manifest(
         method=method_name,
         name=_string(data, "name", str(path), method_name),

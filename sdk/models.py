@@ -69,7 +69,8 @@ def resolve_model(model: ModelRef) -> Path:
 
 
 def checkpoint_manifest(path: Path, metadata: dict, method: Method) -> Manifest:
-    """An in-memory manifest for a training checkpoint: its method's networks and recorded settings."""
+    """An in-memory manifest for a training checkpoint: its method's networks, its recorded settings and
+    the side its networks are meant to run at (none recorded: the runtime's default), as in its export."""
     networks = {
         contract.name: NetworkSpec(
             name=contract.name, onnx="", sha256="",
@@ -79,6 +80,7 @@ def checkpoint_manifest(path: Path, metadata: dict, method: Method) -> Manifest:
     }
     return Manifest(method=method.name, name=str(metadata.get("name") or path.stem), networks=networks,
                     directory=path.parent, settings=method.settings_from_checkpoint(metadata),
+                    max_side=metadata.get("max_side"),
                     checkpoint={"file": path.name, "metadata": {k: v for k, v in metadata.items()
                                                                 if k != "optimizers"}})
 

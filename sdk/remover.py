@@ -54,14 +54,11 @@ import numpy as np
 from dereflect.backends.base import HostExecutor, open_backend
 from dereflect.errors import DereflectError, InputError
 from dereflect.imageio import ImageInfo, alpha_rows, check_image, from_float_rgb, rgb_rows, row_chunks
-from dereflect.manifest import Manifest, load_manifest
+from dereflect.manifest import MIN_MAX_SIDE, Manifest, load_manifest
 from dereflect.methods.base import NULL_TIMER, Executor, Layers, MiddleStepOutput, Timer, get_method
 from dereflect.models import BUNDLED_MODELS
 
 DEFAULT_MAX_SIDE = 1024
-#: The smallest side the networks may be asked to run at (that of ``export onnx --max-side``): below
-#: it a U-Net's deepest level is a pixel or two wide.
-MIN_MAX_SIDE = 32
 LARGE_IMAGE_STRATEGIES = ("guided", "tile")
 TILE_OVERLAP = 64
 GUIDED_RADIUS = 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import zipfile
@@ -13,6 +14,16 @@ import pytest
 
 #: The workplace's shared data (third-party photos, never committed): beside the checkout.
 SHARED_DATA = Path(os.environ.get("DEREFLECT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@contextlib.contextmanager
+def umask(mask: int):
+    """The process umask set to ``mask`` inside the block (file modes under another umask)."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 def write_weights_wheel(folder: Path, state: dict, member: str, wheel_name: str) -> Path:

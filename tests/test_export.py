@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 
+from conftest import umask  # noqa: E402
 from dereflect.errors import DereflectError, InputError, ModelError  # noqa: E402
 from dereflect.export import cli as export_cli  # noqa: E402
 from dereflect.export import fp16 as fp16_mod  # noqa: E402
@@ -29,7 +30,7 @@ from dereflect.export.parity import check_parity, random_cases  # noqa: E402
 from dereflect.export.trt_support import check_trt_compat, load_table, table_version  # noqa: E402
 from dereflect.export.verify import natural_images, verify  # noqa: E402
 from dereflect.manifest import load_manifest  # noqa: E402
-from dereflect.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from dereflect.train.checkpoint import load_checkpoint, read_metadata, save_checkpoint  # noqa: E402
 from dereflect.train.models import build_model  # noqa: E402
 from dereflect.train.models.common import PaddedModel  # noqa: E402
 from dereflect.train.models.rm2s import DiscriminatorConfig, UNetConfig  # noqa: E402
@@ -494,12 +495,65 @@ def test_an_export_gives_back_a_checkpoint_that_computes_what_the_original_did(f
         if channels == 3:
             trained = _outputs(rebuilt, stored, natural, train_mode=True)[0]
             assert np.abs(trained - _outputs(original, stored, natural)[0]).mean() < 0.1
+    assert "max_side" not in rebuilt.metadata  # the export records none: both run at the runtime's default
     if fixture == "rm2s":
         # The critic is not exported: a fresh one, said so.
         assert "started afresh: discriminator" in printed
         assert rebuilt.states["discriminator"].keys() == original.states["discriminator"].keys()
     assert main(["train", "from-export", str(manifest.directory), "-o", str(out)]) == 2  # never overwrites
     assert "exists" in capsys.readouterr().err
+
+
+def test_a_checkpoint_rebuilt_from_an_export_runs_and_exports_at_the_exports_side(rm2s, tmp_path):
+    """The side an export runs its networks at is the rebuilt checkpoint's too, and its export's again."""
+    from dereflect.cli import main
+    from dereflect.models import open_model
+
+    checkpoint, _ = rm2s
+    export = export_onnx(checkpoint, tmp_path / "small", fp16=False, golden=False, max_side=224).directory
+    rebuilt = tmp_path / "rebuilt.safetensors"
+    with umask(0o022):
+        assert main(["train", "from-export", str(export), "-o", str(rebuilt)]) == 0
+    assert rebuilt.stat().st_mode & 0o777 == 0o644  # not safetensors' private 0600
+    assert read_metadata(rebuilt)["max_side"] == 224
+    from_export, from_checkpoint = open_model(export), open_model(rebuilt, device="cpu")
+    assert from_export.max_hw == from_checkpoint.max_hw == (224, 224)
+    image = natural_images(1, 300, 400, seed=4)[0].transpose(1, 2, 0).copy()
+    difference = np.abs(from_export.remove(image, "RGB") - from_checkpoint.remove(image, "RGB")).max()
+    assert difference < 1e-4
+    assert cli_main(["export", "onnx", str(rebuilt), "-o", str(tmp_path / "again"), "--no-fp16",
+                     "--no-golden"]) == 0
+    assert json.loads((tmp_path / "again" / "manifest.json").read_text())["max_side"] == 224
+    assert cli_main(["export", "onnx", str(rebuilt), "-o", str(tmp_path / "larger"), "--no-fp16", "--no-golden",
+                     "--max-side", "320"]) == 0
+    assert json.loads((tmp_path / "larger" / "manifest.json").read_text())["max_side"] == 320  # the option wins
+
+
+def test_a_bundled_model_and_the_checkpoint_rebuilt_from_it_give_the_same_result(tmp_path):
+    """crrn-lite runs its networks at 224 px; rebuilt as a checkpoint, at the same side (not the runtime's 1024)."""
+    from dereflect.cli import main
+    from dereflect.remover import Remover
+
+    rebuilt = tmp_path / "crrn-lite.safetensors"
+    assert main(["train", "from-export", "crrn-lite", "-o", str(rebuilt)]) == 0
+    bundled, checkpoint = Remover.load("crrn-lite"), Remover.load(rebuilt, device="cpu")
+    assert bundled.max_hw == checkpoint.max_hw == (224, 224)
+    image = natural_images(1, 240, 320, seed=9)[0].transpose(1, 2, 0).copy()
+    assert np.abs(bundled.remove(image, "RGB") - checkpoint.remove(image, "RGB")).max() < 1e-4
+
+
+def test_export_onnx_of_a_model_that_is_exported_already_says_how_to_get_a_checkpoint(rm2s, tmp_path, capsys):
+    from dereflect.cli import main
+
+    _, manifest = rm2s
+    out = tmp_path / "m4"
+    for reference, command in (("crrn-lite", "dereflect train from-export crrn-lite -o crrn-lite.safetensors"),
+                               (str(manifest.directory), f"dereflect train from-export {manifest.directory} -o "
+                                                         f"{manifest.directory.name}.safetensors")):
+        assert main(["export", "onnx", reference, "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "not a training checkpoint: export onnx takes a checkpoint (.safetensors)" in err
+        assert err.strip().endswith(command) and not out.exists()
 
 
 def test_from_export_refuses_what_it_cannot_rebuild(rm2s, tmp_path, capsys):
@@ -516,3 +570,33 @@ def test_from_export_refuses_what_it_cannot_rebuild(rm2s, tmp_path, capsys):
     assert main(["train", "from-export", str(bare), "-o", str(tmp_path / "b.safetensors")]) == 2
     assert "records no checkpoint metadata" in capsys.readouterr().err
     assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_verify_names_and_skips_images_it_cannot_read_and_verifies_the_rest(tmp_path, capsys):
+    from onnx_fixtures import make_crrn_export
+
+    model = make_crrn_export(tmp_path / "model")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(3)
+    for name in ("a.png", "c.png"):
+        cv2.imwrite(str(photos / name), (rng.random((40, 56, 3)) * 255).astype(np.uint8))
+    (photos / "b.png").write_bytes(b"not an image")
+    (photos / "empty.jpg").write_bytes(b"")
+    assert cli_main(["export", "verify", str(model), "--images", str(photos)]) == 1  # some items failed
+    captured = capsys.readouterr()
+    # One line per bad file, naming it and why (the reader's own words), as remove does.
+    bad, empty = captured.err.splitlines()
+    assert bad.startswith(f"dereflect: error: {photos / 'b.png'}: not a readable image") and bad.endswith("; skipped")
+    assert empty.startswith(f"dereflect: error: {photos / 'empty.jpg'}: file is empty") and empty.endswith("; skipped")
+    report = verify(model, images=photos)
+    assert sorted({row.case for row in report.rows}) == ["a.png", "c.png"] and report.passed
+    assert list(report.unread) == [str(photos / "b.png"), str(photos / "empty.jpg")]
+    assert (f"not read: 2 image(s) ({photos / 'b.png'}, {photos / 'empty.jpg'}), left out of the comparison"
+            in captured.out and "result: PASS" in captured.out)
+
+    for name in ("a.png", "c.png"):
+        (photos / name).unlink()
+    assert cli_main(["export", "verify", str(model), "--images", str(photos)]) == 2  # nothing could be read
+    captured = capsys.readouterr()
+    assert len(captured.err.splitlines()) == 2 and "result: nothing compared" in captured.out

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import umask  # noqa: E402
 from dereflect.cli import main  # noqa: E402
-from dereflect.errors import ModelError  # noqa: E402
+from dereflect.errors import InputError, ModelError  # noqa: E402
 from dereflect.train.checkpoint import load_checkpoint, load_state_strict, read_metadata, save_checkpoint  # noqa: E402
 from dereflect.train.crrn import CRRNTask, schedule_phase  # noqa: E402
 from dereflect.train.data import SyntheticPairs, make_loader  # noqa: E402
@@ -52,6 +54,18 @@ def fit_stage1(folder, vgg_path, run_dir, steps, resume=None, lr=1e-3):
 PAPER = ("--config", "lite-scratch", "--recipe", "paper")
 
 
+def mode(path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def stage1_checkpoint(path, step: int = 0, **options):
+    from dereflect.train.models import build_model
+
+    config = tiny_unet().to_dict()
+    return save_checkpoint(path, method="rm2s", kind="rm2s-stage1", step=step,
+                           networks={"stage1": ("rm2s_unet", config, build_model("rm2s_unet", config))}, **options)
+
+
 def test_checkpoint_round_trip_keeps_weights_metadata_and_optimizer(tmp_path):
     from dereflect.train.models import build_model
 
@@ -77,6 +91,23 @@ def test_checkpoint_round_trip_keeps_weights_metadata_and_optimizer(tmp_path):
     assert torch.equal(restored.state_dict()["state"][0]["square_avg"], before)
     assert users_file.read_text() == "the user's"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "c.safetensors.tmp"]
+
+
+@pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o007, 0o660)])
+def test_checkpoints_and_weights_files_get_the_permissions_of_any_new_file(tmp_path, mask, expected):
+    """safetensors writes its files private (0600); ours follow the umask like every other output."""
+    from dereflect.train.checkpoint import average_checkpoints, weights_only
+    from dereflect.train.models.encoder_weights import save_encoder_weights
+
+    with umask(mask):
+        first = stage1_checkpoint(tmp_path / "a.safetensors", step=1)
+        second = stage1_checkpoint(tmp_path / "b.safetensors", step=2)
+        written = [first, second, average_checkpoints([first, second], tmp_path / "mean.safetensors"),
+                   weights_only(second, tmp_path / "weights.safetensors"),
+                   save_encoder_weights({"w": torch.zeros(2)}, "encoder.safetensors", tmp_path / "cache", {})]
+    assert {path.name: mode(path) for path in written} == {path.name: expected for path in written}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "cache",
+                                                          "mean.safetensors", "weights.safetensors"]
 
 
 def test_checkpoint_loading_refuses_pickles_foreign_files_and_mismatched_weights(tmp_path):
@@ -292,6 +323,69 @@ def test_train_command_runs_end_to_end(photo_folder, fake_vgg16, tmp_path, capsy
     assert "checkpoint:" in capsys.readouterr().out
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2 and "val_psnr" in records[-1]
+    assert read_metadata(out / "final.safetensors")["max_side"] == 512  # --val-max-side's default beside lite
+
+
+def test_a_run_records_the_side_its_networks_run_at_in_readable_checkpoints(photo_folder, tmp_path):
+    """--val-max-side travels with every checkpoint, and the runtime runs the networks at it."""
+    from dereflect.models import open_model
+
+    out = tmp_path / "run"
+    with umask(0o027):
+        code = main(["train", "crrn", *PAPER, "--data", str(photo_folder), "--steps", "2", "--batch-size", "2",
+                     "--size", "64", "--val-count", "2", "--workers", "0", "--out", str(out), "--val-every", "1",
+                     "--save-every", "1", "--keep-every", "2", "--val-max-side", "160"])
+    assert code == 0
+    written = sorted(out.glob("*.safetensors"))
+    assert [p.name for p in written] == ["best.safetensors", "final.safetensors", "last.safetensors",
+                                         "step0000002.safetensors"]
+    for path in written:
+        assert mode(path) == 0o640 and read_metadata(path)["max_side"] == 160, path.name
+    assert open_model(out / "final.safetensors", device="cpu").max_hw == (160, 160)
+
+
+def test_a_trainer_keeps_the_side_of_the_checkpoint_it_resumes_unless_given_one(photo_folder, fake_vgg16,
+                                                                                 tmp_path):
+    start = stage1_checkpoint(tmp_path / "start.safetensors", max_side=192)
+    vgg = load_vgg("vgg16", source=str(fake_vgg16))
+    config = TrainConfig(steps=1, batch_size=2, val_every=100, preview_every=0, save_every=100, device="cpu")
+    for given, recorded in ((None, 192), (256, 256)):
+        trainer = Trainer(Stage1Task(tiny_unet(), vgg), config, tmp_path / f"run{given}", *loaders(photo_folder),
+                          max_side=given)
+        trainer.resume(load_checkpoint(start))
+        assert read_metadata(trainer.fit())["max_side"] == recorded
+    assert "max_side" not in read_metadata(stage1_checkpoint(tmp_path / "old.safetensors"))
+    with pytest.raises(InputError, match="max_side must be"):
+        stage1_checkpoint(tmp_path / "tiny.safetensors", max_side=16)
+    stage1_checkpoint(tmp_path / "bad.safetensors", extra={"max_side": "big"})
+    with pytest.raises(ModelError, match="max_side must be a whole number >= 32"):
+        read_metadata(tmp_path / "bad.safetensors")
+
+
+def test_resume_refuses_steps_that_do_not_exceed_the_checkpoints_before_any_work(photo_folder, tmp_path, capsys):
+    """--steps is the total: from a step-5 checkpoint --steps 3 would train nothing and call it final."""
+    from dereflect.train.models import build_model
+
+    config = CRRNConfig.preset("lite").to_dict()  # the network of `train crrn --config lite-scratch`
+    starts = {"crrn": save_checkpoint(tmp_path / "crrn5.safetensors", method="crrn", kind="crrn", step=5,
+                                      networks={"crrn": ("crrn", config, build_model("crrn", config))}),
+              "rm2s-stage1": stage1_checkpoint(tmp_path / "stage1-5.safetensors", step=5)}
+    out = tmp_path / "run"
+    for command, steps in (("crrn", "3"), ("rm2s-stage1", "5")):
+        # A VGG file that is not there: the check comes before any weights are read.
+        code = main(["train", command, *PAPER, "--data", str(photo_folder), "--resume", str(starts[command]),
+                     "--steps", steps, "--size", "64", "--workers", "0", "--out", str(out),
+                     "--vgg", str(tmp_path / "no-vgg")])
+        err = capsys.readouterr().err
+        assert code == 2 and not out.exists()
+        assert err.count("\n") == 1 and "the checkpoint is at step 5" in err
+        assert f"--steps is the total number of steps and must exceed it, e.g. --steps {5 + int(steps)} for " \
+               f"{steps} more" in err
+    assert main(["train", "crrn", *PAPER, "--data", str(photo_folder), "--steps", "0", "--out", str(out)]) == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):
+        main(["train", "crrn", "--help"])
+    assert "the total number of training steps, from step 0" in " ".join(capsys.readouterr().out.split())
 
 
 def test_resumed_training_records_one_segment_per_run(photo_folder, fake_vgg16, tmp_path):
@@ -477,7 +571,6 @@ def test_synthesis_overrides_reach_the_recipe_and_bad_keys_are_named(photo_folde
 @pytest.mark.parametrize("signal_name, status", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_a_stop_signal_ends_training_after_a_step_with_a_checkpoint_to_resume_from(tmp_path, signal_name, status):
     # The whole process group gets the signal, as from Ctrl+C in a terminal: loader workers included.
-    import os
     import signal
     import subprocess
     import time

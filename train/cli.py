@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple, Union
 
 from dereflect.errors import InputError, require
+from dereflect.manifest import MIN_MAX_SIDE
 from dereflect.stop_signals import exit_status
 
 from .models import DEFAULT_ENCODER, ENCODERS
@@ -207,10 +208,11 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
                         help="photos named so are held out of training and used for validation (default: test_)")
     parser.add_argument("--val-count", type=int, default=24, help="validation images (default: 24)")
     parser.add_argument("--val-max-side", type=int, default=None, metavar="N",
-                        help="longest side of --val pairs with ground truth as the network sees them (scaled "
-                             "down), so that validation, and best.safetensors, see photos at the scale the "
-                             "model will run at (default: 224 for --config lite, the side the lite models run "
-                             "at; else 512)")
+                        help="the longest side the networks are meant to run at: --val pairs with ground truth "
+                             "are scaled down to it, so that validation, and best.safetensors, see photos at "
+                             "that scale, and every checkpoint records it, for the runtime and export onnx to "
+                             "run the networks at (default: 224 for --config lite, the side the lite models "
+                             "run at; else 512)")
     parser.add_argument("--config", choices=CONFIGS, default="lite",
                         help="network: lite (ImageNet MobileNetV2 encoder; the shipped models), lite-scratch "
                              "(the earlier lite networks, trained from scratch) or paper (the authors' sizes) "
@@ -250,7 +252,10 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
                              "(transfer recipe; default: 0.1)")
     parser.add_argument("--out", metavar="DIR", help="run folder (default: runs/<model>-<time>)")
     parser.add_argument("--steps", type=int, default=2000, metavar="N",
-                        help="training steps; the learning-rate schedule spans them (default: 2000)")
+                        help="the total number of training steps, from step 0: a resumed run goes on up to step "
+                             "N, so N must exceed its checkpoint's step (--resume of a step-4250 "
+                             "checkpoint with --steps 4500 trains 250 more); the learning-rate schedule spans "
+                             "them (default: 2000)")
     parser.add_argument("--batch-size", type=int, default=default_batch, metavar="N",
                         help=f"pairs per step on each process (default: {default_batch})")
     parser.add_argument("--size", default=default_size,
@@ -285,7 +290,9 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
     parser.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
                         help="stop after this many minutes of training and save final.safetensors (for a GPU "
                              "lease or a CI job); the learning-rate schedule stays that of --steps")
-    parser.add_argument("--resume", metavar="CKPT", help="continue a run from its checkpoint")
+    parser.add_argument("--resume", metavar="CKPT",
+                        help="continue a run from its checkpoint (or one 'train from-export' wrote), up to "
+                             "--steps in all")
     parser.add_argument("--vgg", default="auto", metavar="SOURCE",
                         help="VGG weights (paper recipe: the perceptual loss; CRRN --config paper: the VGG-16 "
                              "encoder's start): auto (the cached ones in "
@@ -328,6 +335,33 @@ def parse_overrides(items: Optional[Iterable[str]]) -> dict:
     return overrides
 
 
+def run_side(args: argparse.Namespace) -> int:
+    """The longest side the run's networks are meant to run at: --val-max-side, else 224 for --config
+    lite (the side the lite models run at), else 512. Validation pairs with ground truth are seen at
+    it, and every checkpoint of the run records it."""
+    if args.val_max_side is None:
+        return 224 if args.config == "lite" else 512
+    if args.val_max_side < MIN_MAX_SIDE:
+        raise InputError(f"--val-max-side must be at least {MIN_MAX_SIDE}, got {args.val_max_side}")
+    return args.val_max_side
+
+
+def _check_run(args: argparse.Namespace) -> None:
+    """Refuse the options no run can go with, before any work (weights, data and the run folder untouched)."""
+    if args.steps < 1:
+        raise InputError(f"--steps must be at least 1, got {args.steps}")
+    run_side(args)
+    if args.resume:
+        from .checkpoint import read_metadata
+
+        # Else the loop would have nothing to do and "finish" at once, writing the checkpoint back as final.
+        done = read_metadata(args.resume)["step"]
+        if args.steps <= done:
+            raise InputError(f"--resume {args.resume}: the checkpoint is at step {done}; --steps is the total "
+                             f"number of steps and must exceed it, e.g. --steps {done + args.steps} for "
+                             f"{args.steps} more")
+
+
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     from .trainer import TrainConfig
 
@@ -357,7 +391,8 @@ def _fit(args: argparse.Namespace, task: Task, recipe: Recipe, kind: str) -> int
     config = _train_config(args)
     with distributed(args.device) as context:
         train_loader, val_loader = build_loaders(args, recipe, context)
-        trainer = Trainer(task, config, _run_dir(args, kind), train_loader, val_loader, dist=context)
+        trainer = Trainer(task, config, _run_dir(args, kind), train_loader, val_loader, dist=context,
+                          max_side=run_side(args))
         resume_trainer(trainer, args.resume)
         final = trainer.fit()
     if context.is_main:
@@ -394,10 +429,7 @@ def build_loaders(args: argparse.Namespace, recipe: Recipe,
         except InputError:  # not a dataset with ground truth: photos to synthesise pairs from
             val_set = SyntheticPairs(root, val_recipe, seed=val_seed, length=args.val_count)
         else:
-            side = args.val_max_side if args.val_max_side is not None else (224 if args.config == "lite" else 512)
-            if side < 32:
-                raise InputError(f"--val-max-side must be at least 32, got {side}")
-            val_set = _first_n(GroundTruthPairs(root, layout=layout, max_side=side), args.val_count)
+            val_set = _first_n(GroundTruthPairs(root, layout=layout, max_side=run_side(args)), args.val_count)
     else:
         try:
             held_out = find_images(args.data, include=prefix) if prefix else []
@@ -541,6 +573,7 @@ def _paper_recipe_refuses(args: argparse.Namespace) -> None:
 
 def run_rm2s_stage1(args: argparse.Namespace) -> int:
     require("torch", "train", "training")
+    _check_run(args)
 
     from .models.backbone import load_encoder_weights
     from .rm2s import ENCODER_LR_SCALE, STAGE1_LR, TRANSFER_LR, Stage1Task
@@ -562,6 +595,7 @@ def run_rm2s_stage1(args: argparse.Namespace) -> int:
 
 def run_rm2s_stage2(args: argparse.Namespace) -> int:
     require("torch", "train", "training")
+    _check_run(args)
     from .checkpoint import load_checkpoint
     from .models.rm2s import DiscriminatorConfig
     from .rm2s import DISCRIMINATOR_LR, ENCODER_LR_SCALE, STAGE2_LR, TRANSFER_LR, Stage2Task
@@ -686,6 +720,7 @@ def run_average(args: argparse.Namespace) -> int:
 
 def run_crrn(args: argparse.Namespace) -> int:
     require("torch", "train", "training")
+    _check_run(args)
 
     from .checkpoint import load_checkpoint
     from .crrn import CRRN_LR, CRRNTask, vgg16_init_state

