@@ -222,12 +222,16 @@ def as_float_rgb(array: np.ndarray, colour_order: str = "RGB") -> np.ndarray:
 
 def _quantise(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
-    values = np.clip(values, 0.0, 1.0)
-    if dtype == np.uint8:
-        return (values * 255.0 + 0.5).astype(np.uint8)
-    if dtype == np.uint16:
-        return (values * 65535.0 + 0.5).astype(np.uint16)
-    return values.astype(dtype)
+    for integer, top in ((np.uint8, 255.0), (np.uint16, 65535.0)):
+        if dtype == integer:
+            # clip(v, 0, 1) * top + 0.5, rounded down: the same values, scaled and clipped in one buffer
+            # (a 720p frame's conversion back was a fifth of remove's time).
+            scale = values.dtype.type(top)
+            scaled = values * scale
+            scaled += scale.dtype.type(0.5)
+            np.clip(scaled, scale.dtype.type(0.5), scale.dtype.type(top + 0.5), out=scaled)
+            return scaled.astype(integer)
+    return np.clip(values, 0.0, 1.0).astype(dtype)
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:

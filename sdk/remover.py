@@ -292,18 +292,25 @@ def _ramp(length: int, overlap: int) -> np.ndarray:
 
 class _Frame:
     """An image to process, read as RGB float32 a window at a time, so that a large image never
-    exists as one full-size float copy. ``converted``: the array is RGB float32 in [0, 1] already."""
+    exists as one full-size float copy. ``converted``: the array is RGB float32 in [0, 1] already.
+    A frame within one strip is read whole, several times (downscale, upsampling, strength): its
+    conversion is kept after the first."""
 
     def __init__(self, array: np.ndarray, colour_order: str = "RGB", converted: bool = False) -> None:
         self.array = array
         self.colour_order = colour_order
         self.converted = converted
         self.height, self.width = array.shape[:2]
+        self._whole: Optional[np.ndarray] = None
 
     def rgb(self, top: int = 0, bottom: Optional[int] = None, left: int = 0,
             right: Optional[int] = None) -> np.ndarray:
         if self.converted:
             return self.array[top:bottom, left:right]
+        if (top, left) == (0, 0) and bottom in (None, self.height) and right in (None, self.width):
+            if self._whole is None:
+                self._whole = rgb_rows(self.array, self.colour_order)
+            return self._whole
         return rgb_rows(self.array, self.colour_order, top, bottom, left, right)
 
 
