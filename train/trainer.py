@@ -21,13 +21,22 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 import cv2
 import numpy as np
 import torch
-from dereflect.errors import InputError
+from dereflect.errors import DereflectError, InputError
 from dereflect.stop_signals import StopSignals
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint, load_checkpoint, load_state_strict, save_checkpoint
+from .data import training_data_record, validation_set_record
 from .distributed import DistributedContext, pick_device
 from .models import config_class
+
+
+class TrainingDivergedError(DereflectError, FloatingPointError):
+    """A loss term or a weight became NaN or infinite: the run stops without saving what it has now.
+
+    A ``DereflectError``, so the command line prints its one line (what diverged, and what to try) and
+    exits with status 2; a ``FloatingPointError`` as before for callers that catch that.
+    """
 
 
 @dataclass
@@ -221,6 +230,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.step = 0
         self.best_val: Optional[float] = None
+        # What the best is a best on, and what the run trains on: recorded in every checkpoint, so that a
+        # resumed run knows whether the recorded best still applies and can say what data changed.
+        self.val_set = validation_set_record(val_loader.dataset) if hasattr(val_loader, "dataset") else None
+        self.train_data = training_data_record(train_loader.dataset) if hasattr(train_loader, "dataset") else {}
+        #: (path, step) of the newest checkpoint with finite weights (written or resumed from), to name
+        #: when the run diverges
+        self.last_good: Optional[Tuple[Path, int]] = None
         self.elapsed = 0.0  # training seconds, summed over resumed runs
         #: earlier runs of a resumed training, one entry per machine session (steps, hardware, time)
         self.segments: List[Dict[str, Any]] = []
@@ -253,7 +269,9 @@ class Trainer:
         if self.max_side is None:
             self.max_side = checkpoint.metadata.get("max_side")
         training = checkpoint.metadata.get("training", {})
-        self.best_val = training.get("best_val_loss")
+        self.best_val = self._carried_best(training.get("best_val_loss"), training.get("val_set"))
+        self._note_other_data(checkpoint)
+        self.last_good = (Path(checkpoint.path), checkpoint.step)
         self.elapsed = float(training.get("elapsed_s", 0.0))
         # Checkpoints written before segments were recorded describe their whole run in one entry.
         self.segments = list(training.get("segments") or [{
@@ -261,24 +279,89 @@ class Trainer:
             "batch_size": training.get("batch_size"), "elapsed_s": training.get("elapsed_s")}])
         self._segment_start = (self.step, self.elapsed)
 
+    def _carried_best(self, best: Optional[float], validated_on: Optional[Dict[str, str]]) -> Optional[float]:
+        """The best validation loss a resumed run starts from: the checkpoint's ``best`` when this run
+        validates on the same set (``validated_on``, recorded with it), else None, said in one line."""
+        if self.val_loader is None:  # nothing validated here: the record goes on unchanged
+            self.val_set = validated_on
+            return best
+        same = validated_on is not None and self.val_set is not None and (
+            validated_on.get("digest") == self.val_set["digest"])
+        if best is None or same:
+            return best
+        if self.dist.is_main:
+            if validated_on is None:
+                why = "the checkpoint does not record which set that was"
+            elif self.val_set is None:
+                why = f"it was on {validated_on.get('description')}, and this run's validation set cannot be named"
+            elif validated_on.get("description") == self.val_set["description"]:
+                why = (f"both are {self.val_set['description']}, but their files or settings (synthesis recipe, "
+                       "seed, scale) differ")
+            else:
+                why = (f"it was on {validated_on.get('description')}, this run validates on "
+                       f"{self.val_set['description']}")
+            print(f"note: the checkpoint's best validation loss ({best:.4g}) is not carried over ({why}); "
+                  "best.safetensors will be this run's best")
+        return None
+
+    def _note_other_data(self, checkpoint: Checkpoint) -> None:
+        """One note line naming what this run trains on differently from ``checkpoint`` (fine-tuning on other
+        data is legitimate: nothing is refused)."""
+        if not self.dist.is_main:
+            return
+        recorded = checkpoint.metadata.get("training", {}).get("train_data") or {}
+        changes = [f"{key} ({recorded[key]} -> {self.train_data[key]})" for key in sorted(recorded)
+                   if key in self.train_data and recorded[key] != self.train_data[key]]
+        old_recipe, new_recipe = checkpoint.metadata.get("data_recipe"), self.task.metadata().get("data_recipe")
+        if old_recipe and new_recipe and old_recipe != new_recipe:
+            parts = [len(recipe.get("mix", [None])) for recipe in (old_recipe, new_recipe)]
+            if parts[0] != parts[1]:  # --mix / --clean-fraction added or dropped: every key would differ
+                shown = " -> ".join("one recipe" if n == 1 else f"a mix of {n}" for n in parts)
+            else:
+                keys = _differing_keys(old_recipe, new_recipe)
+                shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            changes.append(f"synthesis recipe ({shown})")
+        if changes:
+            print(f"note: this run trains on other data than {checkpoint.path}: {'; '.join(changes)}")
+
     def save(self, name: str) -> Path:
-        """Write checkpoint ``name`` (rank 0 only; other ranks write nothing and get the same path)."""
+        """Write checkpoint ``name`` (rank 0 only; other ranks write nothing and get the same path).
+
+        Weights that are no longer finite are never written: TrainingDivergedError instead. Every rank
+        checks (their weights are the same), so all of them stop at the same point.
+        """
+        broken = [network for network, (_, _, module) in self.task.networks().items() if not _finite(module)]
+        if broken:
+            raise self._diverged(f"the weights of {', '.join(broken)} are no longer finite")
         path = self.run_dir / name
         if not self.dist.is_main:
             return path
-        return save_checkpoint(
+        path = save_checkpoint(
             path,
             method=self.task.method,
             kind=self.task.kind,
             networks=self.task.networks(),
             step=self.step,
             training={**asdict(self.config), "device": str(self.device), "best_val_loss": self.best_val,
+                      "val_set": self.val_set, "train_data": self.train_data,
                       "hardware": _hardware(self.device), "elapsed_s": round(self._elapsed(), 1),
                       **self._batch_sizes(), "segments": self.segments + [self._current_segment()]},
             optimizers=self.task.optimizers(),
             extra=self.task.metadata(),
             max_side=self.max_side,
         )
+        self.last_good = (path, self.step)
+        return path
+
+    def _diverged(self, what: str) -> TrainingDivergedError:
+        """The error of a run that diverged at the step in progress: what went, and what to try."""
+        if self.last_good is None:
+            resume = "no checkpoint was written before it, so start again"
+        else:
+            path, step = self.last_good
+            resume = f"or go on from the last good checkpoint with --resume {path} (step {step})"
+        return TrainingDivergedError(f"training diverged at step {self.step + 1}: {what}; nothing of it was "
+                                     f"saved. Try a lower --lr, {resume}")
 
     def _batch_sizes(self) -> Dict[str, int]:
         """``batch_size`` is per rank (the option); a step trains on ``global_batch_size`` samples."""
@@ -392,6 +475,7 @@ class Trainer:
         bar = tqdm(total=self.config.steps, initial=self.step, desc=f"{self.task.kind}", unit="step",
                    dynamic_ncols=True, disable=not main)
         running: Dict[str, float] = {}
+        running_steps = 0
         # Whether to stop is decided by all ranks together, so that none waits for a step the others skip.
         timed_out, signalled = self.dist.any_rank(self._out_of_time(), signals.received is not None)
         try:
@@ -416,24 +500,31 @@ class Trainer:
                     not all(math.isfinite(v) for v in terms.values()), self._out_of_time(),
                     signals.received is not None)
                 if non_finite:
-                    raise FloatingPointError(f"non-finite loss at step {self.step} (this rank's terms: {terms})")
+                    bad = {key: value for key, value in terms.items() if not math.isfinite(value)}
+                    self.log({"step": self.step + 1, "stopped": "non-finite loss", "terms": sorted(bad),
+                              "time": round(time.monotonic() - started, 2)})
+                    what = (", ".join(f"{key}={value}" for key, value in bad.items()) if bad
+                            else "a loss term on another rank")
+                    raise self._diverged(f"the loss is not finite ({what})")
                 self.step += 1
                 # Seconds waiting for the loader, and for the transfer plus the optimisation step.
                 terms = {**terms, "data_s": loaded - waiting, "step_s": stepped - loaded}
                 for key, value in terms.items():
                     running[key] = running.get(key, 0.0) + value
+                running_steps += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms.get('loss', 0.0):.4f}")
                 record: Dict[str, Any] = {}
                 if self.step % self.config.log_every == 0 or self.step == self.config.steps:
-                    count = self.config.log_every if self.step % self.config.log_every == 0 else (
-                        self.step % self.config.log_every)
-                    record.update({k: v / max(count, 1) for k, v in running.items()})
-                    running = {}
+                    # Over the steps summed since the last record: a run resumed off the log grid has fewer.
+                    record.update({k: v / running_steps for k, v in running.items()})
+                    running, running_steps = {}, 0
                 if main and (self.step % self.config.val_every == 0 or self.step == self.config.steps):
                     record.update(self.validate())
                     val_loss = record.get("val_loss")
-                    if val_loss is not None and (self.best_val is None or val_loss < self.best_val):
+                    # A NaN loss is no best, also when there is none yet (it would compare as not better).
+                    if (val_loss is not None and math.isfinite(val_loss)
+                            and (self.best_val is None or val_loss < self.best_val)):
                         self.best_val = val_loss
                         self.save("best.safetensors")
                 if main and self.config.preview_every and self.step % self.config.preview_every == 0:
@@ -455,6 +546,23 @@ class Trainer:
     def _out_of_time(self) -> bool:
         limit = self.config.time_limit_s
         return limit is not None and time.monotonic() - self._started >= limit
+
+
+def _finite(module: torch.nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer of ``module`` is finite (one read from the device)."""
+    checks = [torch.isfinite(t).all() for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+def _differing_keys(old: Any, new: Any, prefix: str = "") -> List[str]:
+    """The dotted keys (``reflection_weight``, ``mix.1.weight``) where two recorded recipes differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [key for name in sorted(set(old) | set(new))
+                for key in _differing_keys(old.get(name), new.get(name), f"{prefix}{name}.")]
+    if (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)
+            and any(isinstance(item, dict) for item in old + new)):
+        return [key for index, (a, b) in enumerate(zip(old, new)) for key in _differing_keys(a, b, f"{prefix}{index}.")]
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, torch.Tensor]:

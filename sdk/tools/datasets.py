@@ -68,6 +68,25 @@ def _paired_dirs(root: Path) -> Optional[Tuple[Path, Path]]:
     return None
 
 
+def half_paired(root: PathLike) -> Optional[str]:
+    """What is wrong with ``root`` when it holds one folder of a pair and not the other (``blended/``
+    without ``transmission_layer/``, say), else None.
+
+    Such a folder is a paired data set with a folder missing, not a folder of photos: without this
+    check it would be read as photos (``train --val``) or reported only as having no paired folders.
+    """
+    root = Path(root)
+    if _paired_dirs(root) is not None:
+        return None
+    for input_dir, target_dir in PAIRED_FOLDERS:
+        present = [name for name in (input_dir, target_dir) if (root / name).is_dir()]
+        if len(present) == 1:
+            missing = target_dir if present[0] == input_dir else input_dir
+            return (f"{root} holds {present[0]}/ but no {missing}/: a paired folder needs both "
+                    f"({input_dir}/ + {target_dir}/, matched by name)")
+    return None
+
+
 def read_pair(pair: Pair) -> Tuple[np.ndarray, np.ndarray]:
     """A pair's input and ground truth as HxWx3 float32 RGB in [0, 1] (the runtime's reader);
     InputError naming both files when their sizes differ."""
@@ -81,6 +100,9 @@ def read_pair(pair: Pair) -> Tuple[np.ndarray, np.ndarray]:
 def _read_paired_dirs(root: Path, prefix: str = "") -> List[Pair]:
     dirs = _paired_dirs(root)
     if dirs is None:
+        problem = half_paired(root)
+        if problem:
+            raise InputError(problem)
         raise InputError(
             f"{root}: no paired folders; expected blended/ + transmission_layer/ or input/ + target/ "
             "side by side"
@@ -190,6 +212,9 @@ def detect_layout(root: PathLike) -> str:
             match = _SIR2_FILE.match(Path(filename).stem)
             if match and match.group("letter").lower() == "m" and is_visible_image(Path(folder) / filename):
                 return "sir2"
+    problem = half_paired(root)
+    if problem:
+        raise InputError(problem)
     raise InputError(f"{root}: no known dataset layout found. Looked for: {_LOOKED_FOR}. For photos without "
                      "ground truth (to look at, not to score) pass --layout photos")
 

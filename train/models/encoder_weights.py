@@ -72,7 +72,7 @@ def copy_imagenet_state(own: Dict[str, torch.Tensor], state: Dict[str, torch.Ten
     missing = sorted(set(own) - set(given))
     unexpected = sorted(set(given) - set(own))
     if missing or unexpected:
-        raise ModelError(f"not a {what} state dict: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise ModelError(f"not the state dict of {what}: missing {missing[:4]}, unexpected {unexpected[:4]}")
     in_channels = own[first_key].shape[1]
     if in_channels != 3 and given[first_key].shape[1] == 3:
         weight = given[first_key]

