@@ -356,12 +356,12 @@ class Trainer:
     def _diverged(self, what: str) -> TrainingDivergedError:
         """The error of a run that diverged at the step in progress: what went, and what to try."""
         if self.last_good is None:
-            resume = "no checkpoint was written before it, so start again"
+            advice = "Start again with a lower --lr (no checkpoint was written before it)"
         else:
             path, step = self.last_good
-            resume = f"or go on from the last good checkpoint with --resume {path} (step {step})"
+            advice = f"Try a lower --lr, or go on from the last good checkpoint with --resume {path} (step {step})"
         return TrainingDivergedError(f"training diverged at step {self.step + 1}: {what}; nothing of it was "
-                                     f"saved. Try a lower --lr, {resume}")
+                                     f"saved. {advice}")
 
     def _batch_sizes(self) -> Dict[str, int]:
         """``batch_size`` is per rank (the option); a step trains on ``global_batch_size`` samples."""
