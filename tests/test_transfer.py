@@ -262,12 +262,12 @@ def test_mixed_pairs_take_each_source_at_its_weight_and_mark_real_samples(tmp_pa
 def _cli_loaders(argv):
     """``dereflect train rm2s-stage1 ARGV``'s recipe and (training, validation) loaders, as the command builds them."""
     from dereflect.cli import build_parser
-    from dereflect.train.cli import build_loaders, build_recipe, parse_sizes
+    from dereflect.train.cli import build_datasets, build_recipe, make_loaders, parse_sizes
     from dereflect.train.distributed import DistributedContext
 
     args = build_parser().parse_args(["train", "rm2s-stage1", "--workers", "0", "--cache-mb", "0", *argv])
     recipe = build_recipe(args, "rm2s-stage1", parse_sizes(args.size))
-    return recipe, *build_loaders(args, recipe, DistributedContext(torch.device("cpu")))
+    return recipe, *make_loaders(args, build_datasets(args, recipe), DistributedContext(torch.device("cpu")))
 
 
 def test_real_pairs_take_the_crop_geometry_of_the_training_recipe(tmp_path, photo_folder):

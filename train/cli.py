@@ -632,13 +632,6 @@ def make_loaders(args: argparse.Namespace, data: RunData,
     return train_loader, (val_loader if context.is_main else None)
 
 
-def build_loaders(args: argparse.Namespace, recipe: Recipe,
-                  context: DistributedContext) -> Tuple[SeededLoader, Optional[SeededLoader]]:
-    """Training loader (synthesised pairs) and validation loader, as the options say: :func:`build_datasets`
-    then :func:`make_loaders`."""
-    return make_loaders(args, build_datasets(args, recipe), context)
-
-
 def _first_n(dataset: Dataset, count: int) -> Dataset:
     import torch.utils.data
 
