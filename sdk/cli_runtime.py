@@ -315,13 +315,13 @@ def _one_line(exc: BaseException, source: Path, target: Path) -> str:
 
 
 def run_remove(args: argparse.Namespace) -> int:
-    import cv2
     from tqdm import tqdm
+
+    from .imageio import opencv_logging
 
     # Every OpenCV failure here becomes one line of our own (an image that cannot be read or written),
     # so OpenCV's log lines ([ERROR:...], [ WARN:...]) would only repeat it, or be noise (libtiff warnings).
-    # Not every build exposes the logging module to Python (as in video._quiet_opencv).
-    logging = getattr(getattr(cv2, "utils", None), "logging", None)
+    logging = opencv_logging()
     if logging is not None:
         logging.setLogLevel(logging.LOG_LEVEL_SILENT)
     if args.max_pixels < 0:

@@ -46,7 +46,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Set, Tuple, Union
 
 import cv2
 import numpy as np
@@ -96,6 +96,12 @@ class ImageInfo:
     @property
     def grey(self) -> bool:
         return self.channels == 1
+
+
+def opencv_logging() -> Any:
+    """OpenCV's logging module (``setLogLevel``, ``LOG_LEVEL_SILENT``), or None where the build does not
+    expose it to Python: OpenCV's log lines only repeat the one-line errors the SDK raises itself."""
+    return getattr(getattr(cv2, "utils", None), "logging", None)
 
 
 def _check_colour_order(colour_order: str) -> str:

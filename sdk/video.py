@@ -53,7 +53,7 @@ import cv2
 import numpy as np
 
 from .errors import InputError
-from .imageio import check_output_location, is_image_file, name_max, nearest_existing, staging_name
+from .imageio import check_output_location, is_image_file, name_max, nearest_existing, opencv_logging, staging_name
 from .stop_signals import StopSignals
 
 #: The codecs tried for each output extension, best first (H.264 where the OpenCV build can encode it).
@@ -159,7 +159,7 @@ def _quiet_opencv() -> Iterator[None]:
     OpenCV's own AVI reader) print straight to the stderr file descriptor, past any log level:
     so for these few milliseconds the log level is silent and descriptor 2 goes to the null device.
     """
-    logging = getattr(getattr(cv2, "utils", None), "logging", None)
+    logging = opencv_logging()
     with _STDERR_LOCK:
         level = logging.getLogLevel() if logging is not None else None
         if logging is not None:
