@@ -398,6 +398,14 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for option, rate in (("--lr", args.lr), ("--critic-lr", getattr(args, "critic_lr", None))):
         if rate is not None and not (math.isfinite(rate) and rate > 0):
             raise InputError(f"{option} must be a number > 0, got {rate:g}")
+    # RM2S stage 2's own: the critic's gradient penalty and the generator's adversarial weight (0: off),
+    # the confidence map's threshold offsets (fractions between the two 2-means centres).
+    for option, value, high in (("--gp", getattr(args, "gp", None), math.inf),
+                                ("--adversarial-weight", getattr(args, "adversarial_weight", None), math.inf),
+                                ("--c1", getattr(args, "c1", None), 1.0), ("--c2", getattr(args, "c2", None), 1.0)):
+        if value is not None and not (math.isfinite(value) and 0.0 <= value <= high):
+            raise InputError(f"{option} must be a number from 0 to {high:g}, got {value:g}" if high < math.inf
+                             else f"{option} must be a number >= 0, got {value:g}")
     for option, count in (("--batch-size", args.batch_size), ("--val-count", args.val_count)):
         if count < 1:
             raise InputError(f"{option} must be at least 1, got {count}")
