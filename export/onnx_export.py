@@ -72,17 +72,17 @@ def _is_export_dir(path: Path) -> bool:
 def _refuse_an_export(reference: os.PathLike) -> None:
     """InputError for an export directory (or its manifest) or a bundled model's name, where the other
     commands take any model: it names the command that makes the training checkpoint export needs."""
-    from dereflect.models import BUNDLED_MODELS
+    from dereflect.models import resolve_model
 
-    path = Path(reference)
+    path = resolve_model(reference)  # the route every command takes: a bundled model's name is its export
     folder = path.parent if path.name == MANIFEST_NAME else path
-    if _is_export_dir(folder):
-        what = "an export's manifest" if folder != path else "an export directory"
-        name = folder.resolve().name
-    elif str(reference) in BUNDLED_MODELS and not path.is_file():
+    if not _is_export_dir(folder):
+        return  # a checkpoint, or what load_checkpoint explains
+    if path != Path(reference):
         what, name = "a bundled model", str(reference)
     else:
-        return  # a checkpoint, or what load_checkpoint explains
+        what = "an export's manifest" if folder != path else "an export directory"
+        name = folder.resolve().name
     raise InputError(f"{reference} is {what}, not a training checkpoint: export onnx takes a checkpoint "
                      f"(.safetensors); make one of it with: dereflect train from-export "
                      f"{shlex.quote(str(reference))} -o {shlex.quote(name + '.safetensors')}")
