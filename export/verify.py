@@ -293,7 +293,7 @@ def _image_cases(directory: Any, max_side: int, unread: Dict[str, str]) -> List[
     An image that cannot be read is left out and put in ``unread`` (its path: why), as ``remove`` skips
     one: a bad file among many should not leave the rest unverified.
     """
-    from dereflect.imageio import is_image_file, read_image
+    from dereflect.imageio import is_image_file, one_line_error, read_image
 
     folder = Path(directory)
     if not folder.is_dir():
@@ -306,8 +306,7 @@ def _image_cases(directory: Any, max_side: int, unread: Dict[str, str]) -> List[
         try:
             rgb, _ = read_image(path)
         except (DereflectError, MemoryError) as exc:
-            message = str(exc) or type(exc).__name__
-            unread[str(path)] = message if str(path) in message else f"{path}: {message}"
+            unread[str(path)] = one_line_error(exc, path)
             continue
         height, width = rgb.shape[:2]
         scale = min(1.0, max_side / max(height, width))

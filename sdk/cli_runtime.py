@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from dereflect.cli_options import add_model_options, open_from_args
 from dereflect.errors import DereflectError, InputError
 
-from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, check_output_path, is_image_file, some_names
+from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, check_output_path, is_image_file, one_line_error, some_names
 
 INTERMEDIATE_SUFFIXES = {
     "stage1": "stage-1 estimate B1",
@@ -307,13 +307,6 @@ def _remove_one(remover: Any, source: Path, target: Path, args: argparse.Namespa
         write_image(path, value, overwrite=args.overwrite, colour_order="BGR")
 
 
-def _one_line(exc: BaseException, source: Path, target: Path) -> str:
-    """The error as one line that names the image."""
-    message = str(exc) if not isinstance(exc, MemoryError) else "out of memory"
-    message = " ".join(message.split()) or type(exc).__name__
-    return message if str(source) in message or str(target) in message else f"{source}: {message}"
-
-
 def run_remove(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -355,7 +348,7 @@ def run_remove(args: argparse.Namespace) -> int:
                 except (DereflectError, MemoryError) as exc:
                     failed += 1
                     # Through tqdm, so that the line does not break the progress bar.
-                    bar.write(f"dereflect: error: {_one_line(exc, source, target)}", file=sys.stderr)
+                    bar.write(f"dereflect: error: {one_line_error(exc, source, target)}", file=sys.stderr)
                     continue
                 written += 1
                 if not args.quiet:

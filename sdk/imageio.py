@@ -753,6 +753,14 @@ def is_visible_image(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and is_image_file(path)
 
 
+def one_line_error(exc: BaseException, *paths: PathLike) -> str:
+    """``exc`` as one line that names the file it is about: the first of ``paths`` when the message
+    names none of them (a skipped image in a run over many)."""
+    message = str(exc) if not isinstance(exc, MemoryError) else "out of memory"
+    message = " ".join(message.split()) or type(exc).__name__
+    return message if any(str(path) in message for path in paths) else f"{paths[0]}: {message}"
+
+
 def some_names(names: Sequence[str], limit: int = 5) -> str:
     """The first ``limit`` of ``names`` (sorted) and how many more: for error messages."""
     names = sorted(names)
