@@ -155,9 +155,9 @@ class BenchPipeline:
         clock = ("CUDA events on one stream (downscale, upsample: the host work between two events)"
                  if isinstance(executor.timer(), CudaEventTimer)
                  else "the host monotonic clock; upload/download are the host layout conversions")
+        # (What a frame larger than the networks take adds around this, run_bench notes where one is.)
         self.notes: List[str] = [f"each run is what remove runs for the frame: Remover.run_once on "
-                                 f"{type(executor).__name__}, with remove's downscale and upsample around it "
-                                 f"for a frame larger than the networks take; stages timed with {clock}"]
+                                 f"{type(executor).__name__}; stages timed with {clock}"]
         if "middle" in self.method.stages and executor is self.remover._host:
             self.notes.append(f"middle step on the CPU (threshold={self.remover.settings.threshold})")
 
