@@ -376,6 +376,29 @@ def test_real_colour_weight_scores_real_pairs_partly_after_their_best_channel_ga
         RestorationLoss(None, perceptual=0.0, real_colour_weight=1.5)
 
 
+def test_extra_edge_term_scores_edges_left_in_more_than_edges_taken_out():
+    target = torch.full((1, 3, 32, 32), 0.4)
+    target[..., :, 16:] = 0.6  # the scene: one vertical edge
+    left_in = target.clone()
+    left_in[..., 8:24, 6] += 0.2  # a reflection's edge the output kept
+    taken_out = torch.full_like(target, 0.5)  # the scene's edge lost
+    shifted = torch.cat([target[..., :1], target[..., :-1]], dim=-1)  # a real pair's one-pixel misalignment
+    plain = RestorationLoss(None, perceptual=0.0)
+    extra = RestorationLoss(None, perceptual=0.0, extra_edge=2.0)
+    assert float(extra(target, target)[0]) == 0.0
+    assert float(extra(taken_out, target)[1]["extra_edge"]) == 0.0  # an edge taken out is the gradient term's
+    assert float(extra(shifted, target)[1]["extra_edge"]) == 0.0  # an edge within a pixel is the scene's
+    kept = float(extra(left_in, target)[1]["extra_edge"])
+    assert kept > 0
+    assert float(extra(left_in, target)[0]) == pytest.approx(float(plain(left_in, target)[0]) + 2.0 * kept)
+    # the plain loss weighs the two errors alike; the term tips it against the edge left in
+    assert float(extra(left_in, target)[0]) - float(extra(taken_out, target)[0]) > \
+        float(plain(left_in, target)[0]) - float(plain(taken_out, target)[0])
+    assert extra.describe()["extra_edge"] == 2.0
+    with pytest.raises(InputError, match=">= 0"):
+        RestorationLoss(None, perceptual=0.0, extra_edge=-1.0)
+
+
 def test_lite_training_with_real_pairs_runs_end_to_end_and_stage2_and_crrn_start_from_it(
         tmp_path, mobilenet_cache, capsys):
     photos = write_photo_folder(tmp_path / "photos", 6, height=136, width=136)
@@ -395,13 +418,14 @@ def test_lite_training_with_real_pairs_runs_end_to_end_and_stage2_and_crrn_start
     assert stage2.metadata["loss"]["adversarial"] == 0.05
     assert main(["train", "crrn", *common, "--init", str(tmp_path / "s1" / "final.safetensors"),
                  "--reflection-emphasis", "3", "--real-colour-weight", "0.5", "--gradient-weight", "1",
-                 "--perceptual-weight", "0.5", "--out", str(tmp_path / "c")]) == 0
+                 "--perceptual-weight", "0.5", "--extra-edge-weight", "1.5", "--out", str(tmp_path / "c")]) == 0
     crrn = load_checkpoint(tmp_path / "c" / "final.safetensors")
     assert crrn.metadata["schedule"]["init"]["step"] == 2
     assert crrn.metadata["loss"]["reflection_emphasis"] == 3 and stage1.metadata["loss"]["reflection_emphasis"] == 0
     assert crrn.metadata["loss"]["real_colour_weight"] == 0.5 and stage1.metadata["loss"]["real_colour_weight"] == 1
     assert crrn.metadata["loss"]["gradient"] == 1 and stage1.metadata["loss"]["gradient"] == 0.4
     assert crrn.metadata["loss"]["perceptual"] == 0.5 and stage1.metadata["loss"]["perceptual"] == 0.1
+    assert crrn.metadata["loss"]["extra_edge"] == 1.5 and stage1.metadata["loss"]["extra_edge"] == 0
     log = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
     assert "si_grad" in log[-1] or "si_gradient" in log[-1]
     capsys.readouterr()

@@ -264,6 +264,10 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
                         help="score real pairs W x as usual plus (1 - W) x after each pair's best channel gains, "
                              "so the camera's exposure and white-balance change between the two shots weighs "
                              "less than the reflection (transfer recipe; default: 1)")
+    parser.add_argument("--extra-edge-weight", type=float, default=None, metavar="X",
+                        help="weight of a term that scores only the edges the output has beyond its clean "
+                             "layer's (a reflection's edges left in), so that the model takes out an edge it is "
+                             "unsure of rather than keep half of it (transfer recipe; default: 0)")
     parser.add_argument("--encoder-lr-scale", type=float, default=None, metavar="S",
                         help="the pretrained encoder's learning rate as a fraction of --lr; 0 freezes it "
                              "(transfer recipe; default: 0.1)")
@@ -823,14 +827,15 @@ def transfer_loss(args: argparse.Namespace) -> RestorationLoss:
     colour = 1.0 if args.real_colour_weight is None else args.real_colour_weight
     gradient = GRADIENT_WEIGHT if args.gradient_weight is None else args.gradient_weight
     perceptual = PERCEPTUAL_WEIGHT if args.perceptual_weight is None else args.perceptual_weight
+    extra_edge = args.extra_edge_weight or 0.0
     for option, value in (("--reflection-emphasis", emphasis), ("--gradient-weight", gradient),
-                          ("--perceptual-weight", perceptual)):
+                          ("--perceptual-weight", perceptual), ("--extra-edge-weight", extra_edge)):
         if value < 0:
             raise InputError(f"{option} must be >= 0, got {value:g}")
     if not 0.0 <= colour <= 1.0:
         raise InputError(f"--real-colour-weight must be between 0 and 1, got {colour:g}")
     return RestorationLoss(FeatureLoss(load_mobilenet_weights()), gradient=gradient, perceptual=perceptual,
-                           reflection_emphasis=emphasis, real_colour_weight=colour)
+                           reflection_emphasis=emphasis, real_colour_weight=colour, extra_edge=extra_edge)
 
 
 def _paper_recipe_refuses(args: argparse.Namespace) -> None:
@@ -838,6 +843,7 @@ def _paper_recipe_refuses(args: argparse.Namespace) -> None:
     for option, value in (("--encoder-lr-scale", args.encoder_lr_scale),
                           ("--reflection-emphasis", args.reflection_emphasis),
                           ("--real-colour-weight", args.real_colour_weight),
+                          ("--extra-edge-weight", args.extra_edge_weight),
                           ("--gradient-weight", args.gradient_weight),
                           ("--perceptual-weight", args.perceptual_weight)):
         if value is not None:

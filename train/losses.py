@@ -296,6 +296,12 @@ def _image_gradients(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
 
+def _extra_edges(output_diff: torch.Tensor, target_diff: torch.Tensor) -> torch.Tensor:
+    """How far each of the output's finite differences exceeds the largest of the target's within a pixel."""
+    nearby = F.max_pool2d(target_diff.abs(), 3, 1, 1)
+    return F.relu(output_diff.abs() - nearby)
+
+
 #: The transfer loss's weight on the gradient L1 term (ERRNet's).
 GRADIENT_WEIGHT = 0.4
 PERCEPTUAL_WEIGHT = 0.1
@@ -331,6 +337,13 @@ class RestorationLoss(nn.Module):
     itself leaves. Synthetic pairs, whose colour change is drawn from matched statistics, keep
     the plain loss.
 
+    ``extra_edge`` (X > 0) adds X x the mean of the edges the output has beyond its target's: each
+    finite difference's magnitude above the largest of the target's within a pixel (so a real
+    pair's slight misalignment is not counted). The gradient L1 term scores an edge left in and an
+    edge taken out alike, and where the network cannot tell a reflection's edge from the scene's it
+    then keeps half of it; this term makes leaving a reflection's edge in cost more than taking a
+    scene's out, so an uncertain edge goes.
+
     ``forward(output, target, real, image)`` takes ``real`` as an (N,) tensor of 0/1 (or None: all
     synthetic) and ``image``, the network's input (needed with an emphasis), and returns
     ``(total, terms)``.
@@ -338,9 +351,9 @@ class RestorationLoss(nn.Module):
 
     def __init__(self, features: Optional[FeatureLoss], gradient: float = GRADIENT_WEIGHT,
                  perceptual: float = PERCEPTUAL_WEIGHT, real_gradient_scale: float = 0.5,
-                 reflection_emphasis: float = 0.0, real_colour_weight: float = 1.0) -> None:
+                 reflection_emphasis: float = 0.0, real_colour_weight: float = 1.0, extra_edge: float = 0.0) -> None:
         super().__init__()
-        if min(gradient, perceptual, real_gradient_scale, reflection_emphasis) < 0:
+        if min(gradient, perceptual, real_gradient_scale, reflection_emphasis, extra_edge) < 0:
             raise InputError("RestorationLoss weights must be >= 0")
         if not 0.0 <= real_colour_weight <= 1.0:
             raise InputError(f"RestorationLoss: real_colour_weight must be in [0, 1], got {real_colour_weight:g}")
@@ -349,12 +362,13 @@ class RestorationLoss(nn.Module):
         self.features = features
         self.gradient, self.perceptual, self.real_gradient_scale = gradient, perceptual, real_gradient_scale
         self.reflection_emphasis, self.real_colour_weight = reflection_emphasis, real_colour_weight
+        self.extra_edge = extra_edge
 
     def describe(self) -> Dict[str, object]:
         """The loss's settings as a checkpoint's metadata records them."""
         return {"name": "transfer", "gradient": self.gradient, "perceptual": self.perceptual,
                 "real_gradient_scale": self.real_gradient_scale, "reflection_emphasis": self.reflection_emphasis,
-                "real_colour_weight": self.real_colour_weight}
+                "real_colour_weight": self.real_colour_weight, "extra_edge": self.extra_edge}
 
     def forward(self, output: torch.Tensor, target: torch.Tensor, real: Optional[torch.Tensor] = None,
                 image: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Terms]:
@@ -381,6 +395,11 @@ class RestorationLoss(nn.Module):
         grad = per_sample.mean()
         total = l1 + self.gradient * grad
         terms = {"l1": l1.detach(), "gradient": grad.detach()}
+        if self.extra_edge > 0:
+            extra = (_weighted_means(_extra_edges(ox, tx), None if weight is None else weight[..., :, 1:]) +
+                     _weighted_means(_extra_edges(oy, ty), None if weight is None else weight[..., 1:, :])).mean()
+            total = total + self.extra_edge * extra
+            terms["extra_edge"] = extra.detach()
         if self.perceptual > 0:
             perc = self.features(output, target)
             total = total + self.perceptual * perc
