@@ -552,7 +552,8 @@ def _run(summary: VideoSummary, sink: _Sink, frames: _Frames, first: Tuple[np.nd
                          name="dereflect-infer", daemon=True),
     ]
     window = _Window(remover) if show else None
-    bar = tqdm(total=summary.expected_frames, unit="frame", disable=not progress, dynamic_ncols=True,
+    # disable=None: a bar only on a terminal; a log file would fill with its redraws.
+    bar = tqdm(total=summary.expected_frames, unit="frame", disable=None if progress else True, dynamic_ncols=True,
                file=sys.stderr)
     last: Optional[np.ndarray] = None
     waiting = 0  # undecodable frames before the first good one: they take its output frame

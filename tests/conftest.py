@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import zipfile
@@ -129,3 +130,10 @@ def tiny_rm2s_networks():
         config = UNetConfig(in_channels=channels, **tiny).to_dict()
         networks[name] = ("rm2s_unet", config, build_model("rm2s_unet", config).eval())
     return networks
+
+
+class Terminal(io.StringIO):
+    """A standard stream that says it is a terminal, where progress bars are drawn."""
+
+    def isatty(self) -> bool:
+        return True

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import io
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+from conftest import Terminal
 from dereflect.cli import EPILOG, DefaultsHelpFormatter, build_parser, iter_parsers, main
 from dereflect.models import BUNDLED_MODELS_DIR
 from onnx import TensorProto, helper
@@ -276,10 +276,6 @@ def test_remove_writes_a_float_tiff_as_float32(tmp_path, identity):
     assert cv2.imread(str(tmp_path / "out" / "f32.png"), cv2.IMREAD_UNCHANGED).dtype == np.uint8
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
 
 def test_remove_draws_its_progress_bar_on_a_terminal_only(tmp_path, identity, capsys, monkeypatch):
     for name in ("a.png", "b.png", "c.png"):
@@ -287,7 +283,7 @@ def test_remove_draws_its_progress_bar_on_a_terminal_only(tmp_path, identity, ca
     assert main(["remove", str(tmp_path / "in"), "-o", str(tmp_path / "log")]) == 0
     err = capsys.readouterr().err  # what a log file would hold
     assert "\r" not in err and "image/s" not in err and "3 image(s) written" in err
-    terminal = _Terminal()
+    terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     assert main(["remove", str(tmp_path / "in"), "-o", str(tmp_path / "tty")]) == 0
     assert "3/3" in terminal.getvalue() and "\r" in terminal.getvalue()

@@ -8,6 +8,7 @@ middle step's masks in stage 2 (so it has a stage-1 image and a confidence map).
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 # The toy ONNX exports live with the runtime tests (to be moved to a shared test helper).
-from conftest import tiny_rm2s_networks
+from conftest import Terminal, tiny_rm2s_networks
 from dereflect import Remover
 from dereflect.errors import InputError, ModelError
 from dereflect.tools.datasets import attach_masks, detect_layout, find_pairs, read_ceilnet, read_paired, read_sir2
@@ -403,6 +404,17 @@ def test_model_arguments(crrn_dir, tmp_path):
     with pytest.raises(ModelError, match="safetensors"):
         load_model(fake, backend="onnxruntime")
     assert load_model(crrn_dir / "manifest.json").method.name == "crrn"
+
+
+def test_eval_draws_its_progress_bar_on_a_terminal_only(monkeypatch, crrn_dir, paired, tmp_path):
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    evaluate(crrn_dir, paired, out_dir=tmp_path / "log", contact_images=0)
+    assert "\r" not in log.getvalue() and "dereflect eval" not in log.getvalue()
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    evaluate(crrn_dir, paired, out_dir=tmp_path / "tty", contact_images=0)
+    assert "dereflect eval" in terminal.getvalue() and "image" in terminal.getvalue()
 
 
 def test_cli_eval(monkeypatch, crrn_dir, paired, tmp_path, capsys):

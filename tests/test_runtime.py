@@ -9,7 +9,6 @@ have an exact answer).
 from __future__ import annotations
 
 import contextlib
-import io
 import threading
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import dereflect.cli
 import dereflect.manifest
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, tiny_rm2s_networks
+from conftest import SHARED_DATA, Terminal, tiny_rm2s_networks
 from dereflect import Remover
 from dereflect.backends.base import Runner, backend_name
 from dereflect.backends.onnxruntime import OnnxRuntimeRunner
@@ -1358,20 +1357,16 @@ def test_tiles_report_their_progress(crrn_dir):
     assert calls == []
 
 
-class _Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
 
 def test_cli_shows_a_bar_over_tiles_on_a_terminal(cli, crrn_dir, tmp_path, monkeypatch):
     source = tmp_path / "big.png"
     cv2.imwrite(str(source), (_photo(100, 150) * 255).astype(np.uint8))
     args = ["remove", str(source), "--model", str(crrn_dir), "--max-side", "64", "--large-image", "tile"]
-    terminal = _Terminal()
+    terminal = Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
     assert cli(args + ["-o", str(tmp_path / "a.png")]) == 0
     assert "tile" in terminal.getvalue() and "big.png" in terminal.getvalue()
-    quiet = _Terminal()
+    quiet = Terminal()
     monkeypatch.setattr("sys.stderr", quiet)
     assert cli(args + ["-o", str(tmp_path / "b.png"), "-q"]) == 0
     assert "tile" not in quiet.getvalue()

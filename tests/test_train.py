@@ -320,9 +320,13 @@ def test_train_command_runs_end_to_end(photo_folder, fake_vgg16, tmp_path, capsy
                  "--vgg", str(fake_vgg16), "--vgg-arch", "vgg16", "--val-every", "1"])
     assert code == 0
     assert (out / "final.safetensors").is_file()
-    assert "checkpoint:" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "checkpoint:" in captured.out
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 2 and "val_psnr" in records[-1]
+    # Not on a terminal (a run in the background): a line per log record, not the bar's redraws.
+    assert "\r" not in captured.err and "step 2/2  loss " in captured.out
+    assert f"val_psnr {records[-1]['val_psnr']:.4g}" in captured.out
     assert read_metadata(out / "final.safetensors")["max_side"] == 512  # --val-max-side's default beside lite
 
 

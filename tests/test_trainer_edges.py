@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import write_photo_folder, write_real_pairs  # noqa: E402
+from conftest import Terminal, write_photo_folder, write_real_pairs  # noqa: E402
 from dereflect.cli import main  # noqa: E402
 from dereflect.errors import InputError  # noqa: E402
 from dereflect.tools.datasets import detect_layout, find_pairs  # noqa: E402
@@ -203,10 +203,6 @@ def test_half_a_paired_folder_is_named_as_such(photo_folder, fake_vgg16, tmp_pat
 
 # --------------------------------------------------------------------------- what decoding prints
 
-
-class Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
 
 
 @pytest.mark.parametrize("stream, progress, shown", [(Terminal, True, True), (Terminal, False, False),

@@ -5,6 +5,7 @@ Each generated frame carries its index as 8 black/white stripes, readable after 
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import struct
@@ -16,7 +17,7 @@ import cv2
 import dereflect.cli
 import numpy as np
 import pytest
-from conftest import sigint_as_in_a_terminal
+from conftest import Terminal, sigint_as_in_a_terminal
 from dereflect.errors import InputError
 from dereflect.video import has_gstreamer, parse_source, process_video
 
@@ -91,6 +92,18 @@ def test_round_trip_keeps_count_order_size_and_rate(tmp_path):
     assert frames[0].shape == (H, W, 3) and fps == pytest.approx(FPS)
     assert summary.fps > 0
     assert users.read_bytes() == b"mine" and list(tmp_path.glob(".*partial*")) == [users]
+
+
+def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path, monkeypatch):
+    source = _write_video(tmp_path / "in.avi", 6)
+    log = io.StringIO()  # what a log file would hold: no redraws
+    monkeypatch.setattr(sys, "stderr", log)
+    process_video(source, tmp_path / "log.avi", Darken())
+    assert log.getvalue() == ""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    process_video(source, tmp_path / "tty.avi", Darken())
+    assert "6/6" in terminal.getvalue() and "frame" in terminal.getvalue()
 
 
 def test_failing_frame_is_passed_through_and_counted(tmp_path):

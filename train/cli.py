@@ -934,7 +934,7 @@ def run_synthesize(args: argparse.Namespace) -> int:
     with staged_folder(out) as partial:
         for folder in ("blended", "transmission_layer"):
             (partial / folder).mkdir()
-        for index in tqdm(range(args.count), desc="synthesising", unit="pair"):
+        for index in tqdm(range(args.count), desc="synthesising", unit="pair", disable=None):
             mixture, background, _ = pairs.sample_arrays(index)
             for folder, image in (("blended", mixture), ("transmission_layer", background)):
                 write_image(partial / folder / f"{index:04d}.png", (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8))
@@ -1006,7 +1006,7 @@ def run_reflection_layers(args: argparse.Namespace) -> int:
     if args.real_holdout:
         pairs = filter_pairs(pairs, read_name_list(args.real_holdout), keep=False, where=args.real)
     with staged_folder(out) as partial:
-        for pair in tqdm(pairs, desc="reflection layers", unit="pair"):
+        for pair in tqdm(pairs, desc="reflection layers", unit="pair", disable=None):
             blended, clean = read_pair(pair)
             write_image(partial / f"{pair.name}.png",
                         (reflection_layer(blended, clean, args.gamma) * 255 + 0.5).astype(np.uint8))

@@ -472,8 +472,11 @@ class Trainer:
         main = self.dist.is_main
         started = self._started = time.monotonic()
         first_step = self.step
+        # A bar on a terminal; in a log file (a run in the background) one line per log record instead
+        # of the bar's redraws.
         bar = tqdm(total=self.config.steps, initial=self.step, desc=f"{self.task.kind}", unit="step",
-                   dynamic_ncols=True, disable=not main)
+                   dynamic_ncols=True, disable=None if main else True)
+        lines = main and bar.disable
         running: Dict[str, float] = {}
         running_steps = 0
         # Whether to stop is decided by all ranks together, so that none waits for a step the others skip.
@@ -536,6 +539,8 @@ class Trainer:
                     record.update({"step": self.step, "time": round(elapsed, 2),
                                    "steps_per_s": round((self.step - first_step) / max(elapsed, 1e-9), 3)})
                     self.log(record)
+                    if lines:
+                        print(progress_line(record, self.config.steps), flush=True)
                 if self.step % self.config.save_every == 0:
                     self.save("last.safetensors")
                 if self.config.keep_every and self.step % self.config.keep_every == 0:
@@ -546,6 +551,17 @@ class Trainer:
     def _out_of_time(self) -> bool:
         limit = self.config.time_limit_s
         return limit is not None and time.monotonic() - self._started >= limit
+
+
+def progress_line(record: Dict[str, Any], steps: int) -> str:
+    """One log record as a line of text: the step, the loss, the rate and any validation figures."""
+    parts = [f"step {record['step']}/{steps}"]
+    if "loss" in record:
+        parts.append(f"loss {record['loss']:.4f}")
+    parts.append(f"{record['steps_per_s']:.2f} steps/s")
+    parts += [f"{key} {value:.4g}" for key, value in record.items()
+              if key.startswith("val_") and isinstance(value, (int, float))]
+    return "  ".join(parts)
 
 
 def _finite(module: torch.nn.Module) -> bool:

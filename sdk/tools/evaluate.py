@@ -691,7 +691,7 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
     images: List[ImageScores] = []
     reduced = 0
     stopped_by = None
-    for index, pair in enumerate(tqdm(pairs, unit="image", disable=not progress, file=sys.stderr,
+    for index, pair in enumerate(tqdm(pairs, unit="image", disable=None if progress else True, file=sys.stderr,
                                       desc="dereflect eval")):
         if stop is not None and stop.received:
             stopped_by = stop.received
