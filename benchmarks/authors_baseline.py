@@ -1,6 +1,6 @@
 """The authors' structure, for the side-by-side: same weights, their way of running them.
 
-REFERENCE.md ("RM2S: what the authors' code does"): both networks in PyTorch eager FP32; the
+What the authors' released code does: both networks in PyTorch eager FP32; the
 stage-1 output goes to the host (``.cpu()``), the middle step runs there with OpenCV Sobel
 (``ksize=5``) and scikit-learn ``KMeans(n_clusters=2)`` on the non-zero confidence values,
 the 9-channel stage-2 input goes back to the device, and stage 2 runs. Each of those is a
@@ -35,6 +35,8 @@ from dereflect.methods.base import Timer as StageTimer
 from dereflect.models import open_source
 from dereflect.tools.bench import BenchPipeline, parse_sizes, summarize, synthetic_frame
 
+# Their code's grey weights, typed out as their code has them: this file re-implements their step on
+# purpose, apart from the SDK's (the SDK's are the same numbers, dereflect.middle_step.reference.LUMA).
 LUMA = np.array([0.2125, 0.7154, 0.0721], dtype=np.float32)
 EPS = 1e-7
 #: scikit-learn's KMeans default before 1.4 (then "auto", one k-means++ run): what code of the

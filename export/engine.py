@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from dereflect.cache import cache_dir
-from dereflect.errors import MissingDependencyError, ModelError, require
+from dereflect.errors import ModelError, require
 from dereflect.imageio import is_free_folder, staged_file, staged_folder
 from dereflect.manifest import MANIFEST_NAME, Manifest, inside, load_manifest, sha256_file
 from dereflect.stop_signals import StopSignals
@@ -69,14 +69,8 @@ def default_timing_cache(trt_version: str, gpu_name: str) -> Path:
 
 
 def require_tensorrt() -> Any:
-    """The ``tensorrt`` module, or a MissingDependencyError that also says where Jetson's comes from."""
-    try:
-        return require("tensorrt", "trt", "building TensorRT engines")
-    except MissingDependencyError as exc:
-        raise MissingDependencyError(
-            f"{exc}. On a Jetson, TensorRT comes with JetPack (python3-libnvinfer), not from PyPI: use a virtual "
-            "environment made with --system-site-packages"
-        ) from None
+    """The ``tensorrt`` module, or a MissingDependencyError with the install line (Jetson's included)."""
+    return require("tensorrt", "trt", "building TensorRT engines")
 
 
 # --- the folder the engines go to ----------------------------------------------------------------

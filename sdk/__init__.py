@@ -7,6 +7,9 @@ and ``export``).
 
 from __future__ import annotations
 
+from typing import Any as _Any
+from typing import List as _List
+
 from .errors import DereflectError, InputError, MissingDependencyError, ModelError
 
 __version__ = "0.1.0"
@@ -23,7 +26,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> _Any:
     # Lazy, so that ``import dereflect`` loads no backend and no OpenCV pipeline code.
     if name == "Remover":
         from dereflect.remover import Remover
@@ -40,5 +43,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dereflect' has no attribute {name!r}")
 
 
-def __dir__():
+def __dir__() -> _List[str]:
     return sorted(set(globals()) | set(__all__))

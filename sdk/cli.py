@@ -5,7 +5,8 @@ import nothing heavy at import time, so ``dereflect remove`` never loads torch a
 whose extra is missing fails with the ``pip install`` line that fixes it.
 
 Every command shares one help formatter (each option's help ends with its default) and one
-set of exit codes (:data:`EXIT_CODES`, in the top-level help).
+set of exit codes (:data:`EXIT_OK`, :data:`EXIT_SOME_FAILED`, :data:`EXIT_USAGE`, and a stopping
+signal's :func:`~dereflect.stop_signals.exit_status`), explained in the top-level help (:data:`EPILOG`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Iterator, List, Optional
 
 from . import __version__
 from .errors import DereflectError
+from .stop_signals import exit_status
 
 COMMAND_MODULES = (
     "dereflect.cli_runtime",
@@ -31,12 +33,13 @@ COMMAND_MODULES = (
 
 #: Exit status of every command.
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
-EPILOG = """exit status (every command):
-  0    everything asked was done (and every check or verification passed), or nothing was left to do
+EPILOG = f"""exit status (every command):
+  {EXIT_OK:<4} everything asked was done (and every check or verification passed), or nothing was left to do
        (remove run again on a folder or several files: every output exists already)
-  1    some items failed (files, frames, sizes) or a check / verification failed; the rest was done
-  2    usage error or nothing done: bad options, model or input not found, missing extra
-  130  interrupted (Ctrl+C; 143 for SIGTERM); what was finished is kept (video: the output file holds
+  {EXIT_SOME_FAILED:<4} some items failed (files, frames, sizes) or a check / verification failed; the rest was done
+  {EXIT_USAGE:<4} usage error or nothing done: bad options, model or input not found, missing extra
+  {exit_status("SIGINT")}  interrupted (Ctrl+C; {exit_status("SIGTERM")} for SIGTERM); what was finished is kept \
+(video: the output file holds
        every frame processed so far; end a camera recording with --max-frames or q in --show instead;
        train: last.safetensors at the last finished step; eval: the report of the images scored;
        export engine: the engines built, the one in progress cancelled where TensorRT allows)
@@ -107,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("dereflect: interrupted", file=sys.stderr)
-        return 130
+        return exit_status("SIGINT")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The model options every command that runs a model shares: declared once, read once.
 
-``remove``, ``video``, ``eval``, ``bench`` and ``export verify`` take the same model reference
-(a bundled model's name, an export directory or a training checkpoint) and the same options,
-which :func:`open_from_args` hands to :func:`dereflect.models.open_model`.
+``remove``, ``video``, ``eval`` and ``bench`` take the same model reference (a bundled model's
+name, an export directory or a training checkpoint) and the same options, which
+:func:`open_from_args` hands to :func:`dereflect.models.open_model`. (``export verify`` checks the
+networks of an export on a backend, not the Remover, and declares its own options.)
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict
 
+from dereflect.backends.base import BACKENDS, PRECISIONS
+from dereflect.methods.rm2s import THRESHOLDS, MiddleStepSettings
 from dereflect.models import BUNDLED_MODELS
+from dereflect.remover import DEFAULT_MAX_SIDE, LARGE_IMAGE_STRATEGIES
 
 MODEL_HELP = (f"a bundled model ({', '.join(BUNDLED_MODELS)}), an export directory or a training checkpoint "
               "(.safetensors, runs on torch)")
@@ -29,30 +33,32 @@ def add_model_options(parser: argparse.ArgumentParser, positional: bool = False,
         parser.add_argument("--model", metavar="MODEL", default=None,
                             help=f"{MODEL_HELP} (default: {BUNDLED_MODELS[0]})")
     group = parser.add_argument_group("model options")
-    group.add_argument("--backend", default=None, choices=["onnxruntime", "tensorrt", "torch"],
+    group.add_argument("--backend", default=None, choices=list(BACKENDS),
                        help="inference backend (default: onnxruntime for exports, torch for checkpoints)")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    group.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16"],
-                       help="network precision; fp16 runs the export's FP16 ONNX files (default: auto)")
+    group.add_argument("--precision", default=PRECISIONS[0], choices=PRECISIONS,
+                       help="network precision; fp16 runs the export's FP16 ONNX files")
     group.add_argument("--checkpoint", metavar="FILE", default=None,
                        help="torch backend on an export directory: the training checkpoint it was made from "
                             "(default: none; an export runs on torch only with it)")
     group.add_argument("--threads", type=int, metavar="N", default=None,
                        help="onnxruntime intra-op threads (default: onnxruntime's choice)")
-    group.add_argument("--threshold", choices=["exact", "histogram"], default=None,
-                       help="RM2S: 2-means of the CPU middle step (default: exact; the GPU kernel uses histogram)")
+    defaults = MiddleStepSettings()
+    group.add_argument("--threshold", choices=THRESHOLDS, default=None,
+                       help=f"RM2S: how the CPU middle step finds its 2-means threshold (default: "
+                            f"{defaults.threshold}; the GPU kernel always bins a histogram)")
     group.add_argument("--c1", type=float, default=None, metavar="C",
-                       help="RM2S: reflection-mask threshold offset (default: the model's, 0.5)")
+                       help=f"RM2S: reflection-mask threshold offset (default: the model's, {defaults.c1:g})")
     group.add_argument("--c2", type=float, default=None, metavar="C",
-                       help="RM2S: background-mask threshold offset (default: the model's, 0.5)")
+                       help=f"RM2S: background-mask threshold offset (default: the model's, {defaults.c2:g})")
     larger = ("use --large-image" if output
               else "are scaled down to it and guided-upsampled back, as remove does by default")
     group.add_argument("--max-side", type=int, default=None, metavar="N",
                        help=f"longest side the networks run at; larger images {larger} (0: no limit; default: "
-                            "the side the model recommends, 1024 for models without one)")
+                            f"the side the model recommends, {DEFAULT_MAX_SIDE} for models without one)")
     if output:
-        group.add_argument("--large-image", default="guided", choices=["guided", "tile"],
-                           help="guided: run scaled down, guided-upsample the reflection layer (default); "
+        group.add_argument("--large-image", default=LARGE_IMAGE_STRATEGIES[0], choices=LARGE_IMAGE_STRATEGIES,
+                           help="guided: run scaled down, guided-upsample the reflection layer; "
                                 "tile: overlapping full-resolution tiles with blended seams")
         group.add_argument("--strength", type=float, default=None, metavar="K",
                            help="how much of the model's change to apply, 0 to 2: 0 leaves the input as it "

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from dereflect.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from dereflect.cli_options import add_model_options, open_from_args
 from dereflect.errors import DereflectError, InputError
 
@@ -330,7 +331,7 @@ def run_remove(args: argparse.Namespace) -> int:
         # Said even with --quiet: the user may have expected those outputs replaced.
         print(f"dereflect: nothing to do: all {kept} output(s) exist already ({plan.some_existing()}); "
               "pass --overwrite to replace them", file=sys.stderr)
-        return 0
+        return EXIT_OK
     if kept:
         # Even with --quiet: the user may have expected those outputs replaced.
         print(f"dereflect: {kept} output(s) exist already and are kept, their inputs not run "
@@ -368,8 +369,8 @@ def run_remove(args: argparse.Namespace) -> int:
         # Keeping an existing output is what was asked (no --overwrite): a second run after an
         # interruption that does the rest has done everything.
         if failed:
-            return 1 if written else 2
-        return 0
+            return EXIT_SOME_FAILED if written else EXIT_USAGE
+        return EXIT_OK
     if total > 1 and not args.quiet:
         print(f"dereflect: {written} image(s) written to {args.output}", file=sys.stderr)
-    return 0
+    return EXIT_OK

@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from dereflect.cli import EXIT_OK, EXIT_SOME_FAILED
 from dereflect.cli_options import add_model_options, open_from_args
 from dereflect.stop_signals import exit_status
 
@@ -126,4 +127,4 @@ def run_video(args: argparse.Namespace) -> int:
     if summary.stopped_by in ("SIGINT", "SIGTERM"):
         # Like any command stopped by a signal, though the file is complete so far.
         return exit_status(summary.stopped_by)
-    return 1 if summary.failed or summary.skipped else 0
+    return EXIT_SOME_FAILED if summary.failed or summary.skipped else EXIT_OK

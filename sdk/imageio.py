@@ -241,6 +241,7 @@ def _quantise(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _luma(rgb: np.ndarray) -> np.ndarray:
+    # BT.601, OpenCV's own RGB-to-grey: a grey file's output is what cv2.cvtColor makes of the colour one.
     return rgb[:, :, 0] * 0.299 + rgb[:, :, 1] * 0.587 + rgb[:, :, 2] * 0.114
 
 

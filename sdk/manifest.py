@@ -42,13 +42,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
 
-from dereflect.errors import ModelError
+from dereflect.errors import DereflectError, InputError, ModelError
 from dereflect.imageio import staged_file
 
 FORMAT = "dereflect-export"
@@ -58,10 +60,30 @@ MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 4 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 #: The smallest side the networks may be asked to run at (a manifest's or a checkpoint's ``max_side``,
-#: ``export onnx --max-side``, a Remover's ``max_side``): below it a U-Net's deepest level is a pixel
-#: or two wide.
+#: ``export onnx --max-side``, a Remover's ``max_side``, ``train --val-max-side``; all checked by
+#: :func:`check_max_side`): below it a U-Net's deepest level is a pixel or two wide.
 MIN_MAX_SIDE = 32
+#: The side the runtime runs a model's networks at when its manifest (or checkpoint) records none.
+DEFAULT_MAX_SIDE = 1024
 _RECORDS = ("fp16", "parity", "tensorrt_check", "export")
+
+
+def check_max_side(value: Any, what: str = "max_side", error: Type[DereflectError] = InputError,
+                   no_limit: bool = False) -> Optional[int]:
+    """``value`` as the longest side the networks may run at: a whole number of pixels, at least
+    :data:`MIN_MAX_SIDE`.
+
+    With ``no_limit`` (a Remover's ``max_side``), 0 or None means no limit and gives None. Anything else
+    raises ``error`` (InputError for what a caller passed, ModelError for what a file holds) naming ``what``.
+    """
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if no_limit and (value is None or (whole and value == 0)):
+        return None
+    if whole and value >= MIN_MAX_SIDE:
+        return int(value)
+    unlimited = " (or 0 / None for no limit)" if no_limit else ""
+    raise error(f"{what} must be a whole number of pixels, at least {MIN_MAX_SIDE}{unlimited}, "
+                f"got {reprlib.repr(value)}")
 
 
 def sha256_file(path: os.PathLike) -> str:
@@ -378,9 +400,7 @@ def load_manifest(directory: os.PathLike, check_hashes: bool = True) -> Manifest
         if key in data:
             records[key] = _string(data, key, str(path))
     settings = data.get(method.settings_key) if method.settings_key else None
-    max_side = _integer(data, "max_side", str(path), 0, 0) if "max_side" in data else None
-    if max_side is not None and max_side < MIN_MAX_SIDE:
-        raise ModelError(f"{path}: max_side must be at least {MIN_MAX_SIDE}, got {max_side}")
+    max_side = check_max_side(data["max_side"], f"{path}: max_side", ModelError) if "max_side" in data else None
     manifest = Manifest(
         method=method_name,
         name=_string(data, "name", str(path), method_name),

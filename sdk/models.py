@@ -127,5 +127,11 @@ def open_model(model: ModelRef = None, backend: Optional[str] = None, **options:
         if chosen != "torch":
             raise InputError(f"{source.path} is a training checkpoint: it runs on the torch backend, not {backend!r}; "
                              "export it (dereflect export onnx) for the other backends")
+        # The model is the checkpoint itself; these options are for running an export directory on torch.
+        taken = [name for name in ("checkpoint", "verify_checkpoint") if name in options]
+        if taken:
+            raise InputError(f"{source.path} is a training checkpoint, opened as the model itself: leave out "
+                             f"{' and '.join(taken)} (--checkpoint names the checkpoint an export directory was "
+                             "made from, to run that export on torch)")
         return Remover(source.manifest, backend="torch", checkpoint=source.path, verify_checkpoint=False, **options)
     return Remover(source.manifest, backend=backend_name(backend or "onnxruntime"), **options)

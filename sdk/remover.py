@@ -3,7 +3,7 @@
 ::
 
     from dereflect import Remover
-    remover = Remover.from_dir("exports/rm2s-lite")          # ONNX Runtime on the CPU
+    remover = Remover.load("exports/rm2s-lite")              # ONNX Runtime on the CPU
     clean = remover.remove(frame)                             # an OpenCV (BGR) uint8 frame in, same out
 
 **Colour order.** Arrays are taken, and given back, in OpenCV's channel order, BGR, by default
@@ -12,7 +12,8 @@ libraries. Pass ``colour_order="RGB"`` for arrays from Pillow, imageio, matplotl
 The networks themselves always see RGB.
 
 **Any size.** The exported graphs pad to their stride internally, so any H x W runs as is up
-to ``max_side`` (default 1024, and never more than a TensorRT engine's profile allows).
+to ``max_side`` (default: the side the model's manifest records, else :data:`DEFAULT_MAX_SIDE`; never
+more than a TensorRT engine's profile allows).
 Larger images are handled by one of two strategies (``large_image=``):
 
 * ``"guided"`` (default): run the networks once on the image scaled to fit, take the
@@ -43,10 +44,9 @@ Remover per thread (each holds its own sessions / execution contexts).
 
 from __future__ import annotations
 
-import numbers
+import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import cv2
@@ -54,11 +54,9 @@ import numpy as np
 from dereflect.backends.base import HostExecutor, open_backend
 from dereflect.errors import DereflectError, InputError
 from dereflect.imageio import ImageInfo, alpha_rows, check_image, from_float_rgb, rgb_rows, row_chunks
-from dereflect.manifest import MIN_MAX_SIDE, Manifest, load_manifest
+from dereflect.manifest import DEFAULT_MAX_SIDE, Manifest, check_max_side
 from dereflect.methods.base import NULL_TIMER, Executor, Layers, MiddleStepOutput, Timer, get_method
-from dereflect.models import BUNDLED_MODELS
 
-DEFAULT_MAX_SIDE = 1024
 LARGE_IMAGE_STRATEGIES = ("guided", "tile")
 TILE_OVERLAP = 64
 GUIDED_RADIUS = 2
@@ -226,21 +224,20 @@ def guided_coefficients(value: np.ndarray, guide_low: np.ndarray, radius: int = 
     return _box(a, radius), _box(b, radius)
 
 
-def guided_upsample(
-    value: np.ndarray, guide_low: np.ndarray, guide_high: np.ndarray,
-    radius: int = GUIDED_RADIUS, eps: float = GUIDED_EPS,
-) -> np.ndarray:
-    """Fast guided filter: ``value`` (h x w x C) brought to ``guide_high``'s size (H x W x C).
+def guided_upsample_rows(coefficients: Tuple[np.ndarray, np.ndarray], guide: np.ndarray, height: int,
+                         top: int = 0) -> np.ndarray:
+    """Rows ``top:top + len(guide)`` of the fast guided filter's output, at full resolution.
 
-    Per channel, the local linear model ``value ~ a * guide + b`` is fitted on ``radius`` boxes
-    at low resolution, its coefficients are smoothed and upsampled bilinearly, and applied
-    to the full-resolution guide, so edges come from the guide rather than from interpolation.
-    (The Remover applies it a strip at a time.)
+    The local linear model ``value ~ a * guide + b`` fitted at low resolution (``coefficients``, from
+    :func:`guided_coefficients`) is upsampled bilinearly to ``height`` x the guide's width, only the
+    rows asked for, and applied to ``guide``: those rows of the full-resolution guide (H x W x C), so
+    edges come from the guide rather than from interpolation. ``top=0`` with every row of the guide
+    is the whole image; the Remover goes a strip at a time, so no full-size coefficients exist.
     """
-    a, b = guided_coefficients(value, guide_low, radius, eps)
-    height, width = guide_high.shape[:2]
-    return (resize_linear_rows(a, height, width, 0, height) * np.asarray(guide_high, np.float32)
-            + resize_linear_rows(b, height, width, 0, height))
+    a, b = coefficients
+    bottom, width = top + guide.shape[0], guide.shape[1]
+    return (resize_linear_rows(a, height, width, top, bottom) * np.asarray(guide, np.float32)
+            + resize_linear_rows(b, height, width, top, bottom))
 
 
 def with_strength(image: np.ndarray, background: np.ndarray, strength: float) -> np.ndarray:
@@ -271,6 +268,32 @@ def fit_size(height: int, width: int, max_hw: Tuple[int, int]) -> Tuple[int, int
     """The largest size with the same aspect that fits ``max_hw``; returns (h, w, scale)."""
     scale = min(max_hw[0] / height, max_hw[1] / width, 1.0)
     return max(1, int(round(height * scale))), max(1, int(round(width * scale))), scale
+
+
+def model_max_side(max_side: Union[int, None, str], manifest: Manifest) -> Optional[int]:
+    """The side a Remover's ``max_side`` option means: "model" is the one ``manifest`` records, else
+    :data:`DEFAULT_MAX_SIDE`; None or 0 is no limit (None). InputError for anything but those and a
+    whole number of at least :data:`~dereflect.manifest.MIN_MAX_SIDE`."""
+    if isinstance(max_side, str) and max_side == "model":
+        max_side = manifest.max_side or DEFAULT_MAX_SIDE
+    return check_max_side(max_side, no_limit=True)
+
+
+def network_max_hw(max_side: Optional[int], engine_max: Optional[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
+    """The largest H x W the networks run at: ``max_side`` on each side (None: no limit), within a TensorRT
+    engine profile's largest input ``engine_max`` (None: none). None when neither limits it."""
+    limits = [hw for hw in (engine_max, (max_side, max_side) if max_side else None) if hw]
+    return (min(h for h, _ in limits), min(w for _, w in limits)) if limits else None
+
+
+def scaled_to_fit(rgb: np.ndarray, max_hw: Optional[Tuple[int, int]]) -> np.ndarray:
+    """An HxWx3 float32 RGB image as the networks see it with the ``guided`` strategy (the default): as it
+    is when it fits ``max_hw`` (None: no limit), else shrunk to :func:`fit_size` as :meth:`Remover.remove`
+    shrinks it (:func:`shrink_area`)."""
+    if max_hw is None:
+        return rgb
+    height, width, scale = fit_size(rgb.shape[0], rgb.shape[1], max_hw)
+    return rgb if scale >= 1.0 else shrink_area(_Frame(rgb, converted=True), height, width)
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> List[int]:
@@ -375,15 +398,16 @@ class Remover:
     ``device`` and ``precision`` are the backend's, and its own options (``threads`` for
     onnxruntime, ``checkpoint``/``use_cupy`` for torch, ``use_graph`` for TensorRT) are checked:
     an option the backend does not take raises InputError. ``max_side`` (default "model": the
-    side the model's manifest recommends, else 1024; None or 0: no limit)
-    and ``large_image`` ("guided" or "tile") handle large images; ``threshold`` is the CPU middle
-    step's 2-means ("exact" sort, or "histogram", the CUDA kernel's algorithm); ``c1``/``c2``
-    default to the manifest's. With ``device_middle_step`` (default) a backend that can keep the
-    frame on the GPU (TensorRT, torch on CUDA) does so for :meth:`remove`; that path uses the
-    kernel's histogram 2-means. ``strength`` (0 to 2, default 1) scales the model's change to the
-    photo at full resolution (:func:`with_strength`): below 1 it changes less, above 1 more; the
-    intermediates are the networks' own. It may be set between calls (a live control in a video
-    application), checked as at construction.
+    side the model's manifest recommends, else :data:`DEFAULT_MAX_SIDE`; None or 0: no limit;
+    see :func:`model_max_side`) and ``large_image`` ("guided" or "tile") handle large images;
+    ``threshold`` is the CPU middle step's 2-means ("exact" sort, or "histogram", the CUDA kernel's
+    algorithm); ``c1``/``c2`` default to the manifest's. With ``device_middle_step`` (default) a
+    backend that can keep the frame on the GPU (TensorRT, torch on CUDA) does so for
+    :meth:`remove`; that path's 2-means is the CUDA kernel's histogram one (TensorRT, and torch
+    with CuPy) or, on torch without CuPy, the exact one computed with torch ops. ``strength`` (0 to 2,
+    default 1) scales the model's change to the photo at full resolution (:func:`with_strength`):
+    below 1 it changes less, above 1 more; the intermediates are the networks' own. It may be set
+    between calls (a live control in a video application), checked as at construction.
 
     Arrays are BGR by default (OpenCV's order; ``colour_order="RGB"`` for others), in
     :meth:`remove`, :meth:`remove_batch` and :meth:`remove_with_intermediates` alike.
@@ -411,12 +435,7 @@ class Remover:
             raise InputError(
                 f"large_image must be one of {', '.join(LARGE_IMAGE_STRATEGIES)}, not {large_image!r}"
             )
-        if max_side == "model":
-            max_side = manifest.max_side or DEFAULT_MAX_SIDE
-        whole = isinstance(max_side, numbers.Integral) and not isinstance(max_side, (bool, np.bool_))
-        if max_side is not None and (not whole or 0 < max_side < MIN_MAX_SIDE or max_side < 0):
-            raise InputError(f"max_side must be a whole number of pixels, at least {MIN_MAX_SIDE} "
-                             f"(or 0 / None for no limit), not {max_side!r}")
+        max_side = model_max_side(max_side, manifest)
         self.strength = strength
         self.manifest = manifest
         self.method = get_method(manifest.method)
@@ -433,25 +452,12 @@ class Remover:
         self._host = self._backend.host_executor()
         self._device = self._backend.device_executor(self.settings) if device_middle_step else None
         self.min_hw, engine_max = self._backend.input_limits()
-        limits = [hw for hw in (engine_max, (int(max_side), int(max_side)) if max_side else None) if hw]
-        self.max_hw: Optional[Tuple[int, int]] = (
-            (min(h for h, _ in limits), min(w for _, w in limits)) if limits else None)
+        self.max_hw = network_max_hw(max_side, engine_max)
 
     @classmethod
-    def from_dir(cls, export_dir: Union[str, Path], **options: Any) -> Remover:
-        """Load the export directory ``export_dir`` (its ``manifest.json`` and the files it names)."""
-        return cls(load_manifest(export_dir), **options)
-
-    @classmethod
-    def default(cls, name: Optional[str] = None, **options: Any) -> Remover:
-        """A model shipped with the package: ``name`` from :data:`BUNDLED_MODELS` (default: the first)."""
-        from dereflect.models import bundled_model_dir
-
-        return cls.load(bundled_model_dir(name or BUNDLED_MODELS[0]), **options)
-
-    @classmethod
-    def load(cls, model: Union[str, Path, None] = None, **options: Any) -> Remover:
-        """A bundled model by name, an export directory, a training checkpoint, or (``None``) the default."""
+    def load(cls, model: Union[str, os.PathLike, None] = None, **options: Any) -> Remover:
+        """A bundled model by name, an export directory, a training checkpoint, or (``None``) the default
+        (:func:`dereflect.models.open_model`, the one route that opens a model)."""
         from dereflect.models import open_model
 
         return open_model(model, **options)
@@ -538,11 +544,10 @@ class Remover:
             small = shrink_area(frame, size[0], size[1])
         low = self.run_once(small, intermediates, timer, settings)
         with timer.stage("upsample"):
-            a, b = guided_coefficients(small - low.background, small)
+            coefficients = guided_coefficients(small - low.background, small)
             for top, bottom in row_chunks(frame.height, frame.width, STRIP_PIXELS):
                 guide = frame.rgb(top, bottom)
-                reflection = (resize_linear_rows(a, frame.height, frame.width, top, bottom) * guide
-                              + resize_linear_rows(b, frame.height, frame.width, top, bottom))
+                reflection = guided_upsample_rows(coefficients, guide, frame.height, top)
                 out.put(top, bottom, np.clip(guide - reflection, 0.0, 1.0))
         return {key: getattr(low, key) for key in INTERMEDIATES}
 

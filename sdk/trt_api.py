@@ -2,7 +2,7 @@
 
 No TensorRT, CUDA or torch import happens here at module level: every function takes the
 ``tensorrt`` module (or a version tuple) as an argument, so this module is importable and
-testable anywhere. The version facts encoded here (see REFERENCE.md, "Deployment stack"):
+testable anywhere. The version facts encoded here (NVIDIA's TensorRT release notes and API docs):
 
 * 8.x: networks need the ``EXPLICIT_BATCH`` creation flag (deprecated and ignored from 10.0);
 * 8.x and 10.x: FP16 is a builder flag on an FP32 network (``BuilderFlag.FP16``, deprecated
@@ -23,10 +23,11 @@ import re
 import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import InputError, ModelError
 from .imageio import staged_file
+from .manifest import _SHA256
 
 Version = Tuple[int, int, int]
 Shape = Tuple[int, int, int, int]
@@ -52,7 +53,6 @@ DEFAULT_PROFILE = {"min": "1x3x128x128", "opt": "720p", "max": "1080p"}
 
 #: A sidecar is about a kilobyte; a file past this is not one, and is refused before it is parsed.
 MAX_SIDECAR_BYTES = 1024 * 1024
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _PRECISIONS = ("fp16", "fp32")
 
 
@@ -179,8 +179,9 @@ class EngineInfo:
         if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
             raise ModelError("not a dereflect engine sidecar (format field missing or wrong)")
         version = data.get("format_version")
-        if not _is_int(version) or version < 1:
-            raise ModelError(f"engine sidecar field 'format_version' must be a whole number >= 1, got {_show(version)}")
+        if not is_int(version) or version < 1:
+            raise ModelError("engine sidecar field 'format_version' must be a whole number >= 1, "
+                             f"got {show_value(version)}")
         if version > SIDECAR_FORMAT_VERSION:
             raise ModelError(f"engine sidecar format {version} is newer than this dereflect reads")
         names = set(cls.__dataclass_fields__)
@@ -193,11 +194,12 @@ class EngineInfo:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """Whether a value read from JSON is a whole number (``True`` and ``False`` are not)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _show(value: Any, limit: int = 60) -> str:
+def show_value(value: Any, limit: int = 60) -> str:
     """``repr`` of a value from a file, cut short so that a message stays one readable line."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -205,7 +207,7 @@ def _show(value: Any, limit: int = 60) -> str:
 
 def _check_sidecar_fields(data: Dict[str, Any]) -> None:
     def wrong(name: str, what: str) -> ModelError:
-        return ModelError(f"engine sidecar field {name!r} must be {what}, got {_show(data[name])}")
+        return ModelError(f"engine sidecar field {name!r} must be {what}, got {show_value(data[name])}")
 
     for name in ("network", "engine", "onnx", "onnx_sha256", "tensorrt_version", "gpu_name", "compute_capability",
                  "precision", "engine_sha256", "created"):
@@ -223,20 +225,20 @@ def _check_sidecar_fields(data: Dict[str, Any]) -> None:
         raise wrong("engine_sha256", "empty or a SHA-256 (64 lowercase hex digits)")
     if "strongly_typed" in data and not isinstance(data["strongly_typed"], bool):
         raise wrong("strongly_typed", "true or false")
-    if "float32_layers" in data and not (_is_int(data["float32_layers"]) and data["float32_layers"] >= 0):
+    if "float32_layers" in data and not (is_int(data["float32_layers"]) and data["float32_layers"] >= 0):
         raise wrong("float32_layers", "a whole number >= 0")
     profiles = data["profiles"]
     if not isinstance(profiles, dict):
         raise wrong("profiles", "an object {input: {min: [N, C, H, W], opt: [...], max: [...]}}")
     for input_name, profile in profiles.items():
-        where = f"profiles[{_show(input_name)}]"
+        where = f"profiles[{show_value(input_name)}]"
         if not isinstance(profile, dict) or sorted(profile) != ["max", "min", "opt"]:
             raise ModelError(f"engine sidecar field {where} must be an object with exactly min, opt and max")
         for bound in ("min", "opt", "max"):
             shape = profile[bound]
-            if not (isinstance(shape, list) and len(shape) == 4 and all(_is_int(d) and d >= 1 for d in shape)):
+            if not (isinstance(shape, list) and len(shape) == 4 and all(is_int(d) and d >= 1 for d in shape)):
                 raise ModelError(f"engine sidecar field {where}[{bound!r}] must be 4 whole numbers >= 1 "
-                                 f"(N, C, H, W), got {_show(shape)}")
+                                 f"(N, C, H, W), got {show_value(shape)}")
         if any(a > b for low, high in (("min", "opt"), ("opt", "max")) for a, b in zip(profile[low], profile[high])):
             raise ModelError(f"engine sidecar field {where} must satisfy min <= opt <= max in every dimension")
 
@@ -274,6 +276,11 @@ def read_engine_info(path: os.PathLike) -> EngineInfo:
         return EngineInfo.from_dict(data)
     except ModelError as exc:
         raise ModelError(f"{path}: {exc}") from exc
+
+
+def engines_precision(infos: Iterable[EngineInfo]) -> str:
+    """The precision a model's engines run at, as one word: fp16 if any engine is, else fp32."""
+    return "fp16" if any(info.precision == "fp16" for info in infos) else "fp32"
 
 
 def _same_version(a: str, b: str) -> bool:

@@ -325,5 +325,5 @@ def test_crrn_loss_reflection_weight_scales_only_the_reflection_term():
     for weight in (0.0, 0.25):
         total, _ = CRRNLoss(reflection_weight=weight)(pb, b, pr, r, pg, g)
         assert total.item() == pytest.approx(full.item() - (1 - weight) * terms["ssim_r"].item(), rel=1e-6)
-    with pytest.raises(ValueError, match="reflection_weight"):
+    with pytest.raises(InputError, match="reflection_weight"):
         CRRNLoss(reflection_weight=-1)

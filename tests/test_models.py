@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dereflect.errors import InputError, ModelError  # noqa: E402
-from dereflect.train.models import ARCHS, MODEL_CONFIGS, build_model  # noqa: E402
+from dereflect.train.models import ARCHS, build_model, config_class  # noqa: E402
 from dereflect.train.models.common import (  # noqa: E402
     GradientMagnitude,
     PaddedModel,
@@ -64,7 +64,7 @@ def test_building_every_network_on_the_meta_device_stays_light():
 @pytest.mark.parametrize("in_channels", [3, 9])
 def test_unet_parameter_counts(in_channels):
     paper = on_meta(lambda: RM2SUNet(UNetConfig.preset("paper", in_channels=in_channels)))
-    # REFERENCE.md: about 115 M per U-Net, about 65 M in the 4000-channel bottleneck.
+    # The authors' network: about 115 M per U-Net, about 65 M in the 4000-channel bottleneck.
     assert 110e6 <= n_params(paper) <= 120e6
     assert 64e6 <= n_params(paper.bottleneck) <= 67e6
     assert (paper.stride, paper.min_size) == (32, 128)
@@ -256,7 +256,7 @@ def test_gradient_magnitude():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_config_round_trip(arch):
-    cls = MODEL_CONFIGS[arch]
+    cls = config_class(arch)
     assert "lite" in cls._PRESETS
     for preset in cls._PRESETS:
         cfg = cls.preset(preset)
@@ -270,7 +270,7 @@ def test_config_round_trip(arch):
 
 
 def test_build_model_registry():
-    assert set(MODEL_CONFIGS) == {"rm2s_unet", "rm2s_mobile_unet", "rm2s_discriminator", "crrn", "crrn_mobile"}
+    assert set(ARCHS) == {"rm2s_unet", "rm2s_mobile_unet", "rm2s_discriminator", "crrn", "crrn_mobile"}
     net = build_model("rm2s_unet", {"widths": [8, 8], "bottleneck_channels": 0, "kernel_size": 3})
     assert isinstance(net, RM2SUNet) and net.stride == 4
     assert isinstance(build_model("rm2s_discriminator", DiscriminatorConfig.preset("lite")), Discriminator)

@@ -362,7 +362,7 @@ def test_a_trainer_keeps_the_side_of_the_checkpoint_it_resumes_unless_given_one(
     with pytest.raises(InputError, match="max_side must be"):
         stage1_checkpoint(tmp_path / "tiny.safetensors", max_side=16)
     stage1_checkpoint(tmp_path / "bad.safetensors", extra={"max_side": "big"})
-    with pytest.raises(ModelError, match="max_side must be a whole number >= 32"):
+    with pytest.raises(ModelError, match="max_side must be a whole number of pixels, at least 32"):
         read_metadata(tmp_path / "bad.safetensors")
 
 

@@ -17,7 +17,7 @@ from dereflect.tools.datasets import read_name_list  # noqa: E402
 from dereflect.tools.metrics import best_channel_gains as metrics_channel_gains  # noqa: E402
 from dereflect.tools.metrics import reflection_mask  # noqa: E402
 from dereflect.train.checkpoint import load_checkpoint, transplant_state  # noqa: E402
-from dereflect.train.data import MixedPairs, RealPairs, SyntheticPairs, read_image  # noqa: E402
+from dereflect.train.data import MixedPairs, RealPairs, SyntheticPairs, read_rgb  # noqa: E402
 from dereflect.train.losses import RestorationLoss, best_channel_gains, reflection_region  # noqa: E402
 from dereflect.train.models import build_model, mobilenet_v2  # noqa: E402
 from dereflect.train.models.backbone import load_mobilenet_weights  # noqa: E402
@@ -208,9 +208,9 @@ def test_reflection_layers_added_to_their_own_clean_layers_give_back_the_photos(
                                         background_scale=(0.0, 0.0), vignette=False, colour_log_mean=0.0,
                                         colour_log_sd=0.0, colour_channel_log_mean=(0.0, 0.0, 0.0))
     for name in ("1", "2"):
-        photo = read_image(root / "blended" / f"{name}.png")
-        clean = read_image(root / "transmission_layer" / f"{name}.png")
-        layer = read_image(out / f"{name}.png")
+        photo = read_rgb(root / "blended" / f"{name}.png")
+        clean = read_rgb(root / "transmission_layer" / f"{name}.png")
+        layer = read_rgb(out / f"{name}.png")
         assert np.abs(layer - reflection_layer(photo, clean)).max() <= 0.5 / 255 + 1e-6
         rebuilt = synthesize(clean, layer, additive, np.random.default_rng(0), real_reflection=True)[0]
         assert np.abs(rebuilt - photo).mean() < 0.005 < 0.05 < np.abs(clean - photo).mean()

@@ -37,7 +37,7 @@ import torch
 from dereflect import __version__
 from dereflect.errors import InputError, ModelError
 from dereflect.imageio import staged_file
-from dereflect.manifest import MIN_MAX_SIDE
+from dereflect.manifest import check_max_side
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -175,8 +175,8 @@ def save_checkpoint(
     The file is written to a temporary name and renamed, so an interrupted save never destroys the
     previous one.
     """
-    if max_side is not None and not (_is_int(max_side) and max_side >= MIN_MAX_SIDE):
-        raise InputError(f"max_side must be a whole number of at least {MIN_MAX_SIDE}, got {max_side!r}")
+    if max_side is not None:
+        max_side = check_max_side(max_side)  # a plain int: the metadata is JSON
     path = Path(path)
     tensors: Dict[str, torch.Tensor] = {}
     network_meta = {}
@@ -324,9 +324,8 @@ def _check_metadata(path: Path, metadata: Any) -> None:
             raise ModelError(f"{path}: checkpoint {key} must be a non-empty string, got {_show(metadata[key])}")
     if not _is_int(metadata["step"]) or metadata["step"] < 0:
         raise ModelError(f"{path}: checkpoint step must be a whole number >= 0, got {_show(metadata['step'])}")
-    if "max_side" in metadata and not (_is_int(metadata["max_side"]) and metadata["max_side"] >= MIN_MAX_SIDE):
-        raise ModelError(f"{path}: checkpoint max_side must be a whole number >= {MIN_MAX_SIDE}, "
-                         f"got {_show(metadata['max_side'])}")
+    if "max_side" in metadata:
+        check_max_side(metadata["max_side"], f"{path}: checkpoint max_side", ModelError)
     for key, kind, label in (("data_recipe", dict, "an object"), ("training", dict, "an object"),
                              ("optimizers", dict, "an object"), ("package_version", str, "a string"),
                              ("git_commit", str, "a string"), ("created", str, "a string")):

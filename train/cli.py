@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from dereflect.errors import InputError, require
-from dereflect.manifest import MIN_MAX_SIDE
+from dereflect.manifest import check_max_side
 from dereflect.stop_signals import exit_status
 
 from .models import DEFAULT_ENCODER, ENCODERS
@@ -368,9 +368,7 @@ def run_side(args: argparse.Namespace) -> int:
     it, and every checkpoint of the run records it."""
     if args.val_max_side is None:
         return 224 if args.config == "lite" else 512
-    if args.val_max_side < MIN_MAX_SIDE:
-        raise InputError(f"--val-max-side must be at least {MIN_MAX_SIDE}, got {args.val_max_side}")
-    return args.val_max_side
+    return check_max_side(args.val_max_side, "--val-max-side")
 
 
 def _check_run(args: argparse.Namespace) -> None:

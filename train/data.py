@@ -125,12 +125,12 @@ def find_images(
 # --------------------------------------------------------------------------- loading
 
 
-def read_image(path: PathLike) -> np.ndarray:
+def read_rgb(path: PathLike) -> np.ndarray:
     """An image file as HxWx3 float32 RGB in [0, 1], by the runtime's reader (16-bit kept, alpha and
     grey handled, EXIF orientation applied); InputError naming the file when it cannot be read."""
-    from dereflect.imageio import read_image as read_rgb
+    from dereflect.imageio import read_image
 
-    return read_rgb(path)[0]
+    return read_image(path)[0]
 
 
 def load_usable(path: PathLike, min_size: Optional[Size] = None) -> Optional[np.ndarray]:
@@ -140,7 +140,7 @@ def load_usable(path: PathLike, min_size: Optional[Size] = None) -> Optional[np.
     its long side at least ``long`` (whichever orientation), so crops need no large upscaling.
     """
     try:
-        img = read_image(path)
+        img = read_rgb(path)
     except InputError as exc:
         _warn_once(path, f"skipping {exc}")
         return None

@@ -426,7 +426,7 @@ class CRRNLoss(nn.Module):
     def __init__(self, gamma: float = 0.8, data_range: float = 1.0, reflection_weight: float = 1.0) -> None:
         super().__init__()
         if reflection_weight < 0:
-            raise ValueError(f"reflection_weight must be >= 0, got {reflection_weight}")
+            raise InputError(f"CRRNLoss: reflection_weight must be >= 0, got {reflection_weight:g}")
         self.gamma = gamma
         self.reflection_weight = reflection_weight
         self.data_range = data_range

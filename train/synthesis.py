@@ -85,14 +85,14 @@ class SynthesisConfig:
     Mode ``"crrn"``: ``I = alpha B + beta R`` (the overflow step is skipped); the preset uses
     gamma 1, alpha = 1 - U(0, 0.2), beta ~ U(0.1, 0.5), blurred R, two sizes.
 
-    Mode ``"transfer"`` (what later work found transfers to real glass; REFERENCE.md): in linear
-    light, R blurred with a kernel drawn from ``blur_kernels`` (probabilities ``blur_kernel_p``)
-    and sigma ~ U(blur_sigma), weighted by U(reflection_weight) times the vignette, T scaled by
-    1 - U(background_scale); then with probability ``screen_p`` a screen blend T + R - T R, else
-    T + R with the overflow correction above. Last, the camera's colour and exposure change
-    between the two shots: I is multiplied per channel by ``exp(s + d_c)``, s ~ N(colour_log_mean,
-    colour_log_sd), d_c ~ N(colour_channel_log_mean[c], colour_channel_log_sd), with values
-    moment-matched to the real training pairs (see :func:`colour_ratios`).
+    Mode ``"transfer"`` (what later work found transfers to real glass, read from the released code of ERRNet,
+    DSRNet, RDNet and Zhang et al.): in linear light, R blurred with a kernel drawn from ``blur_kernels``
+    (probabilities ``blur_kernel_p``) and sigma ~ U(blur_sigma), weighted by U(reflection_weight) times the
+    vignette, T scaled by 1 - U(background_scale); then with probability ``screen_p`` a screen blend T + R - T
+    R, else T + R with the overflow correction above. Last, the camera's colour and exposure change between the
+    two shots: I is multiplied per channel by ``exp(s + d_c)``, s ~ N(colour_log_mean, colour_log_sd), d_c ~
+    N(colour_channel_log_mean[c], colour_channel_log_sd), with values moment-matched to the real training pairs
+    (see :func:`colour_ratios`).
 
     The ghost is the paper's kernel of two close impulses:
     ``R = (R + a * shift(R)) / ghost_divisor`` with an integer shift of up to
@@ -267,7 +267,7 @@ class SynthesisConfig:
 
     @classmethod
     def transfer(cls, **overrides: Any) -> SynthesisConfig:
-        """Later work's recipe (ERRNet, DSRNet, RDNet; REFERENCE.md) with colour matched to real pairs.
+        """Later work's recipe (ERRNet, DSRNet, RDNet) with colour matched to real pairs.
 
         Blur kernels 5/7/9/11 (p 0.1/0.2/0.3/0.4), sigma 2-5, reflection scaled 0.4-1.0 under a
         vignette, 70 % screen blends and 30 % additive ones with ERRNet's 1.3 x overflow
@@ -512,7 +512,7 @@ def reflection_layer(blended: np.ndarray, clean: np.ndarray, gamma: float = 2.2)
     background, so this layer, added with weight 1 to its own clean layer, gives back the photo
     wherever the photo is the brighter of the two. Added to other photos (``--reflections``) it
     carries a real reflection's sharpness, colour and shape, which blurred photos do not: later
-    work found synthetic training removes blurry reflections and leaves sharp ones (REFERENCE.md).
+    work found synthetic training removes blurry reflections and leaves sharp ones (the CDR benchmark of Lei et al.).
     Where the pair is misaligned the layer also holds thin edges of the clean scene.
     """
     if blended.shape != clean.shape or blended.ndim != 3 or blended.shape[2] != 3:

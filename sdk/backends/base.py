@@ -12,32 +12,36 @@ declares its options as a dataclass; an option it does not know raises
 heavy dependencies (onnxruntime, tensorrt, pycuda, torch) only when a backend is opened, so
 ``import dereflect`` stays light and a missing one fails with the install line that fixes it.
 Adding a backend means one module with one :class:`Backend` subclass and a line in
-:data:`BACKENDS`.
+:data:`BACKENDS`, which also names the extra that installs its runtime.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
+from types import ModuleType
+from typing import Any, ClassVar, Dict, List, NamedTuple, Optional, Tuple, Type
 
 import numpy as np
-from dereflect.errors import InputError, MissingDependencyError, ModelError
+from dereflect.errors import InputError, ModelError, require
 from dereflect.manifest import Manifest
 from dereflect.methods.base import Executor, Method, MiddleStepOutput
 
-#: backend name -> "module:class"
+
+class RegisteredBackend(NamedTuple):
+    """Where a backend's class is, and the extra (:func:`dereflect.errors.install_line`) its runtime comes with."""
+
+    location: str
+    extra: str
+
+
+#: backend name -> its class ("module:class") and extra
 BACKENDS = {
-    "onnxruntime": "dereflect.backends.onnxruntime:OnnxRuntimeBackend",
-    "tensorrt": "dereflect.backends.tensorrt:TensorRTBackend",
-    "torch": "dereflect.backends.torch_backend:TorchBackend",
+    "onnxruntime": RegisteredBackend("dereflect.backends.onnxruntime:OnnxRuntimeBackend", "onnxruntime"),
+    "tensorrt": RegisteredBackend("dereflect.backends.tensorrt:TensorRTBackend", "trt"),
+    "torch": RegisteredBackend("dereflect.backends.torch_backend:TorchBackend", "train"),
 }
 ALIASES = {"ort": "onnxruntime", "trt": "tensorrt", "pytorch": "torch"}
-INSTALL_HINTS = {
-    "onnxruntime": "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)",
-    "tensorrt": "pip install 'dereflect[trt]' (on Jetson: TensorRT and pycuda come with JetPack)",
-    "torch": "pip install 'dereflect[train]' (PyTorch; a CUDA build for GPU speed)",
-}
 PRECISIONS = ("auto", "fp32", "fp16")
 HW = Tuple[int, int]
 
@@ -248,7 +252,7 @@ def backend_name(backend: str) -> str:
 
 def backend_class(backend: str) -> Type[Backend]:
     """The Backend class of ``backend`` (light: its heavy dependencies load when it is opened)."""
-    module, attribute = BACKENDS[backend_name(backend)].split(":")
+    module, attribute = BACKENDS[backend_name(backend)].location.split(":")
     return getattr(importlib.import_module(module), attribute)
 
 
@@ -258,13 +262,8 @@ def open_backend(manifest: Manifest, method: Method, backend: str = "onnxruntime
     return cls(manifest, method, cls.options_class.create(cls.name, **options))
 
 
-def require_backend_module(module: str, backend: str, what: str = "") -> Any:
-    """Import a heavy dependency of ``backend`` or raise MissingDependencyError with the install hint."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        purpose = f" ({what})" if what else ""
-        raise MissingDependencyError(
-            f"the {backend} backend needs '{module}'{purpose}, which is not installed ({exc}). "
-            f"Install it with: {INSTALL_HINTS[backend]}"
-        ) from exc
+def require_backend_module(module: str, backend: str, what: str = "") -> ModuleType:
+    """Import a heavy dependency of ``backend`` or raise MissingDependencyError with its extra's install line."""
+    name = backend_name(backend)
+    purpose = f"the {name} backend ({what})" if what else f"the {name} backend"
+    return require(module, BACKENDS[name].extra, purpose)

@@ -37,15 +37,13 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-from dereflect.backends.base import Backend, BackendDescription, BackendOptions, Runner, require_backend_module
+from dereflect.backends.base import HW, Backend, BackendDescription, BackendOptions, Runner, require_backend_module
 from dereflect.errors import InputError, ModelError
 from dereflect.manifest import Manifest
 from dereflect.methods.base import NULL_TIMER, Executor, Layers, MiddleStepOutput, Timer
+from dereflect.methods.rm2s import RM2S, STAGE1, STAGE2
 
 MIN_TENSORRT = (8, 5, 0)
-B1_NAME = "background"
-HW = Tuple[int, int]
-OUT_NAME = "background"
 
 
 @dataclass
@@ -173,8 +171,8 @@ class TensorRTRunner(Runner):
         self.device_index = int(device)
         self.name = name or self.path.stem
         self.engine: Any = None
-        self.min_input_hw: Optional[Tuple[int, int]] = None
-        self.max_input_hw: Optional[Tuple[int, int]] = None
+        self.min_input_hw: Optional[HW] = None
+        self.max_input_hw: Optional[HW] = None
         self._trt: Any = None
         self._cuda: Any = None
         self._cuda_context: Any = None
@@ -324,14 +322,16 @@ class TensorRTBackend(Backend):
         return runners
 
     def device_executor(self, settings: Any) -> Optional[Executor]:
-        if set(self.runners) != {"stage1", "stage2"}:
+        # The device sequence is RM2S's (its fused middle step); other methods run on the host executor.
+        if not isinstance(self.method, RM2S):
             return None
-        return TensorRTDeviceExecutor(self.runners["stage1"], self.runners["stage2"], settings,
+        return TensorRTDeviceExecutor(self.runners[STAGE1.name], self.runners[STAGE2.name], settings,
                                       use_graph=self.options.use_graph)
 
     def describe(self) -> BackendDescription:
-        precisions = {info.precision for info in self.engine_info.values()}
-        precision = "fp16" if "fp16" in precisions else "fp32"
+        from dereflect.trt_api import engines_precision
+
+        precision = engines_precision(self.engine_info.values())
         return BackendDescription(f"tensorrt ({precision} engines)", on_gpu=True,
                                   element_bytes=2 if precision == "fp16" else 4)
 
@@ -367,6 +367,12 @@ class _DeviceState:
         self.capturing = False
 
 
+#: The tensors the device executor binds by name besides the engines' inputs: RM2S's stage-1 estimate B1
+#: and stage 2's background.
+_B1 = STAGE1.outputs[0].name
+_OUT = STAGE2.outputs[0].name
+
+
 class TensorRTDeviceExecutor(Executor):
     """Engine 1 -> fused middle-step kernel -> engine 2 on one stream, optionally as a CUDA graph.
 
@@ -375,8 +381,6 @@ class TensorRTDeviceExecutor(Executor):
     (so a plain ``infer`` on the same runners never rebinds what a captured graph uses), and one
     plan for the current frame shape: a new shape rebinds shapes and buffers and is captured again.
     """
-
-    has_intermediates = False
 
     def __init__(self, stage1: TensorRTRunner, stage2: TensorRTRunner, settings: Any,
                  use_graph: bool = True, kernel_options: Sequence[str] = ()) -> None:
@@ -391,7 +395,7 @@ class TensorRTDeviceExecutor(Executor):
         self._cuda = stage1._cuda
         self._image_name = stage1.input_names[0]
         self._s2_name = stage2.input_names[0]
-        self.kernels = kernel_names(stage1.dtype_of(B1_NAME), stage2.dtype_of(self._s2_name))
+        self.kernels = kernel_names(stage1.dtype_of(_B1), stage2.dtype_of(self._s2_name))
         compiler = require_backend_module("pycuda.compiler", "tensorrt", "compiling the CUDA kernel")
         with stage1.pushed():
             module = compiler.SourceModule(kernel_source(), no_extern_c=True,
@@ -409,18 +413,20 @@ class TensorRTDeviceExecutor(Executor):
     def _prepare(self, state: _DeviceState, batch: int, height: int, width: int) -> None:
         """Shapes, buffers, workspace and tensor addresses for a new frame shape."""
         cuda = self._cuda
-        self.stage1.set_shapes(state.context1, {self._image_name: (batch, 3, height, width)})
-        self.stage2.set_shapes(state.context2, {self._s2_name: (batch, 9, height, width)})
+        image_shape = (batch, STAGE1.input.channels, height, width)
+        stage2_shape = (batch, STAGE2.input.channels, height, width)
+        self.stage1.set_shapes(state.context1, {self._image_name: image_shape})
+        self.stage2.set_shapes(state.context2, {self._s2_name: stage2_shape})
         image_dtype = self.stage1.dtype_of(self._image_name)
         specs = {
-            "image": ((batch, 3, height, width), np.float32),
-            "b1": ((batch, 3, height, width), self.stage1.dtype_of(B1_NAME)),
-            "stage2_input": ((batch, 9, height, width), self.stage2.dtype_of(self._s2_name)),
-            "out": ((batch, 3, height, width), self.stage2.dtype_of(OUT_NAME)),
+            "image": (image_shape, np.float32),
+            "b1": ((batch, STAGE1.outputs[0].channels, height, width), self.stage1.dtype_of(_B1)),
+            "stage2_input": (stage2_shape, self.stage2.dtype_of(self._s2_name)),
+            "out": ((batch, STAGE2.outputs[0].channels, height, width), self.stage2.dtype_of(_OUT)),
         }
         if image_dtype != np.float32:
             # The kernel reads I as float32; an FP16 engine input gets its own converted copy.
-            specs["image_engine"] = ((batch, 3, height, width), image_dtype)
+            specs["image_engine"] = (image_shape, image_dtype)
         state.buffers = {}
         for key, (shape, dtype) in specs.items():
             buf = _HostDevice(cuda)
@@ -433,9 +439,9 @@ class TensorRTDeviceExecutor(Executor):
             cuda.memset_d8(state.workspace[key], 0, nbytes)
         engine_image = state.buffers.get("image_engine", state.buffers["image"])
         state.context1.set_tensor_address(self._image_name, engine_image.pointer)
-        state.context1.set_tensor_address(B1_NAME, state.buffers["b1"].pointer)
+        state.context1.set_tensor_address(_B1, state.buffers["b1"].pointer)
         state.context2.set_tensor_address(self._s2_name, state.buffers["stage2_input"].pointer)
-        state.context2.set_tensor_address(OUT_NAME, state.buffers["out"].pointer)
+        state.context2.set_tensor_address(_OUT, state.buffers["out"].pointer)
         state.shape = (batch, height, width)
         state.graph = None
 
@@ -455,10 +461,11 @@ class TensorRTDeviceExecutor(Executor):
 
     def network(self, name: str, x: str) -> Dict[str, str]:
         state = self._state()
-        context, output = (state.context1, "b1") if name == "stage1" else (state.context2, "out")
+        context, output, buffer = ((state.context1, _B1, "b1") if name == STAGE1.name
+                                   else (state.context2, _OUT, "out"))
         if not context.execute_async_v3(state.stream.handle):
             raise ModelError(f"TensorRT execute_async_v3 failed for {name}")
-        return {"background": output}
+        return {output: buffer}
 
     def clip(self, x: str) -> str:
         # The exported graphs clamp their background output to [0, 1] already.
@@ -491,7 +498,7 @@ class TensorRTDeviceExecutor(Executor):
 
     # -- the CUDA graph around the sequence ---------------------------------------------
 
-    def run(self, method: Any, image: np.ndarray, settings: Any, timer: Timer = NULL_TIMER,
+    def run(self, method: RM2S, image: np.ndarray, settings: Any, timer: Timer = NULL_TIMER,
             intermediates: bool = False) -> Layers:
         """The method's sequence; for a frame size seen before, the replay of its captured graph."""
         with self.stage1.pushed():
@@ -504,9 +511,7 @@ class TensorRTDeviceExecutor(Executor):
                 with timer.stage("graph"):
                     state.graph.launch(state.stream)
                     state.stream.synchronize()
-                out = state.buffers["out"].array[0].transpose(1, 2, 0).astype(np.float32)
-                background = np.clip(out, 0.0, 1.0)
-                return Layers(background=background, reflection=image - background)
+                return method.layers(image, state.buffers["out"].array[0].transpose(1, 2, 0).astype(np.float32))
             layers = method.run(self, image, settings, timer, intermediates)
             # TensorRT applies deferred shape updates on the first enqueue, so capture only
             # after one plain run with this shape.
@@ -514,7 +519,7 @@ class TensorRTDeviceExecutor(Executor):
                 self._capture(state, method, image, settings)
             return layers
 
-    def _capture(self, state: _DeviceState, method: Any, image: np.ndarray, settings: Any) -> None:
+    def _capture(self, state: _DeviceState, method: RM2S, image: np.ndarray, settings: Any) -> None:
         """Record the method's sequence as a CUDA graph; on failure keep plain enqueueing."""
         try:
             state.stream.begin_capture()

@@ -193,14 +193,13 @@ class TorchBackend(Backend):
 class TorchDeviceExecutor(Executor):
     """The sequence on one CUDA device: one host copy in, one out, the middle step on the GPU."""
 
-    has_intermediates = False
-
     def __init__(self, manifest: Manifest, runners: Dict[str, Runner], use_cupy: Optional[bool] = None) -> None:
         self._torch = _torch()
         self.manifest = manifest
         self.runners = runners
         self.device = next(iter(runners.values())).device
         self._cupy_kernel = None
+        #: which middle step runs: "cuda-kernel" (the fused kernel through cupy) or "torch" (its torch ops)
         self.middle_step_kind = "torch"
         if use_cupy is not False:
             try:

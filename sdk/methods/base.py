@@ -152,9 +152,6 @@ class CudaEventTimer(Timer):
 class Executor:
     """The primitives a method's sequence runs on (see the module docstring)."""
 
-    #: whether ``middle_step`` can return the host intermediates (confidence, masks)
-    has_intermediates: bool = True
-
     def upload(self, image: np.ndarray) -> Any:
         """An HxWx3 float32 RGB frame -> the executor's N x 3 x H x W array."""
         raise NotImplementedError

@@ -13,7 +13,16 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 from dereflect.errors import InputError, ModelError
-from dereflect.methods.base import NULL_TIMER, Executor, Layers, Method, NetworkContract, TensorContract, Timer
+from dereflect.methods.base import (
+    NULL_TIMER,
+    Executor,
+    Layers,
+    Method,
+    MiddleStepOutput,
+    NetworkContract,
+    TensorContract,
+    Timer,
+)
 from dereflect.middle_step.reference import EPS, GRADIENT_THRESHOLD
 
 THRESHOLDS = ("exact", "histogram")
@@ -98,17 +107,27 @@ class RM2S(Method):
         with timer.stage("upload"):
             x = executor.upload(image)
         with timer.stage("stage1"):
-            stage1 = executor.clip(executor.network("stage1", x)["background"])
+            stage1 = executor.clip(executor.network(STAGE1.name, x)[STAGE1.outputs[0].name])
         with timer.stage("middle"):
             middle = executor.middle_step(x, stage1, settings, intermediates)
         with timer.stage("stage2"):
-            out = executor.network("stage2", middle.stage2_input)["background"]
+            out = executor.network(STAGE2.name, middle.stage2_input)[STAGE2.outputs[0].name]
         with timer.stage("download"):
-            background = np.clip(executor.download(out), 0.0, 1.0)
             stage1_host = executor.download(stage1) if intermediates else None
-        return Layers(background=background, reflection=image - background, stage1=stage1_host,
-                      confidence=middle.confidence, mask_background=middle.mask_background,
-                      mask_reflection=middle.mask_reflection, thresholds=middle.thresholds)
+            return self.layers(image, executor.download(out), stage1_host, middle)
+
+    @staticmethod
+    def layers(image: np.ndarray, output: np.ndarray, stage1: Optional[np.ndarray] = None,
+               middle: Optional[MiddleStepOutput] = None) -> Layers:
+        """The result of a frame from stage 2's output on the host (HxWx3): the background clipped to
+        [0, 1], the reflection I - B, and the intermediates the sequence kept. Also what an executor
+        that replays the sequence without running :meth:`run` (a CUDA graph) returns."""
+        background = np.clip(output, 0.0, 1.0)
+        layers = Layers(background=background, reflection=image - background, stage1=stage1)
+        if middle is not None:
+            layers.confidence, layers.thresholds = middle.confidence, middle.thresholds
+            layers.mask_background, layers.mask_reflection = middle.mask_background, middle.mask_reflection
+        return layers
 
 
 class RM2SStage1(Method):
@@ -125,7 +144,7 @@ class RM2SStage1(Method):
         with timer.stage("upload"):
             x = executor.upload(image)
         with timer.stage("stage1"):
-            out = executor.network("stage1", x)["background"]
+            out = executor.network(STAGE1.name, x)[STAGE1.outputs[0].name]
         with timer.stage("download"):
             background = np.clip(executor.download(out), 0.0, 1.0)
         return Layers(background=background, reflection=image - background,

@@ -37,6 +37,9 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 from dereflect.errors import InputError
 
+#: The grey image the confidence map's gradients are taken of (the RM2S code's weights), here and
+#: in the networks' own grey inputs. An output written back as a grey file uses BT.601 instead
+#: (``imageio``), as OpenCV's own conversion does.
 LUMA = (0.2125, 0.7154, 0.0721)
 HISTOGRAM_BINS = 4096
 GRADIENT_THRESHOLD = 1.0

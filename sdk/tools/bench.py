@@ -54,6 +54,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from dereflect import __version__
+from dereflect.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from dereflect.cli_options import add_model_options, model_options
 from dereflect.errors import DereflectError, InputError, MissingDependencyError
 from dereflect.imageio import check_output_location, staged_file
@@ -631,5 +632,5 @@ def run_command(args: argparse.Namespace) -> int:
             print("plot skipped: it needs matplotlib (pip install matplotlib); the JSON has every figure")
     failed = sum("error" in e for e in report["sizes"])
     if failed == len(report["sizes"]):
-        return 2  # nothing measured
-    return 1 if failed else 0
+        return EXIT_USAGE  # nothing measured
+    return EXIT_SOME_FAILED if failed else EXIT_OK

@@ -70,6 +70,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 from dereflect import __version__
+from dereflect.cli import EXIT_OK
 from dereflect.cli_options import add_model_options, model_options
 from dereflect.errors import InputError, ModelError
 from dereflect.imageio import as_float_rgb, check_output_location, read_image, staged_file, write_image
@@ -824,7 +825,7 @@ def run_eval(args: Any) -> int:
               f"change, 8-bit levels, where the input did not change): per frame {measured['per_frame']:.3f}, "
               f"with temporal smoothing {measured['temporal']:.3f}")
         if args.data is None:
-            return 0
+            return EXIT_OK
     if args.data is None:
         raise InputError("--data DIR is required (or give --flicker to measure flicker only)")
     with StopSignals() as signals:  # Ctrl+C or SIGTERM: the images scored so far are reported
@@ -846,4 +847,4 @@ def run_eval(args: Any) -> int:
     if "stopped" in report.protocol:
         print(f"dereflect: stopped {report.protocol['stopped']}", file=sys.stderr)
         return exit_status(signals.received)
-    return 0
+    return EXIT_OK

@@ -71,15 +71,15 @@ class DeviceSpec:
 _FP32_NOTE = "FP32 = CUDA cores x boost clock x 2"
 DEVICE_TABLE: Dict[str, DeviceSpec] = {
     "h100": DeviceSpec("h100", "NVIDIA H100 SXM", 990.0, 3350.0, 67.0,
-                       "REFERENCE.md (datasheet; measured bf16 GEMM about 790 TFLOP/s, copy about 3.0 TB/s)"),
+                       "NVIDIA datasheet (a bf16 GEMM measured about 790 TFLOP/s, a copy about 3.0 TB/s)"),
     "h200": DeviceSpec("h200", "NVIDIA H200 SXM", 989.0, 4800.0, 67.0,
                        "NVIDIA datasheet (same compute as H100 SXM, HBM3e)"),
     "agx-orin": DeviceSpec("agx-orin", "Jetson AGX Orin 64GB", 42.0, 204.8, 5.3,
-                           f"REFERENCE.md (FP16 derived); {_FP32_NOTE} (2048 x 1.3 GHz)"),
+                           f"Jetson datasheet (dense FP16 derived); {_FP32_NOTE} (2048 x 1.3 GHz)"),
     "orin-nano": DeviceSpec("orin-nano", "Jetson Orin Nano 8GB", 10.0, 68.0, 1.28,
-                            f"REFERENCE.md (FP16 derived); {_FP32_NOTE} (1024 x 625 MHz)"),
+                            f"Jetson datasheet (dense FP16 derived); {_FP32_NOTE} (1024 x 625 MHz)"),
     "orin-nano-super": DeviceSpec("orin-nano-super", "Jetson Orin Nano 8GB Super", 16.7, 102.0, 2.09,
-                                  f"REFERENCE.md (FP16 derived); {_FP32_NOTE} (1024 x 1020 MHz)"),
+                                  f"Jetson datasheet (dense FP16 derived); {_FP32_NOTE} (1024 x 1020 MHz)"),
 }
 #: GPU-name fragments (lower case) -> table key, for picking the table entry of the running GPU.
 GPU_NAME_KEYS = (("h200", "h200"), ("h100", "h100"), ("agx orin", "agx-orin"), ("orin nano", "orin-nano"))

@@ -1,6 +1,6 @@
 """Network architectures, one module per family (``rm2s``, ``crrn``), built from config dataclasses.
 
-Importing this package does not import torch: ``build_model`` and ``MODEL_CONFIGS`` load the
+Importing this package does not import torch: ``build_model`` and ``config_class`` load the
 family modules on first use. Weights are handled elsewhere (checkpoints, export).
 
     net = build_model("rm2s_unet", UNetConfig.preset("lite", in_channels=9).to_dict())
@@ -36,7 +36,7 @@ DEFAULT_ENCODER = ENCODERS[0]
 #: 43.9 with MobileNetV2 (``dereflect.tools.flops``).
 DECODER_WIDTHS = {"mobilenetv2": (96, 64, 32, 24, 16), "efficientnet-lite0": (96, 64, 32, 20, 14)}
 
-__all__ = ["ARCHS", "DECODER_WIDTHS", "DEFAULT_ENCODER", "ENCODERS", "MODEL_CONFIGS", "build_model", "config_class",
+__all__ = ["ARCHS", "DECODER_WIDTHS", "DEFAULT_ENCODER", "ENCODERS", "build_model", "config_class",
            "encoder_of"]
 
 
@@ -72,8 +72,3 @@ def build_model(arch: str, config: Optional[Mapping[str, Any]] = None) -> nn.Mod
         cfg = config_cls.from_dict(config)
     return model_cls(cfg)
 
-
-def __getattr__(name: str) -> Any:
-    if name == "MODEL_CONFIGS":
-        return {arch: config_class(arch) for arch in ARCHS}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

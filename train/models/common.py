@@ -7,11 +7,12 @@ Everything here traces into ONNX opset 17 with dynamic height and width
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, TypeVar
 
 import torch
 import torch.nn.functional as F
 from dereflect.errors import InputError
+from dereflect.middle_step.reference import LUMA
 from torch import nn
 
 from . import DECODER_WIDTHS, ENCODERS
@@ -20,8 +21,9 @@ from . import DECODER_WIDTHS, ENCODERS
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: Luma weights used for grey images everywhere in the project (the RM2S code's choice).
-LUMA = (0.2125, 0.7154, 0.0721)
+
+
+ConfigT = TypeVar("ConfigT", bound="ModelConfig")
 
 
 class ModelConfig:
@@ -42,7 +44,7 @@ class ModelConfig:
         return out
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]):
+    def from_dict(cls: Type[ConfigT], d: Mapping[str, Any]) -> ConfigT:
         """Build from a dict such as :meth:`to_dict` wrote; missing keys take the defaults."""
         if not isinstance(d, Mapping):
             raise InputError(f"{cls.__name__}.from_dict needs a mapping, got {type(d).__name__}")
@@ -57,7 +59,7 @@ class ModelConfig:
         return cls(**kwargs)
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any):
+    def preset(cls: Type[ConfigT], name: str, **overrides: Any) -> ConfigT:
         """A named preset ("paper" or "lite"), optionally with some fields overridden."""
         if name not in cls._PRESETS:
             raise InputError(f"{cls.__name__}: unknown preset {name!r}; choose one of {sorted(cls._PRESETS)}")

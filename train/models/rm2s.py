@@ -1,7 +1,7 @@
 """RM2S networks: the U-Net used by both stages and the WGAN critic of stage 2.
 
 Reading of the paper's "6 levels of stride-two convolutional layers" (section IV.A) against the
-authors' code (REFERENCE.md): the encoder has five stride-2 down blocks plus the bottleneck, a 4x4
+authors' released code: the encoder has five stride-2 down blocks plus the bottleneck, a 4x4
 *valid* conv to 4000 channels. At 128x128 the bottleneck takes the 4x4 map to 1x1, the sixth
 reduction; the decoder mirrors it with the 4x4 stride-1 transposed conv and five stride-2 up blocks
 (six "deconvolutional levels"). That reading gives the code's ~115 M parameters and its size rule
