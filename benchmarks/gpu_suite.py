@@ -159,7 +159,7 @@ def markdown(report: Dict[str, Any]) -> str:
                            f"{cost['activation_mbytes']:.3g} MB act.")
                 if limits:
                     row.append(f"{limits['floor_ms'][name]:.3g} ({limits['bound'][name]}), "
-                               f"{_ratio(limits['ratio'].get(name))}")
+                               f"{_ratio(limits.get('ratio', {}).get(name))}")
                 else:
                     row.append("n/a")
             rows.append(row)
@@ -281,9 +281,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def save(report: Dict[str, Any], out: Path) -> str:
     """Write gpu_suite.json and gpu_suite.md into ``out``; return the Markdown."""
-    text = markdown(report)
     out.mkdir(parents=True, exist_ok=True)
+    # The figures first: a table that fails to render must not cost a lease's measurements.
     (out / "gpu_suite.json").write_text(json.dumps(report, indent=1) + "\n")
+    text = markdown(report)
     (out / "gpu_suite.md").write_text(text + "\n")
     return text
 
