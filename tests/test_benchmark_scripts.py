@@ -30,3 +30,20 @@ def test_gpu_suite_smoke_run_writes_its_figures_and_tables(tmp_path, monkeypatch
     assert report["mode"] == "cpu smoke test" and "error" not in report["presets"]["lite"]
     text = (out / "gpu_suite.md").read_text()
     assert "## lite: cost and floor per stage" in text and "(memory), n/a" in text
+
+
+def test_tradeoff_variants_run_at_the_models_own_side_unless_told(tmp_path, capsys):
+    tradeoff = _script("tradeoff")
+    assert tradeoff.parse_variant("crrn-lite") == ("crrn-lite", "model")  # as dereflect remove runs it
+    assert tradeoff.parse_variant("crrn-lite@160") == ("crrn-lite", 160)
+    # Bad input: one line and exit 2, before any model is timed.
+    bad_report = tmp_path / "report.json"
+    bad_report.write_text('{"a": 1}')
+    for argv, wanted in ((["crrn-lite@abc"], "whole number of pixels"), (["@7"], "names no model"),
+                         (["crrn-lite", "--runs", "0"], "--runs must be at least 1"),
+                         (["crrn-lite", "--quality", "x.json"], "write VARIANT=REPORT.json"),
+                         (["crrn-lite", "--quality", f"crrn-lite={tmp_path / 'none.json'}"], "cannot read it"),
+                         (["crrn-lite", "--quality", f"crrn-lite={bad_report}"], "not a report.json")):
+        assert tradeoff.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("tradeoff: error: ") and wanted in err and err.count("\n") == 1, err
