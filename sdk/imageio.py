@@ -538,6 +538,7 @@ def staged_folder(out: Path, replace: bool = False) -> Iterator[Path]:
     failure. An empty folder at ``out`` (made for the purpose) counts as none; anything else there
     is replaced only with ``replace`` (else InputError), and kept until the new folder is in place."""
     out = Path(out)
+    check_output_location(out, folder=True)  # a clear error, not an OSError from mkdir, for a bad place
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     os.chmod(staged, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder

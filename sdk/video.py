@@ -101,7 +101,7 @@ class VideoSummary:
     output_size: Tuple[int, int] = (0, 0)
     codec: str = ""
     expected_frames: Optional[int] = None
-    #: What ended the run early ("SIGINT", "SIGTERM", "the window", a size limit); None when the source ended.
+    #: What ended the run early (a signal's name, "the window", a size limit); None when the source ended.
     stopped_by: Optional[str] = None
 
     @property
@@ -359,6 +359,7 @@ class _Sink:
         self.output = output
         self.partial: Optional[Path] = None
         self.limit: Optional[int] = None
+        self.written = 0
         self.created: List[Path] = []
         if isinstance(output, str):
             with _quiet_opencv():
@@ -405,7 +406,19 @@ class _Sink:
                          f"{', '.join(code for code, _ in candidates)}); try an .avi output")
 
     def write(self, image: np.ndarray) -> None:
-        self.writer.write(image)
+        # A failed write (a full disk) logs a warning per frame; finish() reads the file back and
+        # says so once instead.
+        logging = opencv_logging()
+        with _STDERR_LOCK:
+            level = logging.getLogLevel() if logging is not None else None
+            if logging is not None:
+                logging.setLogLevel(logging.LOG_LEVEL_ERROR)
+            try:
+                self.writer.write(image)
+            finally:
+                if logging is not None:
+                    logging.setLogLevel(level)
+        self.written += 1
 
     def full(self) -> bool:
         return self.limit is not None and self.partial is not None and self.partial.stat().st_size > self.limit
@@ -416,10 +429,18 @@ class _Sink:
         if self.partial is None:
             return
         if keep:
-            os.replace(self.partial, self.output)
-            return
+            readable = _readable_frames(self.partial)
+            if readable is not None and readable >= self.written:
+                os.replace(self.partial, self.output)
+                return
         self.partial.unlink(missing_ok=True)
         self._remove_created()
+        if keep:
+            # OpenCV's writer reports no failed write (a full disk, a storage limit): the file is read back.
+            held = "cannot be read back" if readable is None else f"holds {readable} of them"
+            earlier = f"; the earlier {self.output} is untouched" if self.output.exists() else ""
+            raise InputError(f"{self.output}: {self.written} frame(s) were written but the file {held} "
+                             f"(is the disk full?); nothing kept{earlier}")
 
     def _remove_created(self) -> None:
         for folder in reversed(self.created):
@@ -427,6 +448,19 @@ class _Sink:
                 folder.rmdir()
             except OSError:  # something else was put there meanwhile: leave it
                 break
+
+
+def _readable_frames(path: Path) -> Optional[int]:
+    """How many frames the container at ``path`` says it holds (its index, not a decode); None when
+    OpenCV cannot open it."""
+    with _quiet_opencv():
+        capture = cv2.VideoCapture(str(path))
+        try:
+            if not capture.isOpened():
+                return None
+            return max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0), 0)
+        finally:
+            capture.release()
 
 
 class _Window:

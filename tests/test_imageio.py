@@ -376,6 +376,12 @@ def test_a_staged_folder_appears_whole_or_not_at_all_and_replaces_only_when_told
     with staged_folder(out, replace=True) as staged:
         (staged / "d.txt").write_text("four")
     assert [p.name for p in out.iterdir()] == ["d.txt"] and [p.name for p in tmp_path.iterdir()] == ["made"]
+    # A place no folder can go: one line naming why (export onnx -o FILE/sub was an OSError's traceback).
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(InputError, match="afile is a file, not a folder"):
+        with staged_folder(tmp_path / "afile" / "sub"):
+            pass
+    assert (tmp_path / "afile").read_text() == "mine"
 
 
 def test_a_staged_file_replaces_its_target_whole_or_not_at_all_and_touches_no_other_file(tmp_path):

@@ -106,6 +106,26 @@ def test_the_progress_bar_is_drawn_on_a_terminal_only(tmp_path, monkeypatch):
     assert "6/6" in terminal.getvalue() and "frame" in terminal.getvalue()
 
 
+@pytest.mark.parametrize("extension", [".avi", ".mp4"])
+def test_frames_the_writer_lost_are_an_error_and_an_earlier_output_is_kept(tmp_path, monkeypatch, extension):
+    """OpenCV's writer reports no failed write (a full disk): the file is read back before it is kept."""
+    import dereflect.video as video
+
+    source = _write_video(tmp_path / "in.avi", 8)
+    out = tmp_path / f"out{extension}"
+    out.write_bytes(b"an earlier output")
+
+    def lose_frames(sink, image):  # what a full disk does: the frames never reach the file
+        sink.written += 1
+
+    monkeypatch.setattr(video._Sink, "write", lose_frames)
+    with pytest.raises(InputError, match=r"8 frame\(s\) were written but the file (holds 0 of them|cannot be read "
+                                         r"back) \(is the disk full\?\); nothing kept; the earlier .* is untouched"):
+        process_video(source, out, Darken(), overwrite=True, progress=False)
+    assert out.read_bytes() == b"an earlier output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.avi", out.name]  # no partial file left
+
+
 def test_failing_frame_is_passed_through_and_counted(tmp_path):
     source = _write_video(tmp_path / "in.avi", 12)
     summary = process_video(source, tmp_path / "out.avi", Darken(fail_on={5}), progress=False)
