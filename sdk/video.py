@@ -248,6 +248,8 @@ def check_job(source: Union[str, int, os.PathLike], output: Output, overwrite: b
         if not str(output).lstrip().startswith("appsrc"):
             raise InputError("output pipeline: it must start with appsrc, where OpenCV hands in the frames")
     else:
+        if str(output).endswith(("/", os.sep)):  # Path() drops the slash that says a folder is meant
+            raise InputError(f"{output}: names a folder; name the output file, e.g. {Path(output) / 'clean.mp4'}")
         _check_output_path(Path(output), src, overwrite)
     if show:
         _check_display()
@@ -265,7 +267,8 @@ def open_source(source: Union[str, int, os.PathLike], camera: bool = False) -> c
         if is_pipeline(src):
             raise InputError("input pipeline: GStreamer could not start it (test it with gst-launch-1.0, "
                              "with fakesink in place of appsink)")
-        raise InputError(f"{src}: OpenCV cannot open it (unsupported codec or not a video)")
+        raise InputError(f"{src}: OpenCV cannot open it (not a video, an unsupported codec, or a damaged file "
+                         "such as an MP4 recording cut off before it was finished)")
     return capture
 
 

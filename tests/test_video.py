@@ -165,6 +165,13 @@ def test_refuses_input_existing_and_bad_outputs(tmp_path):
         process_video(empty, tmp_path / "o.avi", Darken(), progress=False)
     with pytest.raises(InputError, match="not found"):
         process_video(tmp_path / "nope.avi", tmp_path / "o.avi", Darken(), progress=False)
+    with pytest.raises(InputError, match="names a folder; name the output file, e.g. .*new/clean.mp4"):
+        process_video(source, f"{tmp_path / 'new'}/", Darken(), progress=False)  # was "unknown extension"
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))  # a recording cut off before its index
+    with pytest.raises(InputError, match="cut off before it was finished"):
+        process_video(cut, tmp_path / "o.avi", Darken(), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.mp4", "empty.avi", "in.avi", "out.avi"]
 
 
 @pytest.mark.parametrize("camera", [99, "/dev/video99"])
