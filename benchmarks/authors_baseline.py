@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -208,13 +209,27 @@ def side_by_side(
 ) -> Dict[str, Any]:
     """Per size: stats per stage of this SDK's staged pipeline and of the authors' structure, interleaved.
 
-    ``checkpoint`` defaults to the file the manifest names, looked up in the export directory.
+    ``checkpoint`` defaults to the file the manifest names, looked up in the export directory; an
+    export without it (the bundled models) is brought back as one (``dereflect train from-export``).
     """
+    from dereflect.errors import InputError
+
     manifest = open_source(export_dir).manifest
+    if manifest.method != "rm2s":
+        raise InputError(f"{export_dir}: a {manifest.method} model; the authors' structure is RM2S's "
+                         "(stage 1, host middle step, stage 2): give an RM2S export such as rm2s-lite")
     checkpoint = Path(checkpoint) if checkpoint else manifest.directory / manifest.checkpoint.get("file", "")
-    options = {"checkpoint": checkpoint} if backend == "torch" else {}
-    sdk = BenchPipeline(export_dir, backend, device=device, precision=precision, **options)
-    authors = AuthorsPipeline(checkpoint, device=device if device != "auto" else "cuda")
+    with tempfile.TemporaryDirectory(prefix="dereflect-authors-") as work:
+        # Opened first where it needs no checkpoint: a wrong device or backend is refused in a moment.
+        sdk = None if backend == "torch" else BenchPipeline(export_dir, backend, device=device, precision=precision)
+        if not checkpoint.is_file():
+            from dereflect.train.from_export import checkpoint_from_export
+
+            checkpoint, _ = checkpoint_from_export(export_dir, Path(work) / "from_export.safetensors")
+        # Both read the checkpoint as they open: the rebuilt one may go after.
+        if sdk is None:
+            sdk = BenchPipeline(export_dir, backend, device=device, precision=precision, checkpoint=checkpoint)
+        authors = AuthorsPipeline(checkpoint, device=device if device != "auto" else "cuda")
     results: Dict[str, Any] = {"sdk_backend": sdk.description}
     try:
         for label, height, width in sizes:
@@ -241,13 +256,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--checkpoint", help="checkpoint file (default: the one the manifest names, in EXPORT_DIR)")
     parser.add_argument("--sizes", default="256,720p")
     parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu; the tensorrt backend "
+                        "needs cuda)")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args(argv)
-    results = side_by_side(args.export_dir, parse_sizes(args.sizes), args.checkpoint, args.backend, args.device,
-                           args.precision, args.warmup, args.runs)
+    from dereflect.errors import DereflectError
+
+    try:
+        if args.runs < 1 or args.warmup < 0:
+            raise DereflectError(f"--runs must be at least 1 and --warmup at least 0, got {args.runs} and "
+                                 f"{args.warmup}")
+        results = side_by_side(args.export_dir, parse_sizes(args.sizes), args.checkpoint, args.backend,
+                               args.device, args.precision, args.warmup, args.runs)
+    except DereflectError as exc:
+        print(f"authors_baseline: error: {exc}", file=sys.stderr)
+        return 2
     print(f"SDK: {results.pop('sdk_backend')}; authors: eager FP32 on {args.device}, OpenCV + scikit-learn "
           f"KMeans(n_init={AUTHORS_N_INIT}) on the host; medians in ms over {args.runs} interleaved runs")
     print("| size | side | " + " | ".join(AuthorsPipeline.stages) + " | total | authors / SDK |")

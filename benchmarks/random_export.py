@@ -6,10 +6,14 @@ initialisation, save them as a stage-2 checkpoint (what ``--backend torch`` and 
 structure load) and export ONNX exactly as ``dereflect export onnx`` does (``PaddedModel``,
 opset 17, dynamic N/H/W, the same graph clean-up), without its parity, FP16 and golden steps,
 which cost minutes for the paper preset and say nothing about speed.
+
+    python benchmarks/random_export.py OUT_DIR [--preset paper]   # then: dereflect bench OUT_DIR
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -80,3 +84,20 @@ def make_random_export(directory: Path, preset: str = "lite", seed: int = 0) -> 
     Manifest(method="rm2s", name=f"random-{preset}", networks=specs, directory=directory,
              checkpoint={"file": CHECKPOINT_NAME, "sha256": sha256_file(checkpoint)}).save()
     return directory
+
+
+def main(argv: Any = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="a new folder for the export")
+    parser.add_argument("--preset", choices=["lite", "paper"], default="lite", help="U-Net preset (default lite)")
+    parser.add_argument("--seed", type=int, default=0, help="the weights' random seed (default 0)")
+    args = parser.parse_args(argv)
+    if args.out.exists():
+        print(f"random_export: error: {args.out} exists; choose a new folder", file=sys.stderr)
+        return 2
+    print(make_random_export(args.out, args.preset, args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

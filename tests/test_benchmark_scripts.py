@@ -47,3 +47,20 @@ def test_tradeoff_variants_run_at_the_models_own_side_unless_told(tmp_path, caps
         assert tradeoff.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("tradeoff: error: ") and wanted in err and err.count("\n") == 1, err
+
+
+def test_authors_baseline_refuses_what_it_cannot_compare_with_one_line(capsys):
+    pytest.importorskip("torch")
+    authors = _script("authors_baseline")
+    for argv, wanted in ((["crrn-lite"], "the authors' structure is RM2S's"),
+                         (["rm2s-lite", "--runs", "0"], "--runs must be at least 1"),
+                         (["rm2s-lite", "--backend", "tensorrt"], "tensorrt backend")):
+        assert authors.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("authors_baseline: error: ") and wanted in err and "Traceback" not in err, err
+
+
+def test_random_export_is_a_command_that_refuses_an_existing_folder(tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    assert _script("random_export").main([str(tmp_path / "taken")]) == 2
+    assert "exists; choose a new folder" in capsys.readouterr().err
