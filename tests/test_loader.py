@@ -24,7 +24,7 @@ from dereflect.train.data import (  # noqa: E402
     RealPairs,
     SyntheticPairs,
     make_loader,
-    read_image,
+    read_rgb,
 )
 from dereflect.train.models.crrn import CRRNConfig  # noqa: E402
 from dereflect.train.synthesis import SynthesisConfig  # noqa: E402
@@ -179,7 +179,7 @@ def test_kept_images_are_exact_for_16_bit_files_and_skip_unusable_ones(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ImageSkippedWarning)  # the fresh set meets tiny.png as it samples
         assert _same(_samples(kept, [(i, 0, 0) for i in range(5)]), _samples(fresh, [(i, 0, 0) for i in range(5)]))
-    image = read_image(folder / "deep.png")
+    image = read_rgb(folder / "deep.png")
     store = DecodedImages([(0, image)], 10**9)
     assert store.nbytes == image.nbytes  # 16-bit values do not fit uint8: kept as float32
     assert np.array_equal(store.get(0), image) and store.get(1) is None

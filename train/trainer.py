@@ -242,7 +242,7 @@ class Trainer:
         self.segments: List[Dict[str, Any]] = []
         self._segment_start = (0, 0.0)  # step and elapsed seconds where this run began
         self._started: Optional[float] = None
-        #: "SIGINT" or "SIGTERM" when the last ``fit`` was stopped by one (and saved ``last.safetensors``)
+        #: "SIGINT", "SIGTERM" or "SIGHUP" when the last ``fit`` was stopped by one (and saved ``last.safetensors``)
         self.stopped_by: Optional[str] = None
         self.history: List[Dict[str, Any]] = []
 
