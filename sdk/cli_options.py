@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Dict
 
-from dereflect.backends.base import BACKENDS, PRECISIONS
+from dereflect.backends.base import BACKENDS, PRECISIONS, BackendOptions
 from dereflect.methods.rm2s import THRESHOLDS, MiddleStepSettings
 from dereflect.models import BUNDLED_MODELS
 from dereflect.remover import DEFAULT_MAX_SIDE, LARGE_IMAGE_STRATEGIES
@@ -33,24 +33,25 @@ def add_model_options(parser: argparse.ArgumentParser, positional: bool = False,
         parser.add_argument("--model", metavar="MODEL", default=None,
                             help=f"{MODEL_HELP} (default: {BUNDLED_MODELS[0]})")
     group = parser.add_argument_group("model options")
+    backend_defaults = BackendOptions()
     group.add_argument("--backend", default=None, choices=list(BACKENDS),
                        help="inference backend (default: onnxruntime for exports, torch for checkpoints)")
-    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    group.add_argument("--precision", default=PRECISIONS[0], choices=PRECISIONS,
+    group.add_argument("--device", default=backend_defaults.device, help="auto, cpu, cuda or cuda:N")
+    group.add_argument("--precision", default=backend_defaults.precision, choices=PRECISIONS,
                        help="network precision; fp16 runs the export's FP16 ONNX files")
     group.add_argument("--checkpoint", metavar="FILE", default=None,
                        help="torch backend on an export directory: the training checkpoint it was made from "
                             "(default: none; an export runs on torch only with it)")
     group.add_argument("--threads", type=int, metavar="N", default=None,
                        help="onnxruntime intra-op threads (default: onnxruntime's choice)")
-    defaults = MiddleStepSettings()
+    rm2s_defaults = MiddleStepSettings()
     group.add_argument("--threshold", choices=THRESHOLDS, default=None,
                        help=f"RM2S: how the CPU middle step finds its 2-means threshold (default: "
-                            f"{defaults.threshold}; the GPU kernel always bins a histogram)")
+                            f"{rm2s_defaults.threshold}; the GPU kernel always bins a histogram)")
     group.add_argument("--c1", type=float, default=None, metavar="C",
-                       help=f"RM2S: reflection-mask threshold offset (default: the model's, {defaults.c1:g})")
+                       help=f"RM2S: reflection-mask threshold offset (default: the model's, {rm2s_defaults.c1:g})")
     group.add_argument("--c2", type=float, default=None, metavar="C",
-                       help=f"RM2S: background-mask threshold offset (default: the model's, {defaults.c2:g})")
+                       help=f"RM2S: background-mask threshold offset (default: the model's, {rm2s_defaults.c2:g})")
     larger = ("use --large-image" if output
               else "are scaled down to it and guided-upsampled back, as remove does by default")
     group.add_argument("--max-side", type=int, default=None, metavar="N",

@@ -12,17 +12,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from dereflect.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from dereflect.cli_options import add_model_options, open_from_args
 from dereflect.errors import DereflectError, InputError
+from dereflect.remover import _LAYERS as INTERMEDIATE_IMAGES
 
 from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, check_output_path, is_image_file, one_line_error, some_names
-
-INTERMEDIATE_SUFFIXES = {
-    "stage1": "stage-1 estimate B1",
-    "confidence": "confidence map C as a colour map (dark: no edge)",
-    "mask_background": "background edge mask",
-    "mask_reflection": "reflection edge mask",
-    "reflection": "reflection layer I - B (clipped to [0, 1])",
-    "gradient": "CRRN background gradient",
-}
 
 DESCRIPTION = """\
 Remove reflections from image files and folders of images. A single input file with an image
@@ -30,15 +22,15 @@ file name as -o writes that file; otherwise -o is a folder (an existing one, a n
 extension, or any name ending with /) and the outputs keep the input names (with --recursive,
 their subfolders too). Inputs are never changed."""
 
-EPILOG = """\
-exit status: 0 every image written, or nothing left to do (every output exists already: one line
+EPILOG = f"""\
+exit status: {EXIT_OK} every image written, or nothing left to do (every output exists already: one line
 says so); an existing output is kept without --overwrite and its input not run, so the same
-command again finishes an interrupted run; 1 some images failed (one line each; the others were
-written); 2 nothing written (a bad option, input or output path, every image failed, or the one
+command again finishes an interrupted run; {EXIT_SOME_FAILED} some images failed (one line each; the others were
+written); {EXIT_USAGE} nothing written (a bad option, input or output path, every image failed, or the one
 input file named has its output already: a one-line error each).
 
 Checked before any work starts, with nothing written when a check fails: -o names an image
-format (.png .jpg .jpeg .bmp .tif .tiff .webp .ppm .pgm .pnm) or a folder; every output's folder
+format ({" ".join(IMAGE_EXTENSIONS)}) or a folder; every output's folder
 can be created and written to (no part of the path is a file); every name fits the file system;
 no two inputs would write one file, outputs and --save-intermediates files alike, and none would
 replace an input. A colour image is refused as .pgm (grey only; use .ppm, .pnm or .png) before
@@ -67,10 +59,10 @@ def register(subparsers: Any) -> None:
                         help="print errors only: no progress bar, no line per image, no note of skipped files "
                              "(default: off)")
     remove.add_argument("--save-intermediates", action="store_true",
-                        help="also write NAME.stage1.png, NAME.confidence.png, NAME.mask_background.png, "
-                             "NAME.mask_reflection.png and NAME.reflection.png (CRRN: NAME.gradient.png, "
-                             "NAME.reflection.png) next to each output, at the resolution the networks ran at "
-                             "(default: off)")
+                        help="also write NAME.KEY.png next to each output for each intermediate the model "
+                             f"makes, KEY one of {', '.join(INTERMEDIATE_IMAGES)} (RM2S: all but gradient; "
+                             "CRRN: reflection and gradient), at the resolution the networks ran at; the "
+                             "confidence map as a colour map, dark where there is no edge (default: off)")
     remove.add_argument("--overwrite", action="store_true",
                         help="replace existing output files (default: an image whose output exists is not run, "
                              "and named; the others are done)")
@@ -214,7 +206,7 @@ def plan_outputs(inputs: List[str], output: str, recursive: bool = False,
         target = out / relative if folder else out
         written = [target]
         if intermediates:
-            written += [intermediate_path(target, key) for key in INTERMEDIATE_SUFFIXES]
+            written += [intermediate_path(target, key) for key in INTERMEDIATE_IMAGES]
         for path in written:
             intermediate = path != target
             if path in claimed:
@@ -239,21 +231,15 @@ def plan_outputs(inputs: List[str], output: str, recursive: bool = False,
 
 def _intermediate_images(result: Any) -> Dict[str, Any]:
     """The intermediates of a Result in BGR order (the command line runs in OpenCV's order) as images."""
-    import cv2
     import numpy as np
+
+    from .tools.evaluate import confidence_colours
 
     images: Dict[str, Any] = {}
     if result.stage1 is not None:
         images["stage1"] = result.stage1
     if result.confidence is not None:
-        conf = result.confidence
-        edges = conf[conf > 0]
-        scaled = np.zeros(conf.shape, np.uint8)
-        if edges.size:
-            # The 99th percentile, not the maximum: a few extreme ratios would leave the rest dark.
-            top = float(np.percentile(edges, 99))
-            scaled = (np.clip(conf / top, 0, 1) * 255).astype(np.uint8)
-        images["confidence"] = cv2.applyColorMap(scaled, cv2.COLORMAP_INFERNO)
+        images["confidence"] = np.ascontiguousarray(confidence_colours(result.confidence)[:, :, ::-1])
     for key in ("mask_background", "mask_reflection", "gradient"):
         value = getattr(result, key)
         if value is not None:

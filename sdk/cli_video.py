@@ -5,20 +5,31 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import Any, Dict, List
 
-from dereflect.cli import EXIT_OK, EXIT_SOME_FAILED
+from dereflect.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from dereflect.cli_options import add_model_options, open_from_args
 from dereflect.stop_signals import exit_status
+from dereflect.video import CODEC_NAMES, CODECS_BY_EXTENSION
 
-EPILOG = """\
-exit status: 0 done (also when stopped by --max-frames or q in the --show window); 1 done, but
+
+def _fallback_codecs() -> str:
+    """The codec each output extension gets without H.264, grouped: "MPEG-4 Part 2: .mp4 .m4v; ..."."""
+    extensions: Dict[str, List[str]] = {}
+    for extension, codecs in CODECS_BY_EXTENSION.items():
+        extensions.setdefault(CODEC_NAMES[codecs[-1]], []).append(extension)
+    return "; ".join(f"{codec}: {' '.join(names)}" for codec, names in extensions.items())
+
+
+INTERRUPTED, TERMINATED = exit_status("SIGINT"), exit_status("SIGTERM")
+EPILOG = f"""\
+exit status: {EXIT_OK} done (also when stopped by --max-frames or q in the --show window); {EXIT_SOME_FAILED} done, but
 some frames failed (written unchanged) or could not be decoded (the previous output frame
-repeated in their place); 2 nothing written (bad input, output or option: a one-line error);
-130 stopped by Ctrl+C, 143 by SIGTERM (the output holds every frame processed so far).
+repeated in their place); {EXIT_USAGE} nothing written (bad input, output or option: a one-line error);
+{INTERRUPTED} stopped by Ctrl+C, {TERMINATED} by SIGTERM (the output holds every frame processed so far).
 
-output codec: H.264 where this OpenCV build has an encoder for it (the PyPI wheel has none),
-else MPEG-4 Part 2 (.mp4 .m4v .mov), Xvid (.mkv), Motion JPEG (.avi); the summary says which.
+output codec: H.264 where this OpenCV build has an encoder for it (the PyPI wheel has none; the
+summary says which), else {_fallback_codecs()}.
 An odd frame size is kept exactly in .avi and refused for the other extensions (OpenCV's FFmpeg
 writer would crop it to even).
 
@@ -57,15 +68,15 @@ def register(subparsers: Any) -> None:
                     "(OpenCV handles video frames only). A frame that fails is written unchanged, a frame "
                     "that cannot be decoded is replaced by the previous output frame; both are counted. "
                     "Ctrl+C, SIGTERM and q in the --show window stop the run and keep what was processed "
-                    "(exit status 130, 143 and 0).",
+                    f"(exit status {INTERRUPTED}, {TERMINATED} and {EXIT_OK}).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     video.add_argument("input", metavar="IN",
                        help="video file, URL, camera index (an integer) or GStreamer pipeline ending in appsink")
     video.add_argument("-o", "--output", required=True, metavar="OUT",
-                       help="output video (.mp4, .m4v, .mov, .mkv, .avi) or GStreamer pipeline starting with "
-                            "appsrc")
+                       help=f"output video ({', '.join(CODECS_BY_EXTENSION)}) or GStreamer pipeline starting "
+                            "with appsrc")
     video.add_argument("--camera", action="store_true", help="treat IN as a camera index or device (default: off)")
     video.add_argument("--preview", action="store_true",
                        help="write input | output side by side: twice as wide (default: off)")

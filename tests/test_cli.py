@@ -197,7 +197,7 @@ def _image(path: Path, array=None) -> Path:
 
 
 @pytest.mark.parametrize("names, written_twice", [
-    (["a.jpg", "a.png", "a.reflection.png"], "a.stage1.png"),  # two outputs' intermediates
+    (["a.jpg", "a.png", "a.reflection.png"], "a.reflection.png"),  # two outputs' intermediates (a.jpg's, a.png's)
     (["a.jpg", "a.reflection.png"], "a.reflection.png"),  # an intermediate and another image's output
 ])
 def test_remove_refuses_intermediates_written_twice_before_any_work(tmp_path, identity, capsys, names,

@@ -396,3 +396,33 @@ def test_torch_matches_numpy_on_a_batch():
     np.testing.assert_array_equal(z_gt[:, 3:6].numpy(), (nchw(images) * gt_b).numpy())
     with pytest.raises(InputError):
         confidence_map_torch(nchw(images)[:, :, :2], nchw(stage1)[:, :, :2])
+
+
+# --- how the confidence map is shown ----------------------------------------------------------------------
+
+
+def test_confidence_map_is_shown_one_way_scaled_to_the_99th_percentile_of_its_edges():
+    """NAME.confidence.png (remove --save-intermediates) and the eval contact sheet colour the map alike,
+    and a few extreme ratios do not leave every other edge dark."""
+    import types
+
+    from dereflect.cli_runtime import _intermediate_images
+    from dereflect.tools.evaluate import confidence_colours
+
+    def inferno(level: int) -> np.ndarray:
+        return cv2.applyColorMap(np.full((1, 1), level, np.uint8), cv2.COLORMAP_INFERNO)[0, 0, ::-1]
+
+    confidence = np.zeros((20, 30), np.float32)
+    confidence[:, :15] = 1.0
+    confidence[0, 0] = 1000.0  # one extreme ratio (G_B near zero)
+    rgb = confidence_colours(confidence)
+    assert rgb.shape == (20, 30, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb[10, 5], inferno(255))  # the edges at full scale, not near black
+    np.testing.assert_array_equal(rgb[10, 20], inferno(0))  # no edge: black
+    np.testing.assert_array_equal(confidence_colours(np.zeros((4, 4), np.float32)), np.broadcast_to(inferno(0),
+                                                                                                    (4, 4, 3)))
+
+    result = types.SimpleNamespace(stage1=None, confidence=confidence, mask_background=None, mask_reflection=None,
+                                   gradient=None, reflection=np.zeros((20, 30, 3), np.float32))
+    bgr = _intermediate_images(result)["confidence"]
+    np.testing.assert_array_equal(bgr[:, :, ::-1], rgb)

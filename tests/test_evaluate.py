@@ -362,7 +362,7 @@ def test_evaluate_resize_limit_and_identity_baseline(crrn_dir, tmp_path):
 
 
 def test_evaluate_rm2s_intermediates_in_contact_sheet(rm2s_dir, paired):
-    remover = Remover.from_dir(rm2s_dir)
+    remover = Remover.load(rm2s_dir)
     report = evaluate(remover, paired, contact_images=2, progress=False)
     image, target = _read(paired / "blended/c.png"), _read(paired / "transmission_layer/c.png")
     assert report.images[2].model["psnr"] == pytest.approx(psnr(remover.remove(image, colour_order="RGB"), target),

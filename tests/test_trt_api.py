@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import pytest
 from dereflect import trt_api
-from dereflect.errors import InputError, MissingDependencyError, ModelError
+from dereflect.errors import InputError, MissingDependencyError, ModelError, install_line
 from dereflect.export.verify import natural_images, verify
 from dereflect.manifest import Manifest, NetworkSpec, TensorSpec, load_manifest, sha256_file
 from dereflect.trt_api import (
@@ -479,6 +479,75 @@ def test_build_engines_without_tensorrt(export_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(MissingDependencyError, match=r"dereflect\[trt\]"):
         build_engines(export_dir)
+
+
+def test_one_install_line_for_tensorrt_at_build_and_run_time(monkeypatch):
+    """Building engines and opening them on the runtime name the same install line (Jetson's included),
+    and every registered backend, under any of its names, has one."""
+    from dereflect.backends.base import ALIASES, BACKENDS, require_backend_module
+    from dereflect.export.engine import require_tensorrt
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(MissingDependencyError) as built:
+        require_tensorrt()
+    with pytest.raises(MissingDependencyError) as opened:
+        require_backend_module("tensorrt", "trt")
+    line = install_line("trt")
+    assert "pip install 'dereflect[trt]'" in line and "JetPack" in line
+    assert line in str(built.value) and line in str(opened.value)
+    for backend in list(BACKENDS) + list(ALIASES):
+        with pytest.raises(MissingDependencyError, match="Install it with: pip install"):
+            require_backend_module("tensorrt", backend)
+    with pytest.raises(InputError, match="unknown backend"):
+        require_backend_module("tensorrt", "tflite")
+
+
+def test_engines_precision():
+    assert trt_api.engines_precision([_info(precision="fp32"), _info(precision="fp16")]) == "fp16"
+    assert trt_api.engines_precision([_info(precision="fp32")] * 2) == "fp32"
+
+
+def test_a_replayed_cuda_graph_returns_what_rm2s_returns():
+    """The device executor's replay of a captured frame (no TensorRT here: its buffers, stream and graph are
+    stand-ins) copies the frame in, launches the graph and gives RM2S's own result of stage 2's output."""
+    import contextlib
+    import threading
+
+    from dereflect.backends.tensorrt import TensorRTDeviceExecutor, _DeviceState
+    from dereflect.methods.base import get_method
+
+    class Runner:
+        @contextlib.contextmanager
+        def pushed(self):
+            yield
+
+    class Stream:
+        def synchronize(self) -> None:
+            pass
+
+    class Graph:
+        launches = 0
+
+        def launch(self, stream) -> None:
+            Graph.launches += 1
+
+    image = np.random.default_rng(3).random((4, 6, 3), dtype=np.float32)
+    stage2_output = (2.0 * image - 0.5).transpose(2, 0, 1)[None].astype(np.float16)  # partly outside [0, 1]
+    state = _DeviceState(None, None, Stream())
+    state.shape, state.graph = (1, 4, 6), Graph()
+    state.buffers = {"image": types.SimpleNamespace(array=np.zeros((1, 3, 4, 6), np.float32)),
+                     "out": types.SimpleNamespace(array=stage2_output)}
+    executor = object.__new__(TensorRTDeviceExecutor)  # the engines and the kernel are not needed to replay
+    executor.stage1, executor._local = Runner(), threading.local()
+    executor._local.state = state
+    method = get_method("rm2s")
+    layers = executor.run(method, image, method.settings())
+    assert Graph.launches == 1
+    np.testing.assert_array_equal(state.buffers["image"].array[0].transpose(1, 2, 0), image)
+    expected = method.layers(image, stage2_output[0].transpose(1, 2, 0).astype(np.float32))
+    np.testing.assert_array_equal(layers.background, expected.background)
+    np.testing.assert_array_equal(layers.reflection, expected.reflection)
+    assert layers.background.min() == 0.0 and layers.background.max() == 1.0
 
 
 def fake_engine_runtime(monkeypatch) -> list:

@@ -43,6 +43,7 @@ BACKENDS = {
 }
 ALIASES = {"ort": "onnxruntime", "trt": "tensorrt", "pytorch": "torch"}
 PRECISIONS = ("auto", "fp32", "fp16")
+#: (height, width) in pixels
 HW = Tuple[int, int]
 
 

@@ -25,6 +25,8 @@ from dereflect.methods.base import (
 )
 from dereflect.middle_step.reference import EPS, GRADIENT_THRESHOLD
 
+#: How the CPU middle step finds the 2-means threshold: by sorting (exact) or over a histogram (the
+#: CUDA kernel's way, which the CPU can follow for comparisons).
 THRESHOLDS = ("exact", "histogram")
 
 _IMAGE = TensorContract("image", 3)
@@ -91,7 +93,7 @@ class RM2S(Method):
         for key, value in (("c1", c1), ("c2", c2)):
             if value is not None:
                 values[key] = _number({key: value}, key, 0.5, 0.0, 1.0, "", InputError)
-        chosen = threshold or "exact"
+        chosen = threshold or MiddleStepSettings.threshold
         if chosen not in THRESHOLDS:
             raise InputError(f"threshold must be one of {', '.join(THRESHOLDS)}, not {chosen!r}")
         return MiddleStepSettings(threshold=chosen, **values)

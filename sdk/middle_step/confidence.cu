@@ -1,11 +1,11 @@
 /*
  * RM2S middle step on the GPU: confidence map, 2-means threshold and the 9-channel stage-2
  * input, with no host round trip between the passes. The specification is the NumPy
- * reference dereflect/confidence.py; tests compare every pass with it.
+ * reference dereflect.middle_step.reference; tests compare every pass with it.
  *
  * Plain CUDA C with extern "C" entry points and no includes, so NVRTC (cupy RawModule),
  * pycuda SourceModule(no_extern_c=True) and nvcc -cubin/-ptx all load it by name (pass
- * dereflect.cuda_confidence.kernel_defines() as options to pin the sizes below). Nothing
+ * dereflect.middle_step.cuda.kernel_defines() as options to pin the sizes below). Nothing
  * newer than CUDA 11.4 / sm_72 is used (double atomicAdd needs sm_60).
  *
  * Tensors are NCHW and contiguous: I (image) N x 3 x H x W float32 RGB in [0, 1]; B1
@@ -25,7 +25,7 @@
  * Pass (c) zeroes max_bits and the histogram after reading them, so the workspace is ready
  * for the next frame without a memset.
  *
- * Passes, in stream order (geometry: dereflect/cuda_confidence.py launch_config):
+ * Passes, in stream order (geometry: dereflect.middle_step.cuda.launch_config):
  * (a) rm2s_confidence_f32 / rm2s_confidence_b1f16, grid (ceil(W/TILE_W), ceil(H/TILE_H), N),
  *     block (TILE_W, TILE_H): grey of I and B1 into a shared tile with a 2-pixel halo
  *     (BORDER_REFLECT_101), separable 5x5 Sobel (rows then columns, as OpenCV) of gray(I),

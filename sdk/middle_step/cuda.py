@@ -1,27 +1,22 @@
 """Host side of the fused CUDA middle step (``middle_step/confidence.cu``).
 
 The launch geometry lives in :func:`launch_config` (pure Python, so a pycuda or
-cuda-python launcher reuses it); :func:`compile_with_nvcc` builds cubins/PTX ahead of time;
-:class:`CupyConfidence` runs the four passes on a cupy stream with a reused workspace.
+cuda-python launcher reuses it); :class:`CupyConfidence` runs the four passes on a cupy stream
+with a reused workspace. The source compiles with nvcc as well (``-cubin`` or ``-ptx``, with
+:func:`kernel_defines` and :func:`kernel_path`); the tests do so for every supported GPU.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import subprocess
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
-from dereflect.errors import InputError, MissingDependencyError, ModelError, require
+from dereflect.errors import InputError, ModelError, require
 from dereflect.middle_step.reference import EPS, GRADIENT_THRESHOLD, HISTOGRAM_BINS
 
 KERNEL_FILE = "confidence.cu"
-NVCC_ARCHS = ("sm_72", "sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_110")
 
 # Launch geometry shared with the kernel through -D defines (kernel_defines); the .cu file's
 # defaults are the same numbers, which the tests check.
@@ -113,61 +108,6 @@ def launch_config(height: int, width: int, batch: int = 1) -> Dict[str, Any]:
             "result": batch * RESULT_SIZE,
         },
     }
-
-
-def find_nvcc() -> str:
-    """Path of nvcc: on PATH, else under $CUDA_HOME/$CUDA_PATH or /usr/local/cuda."""
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if root and (Path(root) / "bin" / "nvcc").is_file():
-            return str(Path(root) / "bin" / "nvcc")
-    raise MissingDependencyError(
-        "nvcc (the CUDA toolkit compiler) was not found on PATH, $CUDA_HOME or /usr/local/cuda; "
-        "install the CUDA toolkit (on Jetson: JetPack's cuda-toolkit) or add its bin folder to PATH"
-    )
-
-
-@lru_cache(maxsize=8)
-def nvcc_targets(nvcc: str) -> Tuple[str, ...]:
-    """``sm_*`` and ``compute_*`` targets this nvcc builds (empty if it cannot list them)."""
-    targets = []
-    for flag in ("--list-gpu-code", "--list-gpu-arch"):
-        try:
-            proc = subprocess.run([nvcc, flag], capture_output=True, text=True, timeout=60, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            return ()
-        if proc.returncode != 0:
-            return ()
-        targets.extend(proc.stdout.split())
-    return tuple(targets)
-
-
-def compile_with_nvcc(arch: str, out_dir: Union[str, Path], nvcc: Optional[str] = None) -> Path:
-    """Compile the kernel for one target: ``sm_XY`` gives a cubin, ``compute_XY`` a PTX file."""
-    match = re.fullmatch(r"(sm|compute)_(\d+[a-z]?)", arch)
-    if not match:
-        raise InputError(f"arch must look like 'sm_87' or 'compute_87', got {arch!r}")
-    nvcc = nvcc or find_nvcc()
-    targets = nvcc_targets(nvcc)
-    if targets and arch not in targets:
-        raise InputError(
-            f"{nvcc} cannot build {arch} (it builds {', '.join(t for t in targets if t.startswith('sm_'))}). "
-            "CUDA 13 dropped sm_72 (Jetson Xavier): build that with the CUDA 11.4-12.x of JetPack 5"
-        )
-    kind = "cubin" if match.group(1) == "sm" else "ptx"
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{Path(KERNEL_FILE).stem}_{arch}.{kind}"
-    cmd = [nvcc, f"-{kind}", f"-arch={arch}", "-O3", *kernel_defines(), "-o", str(out), str(kernel_path())]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ModelError(f"could not run {' '.join(cmd)}: {exc}") from exc
-    if proc.returncode != 0 or not out.is_file():
-        raise ModelError(f"nvcc failed for {arch} (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
-    return out
 
 
 @dataclass
@@ -263,12 +203,6 @@ class CupyConfidence:
     def workspace(self) -> Dict[str, Any]:
         """The device buffers by name (confidence, max_bits, hist_count, hist_sum, result, ...)."""
         return dict(self._buffers)
-
-    def reset(self) -> None:
-        """Zero the workspace (only needed after a failed launch left it half-used)."""
-        for name in ("max_bits", "hist_count", "hist_sum"):
-            if name in self._buffers:
-                self._buffers[name].fill(0)
 
     def _check(self, array: Any, name: str, dtypes: Tuple[str, ...]) -> Any:
         cp = self._cp

@@ -40,7 +40,7 @@ where the reflection is, which whole-image PSNR mixes with how little it changes
 kept, long side rounded; OpenCV INTER_AREA when shrinking, INTER_CUBIC when enlarging, nearest
 for masks). Published Real20 numbers differ by up to 1 dB between short sides 300, 420 and
 512, so the protocol is written into every report. Independently, the runtime runs the
-networks at most ``max_side`` pixels on the long side (the Remover default, 1024) and
+networks at most ``max_side`` pixels on the long side (by default the side the model records, else 1024) and
 guided-upsamples the result; the report records that limit and how many images it touched.
 
 **Metrics** are computed on the background as RGB float in [0, 1] (data range 1) with
@@ -80,6 +80,8 @@ from dereflect.tools.datasets import LAYOUTS, Pair, PathLike, filter_pairs, find
 from dereflect.tools.metrics import (
     AUTO_MASK_BLUR,
     AUTO_MASK_LEVEL,
+    RADIUS,
+    SIGMA,
     WINDOW,
     best_channel_gains,
     psnr,
@@ -147,9 +149,14 @@ def resize_short(image: np.ndarray, short: Optional[int], nearest: bool = False)
 AUTO_MASKS = "auto"
 
 
+def _auto_mask_level() -> str:
+    """The level an automatic mask's pixels exceed, in 8-bit steps as written: "12/255"."""
+    return f"{round(AUTO_MASK_LEVEL * 255)}/255"
+
+
 def _masks_text(masks: str) -> str:
     if masks == AUTO_MASKS:
-        return (f"derived from each pair: input brighter than ground truth by > {round(AUTO_MASK_LEVEL * 255)}/255 "
+        return (f"derived from each pair: input brighter than ground truth by > {_auto_mask_level()} "
                 f"after a {AUTO_MASK_BLUR:g}-px blur")
     return f"from {masks}"
 
@@ -464,7 +471,9 @@ def fit_global_gain(pairs: Sequence[Pair]) -> List[float]:
     """The three channel gains g minimising sum over all pixels of (g * input - background)^2.
 
     One least-squares gain per channel from the photo through glass to its clean layer, pooled
-    over every pixel of every pair (the baseline of issue 16 and REFERENCE.md).
+    over every pixel of every pair: the ``--gain-baseline`` row scores what correcting only the
+    glass's overall tint and light loss achieves, so a model's gain over it is what it does beyond
+    that (the "global gain" row of the README's results).
     """
     num = np.zeros(3)
     den = np.zeros(3)
@@ -503,10 +512,14 @@ def score(output: np.ndarray, target: np.ndarray,
 
 
 def confidence_colours(confidence: np.ndarray) -> np.ndarray:
-    """A confidence map as RGB uint8 (inferno colour map, scaled to its maximum; black: no edge)."""
-    top = float(confidence.max()) if confidence.size else 0.0
+    """A confidence map as RGB uint8: the inferno colour map over [0, the 99th percentile of the edges
+    (C > 0)], brighter values saturated; black where there is no edge. What the contact sheet and
+    ``dereflect remove --save-intermediates`` (NAME.confidence.png) show."""
+    edges = confidence[confidence > 0]
     scaled = np.zeros(confidence.shape, np.uint8)
-    if top > 0:
+    if edges.size:
+        # The 99th percentile, not the maximum: a few extreme ratios would leave the rest dark.
+        top = float(np.percentile(edges, 99))
         scaled = (np.clip(confidence / top, 0, 1) * 255).astype(np.uint8)
     return cv2.applyColorMap(scaled, cv2.COLORMAP_INFERNO)[:, :, ::-1].copy()
 
@@ -745,8 +758,9 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
             **({"stopped": f"by {stopped_by} after {len(images)} of {len(pairs)} images; the means are of "
                            "those"} if stopped_by else {}),
             "metrics": "on the background, RGB float in [0, 1] (data range 1); PSNR over all pixels and "
-                       "channels; SSIM as skimage structural_similarity with an 11x11 Gaussian window "
-                       "(sigma 1.5), population covariances, channel mean, 5-px border cropped; SI its "
+                       f"channels; SSIM as skimage structural_similarity with an {WINDOW}x{WINDOW} Gaussian "
+                       f"window (sigma {SIGMA:g}), population covariances, channel mean, {RADIUS}-px border "
+                       "cropped; SI its "
                        "structure term; SSIMr/SIr the SSIM/SI map averaged over mask pixels; means are "
                        "means of per-image values",
         },
@@ -785,10 +799,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--resize", default="native", metavar="native|short:N",
                         help="resize protocol: native resolution, or short side N px, e.g. short:420 "
                              "(default: native)")
-    parser.add_argument("--masks", metavar="DIR|auto",
-                        help="region masks DIR/<name>.* for SSIMr and SIr, or 'auto': each pair's reflection "
-                             "region, where the input is brighter than the ground truth by more than 12/255 "
-                             "(blurred for misalignment) (default: none, no SSIMr/SIr)")
+    parser.add_argument("--masks", metavar=f"DIR|{AUTO_MASKS}",
+                        help=f"region masks DIR/<name>.* for SSIMr and SIr, or '{AUTO_MASKS}': each pair's "
+                             "reflection region, where the input is brighter than the ground truth by more than "
+                             f"{_auto_mask_level()} (blurred for misalignment) (default: none, no SSIMr/SIr)")
     parser.add_argument("--limit", type=int, metavar="N", help="score only the first N images (default: all)")
     parser.add_argument("--out", metavar="DIR",
                         help="write report.md, report.json, contact_sheet.png here (default: print the report only)")
