@@ -38,9 +38,9 @@ EPILOG = f"""exit status (every command):
        (remove run again on a folder or several files: every output exists already)
   {EXIT_SOME_FAILED:<4} some items failed (files, frames, sizes) or a check / verification failed; the rest was done
   {EXIT_USAGE:<4} usage error or nothing done: bad options, model or input not found, missing extra
-  {exit_status("SIGINT")}  interrupted (Ctrl+C; {exit_status("SIGTERM")} for SIGTERM); what was finished is kept \
-(video: the output file holds
-       every frame processed so far; end a camera recording with --max-frames or q in --show instead;
+  {exit_status("SIGINT")}  interrupted (Ctrl+C; {exit_status("SIGTERM")} for SIGTERM, {exit_status("SIGHUP")} for \
+SIGHUP); what was finished is kept (video: the output file
+       holds every frame processed so far; --max-frames or q in --show end a camera recording with {EXIT_OK};
        train: last.safetensors at the last finished step; eval: the report of the images scored;
        export engine: the engines built, the one in progress cancelled where TensorRT allows)
 

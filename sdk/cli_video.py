@@ -9,7 +9,7 @@ from typing import Any, Dict, List
 
 from dereflect.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from dereflect.cli_options import add_model_options, open_from_args
-from dereflect.stop_signals import exit_status
+from dereflect.stop_signals import SIGNAL_NAMES, exit_status
 from dereflect.video import CODEC_NAMES, CODECS_BY_EXTENSION
 
 
@@ -21,12 +21,16 @@ def _fallback_codecs() -> str:
     return "; ".join(f"{codec}: {' '.join(names)}" for codec, names in extensions.items())
 
 
-INTERRUPTED, TERMINATED = exit_status("SIGINT"), exit_status("SIGTERM")
+INTERRUPTED, TERMINATED, HUNG_UP = exit_status("SIGINT"), exit_status("SIGTERM"), exit_status("SIGHUP")
 EPILOG = f"""\
 exit status: {EXIT_OK} done (also when stopped by --max-frames or q in the --show window); {EXIT_SOME_FAILED} done, but
 some frames failed (written unchanged) or could not be decoded (the previous output frame
 repeated in their place); {EXIT_USAGE} nothing written (bad input, output or option: a one-line error);
-{INTERRUPTED} stopped by Ctrl+C, {TERMINATED} by SIGTERM (the output holds every frame processed so far).
+{INTERRUPTED} stopped by Ctrl+C, {TERMINATED} by SIGTERM, {HUNG_UP} by SIGHUP (the terminal closed) (the output holds
+every frame processed so far; none written: no file).
+
+A camera records until --max-frames N, q in the --show window (both exit {EXIT_OK}) or a stop signal:
+Ctrl+C or SIGTERM (systemd, docker stop; exit {INTERRUPTED} / {TERMINATED}), each keeping the file so far.
 
 output codec: H.264 where this OpenCV build has an encoder for it (the PyPI wheel has none; the
 summary says which), else {_fallback_codecs()}.
@@ -67,8 +71,8 @@ def register(subparsers: Any) -> None:
                     "OUT. Frame order, exact size and nominal frame rate are kept; audio is NOT copied "
                     "(OpenCV handles video frames only). A frame that fails is written unchanged, a frame "
                     "that cannot be decoded is replaced by the previous output frame; both are counted. "
-                    "Ctrl+C, SIGTERM and q in the --show window stop the run and keep what was processed "
-                    f"(exit status {INTERRUPTED}, {TERMINATED} and {EXIT_OK}).",
+                    "Ctrl+C, SIGTERM, SIGHUP and q in the --show window stop the run and keep what was "
+                    f"processed (exit status {INTERRUPTED}, {TERMINATED}, {HUNG_UP} and {EXIT_OK}).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -84,9 +88,12 @@ def register(subparsers: Any) -> None:
                        help="also show the output in a window, with a strength slider (needs a display; q or "
                             "Esc stops; default: off)")
     video.add_argument("--max-frames", type=int, metavar="N",
-                       help="stop after N frames, a positive integer (default: all; cameras: stop with Ctrl+C)")
+                       help="stop after N frames, a positive integer (default: all; a camera: until stopped, see "
+                            "below)")
     video.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: off)")
-    video.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
+    video.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    video.add_argument("-q", "--quiet", action="store_true",
+                       help="print problems only: no progress bar, no summary line, no audio note (default: off)")
     video.add_argument("--temporal", choices=["on", "off"], default="on",
                        help="carry RM2S's 2-means centres and the output's overall colour across frames with a "
                             "moving average (dereflect.temporal); off runs every frame on its own. On is the "
@@ -109,33 +116,39 @@ def run_video(args: argparse.Namespace) -> int:
     summary = process_video(
         args.input, args.output, frames,
         preview=args.preview, overwrite=args.overwrite, camera=args.camera,
-        max_frames=args.max_frames, progress=not args.no_progress, show=args.show,
+        max_frames=args.max_frames, progress=not (args.no_progress or args.quiet), show=args.show,
     )
+    if summary.frames == 0:  # a stop signal came before the first frame
+        print(f"stopped by {summary.stopped_by} before any frame was written; no file", file=sys.stderr)
+        return exit_status(summary.stopped_by)
     width, height = summary.output_size
     layout = f" (input | output, each {summary.size[0]}x{summary.size[1]})" if args.preview else ""
-    print(
-        f"{summary.output}: {summary.frames} frame(s) at {width}x{height}{layout}, {summary.source_fps:.3g} fps, "
-        f"{summary.codec}; {summary.fps:.1f} frames/s overall",
-        file=sys.stderr,
-    )
+    if not args.quiet:
+        print(
+            f"{summary.output}: {summary.frames} frame(s) at {width}x{height}{layout}, {summary.source_fps:.4g} fps, "
+            f"{summary.codec}; {summary.fps:.1f} frames/s overall (start-up included)",
+            file=sys.stderr,
+        )
     if summary.expected_frames is not None and not summary.interrupted and summary.frames < summary.expected_frames:
         print(f"warning: the source reported {summary.expected_frames} frames but only {summary.frames} could be "
               "read (a damaged or cut end, or a wrong count in the file)", file=sys.stderr)
-    if summary.interrupted:
+    if summary.interrupted and not args.quiet:
         print(f"stopped by {summary.stopped_by}: the output holds the frames processed so far", file=sys.stderr)
     if summary.skipped:
         shown = ", ".join(str(i) for i in summary.skipped[:10]) + (", ..." if len(summary.skipped) > 10 else "")
         print(f"warning: {len(summary.skipped)} frame(s) could not be decoded (frame {shown}); the previous "
-              "output frame was written in each one's place, keeping the length and timing", file=sys.stderr)
+              "output frame (before the first decodable one: that one's) was written in each one's place, keeping "
+              "the length and timing", file=sys.stderr)
     if summary.failed:
         print(f"warning: {summary.failed} frame(s) failed and were written unchanged "
               f"(first: frame {summary.failures[0][0]}: {summary.failures[0][1]})", file=sys.stderr)
     source = parse_source(args.input, args.camera)
     # Only for a run that finished (at the end or at --max-frames): a stopped run's file is partial,
     # not yet the result to add audio to.
-    if not summary.interrupted and not args.camera and may_have_audio(source) and not is_pipeline(args.output):
+    if (not summary.interrupted and not args.quiet and not args.camera and may_have_audio(source)
+            and not is_pipeline(args.output)):
         print(audio_note(source, summary.output), file=sys.stderr)
-    if summary.stopped_by in ("SIGINT", "SIGTERM"):
+    if summary.stopped_by in SIGNAL_NAMES:
         # Like any command stopped by a signal, though the file is complete so far.
         return exit_status(summary.stopped_by)
     return EXIT_SOME_FAILED if summary.failed or summary.skipped else EXIT_OK

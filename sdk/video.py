@@ -54,7 +54,7 @@ import numpy as np
 
 from .errors import InputError
 from .imageio import check_output_location, is_image_file, name_max, nearest_existing, opencv_logging, staging_name
-from .stop_signals import StopSignals
+from .stop_signals import SIGNAL_NAMES, StopSignals
 
 #: The codecs tried for each output extension, best first (H.264 where the OpenCV build can encode it).
 CODECS_BY_EXTENSION: Dict[str, Tuple[str, ...]] = {
@@ -539,7 +539,8 @@ def process_video(
     session keeps what was recorded); it never replaces the input and replaces another
     existing file only with ``overwrite``. Raises InputError, before anything is written,
     for bad paths, a source with no decodable frame, or an odd frame size the output's
-    encoder cannot keep.
+    encoder cannot keep. A signal before the first frame leaves no file and a summary of 0
+    frames whose ``stopped_by`` names it.
     """
     from tqdm import tqdm
 
@@ -663,6 +664,8 @@ def _run(summary: VideoSummary, sink: _Sink, frames: _Frames, first: Tuple[np.nd
                     if item is _END or not write(item):
                         break
             if summary.frames == 0:
+                if summary.stopped_by in SIGNAL_NAMES:
+                    return  # nothing to keep; the summary says what stopped it (the CLI: its exit status)
                 raise InputError(f"{summary.output}: stopped before any frame was written; nothing kept")
             keep = True
     finally:

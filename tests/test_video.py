@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from conftest import Terminal, sigint_as_in_a_terminal
 from dereflect.errors import InputError
+from dereflect.temporal import VideoSession
 from dereflect.video import has_gstreamer, parse_source, process_video
 
 W, H, FPS, STRIPE = 96, 48, 12.0, 12
@@ -124,6 +125,58 @@ def test_frames_the_writer_lost_are_an_error_and_an_earlier_output_is_kept(tmp_p
         process_video(source, out, Darken(), overwrite=True, progress=False)
     assert out.read_bytes() == b"an earlier output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.avi", out.name]  # no partial file left
+
+
+class _SignalledAtOnce:
+    """StopSignals as when SIGTERM came before the first frame was written."""
+
+    received = "SIGTERM"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def test_a_signal_before_the_first_frame_leaves_no_file_and_exits_with_its_status(tmp_path, monkeypatch, capsys):
+    import dereflect.video as video
+    from onnx_fixtures import make_crrn_export
+
+    monkeypatch.setattr(video, "StopSignals", _SignalledAtOnce)
+    source = _write_video(tmp_path / "in.avi", 4)
+
+    class Slow(Darken):  # the signal comes while the first frame is still in the model
+        def remove(self, frame, colour_order="RGB"):
+            time.sleep(0.5)
+            return super().remove(frame, colour_order)
+
+    summary = process_video(source, tmp_path / "out.avi", Slow(), progress=False)
+    assert summary.frames == 0 and summary.stopped_by == "SIGTERM"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.avi"]
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.cli_video",))
+    model = make_crrn_export(tmp_path / "model")
+    remove = VideoSession.remove
+    monkeypatch.setattr(VideoSession, "remove",
+                        lambda self, frame, colour_order="BGR": (time.sleep(0.5), remove(self, frame, colour_order))[1])
+    # 143 as for a signal after the first frame (it was 2: "nothing written", a usage error)
+    assert dereflect.cli.main(["video", str(source), "-o", str(tmp_path / "out.avi"), "--model", str(model)]) == 143
+    assert "stopped by SIGTERM before any frame was written; no file" in capsys.readouterr().err
+    assert not (tmp_path / "out.avi").exists()
+
+
+def test_quiet_prints_problems_only(tmp_path, monkeypatch, capsys):
+    from onnx_fixtures import make_crrn_export
+
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.cli_video",))
+    model = make_crrn_export(tmp_path / "model")
+    source = _write_video(tmp_path / "in.avi", 4)
+    assert dereflect.cli.main(["video", str(source), "-o", str(tmp_path / "q.avi"), "--model", str(model),
+                               "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert dereflect.cli.main(["video", str(source), "-o", str(tmp_path / "q.avi"), "--model", str(model),
+                               "--quiet"]) == 2
+    assert "exists" in capsys.readouterr().err
 
 
 def test_failing_frame_is_passed_through_and_counted(tmp_path):
@@ -552,7 +605,7 @@ def _slow_cli(tmp_path, frames):
     return process, out
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_sigterm_and_sigint_finish_the_file_with_every_frame_so_far(tmp_path, signum):
     process, out = _slow_cli(tmp_path, 6000)
     deadline = time.monotonic() + 60
@@ -562,7 +615,7 @@ def test_sigterm_and_sigint_finish_the_file_with_every_frame_so_far(tmp_path, si
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
     frames, _ = _read_video(out)
-    assert process.returncode == 128 + signum, err  # 130 for Ctrl+C, 143 for SIGTERM
+    assert process.returncode == 128 + signum, err  # 130 for Ctrl+C, 143 for SIGTERM, 129 for SIGHUP
     assert f"stopped by {signal.Signals(signum).name}" in err and "Traceback" not in err
     assert 0 < len(frames) < 6000 and f"{len(frames)} frame(s) at {W}x{H}" in err
     assert [_index(f) for f in frames] == [i % 256 for i in range(len(frames))]
@@ -584,7 +637,7 @@ def test_video_help_gives_the_exit_status_of_each_way_of_stopping(monkeypatch, c
     # Measured by test_sigterm_and_sigint_finish_the_file_with_every_frame_so_far: 130 and 143, not 0.
     assert "Ctrl+C" not in zero and "SIGTERM" not in zero and "q in the --show window" in zero
     assert "130 stopped by Ctrl+C, 143 by SIGTERM" in status
-    assert "(exit status 130, 143 and 0)" in text  # the description above says the same
+    assert "(exit status 130, 143, 129 and 0)" in text  # the description above says the same
 
 
 @pytest.mark.parametrize("count", ["0", "-3"])
