@@ -32,8 +32,9 @@ class MissingDependencyError(DereflectError, ImportError):
 INSTALL_LINES: Dict[str, str] = {
     "onnxruntime": "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)",
     "train": "pip install 'dereflect[train]' (PyTorch; a CUDA build of it for GPU speed)",
-    "trt": "pip install 'dereflect[trt]' (on a Jetson, TensorRT and pycuda come with JetPack "
-           "(python3-libnvinfer), not from PyPI: use a virtual environment made with --system-site-packages)",
+    "trt": "pip install 'dereflect[trt]' (on a Jetson, TensorRT comes with JetPack (python3-libnvinfer), not "
+           "from PyPI: use a virtual environment made with --system-site-packages, and build pycuda there with "
+           "CUDA's bin folder on PATH: export PATH=/usr/local/cuda/bin:$PATH && pip install pycuda)",
 }
 
 
