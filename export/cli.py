@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, List
 
 from dereflect.errors import ModelError, require
+from dereflect.manifest import DEFAULT_MAX_SIDE
 from dereflect.models import BUNDLED_MODELS
 from dereflect.stop_signals import StopSignals, exit_status
 
@@ -45,7 +46,7 @@ def register(subparsers: Any) -> None:
                            "to see); the runtime scales larger frames down and guides the result back up "
                            "(default: the side the checkpoint records: its training's --val-max-side, or that "
                            "of the export it was rebuilt from; older checkpoints record none: the runtime's "
-                           "1024)")
+                           f"{DEFAULT_MAX_SIDE})")
     onnx.add_argument("--opset", type=int, default=17,
                       help="ONNX opset (default: 17, the highest TensorRT 8.5 reads)")
     onnx.set_defaults(func=run_onnx)
@@ -102,8 +103,10 @@ def register(subparsers: Any) -> None:
                         help="compare on the images in DIR instead of the goldens: each network's outputs "
                              "against ONNX Runtime FP32 on the same inputs; an image that cannot be read is named "
                              "and skipped (exit status 1) (default: the goldens)")
-    verify.add_argument("--max-side", type=int, default=1024, metavar="N",
-                        help="with --images: scale each image to this long side first (default: 1024)")
+    verify.add_argument("--max-side", type=int, default=None, metavar="N",
+                        help="with --images: scale each image to fit this long side first, as remove does "
+                             "(0: full size; default: the side the model records, as remove runs it, else "
+                             f"{DEFAULT_MAX_SIDE})")
     verify.add_argument("--min-psnr", type=float, default=None, metavar="DB",
                         help="pass limit in dB for every output (default: by precision: onnxruntime fp32 80, "
                              "fp16 45; tensorrt fp32 50, fp16 40)")
@@ -166,8 +169,9 @@ def run_engine(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
+    max_side = "model" if args.max_side is None else args.max_side
     report = verify(args.model, backend=args.backend, fp16=args.fp16, networks=args.network, images=args.images,
-                    max_side=args.max_side, min_psnr_db=args.min_psnr)
+                    max_side=max_side, min_psnr_db=args.min_psnr)
     for message in report.unread.values():
         print(f"dereflect: error: {message}; skipped", file=sys.stderr)
     print(report.format())

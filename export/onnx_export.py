@@ -30,7 +30,7 @@ import numpy as np
 from dereflect import __version__
 from dereflect.errors import InputError, ModelError, require
 from dereflect.imageio import is_free_folder, staged_folder
-from dereflect.manifest import MANIFEST_NAME, MIN_MAX_SIDE, Manifest, NetworkSpec, TensorSpec, sha256_file
+from dereflect.manifest import MANIFEST_NAME, Manifest, check_max_side, sha256_file
 
 if TYPE_CHECKING:
     from dereflect.train.checkpoint import Checkpoint
@@ -227,10 +227,6 @@ def export_network(torch: ModuleType, module: nn.Module, path: Path, input_name:
     return counts
 
 
-def _data_ranges(spec: NetworkSpec) -> Dict[str, float]:
-    return {o.name: float(o.value_range[1] - o.value_range[0]) or 1.0 for o in spec.outputs}
-
-
 def export_onnx(
     checkpoint_path: os.PathLike,
     out_dir: os.PathLike,
@@ -249,143 +245,173 @@ def export_onnx(
     back up); None takes the side the checkpoint records (its training's, or that of the export it
     was rebuilt from), else leaves the runtime's default.
 
-    Raises InputError for a bundled model or an export directory (not a checkpoint), and ModelError
-    when the checkpoint is incomplete, the target is not replaceable, parity with PyTorch fails, or
-    the FP16 file is below :data:`FP16_MIN_PSNR` against the FP32 one.
+    The manifest is the one the checkpoint implies (:func:`dereflect.models.checkpoint_manifest`, what
+    the runtime runs a checkpoint with) completed by the export: the files and their hashes, the
+    channels the networks were found to take and give, and the records of the checks below.
+
+    Raises InputError for a bundled model or an export directory (not a checkpoint) and for a bad
+    ``max_side`` or ``opset``, and ModelError when the checkpoint is incomplete, the target is not
+    replaceable, parity with PyTorch fails, or the FP16 file is below :data:`FP16_MIN_PSNR` against
+    the FP32 one.
     """
     torch = require("torch", "export", "exporting checkpoints")
     onnx = require("onnx", "export", "exporting checkpoints")
+    from dereflect.models import checkpoint_manifest
     from dereflect.train.checkpoint import load_checkpoint
-    from dereflect.train.models.common import PaddedModel
 
-    from . import parity as parity_mod
-    from .fp16 import compare_models, convert_to_fp16, emulate_fp16
-    from .trt_support import check_trt_compat
     from .verify import natural_images, network_feeds, ort_backend, write_goldens
 
-    if max_side is not None and int(max_side) < MIN_MAX_SIDE:
-        raise InputError(f"max_side must be at least {MIN_MAX_SIDE}, got {max_side}")
+    if max_side is not None:
+        max_side = check_max_side(max_side)
     if opset not in SUPPORTED_OPSETS:
         raise InputError(f"opset {opset} is not supported; use 13-20 (17 keeps TensorRT 8.5 reachable)")
     _refuse_an_export(checkpoint_path)
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
     method = _method(checkpoint)
-    if max_side is None:
-        max_side = checkpoint.metadata.get("max_side")
-    available = set(checkpoint.metadata["networks"])
+    manifest = checkpoint_manifest(checkpoint_path, checkpoint.metadata, method)
+    manifest.name = str(model_name or manifest.name)
+    if max_side is not None:
+        manifest.max_side = max_side
+    manifest.checkpoint["sha256"] = sha256_file(checkpoint_path)
     out_dir = Path(out_dir).expanduser().resolve()
     _check_target(out_dir, force)
     # _check_target allowed replacing out_dir (an empty folder, or an earlier export with force).
     with staged_folder(out_dir, replace=True) as tmp:
-        modules: Dict[str, Any] = {}
-        networks: Dict[str, NetworkSpec] = {}
-        cleaned: Dict[str, Dict[str, int]] = {}
-        for contract in method.networks:
-            name, input_name = contract.name, contract.input.name
-            output_names = tuple(t.name for t in contract.outputs)
-            source = method.checkpoint_network(contract, available)
-            net = checkpoint.build(source)
-            stride, min_size = int(getattr(net, "stride", 1)), int(getattr(net, "min_size", 0))
-            module = PaddedModel(net).eval()
-            channels = int(checkpoint.network_spec(source)["config"].get("in_channels", 3))
-            with torch.no_grad():
-                probe = module(torch.rand(1, channels, *_trace_size(stride, min_size)))
-            probe = probe if isinstance(probe, (tuple, list)) else (probe,)
-            if len(probe) != len(output_names):
-                raise ModelError(f"{name}: the network returns {len(probe)} outputs, "
-                                 f"expected {list(output_names)}")
-            path = tmp / f"{name}.onnx"
-            cleaned[name] = export_network(torch, module, path, input_name, channels, output_names, opset,
-                                           stride, min_size)
-            modules[name] = module
-            networks[name] = NetworkSpec(
-                name=name, onnx=path.name, sha256=sha256_file(path),
-                inputs=[TensorSpec(name=input_name, channels=channels)],
-                outputs=[TensorSpec(t.name, int(p.shape[1]), value_range=t.value_range)
-                         for t, p in zip(contract.outputs, probe)],
-                stride=stride, min_size=min_size,
-            )
-        metadata = checkpoint.metadata
-        manifest = Manifest(
-            method=method.name,
-            name=str(model_name or metadata.get("name") or checkpoint_path.stem),
-            networks=networks,
-            directory=tmp,
-            settings=method.settings_from_checkpoint(metadata),
-            max_side=max_side,
-            checkpoint={"file": checkpoint_path.name, "sha256": sha256_file(checkpoint_path),
-                        "metadata": {k: v for k, v in metadata.items() if k != "optimizers"}},
-        )
-        extra: Dict[str, Any] = {
+        manifest.directory = tmp
+        modules, cleaned = _export_networks(torch, checkpoint, method, manifest, opset)
+        records: Dict[str, Any] = {
             "dereflect_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "export": {"opset": opset, "torch": torch.__version__, "onnx": onnx.__version__,
                        "graph_cleanup": cleaned},
         }
-
-        # Parity: random inputs at several sizes, plus natural-looking images along the method's sequence.
         fp32 = ort_backend(manifest)
-        natural = network_feeds(fp32, natural_images(*MEASURE_SHAPE, seed=7))
-        report = None
-        for name, spec in networks.items():
-            cases = parity_mod.random_cases(spec.inputs[0].name, spec.inputs[0].channels)
-            cases.append(("natural", natural[name]))
-            report = parity_mod.check_parity(name, modules[name], str(tmp / spec.onnx), cases,
-                                             _data_ranges(spec), report=report)
-        if not report.passed:
-            raise ModelError("ONNX Runtime and PyTorch disagree beyond the tolerance:\n" + report.format())
-        extra["parity"] = report.to_dict()
-        log.info("%s", report.format())
-
-        if fp16:
-            calibration = network_feeds(fp32, natural_images(*CALIBRATION_SHAPE, seed=11))
-            fp16_record: Dict[str, Any] = {
-                "io_dtype": "float32",
-                "measured": "worst PSNR per output against the FP32 file on natural-looking images "
-                            f"{list(MEASURE_SHAPE)} (N, H, W), ONNX Runtime CPU. 'outputs': the FP16 graph "
-                            "emulated with every float16 weight and tensor rounded to float16 (arithmetic "
-                            "inside each node in float32); 'outputs_onnxruntime': the FP16 file as ONNX "
-                            "Runtime's CPU provider runs it (mostly float32 between casts it removes)",
-                "min_psnr_db": FP16_MIN_PSNR,
-                "networks": {},
-            }
-            for name, spec in networks.items():
-                converted, plan = convert_to_fp16(onnx.load(str(tmp / spec.onnx)),
-                                                  calibration=[calibration[name]])
-                path16 = tmp / f"{name}.fp16.onnx"
-                onnx.save(converted, str(path16))
-                spec.onnx_fp16, spec.sha256_fp16 = path16.name, sha256_file(path16)
-                reference, ranges = str(tmp / spec.onnx), _data_ranges(spec)
-                measured = compare_models(reference, emulate_fp16(converted), [natural[name]], ranges)
-                direct = compare_models(reference, str(path16), [natural[name]], ranges)
-                fp16_record["networks"][name] = {**plan.summary(), "outputs": measured,
-                                                 "outputs_onnxruntime": direct,
-                                                 "float32_nodes": sorted(plan.kept_fp32)}
-                worst = min(m["psnr_db"] for m in measured.values())
-                if not worst >= FP16_MIN_PSNR:
-                    raise ModelError(
-                        f"{name}: the FP16 ONNX reaches only {worst:.1f} dB PSNR against FP32 (needs "
-                        f">= {FP16_MIN_PSNR:g}); export with --no-fp16 and build FP32 engines"
-                    )
-            extra["fp16"] = fp16_record
-
+        try:
+            natural = network_feeds(fp32, natural_images(*MEASURE_SHAPE, seed=7))
+            records["parity"] = _check_parity(manifest, modules, natural)
+            if fp16:
+                calibration = network_feeds(fp32, natural_images(*CALIBRATION_SHAPE, seed=11))
+                records["fp16"] = _write_fp16(onnx, manifest, calibration, natural)
+        finally:
+            fp32.close()
         if golden:
-            extra["golden"] = write_goldens(manifest)
-
-        checks: Dict[str, Dict[str, bool]] = {}
-        for spec in networks.values():
-            for filename in filter(None, (spec.onnx, spec.onnx_fp16)):
-                compat = check_trt_compat(tmp / filename)
-                checks[filename] = compat.summary()
-                if not compat.passed:
-                    log.warning("%s", compat.format())
-        extra["tensorrt_check"] = checks
-        fp32.close()
-        manifest.records = extra
+            records["golden"] = write_goldens(manifest)
+        records["tensorrt_check"] = _check_tensorrt(manifest)
+        manifest.records = records
         manifest.save()
     manifest.directory = out_dir
     return manifest
+
+
+def _export_networks(torch: ModuleType, checkpoint: Checkpoint, method: Any, manifest: Manifest,
+                     opset: int) -> Tuple[Dict[str, nn.Module], Dict[str, Dict[str, int]]]:
+    """Each of the method's networks from ``checkpoint`` to ``<name>.onnx`` in ``manifest.directory``.
+
+    Completes each network's entry in ``manifest``: its file and hash, stride and minimum size, and
+    the channels it takes (its recorded config) and gives (found by running it once). Returns the
+    exported PyTorch modules (parity compares with them) and each graph's clean-up counts.
+    """
+    from dereflect.train.models.common import PaddedModel
+
+    available = set(checkpoint.metadata["networks"])
+    modules: Dict[str, nn.Module] = {}
+    cleaned: Dict[str, Dict[str, int]] = {}
+    for contract in method.networks:
+        name, spec = contract.name, manifest.networks[contract.name]
+        output_names = [t.name for t in spec.outputs]
+        source = method.checkpoint_network(contract, available)
+        net = checkpoint.build(source)
+        stride, min_size = int(getattr(net, "stride", 1)), int(getattr(net, "min_size", 0))
+        module = PaddedModel(net).eval()
+        channels = int(checkpoint.network_spec(source)["config"].get("in_channels", 3))
+        with torch.no_grad():
+            probe = module(torch.rand(1, channels, *_trace_size(stride, min_size)))
+        probe = probe if isinstance(probe, (tuple, list)) else (probe,)
+        if len(probe) != len(output_names):
+            raise ModelError(f"{name}: the network returns {len(probe)} outputs, expected {output_names}")
+        path = manifest.directory / f"{name}.onnx"
+        cleaned[name] = export_network(torch, module, path, spec.inputs[0].name, channels, output_names, opset,
+                                       stride, min_size)
+        modules[name] = module
+        spec.onnx, spec.sha256 = path.name, sha256_file(path)
+        spec.stride, spec.min_size = stride, min_size
+        spec.inputs[0].channels = channels
+        for tensor, output in zip(spec.outputs, probe):
+            tensor.channels = int(output.shape[1])
+    return modules, cleaned
+
+
+def _check_parity(manifest: Manifest, modules: Dict[str, nn.Module],
+                  natural: Dict[str, Dict[str, np.ndarray]]) -> Dict[str, Any]:
+    """ONNX Runtime against PyTorch: random inputs at several sizes, plus ``natural`` (natural-looking
+    images along the method's sequence). Returns the record; ModelError beyond the tolerance."""
+    from . import parity as parity_mod
+    from .verify import output_ranges
+
+    report = None
+    for name, spec in manifest.networks.items():
+        cases = parity_mod.random_cases(spec.inputs[0].name, spec.inputs[0].channels)
+        cases.append(("natural", natural[name]))
+        report = parity_mod.check_parity(name, modules[name], str(manifest.directory / spec.onnx), cases,
+                                         output_ranges(spec), report=report)
+    if not report.passed:
+        raise ModelError("ONNX Runtime and PyTorch disagree beyond the tolerance:\n" + report.format())
+    log.info("%s", report.format())
+    return report.to_dict()
+
+
+def _write_fp16(onnx: ModuleType, manifest: Manifest, calibration: Dict[str, Dict[str, np.ndarray]],
+                natural: Dict[str, Dict[str, np.ndarray]]) -> Dict[str, Any]:
+    """The FP16 file of each network (``<name>.fp16.onnx``, named in ``manifest``), calibrated on
+    ``calibration`` and measured against the FP32 file on ``natural``. Returns the record; ModelError
+    for a network below :data:`FP16_MIN_PSNR`."""
+    from .fp16 import compare_models, convert_to_fp16, emulate_fp16
+    from .verify import output_ranges
+
+    record: Dict[str, Any] = {
+        "io_dtype": "float32",
+        "measured": "worst PSNR per output against the FP32 file on natural-looking images "
+                    f"{list(MEASURE_SHAPE)} (N, H, W), ONNX Runtime CPU. 'outputs': the FP16 graph "
+                    "emulated with every float16 weight and tensor rounded to float16 (arithmetic "
+                    "inside each node in float32); 'outputs_onnxruntime': the FP16 file as ONNX "
+                    "Runtime's CPU provider runs it (mostly float32 between casts it removes)",
+        "min_psnr_db": FP16_MIN_PSNR,
+        "networks": {},
+    }
+    for name, spec in manifest.networks.items():
+        reference = str(manifest.directory / spec.onnx)
+        converted, plan = convert_to_fp16(onnx.load(reference), calibration=[calibration[name]])
+        path16 = manifest.directory / f"{name}.fp16.onnx"
+        onnx.save(converted, str(path16))
+        spec.onnx_fp16, spec.sha256_fp16 = path16.name, sha256_file(path16)
+        ranges = output_ranges(spec)
+        measured = compare_models(reference, emulate_fp16(converted), [natural[name]], ranges)
+        direct = compare_models(reference, str(path16), [natural[name]], ranges)
+        record["networks"][name] = {**plan.summary(), "outputs": measured, "outputs_onnxruntime": direct,
+                                    "float32_nodes": sorted(plan.kept_fp32)}
+        worst = min(m["psnr_db"] for m in measured.values())
+        if not worst >= FP16_MIN_PSNR:
+            raise ModelError(
+                f"{name}: the FP16 ONNX reaches only {worst:.1f} dB PSNR against FP32 (needs "
+                f">= {FP16_MIN_PSNR:g}); export with --no-fp16 and build FP32 engines"
+            )
+    return record
+
+
+def _check_tensorrt(manifest: Manifest) -> Dict[str, Dict[str, bool]]:
+    """The static TensorRT parser check of every ONNX file (FP32 and FP16), by file; a file that fails
+    for some version is logged as a warning (the export stays usable on ONNX Runtime)."""
+    from .trt_support import check_trt_compat
+
+    checks: Dict[str, Dict[str, bool]] = {}
+    for spec in manifest.networks.values():
+        for filename in filter(None, (spec.onnx, spec.onnx_fp16)):
+            compat = check_trt_compat(manifest.directory / filename)
+            checks[filename] = compat.summary()
+            if not compat.passed:
+                log.warning("%s", compat.format())
+    return checks
 
 
 def export_summary(manifest: Manifest) -> List[str]:

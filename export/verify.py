@@ -11,8 +11,9 @@ FP16 files) or with the TensorRT engines built on this device, and compares (wit
 thresholds that depend on the precision (or the user's ``--min-psnr``; the report says which).
 An export without goldens is compared on the same generated images against ONNX Runtime FP32
 run here. With ``images=`` it also takes the user's own
-photos: each runs through the method's sequence on ONNX Runtime FP32, and every network of the
-tested backend is compared with ONNX Runtime on the same inputs. TensorRT engines are opened
+photos: each, scaled as ``remove`` scales it (by default to the side the model records), runs
+through the method's sequence on ONNX Runtime FP32, and every network of the tested backend is
+compared with ONNX Runtime on the same inputs. TensorRT engines are opened
 by the runtime's own checks (:func:`dereflect.backends.tensorrt.open_engine`): another TensorRT
 version, GPU or ONNX file, or a changed engine, is refused before anything is loaded.
 """
@@ -21,12 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
 from dereflect.errors import DereflectError, InputError, ModelError
-from dereflect.manifest import Manifest, TensorSpec, sha256_file
+from dereflect.manifest import Manifest, NetworkSpec, sha256_file
 from dereflect.trt_api import shape_in_profile
 
 GOLDEN_DIR = "golden"
@@ -197,10 +198,15 @@ def load_goldens(manifest: Manifest, network: str) -> List[Case]:
 
 # --- comparison -----------------------------------------------------------------------------------
 
-def data_range(spec: TensorSpec) -> float:
-    low, high = spec.value_range
-    span = float(high) - float(low)
-    return span if span > 0 else 1.0
+def output_ranges(spec: NetworkSpec) -> Dict[str, float]:
+    """Each output's data range, what PSNR and errors are relative to: the width of its value range (1 where
+    the range is empty). Export (parity, FP16) and verify measure with it alike."""
+    ranges = {}
+    for output in spec.outputs:
+        low, high = output.value_range
+        span = float(high) - float(low)
+        ranges[output.name] = span if span > 0 else 1.0
+    return ranges
 
 
 @dataclass
@@ -287,13 +293,16 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _image_cases(directory: Any, max_side: int, unread: Dict[str, str]) -> List[Tuple[str, np.ndarray]]:
-    """The user's images (sorted), each scaled to fit ``max_side`` as the runtime would: (name, 1x3xHxW).
+def _image_cases(directory: Any, max_hw: Optional[Tuple[int, int]],
+                 unread: Dict[str, str]) -> List[Tuple[str, np.ndarray]]:
+    """The user's images (sorted), each at the size ``remove`` runs the networks at for a limit of ``max_hw``
+    (:func:`dereflect.remover.scaled_to_fit`, the runtime's own rule): (name, 1x3xHxW).
 
     An image that cannot be read is left out and put in ``unread`` (its path: why), as ``remove`` skips
     one: a bad file among many should not leave the rest unverified.
     """
     from dereflect.imageio import is_image_file, one_line_error, read_image
+    from dereflect.remover import scaled_to_fit
 
     folder = Path(directory)
     if not folder.is_dir():
@@ -308,11 +317,7 @@ def _image_cases(directory: Any, max_side: int, unread: Dict[str, str]) -> List[
         except (DereflectError, MemoryError) as exc:
             unread[str(path)] = one_line_error(exc, path)
             continue
-        height, width = rgb.shape[:2]
-        scale = min(1.0, max_side / max(height, width))
-        if scale < 1.0:
-            rgb = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
-                             interpolation=cv2.INTER_AREA)
+        rgb = scaled_to_fit(rgb, max_hw)
         cases.append((path.name, np.ascontiguousarray(rgb.transpose(2, 0, 1)[None])))
     return cases
 
@@ -337,7 +342,7 @@ def verify(
     fp16: bool = False,
     networks: Optional[Sequence[str]] = None,
     images: Optional[Any] = None,
-    max_side: int = 1024,
+    max_side: Union[int, None, str] = "model",
     min_psnr_db: Optional[float] = None,
 ) -> VerifyReport:
     """Run an export's networks on ``backend`` and compare them with ONNX Runtime's FP32 results.
@@ -346,9 +351,11 @@ def verify(
     export's goldens (inputs and FP32 outputs written at export); an export that lists none (made
     with ``--no-golden``, or a bundled model shipped without them) is compared on the same generated
     images with ONNX Runtime FP32 run here, and the report's notes say so. With ``images`` (a folder) each
-    image is scaled to ``max_side`` (or the engines' profile), run through the method's sequence
-    with ONNX Runtime FP32 to get every network's input, and each network's outputs on ``backend``
-    are compared with ONNX Runtime's on the same inputs. ``backend="onnxruntime"`` tests the FP32
+    image is scaled to fit ``max_side`` as ``remove`` scales it (default "model": the side the model's
+    manifest records, else :data:`~dereflect.manifest.DEFAULT_MAX_SIDE`; None or 0: full size; never more
+    than the engines' profile), run through the method's sequence with ONNX Runtime FP32 to get every
+    network's input, and each network's outputs on ``backend`` are compared with ONNX Runtime's on the
+    same inputs. ``backend="onnxruntime"`` tests the FP32
     files (or the FP16 files with ``fp16=True``); ``"tensorrt"`` the engines built on this device,
     opened by the runtime's own checks. ``min_psnr_db`` replaces the precision's pass limit.
     An image that cannot be read is skipped and named in ``report.unread``.
@@ -356,6 +363,7 @@ def verify(
     """
     from dereflect.backends.base import open_backend
     from dereflect.models import open_source
+    from dereflect.remover import model_max_side, network_max_hw
     from dereflect.tools.compare import compare_outputs
 
     source = open_source(model)
@@ -363,6 +371,7 @@ def verify(
         raise InputError(f"{source.path} is a training checkpoint; verify checks an export directory "
                          "(dereflect export onnx CHECKPOINT -o DIR)")
     manifest = source.manifest
+    side = model_max_side(max_side, manifest)
     names = list(networks or manifest.networks)
     unknown = [n for n in names if n not in manifest.networks]
     if unknown:
@@ -404,8 +413,7 @@ def verify(
                 notes.append(_no_goldens_note(source))
             else:
                 _, engine_max = tested.input_limits()
-                side = min([max_side] + ([min(engine_max)] if engine_max else []))
-                labelled = _image_cases(images, side, unread)
+                labelled = _image_cases(images, network_max_hw(side, engine_max), unread)
                 reference_text = f"ONNX Runtime FP32 on the images in {images}"
             if backend == "onnxruntime" and precision == "fp32":
                 notes.append("ONNX Runtime FP32 compared with itself checks that the files load and run, not "
@@ -421,7 +429,7 @@ def verify(
                               unread=unread)
         for name in names:
             spec = manifest.networks[name]
-            ranges = {out.name: data_range(out) for out in spec.outputs}
+            ranges = output_ranges(spec)
             for label, inputs, expected in cases_by_network[name]:
                 shape = tuple(next(iter(inputs.values())).shape)
                 profile = profiles.get(name, {})

@@ -70,7 +70,9 @@ def resolve_model(model: ModelRef) -> Path:
 
 def checkpoint_manifest(path: Path, metadata: dict, method: Method) -> Manifest:
     """An in-memory manifest for a training checkpoint: its method's networks, its recorded settings and
-    the side its networks are meant to run at (none recorded: the runtime's default), as in its export."""
+    the side its networks are meant to run at (none recorded: the runtime's default). Its export starts
+    from this one (:func:`dereflect.export.onnx_export.export_onnx` adds the files, their hashes and what
+    the networks were found to take and give), so a checkpoint and its export run alike."""
     networks = {
         contract.name: NetworkSpec(
             name=contract.name, onnx="", sha256="",

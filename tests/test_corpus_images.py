@@ -66,7 +66,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def api(model_dir) -> Remover:
-    return Remover.from_dir(model_dir, max_side=MAX_SIDE)
+    return Remover.load(model_dir, max_side=MAX_SIDE)
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ def _same_as_api(api: Remover, source: Path, target: Path, options: List[str]) -
     image, info = read_array(source, max_pixels=None)
     remover = api
     if "--large-image" in options:
-        remover = Remover.from_dir(api.manifest.directory, max_side=MAX_SIDE, large_image="tile")
+        remover = Remover.load(api.manifest.directory, max_side=MAX_SIDE, large_image="tile")
     want = remover.remove(image)
     got = cv2.imread(str(target), cv2.IMREAD_UNCHANGED)
     assert got is not None, target
@@ -786,8 +786,6 @@ def test_tampered_export_directory(tamper, tmp_path, cli, capsys):
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err and len(err.splitlines()) == 1
     assert re.search(error, err), err
-    with pytest.raises(ModelError, match=error):
-        Remover.from_dir(directory)
     with pytest.raises(ModelError, match=error):
         Remover.load(directory)
     assert _hashes(tmp_path) == before and not (tmp_path / "out.png").exists()

@@ -140,6 +140,28 @@ def test_rm2s_manifest(rm2s):
     assert not list(exported.directory.parent.glob(".export.*")), "temporary directories were left behind"
 
 
+def test_an_export_starts_from_the_manifest_its_checkpoint_implies(rm2s):
+    """What the runtime runs a checkpoint with (name, settings, side, its record) is what its export says."""
+    from dereflect.models import open_source
+
+    checkpoint, exported = rm2s
+    implied, written = open_source(checkpoint).manifest, load_manifest(exported.directory)
+    assert (written.name, written.settings, written.max_side) == (implied.name, implied.settings, implied.max_side)
+    assert written.checkpoint == {**implied.checkpoint, "sha256": load_checkpoint_sha(checkpoint)}
+    for name, spec in implied.networks.items():
+        assert [t.to_dict() for t in written.networks[name].outputs] == [t.to_dict() for t in spec.outputs]
+
+
+def test_output_ranges_measure_against_each_outputs_value_range():
+    from dereflect.export.verify import output_ranges
+    from dereflect.manifest import NetworkSpec, TensorSpec
+
+    outputs = [TensorSpec("background", 3), TensorSpec("signed", 3, value_range=(-1.0, 1.0)),
+               TensorSpec("flat", 1, value_range=(0.5, 0.5))]
+    spec = NetworkSpec("net", "net.onnx", "0" * 64, [TensorSpec("image", 3)], outputs)
+    assert output_ranges(spec) == {"background": 1.0, "signed": 2.0, "flat": 1.0}
+
+
 def load_checkpoint_sha(path: Path) -> str:
     from dereflect.manifest import sha256_file
 
@@ -438,22 +460,27 @@ def test_an_export_can_record_the_side_its_networks_should_run_at(rm2s, tmp_path
     from dereflect.remover import Remover
 
     checkpoint, _ = rm2s
-    manifest = export_onnx(checkpoint, tmp_path / "small", fp16=False, golden=False, max_side=224)
+    manifest = export_onnx(checkpoint, tmp_path / "small", fp16=False, golden=False, max_side=224,
+                           model_name="small-one")
     assert json.loads((tmp_path / "small" / "manifest.json").read_text())["max_side"] == 224
-    assert Remover.from_dir(manifest.directory).max_hw == (224, 224)
-    assert Remover.from_dir(manifest.directory, max_side=512).max_hw == (512, 512)
-    assert Remover.from_dir(manifest.directory, max_side=0).max_hw is None
-    assert Remover.from_dir(rm2s[1].directory).max_hw == (1024, 1024)  # none recorded: the runtime's default
+    assert load_manifest(manifest.directory).name == "small-one"
+    assert Remover.load(manifest.directory).max_hw == (224, 224)
+    assert Remover.load(manifest.directory, max_side=512).max_hw == (512, 512)
+    assert Remover.load(manifest.directory, max_side=0).max_hw is None
+    assert Remover.load(rm2s[1].directory).max_hw == (1024, 1024)  # none recorded: the runtime's default
     image = np.random.default_rng(0).uniform(0, 1, (300, 400, 3)).astype(np.float32)
-    result = Remover.from_dir(manifest.directory).remove_with_intermediates(image, colour_order="RGB")
+    result = Remover.load(manifest.directory).remove_with_intermediates(image, colour_order="RGB")
     assert result.background.shape == image.shape and result.scale < 1
-    with pytest.raises(InputError, match="at least 32"):
-        export_onnx(checkpoint, tmp_path / "tiny", fp16=False, golden=False, max_side=16)
+    # Refused before anything is written: the rule the manifest is read with (300.5 once made one it refused).
+    for side in (300.5, 16, "big", True):
+        with pytest.raises(InputError, match="max_side must be .*at least 32"):
+            export_onnx(checkpoint, tmp_path / "tiny", fp16=False, golden=False, max_side=side)
+        assert not (tmp_path / "tiny").exists()
     data = json.loads((tmp_path / "small" / "manifest.json").read_text())
     data["max_side"] = "big"
     (tmp_path / "small" / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ModelError, match="max_side"):
-        Remover.from_dir(tmp_path / "small")
+        Remover.load(tmp_path / "small")
 
 
 # --- a training checkpoint rebuilt from an export ---------------------------------------------------
@@ -600,3 +627,29 @@ def test_verify_names_and_skips_images_it_cannot_read_and_verifies_the_rest(tmp_
     assert cli_main(["export", "verify", str(model), "--images", str(photos)]) == 2  # nothing could be read
     captured = capsys.readouterr()
     assert len(captured.err.splitlines()) == 2 and "result: nothing compared" in captured.out
+
+
+def test_verify_runs_your_images_at_the_side_remove_runs_them_at(tmp_path, capsys):
+    """--images scales each photo as remove does: by default to the side the model records, not 1024."""
+    from dereflect.remover import Remover, fit_size
+    from onnx_fixtures import make_crrn_export
+
+    model = make_crrn_export(tmp_path / "model")
+    manifest_path = model / "manifest.json"
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "max_side": 48}))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    cv2.imwrite(str(photos / "a.png"), (np.random.default_rng(4).random((120, 160, 3)) * 255).astype(np.uint8))
+
+    def shapes(**options):
+        report = verify(model, images=photos, **options)
+        assert report.passed, report.format()
+        return {row.shape for row in report.rows}
+
+    runtime = fit_size(120, 160, Remover.load(model).max_hw)[:2]
+    assert shapes() == {(1, 3) + runtime} == {(1, 3, 36, 48)}
+    assert shapes(max_side=64) == {(1, 3, 48, 64)} and shapes(max_side=0) == {(1, 3, 120, 160)}
+    assert cli_main(["export", "verify", str(model), "--images", str(photos)]) == 0
+    assert "[1, 3, 36, 48]" in capsys.readouterr().out
+    with pytest.raises(InputError, match="max_side must be a whole number of pixels"):
+        verify(model, images=photos, max_side=20)

@@ -9,6 +9,7 @@ have an exact answer).
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from dereflect.backends.base import Runner, backend_name
 from dereflect.backends.onnxruntime import OnnxRuntimeRunner
 from dereflect.errors import InputError, MissingDependencyError, ModelError
 from dereflect.middle_step.reference import middle_step_reference
-from dereflect.remover import _ramp, fit_size, guided_coefficients, guided_upsample, tile_starts
+from dereflect.remover import _ramp, fit_size, guided_coefficients, guided_upsample_rows, tile_starts
 from onnx_fixtures import make_crrn_export, make_rm2s_export
 
 REAL_PHOTOS = SHARED_DATA / "natural" / "bsds500"
@@ -41,7 +42,7 @@ def crrn_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def remover(rm2s_dir):
-    return Remover.from_dir(rm2s_dir)
+    return Remover.load(rm2s_dir)
 
 
 def _photo(h=40, w=56, seed=0):
@@ -146,7 +147,7 @@ def _count_network_calls(remover, monkeypatch):
 
 
 def test_batch_runs_each_network_once(rm2s_dir, monkeypatch):
-    remover = Remover.from_dir(rm2s_dir)
+    remover = Remover.load(rm2s_dir)
     frames = [(_photo(seed=s) * 255).astype(np.uint8) for s in range(4)]
     want = [remover.remove(frame) for frame in frames]
     calls = _count_network_calls(remover, monkeypatch)
@@ -171,7 +172,7 @@ def test_batch_falls_back_for_a_fixed_batch_graph(tmp_path, monkeypatch):
     manifest = load_manifest(directory, check_hashes=False)
     manifest.networks["crrn"].sha256 = sha256_file(directory / "crrn.onnx")
     manifest.save()
-    remover = Remover.from_dir(directory)
+    remover = Remover.load(directory)
     frames = [(_photo(seed=s) * 255).astype(np.uint8) for s in range(3)]
     calls = _count_network_calls(remover, monkeypatch)
     outs = remover.remove_batch(frames)
@@ -204,13 +205,36 @@ def test_helpers_fit_and_tiles():
 def test_guided_upsample_recovers_linear_layer():
     big = _photo(120, 160, seed=4)
     small = cv2.resize(big, (40, 30), interpolation=cv2.INTER_AREA)
-    up = guided_upsample(0.3 * small, small, big)
+    coefficients = guided_coefficients(0.3 * small, small)
+    up = guided_upsample_rows(coefficients, big, 120)
     assert np.abs(up - 0.3 * big).max() < 0.01
+    # Strip by strip (as the Remover runs it), the same rows: bit for bit where OpenCV runs its own code.
+    strips = [guided_upsample_rows(coefficients, big[top:top + 37], 120, top) for top in range(0, 120, 37)]
+    with _opencv_own_code():
+        np.testing.assert_array_equal(np.concatenate(strips), guided_upsample_rows(coefficients, big, 120))
+
+
+def test_the_guided_strategy_runs_guided_upsample_rows(crrn_dir, monkeypatch):
+    """The large-image path applies the filter through guided_upsample_rows, the function tested above."""
+    import dereflect.remover as remover_module
+
+    calls = []
+
+    def recorded(coefficients, guide, height, top=0):
+        calls.append((guide.shape[0], height, top))
+        return guided_upsample_rows(coefficients, guide, height, top)
+
+    monkeypatch.setattr(remover_module, "STRIP_PIXELS", 150 * 50)
+    monkeypatch.setattr(remover_module, "guided_upsample_rows", recorded)
+    image = _photo(150, 210, seed=5)
+    background = Remover.load(crrn_dir, max_side=64).remove(image, colour_order="RGB")
+    assert len(calls) > 1 and sum(rows for rows, _, _ in calls) == 150 and calls[0][1:] == (150, 0)
+    assert np.abs(background - 0.7 * image).max() < 0.02
 
 
 def test_large_image_guided_default(crrn_dir):
     image = _photo(150, 210, seed=5)
-    remover = Remover.from_dir(crrn_dir, max_side=64)
+    remover = Remover.load(crrn_dir, max_side=64)
     result = remover.remove_with_intermediates(image)
     assert result.background.shape == image.shape and result.scale < 0.35
     guided_error = np.abs(result.background - 0.7 * image).max()
@@ -223,7 +247,7 @@ def test_large_image_guided_default(crrn_dir):
 
 def test_large_image_tiles_are_seamless(crrn_dir):
     image = _photo(150, 210, seed=6)
-    remover = Remover.from_dir(crrn_dir, max_side=64, large_image="tile")
+    remover = Remover.load(crrn_dir, max_side=64, large_image="tile")
     result = remover.remove_with_intermediates(image)
     assert result.tiles > 4 and result.thresholds is None
     np.testing.assert_allclose(result.background, 0.7 * image, atol=1e-5)
@@ -232,7 +256,7 @@ def test_large_image_tiles_are_seamless(crrn_dir):
 def test_large_image_rm2s_both_strategies(rm2s_dir):
     image = (_photo(130, 170, seed=7) * 255).astype(np.uint8)
     for strategy, size in (("guided", (49, 64)), ("tile", (130, 170))):
-        remover = Remover.from_dir(rm2s_dir, max_side=64, large_image=strategy)
+        remover = Remover.load(rm2s_dir, max_side=64, large_image=strategy)
         result = remover.remove_with_intermediates(image)
         assert result.background.shape == image.shape and result.background.dtype == np.uint8
         assert result.confidence.shape == size and result.mask_reflection.dtype == bool
@@ -285,13 +309,13 @@ def test_large_images_in_strips_match_the_whole_image_computation(rm2s_dir, monk
 
     monkeypatch.setattr(remover_module, "STRIP_PIXELS", 900)  # many strips even on a small image
     rgb = _photo(*shape, seed=8)
-    guided = Remover.from_dir(rm2s_dir, max_side=64)
+    guided = Remover.load(rm2s_dir, max_side=64)
     got = guided.remove(rgb, colour_order="RGB")
     with _opencv_own_code():
         np.testing.assert_array_equal(got, _whole_image_guided(guided, rgb))
     # With IPP (the x86 wheel's default) the old whole-image resize differs in the last digits only.
     assert np.abs(got - _whole_image_guided(guided, rgb)).max() < 1e-4
-    tiled = Remover.from_dir(rm2s_dir, max_side=64, large_image="tile")
+    tiled = Remover.load(rm2s_dir, max_side=64, large_image="tile")
     np.testing.assert_array_equal(tiled.remove(rgb, colour_order="RGB"), _whole_image_tiles(tiled, rgb))
     result = tiled.remove_with_intermediates(rgb, colour_order="RGB")
     # (The CPU middle step's confidence varies in its last bit with the memory alignment of its input.)
@@ -308,7 +332,7 @@ def test_strips_keep_grey_alpha_and_16_bit(crrn_dir, monkeypatch):
     import dereflect.remover as remover_module
 
     monkeypatch.setattr(remover_module, "STRIP_PIXELS", 700)
-    remover = Remover.from_dir(crrn_dir, max_side=48)
+    remover = Remover.load(crrn_dir, max_side=48)
     rgb = _photo(120, 90, seed=4)
     rgba = np.dstack([(rgb * 65535).astype(np.uint16), np.arange(120 * 90, dtype=np.uint16).reshape(120, 90)])
     out = remover.remove(rgba)
@@ -345,11 +369,11 @@ def test_resize_linear_rows_is_opencvs_inter_linear(src, dst):
 
 def test_bad_options(rm2s_dir):
     with pytest.raises(InputError, match="large_image"):
-        Remover.from_dir(rm2s_dir, large_image="magic")
+        Remover.load(rm2s_dir, large_image="magic")
     with pytest.raises(InputError, match="backend"):
-        Remover.from_dir(rm2s_dir, backend="openvino")
+        Remover.load(rm2s_dir, backend="openvino")
     with pytest.raises(InputError, match="threshold"):
-        Remover.from_dir(rm2s_dir, threshold="kmeans")
+        Remover.load(rm2s_dir, threshold="kmeans")
 
 
 # -- strength -------------------------------------------------------------------------------
@@ -357,7 +381,7 @@ def test_bad_options(rm2s_dir):
 @pytest.mark.parametrize("strength", [0, 0.5, 1, 1.5, 2])
 def test_strength_scales_the_models_change(crrn_dir, strength):
     image = _photo(seed=8)
-    remover = Remover.from_dir(crrn_dir, strength=strength)
+    remover = Remover.load(crrn_dir, strength=strength)
     want = np.clip(image + strength * (0.7 * image - image), 0, 1)  # the toy CRRN's background is 0.7 I
     np.testing.assert_allclose(remover.remove(image, colour_order="RGB"), want, atol=1e-6)
     np.testing.assert_allclose(remover.process(image).background, want, atol=1e-6)  # the video route
@@ -368,7 +392,7 @@ def test_strength_zero_gives_the_input_back_in_its_own_type(crrn_dir):
     rgb = _photo(seed=9)
     grey = (rgb[:, :, 0] * 255).astype(np.uint8)
     rgba = np.dstack([(rgb * 255).astype(np.uint8), np.full(rgb.shape[:2], 77, np.uint8)])
-    remover = Remover.from_dir(crrn_dir, strength=0)
+    remover = Remover.load(crrn_dir, strength=0)
     for image in ((rgb * 65535).astype(np.uint16), grey, rgba):
         np.testing.assert_array_equal(remover.remove(image), image)
 
@@ -376,9 +400,9 @@ def test_strength_zero_gives_the_input_back_in_its_own_type(crrn_dir):
 @pytest.mark.parametrize("strategy", ["guided", "tile"])
 def test_strength_applies_at_full_resolution_and_leaves_the_intermediates_alone(crrn_dir, strategy):
     image = _photo(150, 210, seed=10)
-    plain = Remover.from_dir(crrn_dir, max_side=64, large_image=strategy).remove_with_intermediates(image)
-    half = Remover.from_dir(crrn_dir, max_side=64, large_image=strategy,
-                            strength=0.5).remove_with_intermediates(image)
+    plain = Remover.load(crrn_dir, max_side=64, large_image=strategy).remove_with_intermediates(image)
+    half = Remover.load(crrn_dir, max_side=64, large_image=strategy,
+                        strength=0.5).remove_with_intermediates(image)
     np.testing.assert_allclose(half.background, image + 0.5 * (plain.background - image), atol=1e-6)
     np.testing.assert_array_equal(half.reflection, plain.reflection)  # the networks' own
     if strategy == "tile":
@@ -387,19 +411,19 @@ def test_strength_applies_at_full_resolution_and_leaves_the_intermediates_alone(
 
 def test_strength_in_a_batch_is_that_of_one_image_at_a_time(rm2s_dir):
     images = np.stack([(_photo(seed=s) * 255).astype(np.uint8) for s in (11, 12, 13)])
-    remover = Remover.from_dir(rm2s_dir, strength=1.5)
+    remover = Remover.load(rm2s_dir, strength=1.5)
     batch = remover.remove_batch(images)
     assert remover._batches  # the batch ran through the networks as one
     one_by_one = np.stack([remover.remove(image) for image in images])
     assert np.abs(batch.astype(int) - one_by_one).max() <= 1  # float rounding
-    assert np.abs(batch.astype(int) - Remover.from_dir(rm2s_dir).remove_batch(images)).max() > 5
+    assert np.abs(batch.astype(int) - Remover.load(rm2s_dir).remove_batch(images)).max() > 5
 
 
 @pytest.mark.parametrize("bad", [-0.1, 2.5, float("nan"), float("inf"), "1", True, None])
 def test_bad_strength_is_refused_by_name(crrn_dir, bad):
     with pytest.raises(InputError, match="strength must be a number from 0 to 2"):
-        Remover.from_dir(crrn_dir, strength=bad)
-    remover = Remover.from_dir(crrn_dir, strength=0.5)
+        Remover.load(crrn_dir, strength=bad)
+    remover = Remover.load(crrn_dir, strength=0.5)
     with pytest.raises(InputError, match="strength must be a number from 0 to 2"):
         remover.strength = bad
     assert remover.strength == 0.5
@@ -407,7 +431,7 @@ def test_bad_strength_is_refused_by_name(crrn_dir, bad):
 
 def test_strength_can_change_between_frames(crrn_dir):
     image = _photo(seed=14)
-    remover = Remover.from_dir(crrn_dir)
+    remover = Remover.load(crrn_dir)
     np.testing.assert_allclose(remover.remove(image, colour_order="RGB"), 0.7 * image, atol=1e-6)
     remover.strength = 0
     np.testing.assert_array_equal(remover.remove(image, colour_order="RGB"), image)
@@ -417,21 +441,39 @@ def test_strength_can_change_between_frames(crrn_dir):
 
 # -- model directories ------------------------------------------------------------------
 
+def test_one_max_side_rule_for_manifests_checkpoints_exports_and_removers(tmp_path):
+    from dereflect.manifest import check_max_side, load_manifest
+
+    side = check_max_side(np.int64(300))
+    assert side == 300 and type(side) is int  # a plain int: it goes into JSON
+    assert check_max_side(0, no_limit=True) is None and check_max_side(None, no_limit=True) is None
+    for bad in (300.5, 31, 0, -4, "big", True, False, None):
+        with pytest.raises(InputError, match=r"^max_side must be a whole number of pixels, at least 32, got"):
+            check_max_side(bad)
+    with pytest.raises(ModelError, match="or 0 / None for no limit"):
+        check_max_side(16, "the side", ModelError, no_limit=True)
+    directory = make_crrn_export(tmp_path / "model")
+    manifest_path = directory / "manifest.json"
+    manifest_path.write_text(json.dumps({**json.loads(manifest_path.read_text()), "max_side": 300.5}))
+    with pytest.raises(ModelError, match="manifest.json: max_side must be a whole number of pixels"):
+        load_manifest(directory)
+
+
 def test_wrong_export_directories(tmp_path, rm2s_dir):
     with pytest.raises(ModelError, match="not found"):
-        Remover.from_dir(tmp_path / "nope")
+        Remover.load(tmp_path / "nope")
     with pytest.raises(ModelError, match="not a dereflect export"):
-        Remover.from_dir(tmp_path)
+        Remover.load(tmp_path)
     broken = make_rm2s_export(tmp_path / "broken")
     (broken / "stage2.onnx").write_bytes(b"garbage")
     with pytest.raises(ModelError, match="SHA-256"):
-        Remover.from_dir(broken)
+        Remover.load(broken)
     missing = make_rm2s_export(tmp_path / "missing")
     (missing / "stage1.onnx").unlink()
     with pytest.raises(ModelError, match="missing"):
-        Remover.from_dir(missing)
+        Remover.load(missing)
     with pytest.raises(ModelError, match="FP16"):
-        Remover.from_dir(rm2s_dir, precision="fp16")
+        Remover.load(rm2s_dir, precision="fp16")
 
 
 def test_manifest_names_not_in_graph(tmp_path):
@@ -439,7 +481,7 @@ def test_manifest_names_not_in_graph(tmp_path):
     manifest_path = directory / "manifest.json"
     manifest_path.write_text(manifest_path.read_text().replace('"gradient"', '"edges"'))
     with pytest.raises(ModelError, match="must give"):
-        Remover.from_dir(directory)
+        Remover.load(directory)
 
 
 def test_bundled_name_is_not_hidden_by_a_folder_that_is_not_an_export(monkeypatch, tmp_path):
@@ -459,9 +501,11 @@ def test_default_model_missing_explains(monkeypatch, tmp_path):
 
     monkeypatch.setattr(pipeline, "BUNDLED_MODELS_DIR", tmp_path / "models")
     with pytest.raises(ModelError, match="pass an export directory"):
-        Remover.default()
+        Remover.load()
+    with pytest.raises(ModelError, match="pass an export directory"):
+        Remover.load("crrn-lite")
     with pytest.raises(ModelError, match="no bundled model 'nope'"):
-        Remover.default("nope")
+        pipeline.bundled_model_dir("nope")
 
 
 def test_load_takes_a_bundled_name_or_a_directory(monkeypatch, tmp_path):
@@ -498,11 +542,11 @@ def test_shared_remover_across_threads(remover):
 
 def test_one_remover_per_thread(rm2s_dir):
     image = _photo(seed=11)
-    want = Remover.from_dir(rm2s_dir).remove(image)
+    want = Remover.load(rm2s_dir).remove(image)
     results = []
 
     def work():
-        with Remover.from_dir(rm2s_dir) as own:
+        with Remover.load(rm2s_dir) as own:
             results.append(own.remove(image))
 
     threads = [threading.Thread(target=work) for _ in range(3)]
@@ -537,7 +581,7 @@ def test_backend_names_and_missing_backends(rm2s_dir):
         import tensorrt  # noqa: F401
     except ImportError:
         with pytest.raises(MissingDependencyError, match="tensorrt"):
-            Remover.from_dir(rm2s_dir, backend="tensorrt")
+            Remover.load(rm2s_dir, backend="tensorrt")
 
 
 def test_onnxruntime_cuda_without_provider(rm2s_dir):
@@ -546,7 +590,7 @@ def test_onnxruntime_cuda_without_provider(rm2s_dir):
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has the CUDA provider")
     with pytest.raises(MissingDependencyError, match="onnxruntime-gpu"):
-        Remover.from_dir(rm2s_dir, device="cuda")
+        Remover.load(rm2s_dir, device="cuda")
 
 
 def test_onnx_file_that_is_not_onnx(tmp_path):
@@ -1013,17 +1057,17 @@ def fake_trt(monkeypatch):
 def test_tensorrt_runner_matches_onnxruntime(fake_trt, tmp_path):
     export = fake_trt(tmp_path / "trt")
     image = _photo(seed=21)
-    with Remover.from_dir(export, backend="tensorrt", device_middle_step=False) as remover:
+    with Remover.load(export, backend="tensorrt", device_middle_step=False) as remover:
         assert remover.max_hw == (512, 512)
-        np.testing.assert_allclose(remover.remove(image), Remover.from_dir(export).remove(image), atol=1e-6)
+        np.testing.assert_allclose(remover.remove(image), Remover.load(export).remove(image), atol=1e-6)
         runner = remover._backend.runners["stage1"]
         assert runner.input_names == ["image"] and runner.output_names == ["background"]
 
 
 def test_tensorrt_device_rm2s_and_graph_replay(fake_trt, tmp_path):
     export = fake_trt(tmp_path / "trt")
-    reference = Remover.from_dir(export, threshold="histogram")
-    with Remover.from_dir(export, backend="tensorrt") as remover:
+    reference = Remover.load(export, threshold="histogram")
+    with Remover.load(export, backend="tensorrt") as remover:
         assert remover._device is not None
         before = FakeGraph.launches
         for seed in (22, 23, 24):
@@ -1043,10 +1087,10 @@ def test_tensorrt_device_rm2s_fp16_stage1_output(fake_trt, tmp_path, monkeypatch
     export = fake_trt(tmp_path / "trt")
     half_stage1 = FakeTrt(fake_trt.cuda, _fake_networks(stage1_out=np.float16))
     monkeypatch.setitem(sys.modules, "tensorrt", half_stage1)
-    with Remover.from_dir(export, backend="tensorrt") as remover:
+    with Remover.load(export, backend="tensorrt") as remover:
         assert remover._device.kernels == ("rm2s_confidence_b1f16", "rm2s_stage2_input_f32")
         image = _photo(seed=26)
-        assert np.abs(remover.remove(image) - Remover.from_dir(export).remove(image)).mean() < 0.01
+        assert np.abs(remover.remove(image) - Remover.load(export).remove(image)).mean() < 0.01
     assert kernel_names(np.float32, np.float16) == ("rm2s_confidence_f32", "rm2s_stage2_input_f16")
     with pytest.raises(ModelError, match="float32 or float16"):
         kernel_names(np.int8, np.float32)
@@ -1057,17 +1101,17 @@ def test_tensorrt_bad_engines(fake_trt, tmp_path):
 
     export = fake_trt(tmp_path / "corrupt", content=b"garbage")
     with pytest.raises(ModelError, match="could not deserialize"):
-        Remover.from_dir(export, backend="tensorrt")
+        Remover.load(export, backend="tensorrt")
     export = fake_trt(tmp_path / "old", built_with="8.6.1")
     with pytest.raises(ModelError, match="built with TensorRT 8.6.1"):
-        Remover.from_dir(export, backend="tensorrt")
+        Remover.load(export, backend="tensorrt")
     export = fake_trt(tmp_path / "missing")
     (export / "stage2.engine").unlink()
     with pytest.raises(ModelError, match="dereflect export engine"):
-        Remover.from_dir(export, backend="tensorrt")
+        Remover.load(export, backend="tensorrt")
     sys.modules["tensorrt"].__version__ = "8.4.3"
     with pytest.raises(ModelError, match="too old"):
-        Remover.from_dir(fake_trt(tmp_path / "v84"), backend="tensorrt")
+        Remover.load(fake_trt(tmp_path / "v84"), backend="tensorrt")
 
 
 def test_tensorrt_shape_outside_profile(fake_trt, tmp_path):
@@ -1078,7 +1122,7 @@ def test_tensorrt_shape_outside_profile(fake_trt, tmp_path):
     with pytest.raises(InputError, match="outside the engine's profile"):
         runner.infer({"image": np.zeros((1, 3, 600, 600), np.float32)})
     # The pipeline never asks for more (it scales to the profile's maximum) nor for less (it pads).
-    with Remover.from_dir(export, backend="tensorrt", max_side=None) as remover:
+    with Remover.load(export, backend="tensorrt", max_side=None) as remover:
         assert remover.min_hw == (8, 8) and remover.max_hw == (512, 512)
         assert remover.remove(_photo(600, 700, seed=3)).shape == (600, 700, 3)
         tiny = _photo(5, 30, seed=4)
@@ -1100,7 +1144,7 @@ def _real_tensorrt():
 def test_tensorrt_real_engine_missing_is_explained(tmp_path):
     export = make_rm2s_export(tmp_path / "real")
     with pytest.raises(ModelError, match="dereflect export engine"):
-        Remover.from_dir(export, backend="tensorrt")
+        Remover.load(export, backend="tensorrt")
 
 
 # -- PyTorch backend ----------------------------------------------------------------------
@@ -1117,16 +1161,16 @@ def test_torch_backend_on_cpu(rm2s_dir):
     for c in range(3):
         weight[c, c], weight[c, 3 + c], weight[c, 6 + c] = 0.5, 0.25, 0.25
     conv.weight.data = torch.from_numpy(weight)
-    remover = Remover.from_dir(rm2s_dir, backend="torch", device="cpu",
-                               modules={"stage1": Square(), "stage2": conv})
+    remover = Remover.load(rm2s_dir, backend="torch", device="cpu",
+                           modules={"stage1": Square(), "stage2": conv})
     assert remover._device is None
     image = _photo(seed=30)
-    np.testing.assert_allclose(remover.remove(image), Remover.from_dir(rm2s_dir).remove(image), atol=1e-5)
+    np.testing.assert_allclose(remover.remove(image), Remover.load(rm2s_dir).remove(image), atol=1e-5)
     with pytest.raises(ModelError, match="checkpoint=PATH"):
-        Remover.from_dir(rm2s_dir, backend="torch", device="cpu")
+        Remover.load(rm2s_dir, backend="torch", device="cpu")
     with pytest.raises(InputError, match="fp16"):
-        Remover.from_dir(rm2s_dir, backend="torch", device="cpu", precision="fp16",
-                         modules={"stage1": Square(), "stage2": conv})
+        Remover.load(rm2s_dir, backend="torch", device="cpu", precision="fp16",
+                     modules={"stage1": Square(), "stage2": conv})
 
 
 def test_torch_device_rm2s_path_on_cpu(rm2s_dir):
@@ -1153,7 +1197,7 @@ def test_torch_device_rm2s_path_on_cpu(rm2s_dir):
     image = _photo(seed=32)
     method = get_method("rm2s")
     out = executor.run(method, image, method.settings(manifest.settings)).background
-    np.testing.assert_allclose(out, Remover.from_dir(rm2s_dir).remove(image, colour_order="RGB"), atol=1e-5)
+    np.testing.assert_allclose(out, Remover.load(rm2s_dir).remove(image, colour_order="RGB"), atol=1e-5)
 
 
 def test_torch_backend_from_checkpoint(tmp_path):
@@ -1169,7 +1213,7 @@ def test_torch_backend_from_checkpoint(tmp_path):
     manifest.save()
 
     image = _photo(30, 44, seed=31)
-    remover = Remover.from_dir(export, backend="torch", device="cpu", checkpoint=path)
+    remover = Remover.load(export, backend="torch", device="cpu", checkpoint=path)
     result = remover.remove_with_intermediates(image, colour_order="RGB")
     with torch.no_grad():
         x = torch.from_numpy(image.transpose(2, 0, 1)[None].copy())
@@ -1183,7 +1227,24 @@ def test_torch_backend_from_checkpoint(tmp_path):
     other = tmp_path / "other.safetensors"
     other.write_bytes(path.read_bytes() + b" ")
     with pytest.raises(ModelError, match="not the checkpoint this export was made from"):
-        Remover.from_dir(export, backend="torch", device="cpu", checkpoint=other)
+        Remover.load(export, backend="torch", device="cpu", checkpoint=other)
+    # A checkpoint opened as the model is its own checkpoint: a second one (or the same again) is refused.
+    for options in ({"checkpoint": path}, {"checkpoint": other}, {"verify_checkpoint": True}):
+        with pytest.raises(InputError, match="training checkpoint, opened as the model itself"):
+            Remover.load(path, device="cpu", **options)
+
+
+def test_cli_refuses_checkpoint_beside_a_checkpoint_model(cli, tmp_path, capsys):
+    pytest.importorskip("torch")
+    from dereflect.train.checkpoint import save_checkpoint
+
+    path = save_checkpoint(tmp_path / "rm2s.safetensors", method="rm2s", kind="stage2", networks=tiny_rm2s_networks())
+    source = _write_png(tmp_path / "in" / "a.png")
+    assert cli(["remove", str(source), "-o", str(tmp_path / "out.png"), "--model", str(path),
+                "--checkpoint", str(path), "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and "leave out checkpoint" in err
+    assert not (tmp_path / "out.png").exists()
 
 
 def test_the_runtime_refuses_an_engine_changed_after_it_was_built(fake_trt, tmp_path):
@@ -1196,11 +1257,11 @@ def test_the_runtime_refuses_an_engine_changed_after_it_was_built(fake_trt, tmp_
     info = read_engine_info(sidecar)
     info.engine_sha256 = sha256_file(engine)
     write_engine_info(info, sidecar)
-    with Remover.from_dir(export, backend="tensorrt") as remover:
+    with Remover.load(export, backend="tensorrt") as remover:
         assert remover.remove(_photo(seed=5)).shape == (40, 56, 3)
     engine.write_bytes(engine.read_bytes() + b"tampered")
     with pytest.raises(ModelError, match="does not match the SHA-256 in its sidecar"):
-        Remover.from_dir(export, backend="tensorrt")
+        Remover.load(export, backend="tensorrt")
 
 
 def test_unknown_backend_options_are_refused_with_the_ones_it_takes(rm2s_dir):
@@ -1273,7 +1334,7 @@ def test_batch_takes_a_generator(remover):
 
 
 def test_a_closed_remover_says_so(rm2s_dir):
-    remover = Remover.from_dir(rm2s_dir)
+    remover = Remover.load(rm2s_dir)
     image = _photo()
     with remover:
         remover.remove(image)
@@ -1298,17 +1359,17 @@ def test_wrong_types_get_clear_errors(rm2s_dir):
         VideoSession("crrn-lite")
     for side in (2.5, 1, 31, -4, "big", True):
         with pytest.raises(InputError, match="max_side"):
-            Remover.from_dir(rm2s_dir, max_side=side)
-    assert Remover.from_dir(rm2s_dir, max_side=np.int64(32)).max_hw == (32, 32)
-    assert Remover.from_dir(rm2s_dir, strength=-0.0).strength == 0.0 and "-0" not in repr(
-        Remover.from_dir(rm2s_dir, strength=-0.0))
+            Remover.load(rm2s_dir, max_side=side)
+    assert Remover.load(rm2s_dir, max_side=np.int64(32)).max_hw == (32, 32)
+    assert Remover.load(rm2s_dir, strength=-0.0).strength == 0.0 and "-0" not in repr(
+        Remover.load(rm2s_dir, strength=-0.0))
 
 
 def test_middle_step_overrides_are_input_errors(rm2s_dir):
     for value, message in ((-1, r"c1 must lie in \[0, 1\], got -1"), (float("nan"), "finite"), ("0.3", "finite")):
         with pytest.raises(InputError, match=message):
-            Remover.from_dir(rm2s_dir, c1=value)
-    assert Remover.from_dir(rm2s_dir, c1=np.float32(0.25), c2=np.int64(1)).settings.c1 == 0.25
+            Remover.load(rm2s_dir, c1=value)
+    assert Remover.load(rm2s_dir, c1=np.float32(0.25), c2=np.int64(1)).settings.c1 == 0.25
 
 
 def test_an_export_may_keep_only_its_fp16_files(tmp_path):
@@ -1320,22 +1381,22 @@ def test_an_export_may_keep_only_its_fp16_files(tmp_path):
     fp16_only = Path(shutil.copytree(full, tmp_path / "crrn-lite"))
     (fp16_only / "crrn.onnx").unlink()
     image = (_photo(48, 64) * 255).astype(np.uint8)
-    expected = Remover.from_dir(full, precision="fp16", threads=1).remove(image)
-    np.testing.assert_array_equal(Remover.from_dir(fp16_only, precision="fp16", threads=1).remove(image), expected)
+    expected = Remover.load(full, precision="fp16", threads=1).remove(image)
+    np.testing.assert_array_equal(Remover.load(fp16_only, precision="fp16", threads=1).remove(image), expected)
     with pytest.raises(ModelError, match="--precision fp16"):
-        Remover.from_dir(fp16_only)  # FP32 by default on a CPU: the error says how to run what is there
+        Remover.load(fp16_only)  # FP32 by default on a CPU: the error says how to run what is there
     (fp16_only / "crrn.fp16.onnx").write_bytes(b"changed")
     with pytest.raises(ModelError, match="SHA-256"):  # what is there is still checked
-        Remover.from_dir(fp16_only, precision="fp16")
+        Remover.load(fp16_only, precision="fp16")
     (fp16_only / "crrn.fp16.onnx").unlink()
     with pytest.raises(ModelError, match="missing"):
-        Remover.from_dir(fp16_only, precision="fp16")
+        Remover.load(fp16_only, precision="fp16")
 
 
 def test_video_sessions_on_one_remover_share_its_strength(rm2s_dir):
     import dereflect
 
-    remover = Remover.from_dir(rm2s_dir)
+    remover = Remover.load(rm2s_dir)
     first, second = dereflect.VideoSession(remover), dereflect.VideoSession(remover)
     first.strength = 0.5
     assert second.strength == 0.5 == remover.strength
@@ -1344,7 +1405,7 @@ def test_video_sessions_on_one_remover_share_its_strength(rm2s_dir):
 def test_tiles_report_their_progress(crrn_dir):
     image = _photo(100, 150)
     calls = []
-    tiled = Remover.from_dir(crrn_dir, max_side=64, large_image="tile")
+    tiled = Remover.load(crrn_dir, max_side=64, large_image="tile")
     out = tiled.remove(image, colour_order="RGB", progress=lambda done, total: calls.append((done, total)))
     np.testing.assert_allclose(out, tiled.remove(image, colour_order="RGB"))
     total = calls[-1][1]
@@ -1352,8 +1413,8 @@ def test_tiles_report_their_progress(crrn_dir):
     assert tiled.remove_with_intermediates(image, colour_order="RGB", progress=lambda *a: calls.append(a)).tiles \
         == total and len(calls) == 2 * total
     calls.clear()
-    Remover.from_dir(crrn_dir, max_side=64).remove(image, progress=lambda *a: calls.append(a))  # guided: one pass
-    Remover.from_dir(crrn_dir, max_side=0).remove(image, progress=lambda *a: calls.append(a))
+    Remover.load(crrn_dir, max_side=64).remove(image, progress=lambda *a: calls.append(a))  # guided: one pass
+    Remover.load(crrn_dir, max_side=0).remove(image, progress=lambda *a: calls.append(a))
     assert calls == []
 
 
@@ -1384,7 +1445,7 @@ def test_a_frame_within_one_strip_is_converted_once(crrn_dir, monkeypatch):
     convert = remover_module.rgb_rows
     monkeypatch.setattr(remover_module, "rgb_rows", lambda *a, **k: calls.append(a[2:]) or convert(*a, **k))
     frame = (_photo(120, 160) * 255).astype(np.uint8)
-    remover = Remover.from_dir(crrn_dir, max_side=64, strength=1.5)  # downscale, upsampling, strength: 3 reads
+    remover = Remover.load(crrn_dir, max_side=64, strength=1.5)  # downscale, upsampling, strength: 3 reads
     whole = remover.remove(frame)
     assert len(calls) == 1
     monkeypatch.setattr(remover_module, "STRIP_PIXELS", 3000)  # in strips: each read converts its own rows
