@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from dereflect.errors import DereflectError, InputError, ModelError
 from dereflect.manifest import Manifest, NetworkSpec, sha256_file
-from dereflect.trt_api import shape_in_profile
+from dereflect.trt_api import engines_precision, shape_in_profile
 
 GOLDEN_DIR = "golden"
 #: (N, H, W) of the golden cases: sides that are not multiples of 32, inside the default
@@ -389,8 +389,7 @@ def verify(
             precision = "fp16" if fp16 else "fp32"
             profiles: Dict[str, Dict[str, Dict[str, List[int]]]] = {}
         else:
-            precisions = {tested.engine_info[n].precision for n in names}
-            precision = "fp16" if "fp16" in precisions else "fp32"
+            precision = engines_precision(tested.engine_info[n] for n in names)
             profiles = {n: tested.engine_info[n].profiles for n in names}
         min_psnr, max_error = THRESHOLDS[(backend, precision)]
         limit_source = f"the default for {backend} {precision}"

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from dereflect.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from dereflect.cli_options import add_model_options, open_from_args
 from dereflect.errors import DereflectError, InputError
-from dereflect.remover import _LAYERS as INTERMEDIATE_IMAGES
+from dereflect.remover import INTERMEDIATE_LAYERS
 
 from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, check_output_path, is_image_file, one_line_error, some_names
 
@@ -60,7 +60,7 @@ def register(subparsers: Any) -> None:
                              "(default: off)")
     remove.add_argument("--save-intermediates", action="store_true",
                         help="also write NAME.KEY.png next to each output for each intermediate the model "
-                             f"makes, KEY one of {', '.join(INTERMEDIATE_IMAGES)} (RM2S: all but gradient; "
+                             f"makes, KEY one of {', '.join(INTERMEDIATE_LAYERS)} (RM2S: all but gradient; "
                              "CRRN: reflection and gradient), at the resolution the networks ran at; the "
                              "confidence map as a colour map, dark where there is no edge (default: off)")
     remove.add_argument("--overwrite", action="store_true",
@@ -206,7 +206,7 @@ def plan_outputs(inputs: List[str], output: str, recursive: bool = False,
         target = out / relative if folder else out
         written = [target]
         if intermediates:
-            written += [intermediate_path(target, key) for key in INTERMEDIATE_IMAGES]
+            written += [intermediate_path(target, key) for key in INTERMEDIATE_LAYERS]
         for path in written:
             intermediate = path != target
             if path in claimed:

@@ -65,9 +65,10 @@ GUIDED_EPS = 1e-4
 #: at ``max_side``, what bounds the memory a large image needs beyond its input and output. A frame
 #: up to 1080p is one strip, resized by OpenCV itself (``shrink_area``, ``resize_linear_rows``).
 STRIP_PIXELS = 1 << 21
-#: The image-like Result fields besides ``background``, and all of them.
-_LAYERS = ("reflection", "stage1", "confidence", "mask_background", "mask_reflection", "gradient")
-INTERMEDIATES = _LAYERS + ("thresholds",)
+#: The image-like Result fields besides ``background`` (what ``remove_with_intermediates`` returns
+#: beside it, in order), and all of them.
+INTERMEDIATE_LAYERS = ("reflection", "stage1", "confidence", "mask_background", "mask_reflection", "gradient")
+INTERMEDIATES = INTERMEDIATE_LAYERS + ("thresholds",)
 _PLANES = ("confidence", "mask_background", "mask_reflection", "gradient")
 _MASKS = ("mask_background", "mask_reflection")
 #: The strengths a Remover takes: 0 gives the input back, 1 the model's output (the default),
@@ -489,6 +490,11 @@ class Remover:
                 closer()
             self._backend.close()
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (every later call that runs the networks raises InputError)."""
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise InputError(f"{self!r} is closed; open the model again (Remover.load) to go on")
@@ -561,7 +567,7 @@ class Remover:
         overlap = min(TILE_OVERLAP, tile_h // 4, tile_w // 4)
         tops, lefts = tile_starts(height, tile_h, overlap), tile_starts(width, tile_w, overlap)
         weight = (_ramp(tile_h, overlap)[:, None] * _ramp(tile_w, overlap)[None, :])[:, :, None]
-        keys = ("background",) + _LAYERS if intermediates else ("background",)
+        keys = ("background",) + INTERMEDIATE_LAYERS if intermediates else ("background",)
         sums: Dict[str, np.ndarray] = {}
         weights = np.zeros((tile_h, width, 1), np.float32)
         full: Dict[str, np.ndarray] = {}

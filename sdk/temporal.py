@@ -108,6 +108,11 @@ class VideoSession:
         if not (hasattr(remover, "process") and hasattr(remover, "settings")):
             raise InputError(f"VideoSession takes a Remover (for example Remover.load('crrn-lite')), "
                              f"not {type(remover).__name__}")
+        if getattr(remover, "closed", False):
+            raise InputError(f"{remover!r} is closed; open the model again (Remover.load) for a new session")
+        if not isinstance(temporal, (bool, np.bool_)):
+            # A string such as "off" (the CLI's spelling) would be true.
+            raise InputError(f"temporal must be True or False, not {temporal!r}")
         self.remover = remover
         self.temporal = bool(temporal)
         self.colour = ColourFilter(alpha, reset_ratio) if self.temporal else None

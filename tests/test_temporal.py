@@ -134,3 +134,13 @@ def test_video_session_hands_the_strength_to_its_remover(tmp_path):
         session.strength = 5
     without = types.SimpleNamespace(settings=None, process=None)  # a remover that takes no strength
     assert VideoSession(without, temporal=False).strength is None
+
+
+def test_video_session_refuses_a_temporal_that_is_not_a_bool_and_a_closed_remover(tmp_path):
+    with pytest.raises(InputError, match="temporal must be True or False, not 'off'"):
+        VideoSession(GainModel(), temporal="off")  # the CLI's spelling: a true string
+    assert VideoSession(GainModel(), temporal=np.bool_(False)).temporal is False
+    remover = open_model(make_crrn_export(tmp_path / "crrn"))
+    remover.close()
+    with pytest.raises(InputError, match="is closed; open the model again"):
+        VideoSession(remover)
