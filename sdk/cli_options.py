@@ -9,6 +9,7 @@ networks of an export on a backend, not the Remover, and declares its own option
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any, Dict
 
 from dereflect.backends.base import BACKENDS, PRECISIONS, BackendOptions
@@ -82,4 +83,14 @@ def open_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
     """The Remover the command line asks for."""
     from dereflect.models import open_model
 
-    return open_model(args.model, **{**model_options(args), **overrides})
+    remover = open_model(args.model, **{**model_options(args), **overrides})
+    if remover.backend != "tensorrt" and remover.manifest.directory is not None:
+        from dereflect.trt_api import engine_paths
+
+        built = [name for name in remover.manifest.networks
+                 if engine_paths(remover.manifest.directory, name)[0].is_file()]
+        if built:
+            # A folder from export engine opens on ONNX Runtime by default: its engines would sit unused.
+            print(f"note: {args.model} holds TensorRT engines ({', '.join(built)}); this run uses "
+                  f"{remover.backend}: pass --backend tensorrt to run them", file=sys.stderr)
+    return remover

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -287,3 +288,17 @@ def test_remove_draws_its_progress_bar_on_a_terminal_only(tmp_path, identity, ca
     monkeypatch.setattr(sys, "stderr", terminal)
     assert main(["remove", str(tmp_path / "in"), "-o", str(tmp_path / "tty")]) == 0
     assert "3/3" in terminal.getvalue() and "\r" in terminal.getvalue()
+
+
+def test_a_folder_with_engines_opened_without_tensorrt_says_how_to_run_them(tmp_path, capsys):
+    from onnx_fixtures import make_crrn_export
+
+    model = make_crrn_export(tmp_path / "engines")
+    source = _image(tmp_path / "in.png")
+    assert main(["remove", str(source), "-o", str(tmp_path / "plain.png"), "--model", str(model)]) == 0
+    assert "TensorRT engines" not in capsys.readouterr().err
+    network = next(iter(json.loads((model / "manifest.json").read_text())["networks"]))
+    (model / f"{network}.engine").write_bytes(b"built on a Jetson")
+    assert main(["remove", str(source), "-o", str(tmp_path / "out.png"), "--model", str(model)]) == 0
+    err = capsys.readouterr().err
+    assert f"holds TensorRT engines ({network}); this run uses onnxruntime: pass --backend tensorrt" in err
