@@ -77,7 +77,8 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     video.add_argument("input", metavar="IN",
-                       help="video file, URL, camera index (an integer) or GStreamer pipeline ending in appsink")
+                       help="video file, numbered images (frames/f_%%04d.png, from 0 or 1), URL, camera index (an "
+                            "integer) or GStreamer pipeline ending in appsink")
     video.add_argument("-o", "--output", required=True, metavar="OUT",
                        help=f"output video ({', '.join(CODECS_BY_EXTENSION)}) or GStreamer pipeline starting "
                             "with appsrc")

@@ -221,13 +221,30 @@ def _check_input(src: Source, camera: bool) -> None:
         if "appsink" not in str(src):
             raise InputError("input pipeline: it must end in appsink, where OpenCV takes the frames")
     elif isinstance(src, str) and not camera and "://" not in src:
+        if not src.strip():
+            raise InputError("no input given: name a video file, a camera index or a pipeline")
         path = Path(src)
         if path.is_dir():
             raise InputError(f"{src}: is a folder, not a video file")
+        if _image_sequence(src):
+            return
+        if src.startswith("/dev/video"):
+            raise InputError(f"{src}: a camera device; add --camera to read it as one")
         if not path.is_file():
             raise InputError(f"{src}: video file not found")
         if path.stat().st_size == 0:
             raise InputError(f"{src}: file is empty (0 bytes)")
+
+
+def _image_sequence(src: str) -> bool:
+    """Whether ``src`` is a printf pattern of numbered images (``frames/f_%04d.png``) whose first
+    image exists: OpenCV reads such a sequence as a video, from index 0 or 1."""
+    if not re.search(r"%0?\d*d", src) or not is_image_file(src):
+        return False
+    try:
+        return any(os.path.isfile(src % first) for first in (0, 1))
+    except (TypeError, ValueError):
+        return False
 
 
 def check_job(source: Union[str, int, os.PathLike], output: Output, overwrite: bool = False,

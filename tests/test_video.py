@@ -234,6 +234,21 @@ def test_a_missing_camera_is_one_clear_error_without_opencv_log_lines(tmp_path, 
     assert capfd.readouterr().err == "" and list(tmp_path.iterdir()) == []
 
 
+def test_a_numbered_image_sequence_reads_as_a_video_and_other_inputs_are_named(tmp_path):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for index in range(5):
+        cv2.imwrite(str(frames / f"f_{index + 1:04d}.png"), _frame(index))
+    summary = process_video(str(frames / "f_%04d.png"), tmp_path / "seq.avi", Darken(), progress=False)
+    assert summary.frames == 5 and [_index(f) for f in _read_video(tmp_path / "seq.avi")[0]] == list(range(5))
+    with pytest.raises(InputError, match="video file not found"):
+        process_video(str(frames / "g_%04d.png"), tmp_path / "none.avi", Darken(), progress=False)
+    with pytest.raises(InputError, match="no input given"):
+        process_video("", tmp_path / "none.avi", Darken(), progress=False)
+    with pytest.raises(InputError, match="a camera device; add --camera"):
+        process_video("/dev/video7", tmp_path / "none.avi", Darken(), progress=False)
+
+
 def test_camera_sources_parse():
     assert parse_source("0") == 0 and parse_source(2) == 2
     assert parse_source("clip.mp4") == "clip.mp4"
