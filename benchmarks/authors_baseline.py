@@ -223,7 +223,7 @@ def side_by_side(
         # Opened first where it needs no checkpoint: a wrong device or backend is refused in a moment.
         sdk = None if backend == "torch" else BenchPipeline(export_dir, backend, device=device, precision=precision)
         if not checkpoint.is_file():
-            from dereflect.train.from_export import checkpoint_from_export
+            from dereflect.export.to_checkpoint import checkpoint_from_export
 
             checkpoint, _ = checkpoint_from_export(export_dir, Path(work) / "from_export.safetensors")
         # Both read the checkpoint as they open: the rebuilt one may go after.

@@ -338,8 +338,8 @@ def run(pack_dir: Path, out: Path, work: Path, minutes: Optional[float], methods
     work.mkdir(parents=True, exist_ok=True)
     import torch
     from dereflect.errors import InputError
+    from dereflect.export.to_checkpoint import checkpoint_from_export
     from dereflect.train.checkpoint import read_metadata, weights_only
-    from dereflect.train.from_export import checkpoint_from_export
 
     cuda = torch.cuda.is_available() and not cpu_smoke
     if not cuda and not cpu_smoke:

@@ -943,9 +943,8 @@ def run_synthesize(args: argparse.Namespace) -> int:
 
 
 def run_from_export(args: argparse.Namespace) -> int:
+    from dereflect.export.to_checkpoint import checkpoint_from_export
     from dereflect.imageio import check_output_location
-
-    from .from_export import checkpoint_from_export
 
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":

@@ -21,10 +21,9 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 from dereflect.errors import InputError, ModelError
+from dereflect.train.checkpoint import OWN_KEYS, save_checkpoint
+from dereflect.train.models import build_model
 from torch import nn
-
-from .checkpoint import OWN_KEYS, save_checkpoint
-from .models import build_model
 
 #: Photo-like images (N, H, W) whose statistics each BatchNorm is rescaled to; the parity check runs on
 #: them too (with random inputs of several sizes).
@@ -92,8 +91,9 @@ def _unfold(net: nn.Module, onnx_path: Path, input_name: str, output_names: List
     """Load the export's weights for ``net`` (in place): folded convolutions, identity BatchNorms.
 
     Returns the BatchNorm -> convolution pairs it unfolded."""
-    from dereflect.export.onnx_export import export_network
     from dereflect.train.models.common import PaddedModel
+
+    from .onnx_export import export_network
 
     bn_convs = _batchnorms_after_convs(net)
     state = _probe_state(net, bn_convs)
@@ -174,10 +174,11 @@ def checkpoint_from_export(model: Any, out: os.PathLike) -> Tuple[Path, Dict[str
     parity difference). Raises InputError for a checkpoint (nothing to rebuild) and ModelError for an
     export that records no checkpoint metadata or whose files do not fit it.
     """
-    from dereflect.export.parity import check_parity, random_cases
-    from dereflect.export.verify import natural_images, network_feeds, ort_backend
     from dereflect.models import open_source
     from dereflect.train.models.common import PaddedModel
+
+    from .parity import check_parity, random_cases
+    from .verify import natural_images, network_feeds, ort_backend
 
     source = open_source(model)
     if source.kind != "export":
