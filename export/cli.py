@@ -17,6 +17,7 @@ from dereflect.errors import ModelError, require
 from dereflect.manifest import DEFAULT_MAX_SIDE
 from dereflect.models import BUNDLED_MODELS
 from dereflect.stop_signals import StopSignals, exit_status
+from dereflect.trt_api import DEFAULT_PROFILE, NAMED_SIZES
 
 EXPORT_MODEL_HELP = f"a bundled model ({', '.join(BUNDLED_MODELS)}) or an export directory"
 
@@ -68,15 +69,15 @@ def register(subparsers: Any) -> None:
     precision.add_argument("--fp16", dest="fp16", action="store_true", default=True,
                            help="FP16 engines (default)")
     precision.add_argument("--fp32", dest="fp16", action="store_false", help="FP32 engines")
-    for bound, default in (("min", "1x3x128x128"), ("opt", "720p"), ("max", "1080p")):
+    for bound, default in DEFAULT_PROFILE.items():
         engine.add_argument(f"--{bound}", metavar="SHAPE", default=None,
-                            help=f"{bound} input shape of the profile: NxCxHxW, HxW or 480p/720p/1080p/... "
-                                 f"(default: {default})")
+                            help=f"{bound} frame size of the profile: HxW, a name ({', '.join(NAMED_SIZES)}) or "
+                                 f"1xCxHxW (batch 1: the runtime runs one frame at a time) (default: {default})")
     engine.add_argument("--timing-cache", metavar="FILE", default=None,
                         help="timing cache file (default: timing-<TensorRT>-<GPU>.cache in $DEREFLECT_CACHE, "
                              "else ~/.cache/dereflect)")
     engine.add_argument("--workspace", type=int, metavar="MIB", default=None,
-                        help="builder workspace limit in MiB (default: TensorRT's)")
+                        help="builder workspace limit in MiB (default or 0: TensorRT's, up to the GPU's memory)")
     engine.add_argument("--network", action="append", metavar="NAME",
                         help="build only this network; repeatable (default: all)")
     engine.add_argument("--no-progress", action="store_true",
@@ -141,13 +142,16 @@ def run_onnx(args: argparse.Namespace) -> int:
 
 
 def run_engine(args: argparse.Namespace) -> int:
-    from .engine import build_engines, prepare_engine_dir, require_tensorrt
+    from .engine import build_engines, plan_engine_dir, require_tensorrt
 
-    # Before anything is copied: without TensorRT the folder would be made for nothing.
+    workspace = None if args.workspace is None else args.workspace * (1 << 20)
+    # What needs no TensorRT first (model, networks, shapes, workspace, folder): a mistake is named as such on any
+    # machine. Then TensorRT, before anything is copied: without it the folder would be made for nothing.
+    plan = plan_engine_dir(args.model, args.out, networks=args.network, min_shape=args.min, opt_shape=args.opt,
+                           max_shape=args.max, workspace=workspace)
     require_tensorrt()
     _log_to_stderr()
-    workspace = args.workspace * (1 << 20) if args.workspace else None
-    manifest = prepare_engine_dir(args.model, args.out)
+    manifest = plan.prepare()
     # Ctrl+C or SIGTERM: the build in progress is cancelled (TensorRT 10+) or finished, the engines built kept.
     with StopSignals() as signals:
         infos = build_engines(manifest.directory, fp16=args.fp16, min_shape=args.min, opt_shape=args.opt,
@@ -203,9 +207,9 @@ def _onnx_files(target: str) -> List[Path]:
 
 def run_check(args: argparse.Namespace) -> int:
     require("onnx", "export", "checking ONNX files")
-    from .trt_support import check_trt_compat
+    from .trt_support import check_trt_compat, parse_versions
 
-    versions = [v.strip() for v in args.versions.split(",") if v.strip()]
+    versions = parse_versions(args.versions)
     passed = True
     for path in _onnx_files(args.directory):
         report = check_trt_compat(path, versions)

@@ -1,6 +1,9 @@
 """``dereflect export engine``: TensorRT engines from any model, built on the target device.
 
-The engines go into a folder of the user's (:func:`prepare_engine_dir`): it becomes a
+Everything that needs no TensorRT is checked first, before anything is written
+(:func:`plan_engine_dir`): the model reference, the networks named, the profile shapes, the
+workspace and the output folder. The engines go into a folder of the user's
+(:meth:`EngineDirPlan.prepare`, :func:`prepare_engine_dir`): it becomes a
 self-contained export directory (the manifest, the ONNX and FP16 ONNX files and the goldens
 it lists, copied; goldens written there when the model has none), so ``export verify DIR
 --backend tensorrt`` and ``Remover.load(DIR, backend="tensorrt")`` work on it. Nothing is
@@ -37,12 +40,13 @@ import shutil
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from dereflect.cache import cache_dir
-from dereflect.errors import ModelError, require
-from dereflect.imageio import is_free_folder, staged_file, staged_folder
+from dereflect.errors import InputError, ModelError, require
+from dereflect.imageio import check_output_location, is_free_folder, staged_file, staged_folder
 from dereflect.manifest import MANIFEST_NAME, Manifest, inside, load_manifest, sha256_file
 from dereflect.stop_signals import StopSignals
 from dereflect.trt_api import (
@@ -140,14 +144,72 @@ def _write_missing_goldens(manifest: Manifest) -> None:
     manifest.save()
 
 
-def prepare_engine_dir(model: Any, out: Optional[os.PathLike] = None) -> Manifest:
-    """The export directory engines for ``model`` are built in: ``out`` (default ``./<name>-engines``).
+#: network -> input name -> {"min": [N, C, H, W], "opt": ..., "max": ...}
+Profiles = Dict[str, Dict[str, Dict[str, List[int]]]]
 
-    ``model`` is any model reference (a bundled name, an export directory). A new (or empty)
-    ``out`` receives a copy of the export (see the module docstring); an ``out`` that already
-    holds this export is reused (engines are rebuilt there), and the export directory itself
-    may be named to build in place. Refuses (ModelError) a folder inside the installed package,
-    one holding something else, and a training checkpoint.
+
+def engine_profiles(manifest: Manifest, networks: Optional[Sequence[str]] = None, min_shape: Optional[str] = None,
+                    opt_shape: Optional[str] = None, max_shape: Optional[str] = None) -> Profiles:
+    """The optimisation profile of every input of each network to build (``networks``, default all), from the
+    manifest alone: InputError for a network the export lacks or a shape the runtime could never use
+    (:func:`dereflect.trt_api.derive_profile`). Needs no TensorRT."""
+    names = list(dict.fromkeys(networks or manifest.networks))
+    unknown = [n for n in names if n not in manifest.networks]
+    if unknown:
+        raise InputError(f"unknown network(s) {unknown}; this export has {list(manifest.networks)}")
+    model_channels = sorted({t.channels for spec in manifest.networks.values() for t in spec.inputs})
+    return {name: {t.name: derive_profile(t.channels, min_shape, opt_shape, max_shape, model_channels)
+                   for t in manifest.networks[name].inputs}
+            for name in names}
+
+
+def check_workspace(workspace: Optional[int]) -> Optional[int]:
+    """The builder's workspace limit in bytes, or None for TensorRT's default (which lets the builder use up
+    to the GPU's memory); 0 means the default too. InputError for anything else than a whole number >= 0."""
+    if workspace is None:
+        return None
+    whole = isinstance(workspace, int) and not isinstance(workspace, bool)
+    if not whole or workspace < 0:
+        size = repr(workspace) if not whole else f"{workspace} bytes" + (
+            f" ({workspace // 2**20} MiB)" if workspace % 2**20 == 0 else "")
+        raise InputError(f"the builder workspace must be 0 (TensorRT's default: up to the GPU's memory) or a "
+                         f"positive size, got {size}")
+    return workspace or None
+
+
+@dataclass
+class EngineDirPlan:
+    """The folder the engines of a model go to, checked with the build options and with nothing written yet
+    (:func:`plan_engine_dir`); :meth:`prepare` makes it."""
+
+    source: Any
+    directory: Path
+    #: the export already in ``directory`` (reused; or the model's own, to build in place); None: copy it there
+    existing: Optional[Manifest]
+
+    def prepare(self) -> Manifest:
+        """The export directory to build in: the existing one, else a copy of the model (see the module docstring)."""
+        if self.existing is not None:
+            if self.existing is not self.source.manifest and not self.existing.records.get("golden"):
+                _write_missing_goldens(self.existing)
+            return self.existing
+        _copy_export(self.source.manifest, self.directory)
+        log.info("copied %s (%s) to %s", self.source.manifest.name, self.source.path, self.directory)
+        return load_manifest(self.directory)
+
+
+def plan_engine_dir(model: Any, out: Optional[os.PathLike] = None, networks: Optional[Sequence[str]] = None,
+                    min_shape: Optional[str] = None, opt_shape: Optional[str] = None,
+                    max_shape: Optional[str] = None, workspace: Optional[int] = None) -> EngineDirPlan:
+    """Check, without TensorRT and writing nothing, what ``export engine`` is asked: the model, the networks, the
+    shapes and workspace (:func:`engine_profiles`, :func:`check_workspace`) and the folder ``out``
+    (default ``./<name>-engines``).
+
+    ``model`` is any model reference (a bundled name, an export directory). A new (or empty) ``out`` is
+    to receive a copy of the export (see the module docstring); an ``out`` that already holds this
+    export is reused (engines are rebuilt there), and the export directory itself may be named to
+    build in place. Refuses (ModelError) a folder inside the installed package, one holding
+    something else, and a training checkpoint.
     """
     from dereflect.models import open_source
 
@@ -155,23 +217,27 @@ def prepare_engine_dir(model: Any, out: Optional[os.PathLike] = None) -> Manifes
     if source.kind != "export":
         raise ModelError(f"{source.path} is a training checkpoint; export it first "
                          "(dereflect export onnx CHECKPOINT -o DIR), then build engines from DIR")
+    engine_profiles(source.manifest, networks, min_shape, opt_shape, max_shape)
+    check_workspace(workspace)
     target = Path(out) if out else default_engine_dir(source.bundled or source.manifest.name)
     _refuse_package_dir(target)
     if target.exists() and target.resolve() == source.path.resolve():
-        return source.manifest
+        return EngineDirPlan(source, target, source.manifest)
     if (target / MANIFEST_NAME).is_file():
         existing = load_manifest(target)
         if not _same_export(existing, source.manifest):
             raise ModelError(f"{target} holds another export ({existing.name}); choose another -o DIR")
-        if not existing.records.get("golden"):
-            _write_missing_goldens(existing)
-        return existing
+        return EngineDirPlan(source, target, existing)
     if not is_free_folder(target):
         raise ModelError(f"{target} exists and is not an export of {source.manifest.name}; choose a new or empty "
                          "folder with -o DIR")
-    _copy_export(source.manifest, target)
-    log.info("copied %s (%s) to %s", source.manifest.name, source.path, target)
-    return load_manifest(target)
+    check_output_location(target, folder=True)
+    return EngineDirPlan(source, target, None)
+
+
+def prepare_engine_dir(model: Any, out: Optional[os.PathLike] = None) -> Manifest:
+    """The export directory engines for ``model`` are built in (:func:`plan_engine_dir`, then made)."""
+    return plan_engine_dir(model, out).prepare()
 
 
 def _write_atomic(path: Path, data: Any) -> None:
@@ -304,21 +370,21 @@ def build_engines(
 ) -> Dict[str, EngineInfo]:
     """Build ``<network>.engine`` and its sidecar for each network of an export directory.
 
-    ``min_shape``/``opt_shape``/``max_shape``: "NxCxHxW", "HxW" or a name such as "720p"
-    (see :func:`dereflect.trt_api.parse_shape`). ``workspace``: bytes for the builder's
-    workspace pool (TensorRT's default when None). ``progress``: the builder's phases as progress
-    bars on stderr where TensorRT reports them (:func:`build_progress`). ``stop``: a
+    ``min_shape``/``opt_shape``/``max_shape``: "HxW", a name such as "720p" or "1xCxHxW"
+    (see :func:`dereflect.trt_api.parse_shape`), checked with the network names before TensorRT is
+    needed (:func:`engine_profiles`). ``workspace``: bytes for the builder's workspace pool
+    (None or 0: TensorRT's default, up to the GPU's memory; :func:`check_workspace`). ``progress``: the
+    builder's phases as progress bars on stderr where TensorRT reports them (:func:`build_progress`).
+    ``stop``: a
     :class:`~dereflect.stop_signals.StopSignals` in force; once it has received a signal the build
     in progress is cancelled (TensorRT 10 and later; 8.x finishes it) and no further network is
     built. Returns the sidecars written: every network's, or those built before a stop.
     """
+    manifest = load_manifest(Path(export_dir))
+    profiles = engine_profiles(manifest, networks, min_shape, opt_shape, max_shape)
+    workspace = check_workspace(workspace)
     trt = require_tensorrt()
     ver = trt_version_tuple(trt)
-    manifest = load_manifest(Path(export_dir))
-    names: List[str] = list(networks or manifest.networks)
-    unknown = [n for n in names if n not in manifest.networks]
-    if unknown:
-        raise ModelError(f"unknown network(s) {unknown}; this export has {list(manifest.networks)}")
     strong = use_strong_typing(ver)
     if fp16 and strong:
         manifest.verify_files(fp16=True)
@@ -332,7 +398,7 @@ def build_engines(
     builder = trt.Builder(logger)
     built: Dict[str, EngineInfo] = {}
     try:
-        for name in names:
+        for name in profiles:
             spec = manifest.networks[name]
             use_fp16_file = fp16 and strong
             if use_fp16_file and not spec.onnx_fp16:
@@ -347,7 +413,7 @@ def build_engines(
             parser = _parse(trt, network, logger, onnx_path)
             config = builder.create_builder_config()
             if workspace:
-                config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
+                config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
             pinned = 0
             if fp16 and not strong:
                 config.set_flag(trt.BuilderFlag.FP16)
@@ -355,16 +421,13 @@ def build_engines(
                 pinned = _constrain_float32(trt, network, plan.get("float32_nodes") or [])
                 if pinned:
                     config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-            channels = {t.name: t.channels for t in spec.inputs}
             profile = builder.create_optimization_profile()
-            profiles: Dict[str, Dict[str, List[int]]] = {}
             for index in range(network.num_inputs):
                 tensor = network.get_input(index)
-                if tensor.name not in channels:
+                if tensor.name not in profiles[name]:
                     raise ModelError(f"{onnx_path.name}: input {tensor.name!r} is not in the manifest")
-                shapes = derive_profile(channels[tensor.name], min_shape, opt_shape, max_shape)
+                shapes = profiles[name][tensor.name]
                 profile.set_shape(tensor.name, shapes["min"], shapes["opt"], shapes["max"])
-                profiles[tensor.name] = shapes
             config.add_optimization_profile(profile)
             cache.attach(config)
             # TensorRT holds the monitor by reference: it must live until the build is done.
@@ -388,7 +451,7 @@ def build_engines(
                 network=name, engine=engine_path.name, onnx=onnx_path.name,
                 onnx_sha256=spec.sha256_fp16 if use_fp16_file else spec.sha256,
                 tensorrt_version=str(trt.__version__), gpu_name=gpu_name, compute_capability=capability,
-                precision="fp16" if fp16 else "fp32", profiles=profiles, strongly_typed=strong,
+                precision="fp16" if fp16 else "fp32", profiles=profiles[name], strongly_typed=strong,
                 float32_layers=pinned, engine_sha256=sha256_file(engine_path),
             )
             write_engine_info(info, sidecar_path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -20,6 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Un
 
 import onnx
 from dereflect.errors import InputError, ModelError
+from dereflect.trt_api import MIN_TENSORRT
 from onnx import helper
 
 TABLE_FILE = Path(__file__).with_name("trt_ops.json")
@@ -33,16 +35,39 @@ def load_table() -> Dict[str, Any]:
 
 
 def table_version(version: str) -> str:
-    """The table entry for a TensorRT version: ``"8.5.2"`` -> ``"8.5"``, ``"10.3"`` -> ``"10"``."""
-    parts = str(version).strip().split(".")
-    try:
-        major = int(parts[0])
-    except ValueError:
-        raise InputError(f"not a TensorRT version: {version!r}") from None
+    """The table entry for a TensorRT version: ``"8.5.2"`` -> ``"8.5"``, ``"8.6"`` -> ``"8.5"`` (8.x from 8.5
+    on is checked against 8.5's table), ``"10.3"`` -> ``"10"``. InputError for text that is not a version, a
+    version dereflect does not support (below :data:`~dereflect.trt_api.MIN_TENSORRT`) and one without a table."""
+    text = str(version).strip()
+    match = re.fullmatch(r"(\d+)(?:\.(\d+))?(?:\.\d+)*", text)
+    if not match:
+        raise InputError(f"not a TensorRT version: {version!r} (e.g. 8.5, 10, 11)")
+    major, minor = int(match.group(1)), match.group(2)
+    if major == MIN_TENSORRT[0] and minor is None:
+        raise InputError(f"TensorRT {text}: give the minor version too ({MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} or later)")
+    if (major, int(minor or 0)) < MIN_TENSORRT[:2]:
+        raise InputError(f"TensorRT {text} is not supported: dereflect needs {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} or "
+                         "later (name-based I/O; JetPack 5 ships 8.5)")
     key = {8: "8.5", 10: "10", 11: "11"}.get(major)
     if key is None:
-        raise InputError(f"no compatibility table for TensorRT {version} (known: 8.5, 10.x, 11.x)")
+        raise InputError(f"no compatibility table for TensorRT {text} (known: 8.5 and later 8.x, 10.x, 11.x)")
     return key
+
+
+def parse_versions(text: str) -> Tuple[str, ...]:
+    """``--versions``: comma-separated TensorRT versions, each checked by :func:`table_version`; at least one."""
+    versions = tuple(dict.fromkeys(part.strip() for part in str(text).split(",") if part.strip()))
+    if not versions:
+        raise InputError(f"--versions needs at least one TensorRT version, e.g. {','.join(DEFAULT_VERSIONS)}")
+    for version in versions:
+        table_version(version)
+    return versions
+
+
+def version_label(version: str) -> str:
+    """How a report names a version: itself, and the table it was checked with where that is another's."""
+    key = table_version(version)
+    return version if version == key else f"{version} ({key}'s table)"
 
 
 @dataclass
@@ -55,7 +80,9 @@ class Issue:
 
 @dataclass
 class CompatReport:
-    """Problems per TensorRT version for one ONNX file; ``ok(version)`` and ``passed`` summarise."""
+    """Problems per TensorRT version for one ONNX file; ``ok(version)`` and ``passed`` summarise.
+
+    ``versions`` are the versions asked for; issues are recorded per table entry (:func:`table_version`)."""
 
     path: str
     opset: int
@@ -78,11 +105,11 @@ class CompatReport:
         ops = ", ".join(f"{op} x{n}" for op, n in sorted(self.op_counts.items()))
         lines = [f"TensorRT compatibility of {self.path} (opset {self.opset}; {ops})"]
         for version in self.versions:
-            found = [i for i in self.issues if i.version == version]
+            found = [i for i in self.issues if i.version == table_version(version)]
             if not found:
-                lines.append(f"  TensorRT {version}: OK")
+                lines.append(f"  TensorRT {version_label(version)}: OK")
                 continue
-            lines.append(f"  TensorRT {version}: {len(found)} problem(s)")
+            lines.append(f"  TensorRT {version_label(version)}: {len(found)} problem(s)")
             lines.extend(f"    - {i.node} ({i.op}): {i.message}" for i in found)
         return "\n".join(lines)
 
@@ -198,7 +225,7 @@ def check_trt_compat(
     keys = tuple(dict.fromkeys(table_version(v) for v in versions))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     facts = _GraphFacts(model)
-    report = CompatReport(path=path, opset=opset, versions=keys)
+    report = CompatReport(path=path, opset=opset, versions=tuple(dict.fromkeys(versions)))
     nodes = list(_walk(model.graph))
     report.op_counts = dict(Counter(node.op_type for node, _ in nodes))
     dtype_names = {value: name for name, value in onnx.TensorProto.DataType.items()}

@@ -32,6 +32,9 @@ from .manifest import _SHA256
 Version = Tuple[int, int, int]
 Shape = Tuple[int, int, int, int]
 
+#: The oldest TensorRT dereflect supports: name-based I/O and ``execute_async_v3`` (JetPack 5 ships 8.5).
+MIN_TENSORRT: Version = (8, 5, 0)
+
 ENGINE_SUFFIX = ".engine"
 SIDECAR_SUFFIX = ".engine.json"
 SIDECAR_FORMAT = "dereflect-engine"
@@ -53,6 +56,8 @@ DEFAULT_PROFILE = {"min": "1x3x128x128", "opt": "720p", "max": "1080p"}
 
 #: A sidecar is about a kilobyte; a file past this is not one, and is refused before it is parsed.
 MAX_SIDECAR_BYTES = 1024 * 1024
+#: TensorRT's limit on a tensor's volume (``ITensor``: "must be less than 2^31 elements").
+MAX_TENSOR_ELEMENTS = 2**31
 _PRECISIONS = ("fp16", "fp32")
 
 
@@ -84,32 +89,67 @@ def fp16_flag_available(ver: Version) -> bool:
     return ver < (11, 0, 0)
 
 
-def parse_shape(text: str, channels: int) -> Shape:
-    """Read one profile shape: ``"1x3x256x256"`` (NCHW), ``"256x320"`` (H x W) or a name like ``"720p"``.
+def parse_frame_size(text: str) -> Tuple[int, int]:
+    """A frame size as (height, width): ``"720x1280"`` (H x W) or a name of :data:`NAMED_SIZES` like ``"720p"``.
 
-    The channel count is the network's own (``channels``): RM2S stage 2 takes 9 channels at
-    the image's size, so a 4-part shape may give C as 3 (the image) or as ``channels``.
+    The one grammar of frame sizes: engine profiles (:func:`parse_shape`) and ``dereflect bench --sizes``
+    read sizes with it. Sides are not range-checked here; the callers know their limits.
     """
     raw = str(text).strip().lower()
     if raw in NAMED_SIZES:
-        height, width = NAMED_SIZES[raw]
+        return NAMED_SIZES[raw]
+    match = re.fullmatch(r"(\d+)x(\d+)", raw)
+    if not match:
+        raise InputError(f"cannot read the size {text!r}: use HxW (720x1280) or one of {', '.join(NAMED_SIZES)}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def parse_shape(text: str, channels: int, model_channels: Sequence[int] = ()) -> Shape:
+    """Read one profile shape: ``"1x3x256x256"`` (NCHW), ``"256x320"`` (H x W) or a name like ``"720p"``.
+
+    The result has the network input's own channel count (``channels``): one profile gives the
+    frame size for every network, and RM2S stage 2 takes 9 channels at the image's size. So a
+    4-part shape may give C as 3 (the image) or as the channel count of any input of the model
+    (``model_channels``, besides ``channels``). N must be 1: the runtime runs one frame at a time.
+    """
+    parts = str(text).strip().lower().split("x")
+    if len(parts) != 4:
+        try:
+            height, width = parse_frame_size(text)
+        except InputError:
+            raise InputError(f"cannot read the shape {text!r}: use HxW (720x1280), one of "
+                             f"{', '.join(NAMED_SIZES)} or NxCxHxW (1x3x720x1280)") from None
         return (1, channels, height, width)
-    parts = raw.split("x")
     try:
-        numbers = [int(p) for p in parts]
+        batch, chans, height, width = (int(p) for p in parts)
     except ValueError:
-        numbers = []
-    if len(numbers) == 2:
-        return (1, channels, numbers[0], numbers[1])
-    if len(numbers) == 4:
-        batch, chans, height, width = numbers
-        if chans not in (3, channels):
-            raise InputError(f"shape {text!r}: channel count {chans} is neither 3 (the image) nor {channels}")
-        return (batch, channels, height, width)
-    raise InputError(
-        f"cannot read shape {text!r}: use NxCxHxW (1x3x720x1280), HxW (720x1280) or one of "
-        f"{', '.join(NAMED_SIZES)}"
-    )
+        raise InputError(f"cannot read the shape {text!r}: NxCxHxW takes four whole numbers, e.g. "
+                         "1x3x720x1280") from None
+    if batch != 1:
+        raise InputError(f"shape {text!r} has batch {batch}; the TensorRT runtime runs one frame at a time, so "
+                         "every profile shape has batch 1 (give HxW, e.g. 720x1280)")
+    accepted = sorted({3, channels, *model_channels})
+    if chans not in accepted:
+        raise InputError(f"shape {text!r} has {chans} channels; this model's inputs take "
+                         f"{' or '.join(str(c) for c in accepted)} (or give HxW: each input gets its own)")
+    return (batch, channels, height, width)
+
+
+def check_max_frame(shape: Sequence[int]) -> None:
+    """InputError unless an input of shape ``shape`` (N, C, H, W) can reach the runtime.
+
+    TensorRT takes tensors of fewer than 2**31 elements (``ITensor``'s documented limit), and the
+    fused middle step refuses frames its 32-bit pixel index or grid cannot cover
+    (:func:`dereflect.middle_step.cuda.check_frame_size`).
+    """
+    from .middle_step.cuda import check_frame_size
+
+    batch, chans, height, width = (int(v) for v in shape)
+    elements = batch * chans * height * width
+    if elements >= MAX_TENSOR_ELEMENTS:
+        raise InputError(f"{batch}x{chans}x{height}x{width} is {elements} elements; TensorRT takes tensors below "
+                         f"2**31 elements: a {chans}-channel frame below {MAX_TENSOR_ELEMENTS // chans} pixels")
+    check_frame_size(height, width, batch)
 
 
 def derive_profile(
@@ -117,23 +157,35 @@ def derive_profile(
     min_shape: Optional[str] = None,
     opt_shape: Optional[str] = None,
     max_shape: Optional[str] = None,
+    model_channels: Sequence[int] = (),
 ) -> Dict[str, List[int]]:
     """An optimisation profile ``{"min": [N,C,H,W], "opt": ..., "max": ...}`` with min <= opt <= max.
 
     Missing bounds default to :data:`DEFAULT_PROFILE`; an ``opt`` outside the given bounds is a
-    user error rather than something to clamp silently.
+    user error rather than something to clamp silently, and so is a ``max`` the runtime could never
+    run (:func:`check_max_frame`). ``channels``/``model_channels`` as in :func:`parse_shape`.
+    InputError names the option (``--min``, ``--opt``, ``--max``) that is wrong.
     """
     given = {"min": min_shape, "opt": opt_shape, "max": max_shape}
-    shapes = {key: parse_shape(value or DEFAULT_PROFILE[key], channels) for key, value in given.items()}
+    shapes = {}
+    for key, value in given.items():
+        try:
+            shapes[key] = parse_shape(value or DEFAULT_PROFILE[key], channels, model_channels)
+        except InputError as exc:
+            raise InputError(f"--{key}: {exc}") from None
     for key, shape in shapes.items():
         if min(shape) < 1:
-            raise InputError(f"--{key} shape {shape} has a dimension below 1")
+            raise InputError(f"--{key} shape {list(shape)} has a dimension below 1")
     for low, high in (("min", "opt"), ("opt", "max")):
         if any(a > b for a, b in zip(shapes[low], shapes[high])):
             raise InputError(
                 f"profile shapes must satisfy min <= opt <= max in every dimension; "
                 f"--{low} {list(shapes[low])} exceeds --{high} {list(shapes[high])}"
             )
+    try:
+        check_max_frame(shapes["max"])
+    except InputError as exc:
+        raise InputError(f"--max: {exc}") from None
     return {key: list(shape) for key, shape in shapes.items()}
 
 
@@ -163,9 +215,10 @@ class EngineInfo:
     compute_capability: str
     precision: str
     profiles: Dict[str, Dict[str, List[int]]]
+    #: the engine file's SHA-256 when it was built: an engine changed since is refused
+    engine_sha256: str
     strongly_typed: bool = False
     float32_layers: int = 0
-    engine_sha256: str = ""
     created: str = field(
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     )
@@ -185,10 +238,11 @@ class EngineInfo:
         if version > SIDECAR_FORMAT_VERSION:
             raise ModelError(f"engine sidecar format {version} is newer than this dereflect reads")
         names = set(cls.__dataclass_fields__)
-        optional = {"strongly_typed", "float32_layers", "engine_sha256", "created"}
+        optional = {"strongly_typed", "float32_layers", "created"}
         missing = sorted(n for n in names - optional if n not in data)
         if missing:
-            raise ModelError(f"engine sidecar lacks {', '.join(missing)}")
+            raise ModelError(f"engine sidecar lacks {', '.join(missing)}; rebuild the engine with: "
+                             "dereflect export engine DIR")
         _check_sidecar_fields(data)
         # Keys this version does not know (a newer writer's) are left out rather than refused.
         return cls(**{k: v for k, v in data.items() if k in names})
@@ -221,8 +275,11 @@ def _check_sidecar_fields(data: Dict[str, Any]) -> None:
         raise wrong("precision", " or ".join(_PRECISIONS))
     if not _SHA256.fullmatch(data["onnx_sha256"]):
         raise wrong("onnx_sha256", "a SHA-256 (64 lowercase hex digits)")
-    if data.get("engine_sha256") and not _SHA256.fullmatch(data["engine_sha256"]):
-        raise wrong("engine_sha256", "empty or a SHA-256 (64 lowercase hex digits)")
+    if not _SHA256.fullmatch(data["engine_sha256"]):
+        # Without it an engine changed after it was built would load unnoticed.
+        raise ModelError(f"engine sidecar field 'engine_sha256' must be the engine's SHA-256 (64 lowercase hex "
+                         f"digits), got {show_value(data['engine_sha256'])}; rebuild the engine with: "
+                         "dereflect export engine DIR")
     if "strongly_typed" in data and not isinstance(data["strongly_typed"], bool):
         raise wrong("strongly_typed", "true or false")
     if "float32_layers" in data and not (is_int(data["float32_layers"]) and data["float32_layers"] >= 0):

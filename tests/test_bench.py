@@ -60,14 +60,33 @@ def _bench_args(*argv):
 @pytest.mark.parametrize("text,expected", [
     ("256", ("256", 256, 256)), ("720p", ("720p", 720, 1280)), ("1080p", ("1080p", 1080, 1920)),
     ("480p", ("480p", 480, 854)), ("480x640", ("480x640", 480, 640)), (" 2160P ", ("2160p", 2160, 3840)),
+    ("4k", ("4k", 2160, 3840)),  # a name export engine's --opt takes
 ])
 def test_parse_size(text, expected):
     assert bench.parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "abc", "0", "12x", "720i", "99999"])
+def test_bench_sizes_and_engine_shapes_share_one_grammar():
+    from dereflect.trt_api import NAMED_SIZES, parse_shape
+
+    for name, (height, width) in NAMED_SIZES.items():
+        assert bench.parse_size(name)[1:] == (height, width) == parse_shape(name, 3)[2:]
+    assert bench.parse_size("480x640")[1:] == parse_shape("480x640", 3)[2:]
+
+
+@pytest.mark.parametrize("text", ["", "abc", "0", "12x", "720i", "99999", "600p", "1x3x64x64"])
 def test_parse_size_rejects(text):
     with pytest.raises(InputError):
+        bench.parse_sizes(text)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("256,256", r"--sizes gives 256x256 twice \(256 and 256\)"),
+    ("720p,32,720x1280", r"--sizes gives 720x1280 twice \(720p and 720x1280\)"),
+    ("2160p,4k", r"twice \(2160p and 4k\)"),
+])
+def test_parse_sizes_refuses_a_size_given_twice(text, message):
+    with pytest.raises(InputError, match=message):
         bench.parse_sizes(text)
 
 
@@ -93,6 +112,8 @@ def test_variation_flag():
     assert bench.is_variable(0.06, 0.0) and bench.is_variable(0.0, 0.06)
     assert not bench.is_variable(0.04, 0.04)
     assert not bench.is_variable(0.04, 0.04, threshold=0.05) and bench.is_variable(0.04, 0.04, threshold=0.03)
+    assert bench.variation_excess(0.085, 0.019) == {"CoV": 0.085}
+    assert bench.variation_excess(0.01, 0.06) == {"(p90 - median)/median": 0.06}
     with pytest.raises(InputError):
         bench.summarize([])
     with pytest.raises(InputError):
@@ -319,8 +340,95 @@ def test_bench_reports_a_failing_size(export_dir, tmp_path, capsys, monkeypatch)
     assert calls == ["32", "24"]
     assert report["sizes"][0]["error"] == "outside the engine's profile" and "total" in report["sizes"][1]
     assert "error: outside" in capsys.readouterr().out
-    args = _bench_args(export_dir, "--sizes", "32", "--warmup", "0", "--runs", "1", "--out", tmp_path, "--no-plot")
+    args = _bench_args(export_dir, "--sizes", "32", "--warmup", "0", "--runs", "1", "--out", tmp_path, "--no-plot",
+                       "--overwrite")
     assert args.func(args) == 2  # every size failed: nothing measured
+
+
+def test_the_variation_warning_names_only_the_figures_above_the_limit(export_dir, monkeypatch):
+    """CoV 8.5 % with (p90 - median)/median 1.9 %: only the CoV is over 5 %, and only it is printed."""
+    samples = [10.0] * 9 + [10.2] + [13.0, 7.0] * 2 + [10.0] * 6
+    stats = bench.summarize(samples)
+    assert stats["cov"] > 0.05 > stats["p90_spread"]
+    monkeypatch.setattr(bench, "time_stages", lambda *args, **kwargs: {"total": samples})
+    pipeline = bench.BenchPipeline(export_dir)
+    try:
+        entry = bench.bench_size(pipeline, "32", 32, 32, 0, len(samples), None)
+    finally:
+        pipeline.close()
+    [warning] = entry["warnings"]
+    assert f"(CoV {100 * stats['cov']:.3g}% > 5%)" in warning and "p90" not in warning
+
+
+def test_percentiles_from_too_few_runs_are_not_shown(export_dir, tmp_path, capsys):
+    args = _bench_args(export_dir, "--sizes", "16", "--warmup", "0", "--runs", "2", "--out", tmp_path, "--no-plot")
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    total = next(line.split() for line in printed.splitlines() if line.split()[:1] == ["total"])
+    assert total[3:5] == ["n/a", "n/a"]  # total, mean, median, p90, p99
+    assert "p90 and p99 not shown: from 2 runs" in printed and "p99 needs --runs 100 or more" in printed
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["sizes"][0]["total"]["p99_ms"] > 0  # the figure itself stays in the JSON
+    args = _bench_args(export_dir, "--sizes", "16", "--warmup", "0", "--runs", "10", "--out", tmp_path, "--no-plot",
+                       "--overwrite")
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    total = next(line.split() for line in printed.splitlines() if line.split()[:1] == ["total"])
+    assert total[3] != "n/a" and total[4] == "n/a"
+    assert "p99 not shown: from 10 runs" in printed and "p90 and" not in printed
+
+
+def test_bench_refuses_an_earlier_report_without_overwrite(export_dir, tmp_path, capsys, monkeypatch):
+    from dereflect.cli import main
+
+    (tmp_path / "bench.json").write_text("{}")
+    timed = []
+    monkeypatch.setattr(bench, "run_bench", lambda *args, **kwargs: timed.append(1))
+    argv = ["bench", str(export_dir), "--sizes", "16", "--warmup", "0", "--runs", "1", "--out", str(tmp_path)]
+    assert main(argv) == 2 and not timed
+    err = capsys.readouterr().err
+    assert err == f"dereflect: error: {tmp_path / 'bench.json'}: file exists; pass --overwrite to replace it\n"
+    (tmp_path / "bench.png").write_bytes(b"png")
+    assert main(argv) == 2 and "bench.json, bench.png exist already" in capsys.readouterr().err
+    monkeypatch.undo()
+    (tmp_path / "bench.json").unlink()
+    assert main(argv + ["--no-plot"]) == 0  # it writes no bench.png: the earlier one is no reason to stop
+    assert main(argv + ["--no-plot"]) == 2 and "bench.json: file exists" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 0
+    assert json.loads((tmp_path / "bench.json").read_text())["runs"] == 1
+
+
+def test_the_plot_shows_the_machine_and_date(export_dir, tmp_path):
+    report = bench.run_bench(export_dir, [("16", 16, 16)], warmup=0, runs=1, device_table="none")
+    title = bench.plot_title(report)
+    assert report["device_in_use"] in title and report["machine"]["platform"] in title
+    assert report["created"][:10] in title and "UTC" in title
+
+
+def test_the_clock_note_says_what_upload_and_download_are(export_dir, monkeypatch):
+    from dereflect.backends.base import HostExecutor
+    from dereflect.methods.base import EventTimer
+
+    pipeline = bench.BenchPipeline(export_dir)
+    pipeline.close()
+    assert "upload/download are the frame's layout conversions on the host" in pipeline.notes[0]
+    monkeypatch.setattr(HostExecutor, "timer", lambda self: EventTimer())  # as a device executor's
+    pipeline = bench.BenchPipeline(export_dir)
+    pipeline.close()
+    assert "upload is the frame's copy to the GPU, download the result's copy back" in pipeline.notes[0]
+    assert "layout conversions" not in pipeline.notes[0]
+
+
+def test_bench_reports_a_failed_graph_capture(export_dir, monkeypatch):
+    from dereflect.backends.base import HostExecutor
+
+    report = bench.run_bench(export_dir, [("16", 16, 16)], warmup=0, runs=1, device_table="none")
+    assert not any("graph capture" in note for note in report["notes"])
+    # As TensorRT's device executor records it when capture fails.
+    monkeypatch.setattr(HostExecutor, "graph_capture_error", "RuntimeError: capture refused", raising=False)
+    report = bench.run_bench(export_dir, [("16", 16, 16)], warmup=0, runs=1, device_table="none")
+    assert any(note.startswith("CUDA graph capture failed (RuntimeError: capture refused): every frame was "
+                               "enqueued without a graph") for note in report["notes"])
 
 
 def test_bench_bad_options(export_dir, tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from dereflect.errors import InputError
+from dereflect.errors import InputError, MissingDependencyError, ModelError
 from dereflect.middle_step import cuda as cc
 from dereflect.middle_step.reference import (
     HISTOGRAM_BINS,
@@ -95,6 +95,85 @@ def test_launch_config_covers_the_image():
     for bad in ((0, 5, 1), (5, -1, 1), (5, 5, 0), (5.0, 5, 1), (70000 * 8, 4, 1), (46341, 46341, 1)):
         with pytest.raises(InputError):
             cc.launch_config(*bad)
+
+
+def test_check_frame_size_is_the_kernels_limit():
+    cc.check_frame_size(2160, 3840)
+    cc.check_frame_size(cc.MAX_GRID_YZ * cc.TILE_H, 1)
+    with pytest.raises(InputError, match=r"fused middle-step kernel takes frames below 2\*\*31 pixels"):
+        cc.check_frame_size(46341, 46341)
+    with pytest.raises(InputError, match=rf"at most {cc.MAX_GRID_YZ} frames and {cc.MAX_GRID_YZ * cc.TILE_H} rows"):
+        cc.check_frame_size(cc.MAX_GRID_YZ * cc.TILE_H + 1, 1)
+
+
+# ---- compiling with pycuda (a stand-in for pycuda.compiler) ---------------------------------
+
+
+class FakeCompiler:
+    """pycuda.compiler: records the nvcc each SourceModule would run; ``error`` is raised instead."""
+
+    def __init__(self, error: Exception = None):
+        self.nvcc = []
+        self.error = error
+
+    def SourceModule(self, source, nvcc="nvcc", options=None, no_extern_c=False):
+        assert no_extern_c and "rm2s_two_means" in source and any(o.startswith("-DRM2S_BINS=") for o in options)
+        self.nvcc.append(nvcc)
+        if self.error is not None:
+            raise self.error
+        return types.SimpleNamespace(get_function=lambda name: f"function {name}")
+
+
+@pytest.fixture()
+def nvcc_places(tmp_path, monkeypatch):
+    """``put(on_path, in_toolkit)``: an nvcc on an otherwise empty PATH and/or at the toolkit's place."""
+    def put(on_path: bool, in_toolkit: bool):
+        for folder, wanted in ((tmp_path / "path", on_path), (tmp_path / "cuda" / "bin", in_toolkit)):
+            folder.mkdir(parents=True, exist_ok=True)
+            if wanted:
+                (folder / "nvcc").write_text("#!/bin/sh\n")
+                (folder / "nvcc").chmod(0o755)
+        monkeypatch.setenv("PATH", str(tmp_path / "path"))
+        monkeypatch.setattr(cc, "TOOLKIT_NVCC", tmp_path / "cuda" / "bin" / "nvcc")
+        return tmp_path / "path" / "nvcc", tmp_path / "cuda" / "bin" / "nvcc"
+
+    return put
+
+
+def test_pycuda_compiles_with_the_toolkits_nvcc_when_path_has_none(nvcc_places):
+    _, toolkit = nvcc_places(on_path=False, in_toolkit=True)
+    compiler = FakeCompiler()
+    assert cc.compile_with_pycuda(compiler) == {name: f"function {name}" for name in cc.KERNELS}
+    assert compiler.nvcc == [str(toolkit)]
+    nvcc_places(on_path=True, in_toolkit=True)
+    compiler = FakeCompiler()
+    cc.compile_with_pycuda(compiler)
+    assert compiler.nvcc == ["nvcc"]  # PATH's, as pycuda runs it by default
+
+
+def test_pycuda_without_nvcc_says_how_to_put_it_on_path(nvcc_places):
+    nvcc_places(on_path=False, in_toolkit=False)
+    # pycuda reports an nvcc it cannot start with pytools' ExecError, an OSError.
+    compiler = FakeCompiler(OSError("error invoking 'nvcc --version': [Errno 2] No such file or directory"))
+    with pytest.raises(MissingDependencyError) as caught:
+        cc.compile_with_pycuda(compiler)
+    message = str(caught.value)
+    assert "\n" not in message and "neither on PATH nor at" in message
+    assert "export PATH=/usr/local/cuda/bin:$PATH" in message and "device_middle_step=False" in message
+
+
+def test_a_failed_kernel_build_is_one_line_naming_nvccs_error(nvcc_places):
+    on_path, _ = nvcc_places(on_path=True, in_toolkit=False)
+
+    class CompileError(Exception):  # as pycuda.driver.CompileError: the message, then nvcc's stderr
+        stderr = "kernel.cu(12): error: identifier \"__hfma2\" is undefined\n1 error detected\n"
+
+    compiler = FakeCompiler(CompileError(f"nvcc compilation of /tmp/kernel.cu failed\n[command: {on_path} ...]"))
+    with pytest.raises(ModelError) as caught:
+        cc.compile_with_pycuda(compiler)
+    message = str(caught.value)
+    assert "\n" not in message and f"nvcc ({on_path}) could not build confidence.cu" in message
+    assert 'error: identifier "__hfma2" is undefined' in message and "export PATH=/usr/local/cuda/bin" in message
 
 
 def test_kernel_source_defaults_match_python_constants():

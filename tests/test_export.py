@@ -299,6 +299,31 @@ def test_compat_check_reports_problems():
     assert "Conv" in load_table()["operators"]
 
 
+@pytest.mark.parametrize("versions, message", [
+    ("", r"--versions needs at least one TensorRT version, e\.g\. 8\.5,10,11"),
+    (" , ", r"--versions needs at least one"),
+    ("8.2", r"TensorRT 8\.2 is not supported: dereflect needs 8\.5 or later"),
+    ("10,8.0", r"TensorRT 8\.0 is not supported"),
+    ("8", r"TensorRT 8: give the minor version too \(8\.5 or later\)"),
+    ("9.2", r"no compatibility table for TensorRT 9\.2"),
+    ("ten", r"not a TensorRT version: 'ten'"),
+])
+def test_check_versions_are_refused_when_nothing_or_something_unsupported_would_be_checked(versions, message):
+    from dereflect.export.trt_support import parse_versions
+
+    with pytest.raises(InputError, match=message):
+        parse_versions(versions)
+
+
+def test_check_names_the_table_a_version_is_checked_with(rm2s, capsys):
+    _, manifest = rm2s
+    assert cli_main(["export", "check", str(manifest.directory), "--versions", "8.6,8.5.2,10.3,11"]) == 0
+    out = capsys.readouterr().out
+    assert "TensorRT 8.6 (8.5's table): OK" in out and "TensorRT 8.5.2 (8.5's table): OK" in out
+    assert "TensorRT 10.3 (10's table): OK" in out and "TensorRT 11: OK" in out
+    assert cli_main(["export", "check", str(manifest.directory), "--versions", ""]) == 2
+
+
 # --- goldens, tampering, overwrite -------------------------------------------------------------------------
 
 def test_goldens_verify_with_onnxruntime(rm2s):

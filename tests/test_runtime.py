@@ -929,7 +929,7 @@ class FakeKernels:
         self.cuda = cuda
         self.signatures = _kernel_signatures()
 
-    def SourceModule(self, source, no_extern_c=False, options=()):
+    def SourceModule(self, source, no_extern_c=False, options=(), nvcc="nvcc"):
         assert no_extern_c and any(o.startswith("-DRM2S_BINS=") for o in options)
         return self
 
@@ -1025,6 +1025,7 @@ def fake_trt(monkeypatch):
     import sys
     import types
 
+    from dereflect.manifest import sha256_file
     from dereflect.trt_api import EngineInfo, engine_paths, write_engine_info
 
     cuda = FakeCuda()
@@ -1047,7 +1048,7 @@ def fake_trt(monkeypatch):
             write_engine_info(EngineInfo(
                 network=name, engine=engine.name, onnx=spec.onnx, onnx_sha256=spec.sha256,
                 tensorrt_version=built_with, gpu_name="FakeGPU", compute_capability="8.7", precision="fp32",
-                profiles={}), sidecar)
+                profiles={}, engine_sha256=sha256_file(engine)), sidecar)
         return export
 
     make.trt, make.cuda = trt, cuda
@@ -1249,14 +1250,10 @@ def test_cli_refuses_checkpoint_beside_a_checkpoint_model(cli, tmp_path, capsys)
 
 def test_the_runtime_refuses_an_engine_changed_after_it_was_built(fake_trt, tmp_path):
     """The runtime applies the same engine check as export verify: sidecar, versions and the engine's hash."""
-    from dereflect.manifest import sha256_file
-    from dereflect.trt_api import engine_paths, read_engine_info, write_engine_info
+    from dereflect.trt_api import engine_paths
 
     export = fake_trt(tmp_path / "trt")
-    engine, sidecar = engine_paths(export, "stage2")
-    info = read_engine_info(sidecar)
-    info.engine_sha256 = sha256_file(engine)
-    write_engine_info(info, sidecar)
+    engine, _ = engine_paths(export, "stage2")
     with Remover.load(export, backend="tensorrt") as remover:
         assert remover.remove(_photo(seed=5)).shape == (40, 56, 3)
     engine.write_bytes(engine.read_bytes() + b"tampered")

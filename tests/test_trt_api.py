@@ -8,6 +8,7 @@ The export directory is made by hand from tiny ONNX graphs, so these tests need 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -72,20 +73,47 @@ def test_version_dispatch(version, explicit_batch, strong, fp16_flag):
 
 def test_parse_shape_forms():
     assert parse_shape("1x3x256x320", 3) == (1, 3, 256, 320)
-    assert parse_shape("2x3x256x320", 9) == (2, 9, 256, 320)  # C=3 means "the image": stage 2 takes 9
-    assert parse_shape("2x9x64x64", 9) == (2, 9, 64, 64)
+    assert parse_shape("1x3x256x320", 9) == (1, 9, 256, 320)  # C=3 means "the image": stage 2 takes 9
+    assert parse_shape("1x9x64x64", 9) == (1, 9, 64, 64)
+    assert parse_shape("1x9x64x64", 3, model_channels=(3, 9)) == (1, 3, 64, 64)  # stage 2's C, for stage 1
     assert parse_shape("256x320", 3) == (1, 3, 256, 320)
     assert parse_shape("720p", 3) == (1, 3, 720, 1280)
     assert parse_shape(" 1080P ", 9) == (1, 9, 1080, 1920)
-    for bad in ("1x5x64x64", "64", "axb", "1x3x64", ""):
+    assert parse_shape("4k", 3) == (1, 3, 2160, 3840)
+    for bad in ("1x5x64x64", "64", "axb", "1x3x64", "", "1x3xax64"):
         with pytest.raises(InputError):
             parse_shape(bad, 3)
+
+
+@pytest.mark.parametrize("channels, model_channels, shape, message", [
+    # CRRN: one 3-channel input; the message names it once.
+    (3, (3,), "1x9x128x128", r"^--min: shape '1x9x128x128' has 9 channels; this model's inputs take 3 \(or give HxW"),
+    (3, (3, 9), "1x5x128x128", r"has 5 channels; this model's inputs take 3 or 9 \("),
+    (3, (3,), "4x3x128x128", r"^--min: shape '4x3x128x128' has batch 4; the TensorRT runtime runs one frame at a "
+                             r"time, so every profile shape has batch 1"),
+    (3, (3,), "0x3x128x128", r"has batch 0"),
+])
+def test_profile_shapes_the_runtime_cannot_use_are_refused(channels, model_channels, shape, message):
+    with pytest.raises(InputError, match=message):
+        derive_profile(channels, shape, "720p", "1080p", model_channels)
+
+
+@pytest.mark.parametrize("channels, max_shape, message", [
+    (3, "100000x100000", r"^--max: 1x3x100000x100000 is 30000000000 elements; TensorRT takes tensors below 2\*\*31 "
+                         r"elements: a 3-channel frame below 715827882 pixels$"),
+    (9, "16384x16384", r"^--max: 1x9x16384x16384 is 2415919104 elements"),
+    (3, "600000x8", r"^--max: batch 1 or height 600000 exceeds the fused middle-step kernel's grid"),
+])
+def test_a_max_beyond_the_runtime_is_refused(channels, max_shape, message):
+    with pytest.raises(InputError, match=message):
+        derive_profile(channels, "1x3x1x1", "1x3x1x1", max_shape)
 
 
 def test_derive_profile_defaults_and_order():
     profile = derive_profile(3)
     assert profile == {"min": [1, 3, 128, 128], "opt": [1, 3, 720, 1280], "max": [1, 3, 1080, 1920]}
-    assert derive_profile(9, "1x3x64x64", "256x256", "2x3x512x512")["max"] == [2, 9, 512, 512]
+    assert derive_profile(9, "1x3x64x64", "256x256", "1x3x512x512")["max"] == [1, 9, 512, 512]
+    assert derive_profile(3, max_shape="16384x16384")["max"] == [1, 3, 16384, 16384]
     with pytest.raises(InputError, match="min <= opt <= max"):
         derive_profile(3, "512x512", "256x256", "1080p")
     with pytest.raises(InputError, match="below 1"):
@@ -101,7 +129,7 @@ def test_derive_profile_defaults_and_order():
 def _info(**changes) -> EngineInfo:
     base = dict(network="stage1", engine="stage1.engine", onnx="stage1.onnx", onnx_sha256="a" * 64,
                 tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="8.7", precision="fp16",
-                profiles={"image": derive_profile(3)})
+                profiles={"image": derive_profile(3)}, engine_sha256="b" * 64)
     base.update(changes)
     return EngineInfo(**base)
 
@@ -125,6 +153,19 @@ def test_sidecar_roundtrip_and_validation(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps(data))
     with pytest.raises(ModelError, match="not a dereflect engine sidecar"):
         read_engine_info(tmp_path / "other.json")
+
+
+def test_a_sidecar_without_the_engines_hash_is_refused(tmp_path):
+    """The project's builder always records the engine's SHA-256: a sidecar without it cannot vouch for the engine."""
+    path = tmp_path / "stage1.engine.json"
+    data = _info().to_dict()
+    path.write_text(json.dumps({**data, "engine_sha256": ""}))
+    with pytest.raises(ModelError, match=r"field 'engine_sha256' must be the engine's SHA-256 .*got ''; rebuild the "
+                                         r"engine with: dereflect export engine DIR$"):
+        read_engine_info(path)
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "engine_sha256"}))
+    with pytest.raises(ModelError, match=r"lacks engine_sha256; rebuild the engine with: dereflect export engine"):
+        read_engine_info(path)
 
 
 def test_check_engine_compatible():
@@ -481,6 +522,43 @@ def test_build_engines_without_tensorrt(export_dir, monkeypatch):
         build_engines(export_dir)
 
 
+def test_build_engines_checks_its_options_before_needing_tensorrt(export_dir, monkeypatch):
+    from dereflect.export.engine import build_engines
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(InputError, match="^--max: 1x3x100000x100000 is"):
+        build_engines(export_dir, max_shape="100000x100000")
+    with pytest.raises(InputError, match=r"unknown network\(s\) \['stage3'\]; this export has"):
+        build_engines(export_dir, networks=["stage3"])
+    with pytest.raises(InputError, match=r"workspace must be 0 \(TensorRT's default: up to the GPU's memory\) or a "
+                                         r"positive size, got -1048576 bytes \(-1 MiB\)"):
+        build_engines(export_dir, workspace=-1 << 20)
+
+
+def test_build_engines_workspace(export_dir, fake_trt, tmp_path):
+    from dereflect.export.engine import build_engines
+
+    calls = fake_trt("10.3.0")
+    build_engines(export_dir, timing_cache=tmp_path / "cache", workspace=0, networks=["stage1", "stage1"])
+    assert not [c for c in calls if c[0] == "workspace"] and calls.count(("build",)) == 1  # 0: TensorRT's own
+    calls = fake_trt("10.3.0")
+    with pytest.raises(InputError, match="workspace"):
+        build_engines(export_dir, timing_cache=tmp_path / "cache", workspace=-1)
+    assert calls == []  # refused before TensorRT was used at all
+
+
+def test_engine_profiles_take_any_input_channel_count_of_the_model(export_dir):
+    from dereflect.export.engine import engine_profiles
+
+    profiles = engine_profiles(load_manifest(export_dir), min_shape="1x9x64x64", opt_shape="256x256",
+                               max_shape="1x3x512x512")
+    assert profiles["stage1"] == {"image": {"min": [1, 3, 64, 64], "opt": [1, 3, 256, 256], "max": [1, 3, 512, 512]}}
+    assert profiles["stage2"] == {"stage2_input": {"min": [1, 9, 64, 64], "opt": [1, 9, 256, 256],
+                                                   "max": [1, 9, 512, 512]}}
+    with pytest.raises(InputError, match="has 5 channels; this model's inputs take 3 or 9"):
+        engine_profiles(load_manifest(export_dir), min_shape="1x5x64x64")
+
+
 def test_one_install_line_for_tensorrt_at_build_and_run_time(monkeypatch):
     """Building engines and opening them on the runtime name the same install line (Jetson's included),
     and every registered backend, under any of its names, has one."""
@@ -510,20 +588,8 @@ def test_engines_precision():
 def test_a_replayed_cuda_graph_returns_what_rm2s_returns():
     """The device executor's replay of a captured frame (no TensorRT here: its buffers, stream and graph are
     stand-ins) copies the frame in, launches the graph and gives RM2S's own result of stage 2's output."""
-    import contextlib
-    import threading
-
-    from dereflect.backends.tensorrt import TensorRTDeviceExecutor, _DeviceState
-    from dereflect.methods.base import get_method
-
-    class Runner:
-        @contextlib.contextmanager
-        def pushed(self):
-            yield
-
-    class Stream:
-        def synchronize(self) -> None:
-            pass
+    from dereflect.backends.tensorrt import _DeviceState
+    from dereflect.methods.base import MonotonicTimer, get_method
 
     class Graph:
         launches = 0
@@ -533,21 +599,137 @@ def test_a_replayed_cuda_graph_returns_what_rm2s_returns():
 
     image = np.random.default_rng(3).random((4, 6, 3), dtype=np.float32)
     stage2_output = (2.0 * image - 0.5).transpose(2, 0, 1)[None].astype(np.float16)  # partly outside [0, 1]
-    state = _DeviceState(None, None, Stream())
+    state = _DeviceState(None, None, _DeviceStream())
     state.shape, state.graph = (1, 4, 6), Graph()
     state.buffers = {"image": types.SimpleNamespace(array=np.zeros((1, 3, 4, 6), np.float32)),
                      "out": types.SimpleNamespace(array=stage2_output)}
-    executor = object.__new__(TensorRTDeviceExecutor)  # the engines and the kernel are not needed to replay
-    executor.stage1, executor._local = Runner(), threading.local()
-    executor._local.state = state
+    executor = _executor_standing_in(state)  # the engines and the kernel are not needed to replay
     method = get_method("rm2s")
-    layers = executor.run(method, image, method.settings())
-    assert Graph.launches == 1
+    timer = MonotonicTimer()
+    layers = executor.run(method, image, method.settings(), timer)
+    assert Graph.launches == 1 and list(timer.read()) == ["graph", "total"]
     np.testing.assert_array_equal(state.buffers["image"].array[0].transpose(1, 2, 0), image)
     expected = method.layers(image, stage2_output[0].transpose(1, 2, 0).astype(np.float32))
     np.testing.assert_array_equal(layers.background, expected.background)
     np.testing.assert_array_equal(layers.reflection, expected.reflection)
     assert layers.background.min() == 0.0 and layers.background.max() == 1.0
+
+
+class _StandInRunner:
+    """What the device executor uses of a TensorRTRunner to replay, time and compile: its CUDA context."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+
+    @contextlib.contextmanager
+    def pushed(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
+
+class _DeviceStream:
+    """A stream whose queued work finishes at ``done_ms`` on the device's clock (the host's never moves here)."""
+
+    def __init__(self) -> None:
+        self.done_ms = 0.0
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _executor_standing_in(state=None):
+    """A TensorRTDeviceExecutor without engines or kernels, on stand-ins for its runner and stream."""
+    import threading
+
+    from dereflect.backends.tensorrt import TensorRTDeviceExecutor, _DeviceState
+
+    executor = object.__new__(TensorRTDeviceExecutor)
+    executor.stage1, executor._local = _StandInRunner(), threading.local()
+    executor.use_graph, executor.graph_capture_error = True, None
+    executor._local.state = state or _DeviceState(None, None, _DeviceStream())
+    return executor
+
+
+def test_the_device_executor_times_its_stages_with_cuda_events_on_its_stream():
+    """Its primitives only enqueue: the host clock would give enqueue times and put the GPU's work into download.
+    pycuda's events (record(stream), time_since, synchronize) are stood in for on a stream with its own clock."""
+    from dereflect.backends.tensorrt import PycudaEventTimer
+
+    executor = _executor_standing_in()
+    stream = executor._local.state.stream
+    runner = executor.stage1
+
+    class Event:
+        def record(self, on):
+            assert on is stream and runner.depth > 0  # on the executor's stream, its CUDA context current
+            self.at_ms = on.done_ms
+
+        def synchronize(self):
+            assert runner.depth > 0
+            self.synchronized = True
+
+        def time_since(self, earlier):
+            return self.at_ms - earlier.at_ms
+
+    executor._cuda = types.SimpleNamespace(Event=Event)
+    timer = executor.timer()
+    assert isinstance(timer, PycudaEventTimer) and runner.depth == 0
+    for stage, device_ms in (("upload", 0.25), ("stage1", 4.0), ("middle", 0.5), ("stage2", 6.0), ("download", 0.25)):
+        with timer.stage(stage):
+            stream.done_ms += device_ms  # enqueued: done later on the device, no host time passes
+    assert timer.read() == {"upload": 0.25, "stage1": 4.0, "middle": 0.5, "stage2": 6.0, "download": 0.25,
+                            "total": 11.0}
+
+
+def test_a_failed_graph_capture_warns_once_and_says_why():
+    from dereflect.backends.tensorrt import _DeviceState
+
+    class Stream(_DeviceStream):
+        def begin_capture(self):
+            raise RuntimeError("cuStreamBeginCapture failed: operation not supported\n(details)")
+
+    class Method:
+        runs = 0
+
+        def run(self, executor, image, settings, timer=None, intermediates=False):
+            Method.runs += 1
+            return "layers"
+
+    state = _DeviceState(None, None, Stream())
+    state.shape = (1, 4, 6)
+    executor = _executor_standing_in(state)
+    image = np.zeros((4, 6, 3), np.float32)
+    with pytest.warns(UserWarning) as warned:
+        assert [executor.run(Method(), image, None) for _ in range(3)] == ["layers"] * 3
+    assert len(warned) == 1 and Method.runs == 3  # one try, then every frame plainly
+    assert executor.graph_capture_error == "RuntimeError: cuStreamBeginCapture failed: operation not supported"
+    assert "capturing the TensorRT sequence as a CUDA graph failed (RuntimeError: cuStreamBeginCapture failed" \
+        in str(warned[0].message)
+    assert state.graph is None and executor.use_graph is False
+
+
+def test_the_device_executor_reports_a_kernel_it_cannot_compile(monkeypatch, tmp_path):
+    """Opening RM2S on TensorRT compiles the fused kernel with pycuda, which needs nvcc: without it, one line."""
+    from dereflect.backends.tensorrt import TensorRTDeviceExecutor
+    from dereflect.middle_step import cuda as kernel
+
+    class Compiler:
+        def SourceModule(self, source, no_extern_c=False, options=(), nvcc="nvcc"):
+            raise OSError("error invoking 'nvcc --version': [Errno 2] No such file or directory")
+
+    pycuda = types.ModuleType("pycuda")
+    monkeypatch.setitem(sys.modules, "pycuda", pycuda)
+    monkeypatch.setitem(sys.modules, "pycuda.compiler", Compiler())
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(kernel, "TOOLKIT_NVCC", tmp_path / "missing")
+    runner = _StandInRunner()
+    runner.device_index, runner._cuda, runner.input_names = 0, None, ["image"]
+    runner.dtype_of = lambda name: np.float32
+    with pytest.raises(MissingDependencyError, match=r"neither on PATH nor at .*export PATH=/usr/local/cuda/bin"):
+        TensorRTDeviceExecutor(runner, runner, settings=None)
 
 
 def fake_engine_runtime(monkeypatch) -> list:
@@ -599,6 +781,10 @@ def test_verify_tensorrt_refuses_mismatched_engines(export_dir, fake_trt, tmp_pa
     sidecar.write_text(original)
     engine_paths(export_dir, "stage2")[0].write_bytes(b"tampered")
     with pytest.raises(ModelError, match="does not match the SHA-256 in its sidecar"):
+        verify(export_dir, backend="tensorrt")
+    # An emptied hash does not let the changed engine through.
+    sidecar.write_text(original.replace(json.loads(original)["engine_sha256"], ""))
+    with pytest.raises(ModelError, match="engine_sha256"):
         verify(export_dir, backend="tensorrt")
 
 
@@ -738,6 +924,64 @@ def test_engine_refuses_a_folder_holding_something_else(bundled, export_dir, tmp
     (tmp_path / "empty").mkdir()
     assert prepare_engine_dir("rm2s-lite", tmp_path / "empty").directory == tmp_path / "empty"
     assert prepare_engine_dir(export_dir, export_dir).directory == export_dir  # in place
+
+
+def test_export_engine_checks_what_needs_no_tensorrt_first_and_copies_nothing_until_then(bundled, tmp_path,
+                                                                                         monkeypatch, fake_trt):
+    """The model, the shapes, the networks, the workspace and the folder are refused for what they are, on a machine
+    without TensorRT; and on the device, before anything is copied."""
+    from dereflect.export.engine import plan_engine_dir
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    out = tmp_path / "engines"
+    refused = [
+        (dict(model="nosuch"), ModelError, "model not found"),
+        (dict(min_shape="0x0"), InputError, "--min shape .* has a dimension below 1"),
+        (dict(min_shape="4x3x128x128", opt_shape="4x3x720x1280", max_shape="4x3x1080x1920"), InputError, "batch 4"),
+        (dict(max_shape="100000x100000"), InputError, "TensorRT takes tensors below 2\\*\\*31 elements"),
+        (dict(networks=["stage3"]), InputError, "unknown network"),
+        (dict(workspace=-1 << 20), InputError, "workspace must be 0"),
+    ]
+    for options, error, message in refused:
+        options = {"model": "rm2s-lite", **options}
+        with pytest.raises(error, match=message):
+            plan_engine_dir(options.pop("model"), out, **options)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(ModelError, match="not an export of tiny"):
+        plan_engine_dir("rm2s-lite", tmp_path / "photos")
+    plan = plan_engine_dir("rm2s-lite", out, networks=["stage1"], max_shape="720p", workspace=1 << 20)
+    assert plan.directory == out and not out.exists()  # checked, nothing written yet
+    fake_trt("10.3.0")
+    manifest = plan.prepare()
+    assert manifest.directory == out and (out / "manifest.json").is_file()
+    assert plan_engine_dir("rm2s-lite", out).prepare().directory == out  # the copy is reused
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["nosuch"], "model not found"),
+    (["rm2s-lite", "--min", "0x0"], "--min shape [1, 3, 0, 0] has a dimension below 1"),
+    (["rm2s-lite", "--min", "4x3x128x128", "--opt", "4x3x720x1280", "--max", "4x3x1080x1920"], "has batch 4"),
+    (["rm2s-lite", "--max", "100000x100000"], "TensorRT takes tensors below 2**31 elements"),
+    (["rm2s-lite", "--network", "stage3"], "unknown network(s) ['stage3']"),
+    (["rm2s-lite", "--workspace", "-1"], "got -1048576 bytes (-1 MiB)"),
+])
+@pytest.mark.parametrize("tensorrt", [False, True])
+def test_export_engine_names_the_real_problem_and_leaves_no_folder(bundled, fake_trt, tmp_path, monkeypatch, capsys,
+                                                                    argv, message, tensorrt):
+    """Without TensorRT, a bad model or option is named rather than the missing TensorRT; with it, it is refused
+    before the export is copied."""
+    from dereflect.cli import main
+
+    if tensorrt:
+        calls = fake_trt("10.3.0")
+    else:
+        monkeypatch.setitem(sys.modules, "tensorrt", None)
+    out = tmp_path / "engines"
+    assert main(["export", "engine", *argv, "-o", str(out), "--timing-cache", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dereflect: error: ") and message in err and len(err.splitlines()) == 1
+    assert not out.exists() and (not tensorrt or calls == [])
 
 
 def test_timing_cache_lives_in_dereflect_cache(monkeypatch, tmp_path):

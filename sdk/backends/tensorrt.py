@@ -17,7 +17,9 @@ in once, engine 1, the four passes of ``middle_step/confidence.cu`` (compiled wi
 ``SourceModule``, launched by :func:`dereflect.middle_step.cuda.launch_plan`) and engine 2 go on
 one stream with no host synchronisation between them, and the result is copied out once. For a
 repeated frame size that sequence is captured once in a CUDA graph and replayed
-(``use_graph=True``); when capture fails it falls back to plain enqueueing.
+(``use_graph=True``); when capture fails it falls back to plain enqueueing, warns once and keeps
+the reason (``graph_capture_error``, which ``dereflect bench`` reports). Since the primitives only
+enqueue, its stages are timed with CUDA events on its stream (:class:`PycudaEventTimer`).
 
 Every engine is opened by :func:`open_engine`, the one compatibility check the runtime and
 ``dereflect export verify`` share: sidecar present and readable, built by this TensorRT for
@@ -32,18 +34,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from dereflect.backends.base import HW, Backend, BackendDescription, BackendOptions, Runner, require_backend_module
 from dereflect.errors import InputError, ModelError
 from dereflect.manifest import Manifest
-from dereflect.methods.base import NULL_TIMER, Executor, Layers, MiddleStepOutput, Timer
+from dereflect.methods.base import NULL_TIMER, EventTimer, Executor, Layers, MiddleStepOutput, Timer
 from dereflect.methods.rm2s import RM2S, STAGE1, STAGE2
-
-MIN_TENSORRT = (8, 5, 0)
+from dereflect.trt_api import MIN_TENSORRT, trt_version_tuple
 
 
 @dataclass
@@ -82,8 +84,6 @@ def profile_hw(engine: Any, names: Sequence[str], profile: int = 0) -> Tuple[Opt
 
 
 def check_version(trt: Any) -> Tuple[int, int, int]:
-    from ..trt_api import trt_version_tuple
-
     version = trt_version_tuple(trt)
     if version < MIN_TENSORRT:
         raise ModelError(
@@ -121,7 +121,7 @@ def open_engine(manifest: Manifest, network: str, device: int = 0) -> Tuple[Tens
         raise ModelError(f"engine {engine.name} was built from {info.onnx}, which this export does not list")
     gpu_name, capability = gpu_info()
     check_engine_compatible(info, str(trt.__version__), gpu_name, capability, hashes[info.onnx])
-    if info.engine_sha256 and sha256_file(engine) != info.engine_sha256:
+    if sha256_file(engine) != info.engine_sha256:
         raise ModelError(f"{engine} does not match the SHA-256 in its sidecar (changed after it was built); "
                          "rebuild it with: dereflect export engine")
     return TensorRTRunner(engine, device=device, name=network).activate(), info
@@ -384,7 +384,7 @@ class TensorRTDeviceExecutor(Executor):
 
     def __init__(self, stage1: TensorRTRunner, stage2: TensorRTRunner, settings: Any,
                  use_graph: bool = True, kernel_options: Sequence[str] = ()) -> None:
-        from dereflect.middle_step.cuda import KERNELS, kernel_defines, kernel_names, kernel_source
+        from dereflect.middle_step.cuda import compile_with_pycuda, kernel_names
 
         if stage1.device_index != stage2.device_index:
             raise ModelError("both RM2S engines must run on the same GPU")
@@ -392,15 +392,15 @@ class TensorRTDeviceExecutor(Executor):
         self.stage2 = stage2
         self.settings = settings
         self.use_graph = bool(use_graph)
+        #: why capturing the sequence as a CUDA graph failed (every frame is then enqueued plainly); None if it did not
+        self.graph_capture_error: Optional[str] = None
         self._cuda = stage1._cuda
         self._image_name = stage1.input_names[0]
         self._s2_name = stage2.input_names[0]
         self.kernels = kernel_names(stage1.dtype_of(_B1), stage2.dtype_of(self._s2_name))
         compiler = require_backend_module("pycuda.compiler", "tensorrt", "compiling the CUDA kernel")
         with stage1.pushed():
-            module = compiler.SourceModule(kernel_source(), no_extern_c=True,
-                                           options=list(kernel_defines()) + list(kernel_options))
-            self._functions = {name: module.get_function(name) for name in KERNELS}
+            self._functions = compile_with_pycuda(compiler, kernel_options)
         self._local = threading.local()
 
     def _state(self) -> _DeviceState:
@@ -505,10 +505,11 @@ class TensorRTDeviceExecutor(Executor):
             state = self._state()
             height, width = image.shape[:2]
             if state.graph is not None and state.shape == (1, height, width):
-                for key in ("image", "image_engine"):
-                    if key in state.buffers:
-                        state.buffers[key].array[...] = image.transpose(2, 0, 1)[None]
+                # One stage from the frame's copy into the pinned buffer to the result's arrival.
                 with timer.stage("graph"):
+                    for key in ("image", "image_engine"):
+                        if key in state.buffers:
+                            state.buffers[key].array[...] = image.transpose(2, 0, 1)[None]
                     state.graph.launch(state.stream)
                     state.stream.synchronize()
                 return method.layers(image, state.buffers["out"].array[0].transpose(1, 2, 0).astype(np.float32))
@@ -520,7 +521,7 @@ class TensorRTDeviceExecutor(Executor):
             return layers
 
     def _capture(self, state: _DeviceState, method: RM2S, image: np.ndarray, settings: Any) -> None:
-        """Record the method's sequence as a CUDA graph; on failure keep plain enqueueing."""
+        """Record the method's sequence as a CUDA graph; on failure keep plain enqueueing, and say so once."""
         try:
             state.stream.begin_capture()
             state.capturing = True
@@ -530,11 +531,45 @@ class TensorRTDeviceExecutor(Executor):
                 state.capturing = False
                 graph = state.stream.end_capture()
             state.graph = graph.instantiate()
-        except Exception:  # noqa: BLE001 - capture is an optimisation; the plain path stays correct
+        except Exception as exc:  # noqa: BLE001 - capture is an optimisation; the plain path stays correct
             state.graph = None
-            self.use_graph = False
+            self.use_graph = False  # no further tries, so one warning
+            self.graph_capture_error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            warnings.warn(f"capturing the TensorRT sequence as a CUDA graph failed ({self.graph_capture_error}); "
+                          "every frame is enqueued without a graph", stacklevel=2)
+
+    def timer(self) -> Timer:
+        """CUDA events on this thread's stream: the primitives only enqueue, so the host clock would time the
+        enqueueing and put the GPU's work into ``download``, the one call that waits."""
+        with self.stage1.pushed():
+            stream = self._state().stream
+        return PycudaEventTimer(self._cuda, stream, self.stage1.pushed)
 
     def close(self) -> None:
         """Free the contexts, buffers and graphs of every thread (with the CUDA context current)."""
         with self.stage1.pushed():
             self._local = threading.local()
+
+
+class PycudaEventTimer(EventTimer):
+    """pycuda events recorded on one stream, each with the CUDA context current (``pushed``): a stage of
+    host work around the sequence (downscale, upsample) may be timed from a thread without it."""
+
+    def __init__(self, cuda: Any, stream: Any, pushed: Callable[[], ContextManager[None]]) -> None:
+        super().__init__()
+        self._cuda = cuda
+        self._stream = stream
+        self._pushed = pushed
+
+    def _record(self) -> Any:
+        with self._pushed():
+            event = self._cuda.Event()
+            event.record(self._stream)
+        return event
+
+    def _elapsed_ms(self, start: Any, end: Any) -> float:
+        return end.time_since(start)
+
+    def read(self) -> Dict[str, float]:
+        with self._pushed():
+            return super().read()

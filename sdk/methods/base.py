@@ -123,17 +123,23 @@ class MonotonicTimer(Timer):
         return times
 
 
-class CudaEventTimer(Timer):
-    """CUDA events recorded on torch's current stream: device time, no synchronisation between stages."""
+class EventTimer(Timer):
+    """CUDA events recorded on the stream the work runs on: device time, no synchronisation between stages.
 
-    def __init__(self, torch: Any) -> None:
-        self._torch = torch
+    A stage of host work (between two events on an idle stream) is timed as the host time between them.
+    Subclasses say how to record an event and read the time between two.
+    """
+
+    def __init__(self) -> None:
         self._events: Dict[str, List[Any]] = {}
 
     def _record(self) -> Any:
-        event = self._torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
+        """A new event, recorded now on the stream."""
+        raise NotImplementedError
+
+    def _elapsed_ms(self, start: Any, end: Any) -> float:
+        """Milliseconds between two recorded events (both complete)."""
+        raise NotImplementedError
 
     def begin(self, name: str) -> None:
         self._events[name] = [self._record(), None]
@@ -144,9 +150,25 @@ class CudaEventTimer(Timer):
     def read(self) -> Dict[str, float]:
         pairs = list(self._events.values())
         pairs[-1][1].synchronize()
-        times = {name: float(start.elapsed_time(end)) for name, (start, end) in self._events.items()}
-        times["total"] = float(pairs[0][0].elapsed_time(pairs[-1][1]))
+        times = {name: float(self._elapsed_ms(start, end)) for name, (start, end) in self._events.items()}
+        times["total"] = float(self._elapsed_ms(pairs[0][0], pairs[-1][1]))
         return times
+
+
+class CudaEventTimer(EventTimer):
+    """CUDA events recorded on torch's current stream."""
+
+    def __init__(self, torch: Any) -> None:
+        super().__init__()
+        self._torch = torch
+
+    def _record(self) -> Any:
+        event = self._torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _elapsed_ms(self, start: Any, end: Any) -> float:
+        return start.elapsed_time(end)
 
 
 class Executor:

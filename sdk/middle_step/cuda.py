@@ -2,18 +2,21 @@
 
 The launch geometry lives in :func:`launch_config` (pure Python, so a pycuda or
 cuda-python launcher reuses it); :class:`CupyConfidence` runs the four passes on a cupy stream
-with a reused workspace. The source compiles with nvcc as well (``-cubin`` or ``-ptx``, with
-:func:`kernel_defines` and :func:`kernel_path`); the tests do so for every supported GPU.
+with a reused workspace; :func:`compile_with_pycuda` builds them for the TensorRT backend. The
+source compiles with nvcc as well (``-cubin`` or ``-ptx``, with :func:`kernel_defines` and
+:func:`kernel_path`); the tests do so for every supported GPU.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from dereflect.errors import InputError, ModelError, require
+from dereflect.errors import InputError, MissingDependencyError, ModelError, require
 from dereflect.middle_step.reference import EPS, GRADIENT_THRESHOLD, HISTOGRAM_BINS
 
 KERNEL_FILE = "confidence.cu"
@@ -74,21 +77,74 @@ def kernel_source() -> str:
     return (files("dereflect.middle_step") / KERNEL_FILE).read_text(encoding="utf-8")
 
 
+#: Where the CUDA toolkit (JetPack's included) installs nvcc; JetPack does not put its folder on PATH.
+TOOLKIT_NVCC = Path("/usr/local/cuda/bin/nvcc")
+PATH_FIX = "export PATH=/usr/local/cuda/bin:$PATH"
+_HOST_FALLBACK = "or open the model with device_middle_step=False (the middle step then runs on the CPU)"
+
+
+def compile_with_pycuda(compiler: Any, options: Sequence[str] = ()) -> Dict[str, Any]:
+    """Every kernel of the source, by name, compiled by pycuda (``compiler`` is ``pycuda.compiler``) for
+    the GPU of the current CUDA context.
+
+    pycuda's ``SourceModule`` runs ``nvcc`` from PATH; where PATH has none but the toolkit has
+    :data:`TOOLKIT_NVCC` (JetPack's default), that one is passed to it. MissingDependencyError when
+    no nvcc can be run (pycuda's OSError), ModelError when compiling or loading fails; both one line
+    that says what to do.
+    """
+    on_path = shutil.which("nvcc")
+    toolkit = str(TOOLKIT_NVCC) if os.access(TOOLKIT_NVCC, os.X_OK) else None
+    where = {"nvcc": toolkit} if toolkit and not on_path else {}
+    nvcc = on_path or toolkit or "nvcc"
+    try:
+        module = compiler.SourceModule(kernel_source(), no_extern_c=True,
+                                       options=list(kernel_defines()) + list(options), **where)
+        return {name: module.get_function(name) for name in KERNELS}
+    except OSError as exc:  # pycuda could not run nvcc (pytools' ExecError)
+        if not (on_path or toolkit):
+            raise MissingDependencyError(
+                f"the fused middle step is compiled with nvcc (the CUDA toolkit), which is neither on PATH nor at "
+                f"{TOOLKIT_NVCC}: on a Jetson, run {PATH_FIX} (JetPack installs it there); elsewhere install the "
+                f"CUDA toolkit; {_HOST_FALLBACK}") from exc
+        raise MissingDependencyError(f"cannot run nvcc ({nvcc}) to compile the fused middle step: "
+                                     f"{_first_error(exc)}; {_HOST_FALLBACK}") from exc
+    except Exception as exc:  # noqa: BLE001 - pycuda's CompileError, or its driver refusing the module
+        raise ModelError(f"nvcc ({nvcc}) could not build {KERNEL_FILE} for this GPU: "
+                         f"{_first_error(exc)}; put this device's CUDA toolkit first on PATH ({PATH_FIX}), "
+                         f"{_HOST_FALLBACK}") from exc
+
+
+def _first_error(exc: BaseException) -> str:
+    """The line of a compiler failure that says what went wrong (pycuda's CompileError keeps nvcc's stderr)."""
+    lines = [line.strip() for line in f"{getattr(exc, 'stderr', '') or ''}\n{exc}".splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or [type(exc).__name__])[0]
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def launch_config(height: int, width: int, batch: int = 1) -> Dict[str, Any]:
-    """Grid/block sizes of the four passes and the workspace sizes (in elements) for NxHxW."""
+def check_frame_size(height: int, width: int, batch: int = 1) -> None:
+    """InputError unless the kernel can run N x H x W frames: a 32-bit pixel index, and at most
+    MAX_GRID_YZ blocks along the batch and the rows."""
     for name, value in (("height", height), ("width", width), ("batch", batch)):
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise InputError(f"{name} must be a positive integer, got {value!r}")
+    pixels = int(height) * int(width)
+    if pixels >= 2**31:
+        raise InputError(f"{height}x{width} has {pixels} pixels; the fused middle-step kernel takes frames below "
+                         "2**31 pixels")
+    if batch > MAX_GRID_YZ or _ceil_div(int(height), TILE_H) > MAX_GRID_YZ:
+        raise InputError(f"batch {batch} or height {height} exceeds the fused middle-step kernel's grid (at most "
+                         f"{MAX_GRID_YZ} frames and {MAX_GRID_YZ * TILE_H} rows)")
+
+
+def launch_config(height: int, width: int, batch: int = 1) -> Dict[str, Any]:
+    """Grid/block sizes of the four passes and the workspace sizes (in elements) for NxHxW."""
+    check_frame_size(height, width, batch)
     height, width, batch = int(height), int(width), int(batch)
     pixels = height * width
-    if pixels >= 2**31:
-        raise InputError(f"{height}x{width} has {pixels} pixels; the kernel takes images below 2**31 pixels")
-    if batch > MAX_GRID_YZ or _ceil_div(height, TILE_H) > MAX_GRID_YZ:
-        raise InputError(f"batch {batch} or height {height} exceeds the grid limit ({MAX_GRID_YZ} blocks)")
     hist_blocks = min(max(_ceil_div(pixels, HIST_THREADS * HIST_PIXELS_PER_THREAD), 1), HIST_MAX_BLOCKS)
     return {
         "confidence": {

@@ -7,8 +7,11 @@
 For each size: a synthetic frame, ``--warmup`` untimed runs, then ``--runs`` timed runs of the
 pipeline split into stages (RM2S: upload, stage1, middle, stage2, download; CRRN: upload,
 crrn, download; plus downscale and upsample around them for a frame larger than the networks
-take). Each stage gets mean, median, p90, p99 and max, the whole run the same plus FPS. As
-trtexec does, a run whose coefficient of variation or ``(p90 - median) / median`` exceeds
+take). A size is N (a square), HxW or a named size (720p, 4k: the names ``export engine`` takes,
+:data:`dereflect.trt_api.NAMED_SIZES`). Each stage gets mean, median, p90, p99 and max, the whole
+run the same plus FPS; the table shows a percentile only from enough runs to have one above it
+(p90: 10, p99: 100), since from fewer it is an interpolation towards the slowest run. As trtexec
+does, a run whose coefficient of variation or ``(p90 - median) / median`` exceeds
 ``--variation-threshold`` (5 %) is flagged: the machine was busy or clocks moved.
 
 **What is timed.** What :meth:`~dereflect.remover.Remover.remove` runs for a frame (a float32
@@ -23,9 +26,11 @@ executor ``remove`` uses; a larger one as ``remove``'s default ``guided`` strate
 guided filter bringing the reflection layer back to the frame's resolution, on the host). The
 report gives, for each size, the resolution the networks ran at. The timer hook is the
 executor's own clock: the host monotonic clock for host arrays (ONNX Runtime; TensorRT engines
-one at a time; torch on the CPU), CUDA events on the stream where the frame stays on a GPU
-(torch on CUDA). A TensorRT device path replays a captured CUDA graph after its first frame; a
-graph cannot be split, so it is reported as one ``graph`` stage.
+one at a time; torch on the CPU), where upload and download are the frame's layout conversions;
+CUDA events on the stream where the frame stays on a GPU (torch on CUDA, TensorRT's RM2S device
+path), where upload and download are the copies to and from the GPU. A TensorRT device path
+replays a captured CUDA graph after its first frame; a graph cannot be split, so it is reported
+as one ``graph`` stage (and a capture that failed is reported in the notes).
 
 **The floor.** With ``--device-table`` (or ``auto`` on a GPU the table knows), each network's
 FLOPs and minimum bytes are counted from its ONNX graph at the size the networks ran at
@@ -36,7 +41,8 @@ multiple of its floor (a comparison); a table of another device (``agx-orin`` na
 CPU) gives that device's floors as a prediction, with no multiples, and the report says so.
 
 Outputs: ``bench.json`` (everything, raw samples included) and, where matplotlib is installed,
-``bench.png`` (latency distribution per size and the per-stage breakdown).
+``bench.png`` (latency distribution per size and the per-stage breakdown, with the machine and
+date); those of an earlier run in ``--out`` are replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -44,7 +50,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import re
@@ -58,40 +63,51 @@ from dereflect.cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
 from dereflect.cli_options import add_model_options, model_options
 from dereflect.errors import DereflectError, InputError, MissingDependencyError
 from dereflect.imageio import check_output_location, staged_file
-from dereflect.methods.base import NULL_TIMER, CudaEventTimer, Timer
+from dereflect.methods.base import NULL_TIMER, EventTimer, Timer
 from dereflect.remover import fit_size
+from dereflect.trt_api import NAMED_SIZES, parse_frame_size
 
 VARIATION_THRESHOLD = 0.05
 DEFAULT_SIZES = "256,720p,1080p"
 MAX_SIDE = 16384
 REPORT_FORMAT = "dereflect-bench"
+REPORT_FILES = ("bench.json", "bench.png")
+#: Runs a percentile needs before the table shows it: one run above it (1 / (1 - p)).
+PERCENTILE_MIN_RUNS = {"p90": 10, "p99": 100}
 
 
 # -- sizes and statistics ----------------------------------------------------------------------
 
 def parse_size(text: str) -> Tuple[str, int, int]:
-    """``"256"`` (square), ``"720p"`` (16:9, width rounded up to even) or ``"HxW"`` -> (label, H, W)."""
+    """``"256"`` (square), ``"HxW"`` or a named size (``"720p"``, ``"4k"``) -> (label, H, W).
+
+    HxW and the names are ``export engine``'s grammar (:func:`dereflect.trt_api.parse_frame_size`).
+    """
     label = str(text).strip().lower()
-    match_p = re.fullmatch(r"(\d+)p", label)
-    match_hw = re.fullmatch(r"(\d+)x(\d+)", label)
-    if match_p:
-        height = int(match_p.group(1))
-        width = 2 * int(math.ceil(height * 16 / 9 / 2))
-    elif match_hw:
-        height, width = int(match_hw.group(1)), int(match_hw.group(2))
-    elif label.isdigit():
+    if re.fullmatch(r"[0-9]+", label):
         height = width = int(label)
     else:
-        raise InputError(f"size {text!r} is not N, Np or HxW (e.g. 256, 720p, 1080p, 480x640)")
+        try:
+            height, width = parse_frame_size(label)
+        except InputError:
+            raise InputError(f"size {text!r} is not N (a square), HxW or one of {', '.join(NAMED_SIZES)} "
+                             "(e.g. 256, 480x640, 720p, 4k)") from None
     if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE):
         raise InputError(f"size {text!r} must have sides between 1 and {MAX_SIDE}")
     return label, height, width
 
 
 def parse_sizes(text: str) -> List[Tuple[str, int, int]]:
+    """``--sizes``: comma-separated sizes (:func:`parse_size`), each frame size once."""
     sizes = [parse_size(part) for part in str(text).split(",") if part.strip()]
     if not sizes:
         raise InputError("--sizes needs at least one size, e.g. 256,720p")
+    seen: Dict[Tuple[int, int], str] = {}
+    for label, height, width in sizes:
+        if (height, width) in seen:
+            raise InputError(f"--sizes gives {height}x{width} twice ({seen[(height, width)]} and {label}); "
+                             "list each size once")
+        seen[(height, width)] = label
     return sizes
 
 
@@ -122,9 +138,19 @@ def summarize(samples_ms: Sequence[float], threshold: float = VARIATION_THRESHOL
     }
 
 
+def variation_excess(cov: float, p90_spread: float, threshold: float = VARIATION_THRESHOLD) -> Dict[str, float]:
+    """trtexec's test: the relative spreads above ``threshold``, by name ("CoV", "(p90 - median)/median")."""
+    figures = {"CoV": cov, "(p90 - median)/median": p90_spread}
+    return {name: value for name, value in figures.items() if value > threshold}
+
+
 def is_variable(cov: float, p90_spread: float, threshold: float = VARIATION_THRESHOLD) -> bool:
-    """trtexec's test: timings are unreliable when either relative spread exceeds ``threshold``."""
-    return bool(cov > threshold or p90_spread > threshold)
+    """Whether timings are unreliable: either relative spread exceeds ``threshold`` (:func:`variation_excess`)."""
+    return bool(variation_excess(cov, p90_spread, threshold))
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.3g}%"
 
 
 # -- the model, opened as remove opens it ----------------------------------------------------
@@ -153,9 +179,11 @@ class BenchPipeline:
         self.element_bytes = description.element_bytes
         self.description = description.text
         executor = self.remover.executor
-        clock = ("CUDA events on one stream (downscale, upsample: the host work between two events)"
-                 if isinstance(executor.timer(), CudaEventTimer)
-                 else "the host monotonic clock; upload/download are the host layout conversions")
+        clock = ("CUDA events on the stream the frame stays on; upload is the frame's copy to the GPU, download "
+                 "the result's copy back (downscale, upsample: the host work between two events)"
+                 if isinstance(executor.timer(), EventTimer)
+                 else "the host monotonic clock; upload/download are the frame's layout conversions on the host "
+                      "(a network's own copies to and from a GPU are in its stage)")
         # (What a frame larger than the networks take adds around this, run_bench notes where one is.)
         self.notes: List[str] = [f"each run is what remove runs for the frame: Remover.run_once on "
                                  f"{type(executor).__name__}; stages timed with {clock}"]
@@ -318,12 +346,10 @@ def bench_size(pipeline: BenchPipeline, label: str, height: int, width: int, war
         "total": stats["total"],
         "samples_ms": samples,
     }
-    result["warnings"] = [
-        f"{label} {name}: timings vary (CoV {stats[name]['cov']:.1%}, (p90 - median)/median "
-        f"{stats[name]['p90_spread']:.1%} > {variation_threshold:.0%}); the machine was busy or clocks "
-        "changed"
-        for name in ("total",) if stats[name]["variable"]
-    ]
+    excess = variation_excess(stats["total"]["cov"], stats["total"]["p90_spread"], variation_threshold)
+    figures = ", ".join(f"{name} {_percent(value)} > {_percent(variation_threshold)}" for name, value in excess.items())
+    result["warnings"] = [f"{label} total: timings vary ({figures}); the machine was busy or clocks changed"] \
+        if excess else []
     try:
         costs = size_costs(pipeline, net_height, net_width, pipeline.element_bytes)
     except MissingDependencyError as exc:
@@ -436,6 +462,17 @@ def run_bench(
                 results.append({"label": label, "height": height, "width": width, "error": str(exc)})
         cost_errors = list(dict.fromkeys(e["costs_error"] for e in results if e.get("costs_error")))
         notes.extend(f"no FLOPs, bytes or floors: {error}" for error in cost_errors)
+        short = {name: needed for name, needed in PERCENTILE_MIN_RUNS.items() if int(runs) < needed}
+        if short:
+            needs = ", ".join(f"{name} needs --runs {needed} or more" for name, needed in short.items())
+            notes.append(f"{' and '.join(short)} not shown: from {int(runs)} runs no run lies above "
+                         f"{'them' if len(short) > 1 else 'it'}, so the figure (kept in the JSON) is an interpolation "
+                         f"towards the slowest run; {needs}")
+        # Only TensorRT's device executor captures graphs; the others have no such attribute.
+        capture_error = getattr(pipeline.remover.executor, "graph_capture_error", None)
+        if capture_error:
+            notes.append(f"CUDA graph capture failed ({capture_error}): every frame was enqueued without a graph, "
+                         "so the times include the launch overhead a replay saves")
         return {
             "format": REPORT_FORMAT,
             "format_version": 2,
@@ -500,8 +537,10 @@ def format_report(report: Dict[str, Any]) -> str:
         rows = list(entry["stages"].items()) + [("total", entry["total"])]
         for name, stats in rows:
             flag = "*" if stats["variable"] else " "
+            p90, p99 = (f"{stats[f'{p}_ms']:9.3f}" if stats["runs"] >= PERCENTILE_MIN_RUNS[p] else f"{'n/a':>9}"
+                        for p in ("p90", "p99"))
             line = (f"{size:<{width}} {name:<9} {stats['mean_ms']:9.3f} {stats['median_ms']:9.3f} "
-                    f"{stats['p90_ms']:9.3f} {stats['p99_ms']:9.3f} {stats['max_ms']:9.3f}{flag}")
+                    f"{p90} {p99} {stats['max_ms']:9.3f}{flag}")
             if limits_ and name in limits_["floor_ms"]:
                 line += f"{limits_['floor_ms'][name]:9.3f}"
                 if "ratio" in limits_:
@@ -516,11 +555,26 @@ def format_report(report: Dict[str, Any]) -> str:
                               for name, c in costs.items())
             lines.append(f"{'':<{width}} cost: {parts}")
     lines.append("times in ms; * = variable timings (CoV or (p90 - median)/median above "
-                 f"{report['variation_threshold']:.0%})")
+                 f"{_percent(report['variation_threshold'])})")
     warnings = [w for entry in report["sizes"] for w in entry.get("warnings", [])]
     lines.extend(f"warning: {w}" for w in warnings)
     lines.extend(f"note: {n}" for n in report["notes"])
     return "\n".join(lines)
+
+
+def check_out_dir(out_dir: os.PathLike, overwrite: bool = False, plot: bool = True) -> None:
+    """Check, before any timing, that the report can be written into ``out_dir``: InputError for any of
+    :func:`dereflect.imageio.check_output_location`'s reasons and, without ``overwrite``, for the report
+    files of an earlier run there (``bench.png`` only when ``plot``)."""
+    out = Path(out_dir)
+    check_output_location(out, folder=True)
+    names = REPORT_FILES if plot else REPORT_FILES[:1]
+    existing = [out / name for name in names if os.path.lexists(out / name)]
+    if existing and not overwrite:
+        if len(existing) == 1:
+            raise InputError(f"{existing[0]}: file exists; pass --overwrite to replace it")
+        raise InputError(f"{out}: {', '.join(path.name for path in existing)} exist already (an earlier run); "
+                         "pass --overwrite to replace them")
 
 
 def write_report(report: Dict[str, Any], out_dir: os.PathLike) -> Path:
@@ -573,10 +627,18 @@ def plot_report(report: Dict[str, Any], path: os.PathLike) -> Optional[Path]:
     breakdown.set_ylabel("% of the median frame")
     breakdown.set_title("per-stage breakdown (medians)")
     breakdown.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    figure.suptitle(f"{report['model']['name']} on {report['backend_detail']}", fontsize=10)
+    figure.suptitle(plot_title(report), fontsize=10)
     path = Path(path)
     figure.savefig(path, dpi=110)
     return path
+
+
+def plot_title(report: Dict[str, Any]) -> str:
+    """The plot's title: the model and backend, then the machine and when it ran."""
+    machine = report["machine"]
+    created = _dt.datetime.fromisoformat(report["created"]).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"{report['model']['name']} on {report['backend_detail']}\n"
+            f"{report['device_in_use']} ({machine['platform']}), {created}")
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -596,7 +658,8 @@ def register(subparsers: Any) -> None:
     )
     add_model_options(bench, positional=True, output=False)
     bench.add_argument("--sizes", default=DEFAULT_SIZES,
-                       help=f"comma-separated: N (square), Np (16:9) or HxW (default: {DEFAULT_SIZES})")
+                       help=f"comma-separated, each once: N (square), HxW or a name ({', '.join(NAMED_SIZES)}) "
+                            f"(default: {DEFAULT_SIZES})")
     bench.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed runs per size (default: 3)")
     bench.add_argument("--runs", type=int, default=20, metavar="N", help="timed runs per size (default: 20)")
     bench.add_argument("--out", default="bench-results", metavar="DIR",
@@ -610,12 +673,16 @@ def register(subparsers: Any) -> None:
                        help=f"flag runs whose CoV or (p90 - median)/median exceeds F (default: "
                             f"{VARIATION_THRESHOLD})")
     bench.add_argument("--no-plot", action="store_true", help="write bench.json only, no bench.png")
+    bench.add_argument("--overwrite", action="store_true",
+                       help="replace the bench.json and bench.png of an earlier run in --out (default: off, "
+                            "refused before any timing)")
     bench.set_defaults(func=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    # Before any timing: a folder that cannot be written would otherwise fail after all of it.
-    check_output_location(Path(args.out), folder=True)
+    # Before any timing: a folder that cannot be written, or an earlier run's report, would otherwise stop it
+    # after all of it.
+    check_out_dir(args.out, args.overwrite, plot=not args.no_plot)
     report = run_bench(
         args.model, parse_sizes(args.sizes), warmup=args.warmup, runs=args.runs, device_table=args.device_table,
         variation_threshold=args.variation_threshold, log=lambda message: print(message, file=sys.stderr),
