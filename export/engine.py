@@ -42,14 +42,17 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dereflect.cache import cache_dir
 from dereflect.errors import InputError, ModelError, require
 from dereflect.imageio import check_output_location, is_free_folder, staged_file, staged_folder
 from dereflect.manifest import MANIFEST_NAME, Manifest, inside, load_manifest, sha256_file
+from dereflect.remover import fit_size
 from dereflect.stop_signals import StopSignals
 from dereflect.trt_api import (
+    DEFAULT_PROFILE,
+    NAMED_SIZES,
     EngineInfo,
     Version,
     derive_profile,
@@ -57,6 +60,7 @@ from dereflect.trt_api import (
     fp16_flag_available,
     gpu_info,
     needs_explicit_batch_flag,
+    parse_shape,
     trt_version_tuple,
     use_strong_typing,
     write_engine_info,
@@ -158,9 +162,25 @@ def engine_profiles(manifest: Manifest, networks: Optional[Sequence[str]] = None
     if unknown:
         raise InputError(f"unknown network(s) {unknown}; this export has {list(manifest.networks)}")
     model_channels = sorted({t.channels for spec in manifest.networks.values() for t in spec.inputs})
+    if opt_shape is None and max_shape is None:
+        opt_shape, max_shape = model_profile(manifest, min_shape)
     return {name: {t.name: derive_profile(t.channels, min_shape, opt_shape, max_shape, model_channels)
                    for t in manifest.networks[name].inputs}
             for name in names}
+
+
+def model_profile(manifest: Manifest, min_shape: Optional[str] = None) -> Tuple[Optional[str], Optional[str]]:
+    """The ``opt`` and ``max`` shapes that fit what the runtime feeds this model's networks: a model that
+    records the side its networks run at (``max_side``: 224 for the bundled ones) never sees more than
+    that square, and a 720p frame reaches them scaled to fit it (and padded up to the profile's ``min``,
+    as the runtime pads a frame below it). (None, None), the 720p / 1080p defaults, for a model without."""
+    if not manifest.max_side:
+        return None, None
+    _, _, min_h, min_w = parse_shape(min_shape or DEFAULT_PROFILE["min"], 3)
+    side = manifest.max_side
+    height, width, _ = fit_size(*NAMED_SIZES["720p"], (side, side))
+    return (f"{max(height, min_h)}x{max(width, min_w)}",
+            f"{max(side, min_h)}x{max(side, min_w)}")
 
 
 def check_workspace(workspace: Optional[int]) -> Optional[int]:

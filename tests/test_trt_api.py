@@ -559,6 +559,23 @@ def test_engine_profiles_take_any_input_channel_count_of_the_model(export_dir):
         engine_profiles(load_manifest(export_dir), min_shape="1x5x64x64")
 
 
+def test_the_default_profile_is_what_the_runtime_feeds_a_model_that_records_its_side(export_dir):
+    import dataclasses
+
+    from dereflect.export.engine import engine_profiles
+
+    manifest = load_manifest(export_dir)
+    bundled_like = dataclasses.replace(manifest, max_side=224)
+    # remove scales a 720p frame to 126x224 and pads it to the profile's 128 minimum; nothing exceeds 224x224
+    assert engine_profiles(bundled_like)["stage1"]["image"] == {"min": [1, 3, 128, 128], "opt": [1, 3, 128, 224],
+                                                                 "max": [1, 3, 224, 224]}
+    assert engine_profiles(bundled_like, min_shape="64x64")["stage2"]["stage2_input"]["opt"] == [1, 9, 126, 224]
+    # a bound given by hand, or a model without a side: the frame-size defaults
+    assert engine_profiles(bundled_like, max_shape="1080p")["stage1"]["image"]["opt"] == [1, 3, 720, 1280]
+    assert engine_profiles(dataclasses.replace(manifest, max_side=None))["stage1"]["image"]["max"] == [1, 3, 1080,
+                                                                                                    1920]
+
+
 def test_one_install_line_for_tensorrt_at_build_and_run_time(monkeypatch):
     """Building engines and opening them on the runtime name the same install line (Jetson's included),
     and every registered backend, under any of its names, has one."""
