@@ -58,7 +58,8 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 #: A manifest is a few kilobytes; anything far larger is not one.
 MAX_MANIFEST_BYTES = 4 << 20
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+#: A SHA-256 digest as the files record it: 64 lower-case hex digits.
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 #: The smallest side the networks may be asked to run at (a manifest's or a checkpoint's ``max_side``,
 #: ``export onnx --max-side``, a Remover's ``max_side``, ``train --val-max-side``; all checked by
 #: :func:`check_max_side`): below it a U-Net's deepest level is a pixel or two wide.
@@ -66,6 +67,17 @@ MIN_MAX_SIDE = 32
 #: The side the runtime runs a model's networks at when its manifest (or checkpoint) records none.
 DEFAULT_MAX_SIDE = 1024
 _RECORDS = ("fp16", "parity", "tensorrt_check", "export")
+
+
+def is_int(value: Any) -> bool:
+    """Whether a value read from JSON is a whole number (``True`` and ``False`` are not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def show_value(value: Any, limit: int = 60) -> str:
+    """``repr`` of a value from a file, cut short so that a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_max_side(value: Any, what: str = "max_side", error: Type[DereflectError] = InputError,
@@ -129,7 +141,7 @@ def _integer(data: Mapping[str, Any], key: str, where: str, default: int, low: i
 
 def _hash(data: Mapping[str, Any], key: str, where: str) -> str:
     value = data.get(key)
-    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+    if not isinstance(value, str) or not SHA256_PATTERN.fullmatch(value):
         raise ModelError(f"{where}: {key} must be a SHA-256 hex digest, got {value!r}")
     return value
 

@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import InputError, ModelError
 from .imageio import staged_file
-from .manifest import _SHA256
+from .manifest import SHA256_PATTERN, is_int, show_value
 
 Version = Tuple[int, int, int]
 Shape = Tuple[int, int, int, int]
@@ -248,17 +248,6 @@ class EngineInfo:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-def is_int(value: Any) -> bool:
-    """Whether a value read from JSON is a whole number (``True`` and ``False`` are not)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def show_value(value: Any, limit: int = 60) -> str:
-    """``repr`` of a value from a file, cut short so that a message stays one readable line."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _check_sidecar_fields(data: Dict[str, Any]) -> None:
     def wrong(name: str, what: str) -> ModelError:
         return ModelError(f"engine sidecar field {name!r} must be {what}, got {show_value(data[name])}")
@@ -273,9 +262,9 @@ def _check_sidecar_fields(data: Dict[str, Any]) -> None:
             raise wrong(name, "a file name without a folder")
     if data["precision"] not in _PRECISIONS:
         raise wrong("precision", " or ".join(_PRECISIONS))
-    if not _SHA256.fullmatch(data["onnx_sha256"]):
+    if not SHA256_PATTERN.fullmatch(data["onnx_sha256"]):
         raise wrong("onnx_sha256", "a SHA-256 (64 lowercase hex digits)")
-    if not _SHA256.fullmatch(data["engine_sha256"]):
+    if not SHA256_PATTERN.fullmatch(data["engine_sha256"]):
         # Without it an engine changed after it was built would load unnoticed.
         raise ModelError(f"engine sidecar field 'engine_sha256' must be the engine's SHA-256 (64 lowercase hex "
                          f"digits), got {show_value(data['engine_sha256'])}; rebuild the engine with: "

@@ -37,7 +37,7 @@ import torch
 from dereflect import __version__
 from dereflect.errors import InputError, ModelError
 from dereflect.imageio import staged_file
-from dereflect.manifest import check_max_side
+from dereflect.manifest import check_max_side, is_int, show_value
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -211,22 +211,13 @@ def save_checkpoint(
     return path
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value: Any) -> bool:
     # JSON allows NaN and Infinity through Python's parser; a config number must be finite.
-    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+    return is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    """``repr`` of a value from the file, cut short: messages stay one readable line whatever the file holds."""
-    return _cut(repr(value), limit)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -251,11 +242,11 @@ def _nests_deeper(value: Any, limit: int) -> bool:
 #: Config field annotation (the config dataclasses' own, as strings) -> (check, what it must be).
 #: A field with another annotation is left to the config class and the build.
 _CONFIG_FIELD_RULES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
-    "int": (_is_int, "a whole number"),
+    "int": (is_int, "a whole number"),
     "float": (_is_number, "a finite number"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
-    "Tuple[int, ...]": (lambda v: isinstance(v, list) and len(v) <= MAX_CONFIG_ITEMS and all(map(_is_int, v)),
+    "Tuple[int, ...]": (lambda v: isinstance(v, list) and len(v) <= MAX_CONFIG_ITEMS and all(map(is_int, v)),
                         f"a list of at most {MAX_CONFIG_ITEMS} whole numbers"),
 }
 
@@ -264,30 +255,32 @@ def _check_network_spec(path: Path, name: Any, spec: Any) -> None:
     from .models import ARCHS, config_class
 
     if not isinstance(name, str) or not name or "/" in name or name == "optim":
-        raise ModelError(f"{path}: network name {_show(name)} is not usable (empty, holds '/' or is 'optim')")
+        raise ModelError(f"{path}: network name {show_value(name)} is not usable (empty, holds '/' or is 'optim')")
     if not isinstance(spec, dict):
-        raise ModelError(f"{path}: network {_show(name)} must be an object with 'arch' and 'config'")
+        raise ModelError(f"{path}: network {show_value(name)} must be an object with 'arch' and 'config'")
     arch = spec.get("arch")
     if not isinstance(arch, str) or arch not in ARCHS:
-        raise ModelError(f"{path}: network {_show(name)} has unknown architecture {_show(arch)}; "
+        raise ModelError(f"{path}: network {show_value(name)} has unknown architecture {show_value(arch)}; "
                          f"known: {', '.join(ARCHS)}")
     config = spec.get("config")
     if not isinstance(config, dict):
-        raise ModelError(f"{path}: network {_show(name)} ({arch}): 'config' must be an object, got {_show(config)}")
+        raise ModelError(f"{path}: network {show_value(name)} ({arch}): 'config' must be an object, "
+                         f"got {show_value(config)}")
     config_cls = config_class(arch)
     for config_field in dataclasses.fields(config_cls):
         rule = _CONFIG_FIELD_RULES.get(str(config_field.type))
         if rule and config_field.name in config and not rule[0](config[config_field.name]):
-            raise ModelError(f"{path}: network {_show(name)} ({arch}): config {config_field.name} must be {rule[1]}, "
-                             f"got {_show(config[config_field.name])}")
+            raise ModelError(f"{path}: network {show_value(name)} ({arch}): config {config_field.name} must be "
+                             f"{rule[1]}, got {show_value(config[config_field.name])}")
     try:
         config_cls.from_dict(config)
     except (InputError, TypeError, ValueError) as exc:
-        raise ModelError(f"{path}: network {_show(name)} ({arch}): config not accepted: {_first_line(exc)}") from exc
+        raise ModelError(f"{path}: network {show_value(name)} ({arch}): config not accepted: "
+                         f"{_first_line(exc)}") from exc
 
 
 def _check_optimizer_spec(path: Path, name: Any, spec: Any) -> None:
-    where = f"{path}: optimiser {_show(name)}"
+    where = f"{path}: optimiser {show_value(name)}"
     if not isinstance(name, str) or not name or "/" in name:
         raise ModelError(f"{where}: name is not usable (empty or holds '/')")
     if not isinstance(spec, dict) or not isinstance(spec.get("state"), dict) \
@@ -295,10 +288,10 @@ def _check_optimizer_spec(path: Path, name: Any, spec: Any) -> None:
         raise ModelError(f"{where} must be an object with 'state' (object) and 'param_groups' (list)")
     for index, values in spec["state"].items():
         if not (index.isascii() and index.isdigit()) or not isinstance(values, dict):
-            raise ModelError(f"{where}: state entry {_show(index)} must be a parameter index holding an object")
+            raise ModelError(f"{where}: state entry {show_value(index)} must be a parameter index holding an object")
     for group in spec["param_groups"]:
         params = group.get("params") if isinstance(group, dict) else None
-        if not isinstance(params, list) or not all(_is_int(p) and p >= 0 for p in params):
+        if not isinstance(params, list) or not all(is_int(p) and p >= 0 for p in params):
             raise ModelError(f"{where}: each param group must be an object whose 'params' lists parameter indices")
 
 
@@ -307,13 +300,13 @@ def _check_metadata(path: Path, metadata: Any) -> None:
     if not isinstance(metadata, dict):
         raise ModelError(f"{path}: checkpoint metadata must be a JSON object, got {type(metadata).__name__}")
     if metadata.get("format") != FORMAT:
-        raise ModelError(f"{path}: not a dereflect checkpoint (format {_show(metadata.get('format'))})")
+        raise ModelError(f"{path}: not a dereflect checkpoint (format {show_value(metadata.get('format'))})")
     for key in ("format_version", "method", "kind", "networks", "step"):
         if key not in metadata:
             raise ModelError(f"{path}: checkpoint metadata lacks {key!r}")
     version = metadata["format_version"]
-    if not _is_int(version) or version < 1:
-        raise ModelError(f"{path}: checkpoint format_version must be a whole number >= 1, got {_show(version)}")
+    if not is_int(version) or version < 1:
+        raise ModelError(f"{path}: checkpoint format_version must be a whole number >= 1, got {show_value(version)}")
     if version > FORMAT_VERSION:
         raise ModelError(
             f"{path}: checkpoint format {version} is newer than this dereflect ({__version__}) reads; upgrade dereflect"
@@ -321,20 +314,20 @@ def _check_metadata(path: Path, metadata: Any) -> None:
     # The kind's spelling is the method's business (method_for_checkpoint); here it only has to be text.
     for key in ("method", "kind"):
         if not isinstance(metadata[key], str) or not metadata[key]:
-            raise ModelError(f"{path}: checkpoint {key} must be a non-empty string, got {_show(metadata[key])}")
-    if not _is_int(metadata["step"]) or metadata["step"] < 0:
-        raise ModelError(f"{path}: checkpoint step must be a whole number >= 0, got {_show(metadata['step'])}")
+            raise ModelError(f"{path}: checkpoint {key} must be a non-empty string, got {show_value(metadata[key])}")
+    if not is_int(metadata["step"]) or metadata["step"] < 0:
+        raise ModelError(f"{path}: checkpoint step must be a whole number >= 0, got {show_value(metadata['step'])}")
     if "max_side" in metadata:
         check_max_side(metadata["max_side"], f"{path}: checkpoint max_side", ModelError)
     for key, kind, label in (("data_recipe", dict, "an object"), ("training", dict, "an object"),
                              ("optimizers", dict, "an object"), ("package_version", str, "a string"),
                              ("git_commit", str, "a string"), ("created", str, "a string")):
         if key in metadata and not isinstance(metadata[key], kind):
-            raise ModelError(f"{path}: checkpoint {key} must be {label}, got {_show(metadata[key])}")
+            raise ModelError(f"{path}: checkpoint {key} must be {label}, got {show_value(metadata[key])}")
     networks = metadata["networks"]
     if not isinstance(networks, dict) or not networks or len(networks) > MAX_NETWORKS:
         raise ModelError(f"{path}: checkpoint networks must be an object naming 1 to {MAX_NETWORKS} networks, "
-                         f"got {_show(networks)}")
+                         f"got {show_value(networks)}")
     for name, spec in networks.items():
         _check_network_spec(path, name, spec)
     for name, spec in metadata.get("optimizers", {}).items():
@@ -390,8 +383,8 @@ def _expected_tensors(path: Path, name: str, spec: Dict[str, Any]) -> Dict[str, 
         with torch.device("meta"):
             module = build_model(spec["arch"], spec["config"])
     except Exception as exc:  # the config came from the file: whatever stops the build is the file's problem
-        raise ModelError(f"{path}: network {_show(name)} ({spec['arch']}) cannot be built from its recorded config: "
-                         f"{_first_line(exc)}") from exc
+        raise ModelError(f"{path}: network {show_value(name)} ({spec['arch']}) cannot be built from its recorded "
+                         f"config: {_first_line(exc)}") from exc
     return _specs(module.state_dict())
 
 
@@ -432,15 +425,15 @@ def _check_tensors(path: Path, metadata: Dict[str, Any], header: Dict[str, Tenso
         elif head in found:
             found[head][rest] = entry
         else:
-            raise ModelError(f"{path}: tensor {_show(key)} belongs to no network listed in the metadata")
+            raise ModelError(f"{path}: tensor {show_value(key)} belongs to no network listed in the metadata")
     largest = 0
     for name, spec in networks.items():
         if not found[name]:
-            raise ModelError(f"{path}: network {_show(name)} is listed in the metadata but has no tensors")
+            raise ModelError(f"{path}: network {show_value(name)} is listed in the metadata but has no tensors")
         expected = _expected_tensors(path, name, spec)
         problems = _tensor_mismatches(expected, found[name])
         if problems:
-            raise ModelError(f"{path}: network {_show(name)} ({spec['arch']}): weights do not match the recorded "
+            raise ModelError(f"{path}: network {show_value(name)} ({spec['arch']}): weights do not match the recorded "
                              "architecture: " + "; ".join(problems))
         largest = max([largest, *(math.prod(shape) for _, shape in expected.values())])
     optimizers = metadata.get("optimizers", {})
@@ -448,13 +441,14 @@ def _check_tensors(path: Path, metadata: Dict[str, Any], header: Dict[str, Tenso
         parts = key.split("/", 3)
         if len(parts) != 4 or parts[1] not in optimizers or parts[2] not in optimizers[parts[1]]["state"] \
                 or not parts[3]:
-            raise ModelError(f"{path}: tensor {_show(key)} is not the state of an optimiser listed in the metadata")
+            raise ModelError(f"{path}: tensor {show_value(key)} is not the state of an optimiser listed in the "
+                             "metadata")
         if dtype not in _NUMERIC_CODES:
-            raise ModelError(f"{path}: optimiser tensor {_show(key)} has dtype {dtype}; optimiser state is numeric "
-                             f"({', '.join(sorted(_NUMERIC_CODES))})")
+            raise ModelError(f"{path}: optimiser tensor {show_value(key)} has dtype {dtype}; optimiser state is "
+                             f"numeric ({', '.join(sorted(_NUMERIC_CODES))})")
         # Optimiser state is per parameter (moments) or a scalar (step): never larger than a parameter.
         if math.prod(shape) > largest:
-            raise ModelError(f"{path}: optimiser tensor {_show(key)} has {math.prod(shape)} elements, more than "
+            raise ModelError(f"{path}: optimiser tensor {show_value(key)} has {math.prod(shape)} elements, more than "
                              f"the largest network tensor ({largest})")
 
 
