@@ -45,7 +45,6 @@ import math
 import numbers
 import os
 import re
-import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
@@ -95,7 +94,7 @@ def check_max_side(value: Any, what: str = "max_side", error: Type[DereflectErro
         return int(value)
     unlimited = " (or 0 / None for no limit)" if no_limit else ""
     raise error(f"{what} must be a whole number of pixels, at least {MIN_MAX_SIDE}{unlimited}, "
-                f"got {reprlib.repr(value)}")
+                f"got {show_value(value)}")
 
 
 def sha256_file(path: os.PathLike) -> str:
