@@ -74,7 +74,7 @@ def test_bench_sizes_and_engine_shapes_share_one_grammar():
     assert bench.parse_size("480x640")[1:] == parse_shape("480x640", 3)[2:]
 
 
-@pytest.mark.parametrize("text", ["", "abc", "0", "12x", "720i", "99999", "600p", "1x3x64x64"])
+@pytest.mark.parametrize("text", ["", "abc", "0", "12x", "720i", "99999", "600p", "1x3x64x64", "256,", "256,,720p"])
 def test_parse_size_rejects(text):
     with pytest.raises(InputError):
         bench.parse_sizes(text)
@@ -114,6 +114,9 @@ def test_variation_flag():
     assert not bench.is_variable(0.04, 0.04, threshold=0.05) and bench.is_variable(0.04, 0.04, threshold=0.03)
     assert bench.variation_excess(0.085, 0.019) == {"CoV": 0.085}
     assert bench.variation_excess(0.01, 0.06) == {"(p90 - median)/median": 0.06}
+    # From fewer runs than p90 is shown from, it is not tested either (the table says n/a)
+    few = bench.summarize([10.0, 10.0, 10.0, 10.0, 15.0])
+    assert few["p90_spread"] == 0.0 and few["variable"] == (few["cov"] > bench.VARIATION_THRESHOLD)
     with pytest.raises(InputError):
         bench.summarize([])
     with pytest.raises(InputError):

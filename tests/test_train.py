@@ -463,7 +463,7 @@ def test_crrn_reflection_loss_weight_is_recorded_and_checked(photo_folder, tmp_p
     base = ["train", "crrn", *PAPER, "--data", str(photo_folder), "--steps", "1", "--batch-size", "2", "--size", "64",
             "--val-count", "2", "--workers", "0"]
     assert main(base + ["--reflection-loss-weight", "-0.5", "--out", str(tmp_path / "bad")]) == 2
-    assert "--reflection-loss-weight must be >= 0" in capsys.readouterr().err
+    assert "--reflection-loss-weight must be a finite number >= 0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     assert main(base + ["--reflection-loss-weight", "0.25", "--out", str(tmp_path / "run")]) == 0
     assert load_checkpoint(tmp_path / "run" / "final.safetensors").metadata["loss"]["reflection_weight"] == 0.25

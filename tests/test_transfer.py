@@ -395,8 +395,9 @@ def test_extra_edge_term_scores_edges_left_in_more_than_edges_taken_out():
     assert float(extra(left_in, target)[0]) - float(extra(taken_out, target)[0]) > \
         float(plain(left_in, target)[0]) - float(plain(taken_out, target)[0])
     assert extra.describe()["extra_edge"] == 2.0
-    with pytest.raises(InputError, match=">= 0"):
-        RestorationLoss(None, perceptual=0.0, extra_edge=-1.0)
+    for bad in (-1.0, float("nan"), float("inf")):  # NaN would pass "< 0" and switch the term off
+        with pytest.raises(InputError, match=">= 0"):
+            RestorationLoss(None, perceptual=0.0, extra_edge=bad)
 
 
 def test_lite_training_with_real_pairs_runs_end_to_end_and_stage2_and_crrn_start_from_it(
@@ -440,12 +441,14 @@ def test_lite_training_with_real_pairs_runs_end_to_end_and_stage2_and_crrn_start
     assert main(["train", "crrn", *common, "--recipe", "paper", "--real-colour-weight", "0.5",
                  "--out", str(tmp_path / "c3")]) == 2
     assert "--real-colour-weight belongs to the transfer recipe" in capsys.readouterr().err
+    assert main(["train", "crrn", *common, "--extra-edge-weight", "nan", "--out", str(tmp_path / "c3")]) == 2
+    assert "--extra-edge-weight must be a finite number >= 0, got nan" in capsys.readouterr().err
     assert main(["train", "crrn", *common, "--real-colour-weight", "2", "--out", str(tmp_path / "c3")]) == 2
     assert "--real-colour-weight must be between 0 and 1" in capsys.readouterr().err
     assert main(["train", "crrn", *common, "--gradient-weight", "-1", "--out", str(tmp_path / "c3")]) == 2
-    assert "--gradient-weight must be >= 0" in capsys.readouterr().err
+    assert "--gradient-weight must be a finite number >= 0" in capsys.readouterr().err
     assert main(["train", "crrn", *common, "--perceptual-weight", "-0.1", "--out", str(tmp_path / "c3")]) == 2
-    assert "--perceptual-weight must be >= 0" in capsys.readouterr().err
+    assert "--perceptual-weight must be a finite number >= 0" in capsys.readouterr().err
     assert main(["train", "crrn", *common, "--recipe", "paper", "--perceptual-weight", "1",
                  "--out", str(tmp_path / "c3")]) == 2
     assert "--perceptual-weight belongs to the transfer recipe" in capsys.readouterr().err

@@ -828,8 +828,8 @@ def transfer_loss(args: argparse.Namespace) -> RestorationLoss:
     extra_edge = args.extra_edge_weight or 0.0
     for option, value in (("--reflection-emphasis", emphasis), ("--gradient-weight", gradient),
                           ("--perceptual-weight", perceptual), ("--extra-edge-weight", extra_edge)):
-        if value < 0:
-            raise InputError(f"{option} must be >= 0, got {value:g}")
+        if not (math.isfinite(value) and value >= 0):  # NaN passes a plain "< 0" and turns a term off
+            raise InputError(f"{option} must be a finite number >= 0, got {value:g}")
     if not 0.0 <= colour <= 1.0:
         raise InputError(f"--real-colour-weight must be between 0 and 1, got {colour:g}")
     return RestorationLoss(FeatureLoss(load_mobilenet_weights()), gradient=gradient, perceptual=perceptual,
@@ -1032,8 +1032,8 @@ def run_crrn(args: argparse.Namespace) -> int:
     from .models.backbone import load_encoder_weights
     from .rm2s import ENCODER_LR_SCALE
 
-    if args.reflection_loss_weight < 0:
-        raise InputError(f"--reflection-loss-weight must be >= 0, got {args.reflection_loss_weight:g}")
+    if not (math.isfinite(args.reflection_loss_weight) and args.reflection_loss_weight >= 0):
+        raise InputError(f"--reflection-loss-weight must be a finite number >= 0, got {args.reflection_loss_weight:g}")
     if args.config != "lite" and uses_transfer(args):
         raise InputError(f"the transfer recipe trains the lite CRRN; use --recipe paper with --config {args.config}")
     if args.config != "lite" and args.init:

@@ -9,6 +9,7 @@ They are computed in float32 even under autocast: E[x^2] - E[x]^2 loses too much
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -353,8 +354,9 @@ class RestorationLoss(nn.Module):
                  perceptual: float = PERCEPTUAL_WEIGHT, real_gradient_scale: float = 0.5,
                  reflection_emphasis: float = 0.0, real_colour_weight: float = 1.0, extra_edge: float = 0.0) -> None:
         super().__init__()
-        if min(gradient, perceptual, real_gradient_scale, reflection_emphasis, extra_edge) < 0:
-            raise InputError("RestorationLoss weights must be >= 0")
+        if not all(math.isfinite(w) and w >= 0 for w in (gradient, perceptual, real_gradient_scale,
+                                                          reflection_emphasis, extra_edge)):
+            raise InputError("RestorationLoss weights must be finite numbers >= 0")
         if not 0.0 <= real_colour_weight <= 1.0:
             raise InputError(f"RestorationLoss: real_colour_weight must be in [0, 1], got {real_colour_weight:g}")
         if perceptual > 0 and features is None:

@@ -99,9 +99,12 @@ def parse_size(text: str) -> Tuple[str, int, int]:
 
 def parse_sizes(text: str) -> List[Tuple[str, int, int]]:
     """``--sizes``: comma-separated sizes (:func:`parse_size`), each frame size once."""
-    sizes = [parse_size(part) for part in str(text).split(",") if part.strip()]
-    if not sizes:
+    parts = [part.strip() for part in str(text).split(",")]
+    if not any(parts):
         raise InputError("--sizes needs at least one size, e.g. 256,720p")
+    if not all(parts):
+        raise InputError(f"--sizes {text!r} has an empty item; list sizes with one comma between each, e.g. 256,720p")
+    sizes = [parse_size(part) for part in parts]
     seen: Dict[Tuple[int, int], str] = {}
     for label, height, width in sizes:
         if (height, width) in seen:
@@ -121,7 +124,8 @@ def summarize(samples_ms: Sequence[float], threshold: float = VARIATION_THRESHOL
     p90, p99 = (float(v) for v in np.percentile(values, [90, 99]))
     std = float(values.std(ddof=1)) if values.size > 1 else 0.0
     cov = std / mean if mean > 0 else 0.0
-    spread = (p90 - median) / median if median > 0 else 0.0
+    # From fewer runs than p90 needs, p90 is the slowest runs interpolated: no test of variation then.
+    spread = (p90 - median) / median if median > 0 and values.size >= PERCENTILE_MIN_RUNS["p90"] else 0.0
     return {
         "runs": int(values.size),
         "mean_ms": mean,
