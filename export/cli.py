@@ -69,10 +69,10 @@ def register(subparsers: Any) -> None:
     precision.add_argument("--fp16", dest="fp16", action="store_true", default=True,
                            help="FP16 engines (default)")
     precision.add_argument("--fp32", dest="fp16", action="store_false", help="FP32 engines")
-    model_default = {"min": "", "opt": ", or with neither --opt nor --max, a 720p frame as the model's max_side "
-                     "scales it (128x224 for the bundled models)",
-                     "max": ", or with neither --opt nor --max, the model's max_side square (224x224 for the "
-                     "bundled models: the most remove feeds their networks)"}
+    model_default = {"min": "", "opt": " for a model without a max_side; else a 720p frame as the model's max_side "
+                     "scales it, 128x224 for the bundled models, kept under --max",
+                     "max": " for a model without a max_side; else the max_side square, 224x224 for the bundled "
+                     "models (the most remove feeds their networks), widened to hold --opt"}
     for bound, default in DEFAULT_PROFILE.items():
         engine.add_argument(f"--{bound}", metavar="SHAPE", default=None,
                             help=f"{bound} frame size of the profile: HxW, a name ({', '.join(NAMED_SIZES)}) or "

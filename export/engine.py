@@ -162,8 +162,7 @@ def engine_profiles(manifest: Manifest, networks: Optional[Sequence[str]] = None
     if unknown:
         raise InputError(f"unknown network(s) {unknown}; this export has {list(manifest.networks)}")
     model_channels = sorted({t.channels for spec in manifest.networks.values() for t in spec.inputs})
-    if opt_shape is None and max_shape is None:
-        opt_shape, max_shape = model_profile(manifest, min_shape)
+    opt_shape, max_shape = _complete_profile(manifest, min_shape, opt_shape, max_shape, model_channels)
     return {name: {t.name: derive_profile(t.channels, min_shape, opt_shape, max_shape, model_channels)
                    for t in manifest.networks[name].inputs}
             for name in names}
@@ -181,6 +180,28 @@ def model_profile(manifest: Manifest, min_shape: Optional[str] = None) -> Tuple[
     height, width, _ = fit_size(*NAMED_SIZES["720p"], (side, side))
     return (f"{max(height, min_h)}x{max(width, min_w)}",
             f"{max(side, min_h)}x{max(side, min_w)}")
+
+
+def _complete_profile(manifest: Manifest, min_shape: Optional[str], opt_shape: Optional[str],
+                      max_shape: Optional[str], model_channels: Sequence[int]) -> Tuple[Optional[str], Optional[str]]:
+    """``opt`` and ``max`` with the model's own (:func:`model_profile`) in place of a bound not given: its
+    ``opt`` under a ``--max`` given by hand where it fits there (else that ``max``), its ``max`` above an
+    ``--opt`` given by hand (widened to hold it)."""
+    model_opt, model_max = model_profile(manifest, min_shape)
+    if model_max is None or (opt_shape is not None and max_shape is not None):
+        return opt_shape, max_shape
+
+    def hw(text: str) -> Tuple[int, int]:
+        _, _, height, width = parse_shape(text, 3, model_channels)
+        return height, width
+
+    if opt_shape is None and max_shape is None:
+        return model_opt, model_max
+    if opt_shape is None:
+        fits = all(a <= b for a, b in zip(hw(model_opt), hw(max_shape)))
+        return (model_opt if fits else max_shape), max_shape
+    (opt_h, opt_w), (max_h, max_w) = hw(opt_shape), hw(model_max)
+    return opt_shape, f"{max(opt_h, max_h)}x{max(opt_w, max_w)}"
 
 
 def check_workspace(workspace: Optional[int]) -> Optional[int]:

@@ -570,8 +570,12 @@ def test_the_default_profile_is_what_the_runtime_feeds_a_model_that_records_its_
     assert engine_profiles(bundled_like)["stage1"]["image"] == {"min": [1, 3, 128, 128], "opt": [1, 3, 128, 224],
                                                                  "max": [1, 3, 224, 224]}
     assert engine_profiles(bundled_like, min_shape="64x64")["stage2"]["stage2_input"]["opt"] == [1, 9, 126, 224]
-    # a bound given by hand, or a model without a side: the frame-size defaults
-    assert engine_profiles(bundled_like, max_shape="1080p")["stage1"]["image"]["opt"] == [1, 3, 720, 1280]
+    # one bound given by hand: the model's other one, made to hold it
+    assert engine_profiles(bundled_like, max_shape="1080p")["stage1"]["image"]["opt"] == [1, 3, 128, 224]
+    assert engine_profiles(bundled_like, max_shape="160x160")["stage1"]["image"]["opt"] == [1, 3, 160, 160]
+    assert engine_profiles(bundled_like, opt_shape="720p")["stage1"]["image"]["max"] == [1, 3, 720, 1280]
+    assert engine_profiles(bundled_like, opt_shape="200x200")["stage1"]["image"]["max"] == [1, 3, 224, 224]
+    # a model without a side: the frame-size defaults
     assert engine_profiles(dataclasses.replace(manifest, max_side=None))["stage1"]["image"]["max"] == [1, 3, 1080,
                                                                                                     1920]
 
