@@ -222,9 +222,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     if missing:
         print("gpu_suite: missing " + "; ".join(missing), file=sys.stderr)
         return 2
+    from dereflect.errors import DereflectError
+
+    try:
+        return _suite(args, argv)
+    except DereflectError as exc:
+        print(f"gpu_suite: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _suite(args: argparse.Namespace, argv: Optional[List[str]]) -> int:
     import torch
+    from dereflect.imageio import check_output_location
     from dereflect.tools.bench import machine_info, parse_sizes
     from dereflect.tools.flops import device_for_gpu, device_spec, middle_step_cost
+    from dereflect.train.models.rm2s import UNetConfig
 
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:
@@ -243,6 +255,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         table = "h100"
     spec = device_spec(table) if table else None
     sizes = parse_sizes(args.sizes)
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    for preset in presets:
+        UNetConfig.preset(preset)  # an unknown one: InputError naming those there are, before any run
+    check_output_location(Path(args.out), folder=True)  # before minutes of measuring, not after
     machine = machine_info(on_gpu=cuda)
     machine["torch"] = torch.__version__
     if cuda:
@@ -258,7 +274,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.time()
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="dereflect-gpu-suite-") as work:
-        for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
+        for preset in presets:
             try:
                 report["presets"][preset] = run_preset(preset, Path(work), sizes, device, precision, table, args)
             except Exception as exc:  # noqa: BLE001 - keep the other presets' figures

@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from dereflect.errors import DereflectError, InputError
-from dereflect.models import open_model
+from dereflect.manifest import check_max_side
+from dereflect.models import open_model, open_source
 from dereflect.remover import Remover, fit_size
 from dereflect.tools.bench import machine_info, size_costs, synthetic_frame
 from dereflect.tools.flops import device_spec
@@ -126,7 +127,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _table(args: argparse.Namespace) -> int:
     if args.runs < 1 or args.warmup < 0:
         raise InputError(f"--runs must be at least 1 and --warmup at least 0, got {args.runs} and {args.warmup}")
-    variants = [parse_variant(variant) for variant in args.variants]  # all checked before any is timed
+    # Every variant checked before anything is printed or timed (a table redirected to a file stays whole).
+    variants = [parse_variant(variant) for variant in args.variants]
+    if len(set(args.variants)) < len(args.variants):
+        raise InputError(f"a variant is given twice in {' '.join(args.variants)}; list each once")
+    for model, side in variants:
+        open_source(model)
+        if side != "model":
+            check_max_side(side)
     columns, qualities = read_quality(args.quality)
     machine = machine_info()
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine['cpu']} ({machine['cpu_count']} "

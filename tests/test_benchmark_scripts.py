@@ -40,12 +40,16 @@ def test_tradeoff_variants_run_at_the_models_own_side_unless_told(tmp_path, caps
     bad_report = tmp_path / "report.json"
     bad_report.write_text('{"a": 1}')
     for argv, wanted in ((["crrn-lite@abc"], "whole number of pixels"), (["@7"], "names no model"),
+                         (["crrn-lite", "nosuch@224"], "model not found: nosuch"),
+                         (["crrn-lite", "crrn-lite@10"], "at least 32"),
+                         (["crrn-lite", "crrn-lite"], "given twice"),
                          (["crrn-lite", "--runs", "0"], "--runs must be at least 1"),
                          (["crrn-lite", "--quality", "x.json"], "write VARIANT=REPORT.json"),
                          (["crrn-lite", "--quality", f"crrn-lite={tmp_path / 'none.json'}"], "cannot read it"),
                          (["crrn-lite", "--quality", f"crrn-lite={bad_report}"], "not a report.json")):
         assert tradeoff.main(argv) == 2, argv
-        err = capsys.readouterr().err
+        out, err = capsys.readouterr()
+        assert out == ""  # nothing of the table before the refusal
         assert err.startswith("tradeoff: error: ") and wanted in err and err.count("\n") == 1, err
 
 
@@ -64,3 +68,18 @@ def test_random_export_is_a_command_that_refuses_an_existing_folder(tmp_path, ca
     (tmp_path / "taken").mkdir()
     assert _script("random_export").main([str(tmp_path / "taken")]) == 2
     assert "exists; choose a new folder" in capsys.readouterr().err
+
+
+def test_gpu_suite_refuses_bad_options_with_one_line_before_measuring(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    (tmp_path / "a_file").write_text("mine")
+    suite = _script("gpu_suite")
+    for argv, wanted in ((["--device-table", "bogus"], "unknown device table 'bogus'"),
+                         (["--presets", "huge"], "unknown preset 'huge'"),
+                         (["--sizes", "8k"], "size '8k' is not"),
+                         (["--out", str(tmp_path / "a_file")], "exists and is not a folder")):
+        assert suite.main(["--cpu-smoke", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("gpu_suite: error: ") and wanted in err and "Traceback" not in err, err
+    assert (tmp_path / "a_file").read_text() == "mine"
