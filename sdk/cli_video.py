@@ -30,7 +30,8 @@ repeated in their place); {EXIT_USAGE} nothing written (bad input, output or opt
 every frame processed so far; none written: no file).
 
 A camera records until --max-frames N, q in the --show window (both exit {EXIT_OK}) or a stop signal:
-Ctrl+C or SIGTERM (systemd, docker stop; exit {INTERRUPTED} / {TERMINATED}), each keeping the file so far.
+Ctrl+C, SIGTERM (systemd, docker stop) or SIGHUP (exit {INTERRUPTED} / {TERMINATED} / {HUNG_UP}), each keeping
+the file so far. Numbered images have no frame rate: OpenCV reads them at 25 fps.
 
 output codec: H.264 where this OpenCV build has an encoder for it (the PyPI wheel has none; the
 summary says which), else {_fallback_codecs()}.

@@ -228,6 +228,13 @@ def _check_input(src: Source, camera: bool) -> None:
             raise InputError(f"{src}: is a folder, not a video file")
         if _image_sequence(src):
             return
+        if re.search(r"%0?\d*d", src) and is_image_file(src):
+            try:
+                first = " or ".join(os.path.basename(src % index) for index in (0, 1))
+            except (TypeError, ValueError):
+                first = "its first image"
+            raise InputError(f"{src}: no numbered image {first} (a sequence starts at 0 or 1; check the folder "
+                             "and the pattern's zero padding)")
         if src.startswith("/dev/video"):
             raise InputError(f"{src}: a camera device; add --camera to read it as one")
         if not path.is_file():

@@ -241,7 +241,7 @@ def test_a_numbered_image_sequence_reads_as_a_video_and_other_inputs_are_named(t
         cv2.imwrite(str(frames / f"f_{index + 1:04d}.png"), _frame(index))
     summary = process_video(str(frames / "f_%04d.png"), tmp_path / "seq.avi", Darken(), progress=False)
     assert summary.frames == 5 and [_index(f) for f in _read_video(tmp_path / "seq.avi")[0]] == list(range(5))
-    with pytest.raises(InputError, match="video file not found"):
+    with pytest.raises(InputError, match="no numbered image g_0000.png or g_0001.png"):
         process_video(str(frames / "g_%04d.png"), tmp_path / "none.avi", Darken(), progress=False)
     with pytest.raises(InputError, match="no input given"):
         process_video("", tmp_path / "none.avi", Darken(), progress=False)
