@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, List
 
-from dereflect.errors import ModelError, require
+from dereflect.errors import InputError, ModelError, require
 from dereflect.manifest import DEFAULT_MAX_SIDE
 from dereflect.models import BUNDLED_MODELS
 from dereflect.stop_signals import StopSignals, exit_status
@@ -178,11 +178,14 @@ def run_engine(args: argparse.Namespace) -> int:
 def run_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
+    if args.max_side is not None and not args.images:
+        raise InputError("--max-side sizes your photos (--images DIR); the goldens are checked at the size "
+                         "they were recorded at")
     max_side = "model" if args.max_side is None else args.max_side
     report = verify(args.model, backend=args.backend, fp16=args.fp16, networks=args.network, images=args.images,
                     max_side=max_side, min_psnr_db=args.min_psnr)
     for message in report.unread.values():
-        print(f"dereflect: error: {message}; skipped", file=sys.stderr)
+        print(f"dereflect: error: {message}; skipped", file=sys.stderr)  # as remove names a file it skips
     print(report.format())
     if not report.compared:
         return 2
