@@ -679,5 +679,5 @@ def test_verify_runs_your_images_at_the_side_remove_runs_them_at(tmp_path, capsy
     with pytest.raises(InputError, match="max_side must be a whole number of pixels"):
         verify(model, images=photos, max_side=20)
     # without --images there is nothing it would size: refused, not ignored
-    assert cli_main(["export", "verify", str(model), "--max-side", "64"]) == 2
-    assert "--max-side sizes your photos (--images DIR)" in capsys.readouterr().err
+    with pytest.raises(InputError, match=r"--max-side sizes your photos \(--images DIR\)"):
+        export_cli.run_verify(argparse.Namespace(model=str(model), max_side=64, images=None))
