@@ -254,13 +254,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="This SDK's pipeline vs the authors' structure, same weights.")
     parser.add_argument("export_dir", help="export directory (its checkpoint is used for the authors' side)")
     parser.add_argument("--checkpoint", help="checkpoint file (default: the one the manifest names, in EXPORT_DIR)")
-    parser.add_argument("--sizes", default="256,720p")
+    parser.add_argument("--sizes", default="256,720p", help="frame sizes, as bench takes them (default 256,720p)")
     parser.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu; the tensorrt backend "
-                        "needs cuda)")
-    parser.add_argument("--precision", default="auto")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu, auto, cuda or cuda:N (default cpu; the tensorrt "
+                        "backend needs a GPU)")
+    parser.add_argument("--precision", default="auto", help="the SDK side's precision: auto, fp32 or fp16 "
+                        "(default auto; the authors' side is FP32)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per side and size (default 1)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per side and size, interleaved (default 5)")
     args = parser.parse_args(argv)
     from dereflect.errors import DereflectError
 

@@ -54,8 +54,11 @@ def _log(message: str) -> None:
 
 
 def _ms(stats: Optional[Dict[str, Any]], key: str = "median_ms") -> str:
-    if not stats:
-        return "n/a"
+    from dereflect.tools.bench import PERCENTILE_MIN_RUNS
+
+    percentile = key.split("_")[0]
+    if not stats or stats.get("runs", 0) < PERCENTILE_MIN_RUNS.get(percentile, 0):
+        return "n/a"  # from fewer runs a percentile is the slowest runs interpolated, as bench says
     return f"{stats[key]:.3g}{'*' if stats.get('variable') else ''}"
 
 
