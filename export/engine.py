@@ -3,7 +3,7 @@
 Everything that needs no TensorRT is checked first, before anything is written
 (:func:`plan_engine_dir`): the model reference, the networks named, the profile shapes, the
 workspace and the output folder. The engines go into a folder of the user's
-(:meth:`EngineDirPlan.prepare`, :func:`prepare_engine_dir`): it becomes a
+(:func:`plan_engine_dir`, then :meth:`EngineDirPlan.prepare`): it becomes a
 self-contained export directory (the manifest, the ONNX and FP16 ONNX files and the goldens
 it lists, copied; goldens written there when the model has none), so ``export verify DIR
 --backend tensorrt`` and ``Remover.load(DIR, backend="tensorrt")`` work on it. Nothing is
@@ -274,11 +274,6 @@ def plan_engine_dir(model: Any, out: Optional[os.PathLike] = None, networks: Opt
                          "folder with -o DIR")
     check_output_location(target, folder=True)
     return EngineDirPlan(source, target, None)
-
-
-def prepare_engine_dir(model: Any, out: Optional[os.PathLike] = None) -> Manifest:
-    """The export directory engines for ``model`` are built in (:func:`plan_engine_dir`, then made)."""
-    return plan_engine_dir(model, out).prepare()
 
 
 def _write_atomic(path: Path, data: Any) -> None:

@@ -380,17 +380,17 @@ def test_refuses_to_overwrite(rm2s, tmp_path):
 
 def test_engine_folder_is_a_complete_copy_of_an_export(rm2s, tmp_path):
     """export engine's folder: everything the manifest lists, copied and verified, before TensorRT builds there."""
-    from dereflect.export.engine import prepare_engine_dir
+    from dereflect.export.engine import plan_engine_dir
 
     checkpoint, manifest = rm2s
-    copy = prepare_engine_dir(manifest.directory, tmp_path / "engines")
+    copy = plan_engine_dir(manifest.directory, tmp_path / "engines").prepare()
     copy.verify_files(fp16=True)
     listed = sorted(str(p.relative_to(manifest.directory)) for p in manifest.directory.rglob("*") if p.is_file())
     assert sorted(str(p.relative_to(copy.directory)) for p in copy.directory.rglob("*") if p.is_file()) == listed
     assert copy.records == load_manifest(manifest.directory).records and copy.checkpoint == manifest.checkpoint
     assert verify(copy.directory, fp16=True).passed
     with pytest.raises(ModelError, match="training checkpoint; export it first"):
-        prepare_engine_dir(checkpoint, tmp_path / "from-checkpoint")
+        plan_engine_dir(checkpoint, tmp_path / "from-checkpoint").prepare()
     assert not (tmp_path / "from-checkpoint").exists()
 
 

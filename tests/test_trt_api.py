@@ -894,10 +894,10 @@ def test_a_stop_signal_during_a_build_ends_the_command_cleanly_and_keeps_the_eng
 
 
 def test_engine_writes_goldens_into_the_copy_of_a_model_without_them(bundled, fake_trt, tmp_path, monkeypatch):
-    from dereflect.export.engine import build_engines, prepare_engine_dir
+    from dereflect.export.engine import build_engines, plan_engine_dir
 
     _without_goldens(bundled)
-    manifest = prepare_engine_dir("rm2s-lite", tmp_path / "engines")
+    manifest = plan_engine_dir("rm2s-lite", tmp_path / "engines").prepare()
     assert manifest.directory == tmp_path / "engines"
     assert set(manifest.records["golden"]) == {"stage1", "stage2"} and (manifest.directory / "golden").is_dir()
     assert not (bundled / "golden").exists() and "golden" not in json.loads((bundled / "manifest.json").read_text())
@@ -910,28 +910,28 @@ def test_engine_writes_goldens_into_the_copy_of_a_model_without_them(bundled, fa
 
 def test_engine_never_writes_into_the_package(bundled, fake_trt, tmp_path, monkeypatch):
     import dereflect
-    from dereflect.export.engine import prepare_engine_dir
+    from dereflect.export.engine import plan_engine_dir
 
     fake_trt("10.3.0")
     package = Path(dereflect.__file__).resolve().parent
     for target in (bundled, bundled.parent / "rm2s-lite-engines", package / "rm2s-lite-engines"):
         with pytest.raises(ModelError, match="inside the installed dereflect package"):
-            prepare_engine_dir("rm2s-lite", target)
+            plan_engine_dir("rm2s-lite", target).prepare()
         assert not target.with_name("rm2s-lite-engines").exists()
     monkeypatch.chdir(bundled.parent)  # the default ./rm2s-lite-engines would land in the package
     with pytest.raises(ModelError, match="inside the installed dereflect package"):
-        prepare_engine_dir("rm2s-lite")
+        plan_engine_dir("rm2s-lite").prepare()
     assert sorted(p.name for p in bundled.parent.iterdir()) == ["rm2s-lite"]
 
 
 def test_engine_refuses_a_folder_holding_something_else(bundled, export_dir, tmp_path):
-    from dereflect.export.engine import prepare_engine_dir
+    from dereflect.export.engine import plan_engine_dir
 
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "holiday.jpg").write_bytes(b"precious")
     with pytest.raises(ModelError, match="not an export of tiny"):
-        prepare_engine_dir("rm2s-lite", photos)
+        plan_engine_dir("rm2s-lite", photos).prepare()
     assert [p.name for p in photos.iterdir()] == ["holiday.jpg"]
     other = tmp_path / "other"
     shutil.copytree(export_dir, other)
@@ -941,10 +941,10 @@ def test_engine_refuses_a_folder_holding_something_else(bundled, export_dir, tmp
     data["networks"]["stage2"]["sha256"] = sha256_file(other / "stage1.onnx")
     (other / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ModelError, match="holds another export"):
-        prepare_engine_dir("rm2s-lite", other)
+        plan_engine_dir("rm2s-lite", other).prepare()
     (tmp_path / "empty").mkdir()
-    assert prepare_engine_dir("rm2s-lite", tmp_path / "empty").directory == tmp_path / "empty"
-    assert prepare_engine_dir(export_dir, export_dir).directory == export_dir  # in place
+    assert plan_engine_dir("rm2s-lite", tmp_path / "empty").prepare().directory == tmp_path / "empty"
+    assert plan_engine_dir(export_dir, export_dir).prepare().directory == export_dir  # in place
 
 
 def test_export_engine_checks_what_needs_no_tensorrt_first_and_copies_nothing_until_then(bundled, tmp_path,
