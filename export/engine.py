@@ -59,6 +59,7 @@ from dereflect.trt_api import (
     engine_paths,
     fp16_flag_available,
     gpu_info,
+    jetson_model,
     needs_explicit_batch_flag,
     parse_shape,
     trt_version_tuple,
@@ -488,7 +489,7 @@ def build_engines(
                 onnx_sha256=spec.sha256_fp16 if use_fp16_file else spec.sha256,
                 tensorrt_version=str(trt.__version__), gpu_name=gpu_name, compute_capability=capability,
                 precision="fp16" if fp16 else "fp32", profiles=profiles[name], strongly_typed=strong,
-                float32_layers=pinned, engine_sha256=sha256_file(engine_path),
+                float32_layers=pinned, engine_sha256=sha256_file(engine_path), board=jetson_model(),
             )
             write_engine_info(info, sidecar_path)
             built[name] = info

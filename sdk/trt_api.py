@@ -219,6 +219,9 @@ class EngineInfo:
     engine_sha256: str
     strongly_typed: bool = False
     float32_layers: int = 0
+    #: the Jetson board it was built on (:func:`jetson_model`; None elsewhere): every Orin module reports
+    #: the same GPU name and compute capability, so only this tells an AGX Orin's engine from a Nano's
+    board: Optional[str] = None
     created: str = field(
         default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     )
@@ -238,7 +241,7 @@ class EngineInfo:
         if version > SIDECAR_FORMAT_VERSION:
             raise ModelError(f"engine sidecar format {version} is newer than this dereflect reads")
         names = set(cls.__dataclass_fields__)
-        optional = {"strongly_typed", "float32_layers", "created"}
+        optional = {"strongly_typed", "float32_layers", "board", "created"}
         missing = sorted(n for n in names - optional if n not in data)
         if missing:
             raise ModelError(f"engine sidecar lacks {', '.join(missing)}; rebuild the engine with: "
@@ -269,6 +272,8 @@ def _check_sidecar_fields(data: Dict[str, Any]) -> None:
         raise ModelError(f"engine sidecar field 'engine_sha256' must be the engine's SHA-256 (64 lowercase hex "
                          f"digits), got {show_value(data['engine_sha256'])}; rebuild the engine with: "
                          "dereflect export engine DIR")
+    if data.get("board") is not None and not isinstance(data["board"], str):
+        raise wrong("board", "a string or null")
     if "strongly_typed" in data and not isinstance(data["strongly_typed"], bool):
         raise wrong("strongly_typed", "true or false")
     if "float32_layers" in data and not (is_int(data["float32_layers"]) and data["float32_layers"] >= 0):
@@ -343,11 +348,14 @@ def check_engine_compatible(
     gpu_name: str,
     compute_capability: str,
     onnx_sha256: str,
+    board: Optional[str] = None,
 ) -> None:
-    """Raise ModelError unless the engine was built by this TensorRT, for this GPU, from this ONNX file.
+    """Raise ModelError unless the engine was built by this TensorRT, for this GPU (and Jetson board), from
+    this ONNX file.
 
     A GPU name or compute capability reported as ``"unknown"`` on either side is not compared
-    (TensorRT itself then refuses a wrong engine at deserialisation).
+    (TensorRT itself then refuses a wrong engine at deserialisation), nor a board either side does not
+    know (not a Jetson, or a sidecar from before boards were recorded).
     """
     rebuild = "rebuild it on this device with: dereflect export engine DIR"
     if not _same_version(info.tensorrt_version, trt_version):
@@ -365,11 +373,28 @@ def check_engine_compatible(
         raise ModelError(
             f"engine {info.engine} was built on {info.gpu_name!r} but this GPU is {gpu_name!r}; {rebuild}"
         )
+    if info.board and board and info.board != board:
+        raise ModelError(f"engine {info.engine} was built on a {info.board!r} but this board is a {board!r} (the "
+                         f"same GPU name, but other SM counts and clocks the engine was tuned for); {rebuild}")
     if info.onnx_sha256 != onnx_sha256:
         raise ModelError(
             f"engine {info.engine} was built from another ONNX file than {info.onnx} in this export "
             f"(SHA-256 {info.onnx_sha256[:12]}... vs {onnx_sha256[:12]}...); {rebuild}"
         )
+
+
+#: Where a Jetson's device tree names its board.
+DEVICE_TREE_MODEL = (Path("/proc/device-tree/model"), Path("/sys/firmware/devicetree/base/model"))
+
+
+def jetson_model() -> Optional[str]:
+    """The board name a Jetson's device tree gives ('NVIDIA Jetson AGX Orin Developer Kit'), else None."""
+    for path in DEVICE_TREE_MODEL:
+        try:
+            return path.read_bytes().rstrip(b"\0").decode("utf-8", "replace").strip() or None
+        except OSError:
+            continue
+    return None
 
 
 def _gpu_from_cuda_python() -> Optional[Tuple[str, str]]:

@@ -236,8 +236,8 @@ def test_device_table_on_a_jetson_goes_by_the_board(monkeypatch, tmp_path, board
     model = tmp_path / "model"
     if board:
         model.write_bytes(board.encode() + b"\0")
-    monkeypatch.setattr(flops, "DEVICE_TREE_MODEL", (tmp_path / "missing", model))
-    assert flops.jetson_model() == board
+    monkeypatch.setattr(dereflect.trt_api, "DEVICE_TREE_MODEL", (tmp_path / "missing", model))
+    assert dereflect.trt_api.jetson_model() == board
     assert {key for key in flops.DEVICE_TABLE if bench.table_matches(device_spec(key), on_gpu=True)} == matching
     found = bench.resolve_device_table("auto", on_gpu=True)
     assert (found.key if found else None) == auto

@@ -182,6 +182,26 @@ def test_check_engine_compatible():
         check_engine_compatible(info, "10.3.0", "Orin", "8.7", "b" * 64)
 
 
+def test_an_engine_built_on_another_orin_module_is_refused(tmp_path):
+    """Every Orin module reports GPU 'Orin', 8.7: the board name the sidecar records tells them apart."""
+    import dataclasses
+
+    agx = dataclasses.replace(_info(), board="NVIDIA Jetson AGX Orin Developer Kit")
+    check_engine_compatible(agx, "10.3.0", "Orin", "8.7", "a" * 64, "NVIDIA Jetson AGX Orin Developer Kit")
+    with pytest.raises(ModelError, match="built on a 'NVIDIA Jetson AGX Orin Developer Kit' but this board is a "
+                                         "'NVIDIA Jetson Orin Nano Developer Kit'"):
+        check_engine_compatible(agx, "10.3.0", "Orin", "8.7", "a" * 64, "NVIDIA Jetson Orin Nano Developer Kit")
+    # a board either side does not know (a sidecar from before boards were recorded, or not a Jetson): not compared
+    check_engine_compatible(_info(), "10.3.0", "Orin", "8.7", "a" * 64, "NVIDIA Jetson Orin Nano Developer Kit")
+    check_engine_compatible(agx, "10.3.0", "Orin", "8.7", "a" * 64, None)
+    path = tmp_path / "stage1.engine.json"
+    path.write_text(json.dumps(agx.to_dict()))
+    assert read_engine_info(path).board == agx.board
+    path.write_text(json.dumps({**agx.to_dict(), "board": 7}))
+    with pytest.raises(ModelError, match="field 'board' must be a string or null"):
+        read_engine_info(path)
+
+
 def test_gpu_info_probe_order(monkeypatch):
     def broken():
         raise RuntimeError("driver missing")
@@ -426,9 +446,12 @@ def fake_trt(monkeypatch):
 
 
 @pytest.mark.parametrize("version", ["8.5.2.2", "10.3.0", "11.0.0"])
-def test_build_engines_api_per_version(export_dir, fake_trt, tmp_path, version):
+def test_build_engines_api_per_version(export_dir, fake_trt, tmp_path, version, monkeypatch):
     from dereflect.export.engine import build_engines
 
+    board = tmp_path / "model"
+    board.write_bytes(b"NVIDIA Jetson AGX Orin Developer Kit\0")
+    monkeypatch.setattr(trt_api, "DEVICE_TREE_MODEL", (board,))
     calls = fake_trt(version)
     cache = tmp_path / "timing.cache"
     infos = build_engines(export_dir, fp16=True, min_shape="1x3x64x64", opt_shape="256x256",
@@ -466,6 +489,7 @@ def test_build_engines_api_per_version(export_dir, fake_trt, tmp_path, version):
         assert info.precision == "fp16" and info.strongly_typed is (major == 11)
         assert info.float32_layers == (0 if major == 11 else 1)
         assert info.engine_sha256 == sha256_file(engine)
+        assert info.board == "NVIDIA Jetson AGX Orin Developer Kit"  # what tells Orin modules apart
 
     calls2 = fake_trt(version)
     build_engines(export_dir, fp16=False, timing_cache=cache, networks=["stage1"])

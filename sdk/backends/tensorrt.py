@@ -101,7 +101,7 @@ def open_engine(manifest: Manifest, network: str, device: int = 0) -> Tuple[Tens
     another ONNX file than this export lists, or whose bytes changed since it was built.
     """
     from dereflect.manifest import sha256_file
-    from dereflect.trt_api import check_engine_compatible, engine_paths, gpu_info, read_engine_info
+    from dereflect.trt_api import check_engine_compatible, engine_paths, gpu_info, jetson_model, read_engine_info
 
     trt = require_backend_module("tensorrt", "tensorrt")
     require_backend_module("pycuda.driver", "tensorrt", "CUDA memory and streams")
@@ -120,7 +120,7 @@ def open_engine(manifest: Manifest, network: str, device: int = 0) -> Tuple[Tens
     if info.onnx not in hashes:
         raise ModelError(f"engine {engine.name} was built from {info.onnx}, which this export does not list")
     gpu_name, capability = gpu_info()
-    check_engine_compatible(info, str(trt.__version__), gpu_name, capability, hashes[info.onnx])
+    check_engine_compatible(info, str(trt.__version__), gpu_name, capability, hashes[info.onnx], jetson_model())
     if sha256_file(engine) != info.engine_sha256:
         raise ModelError(f"{engine} does not match the SHA-256 in its sidecar (changed after it was built); "
                          "rebuild it with: dereflect export engine")

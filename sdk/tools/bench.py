@@ -272,8 +272,8 @@ def device_in_use(on_gpu: bool) -> str:
 
 def _table_keys_in_use() -> Set[str]:
     """The device table entries the GPU in use may be (its name; on a Jetson, the board's)."""
-    from dereflect.tools.flops import jetson_model, table_keys_for
-    from dereflect.trt_api import gpu_info
+    from dereflect.tools.flops import table_keys_for
+    from dereflect.trt_api import gpu_info, jetson_model
 
     return table_keys_for(gpu_info()[0], jetson_model())
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
@@ -119,19 +118,6 @@ def device_for_gpu(name: str) -> Optional[DeviceSpec]:
 #: Every Orin module's GPU calls itself "Orin": only the board name tells an AGX from a Nano, and
 #: nothing tells a Nano from the same Nano in its Super power mode.
 JETSON_MODEL_KEYS = (("agx orin", ("agx-orin",)), ("orin nano", ("orin-nano", "orin-nano-super")))
-DEVICE_TREE_MODEL = (Path("/proc/device-tree/model"), Path("/sys/firmware/devicetree/base/model"))
-
-
-def jetson_model() -> Optional[str]:
-    """The board name a Jetson's device tree gives ('NVIDIA Jetson AGX Orin Developer Kit'), else None."""
-    for path in DEVICE_TREE_MODEL:
-        try:
-            return path.read_bytes().rstrip(b"\0").decode("utf-8", "replace").strip() or None
-        except OSError:
-            continue
-    return None
-
-
 def table_keys_for(gpu_name: str, board: Optional[str] = None) -> Set[str]:
     """The table entries the device in use may be: from its GPU name and, on a Jetson, its board name."""
     keys = set()
