@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import shutil
 import sys
 import warnings
@@ -26,6 +27,7 @@ from dereflect.train.data import (  # noqa: E402
     RealPairs,
     SyntheticPairs,
     load_usable,
+    one_line_skip_warnings,
     validation_set_record,
 )
 from dereflect.train.rm2s import Stage1Task  # noqa: E402
@@ -230,11 +232,32 @@ def test_a_skipped_image_is_one_line_without_the_source_that_noticed_it(tmp_path
         warnings.simplefilter("always")
         assert load_usable(tiny, (32, 32)) is None
         warnings.warn("other news", UserWarning, stacklevel=1)
-    skipped, other = (warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught)
+    python_format = warnings.formatwarning
+    # A program that imports dereflect.train keeps Python's format; the training commands run inside this.
+    assert "ImageSkippedWarning: skipping image" in python_format(caught[0].message, caught[0].category,
+                                                                  caught[0].filename, caught[0].lineno)
+    with one_line_skip_warnings():
+        skipped, other = (warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line)
+                          for w in caught)
+    assert warnings.formatwarning is python_format
     assert issubclass(caught[0].category, ImageSkippedWarning)
     assert skipped == f"warning: skipping image '{tiny}': 10x12 is smaller than the training crop (needs a short " \
                       "side >= 32 and a long side >= 32)\n"
     assert "UserWarning: other news" in other  # other warnings keep Python's format
+
+
+def test_the_training_commands_print_a_skipped_image_as_one_line(tmp_path):
+    import subprocess
+
+    folder = write_photo_folder(tmp_path / "photos", 3, height=96, width=128)
+    write_photo_folder(folder, 1, seed=1, prefix="tiny_", height=10, width=12)
+    result = subprocess.run([sys.executable, "-m", "dereflect", "train", "synthesize", "--data", str(folder),
+                             "--count", "2", "--size", "64", "-o", str(tmp_path / "pairs")],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    skipped = [line for line in result.stderr.splitlines() if "tiny_" in line]
+    assert len(skipped) == 1 and skipped[0].startswith("warning: skipping image"), result.stderr
+    assert "ImageSkippedWarning" not in result.stderr
 
 
 def test_a_run_without_validation_passes_the_recorded_best_on(photo_folder, fake_vgg16, tmp_path):

@@ -137,7 +137,22 @@ def register(subparsers: Any) -> None:
     average.add_argument("-o", "--out", required=True, metavar="FILE", help="new checkpoint file to write")
     average.set_defaults(func=run_average)
 
+    for command in commands.choices.values():
+        command.set_defaults(func=_with_one_line_skip_warnings(command.get_default("func")))
     parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+
+def _with_one_line_skip_warnings(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``run`` with a skipped training image reported in one line (:func:`data.one_line_skip_warnings`)."""
+
+    @functools.wraps(run)
+    def command(args: argparse.Namespace) -> int:
+        from .data import one_line_skip_warnings
+
+        with one_line_skip_warnings():
+            return run(args)
+
+    return command
 
 
 RECIPE_PRESETS = ("rm2s-stage1", "rm2s-stage2", "crrn", "transfer")

@@ -8,6 +8,7 @@ each holds and how synthesised pairs are made. Every random choice of a sample c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -44,19 +45,28 @@ class ImageSkippedWarning(UserWarning):
 # Paths already warned about in this process: each bad image is reported once.
 _WARNED: Set[str] = set()
 
-_format_other_warnings = warnings.formatwarning
 
+@contextlib.contextmanager
+def one_line_skip_warnings() -> Iterator[None]:
+    """Inside, an :class:`ImageSkippedWarning` prints as one line ("warning: ..."); every other warning as
+    before. The training commands run inside it; a program that imports this module keeps its own format.
 
-def _format_warning(message: Union[Warning, str], category: type, filename: str, lineno: int,
-                    line: Optional[str] = None) -> str:
-    # A skipped image is the user's news, one line of it: the default format adds the file, line number
-    # and source line of the library code that noticed the image, which say nothing to them.
-    if issubclass(category, ImageSkippedWarning):
-        return f"warning: {message}\n"
-    return _format_other_warnings(message, category, filename, lineno, line)
+    A skipped image is the user's news: Python's format adds the file, line number and source line of
+    the library code that noticed it, which say nothing to them.
+    """
+    previous = warnings.formatwarning
 
+    def one_line(message: Union[Warning, str], category: type, filename: str, lineno: int,
+                 line: Optional[str] = None) -> str:
+        if issubclass(category, ImageSkippedWarning):
+            return f"warning: {message}\n"
+        return previous(message, category, filename, lineno, line)
 
-warnings.formatwarning = _format_warning
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
 
 
 # --------------------------------------------------------------------------- discovery
