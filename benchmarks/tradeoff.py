@@ -31,7 +31,7 @@ import numpy as np
 from dereflect.errors import DereflectError, InputError
 from dereflect.manifest import check_max_side
 from dereflect.models import open_model, open_source
-from dereflect.remover import Remover, fit_size
+from dereflect.remover import Remover
 from dereflect.tools.bench import machine_info, size_costs, synthetic_frame
 from dereflect.tools.flops import device_spec
 from dereflect.trt_api import NAMED_SIZES
@@ -71,7 +71,7 @@ def row(variant: str, model: str, side: Any, warmup: int, runs: int,
     remover = open_model(model, max_side=side)
     try:
         per_mp = sum(c.flops for c in size_costs(remover, 1000, 1000, None).values()) / 1e9
-        net_h, net_w, _ = fit_size(*FLOOR_SIZE, remover.max_hw or FLOOR_SIZE)
+        net_h, net_w = remover.network_size(*FLOOR_SIZE)
         costs = size_costs(remover, net_h, net_w, None)
         orin = device_spec("agx-orin")
         frame_gflop = sum(c.flops for c in costs.values()) / 1e9

@@ -544,6 +544,14 @@ class Remover:
     def _fits(self, height: int, width: int) -> bool:
         return self.max_hw is None or (height <= self.max_hw[0] and width <= self.max_hw[1])
 
+    def network_size(self, height: int, width: int) -> Tuple[int, int]:
+        """The size the networks run at for an H x W frame with the default ``guided`` strategy: the frame's
+        when it fits ``max_hw``, else scaled down to fit (:func:`fit_size`)."""
+        if self._fits(height, width):
+            return height, width
+        net_height, net_width, _ = fit_size(height, width, self.max_hw)
+        return net_height, net_width
+
     def _guided(self, frame: _Frame, size: Tuple[int, int], out: _Background, intermediates: bool,
                 settings: Any = None, timer: Timer = NULL_TIMER) -> Dict[str, Any]:
         with timer.stage("downscale"):

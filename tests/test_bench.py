@@ -449,7 +449,7 @@ def test_bench_times_what_remove_runs_for_a_frame_larger_than_max_side(small_exp
 
     pipeline = bench.BenchPipeline(small_export)
     try:
-        assert pipeline.network_size(40, 64) == (20, 32) and pipeline.network_size(24, 32) == (24, 32)
+        assert pipeline.remover.network_size(40, 64) == (20, 32) and pipeline.remover.network_size(24, 32) == (24, 32)
         image = bench.synthetic_frame(40, 64)
         timer = pipeline.timer()
         background = pipeline.run_frame(image, timer)

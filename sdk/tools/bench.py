@@ -64,7 +64,6 @@ from dereflect.cli_options import add_model_options, model_options
 from dereflect.errors import DereflectError, InputError, MissingDependencyError
 from dereflect.imageio import check_output_location, staged_file
 from dereflect.methods.base import NULL_TIMER, EventTimer, Timer
-from dereflect.remover import fit_size
 from dereflect.trt_api import NAMED_SIZES, parse_frame_size
 
 VARIATION_THRESHOLD = 0.05
@@ -202,14 +201,6 @@ class BenchPipeline:
         """One network pass (:meth:`Remover.run_once <dereflect.remover.Remover.run_once>`) at ``image``'s size."""
         return self.remover.run_once(image, timer=timer)
 
-    def network_size(self, height: int, width: int) -> Tuple[int, int]:
-        """The size the networks run at for an H x W frame in ``remove``: the frame's, or scaled down to
-        fit ``max_side`` (and a TensorRT engine's profile)."""
-        if self.remover.max_hw is None:
-            return height, width
-        net_height, net_width, _ = fit_size(height, width, self.remover.max_hw)
-        return net_height, net_width
-
     def run_frame(self, image: np.ndarray, timer: Timer) -> np.ndarray:
         """What ``remove`` runs for an HxWx3 float32 RGB frame (:meth:`Remover.process
         <dereflect.remover.Remover.process>`), each stage timed; returns the background."""
@@ -338,7 +329,7 @@ def bench_size(pipeline: BenchPipeline, label: str, height: int, width: int, war
     """Timings, statistics, costs and floors of one frame size (see :func:`run_bench`), the costs and
     floors at the size the networks ran at; ``compare``: the device table is the device in use (see
     :func:`limits`)."""
-    net_height, net_width = pipeline.network_size(height, width)
+    net_height, net_width = pipeline.remover.network_size(height, width)
     image = synthetic_frame(height, width)
     samples = time_stages(pipeline, image, warmup, runs, run=pipeline.run_frame)
     stats = {name: summarize(values, variation_threshold) for name, values in samples.items()
@@ -449,14 +440,14 @@ def run_bench(
             notes.append(f"the floors are a prediction for {spec.name}, not a comparison: this run is on {in_use}, "
                          "so its times are not set against them (no 'x floor' multiples)")
         max_hw = pipeline.remover.max_hw
-        if any(pipeline.network_size(height, width) != (height, width) for _, height, width in sizes):
+        if any(pipeline.remover.network_size(height, width) != (height, width) for _, height, width in sizes):
             notes.append(f"frames larger than {max_hw[0]}x{max_hw[1]} run as remove runs them: downscale to fit, "
                          "the networks, upsample (guided filter) back to the frame, both on the host at the "
                          "frame's resolution" + ("; these two have no floor" if spec is not None else ""))
         results = []
         for label, height, width in sizes:
             if log:
-                net_height, net_width = pipeline.network_size(height, width)
+                net_height, net_width = pipeline.remover.network_size(height, width)
                 log(f"{label} ({height}x{width}, networks at {net_height}x{net_width}): {warmup} warm-up + "
                     f"{runs} timed runs")
             try:
