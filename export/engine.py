@@ -47,7 +47,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from dereflect.cache import cache_dir
 from dereflect.errors import InputError, ModelError, require
 from dereflect.imageio import check_output_location, is_free_folder, staged_file, staged_folder
-from dereflect.manifest import MANIFEST_NAME, Manifest, inside, load_manifest, sha256_file
+from dereflect.manifest import MANIFEST_NAME, Manifest, inside, is_int, load_manifest, sha256_file
 from dereflect.remover import fit_size
 from dereflect.stop_signals import StopSignals
 from dereflect.trt_api import (
@@ -210,7 +210,7 @@ def check_workspace(workspace: Optional[int]) -> Optional[int]:
     to the GPU's memory); 0 means the default too. InputError for anything else than a whole number >= 0."""
     if workspace is None:
         return None
-    whole = isinstance(workspace, int) and not isinstance(workspace, bool)
+    whole = is_int(workspace)
     if not whole or workspace < 0:
         size = repr(workspace) if not whole else f"{workspace} bytes" + (
             f" ({workspace // 2**20} MiB)" if workspace % 2**20 == 0 else "")

@@ -104,6 +104,23 @@ def opencv_logging() -> Any:
     return getattr(getattr(cv2, "utils", None), "logging", None)
 
 
+@contextlib.contextmanager
+def opencv_log_level(level: str) -> Iterator[None]:
+    """OpenCV's log level set to ``level`` (a name such as ``"LOG_LEVEL_ERROR"``) inside, the previous one
+    after; nothing where the build has no logging module. Process-wide: callers on several threads hold
+    a lock around it."""
+    logging = opencv_logging()
+    if logging is None:
+        yield
+        return
+    previous = logging.getLogLevel()
+    logging.setLogLevel(getattr(logging, level))
+    try:
+        yield
+    finally:
+        logging.setLogLevel(previous)
+
+
 def _check_colour_order(colour_order: str) -> str:
     order = str(colour_order).upper()
     if order not in _COLOUR_ORDERS:

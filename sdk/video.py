@@ -53,7 +53,7 @@ import cv2
 import numpy as np
 
 from .errors import InputError
-from .imageio import check_output_location, is_image_file, name_max, nearest_existing, opencv_logging, staging_name
+from .imageio import check_output_location, is_image_file, name_max, nearest_existing, opencv_log_level, staging_name
 from .stop_signals import SIGNAL_NAMES, StopSignals
 
 #: The codecs tried for each output extension, best first (H.264 where the OpenCV build can encode it).
@@ -159,11 +159,7 @@ def _quiet_opencv() -> Iterator[None]:
     OpenCV's own AVI reader) print straight to the stderr file descriptor, past any log level:
     so for these few milliseconds the log level is silent and descriptor 2 goes to the null device.
     """
-    logging = opencv_logging()
-    with _STDERR_LOCK:
-        level = logging.getLogLevel() if logging is not None else None
-        if logging is not None:
-            logging.setLogLevel(logging.LOG_LEVEL_SILENT)
+    with _STDERR_LOCK, opencv_log_level("LOG_LEVEL_SILENT"):
         sys.stderr.flush()
         try:
             saved: Optional[int] = os.dup(2)
@@ -179,8 +175,6 @@ def _quiet_opencv() -> Iterator[None]:
                 os.dup2(saved, 2)
                 os.close(saved)
             os.close(null)
-            if logging is not None:
-                logging.setLogLevel(level)
 
 
 def _require_gstreamer(what: str, instead: str) -> None:
@@ -226,14 +220,12 @@ def _check_input(src: Source, camera: bool) -> None:
         path = Path(src)
         if path.is_dir():
             raise InputError(f"{src}: is a folder, not a video file")
-        if _image_sequence(src):
-            return
-        if re.search(r"%0?\d*d", src) and is_image_file(src):
-            try:
-                first = " or ".join(os.path.basename(src % index) for index in (0, 1))
-            except (TypeError, ValueError):
-                first = "its first image"
-            raise InputError(f"{src}: no numbered image {first} (a sequence starts at 0 or 1; check the folder "
+        first_images = _sequence_first_images(src)
+        if first_images is not None:
+            if any(os.path.isfile(image) for image in first_images):
+                return  # OpenCV reads the sequence as a video
+            names = " or ".join(os.path.basename(image) for image in first_images) or "its first image"
+            raise InputError(f"{src}: no numbered image {names} (a sequence starts at 0 or 1; check the folder "
                              "and the pattern's zero padding)")
         if src.startswith("/dev/video"):
             raise InputError(f"{src}: a camera device; add --camera to read it as one")
@@ -243,15 +235,16 @@ def _check_input(src: Source, camera: bool) -> None:
             raise InputError(f"{src}: file is empty (0 bytes)")
 
 
-def _image_sequence(src: str) -> bool:
-    """Whether ``src`` is a printf pattern of numbered images (``frames/f_%04d.png``) whose first
-    image exists: OpenCV reads such a sequence as a video, from index 0 or 1."""
+def _sequence_first_images(src: str) -> Optional[List[str]]:
+    """For a printf pattern of numbered images (``frames/f_%04d.png``), the paths its first image may
+    have (OpenCV starts a sequence at 0 or 1; none where the pattern cannot be filled in); None for
+    anything else."""
     if not re.search(r"%0?\d*d", src) or not is_image_file(src):
-        return False
+        return None
     try:
-        return any(os.path.isfile(src % first) for first in (0, 1))
+        return [src % first for first in (0, 1)]
     except (TypeError, ValueError):
-        return False
+        return []
 
 
 def check_job(source: Union[str, int, os.PathLike], output: Output, overwrite: bool = False,
@@ -435,16 +428,8 @@ class _Sink:
     def write(self, image: np.ndarray) -> None:
         # A failed write (a full disk) logs a warning per frame; finish() reads the file back and
         # says so once instead.
-        logging = opencv_logging()
-        with _STDERR_LOCK:
-            level = logging.getLogLevel() if logging is not None else None
-            if logging is not None:
-                logging.setLogLevel(logging.LOG_LEVEL_ERROR)
-            try:
-                self.writer.write(image)
-            finally:
-                if logging is not None:
-                    logging.setLogLevel(level)
+        with _STDERR_LOCK, opencv_log_level("LOG_LEVEL_ERROR"):
+            self.writer.write(image)
         self.written += 1
 
     def full(self) -> bool:
