@@ -211,7 +211,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--runs", type=int, help="timed runs of the SDK and the middle steps (default 20; smoke 3)")
     parser.add_argument("--authors-runs", type=int, help="timed runs of the authors' structure (default 5; smoke 2)")
     parser.add_argument("--device-table", default="auto",
-                        help="h100, h200, agx-orin, orin-nano, custom:TFLOPS,GBPS or auto (the running GPU)")
+                        help="a device table entry (h100, h200, ...: 'dereflect bench --help' lists them), "
+                             "custom:TFLOPS,GBPS or auto (the running GPU)")
     parser.add_argument("--out", default="gpu-suite-results", help="folder for gpu_suite.json and gpu_suite.md")
     args = parser.parse_args(argv)
     defaults = SMOKE if args.cpu_smoke else {"sizes": "256,720p,1080p", "presets": "lite,paper", "warmup": 3,

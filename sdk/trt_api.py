@@ -397,6 +397,22 @@ def jetson_model() -> Optional[str]:
     return None
 
 
+#: Where Linux reports the memory it has (a Jetson's GPU shares it).
+MEMINFO = Path("/proc/meminfo")
+
+
+def system_memory_gib() -> Optional[float]:
+    """MemTotal of /proc/meminfo in GiB (on a Jetson: the module's memory less its carve-outs), else None."""
+    try:
+        for line in MEMINFO.read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name == "MemTotal" and value.split():
+                return int(value.split()[0]) / 2**20  # kB
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def _gpu_from_cuda_python() -> Optional[Tuple[str, str]]:
     try:
         from cuda.bindings import runtime as cudart  # cuda-python >= 12.6

@@ -222,13 +222,20 @@ def test_device_table_matches_only_the_device_in_use(monkeypatch):
     assert bench.resolve_device_table("auto", on_gpu=True).key == "h100"
 
 
-@pytest.mark.parametrize("board, matching, auto", [
-    ("NVIDIA Jetson AGX Orin Developer Kit", {"agx-orin"}, "agx-orin"),
-    ("NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super", {"orin-nano", "orin-nano-super"}, None),
-    (None, set(), None),
+@pytest.mark.parametrize("board, mem_total_kb, matching, auto", [
+    ("NVIDIA Jetson AGX Orin Developer Kit", 64_312_000, {"agx-orin"}, "agx-orin"),  # 61.3 GiB
+    ("NVIDIA Jetson AGX Orin Developer Kit", 31_964_000, {"agx-orin-32gb"}, "agx-orin-32gb"),  # 30.5 GiB
+    ("NVIDIA Jetson Orin NX Engineering Reference Developer Kit", 15_655_000, {"orin-nx-16gb"}, "orin-nx-16gb"),
+    ("NVIDIA Jetson Orin NX Engineering Reference Developer Kit", 7_620_000, {"orin-nx-8gb"}, "orin-nx-8gb"),
+    ("NVIDIA Jetson Orin NX Engineering Reference Developer Kit", None, {"orin-nx-16gb", "orin-nx-8gb"}, None),
+    ("NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super", 7_620_000,
+     {"orin-nano", "orin-nano-super"}, None),
+    ("NVIDIA Jetson Orin Nano Developer Kit", 3_700_000, set(), None),  # a 4GB Nano: not in the table
+    (None, 7_620_000, set(), None),
 ])
-def test_device_table_on_a_jetson_goes_by_the_board(monkeypatch, tmp_path, board, matching, auto):
-    """Every Orin's GPU is called "Orin": the device tree's board name tells which table entry it is."""
+def test_device_table_on_a_jetson_goes_by_the_board(monkeypatch, tmp_path, board, mem_total_kb, matching, auto):
+    """Every Orin's GPU is called "Orin": the device tree's board name and the module's memory tell which
+    table entry it is; where they leave two, auto picks neither."""
     import dereflect.trt_api
     from dereflect.tools import flops
 
@@ -237,6 +244,10 @@ def test_device_table_on_a_jetson_goes_by_the_board(monkeypatch, tmp_path, board
     if board:
         model.write_bytes(board.encode() + b"\0")
     monkeypatch.setattr(dereflect.trt_api, "DEVICE_TREE_MODEL", (tmp_path / "missing", model))
+    meminfo = tmp_path / "meminfo"
+    if mem_total_kb:
+        meminfo.write_text(f"MemTotal:       {mem_total_kb} kB\nMemFree:         1000 kB\n")
+    monkeypatch.setattr(dereflect.trt_api, "MEMINFO", meminfo)
     assert dereflect.trt_api.jetson_model() == board
     assert {key for key in flops.DEVICE_TABLE if bench.table_matches(device_spec(key), on_gpu=True)} == matching
     found = bench.resolve_device_table("auto", on_gpu=True)

@@ -64,6 +64,7 @@ from dereflect.cli_options import add_model_options, model_options
 from dereflect.errors import DereflectError, InputError, MissingDependencyError
 from dereflect.imageio import check_output_location, staged_file
 from dereflect.methods.base import NULL_TIMER, EventTimer, Timer
+from dereflect.tools.flops import DEVICE_NAMES, DEVICE_TABLE, device_spec, table_keys_for
 from dereflect.trt_api import NAMED_SIZES, parse_frame_size
 
 VARIATION_THRESHOLD = 0.05
@@ -263,10 +264,10 @@ def device_in_use(on_gpu: bool) -> str:
 
 def _table_keys_in_use() -> Set[str]:
     """The device table entries the GPU in use may be (its name; on a Jetson, the board's)."""
-    from dereflect.tools.flops import table_keys_for
-    from dereflect.trt_api import gpu_info, jetson_model
+    from dereflect.trt_api import gpu_info, jetson_model, system_memory_gib
 
-    return table_keys_for(gpu_info()[0], jetson_model())
+    board = jetson_model()
+    return table_keys_for(gpu_info()[0], board, system_memory_gib() if board else None)
 
 
 def table_matches(spec: Any, on_gpu: bool) -> bool:
@@ -281,8 +282,6 @@ def table_matches(spec: Any, on_gpu: bool) -> bool:
 
 def resolve_device_table(choice: Optional[str], on_gpu: bool) -> Optional[Any]:
     """The DeviceSpec for ``--device-table`` (``auto``: the running GPU when the table knows which it is)."""
-    from dereflect.tools.flops import DEVICE_TABLE, device_spec
-
     if choice is None or str(choice).lower() in ("", "none"):
         return None
     if str(choice).lower() != "auto":
@@ -432,8 +431,7 @@ def run_bench(
             where = (f"the table has no single entry for the GPU {in_use}" if pipeline.on_gpu
                      else f"this run is on the CPU ({in_use})")
             notes.append(f"no floors: --device-table auto uses the running GPU's table entry and {where}; name a "
-                         "device (h100, h200, agx-orin, orin-nano, orin-nano-super or custom:TFLOPS,GBPS) to get "
-                         "its floors")
+                         f"device ({DEVICE_NAMES} or custom:TFLOPS,GBPS) to get its floors")
         elif spec is None:
             notes.append("no floors: --device-table none")
         elif not compare:
@@ -661,7 +659,7 @@ def register(subparsers: Any) -> None:
     bench.add_argument("--out", default="bench-results", metavar="DIR",
                        help="folder for bench.json, and bench.png with matplotlib (default: bench-results)")
     bench.add_argument("--device-table", default="auto", metavar="NAME",
-                       help="floors for h100, h200, agx-orin, orin-nano, orin-nano-super or "
+                       help=f"floors for {DEVICE_NAMES} or "
                             "custom:TFLOPS,GBPS (dense FP16 TFLOP/s, memory GB/s); auto: the running GPU "
                             "if known; none: no floors. Needs onnx (pip install 'dereflect[export]') "
                             "(default: auto)")

@@ -48,7 +48,11 @@ from dereflect.errors import InputError, ModelError, require
 
 @dataclass(frozen=True)
 class DeviceSpec:
-    """Peak rates of one device: dense FP16 tensor FLOP/s, memory bandwidth, FP32 CUDA-core FLOP/s."""
+    """Peak rates of one device: dense FP16 tensor FLOP/s, memory bandwidth, FP32 CUDA-core FLOP/s.
+
+    ``memory_gb``: a Jetson module's memory, which tells modules of one board name apart (an AGX Orin
+    32GB from a 64GB, an Orin NX 8GB from a 16GB); None for a discrete GPU.
+    """
 
     key: str
     name: str
@@ -56,6 +60,7 @@ class DeviceSpec:
     bandwidth_gbps: float
     fp32_tflops: Optional[float] = None
     source: str = ""
+    memory_gb: Optional[float] = None
 
     @property
     def scalar_tflops(self) -> float:
@@ -68,18 +73,30 @@ class DeviceSpec:
 
 
 _FP32_NOTE = "FP32 = CUDA cores x boost clock x 2"
+# Orin's GPU does 2048 dense FP16 tensor FLOP per SM and clock: the datasheets' figures for the AGX Orin
+# 64GB (16 SMs at 1.3 GHz: 42) and the Orin Nano (8 SMs at 625 MHz: 10) both follow it, and so do the
+# modules whose datasheets give only the whole module's sparse INT8 TOPS (GPU and DLAs together).
+_ORIN_NOTE = "dense FP16 = SMs x max GPU clock x 2048 (the rate of the 64GB AGX Orin's and the Orin Nano's datasheets)"
 DEVICE_TABLE: Dict[str, DeviceSpec] = {
     "h100": DeviceSpec("h100", "NVIDIA H100 SXM", 990.0, 3350.0, 67.0,
                        "NVIDIA datasheet (a bf16 GEMM measured about 790 TFLOP/s, a copy about 3.0 TB/s)"),
     "h200": DeviceSpec("h200", "NVIDIA H200 SXM", 989.0, 4800.0, 67.0,
                        "NVIDIA datasheet (same compute as H100 SXM, HBM3e)"),
     "agx-orin": DeviceSpec("agx-orin", "Jetson AGX Orin 64GB", 42.0, 204.8, 5.3,
-                           f"Jetson datasheet (dense FP16 derived); {_FP32_NOTE} (2048 x 1.3 GHz)"),
+                           f"Jetson datasheet (dense FP16 derived); {_FP32_NOTE} (2048 x 1.3 GHz)", 64),
+    "agx-orin-32gb": DeviceSpec("agx-orin-32gb", "Jetson AGX Orin 32GB", 26.7, 204.8, 3.33,
+                                f"{_ORIN_NOTE} (14 x 930 MHz); {_FP32_NOTE} (1792 x 930 MHz)", 32),
+    "orin-nx-16gb": DeviceSpec("orin-nx-16gb", "Jetson Orin NX 16GB", 15.0, 102.4, 1.88,
+                               f"{_ORIN_NOTE} (8 x 918 MHz); {_FP32_NOTE} (1024 x 918 MHz)", 16),
+    "orin-nx-8gb": DeviceSpec("orin-nx-8gb", "Jetson Orin NX 8GB", 12.5, 102.4, 1.57,
+                              f"{_ORIN_NOTE} (8 x 765 MHz); {_FP32_NOTE} (1024 x 765 MHz)", 8),
     "orin-nano": DeviceSpec("orin-nano", "Jetson Orin Nano 8GB", 10.0, 68.0, 1.28,
-                            f"Jetson datasheet (dense FP16 derived); {_FP32_NOTE} (1024 x 625 MHz)"),
+                            f"Jetson datasheet (dense FP16 derived); {_FP32_NOTE} (1024 x 625 MHz)", 8),
     "orin-nano-super": DeviceSpec("orin-nano-super", "Jetson Orin Nano 8GB Super", 16.7, 102.0, 2.09,
-                                  f"Jetson datasheet (dense FP16 derived); {_FP32_NOTE} (1024 x 1020 MHz)"),
+                                  f"Jetson datasheet (dense FP16 derived); {_FP32_NOTE} (1024 x 1020 MHz)", 8),
 }
+#: The table's keys, as help texts and errors list them.
+DEVICE_NAMES = ", ".join(DEVICE_TABLE)
 #: GPU-name fragments (lower case) -> table key, for picking the table entry of the running GPU.
 GPU_NAME_KEYS = (("h200", "h200"), ("h100", "h100"), ("agx orin", "agx-orin"), ("orin nano", "orin-nano"))
 
@@ -99,7 +116,7 @@ def device_spec(text: str) -> DeviceSpec:
             return DeviceSpec("custom", "custom device", numbers[0], numbers[1],
                               numbers[2] if len(numbers) == 3 else None, "given on the command line")
     raise InputError(
-        f"unknown device table {text!r}: use one of {', '.join(DEVICE_TABLE)} or "
+        f"unknown device table {text!r}: use one of {DEVICE_NAMES} or "
         "custom:TFLOPS,GBPS[,FP32_TFLOPS] (dense FP16 TFLOP/s, memory GB/s, optional FP32 TFLOP/s), "
         "e.g. custom:42,204.8"
     )
@@ -115,11 +132,16 @@ def device_for_gpu(name: str) -> Optional[DeviceSpec]:
 
 
 #: Jetson board names (the device tree's model string, lower case) -> the table entries the board may be.
-#: Every Orin module's GPU calls itself "Orin": only the board name tells an AGX from a Nano, and
-#: nothing tells a Nano from the same Nano in its Super power mode.
-JETSON_MODEL_KEYS = (("agx orin", ("agx-orin",)), ("orin nano", ("orin-nano", "orin-nano-super")))
-def table_keys_for(gpu_name: str, board: Optional[str] = None) -> Set[str]:
-    """The table entries the device in use may be: from its GPU name and, on a Jetson, its board name."""
+#: Every Orin module's GPU calls itself "Orin": only the board name tells an AGX from an NX or a Nano, the
+#: module's memory a 32GB AGX from a 64GB, and nothing tells a Nano from the same Nano in its Super mode.
+JETSON_MODEL_KEYS = (("agx orin", ("agx-orin", "agx-orin-32gb")), ("orin nx", ("orin-nx-16gb", "orin-nx-8gb")),
+                     ("orin nano", ("orin-nano", "orin-nano-super")))
+
+
+def table_keys_for(gpu_name: str, board: Optional[str] = None, memory_gib: Optional[float] = None) -> Set[str]:
+    """The table entries the device in use may be: from its GPU name and, on a Jetson, its board name and
+    memory (``memory_gib``: the memory the system reports, a little below the module's, as /proc/meminfo's
+    MemTotal is; None: unknown, every module of the board)."""
     keys = set()
     spec = device_for_gpu(gpu_name)
     if spec is not None:
@@ -127,8 +149,16 @@ def table_keys_for(gpu_name: str, board: Optional[str] = None) -> Set[str]:
     lowered = str(board or "").lower()
     for fragment, names in JETSON_MODEL_KEYS:
         if fragment in lowered:
-            keys.update(names)
+            keys.update(name for name in names if _module_memory_fits(DEVICE_TABLE[name], memory_gib))
     return keys
+
+
+def _module_memory_fits(spec: DeviceSpec, memory_gib: Optional[float]) -> bool:
+    # The system reserves some of a module's memory (carve-outs, the kernel): an 8GB Orin reports
+    # about 7.4 GiB, a 64GB one about 61 GiB. Within 20 % below the module's size is that module.
+    if memory_gib is None or spec.memory_gb is None:
+        return True
+    return 0.8 * spec.memory_gb <= memory_gib <= spec.memory_gb
 
 
 @dataclass
