@@ -109,7 +109,7 @@ def run_video(args: argparse.Namespace) -> int:
     # wheel) straight to stderr; the summary reports both. Read when OpenCV first uses FFmpeg.
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     from .temporal import VideoSession
-    from .video import audio_note, check_job, is_pipeline, may_have_audio, parse_source, process_video
+    from .video import audio_note, check_job, is_pipeline, may_have_audio, parse_source, process_video, sequence_gap
 
     check_job(args.input, args.output, overwrite=args.overwrite, camera=args.camera, show=args.show,
               max_frames=args.max_frames)
@@ -131,9 +131,15 @@ def run_video(args: argparse.Namespace) -> int:
             f"{summary.codec}; {summary.fps:.1f} frames/s overall (start-up included)",
             file=sys.stderr,
         )
+    source = parse_source(args.input, args.camera)
     if summary.expected_frames is not None and not summary.interrupted and summary.frames < summary.expected_frames:
-        print(f"warning: the source reported {summary.expected_frames} frames but only {summary.frames} could be "
-              "read (a damaged or cut end, or a wrong count in the file)", file=sys.stderr)
+        gap = sequence_gap(source, summary.frames)
+        if gap is not None:
+            print(f"warning: the sequence stops at {gap}, which is missing: the numbered images after it were not "
+                  "read (OpenCV reads a sequence up to its first gap)", file=sys.stderr)
+        else:
+            print(f"warning: the source reported {summary.expected_frames} frames but only {summary.frames} could "
+                  "be read (a damaged or cut end, or a wrong count in the file)", file=sys.stderr)
     if summary.interrupted and not args.quiet:
         print(f"stopped by {summary.stopped_by}: the output holds the frames processed so far", file=sys.stderr)
     if summary.skipped:
@@ -144,7 +150,6 @@ def run_video(args: argparse.Namespace) -> int:
     if summary.failed:
         print(f"warning: {summary.failed} frame(s) failed and were written unchanged "
               f"(first: frame {summary.failures[0][0]}: {summary.failures[0][1]})", file=sys.stderr)
-    source = parse_source(args.input, args.camera)
     # Only for a run that finished (at the end or at --max-frames): a stopped run's file is partial,
     # not yet the result to add audio to.
     if (not summary.interrupted and not args.quiet and not args.camera and may_have_audio(source)

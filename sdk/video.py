@@ -247,6 +247,17 @@ def _sequence_first_images(src: str) -> Optional[List[str]]:
         return []
 
 
+def sequence_gap(source: Source, frames_read: int) -> Optional[str]:
+    """For numbered images read as a video, the image whose absence ended it after ``frames_read`` frames
+    (OpenCV stops a sequence at its first gap); None for any other source or where that image exists."""
+    first_images = _sequence_first_images(source) if isinstance(source, str) else None
+    start = next((i for i, image in enumerate(first_images or []) if os.path.isfile(image)), None)
+    if start is None:
+        return None
+    missing = source % (start + frames_read)
+    return None if os.path.isfile(missing) else missing
+
+
 def check_job(source: Union[str, int, os.PathLike], output: Output, overwrite: bool = False,
               camera: bool = False, show: bool = False, max_frames: Optional[int] = None) -> None:
     """Every check that needs no decoding, so that a command refuses before it loads a model.

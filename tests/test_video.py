@@ -20,7 +20,7 @@ import pytest
 from conftest import Terminal, sigint_as_in_a_terminal
 from dereflect.errors import InputError
 from dereflect.temporal import VideoSession
-from dereflect.video import has_gstreamer, parse_source, process_video
+from dereflect.video import has_gstreamer, parse_source, process_video, sequence_gap
 
 W, H, FPS, STRIPE = 96, 48, 12.0, 12
 
@@ -245,8 +245,28 @@ def test_a_numbered_image_sequence_reads_as_a_video_and_other_inputs_are_named(t
         process_video(str(frames / "g_%04d.png"), tmp_path / "none.avi", Darken(), progress=False)
     with pytest.raises(InputError, match="no input given"):
         process_video("", tmp_path / "none.avi", Darken(), progress=False)
+    # OpenCV ends a sequence at its first gap: the missing image is the one to name.
+    pattern = str(frames / "f_%04d.png")
+    assert sequence_gap(pattern, 5) == str(frames / "f_0006.png")
+    (frames / "f_0003.png").unlink()
+    assert sequence_gap(pattern, 2) == str(frames / "f_0003.png")
+    assert sequence_gap(pattern, 1) is None  # f_0002.png is there: not a gap
+    assert sequence_gap(str(tmp_path / "seq.avi"), 2) is None and sequence_gap(0, 2) is None
     with pytest.raises(InputError, match="a camera device; add --camera"):
         process_video("/dev/video7", tmp_path / "none.avi", Darken(), progress=False)
+
+
+def test_video_cli_names_the_gap_that_ended_a_sequence(tmp_path, monkeypatch, capsys):
+    from onnx_fixtures import make_crrn_export
+
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.cli_video",))
+    for index in (1, 2, 3, 5, 6):
+        cv2.imwrite(str(tmp_path / f"f_{index:04d}.png"), _frame(index))
+    model = make_crrn_export(tmp_path / "model")
+    code = dereflect.cli.main(["video", str(tmp_path / "f_%04d.png"), "-o", str(tmp_path / "out.avi"),
+                               "--model", str(model), "--no-progress"])
+    assert code == 0 and len(_read_video(tmp_path / "out.avi")[0]) == 3
+    assert f"the sequence stops at {tmp_path / 'f_0004.png'}, which is missing" in capsys.readouterr().err
 
 
 def test_camera_sources_parse():
