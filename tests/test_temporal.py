@@ -6,12 +6,13 @@ import dataclasses
 import re
 import types
 
+import cv2
 import numpy as np
 import pytest
 from dereflect.errors import InputError
 from dereflect.methods.base import Layers
 from dereflect.models import open_model
-from dereflect.temporal import CentreFilter, ColourFilter, VideoSession
+from dereflect.temporal import CentreFilter, ChangeFilter, ColourFilter, VideoSession
 from dereflect.tools.flicker import flicker, flicker_sequence, measure_flicker
 from onnx_fixtures import make_crrn_export, make_rm2s_export
 
@@ -52,6 +53,55 @@ def test_colour_filter_steadies_a_jittering_global_gain():
     keep = ColourFilter()
     still = np.full((4, 4, 3), 0.4, np.float32)
     assert np.allclose(keep(np.full((4, 4, 3), 0.5, np.float32), still), still)
+
+
+class NoisyModel:
+    """A stand-in remover whose change reacts to the whole frame: a darkening that wanders from frame to
+    frame, as a network's output does when noise or a moving reflection elsewhere changes its input."""
+
+    settings = None
+    strength = 1.0
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+
+    def process(self, rgb, settings=None):
+        change = (0.1 + self.rng.normal(0.0, 0.02, rgb.shape[:2])[..., None]).astype(np.float32)
+        return Layers(background=np.clip(rgb - self.strength * change, 0, 1), reflection=None)
+
+
+def test_change_filter_steadies_a_wandering_change_where_the_frame_stays_put():
+    rng = np.random.default_rng(3)
+    scene = rng.uniform(0.3, 0.9, (32, 48, 3)).astype(np.float32)
+    frames = [scene.copy() for _ in range(30)]
+    for t, frame in enumerate(frames):  # a bright square sliding 4 px a frame over the still scene
+        frame[8:20, 4 * t % 36:4 * t % 36 + 12] = 1.0
+    jittery, model = NoisyModel(1), NoisyModel(1)  # the same wandering, frame by frame
+    per_frame = [jittery.process(f).background for f in frames]
+    smooth = ChangeFilter(alpha=0.2)
+    smoothed = [smooth(f, model.process(f).background) for f in frames]
+    assert flicker(smoothed, frames) < 0.5 * flicker(per_frame, frames)
+    # Where the frame moved, the output is the frame's own, at once (no trail of the last frames' change).
+    moved = np.abs(frames[-1] - frames[-2]).max(axis=2) > 0.1
+    moved_neighbourhood = cv2.dilate(moved.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    assert moved.any() and np.array_equal(smoothed[-1][moved], per_frame[-1][moved])
+    assert not np.array_equal(smoothed[-1][~moved_neighbourhood], per_frame[-1][~moved_neighbourhood])
+    # A new frame size starts afresh.
+    small = np.full((8, 8, 3), 0.5, np.float32)
+    assert np.array_equal(smooth(small, small * 0.5), small * 0.5)
+    with pytest.raises(InputError, match="motion_threshold"):
+        ChangeFilter(motion_threshold=1.5)
+
+
+def test_video_session_takes_a_new_strength_at_the_next_frame():
+    frame = np.full((16, 16, 3), 0.6, np.float32)
+    model = NoisyModel(2)
+    session = VideoSession(model, temporal=True)
+    for _ in range(5):
+        session.remove(frame, colour_order="RGB")
+    session.strength = 0.0
+    assert np.array_equal(session.remove(frame, colour_order="RGB"), frame)  # not a drift over frames
+    assert "temporal=True" in repr(session)
 
 
 def test_flicker_is_zero_for_a_pixelwise_model_and_the_sequence_holds_static_pixels():

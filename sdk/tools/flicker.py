@@ -5,9 +5,10 @@ breathes a little in strength, blended as glass does (screen blend), without sen
 would pass through any model and hide what the model adds). Where a pixel of the input is the
 same in two consecutive frames, a steady model gives the same output there; flicker is the mean
 absolute frame-to-frame change of the output over those pixels (largest channel), in 8-bit grey
-levels, averaged over the sequence. It comes from the frame's global statistics: RM2S's 2-means
-centres and a model's overall colour and brightness. ``dereflect eval MODEL --flicker`` reports it with and without
-temporal smoothing (:mod:`dereflect.temporal`).
+levels, averaged over the sequence. It comes from the frame's global statistics (RM2S's 2-means
+centres, a model's overall colour and brightness) and from the networks' reach: they see the whole
+frame, so the moving patch changes their output where the input stayed put. ``dereflect eval MODEL
+--flicker`` reports it with and without temporal smoothing (:mod:`dereflect.temporal`).
 """
 
 from __future__ import annotations
