@@ -7,10 +7,16 @@ and ``export``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 from typing import List as _List
 
 from .errors import DereflectError, InputError, MissingDependencyError, ModelError
+
+if _TYPE_CHECKING:  # what type checkers and editors see; at run time __getattr__ loads these on first use
+    from dereflect.models import open_model
+    from dereflect.remover import Remover
+    from dereflect.temporal import VideoSession
 
 __version__ = "0.1.0"
 

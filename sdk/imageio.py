@@ -147,7 +147,7 @@ def _layout(array: np.ndarray, name: str) -> Tuple[int, bool]:
         )
     if shape[0] == 0 or shape[1] == 0:
         raise InputError(f"{name} is empty (shape {array.shape})")
-    if array.dtype not in (np.uint8, np.uint16) and array.dtype.kind != "f":
+    if _native(array.dtype) not in (np.uint8, np.uint16) and array.dtype.kind != "f":
         raise InputError(f"{name} has dtype {array.dtype}; use uint8, uint16 or float in [0, 1]")
     return shape[2], squeeze
 
@@ -184,11 +184,16 @@ def check_image(array: np.ndarray, colour_order: str = "RGB", name: str = "image
     return ImageInfo(dtype=array.dtype, channels=channels, squeeze=squeeze)
 
 
+def _native(dtype: np.dtype) -> np.dtype:
+    """``dtype`` in this machine's byte order: a big-endian ``>u2`` array is a uint16 image too."""
+    return dtype.newbyteorder("=")
+
+
 def _convert(source: np.ndarray, out: np.ndarray) -> None:
     """``source`` (uint8, uint16 or float, already validated) as float32 in [0, 1], written into ``out``."""
-    if source.dtype == np.uint8:
+    if _native(source.dtype) == np.uint8:
         np.multiply(source, np.float32(1.0 / 255.0), out=out, dtype=np.float32)
-    elif source.dtype == np.uint16:
+    elif _native(source.dtype) == np.uint16:
         np.multiply(source, np.float32(1.0 / 65535.0), out=out, dtype=np.float32)
     else:
         out[...] = source
@@ -246,14 +251,14 @@ def as_float_rgb(array: np.ndarray, colour_order: str = "RGB") -> np.ndarray:
 def _quantise(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     for integer, top in ((np.uint8, 255.0), (np.uint16, 65535.0)):
-        if dtype == integer:
+        if _native(dtype) == integer:
             # clip(v, 0, 1) * top + 0.5, rounded down: the same values, scaled and clipped in one buffer
             # (a 720p frame's conversion back was a fifth of remove's time).
             scale = values.dtype.type(top)
             scaled = values * scale
             scaled += scale.dtype.type(0.5)
             np.clip(scaled, scale.dtype.type(0.5), scale.dtype.type(top + 0.5), out=scaled)
-            return scaled.astype(integer)
+            return scaled.astype(dtype)  # the input's own byte order
     return np.clip(values, 0.0, 1.0).astype(dtype)
 
 

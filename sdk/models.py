@@ -18,11 +18,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from dereflect.errors import InputError, ModelError, require
 from dereflect.manifest import MANIFEST_NAME, Manifest, NetworkSpec, TensorSpec, load_manifest
 from dereflect.methods.base import Method, get_method, method_for_checkpoint
+
+if TYPE_CHECKING:
+    from dereflect.remover import Remover
 
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent / "models"
 #: The bundled models, by name; the first is the default.
@@ -113,7 +116,7 @@ def open_source(model: ModelRef, check_hashes: bool = True) -> ModelSource:
     )
 
 
-def open_model(model: ModelRef = None, backend: Optional[str] = None, **options: Any) -> Any:
+def open_model(model: ModelRef = None, backend: Optional[str] = None, **options: Any) -> Remover:
     """``model`` as a :class:`~dereflect.remover.Remover` on ``backend``.
 
     Exports run on ONNX Runtime by default (TensorRT: their engines; torch: pass the training

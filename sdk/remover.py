@@ -44,6 +44,7 @@ Remover per thread (each holds its own sessions / execution contexts).
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 from dataclasses import dataclass
@@ -447,8 +448,8 @@ class Remover:
         self._closed = False
         #: whether the networks took a batch (None: not tried yet; see remove_batch)
         self._batches: Optional[bool] = None
-        self._backend = open_backend(manifest, self.method, backend, device=device, precision=precision,
-                                     **backend_options)
+        self._backend = open_backend(manifest, self.method, backend, REMOVER_OPTIONS, device=device,
+                                     precision=precision, **backend_options)
         self.backend = self._backend.name
         self._host = self._backend.host_executor()
         self._device = self._backend.device_executor(self.settings) if device_middle_step else None
@@ -504,6 +505,12 @@ class Remover:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def __getstate__(self) -> None:
+        # Its sessions (and a GPU's context) cannot travel to another process, and a copy would share
+        # them with the original (closing one would close both): refuse with the way to do it.
+        raise TypeError(f"{self!r} cannot be pickled or copied: load a Remover in each process "
+                        "(Remover.load(model) in a pool's initializer)")
 
     def __repr__(self) -> str:
         closed = ", closed" if self._closed else ""
@@ -640,6 +647,11 @@ class Remover:
         the conversion back to the input's type), with ``settings`` replacing the method's for it.
         ``timer`` times the method's stages and, for a frame larger than the networks take with the
         guided strategy, its "downscale" and "upsample" (what ``dereflect bench`` reports)."""
+        if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.float32 and rgb.ndim == 3 and rgb.shape[2] == 3):
+            # Only what costs nothing to check: remove() validates values too, process() is the fast path.
+            what = f"{rgb.dtype} {'x'.join(map(str, rgb.shape))}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+            raise InputError(f"process takes an HxWx3 float32 RGB frame in [0, 1], not {what} "
+                             "(dereflect.imageio.as_float_rgb converts an image; remove() takes any)")
         frame = _Frame(rgb, converted=True)
         out = _Background(frame, strength=self.strength)
         with self._lock:
@@ -738,6 +750,12 @@ class Remover:
         with self._lock:
             extras, scale, tiles = self._process(frame, out, intermediates=True, progress=progress)
         return _to_result(out.array, extras, colour_order, scale, tiles)
+
+
+#: The options Remover.load takes besides the backend's (for the error that names a misspelt one).
+REMOVER_OPTIONS = tuple(name for name, parameter in inspect.signature(Remover.__init__).parameters.items()
+                        if name not in ("self", "manifest", "device", "precision")
+                        and parameter.kind is not inspect.Parameter.VAR_KEYWORD)
 
 
 def _to_result(background: np.ndarray, extras: Dict[str, Any], colour_order: str, scale: float,

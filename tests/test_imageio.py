@@ -68,6 +68,19 @@ def test_rgba_alpha_kept_aside_and_reattached(tmp_path):
     assert jpg.shape == (24, 32, 3)
 
 
+@pytest.mark.parametrize("dtype", [">u2", ">f4", "<u2"])
+def test_arrays_in_either_byte_order_convert_and_come_back_as_given(dtype):
+    """A big-endian uint16 (from a FITS or a network buffer) is a uint16 image, not a refused dtype
+    or values read as floats."""
+    rgb = np.random.default_rng(2).integers(0, 65536, (6, 8, 3)).astype(np.uint16)
+    array = (rgb if "u" in dtype else (rgb / 65535.0)).astype(dtype)
+    image, info = to_float_rgb(array)
+    np.testing.assert_allclose(image, rgb / 65535.0, atol=1e-6)
+    back = from_float_rgb(image, info)
+    assert back.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(back.astype(np.float64), array.astype(np.float64), atol=1e-6 if "f" in dtype else 0)
+
+
 def test_sixteen_bit_round_trip(tmp_path):
     rgb16 = np.random.default_rng(1).integers(0, 65536, (10, 12, 3), dtype=np.uint16)
     path = _save_bgr(tmp_path / "d.png", rgb16[:, :, ::-1])

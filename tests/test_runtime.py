@@ -1262,12 +1262,37 @@ def test_the_runtime_refuses_an_engine_changed_after_it_was_built(fake_trt, tmp_
 
 
 def test_unknown_backend_options_are_refused_with_the_ones_it_takes(rm2s_dir):
-    with pytest.raises(InputError, match=r"no option\(s\) threadz; it takes: device, precision, threads"):
+    with pytest.raises(InputError, match=r"no option\(s\) threadz \(did you mean threads\?\): the Remover takes "
+                                         r"backend, max_side, .*strength, and the onnxruntime backend device, "
+                                         r"precision, threads"):
         Remover.load(rm2s_dir, threadz=2)
+    # A misspelt option of the Remover's own is named as such, not as a backend's.
+    with pytest.raises(InputError, match=r"strenght \(did you mean strength\?\)"):
+        Remover.load(rm2s_dir, strenght=1.5)
     with pytest.raises(InputError, match="no option"):
         Remover.load(rm2s_dir, backend="onnxruntime", checkpoint="x.safetensors")
     with pytest.raises(InputError, match="threads must be a positive integer"):
         Remover.load(rm2s_dir, threads=0)
+
+
+def test_a_remover_is_not_pickled_or_copied_but_says_how_to_share_it(rm2s_dir):
+    import copy
+    import pickle
+
+    with Remover.load(rm2s_dir) as remover:
+        for attempt in (pickle.dumps, copy.copy, copy.deepcopy):
+            with pytest.raises(TypeError, match="cannot be pickled or copied: load a Remover in each process"):
+                attempt(remover)
+
+
+def test_process_refuses_what_is_not_a_float_rgb_frame(rm2s_dir):
+    """process() is the fast path without conversions: a uint8 or grey frame is refused, not misread."""
+    with Remover.load(rm2s_dir) as remover:
+        for bad, shown in ((np.full((40, 56, 3), 200, np.uint8), "uint8 40x56x3"),
+                           (np.zeros((40, 56), np.float32), "float32 40x56"), ([[0.5]], "list")):
+            with pytest.raises(InputError, match=rf"HxWx3 float32 RGB frame in \[0, 1\], not {shown} "):
+                remover.process(bad)
+        assert remover.process(np.full((40, 56, 3), 0.5, np.float32)).background.shape == (40, 56, 3)
 
 
 def test_bench_times_the_calls_remove_makes(rm2s_dir, crrn_dir, monkeypatch):

@@ -18,9 +18,10 @@ Adding a backend means one module with one :class:`Backend` subclass and a line 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 from types import ModuleType
-from typing import Any, ClassVar, Dict, List, NamedTuple, Optional, Tuple, Type
+from typing import Any, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 import numpy as np
 from dereflect.errors import InputError, ModelError, require
@@ -124,12 +125,22 @@ class BackendOptions:
             raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
 
     @classmethod
-    def create(cls, backend: str, **options: Any) -> BackendOptions:
-        """The options of ``backend`` from keyword arguments; an unknown name raises InputError."""
+    def create(cls, backend: str, caller_options: Sequence[str] = (), **options: Any) -> BackendOptions:
+        """The options of ``backend`` from keyword arguments; an unknown name raises InputError, naming
+        the closest known one among the backend's and ``caller_options`` (those the caller took itself,
+        such as the Remover's: a misspelt ``strenght`` is meant for the Remover, not the backend)."""
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(known))
         if unknown:
-            raise InputError(f"the {backend} backend has no option(s) {', '.join(unknown)}; it takes: "
+            candidates = known + list(caller_options)
+            named = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, candidates, n=1)
+                named.append(f"{name} (did you mean {close[0]}?)" if close else name)
+            if caller_options:
+                raise InputError(f"no option(s) {', '.join(named)}: the Remover takes {', '.join(caller_options)}, "
+                                 f"and the {backend} backend {', '.join(known)}")
+            raise InputError(f"the {backend} backend has no option(s) {', '.join(named)}; it takes: "
                              f"{', '.join(known)}")
         return cls(**options)
 
@@ -257,10 +268,12 @@ def backend_class(backend: str) -> Type[Backend]:
     return getattr(importlib.import_module(module), attribute)
 
 
-def open_backend(manifest: Manifest, method: Method, backend: str = "onnxruntime", **options: Any) -> Backend:
-    """Open every network of ``manifest`` on ``backend`` with its typed ``options``."""
+def open_backend(manifest: Manifest, method: Method, backend: str = "onnxruntime",
+                 caller_options: Sequence[str] = (), **options: Any) -> Backend:
+    """Open every network of ``manifest`` on ``backend`` with its typed ``options`` (``caller_options``:
+    see :meth:`BackendOptions.create`)."""
     cls = backend_class(backend)
-    return cls(manifest, method, cls.options_class.create(cls.name, **options))
+    return cls(manifest, method, cls.options_class.create(cls.name, caller_options, **options))
 
 
 def require_backend_module(module: str, backend: str, what: str = "") -> ModuleType:
