@@ -264,7 +264,8 @@ class Manifest:
             hint = ""
             if other and inside(self.directory, other, f"network {network!r}").is_file():
                 kept = "fp32" if fp16 else "fp16"
-                hint = f"; this export keeps only its {kept.upper()} file: run it with --precision {kept}"
+                hint = (f"; this export keeps only its {kept.upper()} file: run it with --precision {kept} "
+                        f"(precision=\"{kept}\" from Python)")
             raise ModelError(f"{self.directory}: network {network!r}: file {filename} is missing{hint}")
         return path
 
