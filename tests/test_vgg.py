@@ -438,3 +438,82 @@ def test_hed_found_in_installed_package_without_importing_it(hed_h5, tmp_path, m
 def test_cli_module_does_not_import_torch():
     code = "import sys, dereflect.train.cli_weights; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ---------------------------------------------------------------- which VGG the paper recipes take
+
+
+@pytest.fixture
+def imagenet_and_hed_cache(vgg16_files):
+    """A cache holding both VGG-16s: torchvision's ImageNet file and a converted HED file (other weights)."""
+    feats, pth, _ = vgg16_files
+    cache = Path(os.environ["DEREFLECT_CACHE"])
+    cache.mkdir(parents=True)
+    os.symlink(pth, cache / "vgg16-397923af.pth")
+    torch.manual_seed(2)
+    hed = {f"features.{k}": v for k, v in vgg_features("vgg16").state_dict().items()}
+    save_file(hed, str(cache / V.HED_FILE_NAME),
+              metadata={"arch": "vgg16", "input": "caffe", "caffe_mean_bgr": ",".join(map(str, HED_MEAN_BGR))})
+    return cache, feats, hed
+
+
+def test_auto_prefers_an_imagenet_vgg16_to_hed(imagenet_and_hed_cache, monkeypatch):
+    """Both papers start from ImageNet weights: HED (fine-tuned for edges) only where there is no ImageNet VGG-16."""
+    cache, feats, _ = imagenet_and_hed_cache
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_download)
+    vgg = load_vgg("vgg16", layers=("conv1_2",))
+    assert vgg.normalize == "imagenet"
+    _assert_same_weights(vgg, feats)
+    assert V.auto_weights_path("vgg16") == cache / "vgg16-397923af.pth"
+    (cache / "vgg16-397923af.pth").unlink()
+    assert V.auto_weights_path("vgg16") == cache / V.HED_FILE_NAME
+    assert load_vgg("vgg16", layers=("conv1_2",)).normalize == "caffe"
+
+
+def test_crrn_iin_starts_from_the_imagenet_vgg16_and_notes_the_hed_fallback(imagenet_and_hed_cache, capsys):
+    from dereflect.train.crrn import vgg16_init_state
+
+    cache, feats, hed = imagenet_and_hed_cache
+    state = vgg16_init_state("auto")
+    for key, value in feats.state_dict().items():  # ImageNet weights, as they are (no Caffe fold)
+        assert torch.equal(state[f"features.{key}"], value), key
+    from dereflect.train.cli import _note_hed_init
+
+    _note_hed_init("auto")
+    assert capsys.readouterr().out == ""
+    (cache / "vgg16-397923af.pth").unlink()
+    state = vgg16_init_state("auto")
+    assert torch.equal(state["features.2.weight"], hed["features.2.weight"])
+    assert not torch.equal(state["features.0.weight"], hed["features.0.weight"])  # the Caffe input folded in
+    _note_hed_init("auto")
+    assert "no ImageNet VGG-16 found; IiN starts from the offline HED VGG-16" in capsys.readouterr().out
+
+
+def test_rm2s_paper_loss_feeds_vgg_the_images_as_they_are(vgg16_files, hed_h5, tmp_path):
+    """The authors give VGG-19-BN [0, 1] images without ImageNet normalisation, and tuned 3 / 0.4 / 3 for that:
+    torchvision's weights are fed so too; Caffe-convention HED keeps its input, its features scaled by 1/255."""
+    from dereflect.train.cli import _load_loss_vgg
+
+    feats, pth, _ = vgg16_files
+    vgg = _load_loss_vgg(argparse.Namespace(vgg=str(pth), vgg_arch="vgg16"))
+    assert vgg.normalize == "none" and vgg.output_scale == 1.0
+    assert vgg.describe() == {"arch": "vgg16", "input": "none", "output_scale": 1.0}
+    x = torch.rand(2, 3, 32, 32)
+    names = V.vgg_layer_names("vgg16")
+    expected = torch.nn.Sequential(*list(feats)[: names.index("conv5_2") + 1])(x)
+    assert torch.allclose(vgg(x)["conv5_2"], expected, atol=1e-5)
+    converted = prepare_hed_weights(source=hed_h5[0], cache_dir=tmp_path / "cache")
+    hed = _load_loss_vgg(argparse.Namespace(vgg=str(converted), vgg_arch=None))
+    assert hed.normalize == "caffe" and hed.output_scale == pytest.approx(1 / 255)
+
+
+def test_set_normalize_feeds_the_network_as_a_new_extractor_would(vgg16_files):
+    feats, pth, _ = vgg16_files
+    x = torch.rand(1, 3, 32, 32)
+    for mode in ("none", "caffe", "imagenet"):
+        vgg = load_vgg("vgg16", source=pth, layers=("conv2_1",))
+        vgg.set_normalize(mode)
+        fresh = VGGFeatures(feats, "vgg16", layers=("conv2_1",), normalize=mode)
+        assert vgg.normalize == mode and torch.allclose(vgg(x)["conv2_1"], fresh(x)["conv2_1"], atol=1e-5)
+    with pytest.raises(InputError, match="normalize"):
+        vgg.set_normalize("zscore")

