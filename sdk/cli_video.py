@@ -97,9 +97,10 @@ def register(subparsers: Any) -> None:
     video.add_argument("-q", "--quiet", action="store_true",
                        help="print problems only: no progress bar, no summary line, no audio note (default: off)")
     video.add_argument("--temporal", choices=["on", "off"], default="on",
-                       help="carry RM2S's 2-means centres and the output's overall colour across frames with a "
-                            "moving average (dereflect.temporal); off runs every frame on its own. On is the "
-                            "default because it measured steadier on the bundled models (dereflect eval --flicker)")
+                       help="carry RM2S's 2-means centres, the output's overall colour and, where the frame "
+                            "stayed put, the model's change per pixel across frames with moving averages "
+                            "(dereflect.temporal); off runs every frame on its own. On is the default: it "
+                            "flickers a third as much with the bundled models (dereflect eval --flicker)")
     add_model_options(video)
     video.set_defaults(func=run_video)
 
