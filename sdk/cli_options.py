@@ -22,7 +22,7 @@ MODEL_HELP = (f"a bundled model ({', '.join(BUNDLED_MODELS)}), an export directo
 
 
 def add_model_options(parser: argparse.ArgumentParser, positional: bool = False, output: bool = True) -> None:
-    """Add the model reference (``MODEL`` or ``--model``) and the runtime options to ``parser``.
+    """Add the model reference (``MODEL`` or ``-m``/``--model``) and the runtime options to ``parser``.
 
     ``--max-side`` (the resolution the networks run at) is for every command. ``output``: also what
     shapes the output image, ``--large-image`` and ``--strength`` (not for ``bench``, which times
@@ -31,7 +31,8 @@ def add_model_options(parser: argparse.ArgumentParser, positional: bool = False,
     if positional:
         parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     else:
-        parser.add_argument("--model", metavar="MODEL", default=None,
+        # -m: the short form users reach for (no command that takes --model uses -m for anything else).
+        parser.add_argument("-m", "--model", metavar="MODEL", default=None,
                             help=f"{MODEL_HELP} (default: {BUNDLED_MODELS[0]})")
     group = parser.add_argument_group("model options")
     backend_defaults = BackendOptions()

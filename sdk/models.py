@@ -16,6 +16,7 @@ its training recorded), so a stage-2 checkpoint and its export run with the same
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -71,6 +72,29 @@ def resolve_model(model: ModelRef) -> Path:
     return Path(model)
 
 
+#: The stems of the files a training run writes (final, last, best, stepNNNNNNN): they name the moment of
+#: a run, not the run, so a checkpoint named so is called after its run folder too.
+RUN_CHECKPOINT_STEM = re.compile(r"^(?:final|last|best|step\d+)$")
+
+
+def checkpoint_name(path: Union[str, os.PathLike]) -> str:
+    """The name of the checkpoint file ``path`` when its metadata records none: its stem, or, for a stem a run
+    writes (:data:`RUN_CHECKPOINT_STEM`), ``<run folder>/<stem>`` ("ft-crrn/final"), so that two runs'
+    final.safetensors can be told apart in reports and exports.
+
+    The name may hold that one "/": a caller that makes a file or folder name of it must replace it
+    (``dereflect export engine``'s default folder does).
+    """
+    path = Path(path)
+    stem = path.stem
+    if RUN_CHECKPOINT_STEM.match(stem):
+        # resolve(): "final.safetensors" run from inside the run folder still has that folder's name.
+        run = path.resolve().parent.name
+        if run:
+            return f"{run}/{stem}"
+    return stem
+
+
 def checkpoint_manifest(path: Path, metadata: dict, method: Method) -> Manifest:
     """An in-memory manifest for a training checkpoint: its method's networks, its recorded settings and
     the side its networks are meant to run at (none recorded: the runtime's default). Its export starts
@@ -83,7 +107,7 @@ def checkpoint_manifest(path: Path, metadata: dict, method: Method) -> Manifest:
             outputs=[TensorSpec(t.name, t.channels, value_range=t.value_range) for t in contract.outputs])
         for contract in method.networks
     }
-    return Manifest(method=method.name, name=str(metadata.get("name") or path.stem), networks=networks,
+    return Manifest(method=method.name, name=str(metadata.get("name") or checkpoint_name(path)), networks=networks,
                     directory=path.parent, settings=method.settings_from_checkpoint(metadata),
                     max_side=metadata.get("max_side"),
                     checkpoint={"file": path.name, "metadata": {k: v for k, v in metadata.items()

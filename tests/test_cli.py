@@ -217,6 +217,34 @@ def test_remove_refuses_intermediates_written_twice_before_any_work(tmp_path, id
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
 
 
+def test_m_is_the_short_form_of_model_wherever_model_is_an_option(tmp_path, identity, monkeypatch):
+    """`dereflect remove -m DIR photo.jpg` said "unrecognized arguments: -m"."""
+    import dereflect.cli_runtime as runtime
+
+    seen = []
+    opened = runtime.open_from_args
+
+    def recording(args, **overrides):
+        seen.append(args.model)
+        return opened(args, **overrides)
+
+    monkeypatch.setattr(runtime, "open_from_args", recording)
+    photo = _image(tmp_path / "photo.jpg")
+    assert main(["remove", "-m", "my-export", str(photo), "-o", str(tmp_path / "out.png"), "-q"]) == 0
+    assert seen == ["my-export"] and (tmp_path / "out.png").is_file()
+    # Every command with --model takes -m for it, and -m means nothing else anywhere.
+    with_model = [parser for parser in iter_parsers(build_parser())
+                  if any("--model" in action.option_strings for action in parser._actions)]
+    assert {parser.prog for parser in with_model} >= {"dereflect remove", "dereflect video"}
+    for parser in iter_parsers(build_parser()):
+        for action in parser._actions:
+            if "-m" in action.option_strings:
+                assert action.option_strings == ["-m", "--model"], parser.prog
+    for parser in with_model:
+        model = next(action for action in parser._actions if "--model" in action.option_strings)
+        assert "-m" in model.option_strings, parser.prog
+
+
 def test_remove_with_nothing_left_to_do_succeeds_but_one_file_asked_for_does_not(tmp_path, identity, capsys):
     folder = tmp_path / "in"
     for name in ("a.png", "b.png"):

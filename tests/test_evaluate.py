@@ -308,7 +308,10 @@ def test_evaluate_scores_baseline_and_model(crrn_dir, paired, tmp_path):
     assert f"| a | 40x56 | {report.images[0].baseline['psnr']:.2f} | {report.images[0].model['psnr']:.2f} |" \
         in markdown
     sheet = cv2.imread(str(out / "contact_sheet.png"))
-    assert sheet.shape == (22 + 3 * (18 + CONTACT_TILE + 4), 4 + 5 * (CONTACT_TILE + 4), 3)
+    # CRRN has no stage 1 or confidence map: input | result | ground truth, no columns of "n/a"
+    assert sheet.shape == (22 + 3 * (18 + CONTACT_TILE + 4), 4 + 3 * (CONTACT_TILE + 4), 3)
+    assert report.contact_columns == ("input", "result", "ground truth")
+    assert "- Contact sheet: contact_sheet.png (input | result | ground truth)" in markdown
 
 
 def test_reflection_mask_marks_where_the_input_is_brighter_despite_misalignment():
@@ -641,7 +644,7 @@ def test_photos_print_and_report_only_what_means_something_without_ground_truth(
         printed), printed
     markdown = (out / "report.md").read_text()
     assert "PSNR" not in markdown and " - |" not in markdown and "| - " not in markdown
-    assert "- Contact sheet: contact_sheet.png (input | stage 1 | confidence | result | 4x |change|)" in markdown
+    assert "- Contact sheet: contact_sheet.png (input | result | 4x |change|)" in markdown
     for image in report["images"]:
         assert f"| {image['name']} | 40x56 | {255 * image['mean_change']:.2f} / 255 | " in markdown
     assert dereflect.cli.main(["eval", str(crrn_dir), "--data", str(folder), "--layout", "photos",

@@ -23,8 +23,8 @@ import cv2
 import numpy as np
 import torch
 from dereflect.errors import InputError
-from dereflect.imageio import IMAGE_EXTENSIONS, is_visible_image
-from dereflect.tools.datasets import half_paired, read_pair
+from dereflect.imageio import IMAGE_EXTENSIONS, is_visible_image, some_names
+from dereflect.tools.datasets import LAYOUT_WORDS, ground_truth_set, half_paired, read_pair
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
@@ -94,13 +94,15 @@ def find_images(
     ``exclude`` drops file names starting with any of its prefixes (e.g. ``("test_",)`` keeps
     BSDS500's test split out); a non-empty ``include`` keeps only names starting with one of
     its prefixes. Hidden files are ignored. Raises InputError if nothing is found, or for a folder that
-    holds one folder of a paired data set and not the other (``blended/`` without ``transmission_layer/``).
+    holds one folder of a paired data set and not the other (``blended/`` without ``transmission_layer/``),
+    or a data set with ground truth (see :func:`refuse_ground_truth_sets`).
     """
     roots = _as_folders(folders)
     for root in roots:
         problem = half_paired(root)
         if problem:  # a paired data set missing a folder: its photos are not what was meant
             raise InputError(f"{problem}; for pairs synthesised from photos, give a folder of photos")
+    refuse_ground_truth_sets(roots)
     if isinstance(exclude, str):
         exclude = (exclude,)
     if isinstance(include, str):
@@ -130,6 +132,29 @@ def find_images(
             "point the data option at folders of photos"
         )
     return sorted(set(found))
+
+
+def refuse_ground_truth_sets(folders: Sequence[Path]) -> None:
+    """InputError naming the first of ``folders`` that is a data set with ground truth (paired folders,
+    CEILNet triplets, SIR2), which synthesis must not take for a folder of clean photos.
+
+    Its photos through glass would be read as clean backgrounds (and the clean layers beside them
+    as more photos): a run that trains without a word on reflections as if they were the scene.
+    Such a folder is real pairs (``--real``) or a validation set (``--val``).
+    """
+    for root in folders:
+        found = ground_truth_set(root)
+        if found is None:
+            continue
+        layout, pairs = found
+        # Pairs below it (SIR2's layout): say in which sub-folders, a photo folder may hold one such set.
+        below = sorted({f"{pair.input.relative_to(root).parts[0]}/" for pair in pairs
+                        if len(pair.input.relative_to(root).parts) > 1}) if layout == "sir2" else []
+        inside = f" (in {some_names(below, 3)})" if below else ""
+        raise InputError(f"{root} holds {len(pairs)} pairs with ground truth{inside}, {LAYOUT_WORDS[layout]}, "
+                         "not clean photos: synthesis would take its photos through glass for clean backgrounds. "
+                         "Pass it with --real DIR (real training pairs) or --val DIR (validation); --data takes "
+                         "folders of photos without reflections")
 
 
 # --------------------------------------------------------------------------- loading
@@ -518,7 +543,9 @@ class SyntheticPairs(Dataset):
 
 
 class RealPairs(Dataset):
-    """Real photo pairs (a paired folder, e.g. zhang89) as training samples.
+    """Real photo pairs as training samples: a folder in any layout with ground truth that ``dereflect eval``
+    and ``--val`` read (:func:`dereflect.tools.datasets.find_pairs`: a paired folder such as zhang89,
+    CEILNet triplets, SIR2).
 
     Each sample takes pair ``(index + epoch * n) % n``, one random geometry (flip, rotation, scaled
     crop as in :func:`random_crop`) applied identically to the photo and its clean layer, and one
@@ -533,15 +560,21 @@ class RealPairs(Dataset):
     def __init__(self, root: PathLike, size: Any = 256, seed: int = 0, exclude_names: Sequence[str] = (),
                  crop_scale: Tuple[float, float] = (0.3, 1.0), flip_p: float = 0.75, rotate90: bool = False,
                  colour_jitter: float = 0.1):
-        from dereflect.tools.datasets import filter_pairs, find_pairs
+        from dereflect.tools.datasets import check_pair_sizes, detect_layout, filter_pairs, find_pairs
 
         self.geometry = SynthesisConfig(size=size, crop_scale=crop_scale, flip_p=flip_p, rotate90=rotate90)
         self.seed = int(seed)
         self.colour_jitter = float(colour_jitter)
         self.epoch = 0
-        _, pairs = find_pairs(root, "paired")
+        # Every layout --val and eval read: a SIR2 or CEILNet folder is pairs as much as a paired one is.
+        self.layout = detect_layout(root, hint="Photos without ground truth go to --data (pairs are synthesised "
+                                               "from them)")
+        _, pairs = find_pairs(root, self.layout)
         if exclude_names:
             pairs = filter_pairs(pairs, exclude_names, keep=False, where=str(root))
+        # All at once, before training: read per sample, a pair of two sizes would stop the run mid-way,
+        # and only the first such pair would be named.
+        check_pair_sizes(pairs, root)
         self.names = [pair.name for pair in pairs]
         self.pairs = pairs
         self.root = Path(root)
@@ -556,7 +589,9 @@ class RealPairs(Dataset):
 
     def describe_sources(self) -> Dict[str, str]:
         """The pairs drawn from (see :func:`training_data_record`)."""
-        return {"real pairs": f"{len(self)} pairs in {_folder_names([self.root])}"}
+        # The paired layout keeps the words earlier runs recorded (a resumed run compares them).
+        layout = "" if self.layout == "paired" else f" ({self.layout} layout)"
+        return {"real pairs": f"{len(self)} pairs in {_folder_names([self.root])}{layout}"}
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -731,9 +766,10 @@ class GroundTruthPairs(Dataset):
         multiple: int = 32,
         max_side: Optional[int] = None,
     ):
-        from dereflect.tools.datasets import find_pairs
+        from dereflect.tools.datasets import check_pair_sizes, find_pairs
 
         self.layout, self.pairs = find_pairs(root, layout)
+        check_pair_sizes(self.pairs, root)  # every pair of two sizes in one error, before training starts
         self.root = Path(root)
         self.size = size
         self.multiple = int(multiple)

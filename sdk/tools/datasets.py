@@ -13,11 +13,18 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 from dereflect.errors import InputError
-from dereflect.imageio import IMAGE_EXTENSIONS, images_by_stem, is_visible_image, read_image, some_names
+from dereflect.imageio import (
+    IMAGE_EXTENSIONS,
+    images_by_stem,
+    is_visible_image,
+    read_header,
+    read_image,
+    some_names,
+)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -31,8 +38,16 @@ _LOOKED_FOR = (
     "SIR2: sub-folders holding blended/ + transmission_layer/, or m.* + g.* (or NAME_m.* + NAME_g.*) files"
 )
 _SIR2_FILE = re.compile(r"^(?:(?P<prefix>.+)_)?(?P<letter>[mgr])$", re.IGNORECASE)
-
-
+#: What :func:`detect_layout` looks for, in words (for error messages of other readers of these layouts).
+LOOKED_FOR = _LOOKED_FOR
+#: The hint :func:`detect_layout` ends its "no layout" error with (``eval``'s: photos are another layout there).
+PHOTOS_HINT = "For photos without ground truth (to look at, not to score) pass --layout photos"
+#: Each layout in words, for messages that say what a folder is.
+LAYOUT_WORDS = {
+    "paired": "a paired data set (blended/ + transmission_layer/ or input/ + target/)",
+    "ceilnet": "CEILNet triplets (NAME-input.* + NAME-label1.* files)",
+    "sir2": "pairs in the SIR2 layout (sub-folders of blended/ + transmission_layer/, or m/g files)",
+}
 
 
 @dataclass
@@ -87,14 +102,62 @@ def half_paired(root: PathLike) -> Optional[str]:
     return None
 
 
+def _size_text(image: np.ndarray) -> str:
+    return f"{image.shape[0]}x{image.shape[1]}"
+
+
 def read_pair(pair: Pair) -> Tuple[np.ndarray, np.ndarray]:
     """A pair's input and ground truth as HxWx3 float32 RGB in [0, 1] (the runtime's reader);
     InputError naming both files when their sizes differ."""
     image, target = read_image(pair.input)[0], read_image(pair.target)[0]
     if image.shape != target.shape:
-        raise InputError(f"pair '{pair.name}': {pair.input} is {image.shape[0]}x{image.shape[1]} but ground truth "
-                         f"{pair.target} is {target.shape[0]}x{target.shape[1]}; a pair must have one size")
+        raise InputError(f"pair '{pair.name}': {pair.input} is {_size_text(image)} but ground truth "
+                         f"{pair.target} is {_size_text(target)}; a pair must have one size")
     return image, target
+
+
+def _header_size(path: Path) -> Optional[Tuple[int, int]]:
+    """(width, height) the file's header declares, None when it cannot be read (left to the reader)."""
+    try:
+        return read_header(path.read_bytes(), str(path))[1:]
+    except (OSError, InputError):
+        return None
+
+
+def size_mismatches(pairs: Sequence[Pair]) -> List[str]:
+    """One line per pair whose input and ground truth differ in size ("name: input HxW, ground truth HxW").
+
+    The headers are compared first (no decoding: a data set of thousands of pairs is checked in seconds);
+    only pairs whose headers differ are decoded, so an EXIF rotation that makes them one size is no
+    mismatch. Files whose headers cannot be read are left to :func:`read_pair`, which names the problem.
+    """
+    found = []
+    for pair in pairs:
+        if pair.target is None:
+            continue
+        sizes = _header_size(pair.input), _header_size(pair.target)
+        if None in sizes or sizes[0] == sizes[1]:
+            continue
+        try:
+            image, target = read_image(pair.input)[0], read_image(pair.target)[0]
+        except InputError:
+            continue  # unreadable: read_pair says so when the pair is read
+        if image.shape != target.shape:
+            found.append(f"{pair.name}: input {_size_text(image)}, ground truth {_size_text(target)}")
+    return found
+
+
+def check_pair_sizes(pairs: Sequence[Pair], where: PathLike) -> None:
+    """InputError listing every pair of ``pairs`` whose two images differ in size (see :func:`size_mismatches`).
+
+    Run before any pair is used, so that a data set with several such pairs is fixed in one go, not one
+    pair per run (training and evaluation would otherwise stop at the first, after minutes of work).
+    """
+    found = size_mismatches(pairs)
+    if found:
+        shown = "; ".join(found[:5]) + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
+        raise InputError(f"{where}: {len(found)} of {len(pairs)} pair(s) have an input and a ground truth of "
+                         f"different sizes ({shown}); a pair must have one size: fix or remove them")
 
 
 def _read_paired_dirs(root: Path, prefix: str = "") -> List[Pair]:
@@ -103,6 +166,13 @@ def _read_paired_dirs(root: Path, prefix: str = "") -> List[Pair]:
         problem = half_paired(root)
         if problem:
             raise InputError(problem)
+        other = _other_layout(root) if not prefix else None
+        if other:
+            # A SIR2 or CEILNet folder given where the paired layout is asked for: say what it is, since other
+            # readers (eval, train --val and --real) do read it.
+            raise InputError(f"{root}: no paired folders (blended/ + transmission_layer/ or input/ + target/ side "
+                             f"by side); it holds {LAYOUT_WORDS[other]}, which layout {other} (or auto) reads, as "
+                             "eval, train --val and train --real do")
         raise InputError(
             f"{root}: no paired folders; expected blended/ + transmission_layer/ or input/ + target/ "
             "side by side"
@@ -110,6 +180,14 @@ def _read_paired_dirs(root: Path, prefix: str = "") -> List[Pair]:
     input_dir, target_dir = dirs
     return _match(images_by_stem(input_dir), images_by_stem(target_dir), str(root),
                   f"image(s) in {input_dir.name}/", f"image(s) in {target_dir.name}/", prefix)
+
+
+def _other_layout(root: Path) -> Optional[str]:
+    """The layout :func:`detect_layout` finds in ``root``, or None when it finds none."""
+    try:
+        return detect_layout(root)
+    except InputError:
+        return None
 
 
 def _check_dir(root: PathLike) -> Path:
@@ -197,8 +275,9 @@ def read_photos(root: PathLike) -> List[Pair]:
 READERS = {"paired": read_paired, "ceilnet": read_ceilnet, "sir2": read_sir2, "photos": read_photos}
 
 
-def detect_layout(root: PathLike) -> str:
-    """The layout of ``root`` ("paired", "ceilnet" or "sir2"); InputError listing what was looked for."""
+def detect_layout(root: PathLike, hint: str = PHOTOS_HINT) -> str:
+    """The layout of ``root`` ("paired", "ceilnet" or "sir2"); InputError listing what was looked for,
+    ending with ``hint`` (where photos without ground truth go instead: eval's ``--layout photos`` by default)."""
     root = _check_dir(root)
     if _paired_dirs(root) is not None:
         return "paired"
@@ -215,8 +294,27 @@ def detect_layout(root: PathLike) -> str:
     problem = half_paired(root)
     if problem:
         raise InputError(problem)
-    raise InputError(f"{root}: no known dataset layout found. Looked for: {_LOOKED_FOR}. For photos without "
-                     "ground truth (to look at, not to score) pass --layout photos")
+    raise InputError(f"{root}: no known dataset layout found. Looked for: {_LOOKED_FOR}. {hint}")
+
+
+def ground_truth_set(root: PathLike) -> Optional[Tuple[str, List[Pair]]]:
+    """(layout, pairs) when ``root`` is a data set with ground truth in a layout :func:`find_pairs` reads
+    (pairs found below it, SIR2's in sub-folders), else None: for callers that expect a folder of photos.
+
+    Only a folder whose pairs are all read is one: a photo folder with a stray ``x-input.jpg`` or
+    ``IMG_m.jpg`` (names the layouts use) stays a photo folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    layout = _other_layout(root)
+    if layout is None:
+        return None
+    try:
+        pairs = READERS[layout](root)
+    except InputError:
+        return None
+    return layout, pairs
 
 
 def attach_masks(pairs: List[Pair], masks_dir: PathLike) -> List[Pair]:
@@ -251,13 +349,28 @@ def read_name_list(path: PathLike) -> List[str]:
     return [name for name in names if name]
 
 
+def _as_pair_name(name: str, known: Set[str]) -> str:
+    """``name``, or its stem when ``name`` is not a pair but ends in an image extension and its stem is one
+    (``10.jpg`` for pair ``10``): a list written from file names means the pairs of those files."""
+    if name in known:
+        return name
+    stem, ext = os.path.splitext(name)
+    return stem if ext.lower() in IMAGE_EXTENSIONS and stem in known else name
+
+
 def filter_pairs(pairs: List[Pair], names: Sequence[str], keep: bool, where: str) -> List[Pair]:
-    """The pairs whose name is in ``names`` (``keep``) or not in it; every name must be a pair."""
-    wanted = set(names)
-    unknown = sorted(wanted - {pair.name for pair in pairs})
+    """The pairs whose name is in ``names`` (``keep``) or not in it; every name must be a pair.
+
+    Names are file stems (SIR2's with their folder: ``<subset>/NAME``); a name with an image extension
+    (``10.jpg``) stands for its stem when that is a pair.
+    """
+    known = {pair.name for pair in pairs}
+    wanted = {_as_pair_name(name, known) for name in names}
+    unknown = sorted(wanted - known)
     if unknown:
         raise InputError(f"{where}: the name list holds {len(unknown)} name(s) that are not pairs there: "
-                         f"{unknown[:5]}")
+                         f"{unknown[:5]}; names are file stems, the file name without its extension "
+                         f"(e.g. {sorted(known)[0] if known else 'NAME'})")
     out = [pair for pair in pairs if (pair.name in wanted) == keep]
     if not out:
         raise InputError(f"{where}: no pairs left after the name list")

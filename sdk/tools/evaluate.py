@@ -63,6 +63,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -70,13 +71,29 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 from dereflect import __version__
-from dereflect.cli import EXIT_OK
+from dereflect.cli import EXIT_OK, EXIT_SOME_FAILED
 from dereflect.cli_options import add_model_options, model_options
 from dereflect.errors import InputError, ModelError
-from dereflect.imageio import as_float_rgb, check_output_location, read_image, staged_file, write_image
+from dereflect.imageio import (
+    as_float_rgb,
+    check_output_location,
+    one_line_error,
+    read_image,
+    staged_file,
+    write_image,
+)
 from dereflect.remover import at_strength
 from dereflect.stop_signals import StopSignals, exit_status
-from dereflect.tools.datasets import LAYOUTS, Pair, PathLike, filter_pairs, find_pairs, read_name_list, read_pair
+from dereflect.tools.datasets import (
+    LAYOUTS,
+    Pair,
+    PathLike,
+    check_pair_sizes,
+    filter_pairs,
+    find_pairs,
+    read_name_list,
+    read_pair,
+)
 from dereflect.tools.metrics import (
     AUTO_MASK_BLUR,
     AUTO_MASK_LEVEL,
@@ -97,6 +114,8 @@ REGION_METRICS = ("ssimr", "sir")
 METRIC_LABELS = {"psnr": "PSNR", "ssim": "SSIM", "si": "SI", "ssimr": "SSIMr", "sir": "SIr"}
 BASELINE_LABEL = "do nothing (input as output)"
 CONTACT_COLUMNS = ("input", "stage 1", "confidence", "result", "ground truth")
+#: The columns of the eval contact sheet only some methods have (RM2S's); left out when no row has them.
+OPTIONAL_COLUMNS = ("stage 1", "confidence")
 #: The contact sheet's last column for photos without ground truth: what the model took away.
 CHANGE_COLUMN = "4x |change|"
 CONTACT_TILE = 160
@@ -288,6 +307,10 @@ class Report:
     colour_fitted: bool = False
     #: False for photos without ground truth (layout "photos"): nothing scored, only the change measured
     ground_truth: bool = True
+    #: the contact sheet's columns (None: all of :attr:`contact_columns`'s); those no row has are left out
+    sheet_columns: Optional[Tuple[str, ...]] = None
+    #: photos (layout "photos") that could not be read and were skipped: one line each, naming the file
+    skipped: List[str] = field(default_factory=list)
 
     @property
     def model_label(self) -> str:
@@ -315,6 +338,9 @@ class Report:
 
     @property
     def contact_columns(self) -> Tuple[str, ...]:
+        """The contact sheet's columns: those drawn when it is made, else every one the data could have."""
+        if self.sheet_columns is not None:
+            return self.sheet_columns
         return CONTACT_COLUMNS if self.ground_truth else CONTACT_COLUMNS[:-1] + (CHANGE_COLUMN,)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -337,6 +363,7 @@ class Report:
             },
             "gain_baseline": self.gain_baseline,
             "images": [s.to_dict() for s in self.images],
+            **({"skipped": list(self.skipped)} if self.skipped else {}),
         }
 
     def to_json(self) -> str:
@@ -396,6 +423,8 @@ class Report:
               if self.contact_sheet is not None else []),
             f"- dereflect {__version__}, {self.created}",
             *([f"- **Partial**: stopped {p['stopped']}"] if p.get("stopped") else []),
+            *([f"- **Skipped**: {len(self.skipped)} unreadable image(s), not in the means: "
+               + "; ".join(self.skipped)] if self.skipped else []),
             "",
             "## Mean",
             "",
@@ -467,14 +496,16 @@ def read_gain_baseline(spec: Any) -> Dict[str, Any]:
     return {"gain": [float(g) for g in gain], "source": source}
 
 
-def fit_global_gain(pairs: Sequence[Pair]) -> List[float]:
+def fit_global_gain(pairs: Sequence[Pair], where: str = "fit-gain") -> List[float]:
     """The three channel gains g minimising sum over all pixels of (g * input - background)^2.
 
     One least-squares gain per channel from the photo through glass to its clean layer, pooled
     over every pixel of every pair: the ``--gain-baseline`` row scores what correcting only the
     glass's overall tint and light loss achieves, so a model's gain over it is what it does beyond
-    that (the "global gain" row of the README's results).
+    that (the "global gain" row of the README's results). Pairs of two sizes raise one InputError naming
+    them all, begun with ``where``.
     """
+    check_pair_sizes(pairs, where)  # every pair of two sizes named at once (``where`` begins the message)
     num = np.zeros(3)
     den = np.zeros(3)
     for pair in pairs:
@@ -531,17 +562,60 @@ _GAP = 4
 _BACKGROUND = 32
 
 
-def _text(canvas: np.ndarray, text: str, x: int, y: int, width: int) -> None:
-    while text and cv2.getTextSize(text, _FONT, 0.4, 1)[0][0] > width:
+#: Font scales tried in turn for a label too wide for its column, before it is cut short.
+_FONT_SCALES = (0.4, 0.35, 0.3)
+#: Letters without an ASCII decomposition that have a usual spelling in ASCII.
+_ASCII_SPELLINGS = {"ß": "ss", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L",
+                    "đ": "d", "Đ": "D", "ð": "d", "Ð": "D", "þ": "th", "Þ": "Th", "ı": "i", "–": "-", "—": "-",
+                    "‘": "'", "’": "'", "“": '"', "”": '"', "…": "...", "→": "->", "×": "x", "µ": "u"}
+
+
+def ascii_label(text: str) -> str:
+    """``text`` in the ASCII that OpenCV's Hershey fonts draw: accents dropped (NFKD: "é" -> "e"), a few
+    letters spelt out ("ß" -> "ss"), "?" only for what has no ASCII form (a CJK name, say).
+
+    cv2.putText draws every byte beyond ASCII as "?", so "café" would read "caf??" and a name in another
+    script a row of "?"; this keeps as much of the name readable as there is.
+    """
+    out = []
+    for char in unicodedata.normalize("NFKD", text):
+        if char.isascii():
+            out.append(char)
+        elif unicodedata.combining(char):
+            continue  # the accent of the letter before it
+        else:
+            out.append(_ASCII_SPELLINGS.get(char, "?"))
+    return "".join(out)
+
+
+def _fitted(text: str, width: int) -> Tuple[str, float]:
+    """``text`` (ASCII) and the font scale that draw it at most ``width`` px wide: the largest of
+    :data:`_FONT_SCALES` that fits, else the smallest with the text cut short, "~" marking the cut."""
+    for scale in _FONT_SCALES:
+        if cv2.getTextSize(text, _FONT, scale, 1)[0][0] <= width:
+            return text, scale
+    scale = _FONT_SCALES[-1]
+    while text and cv2.getTextSize(text, _FONT, scale, 1)[0][0] > width:
         text = text[:-2] + "~" if len(text) > 2 else ""
-    cv2.putText(canvas, text, (x, y), _FONT, 0.4, (235, 235, 235), 1, cv2.LINE_AA)
+    return text, scale
+
+
+def _text(canvas: np.ndarray, text: str, x: int, y: int, width: int, centre: bool = False) -> None:
+    """Draw ``text`` at baseline (x, y), within ``width`` px (smaller or cut short to fit: labels of
+    neighbouring columns must not run into each other); ``centre``: centred in that width."""
+    text, scale = _fitted(ascii_label(text), max(0, width))
+    if not text:
+        return
+    if centre:
+        x += (width - cv2.getTextSize(text, _FONT, scale, 1)[0][0]) // 2
+    cv2.putText(canvas, text, (x, y), _FONT, scale, (235, 235, 235), 1, cv2.LINE_AA)
 
 
 def _tile(image: Optional[np.ndarray], tile: int) -> np.ndarray:
     """``image`` (float RGB in [0, 1] or uint8 RGB; None: "n/a") letterboxed into a tile x tile box."""
     box = np.full((tile, tile, 3), _BACKGROUND, np.uint8)
     if image is None:
-        _text(box, "n/a", tile // 2 - 12, tile // 2 + 4, tile)
+        _text(box, "n/a", 2, tile // 2 + 4, tile - 4, centre=True)
         return box
     if image.dtype != np.uint8:
         image = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
@@ -569,15 +643,17 @@ def contact_row(image: np.ndarray, result: Any, target: Optional[np.ndarray],
 
 def contact_sheet(rows: Sequence[Tuple[str, List[np.ndarray]]], tile: int = CONTACT_TILE,
                   columns: Sequence[str] = CONTACT_COLUMNS) -> np.ndarray:
-    """Labelled grid (RGB uint8): a header with ``columns``, then a caption and tiles per row.
+    """Labelled grid (RGB uint8): a header with ``columns``, then a caption and tiles per row (as many
+    tiles as columns).
 
-    Size: height ``22 + n * (18 + tile + 4)``, width ``4 + 5 * (tile + 4)``.
+    Size: height ``22 + n * (18 + tile + 4)``, width ``4 + len(columns) * (tile + 4)``. Labels are drawn
+    in ASCII (:func:`ascii_label`), each within its column (a smaller font, or cut short).
     """
     width = _GAP + len(columns) * (tile + _GAP)
     height = _HEADER + len(rows) * (_CAPTION + tile + _GAP)
     sheet = np.full((height, width, 3), 16, np.uint8)
     for col, label in enumerate(columns):
-        _text(sheet, label, _GAP + col * (tile + _GAP) + 2, _HEADER - 7, tile)
+        _text(sheet, label, _GAP + col * (tile + _GAP) + 2, _HEADER - 7, tile - 2)
     for index, (caption, tiles) in enumerate(rows):
         top = _HEADER + index * (_CAPTION + tile + _GAP)
         _text(sheet, caption, _GAP + 2, top + _CAPTION - 5, width - 2 * _GAP)
@@ -674,6 +750,8 @@ def evaluate(
         pairs = filter_pairs(pairs, read_name_list(names), keep=True, where=str(data_dir))
     if limit is not None:
         pairs = pairs[: int(limit)]
+    # Every pair of two sizes in one error before the model is loaded, not the first one mid-run.
+    check_pair_sizes(pairs, data_dir)
     gains = read_gain_baseline(gain_baseline) if gain_baseline is not None else None
     runner = load_model(model, **options)
     try:
@@ -682,6 +760,9 @@ def evaluate(
     finally:
         if runner is not model and hasattr(runner, "close"):
             runner.close()
+    if report.skipped and not report.images and "stopped" not in report.protocol:
+        raise InputError(f"{data_dir}: none of the {len(report.skipped)} image(s) could be read (see the warnings "
+                         "above); nothing to look at")
     report.data = {"dir": str(data_dir), "layout": used_layout, "images": len(report.images),
                    "masks": str(masks) if masks is not None else None, "limit": limit,
                    "names": str(names) if names is not None else None}
@@ -702,15 +783,26 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
     metrics = BASE_METRICS + (REGION_METRICS if regions else ())
     chosen = set(_contact_indices(len(pairs), contact_images))
     rows: List[Tuple[str, List[np.ndarray]]] = []
+    # Which of the optional columns (stage 1, confidence) some row of the sheet has: the others are left out.
+    drawn = {column: False for column in OPTIONAL_COLUMNS}
     images: List[ImageScores] = []
+    skipped: List[str] = []
     reduced = 0
     stopped_by = None
-    for index, pair in enumerate(tqdm(pairs, unit="image", disable=None if progress else True, file=sys.stderr,
-                                      desc="dereflect eval")):
+    bar = tqdm(pairs, unit="image", disable=None if progress else True, file=sys.stderr, desc="dereflect eval")
+    for index, pair in enumerate(bar):
         if stop is not None and stop.received:
             stopped_by = stop.received
             break
-        image, target, mask = load_pair(pair, short, auto_mask)
+        try:
+            image, target, mask = load_pair(pair, short, auto_mask)
+        except InputError as exc:
+            if pair.target is not None:
+                raise  # a pair left out would make the means incomparable with other runs on the set
+            # Photos are only looked at: one bad file is that file's news, as in `remove`, not the run's end.
+            skipped.append(one_line_error(exc, pair.input))
+            bar.write(f"dereflect: warning: skipping {skipped[-1]}", file=sys.stderr)
+            continue
         start = time.perf_counter()
         result = runner.remove_with_intermediates(image, colour_order="RGB")
         seconds = time.perf_counter() - start
@@ -739,6 +831,8 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
                        f"{_fmt('psnr', scores.model['psnr'])} dB" if target is not None else
                        f"{pair.name}   mean change {255 * change:.1f} / 255")
             rows.append((caption, contact_row(image, result, target)))
+            drawn["stage 1"] |= getattr(result, "stage1", None) is not None
+            drawn["confidence"] |= getattr(result, "confidence", None) is not None
     max_side = model_info.get("max_side")
     if max_side:
         how = ("in overlapping tiles" if model_info.get("large_image") == "tile"
@@ -769,9 +863,15 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
         gain_baseline=gains,
         colour_fitted=colour_fitted,
         ground_truth=all(p.target is not None for p in pairs),
+        skipped=skipped,
     )
     if rows:
-        report.contact_sheet = contact_sheet(rows, columns=report.contact_columns)
+        # A CRRN model has no stage 1 or confidence map: two columns of "n/a" would say nothing.
+        keep = [drawn.get(column, True) for column in report.contact_columns]
+        columns = tuple(column for column, kept in zip(report.contact_columns, keep) if kept)
+        rows = [(caption, [t for t, kept in zip(tiles, keep) if kept]) for caption, tiles in rows]
+        report.contact_sheet = contact_sheet(rows, columns=columns)
+        report.sheet_columns = columns
     return report
 
 
@@ -861,4 +961,9 @@ def run_eval(args: Any) -> int:
     if "stopped" in report.protocol:
         print(f"dereflect: stopped {report.protocol['stopped']}", file=sys.stderr)
         return exit_status(signals.received)
+    if report.skipped:
+        # As remove does: the rest was done, and the status says that not everything was.
+        print(f"dereflect: {len(report.skipped)} of {len(report.skipped) + len(report.images)} image(s) could not "
+              f"be read and were skipped; {len(report.images)} looked at", file=sys.stderr)
+        return EXIT_SOME_FAILED
     return EXIT_OK
