@@ -67,7 +67,8 @@ def test_an_existing_run_folder_is_refused_unless_resumed_in_place(photo_folder,
     # A checkpoint of the folder itself continues its run there, and says where from.
     assert main(crrn(photo_folder, "--out", str(out), "--steps", "3", "--resume", str(out / "final.safetensors"))) == 0
     assert f"resuming from step 2 of {out / 'final.safetensors'}\n" in capsys.readouterr().out
-    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 2, 3]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(record["step"], "resumed" in record) for record in log] == [(0, False), (2, False), (2, True), (3, False)]
     assert load_checkpoint(out / "final.safetensors").step == 3
 
 
@@ -299,3 +300,118 @@ def test_synthesize_keeps_writing_the_test_sets_it_wrote(photo_folder, tmp_path)
         assert parts[0]["crop_scale"] == crop, name
         if mixed is not None:
             assert parts[1]["crop_scale"] == mixed, name
+
+
+# --------------------------------------------------------------------------- stage 2's stage 1 when resuming
+
+
+def test_a_resumed_stage2_run_keeps_and_records_the_stage1_its_checkpoint_holds(tmp_path, fake_vgg16, capsys):
+    photos = write_photo_folder(tmp_path / "photos", 4, height=136, width=136)
+    write_photo_folder(photos, 2, seed=1, prefix="test_", height=136, width=136)
+    first, other = stage1_checkpoint(tmp_path / "a.safetensors"), stage1_checkpoint(tmp_path / "b.safetensors")
+    # 128: the lite critic's smallest crop
+    common = ["train", "rm2s-stage2", *PAPER, "--data", str(photos), "--size", "128", "--batch-size", "2",
+              "--workers", "0", "--val-count", "1", "--cache-mb", "0", "--critic", "lite", "--vgg", str(fake_vgg16),
+              "--vgg-arch", "vgg16", "--val-every", "0", "--preview-every", "0"]
+    assert main([*common, "--steps", "1", "--out", str(tmp_path / "new")]) == 2
+    assert "a new stage-2 run needs --stage1 CKPT" in usage_error(capsys)
+    out = tmp_path / "s2"
+    assert main([*common, "--stage1", str(first), "--steps", "1", "--out", str(out)]) == 0
+    final = out / "final.safetensors"
+    capsys.readouterr()
+    assert main([*common, "--stage1", str(other), "--steps", "2", "--resume", str(final), "--out", str(out)]) == 2
+    assert f"--stage1 {other}: not the stage 1 that --resume {final} holds" in usage_error(capsys)
+    for stage1 in ([], ["--stage1", str(first)]):  # left out, or the very same one
+        resumed = tmp_path / f"from{len(stage1)}.safetensors"
+        shutil.copy(final, resumed)
+        assert main([*common, *stage1, "--steps", "2", "--resume", str(resumed),
+                     "--out", str(tmp_path / f"go{len(stage1)}")]) == 0
+        result = load_checkpoint(tmp_path / f"go{len(stage1)}" / "final.safetensors")
+        # The true source: --stage1 of the first run, handed on by the resumed checkpoint.
+        assert result.metadata["stage2"]["stage1_source"] == {"path": str(first), "step": 0,
+                                                              "resumed_from": str(resumed)}
+        kept = load_checkpoint(first).states["stage1"]["head.weight"]
+        assert torch.equal(result.states["stage1"]["head.weight"], kept)
+
+
+# --------------------------------------------------------------------------- BatchNorm on a 1x1 map, dead run folders
+
+
+def test_a_batch_of_one_on_a_one_pixel_bottleneck_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    from dereflect.train import cli
+
+    def no_work(*_):
+        raise AssertionError("the data were read before the options were checked")
+
+    monkeypatch.setattr(cli, "build_datasets", no_work)
+    out = tmp_path / "run"
+    base = ["train", "rm2s-stage1", "--config", "paper", "--data", str(tmp_path), "--out", str(out)]
+    assert main([*base, "--size", "128", "--batch-size", "1"]) == 2
+    err = usage_error(capsys)
+    assert "--size 128 with --batch-size 1: the BatchNorm of stage-1 network (--config paper) at its deepest level " \
+           "(1x1 per image)" in err and "use --batch-size 2 or more, or --size 160 or more" in err
+    assert not out.exists()
+    for fitting in (["--size", "128", "--batch-size", "2"], ["--size", "160", "--batch-size", "1"]):
+        with pytest.raises(AssertionError, match="the data were read"):
+            main([*base, *fitting])
+
+
+def test_a_run_folder_without_a_checkpoint_says_so_and_that_it_may_be_removed(photo_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text(json.dumps({"step": 0, "val_psnr": 20.0, "time": 0.0}) + "\n")
+    assert main(crrn(photo_folder, "--out", str(out))) == 2
+    assert (f"--out {out} holds a run that saved no checkpoint (log.jsonl up to step 0): nothing in it can be "
+            "resumed; if that run has ended, remove the folder to reuse it") in usage_error(capsys)
+
+
+# --------------------------------------------------------------------------- --init from a bundled model or stage 2
+
+
+def test_init_takes_a_stage2_checkpoints_stage1_and_a_bundled_model_name(photo_folder, fake_vgg16, tmp_path, capsys,
+                                                                         monkeypatch):
+    from dereflect.train.models import build_model
+    from dereflect.train.models.rm2s import UNetConfig
+
+    stage1 = UNetConfig.preset("lite", in_channels=3).to_dict()  # what --config lite-scratch builds
+    tiny = UNetConfig.preset("lite", in_channels=9, widths=(8, 8, 16, 16, 16)).to_dict()
+    net = build_model("rm2s_unet", stage1)
+    stage2 = save_checkpoint(tmp_path / "s2.safetensors", method="rm2s", kind="rm2s-stage2", step=7,
+                             networks={"stage1": ("rm2s_unet", stage1, net),
+                                       "generator": ("rm2s_unet", tiny, build_model("rm2s_unet", tiny))})
+    common = ["train", "rm2s-stage1", *PAPER, "--data", str(photo_folder), *TINY, "--vgg", str(fake_vgg16),
+              "--vgg-arch", "vgg16", "--cache-mb", "0"]
+    # The network must be the run's: --config paper builds another, and the message names the one that fits.
+    assert main([*common[:2], "--config", "paper", *common[4:], "--size", "128", "--init", str(stage2), "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "pass --config lite-scratch to start from it" in usage_error(capsys)
+    # A new run (step 0 -> 1, a new optimiser) from the stage 2's stage 1.
+    assert main([*common, "--steps", "1", "--init", str(stage2), "--out", str(tmp_path / "a")]) == 0
+    result = load_checkpoint(tmp_path / "a" / "final.safetensors")
+    assert result.step == 1 and result.metadata["init"] == {"path": str(stage2), "step": 7, "kind": "rm2s-stage2"}
+
+    # A bundled model's name is rebuilt as `train from-export` does (stood in for here: no ONNX needed).
+    def rebuilt(model, out):
+        assert model == "rm2s-lite"
+        return shutil.copy(stage2, out), {}
+
+    monkeypatch.setattr("dereflect.export.to_checkpoint.checkpoint_from_export", rebuilt)
+    capsys.readouterr()
+    assert main([*common, "--steps", "1", "--init", "rm2s-lite", "--out", str(tmp_path / "b")]) == 0
+    assert "rebuilding a checkpoint from rm2s-lite" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "b" / "final.safetensors").metadata["init"]["path"] == "rm2s-lite"
+    assert main([*common, "--init", "no-such-model", "--out", str(tmp_path / "c")]) == 2
+    assert "--init no-such-model: no such checkpoint file, bundled model (crrn-lite, rm2s-lite)" in usage_error(capsys)
+
+
+def test_crrn_init_takes_a_crrn_checkpoint_of_the_same_network(photo_folder, tmp_path, capsys):
+    assert main(crrn(photo_folder, "--out", str(tmp_path / "a"))) == 0
+    start = tmp_path / "a" / "final.safetensors"
+    assert main(crrn(photo_folder, "--init", str(start), "--out", str(tmp_path / "b"))) == 0
+    assert load_checkpoint(tmp_path / "b" / "final.safetensors").metadata["schedule"]["init"] == {
+        "path": str(start), "step": 2, "kind": "crrn"}
+    capsys.readouterr()
+    paper = crrn(photo_folder, "--init", str(start), "--out", str(tmp_path / "c"))
+    paper[paper.index("lite-scratch")] = "paper"
+    assert main(paper) == 2
+    assert "pass --config lite-scratch to start from it" in usage_error(capsys)

@@ -285,3 +285,97 @@ def test_a_resumed_run_averages_its_first_log_record_over_its_own_steps(photo_fo
         losses[every] = next(r["loss"] for r in records if r.get("step") == 4 and "loss" in r)
     # Before, the record due every 4 divided the one step it summed by 4.
     assert losses[4] == pytest.approx(losses[1], rel=1e-6)
+
+
+# --------------------------------------------------------------------------- a checkpoint that cannot be written
+
+
+def test_a_checkpoint_write_that_fails_is_one_line_naming_the_last_good_one(photo_folder, fake_vgg16, tmp_path,
+                                                                           monkeypatch, capsys):
+    import dereflect.train.checkpoint as checkpoint_module
+    from safetensors import SafetensorError
+
+    real_save = checkpoint_module.save_file
+    calls = []
+
+    def disk_full_on_the_second(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) < 2:
+            return real_save(tensors, path, metadata=metadata)
+        with open(path, "wb") as handle:  # half a file, as a full disk leaves it
+            handle.write(b"\0" * 100)
+        raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", disk_full_on_the_second)
+    out = tmp_path / "run"
+    assert cli_stage1(photo_folder, fake_vgg16, out, "--steps", "3", "--save-every", "1", "--val-every", "0") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err == (f"dereflect: error: cannot write checkpoint {out / 'last.safetensors'}: File too large (os error "
+                   f"27); the last good checkpoint is {out / 'last.safetensors'} (step 1): free some space and go on "
+                   f"with --resume {out / 'last.safetensors'}\n")
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["last.safetensors", "log.jsonl"]  # no partial file
+    assert load_checkpoint(out / "last.safetensors").step == 1
+
+
+# --------------------------------------------------------------------------- resuming: the log and the notes
+
+
+def test_resuming_an_earlier_step_in_place_is_logged_and_names_the_later_checkpoints(photo_folder, fake_vgg16,
+                                                                                     tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_stage1(photo_folder, fake_vgg16, out, "--steps", "3", "--keep-every", "1", "--log-every", "1",
+                      "--val-every", "0", "--cache-mb", "0") == 0
+    earlier = out / "step0000001.safetensors"
+    elapsed = read_metadata(earlier)["training"]["elapsed_s"]
+    capsys.readouterr()
+    assert cli_stage1(photo_folder, fake_vgg16, out, "--steps", "2", "--resume", str(earlier), "--log-every", "1",
+                      "--val-every", "0", "--cache-mb", "0") == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "further on" in line]
+    assert notes == [f"note: {out} holds checkpoints further on than step 1 that this run resumes from: "
+                     "best.safetensors (step 3), final.safetensors (step 3), step0000002.safetensors (step 2), "
+                     "step0000003.safetensors (step 3); "
+                     "last, best and final (and a stepN this run reaches) will be overwritten by this run's, the "
+                     "others are left as they are"]
+    assert (out / "step0000003.safetensors").exists() and load_checkpoint(out / "final.safetensors").step == 2
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    resumed = [record for record in log if "resumed" in record]
+    assert len(resumed) == 1 and resumed[0]["step"] == 1
+    assert resumed[0]["resumed"]["checkpoint"] == str(earlier) and resumed[0]["resumed"]["step"] == 1
+    assert "at" in resumed[0]["resumed"] and resumed[0]["time"] == pytest.approx(elapsed, abs=0.1)
+    after = log[log.index(resumed[0]) + 1:]
+    assert [record["step"] for record in after] == [2]
+    assert after[0]["time"] >= elapsed  # cumulative: the resumed run's seconds come on top of the earlier ones
+
+
+def test_resuming_with_other_settings_lists_each_change_in_one_note(photo_folder, fake_vgg16, tmp_path, capsys):
+    common = ["--val-every", "0", "--cache-mb", "0"]
+    assert cli_stage1(photo_folder, fake_vgg16, tmp_path / "a", "--steps", "1", *common) == 0
+    start = tmp_path / "a" / "final.safetensors"
+    capsys.readouterr()
+    assert cli_stage1(photo_folder, fake_vgg16, tmp_path / "same", "--steps", "2", "--resume", str(start),
+                      *common) == 0
+    assert "note:" not in capsys.readouterr().out
+    assert cli_stage1(photo_folder, fake_vgg16, tmp_path / "b", "--steps", "2", "--resume", str(start), *common,
+                      "--lr", "0.001", "--batch-size", "3", "--size", "96", "--lr-drop-at", "2") == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "other settings" in line]
+    assert notes == [f"note: this run trains with other settings than {start}: batch_size 2 -> 3; size 64 -> 96; "
+                     "optimiser.lr 0.0002 -> 0.001; optimiser.lr_drop_at none -> 2"]
+
+
+# --------------------------------------------------------------------------- CRRN's GiN-alone phase
+
+
+def test_crrns_log_and_notes_say_when_gin_trains_alone(photo_folder, tmp_path, capsys):
+    out = tmp_path / "crrn"
+    assert main(["train", "crrn", *PAPER, "--data", str(photo_folder), "--steps", "3", "--size", "64",
+                 "--batch-size", "2", "--workers", "0", "--val-count", "2", "--log-every", "1", "--val-every", "0",
+                 "--cache-mb", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "note: step 1 (--gin-fraction 0.333) train GiN, the gradient network, alone: the background output " \
+           "does not train yet, so val_psnr stays flat until step 1" in printed
+    assert "note: step 2 train the whole network (GiN's phase is over): val_psnr moves from here" in printed
+    assert "note: step 3 train the whole network at a tenth of the rate" in printed
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(record["step"], record.get("phase")) for record in log] == [
+        (0, None), (1, "gin"), (2, "joint"), (3, "joint_low_lr")]

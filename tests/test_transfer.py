@@ -430,10 +430,10 @@ def test_lite_training_with_real_pairs_runs_end_to_end_and_stage2_and_crrn_start
     log = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
     assert "si_grad" in log[-1] or "si_gradient" in log[-1]
     capsys.readouterr()
-    # --init is for the lite CRRN, from a stage-1 checkpoint only
+    # --init takes a stage-2 checkpoint's stage 1 too (it holds one)
     assert main(["train", "crrn", *common, "--init", str(tmp_path / "s2" / "final.safetensors"),
-                 "--out", str(tmp_path / "c2")]) == 2
-    assert "stage-1 checkpoint" in capsys.readouterr().err
+                 "--out", str(tmp_path / "c2")]) == 0
+    assert load_checkpoint(tmp_path / "c2" / "final.safetensors").metadata["schedule"]["init"]["kind"] == "rm2s-stage2"
     # the emphasis weighs the transfer recipe's loss; the paper's own loss has no such term
     assert main(["train", "crrn", *common, "--recipe", "paper", "--reflection-emphasis", "3",
                  "--out", str(tmp_path / "c3")]) == 2

@@ -25,6 +25,7 @@ from .models import DEFAULT_ENCODER, ENCODERS
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
+    from .checkpoint import Checkpoint
     from .data import SeededLoader
     from .distributed import DistributedContext
     from .losses import RestorationLoss
@@ -47,13 +48,22 @@ def register(subparsers: Any) -> None:
     _common_options(stage1, default_size="256", default_batch=6,
                     size_rule="sides: multiples of 32, at least 128 with --config paper")
     _add_lr_drop_option(stage1)
+    stage1.add_argument("--init", metavar="CKPT|MODEL",
+                        help="start the stage-1 network from this one's: a stage-1 checkpoint, the stage 1 of a "
+                             "stage-2 checkpoint, or a bundled model (rm2s-lite) or export folder, rebuilt as "
+                             "'train from-export' does; a new run from step 0 with a new optimiser (the networks "
+                             "must match: same --config and --encoder), not with --resume")
     stage1.set_defaults(func=run_rm2s_stage1)
 
     stage2 = commands.add_parser("rm2s-stage2", help="RM2S stage 2: the GAN generator refining stage 1")
     _common_options(stage2, default_size="256", default_batch=6,
                     size_rule="sides: multiples of 32, at least 128 (the critic's minimum; 256 with --critic paper)")
     _add_lr_drop_option(stage2)
-    stage2.add_argument("--stage1", required=True, metavar="CKPT", help="trained stage-1 checkpoint")
+    stage2.add_argument("--stage1", metavar="CKPT",
+                        help="trained stage-1 checkpoint, or a stage-2 one for its stage 1 (needed for a new run). "
+                             "With --resume the stage 1 is the resumed checkpoint's own, frozen in it since its run "
+                             "began: leave --stage1 out; one whose stage-1 weights differ from it is refused (start "
+                             "a new run to change stage 1)")
     stage2.add_argument("--masks", choices=["stage1", "ground-truth"], default="stage1",
                         help="edge masks from the stage-1 output (the paper, as at inference) or from the "
                              "ground truth (the authors' code)")
@@ -79,9 +89,12 @@ def register(subparsers: Any) -> None:
                            "40 of 120 epochs)")
     crrn.add_argument("--reflection-loss-weight", type=float, default=1.0, metavar="W",
                       help="weight of the loss's 1 - SSIM(R) term (the paper: 1; paper recipe only)")
-    crrn.add_argument("--init", metavar="CKPT",
-                      help="start IiN from a lite RM2S stage-1 checkpoint (same layers; GiN's inputs start at zero); "
-                           "a new run only, not with --resume")
+    crrn.add_argument("--init", metavar="CKPT|MODEL",
+                      help="start from a CRRN checkpoint (the same network: --config, --encoder), or start a lite "
+                           "CRRN's IiN from a lite RM2S stage 1 (a stage-1 checkpoint or a stage-2 one's stage 1; "
+                           "same layers, GiN's inputs start at zero); or from a bundled model (crrn-lite, rm2s-lite) "
+                           "or export folder, rebuilt as 'train from-export' does; a new run from step 0, not with "
+                           "--resume")
     crrn.set_defaults(func=run_crrn)
 
     synth = commands.add_parser(
@@ -474,8 +487,11 @@ def _check_pairings(args: argparse.Namespace) -> None:
             if value is not None:
                 raise InputError(f"{option} applies to the real pairs of --real; add --real DIR or drop {option}")
     if getattr(args, "init", None) and args.resume:
-        raise InputError("--init starts a new run from a stage-1 checkpoint, --resume continues a run (which "
+        raise InputError("--init starts a new run from a checkpoint's weights, --resume continues a run (which "
                          "started from it already, if it did); drop --init")
+    if args.train_command == "rm2s-stage2" and not args.stage1 and not args.resume:
+        raise InputError("a new stage-2 run needs --stage1 CKPT: the trained stage-1 checkpoint (or a stage-2 one, "
+                         "for its stage 1); only --resume takes the stage 1 from the resumed checkpoint")
     if not uses_transfer(args):
         _paper_recipe_refuses(args)
 
@@ -517,10 +533,26 @@ def _check_out(args: argparse.Namespace) -> None:
     if not held or (args.resume and Path(args.resume).resolve().parent == out.resolve()):
         return
     checkpoints = [name for name in ("last.safetensors", "final.safetensors") if name in held]
+    if "log.jsonl" in held and not any(name.endswith(".safetensors") for name in held):
+        # Not reused silently: a run still before its first save (--save-every) looks just the same, and two
+        # runs appending to one log.jsonl could not be told apart.
+        raise InputError(f"--out {out} holds a run that saved no checkpoint ({_log_extent(out / 'log.jsonl')}): "
+                         "nothing in it can be resumed; if that run has ended, remove the folder to reuse it, or "
+                         "choose a new folder")
     if "log.jsonl" in held or checkpoints:
         go_on = f" (or continue that run with --resume {out / checkpoints[0]})" if checkpoints else ""
         raise InputError(f"--out {out} holds another run; choose a new folder{go_on}")
     raise InputError(f"--out {out} is not empty ({some_names(held)}); choose a new folder")
+
+
+def _log_extent(log: Path) -> str:
+    """How far a run's log.jsonl goes, for a message: 'log.jsonl up to step N' (or only 'log.jsonl')."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+        step = json.loads(lines[-1]).get("step") if lines else None
+    except (OSError, ValueError, AttributeError):
+        step = None
+    return f"log.jsonl up to step {step}" if isinstance(step, int) else "log.jsonl"
 
 
 def _period(every: int, steps: int) -> int:
@@ -735,19 +767,66 @@ def _note_hed_init(source: str) -> None:
               "vgg16)")
 
 
-def lite_encoder(args: argparse.Namespace, start: Optional[str] = None) -> str:
+def load_init(reference: str) -> Checkpoint:
+    """--init's checkpoint, loaded: a checkpoint file, or a bundled model's name (``rm2s-lite``) or an export
+    folder, rebuilt into a checkpoint as ``train from-export`` does (in a temporary folder, removed after).
+
+    The result's ``path`` is ``reference`` as given, which the run's metadata records as its start.
+    """
+    import tempfile
+
+    from dereflect.models import BUNDLED_MODELS
+
+    from .checkpoint import load_checkpoint
+
+    path = Path(reference)
+    if path.is_file():
+        return load_checkpoint(path)
+    if reference not in BUNDLED_MODELS and not path.is_dir():
+        raise InputError(f"--init {reference}: no such checkpoint file, bundled model ({', '.join(BUNDLED_MODELS)}) "
+                         "or export folder")
+    from dereflect.export.to_checkpoint import checkpoint_from_export
+
+    print(f"rebuilding a checkpoint from {reference} (as 'dereflect train from-export' does)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="dereflect-init-") as scratch:
+        rebuilt, _ = checkpoint_from_export(reference, Path(scratch) / "init.safetensors")
+        checkpoint = load_checkpoint(rebuilt)  # every tensor read into memory: the file can go
+    checkpoint.path = path
+    return checkpoint
+
+
+def _check_init_network(init: Checkpoint, choice: _Choice, network: Tuple[str, Any], name: str) -> None:
+    """An --init checkpoint's network ``name`` must be the one the options build (its weights go in as they are):
+    else refused, naming the option value that builds it where one does."""
+    spec = init.metadata["networks"].get(name)
+    if spec is None:
+        have = ", ".join(sorted(init.metadata["networks"]))
+        raise InputError(f"--init {init.path}: a {init.metadata.get('kind')} checkpoint holds no {name} network "
+                         f"(it has: {have})")
+    if _same_network(spec, *network):
+        return
+    theirs = next((value for value in choice.values if _same_network(spec, *choice.build(value))), None)
+    hint = f"; pass {choice.option} {theirs} to start from it" if theirs else ""
+    raise InputError(f"--init {init.path}: its {name} network ({spec['arch']}) is not the {choice.label} that "
+                     f"{choice.option} {choice.value} builds ({network[0]}){hint}")
+
+
+def lite_encoder(args: argparse.Namespace, start: Union[str, Checkpoint, None] = None) -> str:
     """The ImageNet encoder of a lite network: --encoder, else the one in checkpoint ``start``.
 
     ``start``: the checkpoint the run resumes or starts from (--resume, --stage1, --init), whose
     encoder it must keep; DEFAULT_ENCODER when neither says. --encoder is refused with other configs
     and where it contradicts ``start``.
     """
-    from .checkpoint import read_metadata
+    from .checkpoint import Checkpoint, read_metadata
     from .models import encoder_of
 
     if args.encoder and args.config != "lite":
         raise InputError(f"--encoder picks the ImageNet encoder of --config lite, not of {args.config}")
-    recorded = [encoder_of(spec) for spec in read_metadata(start)["networks"].values()] if start else []
+    metadata = start.metadata if isinstance(start, Checkpoint) else read_metadata(start) if start else {}
+    if isinstance(start, Checkpoint):
+        start = str(start.path)
+    recorded = [encoder_of(spec) for spec in metadata.get("networks", {}).values()]
     theirs = next((encoder for encoder in recorded if encoder), None)
     if theirs is None:
         return args.encoder or DEFAULT_ENCODER
@@ -799,7 +878,8 @@ def _check_networks(args: argparse.Namespace, sizes: Sequence[Size], choices: Di
         _check_resumed_networks(args.resume, choices, networks)
     chosen = [(f"{choice.label} ({choice.option} {choice.value})", *networks[name])
               for name, choice in choices.items()]
-    _check_sizes(sizes, chosen + list(fixed))
+    # The chosen networks train (BatchNorm on batch statistics); the fixed ones run in eval mode.
+    _check_sizes(sizes, chosen + list(fixed), batch_size=args.batch_size, trained=len(chosen))
     return networks
 
 
@@ -833,21 +913,26 @@ def _check_resumed_networks(path: str, choices: Dict[str, _Choice], networks: Di
         # Same architecture, other settings: Trainer.resume names each setting that differs.
 
 
-def _check_sizes(sizes: Sequence[Size], networks: Sequence[Tuple[str, str, Any]]) -> None:
+def _check_sizes(sizes: Sequence[Size], networks: Sequence[Tuple[str, str, Any]], batch_size: Optional[int] = None,
+                 trained: int = -1) -> None:
     """Refuse a --size crop that a network of the run cannot take, in the option's words.
 
     ``networks``: (label, arch, config) of each network the crops go through. The rules are the networks'
     own ``stride`` and ``min_size``, read from them built on the meta device (no memory, no initialisation).
     The critic checks ``min_size`` alone: it averages its score map, so any side from there on will do.
+    With ``batch_size``, the first ``trained`` networks (-1: all) are also checked to leave each training
+    BatchNorm more than one value per channel in a batch (:func:`_check_batch_norms`).
     """
     import torch
 
     from .models import build_model
 
     rules = []
+    built = []
     for label, arch, config in networks:
         with torch.device("meta"):
             net = build_model(arch, config)
+        built.append((label, net))
         rules.append((label, 1 if arch == "rm2s_discriminator" else net.stride, net.min_size))
     # The example offered fits every network: sides rounded up to all the multiples, from the largest minimum.
     multiple = functools.reduce(lambda a, b: a * b // math.gcd(a, b), (step for _, step, _ in rules), 1)
@@ -861,6 +946,37 @@ def _check_sizes(sizes: Sequence[Size], networks: Sequence[Tuple[str, str, Any]]
             fitting = tuple(max(-(-side // multiple), -(-least // multiple)) * multiple for side in size)
             raise InputError(f"--size {_size_text(size)}: {label} takes sides that are {rule}, e.g. "
                              f"{_size_text(fitting)}")
+    if batch_size is not None:
+        _check_batch_norms(sizes, built if trained < 0 else built[:trained], batch_size, multiple)
+
+
+def _check_batch_norms(sizes: Sequence[Size], networks: Sequence[Tuple[str, Any]], batch_size: int,
+                       multiple: int) -> None:
+    """Refuse a --size and --batch-size whose training would give a BatchNorm one value per channel.
+
+    A BatchNorm that trains normalises each channel over the batch and the map's pixels; at the deepest
+    level (a paper U-Net's bottleneck is 1x1 at --size 128) a batch of 1 leaves it one value, and torch
+    fails there at the first step ("Expected more than 1 value per channel when training"), after the
+    data and the networks were loaded. The deepest map is the network's own ``smallest_norm_map``, else
+    each side over its ``stride``.
+    """
+    import torch
+
+    for label, net in networks:
+        if not any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in net.modules()):
+            continue
+        deepest = getattr(net, "smallest_norm_map", None) or (lambda h, w, s=net.stride: (h // s, w // s))
+        for size in sizes:
+            height, width = deepest(*size)
+            if batch_size * height * width > 1:
+                continue
+            bigger = size
+            while math.prod(deepest(*bigger)) < 2:
+                bigger = (bigger[0] + multiple, bigger[1] + multiple)
+            raise InputError(f"--size {_size_text(size)} with --batch-size {batch_size}: the BatchNorm of {label} "
+                             f"at its deepest level ({height}x{width} per image) would see one value per channel "
+                             f"in a batch, which training cannot normalise; use --batch-size 2 or more, or --size "
+                             f"{_size_text(bigger)} or more")
 
 
 def _size_text(size: Size) -> str:
@@ -909,20 +1025,24 @@ def run_rm2s_stage1(args: argparse.Namespace) -> int:
 
     sizes = parse_sizes(args.size)
     recipe = build_recipe(args, "rm2s-stage1", sizes)
-    encoder = lite_encoder(args, args.resume)
-    networks = _check_networks(args, sizes, {"stage1": _Choice(
-        "stage-1 network", "--config", args.config, CONFIGS, lambda name: rm2s_network(name, 3, encoder))})
+    init = load_init(args.init) if args.init else None
+    encoder = lite_encoder(args, args.resume or init)
+    choice = _Choice("stage-1 network", "--config", args.config, CONFIGS, lambda name: rm2s_network(name, 3, encoder))
+    networks = _check_networks(args, sizes, {"stage1": choice})
     arch, config = networks["stage1"]
+    if init is not None:  # a stage-1 or stage-2 checkpoint: either holds the network as "stage1"
+        _check_init_network(init, choice, networks["stage1"], "stage1")
     data = build_datasets(args, recipe)
-    imagenet = load_encoder_weights(config.encoder) if arch == "rm2s_mobile_unet" and not args.resume else None
+    start = arch == "rm2s_mobile_unet" and not args.resume and init is None
+    imagenet = load_encoder_weights(config.encoder) if start else None
     if uses_transfer(args):
         scale = ENCODER_LR_SCALE if args.encoder_lr_scale is None else args.encoder_lr_scale
         task = Stage1Task(config, lr=args.lr or TRANSFER_LR, data_recipe=recipe.to_dict(), arch=arch,
                           transfer_loss=transfer_loss(args), imagenet=imagenet, encoder_lr_scale=scale,
-                          lr_drop_at=args.lr_drop_at)
+                          lr_drop_at=args.lr_drop_at, init=init)
     else:
         task = Stage1Task(config, _load_loss_vgg(args), lr=args.lr or STAGE1_LR, data_recipe=recipe.to_dict(),
-                          arch=arch, imagenet=imagenet, lr_drop_at=args.lr_drop_at)
+                          arch=arch, imagenet=imagenet, lr_drop_at=args.lr_drop_at, init=init)
     return _fit(args, task, data, "rm2s-stage1")
 
 
@@ -937,19 +1057,31 @@ def run_rm2s_stage2(args: argparse.Namespace) -> int:
     recipe = build_recipe(args, "rm2s-stage2", sizes)
     encoder = lite_encoder(args, args.resume or args.stage1)
     critic = args.critic or ("paper" if args.config == "paper" else "lite")
-    # Stage 2 runs the --stage1 network on its crops too (a checkpoint without one: Stage2Task says so).
-    stage1_spec = read_metadata(args.stage1)["networks"].get("stage1")
+    # A resumed run keeps the stage 1 its checkpoint holds (frozen since its run began): it, not --stage1, is
+    # what trains on, and what the metadata must name.
+    holder = args.resume or args.stage1
+    # Stage 2 runs that stage-1 network on its crops too (a checkpoint without one: Stage2Task says so).
+    stage1_spec = read_metadata(holder)["networks"].get("stage1")
     networks = _check_networks(args, sizes, {
         "generator": _Choice("generator", "--config", args.config, CONFIGS,
                              lambda name: rm2s_network(name, 9, encoder)),
         "discriminator": _Choice("critic", "--critic", critic, CRITICS,
                                  lambda name: ("rm2s_discriminator", DiscriminatorConfig.preset(name)))},
-        fixed=[(f"the stage-1 network of --stage1 {args.stage1}", stage1_spec["arch"], stage1_spec["config"])]
-        if stage1_spec else [])
+        fixed=[(f"the stage-1 network of {'--resume' if args.resume else '--stage1'} {holder}", stage1_spec["arch"],
+                stage1_spec["config"])] if stage1_spec else [])
     arch, config = networks["generator"]
+    stage1 = load_checkpoint(holder)
+    stage1_source = None
+    if args.resume:
+        if args.stage1:
+            _check_same_stage1(args.stage1, stage1)
+        # Where the stage 1 came from (the first run's --stage1, as recorded) and which checkpoint handed it on.
+        recorded = (stage1.metadata.get("stage2") or {}).get("stage1_source") or {}
+        stage1_source = {"path": recorded.get("path", str(args.resume)), "step": recorded.get("step", stage1.step),
+                         "resumed_from": str(args.resume)}
     data = build_datasets(args, recipe)
-    stage1 = load_checkpoint(args.stage1)
-    common = dict(masks=args.masks, critic=networks["discriminator"][1], critic_lr=args.critic_lr or DISCRIMINATOR_LR,
+    common = dict(stage1_source=stage1_source, masks=args.masks, critic=networks["discriminator"][1],
+                  critic_lr=args.critic_lr or DISCRIMINATOR_LR,
                   gp_weight=args.gp, c1=args.c1, c2=args.c2, data_recipe=recipe.to_dict(), arch=arch,
                   lr_drop_at=args.lr_drop_at)
     if uses_transfer(args):
@@ -961,6 +1093,24 @@ def run_rm2s_stage2(args: argparse.Namespace) -> int:
         task = Stage2Task(config, stage1, _load_loss_vgg(args), lr=args.lr or STAGE2_LR,
                           **common)
     return _fit(args, task, data, "rm2s-stage2")
+
+
+def _check_same_stage1(path: str, resumed: Checkpoint) -> None:
+    """--stage1 beside --resume: accepted only when it holds the very stage 1 of the resumed checkpoint (the
+    run goes on with that one; swapping it under a trained generator would be another run)."""
+    import torch
+
+    from .checkpoint import load_checkpoint
+
+    given = load_checkpoint(path)
+    spec = given.metadata["networks"].get("stage1")
+    same = spec is not None and spec == resumed.network_spec("stage1") and all(
+        torch.equal(tensor, resumed.states["stage1"].get(key, tensor.new_empty(0)))
+        for key, tensor in given.states["stage1"].items())
+    if not same:
+        raise InputError(f"--stage1 {path}: not the stage 1 that --resume {resumed.path} holds (a resumed run keeps "
+                         "its own, frozen since it began); drop --stage1 to continue, or start a new stage-2 run "
+                         f"from --stage1 {path} without --resume")
 
 
 def run_synthesize(args: argparse.Namespace) -> int:
@@ -1079,7 +1229,6 @@ def run_crrn(args: argparse.Namespace) -> int:
     require("torch", "train", "training")
     _check_run(args)
 
-    from .checkpoint import load_checkpoint
     from .crrn import CRRN_LR, CRRNTask, vgg16_init_state
     from .models.backbone import load_encoder_weights
     from .rm2s import ENCODER_LR_SCALE
@@ -1088,26 +1237,29 @@ def run_crrn(args: argparse.Namespace) -> int:
         raise InputError(f"--reflection-loss-weight must be a finite number >= 0, got {args.reflection_loss_weight:g}")
     if args.config != "lite" and uses_transfer(args):
         raise InputError(f"the transfer recipe trains the lite CRRN; use --recipe paper with --config {args.config}")
-    if args.config != "lite" and args.init:
-        raise InputError("--init starts a lite CRRN from a lite RM2S stage 1; use --config lite")
     sizes = parse_sizes(args.size)
     recipe = build_recipe(args, "crrn", sizes)
-    encoder = lite_encoder(args, args.resume or args.init)
-    networks = _check_networks(args, sizes, {"crrn": _Choice(
-        "CRRN", "--config", args.config, CONFIGS, lambda name: crrn_network(name, encoder))})
+    init = load_init(args.init) if args.init else None
+    encoder = lite_encoder(args, args.resume or init)
+    choice = _Choice("CRRN", "--config", args.config, CONFIGS, lambda name: crrn_network(name, encoder))
+    networks = _check_networks(args, sizes, {"crrn": choice})
     arch, config = networks["crrn"]
+    if init is not None and init.metadata.get("kind") == "crrn":  # the same network, weights as they are
+        _check_init_network(init, choice, networks["crrn"], "crrn")
+    elif init is not None and args.config != "lite":
+        raise InputError(f"--init {init.path}: a {init.metadata.get('kind')} starts only a lite CRRN (from a lite "
+                         "RM2S stage 1); use --config lite, or --init a CRRN checkpoint")
     data = build_datasets(args, recipe)
     common = dict(total_steps=args.steps, gin_fraction=args.gin_fraction, lr=args.lr or CRRN_LR,
-                  data_recipe=recipe.to_dict(), arch=arch, reflection_weight=args.reflection_loss_weight)
+                  data_recipe=recipe.to_dict(), arch=arch, reflection_weight=args.reflection_loss_weight, init=init)
     if arch == "crrn_mobile":
-        init = load_checkpoint(args.init) if args.init else None
-        imagenet = None if args.resume or args.init else load_encoder_weights(encoder)
+        imagenet = None if args.resume or init else load_encoder_weights(encoder)
         scale = ENCODER_LR_SCALE if args.encoder_lr_scale is None else args.encoder_lr_scale
         loss = transfer_loss(args) if uses_transfer(args) else None
-        task = CRRNTask(config, transfer_loss=loss, imagenet=imagenet, init=init, encoder_lr_scale=scale, **common)
+        task = CRRNTask(config, transfer_loss=loss, imagenet=imagenet, encoder_lr_scale=scale, **common)
     else:
         vgg_init = None
-        if args.config == "paper":
+        if args.config == "paper" and init is None:  # (an --init's weights replace it)
             vgg_init = vgg16_init_state(args.vgg)
             _note_hed_init(args.vgg)
         task = CRRNTask(config, vgg_init=vgg_init, **common)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from dereflect.errors import InputError
 
-from .checkpoint import Checkpoint, transplant_state
+from .checkpoint import Checkpoint, load_same_network, transplant_state
 from .losses import CRRNLoss, RestorationLoss, Terms, si_torch
 from .models import build_model, encoder_of
 from .models.common import gradient_magnitude
@@ -53,15 +53,20 @@ def vgg16_init_state(source: str = "auto") -> Dict[str, torch.Tensor]:
     return state
 
 
-def schedule_phase(step: int, total_steps: int, gin_fraction: float) -> str:
-    """'gin', 'joint' or 'joint_low_lr' for a step, in the paper's 40 : 50 : 30 proportions after GiN."""
+def phase_ends(total_steps: int, gin_fraction: float) -> Dict[str, int]:
+    """Phase -> the number of steps done when it ends ('gin': GiN alone; 'joint'; 'joint_low_lr' at a tenth
+    of the rate), in the paper's 40 : 50 : 30 proportions after GiN."""
     gin_steps = int(round(total_steps * gin_fraction))
-    if step < gin_steps:
-        return "gin"
     joint_steps = total_steps - gin_steps
     high_lr_steps = int(round(joint_steps * PAPER_EPOCHS["joint"] / (PAPER_EPOCHS["joint"] +
                                                                         PAPER_EPOCHS["joint_low_lr"])))
-    return "joint" if step - gin_steps < high_lr_steps else "joint_low_lr"
+    return {"gin": gin_steps, "joint": gin_steps + high_lr_steps, "joint_low_lr": total_steps}
+
+
+def schedule_phase(step: int, total_steps: int, gin_fraction: float) -> str:
+    """'gin', 'joint' or 'joint_low_lr' for a step (0-based), in the paper's 40 : 50 : 30 proportions after GiN."""
+    ends = phase_ends(total_steps, gin_fraction)
+    return next((phase for phase, end in ends.items() if step < end), "joint_low_lr")
 
 
 class CRRNTask(Task):
@@ -81,9 +86,9 @@ class CRRNTask(Task):
             self.model.load_vgg16_features(vgg_init)
         if imagenet is not None:
             self.model.load_imagenet(imagenet)
-        self.init_source = None
+        self.init_source: Optional[Dict[str, Any]] = None
         if init is not None:
-            self._init_from_stage1(init)
+            self._init_from(init)
         self.transfer = transfer_loss is not None
         self.loss = transfer_loss if self.transfer else CRRNLoss(gamma=gamma, reflection_weight=reflection_weight)
         self.lr = lr
@@ -95,21 +100,35 @@ class CRRNTask(Task):
         self.optimizer = torch.optim.Adam(groups, lr=lr)
         self.encoder_lr_scale = encoder_lr_scale
         self.phase = schedule_phase(0, total_steps, gin_fraction)
+        self._announced: Optional[str] = None  # the phase whose note was printed last
         self.data_recipe = data_recipe or {}
         self.vgg_init = vgg_init is not None
         # What training_step runs: DistributedDataParallel once distributed.
         self._train_gin, self._train_model = self.model.gin, self.model
 
+    def _init_from(self, checkpoint: Checkpoint) -> None:
+        """The weights of a CRRN checkpoint of this very network (fine-tuning it as a new run), else IiN's from a
+        lite RM2S stage 1 (:meth:`_init_from_stage1`)."""
+        if checkpoint.metadata.get("kind") != "crrn":
+            self._init_from_stage1(checkpoint)
+            return
+        load_same_network(self.model, checkpoint, "crrn", self.arch, self.config)
+        self.init_source = {"path": str(checkpoint.path), "step": checkpoint.step, "kind": "crrn"}
+
     def _init_from_stage1(self, checkpoint: Checkpoint) -> None:
-        """IiN (encoder, decoder, head, gain) from a lite RM2S stage-1 network: the same layers.
+        """IiN (encoder, decoder, head, gain) from a lite RM2S stage-1 network (of a stage-1 checkpoint, or the
+        stage 1 a stage-2 checkpoint holds): the same layers.
 
         Its decoder inputs for GiN's features start at zero, so the untrained CRRN gives the stage-1
         network's output, and GiN's features come in as training finds them useful.
         """
-        if self.arch != "crrn_mobile" or checkpoint.metadata.get("kind") != "rm2s-stage1" or \
+        kind = checkpoint.metadata.get("kind")
+        if self.arch != "crrn_mobile" or kind not in ("rm2s-stage1", "rm2s-stage2") or \
                 checkpoint.network_spec("stage1")["arch"] != "rm2s_mobile_unet":
-            raise InputError("--init takes a lite RM2S stage-1 checkpoint (rm2s_mobile_unet) for a lite CRRN; "
-                             f"{checkpoint.path} is a {checkpoint.metadata.get('kind')}")
+            raise InputError("--init takes a CRRN checkpoint, or a lite RM2S stage 1 (rm2s_mobile_unet, of a stage-1 "
+                             f"or stage-2 checkpoint) for a lite CRRN; {checkpoint.path} is a {kind}"
+                             + (f" whose stage 1 is a {checkpoint.network_spec('stage1')['arch']}"
+                                if kind in ("rm2s-stage1", "rm2s-stage2") else ""))
         stage1_encoder = encoder_of(checkpoint.network_spec("stage1"))
         if stage1_encoder != self.config.encoder:
             raise InputError(f"{checkpoint.path}: a stage 1 on {stage1_encoder} cannot start a CRRN on "
@@ -117,7 +136,7 @@ class CRRNTask(Task):
         untouched = transplant_state(self.model, checkpoint.states["stage1"])
         if any(not key.startswith("gin.") for key in untouched):
             raise InputError(f"{checkpoint.path}: does not cover IiN ({[k for k in untouched if 'gin' not in k][:3]})")
-        self.init_source = {"path": str(checkpoint.path), "step": checkpoint.step}
+        self.init_source = {"path": str(checkpoint.path), "step": checkpoint.step, "kind": kind}
 
     def networks(self) -> Dict[str, Tuple[str, Dict[str, Any], torch.nn.Module]]:
         return {"crrn": (self.arch, self.config.to_dict(), self.model)}
@@ -140,6 +159,28 @@ class CRRNTask(Task):
     def set_step(self, step: int) -> None:
         self.phase = schedule_phase(step, self.total_steps, self.gin_fraction)
         set_learning_rate(self.optimizer, self.lr * (0.1 if self.phase == "joint_low_lr" else 1.0))
+
+    def log_fields(self) -> Dict[str, Any]:
+        # Validation PSNR is flat while GiN trains alone: the log says why.
+        return {"phase": self.phase}
+
+    def phase_note(self, step: int) -> Optional[str]:
+        """A note at the first step of each phase (and at the first step of a run, resumed or not), saying what
+        trains and what validation shows meanwhile; ``set_step(step)`` has set ``phase``."""
+        if self.phase == self._announced:
+            return None
+        self._announced = self.phase
+        ends = phase_ends(self.total_steps, self.gin_fraction)
+        first = {"gin": 1, "joint": ends["gin"] + 1, "joint_low_lr": ends["joint"] + 1}[self.phase]
+        last = ends[self.phase]
+        steps = f"step {first}" if first == last else f"steps {first}-{last}"
+        if self.phase == "gin":
+            return (f"note: {steps} (--gin-fraction {self.gin_fraction:.3g}) train GiN, the gradient "
+                    f"network, alone: the background output does not train yet, so val_psnr stays flat until step "
+                    f"{last}; log.jsonl's phase says which part trains")
+        if self.phase == "joint":
+            return f"note: {steps} train the whole network (GiN's phase is over): val_psnr moves from here"
+        return f"note: {steps} train the whole network at a tenth of the rate (the paper's last epochs)"
 
     def targets(self, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(background, reflection, background gradient) targets for the model's three outputs.

@@ -13,7 +13,7 @@ import torch
 from dereflect.errors import InputError
 from dereflect.middle_step.torch_ops import ground_truth_masks_torch, stage2_input_from_masks, stage2_input_torch
 
-from .checkpoint import Checkpoint, transplant_state
+from .checkpoint import Checkpoint, load_same_network, transplant_state
 from .losses import (
     RestorationLoss,
     RM2SStage1Loss,
@@ -53,13 +53,17 @@ class Stage1Task(Task):
                  lr: float = STAGE1_LR, data_recipe: Optional[dict] = None,
                  loss_weights: Optional[Dict[str, float]] = None, arch: str = "rm2s_unet",
                  transfer_loss: Optional[RestorationLoss] = None, imagenet: Optional[Dict[str, torch.Tensor]] = None,
-                 encoder_lr_scale: float = ENCODER_LR_SCALE, lr_drop_at: Optional[int] = None):
+                 encoder_lr_scale: float = ENCODER_LR_SCALE, lr_drop_at: Optional[int] = None,
+                 init: Optional[Checkpoint] = None):
         self.config = config
         self.lr_drop_at = lr_drop_at
         self.arch = arch
         self.model = build_model(arch, config.to_dict())
         if imagenet is not None:
             self.model.load_imagenet(imagenet)
+        self.init_source: Optional[Dict[str, Any]] = None
+        if init is not None:
+            self._init_from(init)
         self.lr = lr
         self.transfer = transfer_loss is not None
         if self.transfer:
@@ -72,6 +76,16 @@ class Stage1Task(Task):
         self.data_recipe = data_recipe or {}
         self.loss_weights = loss_weights or {}
         self._train_model = self.model  # what training_step runs: DistributedDataParallel once distributed
+
+    def _init_from(self, checkpoint: Checkpoint) -> None:
+        """The network's weights from ``checkpoint``'s stage 1 (of a stage-1 or a stage-2 checkpoint: both hold
+        it as ``stage1``), which must be this very network; the optimiser starts afresh."""
+        if checkpoint.metadata.get("kind") not in ("rm2s-stage1", "rm2s-stage2"):
+            raise InputError(f"--init {checkpoint.path}: a {checkpoint.metadata.get('kind')} checkpoint holds no RM2S "
+                             "stage 1; give a stage-1 or stage-2 checkpoint, or a bundled RM2S model")
+        load_same_network(self.model, checkpoint, "stage1", self.arch, self.config)
+        self.init_source = {"path": str(checkpoint.path), "step": checkpoint.step,
+                            "kind": checkpoint.metadata.get("kind")}
 
     def networks(self) -> Dict[str, Tuple[str, Dict[str, Any], torch.nn.Module]]:
         return {"stage1": (self.arch, self.config.to_dict(), self.model)}
@@ -122,7 +136,8 @@ class Stage1Task(Task):
             optimiser = {"name": "rmsprop", "lr": self.lr}
         if self.lr_drop_at is not None:
             optimiser["lr_drop_at"] = self.lr_drop_at
-        return {"data_recipe": self.data_recipe, "loss": loss, "optimiser": optimiser}
+        extra = {"init": self.init_source} if self.init_source else {}
+        return {"data_recipe": self.data_recipe, "loss": loss, "optimiser": optimiser, **extra}
 
 
 class Stage2Task(Task):
@@ -147,7 +162,8 @@ class Stage2Task(Task):
                  c1: float = 0.5, c2: float = 0.5, data_recipe: Optional[dict] = None,
                  loss_weights: Optional[Dict[str, float]] = None, arch: str = "rm2s_unet",
                  transfer_loss: Optional[RestorationLoss] = None, adversarial_weight: float = 0.05,
-                 encoder_lr_scale: float = ENCODER_LR_SCALE, lr_drop_at: Optional[int] = None):
+                 encoder_lr_scale: float = ENCODER_LR_SCALE, lr_drop_at: Optional[int] = None,
+                 stage1_source: Optional[Dict[str, Any]] = None):
         if masks not in ("stage1", "ground-truth"):
             raise InputError(f"masks must be 'stage1' or 'ground-truth', not {masks!r}")
         if stage1.metadata.get("kind") not in ("rm2s-stage1", "rm2s-stage2"):
@@ -181,7 +197,9 @@ class Stage2Task(Task):
         self.masks, self.clip, self.gp_weight, self.c1, self.c2 = masks, clip, gp_weight, c1, c2
         self.data_recipe = data_recipe or {}
         self.loss_weights = loss_weights or {}
-        self.stage1_source = {"path": str(stage1.path), "step": stage1.step}
+        # ``stage1_source``: where the stage 1 first came from, for a resumed run whose ``stage1`` is its own
+        # checkpoint (else that checkpoint is the source).
+        self.stage1_source = stage1_source or {"path": str(stage1.path), "step": stage1.step}
         # What training_step runs: DistributedDataParallel once distributed. Stage 1 is frozen: each rank
         # runs it alone.
         self._train_generator, self._train_critic = self.generator, self.critic

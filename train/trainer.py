@@ -11,6 +11,7 @@ networks wrapped for gradient averaging, every file written by rank 0 alone.
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import json
 import math
 import time
@@ -23,9 +24,10 @@ import numpy as np
 import torch
 from dereflect.errors import DereflectError, InputError
 from dereflect.stop_signals import StopSignals
+from safetensors import SafetensorError
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, load_checkpoint, load_state_strict, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, load_state_strict, read_metadata, save_checkpoint
 from .data import training_data_record, validation_set_record
 from .distributed import DistributedContext, pick_device
 from .models import config_class
@@ -37,6 +39,11 @@ class TrainingDivergedError(DereflectError, FloatingPointError):
     A ``DereflectError``, so the command line prints its one line (what diverged, and what to try) and
     exits with status 2; a ``FloatingPointError`` as before for callers that catch that.
     """
+
+
+class CheckpointWriteError(DereflectError):
+    """A checkpoint could not be written (a full disk, a file-size limit, a folder gone): one line naming the
+    file and the last good checkpoint, exit status 2 as any DereflectError; no partial file is left."""
 
 
 @dataclass
@@ -122,6 +129,15 @@ class Task:
 
     def set_step(self, step: int) -> None:
         """Called before every step, for tasks whose schedule changes with the step."""
+
+    def log_fields(self) -> Dict[str, Any]:
+        """Extra fields of every log record (CRRN: the schedule's ``phase``)."""
+        return {}
+
+    def phase_note(self, step: int) -> Optional[str]:
+        """A line to print when step ``step`` (0-based, about to run) starts a phase of the schedule, or at
+        the first step a run trains; None otherwise (one training phase throughout)."""
+        return None
 
     def distribute(self, wrap: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
         """Train through ``wrap(module)`` (DistributedDataParallel) for each network the task trains.
@@ -245,6 +261,8 @@ class Trainer:
         #: "SIGINT", "SIGTERM" or "SIGHUP" when the last ``fit`` was stopped by one (and saved ``last.safetensors``)
         self.stopped_by: Optional[str] = None
         self.history: List[Dict[str, Any]] = []
+        #: what ``fit`` writes to log.jsonl as its ``resumed`` record (None: a new run)
+        self.resumed_from: Optional[Dict[str, Any]] = None
 
     def resume(self, checkpoint: Checkpoint) -> None:
         """Restore networks, optimisers and step from a checkpoint of the same task."""
@@ -271,8 +289,15 @@ class Trainer:
         training = checkpoint.metadata.get("training", {})
         self.best_val = self._carried_best(training.get("best_val_loss"), training.get("val_set"))
         self._note_other_data(checkpoint)
+        self._note_changed_options(checkpoint)
+        self._note_later_checkpoints(checkpoint)
         self.last_good = (Path(checkpoint.path), checkpoint.step)
         self.elapsed = float(training.get("elapsed_s", 0.0))
+        # Written to log.jsonl when fit starts: without it the log of a run resumed in its own folder shows a
+        # step going backwards (or the same steps twice) with nothing to say why.
+        self.resumed_from = {"checkpoint": str(checkpoint.path), "step": checkpoint.step,
+                             "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                             "elapsed_s": round(self.elapsed, 1)}
         # Checkpoints written before segments were recorded describe their whole run in one entry.
         self.segments = list(training.get("segments") or [{
             "from_step": None, "to_step": checkpoint.step, "hardware": training.get("hardware"),
@@ -315,14 +340,49 @@ class Trainer:
         old_recipe, new_recipe = checkpoint.metadata.get("data_recipe"), self.task.metadata().get("data_recipe")
         if old_recipe and new_recipe and old_recipe != new_recipe:
             parts = [len(recipe.get("mix", [None])) for recipe in (old_recipe, new_recipe)]
+            # The crop size is the settings note's (--size old -> new), not a change of data.
+            keys = [key for key in _differing_keys(old_recipe, new_recipe) if key.rsplit(".", 1)[-1] != "size"]
+            shown = ""
             if parts[0] != parts[1]:  # --mix / --clean-fraction added or dropped: every key would differ
                 shown = " -> ".join("one recipe" if n == 1 else f"a mix of {n}" for n in parts)
-            else:
-                keys = _differing_keys(old_recipe, new_recipe)
+            elif keys:
                 shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
-            changes.append(f"synthesis recipe ({shown})")
+            if shown:
+                changes.append(f"synthesis recipe ({shown})")
         if changes:
             print(f"note: this run trains on other data than {checkpoint.path}: {'; '.join(changes)}")
+
+    def _note_changed_options(self, checkpoint: Checkpoint) -> None:
+        """One note line naming each setting this run trains with differently from ``checkpoint`` (learning
+        rate, batch size, crop size, loss weights, schedule ...), old -> new. Nothing is refused: a
+        continuation at a lower rate is legitimate, but a changed setting should never go unnoticed."""
+        if not self.dist.is_main:
+            return
+        changes = changed_settings(checkpoint.metadata, self.task.metadata(),
+                                   {**asdict(self.config), **self._batch_sizes()})
+        if changes:
+            print(f"note: this run trains with other settings than {checkpoint.path}: {'; '.join(changes)}")
+
+    def _note_later_checkpoints(self, checkpoint: Checkpoint) -> None:
+        """Name the checkpoints of this run folder that are further on than ``checkpoint``: resuming an
+        earlier step in place overwrites those this run writes again (last, best, final, the same stepN)
+        and leaves the others, which belong to the earlier run's later steps. They are not deleted."""
+        if not self.dist.is_main or not self.run_dir.is_dir():
+            return
+        later = []
+        for path in sorted(self.run_dir.glob("*.safetensors")):
+            if checkpoint.path is not None and path.resolve() == Path(checkpoint.path).resolve():
+                continue
+            try:
+                step = read_metadata(path)["step"]
+            except DereflectError:  # not a checkpoint of ours, or unreadable: not this note's business
+                continue
+            if step > checkpoint.step:
+                later.append(f"{path.name} (step {step})")
+        if later:
+            print(f"note: {self.run_dir} holds checkpoints further on than step {checkpoint.step} that this run "
+                  f"resumes from: {', '.join(later)}; last, best and final (and a stepN this run reaches) will be "
+                  "overwritten by this run's, the others are left as they are")
 
     def save(self, name: str) -> Path:
         """Write checkpoint ``name`` (rank 0 only; other ranks write nothing and get the same path).
@@ -336,7 +396,24 @@ class Trainer:
         path = self.run_dir / name
         if not self.dist.is_main:
             return path
-        path = save_checkpoint(
+        try:
+            path = self._write_checkpoint(path)
+        except (OSError, SafetensorError) as exc:
+            # A full disk or a file-size limit: safetensors' own error is a traceback-worthy
+            # "Error while serializing: I/O error: ..."; the staged write has removed its partial file.
+            raise CheckpointWriteError(f"cannot write checkpoint {path}: {_write_failure(exc)}; "
+                                       f"{self._last_good_text()}") from exc
+        self.last_good = (path, self.step)
+        return path
+
+    def _last_good_text(self) -> str:
+        if self.last_good is None:
+            return "no checkpoint of this run was written before it"
+        path, step = self.last_good
+        return f"the last good checkpoint is {path} (step {step}): free some space and go on with --resume {path}"
+
+    def _write_checkpoint(self, path: Path) -> Path:
+        return save_checkpoint(
             path,
             method=self.task.method,
             kind=self.task.kind,
@@ -350,8 +427,6 @@ class Trainer:
             extra=self.task.metadata(),
             max_side=self.max_side,
         )
-        self.last_good = (path, self.step)
-        return path
 
     def _diverged(self, what: str) -> TrainingDivergedError:
         """The error of a run that diverged at the step in progress: what went, and what to try."""
@@ -444,6 +519,10 @@ class Trainer:
         steps_per_epoch = max(len(self.train_loader), 1) if hasattr(self.train_loader, "__len__") else 1
         # Resuming continues inside the epoch where the run stopped, as an uninterrupted run would.
         batches = _cycle(self.train_loader, *divmod(self.step, steps_per_epoch))
+        if self.resumed_from is not None and main:
+            # Once per fit: a trainer that fits again goes on from where it is, no new resume.
+            self.log({"step": self.step, "resumed": self.resumed_from, "time": round(self._elapsed(), 2)})
+            self.resumed_from = None
         if self.step == 0 and self.val_loader is not None and main:
             self.log({"step": 0, **self.validate(), "time": 0.0})
         self.stopped_by = None
@@ -490,13 +569,16 @@ class Trainer:
                     if main:
                         tqdm.write(f"stopped by {reason} at step {self.step}; saving "
                                    f"{'last' if self.stopped_by else 'final'}.safetensors")
-                    self.log({"step": self.step, "stopped": reason, "time": round(time.monotonic() - started, 2)})
+                    self.log({"step": self.step, "stopped": reason, "time": round(self._elapsed(), 2)})
                     break
                 waiting = time.perf_counter()
                 batch = next(batches)
                 loaded = time.perf_counter()
                 batch = _to_device(batch, self.device)
                 self.task.set_step(self.step)
+                note = self.task.phase_note(self.step)
+                if note and main:
+                    tqdm.write(note)
                 terms = self.task.training_step(batch, self.step, self.scaler)
                 stepped = time.perf_counter()  # the loss terms are on the host: the step has finished
                 non_finite, timed_out, signalled = self.dist.any_rank(
@@ -505,7 +587,7 @@ class Trainer:
                 if non_finite:
                     bad = {key: value for key, value in terms.items() if not math.isfinite(value)}
                     self.log({"step": self.step + 1, "stopped": "non-finite loss", "terms": sorted(bad),
-                              "time": round(time.monotonic() - started, 2)})
+                              "time": round(self._elapsed(), 2)})
                     what = (", ".join(f"{key}={value}" for key, value in bad.items()) if bad
                             else "a loss term on another rank")
                     raise self._diverged(f"the loss is not finite ({what})")
@@ -536,8 +618,10 @@ class Trainer:
                         self.write_preview(batch, estimate, f"train_{self.step:07d}.png")
                 if record:
                     elapsed = time.monotonic() - started
-                    record.update({"step": self.step, "time": round(elapsed, 2),
-                                   "steps_per_s": round((self.step - first_step) / max(elapsed, 1e-9), 3)})
+                    # time: seconds of training since step 0, summed over resumed runs (the rate is this run's)
+                    record.update({"step": self.step, "time": round(self._elapsed(), 2),
+                                   "steps_per_s": round((self.step - first_step) / max(elapsed, 1e-9), 3),
+                                   **self.task.log_fields()})
                     self.log(record)
                     if lines:
                         print(progress_line(record, self.config.steps), flush=True)
@@ -556,12 +640,92 @@ class Trainer:
 def progress_line(record: Dict[str, Any], steps: int) -> str:
     """One log record as a line of text: the step, the loss, the rate and any validation figures."""
     parts = [f"step {record['step']}/{steps}"]
+    if "phase" in record:
+        parts.append(f"phase {record['phase']}")
     if "loss" in record:
         parts.append(f"loss {record['loss']:.4f}")
     parts.append(f"{record['steps_per_s']:.2f} steps/s")
     parts += [f"{key} {value:.4g}" for key, value in record.items()
               if key.startswith("val_") and isinstance(value, (int, float))]
     return "  ".join(parts)
+
+
+def _write_failure(exc: BaseException) -> str:
+    """Why a write failed, in one line: the OS's words where it gave them (safetensors wraps them in its own)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text.split("I/O error: ", 1)[-1]
+
+
+#: Settings of the training loop a resumed run may change without a note: the run's length and
+#: bookkeeping (--steps, the periods, device, time limit), which every continuation sets anew.
+_UNNOTED_TRAINING = {"steps", "val_every", "preview_every", "save_every", "log_every", "keep_every", "device",
+                     "time_limit_s", "global_batch_size"}  # (batch_size and world_size say the global one)
+#: Task metadata that says where weights came from, not how they are trained.
+_UNNOTED_TASK = {"data_recipe", "schedule.init", "stage2.stage1_source"}
+
+
+def changed_settings(recorded: Dict[str, Any], task: Dict[str, Any], training: Dict[str, Any]) -> List[str]:
+    """``key old -> new`` for each training setting that differs between a checkpoint's metadata
+    (``recorded``) and a run's (``task``: its task's metadata; ``training``: its loop's settings).
+
+    The crop sizes are read from the data recipes (``size``); other recipe changes are the data note's.
+    A key the checkpoint does not record (written by an older version) is not compared.
+    """
+    changes = []
+    old_training = recorded.get("training") or {}
+    for key in sorted(training):
+        if key in _UNNOTED_TRAINING or key not in old_training:
+            continue
+        if old_training[key] != training[key]:
+            changes.append(f"{key} {_shown(old_training[key])} -> {_shown(training[key])}")
+    old_sizes = _recipe_sizes(recorded.get("data_recipe"))
+    new_sizes = _recipe_sizes(task.get("data_recipe"))
+    if old_sizes and new_sizes and old_sizes != new_sizes:
+        changes.append(f"size {old_sizes} -> {new_sizes}")
+    for section in sorted(task):
+        if section in _UNNOTED_TASK or section not in recorded:
+            continue
+        for key in _differing_keys(recorded[section], task[section], f"{section}."):
+            if key in _UNNOTED_TASK or any(key.startswith(f"{skip}.") for skip in _UNNOTED_TASK):
+                continue
+            changes.append(f"{key} {_shown(_lookup(recorded, key))} -> {_shown(_lookup(task, key))}")
+    return changes
+
+
+def _recipe_sizes(recipe: Any) -> str:
+    """A data recipe's crop sizes as --size writes them ('64', '96x160,224x288'; '' when it records none)."""
+    if not isinstance(recipe, dict):
+        return ""
+    sizes = recipe.get("size")
+    if sizes is None and isinstance(recipe.get("mix"), list) and recipe["mix"]:
+        first = recipe["mix"][0]
+        sizes = first.get("size") if isinstance(first, dict) else None
+    if not isinstance(sizes, list):
+        return ""
+    return ",".join(str(h) if h == w else f"{h}x{w}" for h, w in (tuple(size) for size in sizes))
+
+
+def _lookup(record: Dict[str, Any], dotted: str) -> Any:
+    value: Any = record
+    for part in dotted.split("."):
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+    return value
+
+
+def _shown(value: Any) -> str:
+    """A setting's value in a note: numbers as %g, None as 'none', the rest as JSON."""
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _finite(module: torch.nn.Module) -> bool:

@@ -183,6 +183,16 @@ class RM2SUNet(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
+    def smallest_norm_map(self, height: int, width: int) -> Tuple[int, int]:
+        """The smallest map a normalisation layer sees for an input of this size: the bottleneck's valid
+        conv output (sides over the stride, less the kernel plus one), else the deepest down block's.
+        Training's option checks refuse a batch whose BatchNorm would see one value per channel there."""
+        height, width = height // self.stride, width // self.stride
+        if self.bottleneck is not None:
+            shrink = self.config.bottleneck_kernel - 1
+            return height - shrink, width - shrink
+        return height, width
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, "RM2SUNet", self.config.in_channels, self.stride, self.min_size)
         image = x[:, : self.config.out_channels]
