@@ -137,7 +137,8 @@ def test_the_paired_reader_names_the_sir2_layout_it_finds(tmp_path):
     with pytest.raises(InputError, match=r"no paired folders .*it holds pairs in the SIR2 layout .*, which layout "
                                          r"sir2 \(or auto\) reads, as eval, train --val and train --real do"):
         read_paired(sir2)
-    assert main(["train", "fit-gain", "--real", str(sir2), "-o", str(tmp_path / "gain.json")]) == EXIT_USAGE
+    # fit-gain reads --real as training does: SIR2 too
+    assert main(["train", "fit-gain", "--real", str(sir2), "-o", str(tmp_path / "gain.json")]) == 0
 
 
 # -- 3. name lists and pairs of two sizes --------------------------------------------------------
@@ -284,3 +285,17 @@ def test_a_crrn_sheet_leaves_out_the_columns_no_row_has(tmp_path):
     report = evaluate(crrn, pairs, contact_images=2, progress=False)
     assert report.contact_columns == ("input", "result", "ground truth")
     assert report.contact_sheet.shape[1] == 4 + 3 * (160 + 4)
+
+
+def test_fit_gain_and_reflection_layers_read_real_pairs_as_training_does(tmp_path, capsys):
+    """One reading of --real (read_real_pairs): the gain fit and the reflection layers take a CEILNet folder
+    and a holdout line with its extension, as training does."""
+    real = _ceilnet(tmp_path / "ceil", ["x", "y", "z"])
+    holdout = tmp_path / "holdout.txt"
+    holdout.write_text("z.png\n")
+    assert main(["train", "fit-gain", "--real", str(real), "--real-holdout", str(holdout),
+                 "-o", str(tmp_path / "gain.json")]) == 0
+    assert json.loads((tmp_path / "gain.json").read_text())["pairs"] == ["x", "y"]
+    assert main(["train", "reflection-layers", "--real", str(real), "--real-holdout", str(holdout),
+                 "-o", str(tmp_path / "layers")]) == 0
+    assert sorted(p.name for p in (tmp_path / "layers").iterdir()) == ["x.png", "y.png"]

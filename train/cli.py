@@ -1165,16 +1165,16 @@ def run_from_export(args: argparse.Namespace) -> int:
 def run_fit_gain(args: argparse.Namespace) -> int:
     """Least-squares channel gains from the photos through glass to their clean layers (no network)."""
     from dereflect.imageio import check_output_location, staged_file
-    from dereflect.tools.datasets import filter_pairs, find_pairs, read_name_list
+    from dereflect.tools.datasets import read_name_list
     from dereflect.tools.evaluate import fit_global_gain
+
+    from .data import read_real_pairs
 
     out = Path(args.out)
     check_output_location(out, example="gain.json")
     if out.exists():
         raise InputError(f"{out} exists; choose a new file name")
-    _, pairs = find_pairs(args.real, "paired")
-    if args.real_holdout:
-        pairs = filter_pairs(pairs, read_name_list(args.real_holdout), keep=False, where=args.real)
+    _, pairs = read_real_pairs(args.real, read_name_list(args.real_holdout) if args.real_holdout else ())
     gain = fit_global_gain(pairs)
     record = {"gain": gain, "fit": "least squares over every pixel of every pair, per channel (RGB)",
               "data": str(args.real), "holdout": args.real_holdout, "pairs": [p.name for p in pairs]}
@@ -1190,9 +1190,10 @@ def run_reflection_layers(args: argparse.Namespace) -> int:
     require("torch", "train", "reflection layers")
     import numpy as np
     from dereflect.imageio import check_output_location, is_free_folder, staged_folder, write_image
-    from dereflect.tools.datasets import filter_pairs, find_pairs, read_name_list, read_pair
+    from dereflect.tools.datasets import read_name_list, read_pair
     from tqdm import tqdm
 
+    from .data import read_real_pairs
     from .synthesis import reflection_layer
 
     out = Path(args.out)
@@ -1201,9 +1202,7 @@ def run_reflection_layers(args: argparse.Namespace) -> int:
         raise InputError(f"{out} exists and is not an empty folder; choose a new folder")
     if args.gamma <= 0:
         raise InputError(f"--gamma must be > 0, got {args.gamma:g}")
-    _, pairs = find_pairs(args.real, "paired")
-    if args.real_holdout:
-        pairs = filter_pairs(pairs, read_name_list(args.real_holdout), keep=False, where=args.real)
+    _, pairs = read_real_pairs(args.real, read_name_list(args.real_holdout) if args.real_holdout else ())
     with staged_folder(out) as partial:
         for pair in tqdm(pairs, desc="reflection layers", unit="pair", disable=None):
             blended, clean = read_pair(pair)

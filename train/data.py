@@ -542,6 +542,24 @@ class SyntheticPairs(Dataset):
         }
 
 
+def read_real_pairs(root: PathLike, exclude_names: Sequence[str] = ()) -> Tuple[str, List[Any]]:
+    """The layout and pairs of a ``--real`` folder, less ``exclude_names`` (a validation split): the one
+    reading of --real, for training (:class:`RealPairs`), ``train fit-gain`` and ``train reflection-layers``.
+
+    Every layout --val and eval read (a SIR2 or CEILNet folder is pairs as much as a paired one is); every
+    pair whose two images differ in size is named in one error, before any work: read per sample, such
+    a pair would stop a run mid-way, and only the first would be named.
+    """
+    from dereflect.tools.datasets import check_pair_sizes, detect_layout, filter_pairs, find_pairs
+
+    layout = detect_layout(root, hint="Photos without ground truth go to --data (pairs are synthesised from them)")
+    _, pairs = find_pairs(root, layout)
+    if exclude_names:
+        pairs = filter_pairs(pairs, exclude_names, keep=False, where=str(root))
+    check_pair_sizes(pairs, root)
+    return layout, pairs
+
+
 class RealPairs(Dataset):
     """Real photo pairs as training samples: a folder in any layout with ground truth that ``dereflect eval``
     and ``--val`` read (:func:`dereflect.tools.datasets.find_pairs`: a paired folder such as zhang89,
@@ -560,21 +578,11 @@ class RealPairs(Dataset):
     def __init__(self, root: PathLike, size: Any = 256, seed: int = 0, exclude_names: Sequence[str] = (),
                  crop_scale: Tuple[float, float] = (0.3, 1.0), flip_p: float = 0.75, rotate90: bool = False,
                  colour_jitter: float = 0.1):
-        from dereflect.tools.datasets import check_pair_sizes, detect_layout, filter_pairs, find_pairs
-
         self.geometry = SynthesisConfig(size=size, crop_scale=crop_scale, flip_p=flip_p, rotate90=rotate90)
         self.seed = int(seed)
         self.colour_jitter = float(colour_jitter)
         self.epoch = 0
-        # Every layout --val and eval read: a SIR2 or CEILNet folder is pairs as much as a paired one is.
-        self.layout = detect_layout(root, hint="Photos without ground truth go to --data (pairs are synthesised "
-                                               "from them)")
-        _, pairs = find_pairs(root, self.layout)
-        if exclude_names:
-            pairs = filter_pairs(pairs, exclude_names, keep=False, where=str(root))
-        # All at once, before training: read per sample, a pair of two sizes would stop the run mid-way,
-        # and only the first such pair would be named.
-        check_pair_sizes(pairs, root)
+        self.layout, pairs = read_real_pairs(root, exclude_names)
         self.names = [pair.name for pair in pairs]
         self.pairs = pairs
         self.root = Path(root)
