@@ -100,7 +100,7 @@ def register(subparsers: Any) -> None:
                        help="carry RM2S's 2-means centres, the output's overall colour and, where the frame "
                             "stayed put, the model's change per pixel across frames with moving averages "
                             "(dereflect.temporal); off runs every frame on its own. On is the default: it "
-                            "flickers a third as much with the bundled models (dereflect eval --flicker)")
+                            "flickers about half as much with the bundled models (dereflect eval --flicker)")
     add_model_options(video)
     video.set_defaults(func=run_video)
 

@@ -7,12 +7,15 @@ output's overall colour (a model predicting a per-image gain, or removing a veil
 frame). And local reactions: a network sees the whole frame, so a reflection sliding across one part,
 or the sensor's and the codec's noise, changes its output elsewhere too. :class:`VideoSession`
 smooths all three with exponential moving averages: the centres through :class:`CentreFilter` inside
-the CPU middle step, the colour by rescaling each output to the smoothed ratio of output to input
-means (:class:`ColourFilter`), and, per pixel where the input stayed put, the change the model makes
+the CPU middle step; per pixel where the input stayed put, the change the model makes
 (:class:`ChangeFilter`: the output is the frame plus the averaged change, so the frame's own detail
-and motion pass through at once). A jump larger than ``reset_ratio`` in a global statistic (a scene
-cut, a camera pan onto a new scene), or a pixel whose input moved, restarts the average there instead
-of smearing it. ``temporal=False`` gives per-frame behaviour.
+and motion pass through at once); then the colour, by rescaling each output to the smoothed ratio of
+output to input means (:class:`ColourFilter`). Averages restart instead of smearing: a global
+statistic that jumps by more than ``reset_ratio``; a pixel whose input moved, or whose change jumped
+by more than the model's flicker (an object's halo passing, a pan too slow to count as motion); the
+colour when most of the frame moved (a scene cut, a flash). What is left is the model's flicker, the
+smoothed output stays within a few levels of the per-frame one (``dereflect eval --flicker`` reports
+both). ``temporal=False`` gives per-frame behaviour.
 
     session = VideoSession(remover)              # one per video stream
     for frame in frames:
@@ -36,8 +39,14 @@ DEFAULT_ALPHA = 0.2
 RESET_RATIO = 1.5
 #: A pixel whose grey level moved by more than this (in [0, 1], averaged over its 5x5 neighbourhood)
 #: since the last frame has moved: 6 levels of 255, above the mean frame-to-frame change that sensor
-#: and codec noise of a few levels leave, below what an edge or texture passing by does.
+#: and codec noise of a few levels leave, below what an edge or texture passing by does. Noisier video
+#: raises it (see :class:`ChangeFilter`), up to four times.
 MOTION_THRESHOLD = 6.0 / 255.0
+#: A pixel whose change differs from its average by more than this (mean over channels, in [0, 1]) takes the
+#: frame's own change at once: the model's flicker is a few levels, while a moving object's halo, a scene
+#: cut, a flash or a pan too slow to count as motion change it by tens, which averaging would smear into
+#: trails.
+JUMP_THRESHOLD = 6.0 / 255.0
 
 
 class _Average:
@@ -105,23 +114,38 @@ class ColourFilter:
         self._average.reset()
 
 
+#: When more than this fraction of a frame moved (a scene cut, a flash, a fast pan), the colour average
+#: restarts: a cut to a scene whose colour ratio differs by less than ``reset_ratio`` would otherwise
+#: carry the old ratio over (tens of levels on bright pixels for a few frames).
+CUT_FRACTION = 0.9
+_CHANNEL_MEAN = np.full((1, 3), 1.0 / 3.0, np.float32)
+
+
 class ChangeFilter:
     """Averages the model's change (output - input) over frames, per pixel, where the input stayed put.
 
-    The output is the frame plus the averaged change: where the frame moved (its grey level, averaged
-    over 5x5 pixels, changed by more than ``motion_threshold``), the frame's own change, at once.
-    ``background`` is overwritten with the result, and every step runs in OpenCV into buffers kept from
-    frame to frame: at 4K a fresh frame-sized array costs more (the pages' first touch) than the
-    arithmetic (about 60 ms a 4K frame, 8 a 720p one, on the 2-core development VM).
+    The output is the frame plus the averaged change. A pixel takes the frame's own change at once
+    where the frame moved there (its grey level, averaged over 5x5 pixels, changed by more than the
+    motion threshold) or where that change is more than ``jump_threshold`` from the average (see
+    :data:`JUMP_THRESHOLD`), so what is smoothed is the model's flicker, and the largest difference
+    from the per-frame output is about ``jump_threshold``. The motion threshold is
+    ``motion_threshold``, or twice the frame's typical grey-level change where noise makes that larger
+    (at most four times ``motion_threshold``): in noisy video every pixel would count as moving.
+    ``background`` is overwritten with the result, and every step runs in OpenCV into buffers kept
+    from frame to frame: at 4K a fresh frame-sized array costs more (the pages' first touch) than the
+    arithmetic.
     """
 
-    def __init__(self, alpha: float = DEFAULT_ALPHA, motion_threshold: float = MOTION_THRESHOLD) -> None:
+    def __init__(self, alpha: float = DEFAULT_ALPHA, motion_threshold: float = MOTION_THRESHOLD,
+                 jump_threshold: float = JUMP_THRESHOLD) -> None:
         if not 0.0 < alpha <= 1.0:
             raise InputError(f"alpha must be in (0, 1], got {alpha}")
-        if not 0.0 <= motion_threshold < 1.0:
-            raise InputError(f"motion_threshold must be in [0, 1), got {motion_threshold}")
+        for name, value in (("motion_threshold", motion_threshold), ("jump_threshold", jump_threshold)):
+            if not 0.0 <= value < 1.0:
+                raise InputError(f"{name} must be in [0, 1), got {value}")
         self.alpha = float(alpha)
         self.motion_threshold = float(motion_threshold)
+        self.jump_threshold = float(jump_threshold)
         self.reset()
 
     def __call__(self, image: np.ndarray, background: np.ndarray) -> np.ndarray:
@@ -132,27 +156,50 @@ class ChangeFilter:
             self._change = change.copy()
             self._grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
             self._spare = [np.empty_like(self._grey) for _ in range(2)]
-            self._moved = np.empty(self._grey.shape, np.uint8)
-            self._still = np.empty_like(self._moved)
+            self._jump = np.empty_like(change)
+            self._follow = np.empty(self._grey.shape, np.uint8)
+            self._mask = np.empty_like(self._follow)
+            self.moved_fraction = 1.0
             return cv2.add(image, change, dst=change)
         grey, motion = self._spare
         cv2.cvtColor(image, cv2.COLOR_RGB2GRAY, dst=grey)
         cv2.absdiff(grey, self._grey, dst=motion)
         cv2.blur(motion, (5, 5), dst=motion)
-        cv2.compare(motion, self.motion_threshold, cv2.CMP_GT, dst=self._moved)
-        cv2.bitwise_not(self._moved, dst=self._still)
-        cv2.accumulateWeighted(change, self._change, self.alpha, mask=self._still)
-        cv2.copyTo(change, self._moved, self._change)
+        cv2.compare(motion, self._motion_threshold(motion), cv2.CMP_GT, dst=self._follow)
+        # Where the change jumped, follow it too: its mean difference from the average over the channels
+        # (cv2.transform: a 720p frame in 0.3 ms, where NumPy's largest channel took 35).
+        cv2.absdiff(change, self._change, dst=self._jump)
+        cv2.transform(self._jump, _CHANNEL_MEAN, dst=motion)  # motion is used: its buffer takes the mean
+        cv2.compare(motion, self.jump_threshold, cv2.CMP_GT, dst=self._mask)
+        cv2.bitwise_or(self._follow, self._mask, dst=self._follow)
+        cv2.bitwise_not(self._follow, dst=self._mask)
+        cv2.accumulateWeighted(change, self._change, self.alpha, mask=self._mask)
+        cv2.copyTo(change, self._follow, self._change)
         self._spare[0], self._grey = self._grey, grey
+        self.moved_fraction = cv2.countNonZero(self._follow) / self._follow.size
         out = cv2.add(image, self._change, dst=change)
         return np.clip(out, 0.0, 1.0, out=out)
 
+    def _motion_threshold(self, motion: np.ndarray) -> float:
+        # Twice the median grey-level change, from every 4th pixel of every 4th row (a 720p frame: 57 600
+        # values, well under a millisecond): the noise floor of a frame that mostly stands still.
+        typical = float(np.median(motion[::4, ::4]))
+        return min(max(self.motion_threshold, 2.0 * typical), 4.0 * self.motion_threshold)
+
+    def rescale(self, factor: float) -> None:
+        """Scale the averaged change (a new ``strength``: the model's change is scaled by it)."""
+        if self._change is not None:
+            self._change *= np.float32(factor)
+
     def reset(self) -> None:
+        #: the fraction of the last frame's pixels that took its own change (moved or jumped); 1 for a first frame
+        self.moved_fraction = 1.0
         self._change: Optional[np.ndarray] = None
         self._grey: Optional[np.ndarray] = None
         self._spare: List[np.ndarray] = []
-        self._moved: Optional[np.ndarray] = None
-        self._still: Optional[np.ndarray] = None
+        self._jump: Optional[np.ndarray] = None
+        self._follow: Optional[np.ndarray] = None
+        self._mask: Optional[np.ndarray] = None
 
 
 class VideoSession:
@@ -178,7 +225,8 @@ class VideoSession:
         self.temporal = bool(temporal)
         self.colour = ColourFilter(alpha, reset_ratio) if self.temporal else None
         self.change = ChangeFilter(alpha, motion_threshold) if self.temporal else None
-        self._state: Optional[Tuple[Tuple[int, ...], Any]] = None
+        self._shape: Optional[Tuple[int, ...]] = None
+        self._strength: Any = None
         self.settings = remover.settings
         if self.temporal and dataclasses.is_dataclass(remover.settings) and hasattr(remover.settings,
                                                                                     "centre_filter"):
@@ -198,16 +246,28 @@ class VideoSession:
         """The background of ``frame`` (the input's dtype, shape and colour order; OpenCV's BGR by default)."""
         rgb, info = to_float_rgb(frame, colour_order)
         if self.temporal:
-            # A new frame size is a new stream, and a new strength a new change to follow: both start
-            # afresh, so that a slider takes effect at the next frame rather than over the average's span.
-            state = (rgb.shape, self.strength)
-            if state != self._state:
-                self.reset()
-            self._state = state
+            self._follow_stream(np.shape(frame), self.strength)
         background = self.remover.process(rgb, settings=self.settings).background
         if self.colour is not None and self.change is not None:
-            background = self.change(rgb, self.colour(rgb, background))
+            background = self.change(rgb, background)
+            if self.change.moved_fraction > CUT_FRACTION:
+                self.colour.reset()  # a cut or a flash: the colour ratio of the frame before says nothing
+            background = self.colour(rgb, background)
         return from_float_rgb(background, info, colour_order)
+
+    def _follow_stream(self, shape: Tuple[int, ...], strength: Any) -> None:
+        # Another frame size or channel count is another stream: every average starts afresh. A new
+        # strength scales the model's change: the averaged change is scaled with it (a slider dragged
+        # frame by frame keeps its smoothing) and the colour ratio, which it moves too, starts afresh.
+        if shape != self._shape:
+            self.reset()
+        elif strength != self._strength and self.change is not None and self.colour is not None:
+            if self._strength:
+                self.change.rescale(strength / self._strength)
+            else:
+                self.change.reset()
+            self.colour.reset()
+        self._shape, self._strength = shape, strength
 
     def __repr__(self) -> str:
         return f"VideoSession({self.remover!r}, temporal={self.temporal})"

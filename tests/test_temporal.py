@@ -62,11 +62,13 @@ class NoisyModel:
     settings = None
     strength = 1.0
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, wander: float = 0.006):
         self.rng = np.random.default_rng(seed)
+        self.wander = wander  # about 1.5 levels of 255: a network's flicker
+        self.offset = 0.1
 
     def process(self, rgb, settings=None):
-        change = (0.1 + self.rng.normal(0.0, 0.02, rgb.shape[:2])[..., None]).astype(np.float32)
+        change = (self.offset + self.rng.normal(0.0, self.wander, rgb.shape[:2])[..., None]).astype(np.float32)
         return Layers(background=np.clip(rgb - self.strength * change, 0, 1), reflection=None)
 
 
@@ -86,6 +88,10 @@ def test_change_filter_steadies_a_wandering_change_where_the_frame_stays_put():
     moved_neighbourhood = cv2.dilate(moved.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     assert moved.any() and np.array_equal(smoothed[-1][moved], per_frame[-1][moved])
     assert not np.array_equal(smoothed[-1][~moved_neighbourhood], per_frame[-1][~moved_neighbourhood])
+    # A change that jumps (an object's halo, a scene cut) is followed at once, not smeared over frames.
+    model.offset = 0.2
+    jumped = smooth(frames[-1], model.process(frames[-1]).background)
+    np.testing.assert_allclose(jumped, frames[-1] - 0.2, atol=4 * model.wander)
     # A new frame size starts afresh.
     small = np.full((8, 8, 3), 0.5, np.float32)
     assert np.array_equal(smooth(small, small * 0.5), small * 0.5)
@@ -102,6 +108,40 @@ def test_video_session_takes_a_new_strength_at_the_next_frame():
     session.strength = 0.0
     assert np.array_equal(session.remove(frame, colour_order="RGB"), frame)  # not a drift over frames
     assert "temporal=True" in repr(session)
+
+
+def test_a_strength_slider_dragged_frame_by_frame_keeps_its_smoothing():
+    frame = np.full((16, 16, 3), 0.6, np.float32)
+    jittery, model = NoisyModel(4), NoisyModel(4)
+    session = VideoSession(model, temporal=True)
+    smoothed, per_frame = [], []
+    for t in range(20):
+        jittery.strength = model.strength = 1.0 - 0.01 * t  # a new strength at every frame
+        per_frame.append(jittery.process(frame).background)
+        smoothed.append(session.remove(frame, colour_order="RGB"))
+    assert flicker(smoothed, [frame] * 20) < 0.5 * flicker(per_frame, [frame] * 20)
+    # Grey frames after colour ones of the same size are another stream: the averages start afresh, so a
+    # change smaller than a jump is taken as it is, not averaged with the colour frames' (0.498).
+    steady = NoisyModel(5, wander=0.0)
+    session = VideoSession(steady, temporal=True)
+    for _ in range(5):
+        session.remove(frame, colour_order="RGB")
+    steady.offset = 0.11
+    assert session.remove(np.full((16, 16), 0.6, np.float32), colour_order="RGB") == pytest.approx(0.49, abs=1e-5)
+
+
+def test_a_scene_cut_restarts_the_colour_average():
+    """A cut to a scene whose colour ratio differs by less than reset_ratio would carry the old ratio over."""
+    rng = np.random.default_rng(6)
+    first, second = (rng.uniform(0.2, 0.8, (24, 32, 3)).astype(np.float32) for _ in range(2))
+    session, jittery = VideoSession(GainModel(7), temporal=True), GainModel(7)
+    for _ in range(8):
+        session.remove(first, colour_order="RGB")
+        jittery.process(first)
+    cut = session.remove(second, colour_order="RGB")
+    # The frame's own colour: off by the 8 frames' average ratio, every pixel would be off by about 1 %.
+    off = np.abs(cut - jittery.process(second).background)
+    assert np.mean(off < 1e-6) > 0.99 and off.mean() < 1e-3
 
 
 def test_flicker_is_zero_for_a_pixelwise_model_and_the_sequence_holds_static_pixels():
@@ -133,7 +173,7 @@ def test_video_session_carries_rm2s_centres_on_the_cpu_middle_step(tmp_path):
     np.testing.assert_allclose(plain.remove(frames[0], colour_order="RGB"), remover.remove(frames[0], "RGB"),
                                atol=1e-6)
     measured = measure_flicker(remover, frames=4, size=(40, 56))
-    assert set(measured) == {"per_frame", "temporal"} and all(v >= 0 for v in measured.values())
+    assert set(measured) == {"per_frame", "temporal", "deviation"} and all(v >= 0 for v in measured.values())
 
 
 def test_video_command_takes_temporal_on_and_keeps_every_frame(tmp_path):

@@ -937,7 +937,8 @@ def run_eval(args: Any) -> int:
             remover.close()
         print(f"flicker of {args.model or 'the default model'}{at_strength(remover.strength)} (mean output "
               f"change, 8-bit levels, where the input did not change): per frame {measured['per_frame']:.3f}, "
-              f"with temporal smoothing {measured['temporal']:.3f}")
+              f"with temporal smoothing {measured['temporal']:.3f} (smoothed output off the per-frame one by "
+              f"{measured['deviation']:.3f} on average)")
         if args.data is None:
             return EXIT_OK
     if args.data is None:
