@@ -130,6 +130,21 @@ def test_a_strength_slider_dragged_frame_by_frame_keeps_its_smoothing():
     assert session.remove(np.full((16, 16), 0.6, np.float32), colour_order="RGB") == pytest.approx(0.49, abs=1e-5)
 
 
+def test_noisy_video_raises_the_motion_threshold_so_it_is_still_smoothed():
+    """Sensor noise of 8 levels (low light) moves every pixel's grey level by more than the 6-level
+    threshold: without raising it with the noise, most of a static frame would count as moving."""
+    rng = np.random.default_rng(8)
+    scene = cv2.GaussianBlur(rng.uniform(0.3, 0.7, (48, 64, 3)).astype(np.float32), (0, 0), 2)
+    smooth, changes, per_frame = ChangeFilter(), [], []
+    for _ in range(30):
+        frame = np.clip(scene + rng.normal(0, 8 / 255, scene.shape), 0, 1).astype(np.float32)
+        change = (0.1 + rng.normal(0, 0.006, scene.shape[:2]))[..., None].astype(np.float32)
+        per_frame.append(-change)
+        changes.append(smooth(frame, frame - change) - frame)
+    wander = [np.std(np.array(c[5:]), axis=0).mean() for c in (changes, per_frame)]
+    assert wander[0] < 0.5 * wander[1]
+
+
 def test_a_scene_cut_restarts_the_colour_average():
     """A cut to a scene whose colour ratio differs by less than reset_ratio would carry the old ratio over."""
     rng = np.random.default_rng(6)
