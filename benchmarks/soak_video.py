@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import os
 import platform
+import pty
 import re
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import threading
 import time
 from pathlib import Path
@@ -88,7 +92,13 @@ def run(command: List[str], every: int) -> Tuple[List[Tuple[int, int, int, float
     """Run ``command``; (frames, rss KiB, hwm KiB, seconds) samples, its stderr, exit status, wall seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, env=env)
+    # The child's stderr is a pseudo-terminal: its progress bar, which tells how many frames are done,
+    # is drawn on a terminal only.
+    terminal, child_end = pty.openpty()
+    # A new terminal is 0 columns wide, where the bar draws nothing: give it 120.
+    fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    process = subprocess.Popen(command, stderr=child_end, env=env)
+    os.close(child_end)
     samples: List[Tuple[int, int, int, float]] = []
     text: List[str] = []
     next_mark = 0
@@ -97,7 +107,10 @@ def run(command: List[str], every: int) -> Tuple[List[Tuple[int, int, int, float
         nonlocal next_mark
         buffer = b""
         while True:
-            chunk = process.stderr.read1(4096)
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:  # EIO: the child has closed the terminal
+                break
             if not chunk:
                 break
             buffer += chunk
@@ -120,6 +133,7 @@ def run(command: List[str], every: int) -> Tuple[List[Tuple[int, int, int, float
     reader.start()
     code = process.wait()
     reader.join(timeout=10)
+    os.close(terminal)
     lines = [line for line in text if line.strip() and not re.search(r"\|\s*\d+/\d+", line)]
     return samples, "\n".join(lines), code, time.perf_counter() - start
 

@@ -48,7 +48,7 @@ import inspect
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, NoReturn, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -506,7 +506,7 @@ class Remover:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def __getstate__(self) -> None:
+    def __getstate__(self) -> NoReturn:
         # Its sessions (and a GPU's context) cannot travel to another process, and a copy would share
         # them with the original (closing one would close both): refuse with the way to do it.
         raise TypeError(f"{self!r} cannot be pickled or copied: load a Remover in each process "

@@ -17,12 +17,12 @@ from conftest import smooth_photo, write_photo_folder, write_real_pairs
 from dereflect.cli import EXIT_SOME_FAILED, EXIT_USAGE, main
 from dereflect.errors import InputError
 from dereflect.tools.datasets import filter_pairs, find_pairs, read_paired
-from dereflect.tools.evaluate import CONTACT_COLUMNS, contact_sheet, evaluate, fit_global_gain
+from dereflect.tools.evaluate import CONTACT_COLUMNS, contact_sheet, evaluate
 from onnx_fixtures import make_crrn_export
 
 torch = pytest.importorskip("torch")
 
-from dereflect.train.data import GroundTruthPairs, RealPairs, SyntheticPairs, find_images  # noqa: E402
+from dereflect.train.data import GroundTruthPairs, RealPairs, SyntheticPairs, find_images, read_real_pairs  # noqa: E402
 from dereflect.train.synthesis import SynthesisConfig  # noqa: E402
 
 
@@ -162,8 +162,7 @@ def test_every_pair_of_two_sizes_is_named_in_one_error(tmp_path, capsys):
     _resize_target(root, "c", (96, 100))
     wanted = (r"2 of 4 pair\(s\) have an input and a ground truth of different sizes \(a: input 96x128, ground "
               r"truth 64x80; c: input 96x128, ground truth 96x100\); a pair must have one size")
-    for read in (lambda: RealPairs(root, size=64), lambda: GroundTruthPairs(root),
-                 lambda: fit_global_gain(read_paired(root))):
+    for read in (lambda: RealPairs(root, size=64), lambda: GroundTruthPairs(root), lambda: read_real_pairs(root)):
         with pytest.raises(InputError, match=wanted):
             read()
     crrn = make_crrn_export(tmp_path / "crrn")

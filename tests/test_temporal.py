@@ -9,6 +9,7 @@ import types
 import cv2
 import numpy as np
 import pytest
+from conftest import smooth_photo
 from dereflect.errors import InputError
 from dereflect.methods.base import Layers
 from dereflect.models import open_model
@@ -148,7 +149,8 @@ def test_noisy_video_raises_the_motion_threshold_so_it_is_still_smoothed():
 def test_a_scene_cut_restarts_the_colour_average():
     """A cut to a scene whose colour ratio differs by less than reset_ratio would carry the old ratio over."""
     rng = np.random.default_rng(6)
-    first, second = (rng.uniform(0.2, 0.8, (24, 32, 3)).astype(np.float32) for _ in range(2))
+    # Two photo-like scenes (colour fields and shapes), not pixel noise, which any threshold calls a cut.
+    first, second = (smooth_photo(rng, 48, 64).astype(np.float32) / 255 for _ in range(2))
     session, jittery = VideoSession(GainModel(7), temporal=True), GainModel(7)
     for _ in range(8):
         session.remove(first, colour_order="RGB")

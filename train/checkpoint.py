@@ -487,14 +487,19 @@ def load_state_strict(module: torch.nn.Module, state: Dict[str, torch.Tensor], w
     module.load_state_dict(state, strict=True)
 
 
-def load_same_network(module: torch.nn.Module, checkpoint: Checkpoint, name: str, arch: str, config: Any) -> None:
-    """Load ``checkpoint``'s network ``name`` into ``module`` (an --init), which must be that very network:
-    the same architecture and config; else InputError naming the options that choose it."""
+def same_network(spec: Dict[str, Any], arch: str, config: Any) -> bool:
+    """Whether a recorded network (``{"arch", "config"}``) is ``arch`` with ``config``, its config read as
+    Trainer.resume reads it (a key added since the checkpoint was written takes its default)."""
     from .models import config_class
 
+    return spec["arch"] == arch and config_class(arch).from_dict(spec["config"]).to_dict() == config.to_dict()
+
+
+def load_same_network(module: torch.nn.Module, checkpoint: Checkpoint, name: str, arch: str, config: Any) -> None:
+    """Load ``checkpoint``'s network ``name`` into ``module`` (an --init), which must be that very network
+    (:func:`same_network`); else InputError naming the options that choose it."""
     spec = checkpoint.network_spec(name)
-    wanted = config_class(arch).from_dict(config.to_dict()).to_dict()
-    if spec["arch"] != arch or config_class(spec["arch"]).from_dict(spec["config"]).to_dict() != wanted:
+    if not same_network(spec, arch, config):
         raise InputError(f"--init {checkpoint.path}: its {name} network ({spec['arch']}) is not this run's network "
                          f"({arch}, the same config); choose the --config and --encoder that build it")
     load_state_strict(module, checkpoint.states[name], f"{checkpoint.path}:{name}")

@@ -798,14 +798,16 @@ def load_init(reference: str) -> Checkpoint:
 def _check_init_network(init: Checkpoint, choice: _Choice, network: Tuple[str, Any], name: str) -> None:
     """An --init checkpoint's network ``name`` must be the one the options build (its weights go in as they are):
     else refused, naming the option value that builds it where one does."""
+    from .checkpoint import same_network
+
     spec = init.metadata["networks"].get(name)
     if spec is None:
         have = ", ".join(sorted(init.metadata["networks"]))
         raise InputError(f"--init {init.path}: a {init.metadata.get('kind')} checkpoint holds no {name} network "
                          f"(it has: {have})")
-    if _same_network(spec, *network):
+    if same_network(spec, *network):
         return
-    theirs = next((value for value in choice.values if _same_network(spec, *choice.build(value))), None)
+    theirs = choice.value_building(spec)
     hint = f"; pass {choice.option} {theirs} to start from it" if theirs else ""
     raise InputError(f"--init {init.path}: its {name} network ({spec['arch']}) is not the {choice.label} that "
                      f"{choice.option} {choice.value} builds ({network[0]}){hint}")
@@ -867,6 +869,12 @@ class _Choice(NamedTuple):
     values: Tuple[str, ...]
     build: Callable[[str], Tuple[str, Any]]
 
+    def value_building(self, spec: Dict[str, Any]) -> Optional[str]:
+        """The option value that builds the recorded network ``spec``, if one does (for the hint of a refusal)."""
+        from .checkpoint import same_network
+
+        return next((value for value in self.values if same_network(spec, *self.build(value))), None)
+
 
 def _check_networks(args: argparse.Namespace, sizes: Sequence[Size], choices: Dict[str, _Choice],
                     fixed: Sequence[Tuple[str, str, Any]] = ()) -> Dict[str, Tuple[str, Any]]:
@@ -883,26 +891,18 @@ def _check_networks(args: argparse.Namespace, sizes: Sequence[Size], choices: Di
     return networks
 
 
-def _same_network(spec: Dict[str, Any], arch: str, config: Any) -> bool:
-    """Whether a recorded network (``{"arch", "config"}``) is ``arch`` with ``config``, its config read as
-    Trainer.resume reads it (a key added since the checkpoint was written takes its default)."""
-    from .models import config_class
-
-    return spec["arch"] == arch and config_class(arch).from_dict(spec["config"]).to_dict() == config.to_dict()
-
-
 def _check_resumed_networks(path: str, choices: Dict[str, _Choice], networks: Dict[str, Tuple[str, Any]]) -> None:
     """A resumed run goes on with its checkpoint's networks: an option value that builds others is refused,
     naming the value that builds the checkpoint's, before a network is built (Trainer.resume, which compares
     them after, reads a config of another architecture as unknown keys)."""
-    from .checkpoint import read_metadata
+    from .checkpoint import read_metadata, same_network
 
     recorded = read_metadata(path)["networks"]
     for name, choice in choices.items():
         spec = recorded.get(name)
-        if spec is None or _same_network(spec, *networks[name]):
+        if spec is None or same_network(spec, *networks[name]):
             continue  # (a checkpoint of this kind has every network; Trainer.resume names one that is missing)
-        theirs = next((value for value in choice.values if _same_network(spec, *choice.build(value))), None)
+        theirs = choice.value_building(spec)
         if theirs is not None:
             raise InputError(f"--resume {path}: the checkpoint's {choice.label} is {choice.option} {theirs} and this "
                              f"run is {choice.option} {choice.value}; pass {choice.option} {theirs} to continue it")

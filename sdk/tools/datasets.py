@@ -32,14 +32,13 @@ LAYOUTS = ("auto", "paired", "real20", "nature", "ceilnet", "sir2", "photos")
 LAYOUT_ALIASES = {"real20": "paired", "nature": "paired"}
 PAIRED_FOLDERS = (("blended", "transmission_layer"), ("input", "target"))
 
+#: What :func:`detect_layout` looks for, in words (its "no layout" error).
 _LOOKED_FOR = (
     "paired / Real20 / Nature: DIR/blended/ + DIR/transmission_layer/ (or DIR/input/ + DIR/target/); "
     "CEILNet: DIR/NAME-input.* + DIR/NAME-label1.*; "
     "SIR2: sub-folders holding blended/ + transmission_layer/, or m.* + g.* (or NAME_m.* + NAME_g.*) files"
 )
 _SIR2_FILE = re.compile(r"^(?:(?P<prefix>.+)_)?(?P<letter>[mgr])$", re.IGNORECASE)
-#: What :func:`detect_layout` looks for, in words (for error messages of other readers of these layouts).
-LOOKED_FOR = _LOOKED_FOR
 #: The hint :func:`detect_layout` ends its "no layout" error with (``eval``'s: photos are another layout there).
 PHOTOS_HINT = "For photos without ground truth (to look at, not to score) pass --layout photos"
 #: Each layout in words, for messages that say what a folder is.
@@ -127,9 +126,11 @@ def _header_size(path: Path) -> Optional[Tuple[int, int]]:
 def size_mismatches(pairs: Sequence[Pair]) -> List[str]:
     """One line per pair whose input and ground truth differ in size ("name: input HxW, ground truth HxW").
 
-    The headers are compared first (no decoding: a data set of thousands of pairs is checked in seconds);
-    only pairs whose headers differ are decoded, so an EXIF rotation that makes them one size is no
-    mismatch. Files whose headers cannot be read are left to :func:`read_pair`, which names the problem.
+    The headers are compared first (no decoding; each file is read whole, as the header reader checks a
+    JPEG's end); only pairs whose headers differ are decoded, so an EXIF rotation that makes them one size
+    is no mismatch. Not caught here: equal headers where only one image carries a 90-degree EXIF rotation
+    (read_pair names that pair when it is read). Files whose headers cannot be read are left to
+    :func:`read_pair`, which names the problem.
     """
     found = []
     for pair in pairs:

@@ -496,16 +496,15 @@ def read_gain_baseline(spec: Any) -> Dict[str, Any]:
     return {"gain": [float(g) for g in gain], "source": source}
 
 
-def fit_global_gain(pairs: Sequence[Pair], where: str = "fit-gain") -> List[float]:
+def fit_global_gain(pairs: Sequence[Pair]) -> List[float]:
     """The three channel gains g minimising sum over all pixels of (g * input - background)^2.
 
     One least-squares gain per channel from the photo through glass to its clean layer, pooled
     over every pixel of every pair: the ``--gain-baseline`` row scores what correcting only the
     glass's overall tint and light loss achieves, so a model's gain over it is what it does beyond
-    that (the "global gain" row of the README's results). Pairs of two sizes raise one InputError naming
-    them all, begun with ``where``.
+    that (the "global gain" row of the README's results). The pairs are read as ``train fit-gain``
+    reads --real (``dereflect.train.data.read_real_pairs``, which names every pair of two sizes first).
     """
-    check_pair_sizes(pairs, where)  # every pair of two sizes named at once (``where`` begins the message)
     num = np.zeros(3)
     den = np.zeros(3)
     for pair in pairs:
