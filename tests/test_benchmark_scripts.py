@@ -83,3 +83,25 @@ def test_gpu_suite_refuses_bad_options_with_one_line_before_measuring(tmp_path, 
         err = capsys.readouterr().err
         assert err.startswith("gpu_suite: error: ") and wanted in err and "Traceback" not in err, err
     assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def test_temporal_video_prints_every_figure_of_the_readme_and_refuses_a_missing_folder(tmp_path, capsys):
+    import cv2
+    import numpy as np
+    from conftest import smooth_photo
+    from onnx_fixtures import make_crrn_export
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        cv2.imwrite(str(photos / f"{name}.png"), smooth_photo(rng, 240, 400))
+    model = make_crrn_export(tmp_path / "toy")
+    script = _script("temporal_video")
+    assert script.main(["--photos", str(photos), "--model", str(model)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].strip() for line in lines[1:]] == [
+        "static (40 frames, noise 2, mp4v)", "pan 1 px a frame", "pan 2 px a frame", "pan 4 px a frame",
+        "object (10 px a frame)", "cut (frame 20)"]
+    assert script.main(["--photos", str(tmp_path / "none")]) == 2
+    assert "not a folder of photos" in capsys.readouterr().err

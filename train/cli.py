@@ -124,7 +124,7 @@ def register(subparsers: Any) -> None:
     fit_gain = commands.add_parser(
         "fit-gain", help="fit the global-gain baseline (three channel gains) on real pairs, for dereflect eval")
     fit_gain.add_argument("--real", required=True, metavar="DIR",
-                          help="real pairs (blended/ + transmission_layer/), e.g. zhang89")
+                          help=f"real pairs, {REAL_LAYOUTS}, e.g. zhang89")
     fit_gain.add_argument("--real-holdout", metavar="FILE", default=None,
                           help="names to leave out (the validation split); default: none")
     fit_gain.add_argument("-o", "--out", required=True, metavar="FILE",
@@ -136,7 +136,7 @@ def register(subparsers: Any) -> None:
         description="For each real pair write (blended^g - clean^g)+ ^ (1/g): what the glass added, as an image "
                     "that training's --reflections adds to other photos (a real reflection's sharpness and "
                     "colour on many backgrounds).")
-    layers.add_argument("--real", required=True, metavar="DIR", help="real pairs (blended/ + transmission_layer/)")
+    layers.add_argument("--real", required=True, metavar="DIR", help=f"real pairs, {REAL_LAYOUTS}")
     layers.add_argument("--real-holdout", metavar="FILE", default=None,
                         help="names to leave out (the validation split); default: none")
     layers.add_argument("--gamma", type=float, default=2.2, help="the synthesis gamma (default: 2.2)")
@@ -177,6 +177,8 @@ CRITICS = ("paper", "lite")
 RUNS = Path("runs")
 #: --real-fraction's default: the share of the training samples taken from --real.
 REAL_FRACTION = 0.4
+#: What --real reads (read_real_pairs: every layout eval reads), for the help texts.
+REAL_LAYOUTS = "in any layout eval reads (blended/ + transmission_layer/, CEILNet triplets, SIR2)"
 
 
 def _add_lr_drop_option(parser: argparse.ArgumentParser) -> None:
@@ -260,7 +262,8 @@ def uses_transfer(args: argparse.Namespace) -> bool:
 
 def _common_options(parser: argparse.ArgumentParser, default_size: str, default_batch: int, size_rule: str) -> None:
     parser.add_argument("--data", action="append", required=True, metavar="DIR",
-                        help="photo folder (flat or VOC2012 with JPEGImages/); repeatable")
+                        help="folder of photos without reflections (flat or nested, or VOC2012 with JPEGImages/); "
+                             "repeatable")
     parser.add_argument("--reflections", action="append", metavar="DIR",
                         help="folder of real reflection layers used instead of synthetic ones; repeatable")
     parser.add_argument("--val", metavar="DIR",
@@ -289,7 +292,7 @@ def _common_options(parser: argparse.ArgumentParser, default_size: str, default_
                              "synthesis with colour matched to real pairs, L1 + gradient + feature loss, Adam "
                              "(default: transfer for --config lite, else paper)")
     parser.add_argument("--real", metavar="DIR",
-                        help="real pairs (blended/ + transmission_layer/) mixed into training, e.g. zhang89")
+                        help=f"real pairs, {REAL_LAYOUTS}, mixed into training, e.g. zhang89")
     parser.add_argument("--real-holdout", metavar="FILE",
                         help="names of --real pairs kept out of training (one per line), e.g. the validation "
                              "split train/splits/zhang89_val.txt (with --real)")
