@@ -410,6 +410,11 @@ def test_crrn_init_takes_a_crrn_checkpoint_of_the_same_network(photo_folder, tmp
     assert main(crrn(photo_folder, "--init", str(start), "--out", str(tmp_path / "b"))) == 0
     assert load_checkpoint(tmp_path / "b" / "final.safetensors").metadata["schedule"]["init"] == {
         "path": str(start), "step": 2, "kind": "crrn"}
+    # A resumed run keeps recording where its weights first came from.
+    resumed = crrn(photo_folder, "--resume", str(tmp_path / "b" / "final.safetensors"), "--out", str(tmp_path / "b"))
+    resumed[resumed.index("--steps") + 1] = "3"
+    assert main(resumed) == 0
+    assert load_checkpoint(tmp_path / "b" / "final.safetensors").metadata["schedule"]["init"]["path"] == str(start)
     capsys.readouterr()
     paper = crrn(photo_folder, "--init", str(start), "--out", str(tmp_path / "c"))
     paper[paper.index("lite-scratch")] = "paper"

@@ -363,6 +363,21 @@ def test_resuming_with_other_settings_lists_each_change_in_one_note(photo_folder
                      "optimiser.lr 0.0002 -> 0.001; optimiser.lr_drop_at none -> 2"]
 
 
+def test_changed_settings_read_a_mixs_sizes_and_pass_over_settings_an_older_checkpoint_lacks():
+    from dereflect.train.trainer import changed_settings
+
+    def mixed(size):  # --mix / --clean-fraction: the sizes sit in each part's recipe
+        return {"data_recipe": {"mix": [{"weight": 0.7, "recipe": {"size": [[size, size]]}},
+                                        {"weight": 0.3, "recipe": {"size": [[size, size]]}}]}}
+
+    assert changed_settings(mixed(64), mixed(96), {}) == ["size 64 -> 96"]
+    # A setting written since the checkpoint was (loss.vgg here) is not a change the user made.
+    old = {"loss": {"name": "rm2s-stage1", "l1": 0.4}}
+    new = {"loss": {"name": "rm2s-stage1", "l1": 0.4, "vgg": {"input": "none"}}}
+    assert changed_settings(old, new, {}) == []
+    assert changed_settings(old, {"loss": {"name": "rm2s-stage1", "l1": 0.5}}, {}) == ["loss.l1 0.4 -> 0.5"]
+
+
 # --------------------------------------------------------------------------- CRRN's GiN-alone phase
 
 

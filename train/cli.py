@@ -10,6 +10,7 @@ import functools
 import itertools
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -755,8 +756,15 @@ def _find_loss_vgg(args: argparse.Namespace) -> VGGFeatures:
         except ModelError:
             raise first from None
         which = "the offline VGG-16 (hed)" if vgg.normalize == "caffe" else "the ImageNet VGG-16"
-        print(f"note: VGG-19-BN weights not found; using {which} for the perceptual loss")
+        _say_once(f"note: VGG-19-BN weights not found; using {which} for the perceptual loss")
         return vgg
+
+
+def _say_once(text: str) -> None:
+    """Print a line from code that runs before the distributed context exists: once, on rank 0 of a torchrun
+    launch (its RANK), or in a run of its own."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, flush=True)
 
 
 def _note_hed_init(source: str) -> None:
@@ -765,9 +773,9 @@ def _note_hed_init(source: str) -> None:
 
     path = auto_weights_path("vgg16") if source == "auto" else None
     if path is not None and path.name == HED_FILE_NAME:
-        print("note: no ImageNet VGG-16 found; IiN starts from the offline HED VGG-16 (ImageNet VGG-16 fine-tuned "
-              "for edge detection; the paper's is ImageNet's: dereflect weights vgg --source torchvision --arch "
-              "vgg16)")
+        _say_once("note: no ImageNet VGG-16 found; IiN starts from the offline HED VGG-16 (ImageNet VGG-16 "
+                  "fine-tuned for edge detection; the paper's is ImageNet's: dereflect weights vgg --source "
+                  "torchvision --arch vgg16)")
 
 
 def load_init(reference: str) -> Checkpoint:
@@ -790,7 +798,7 @@ def load_init(reference: str) -> Checkpoint:
                          "or export folder")
     from dereflect.export.to_checkpoint import checkpoint_from_export
 
-    print(f"rebuilding a checkpoint from {reference} (as 'dereflect train from-export' does)", flush=True)
+    _say_once(f"rebuilding a checkpoint from {reference} (as 'dereflect train from-export' does)")
     with tempfile.TemporaryDirectory(prefix="dereflect-init-") as scratch:
         rebuilt, _ = checkpoint_from_export(reference, Path(scratch) / "init.safetensors")
         checkpoint = load_checkpoint(rebuilt)  # every tensor read into memory: the file can go

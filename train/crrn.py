@@ -106,6 +106,10 @@ class CRRNTask(Task):
         # What training_step runs: DistributedDataParallel once distributed.
         self._train_gin, self._train_model = self.model.gin, self.model
 
+    def carry_over(self, checkpoint: Checkpoint) -> None:
+        if self.init_source is None:
+            self.init_source = (checkpoint.metadata.get("schedule") or {}).get("init")
+
     def _init_from(self, checkpoint: Checkpoint) -> None:
         """The weights of a CRRN checkpoint of this very network (fine-tuning it as a new run), else IiN's from a
         lite RM2S stage 1 (:meth:`_init_from_stage1`)."""

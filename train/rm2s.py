@@ -77,6 +77,10 @@ class Stage1Task(Task):
         self.loss_weights = loss_weights or {}
         self._train_model = self.model  # what training_step runs: DistributedDataParallel once distributed
 
+    def carry_over(self, checkpoint: Checkpoint) -> None:
+        if self.init_source is None:
+            self.init_source = checkpoint.metadata.get("init")
+
     def _init_from(self, checkpoint: Checkpoint) -> None:
         """The network's weights from ``checkpoint``'s stage 1 (of a stage-1 or a stage-2 checkpoint: both hold
         it as ``stage1``), which must be this very network; the optimiser starts afresh."""
@@ -134,8 +138,7 @@ class Stage1Task(Task):
             # meant only for the features they were tuned on.
             loss = {"name": "rm2s-stage1", **self.loss_weights, "vgg": self.loss.perceptual.vgg.describe()}
             optimiser = {"name": "rmsprop", "lr": self.lr}
-        if self.lr_drop_at is not None:
-            optimiser["lr_drop_at"] = self.lr_drop_at
+        optimiser["lr_drop_at"] = self.lr_drop_at  # recorded when None too: a resume notes one set later
         extra = {"init": self.init_source} if self.init_source else {}
         return {"data_recipe": self.data_recipe, "loss": loss, "optimiser": optimiser, **extra}
 
@@ -299,8 +302,7 @@ class Stage2Task(Task):
         else:
             loss = {"name": "rm2s-stage2", **self.loss_weights, "vgg": self.loss.perceptual.vgg.describe()}
             optimiser = {"name": "rmsprop", "lr": self.lr}
-        if self.lr_drop_at is not None:
-            optimiser["lr_drop_at"] = self.lr_drop_at
+        optimiser["lr_drop_at"] = self.lr_drop_at  # recorded when None too: a resume notes one set later
         return {
             "data_recipe": self.data_recipe,
             "loss": loss,

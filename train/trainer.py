@@ -130,6 +130,10 @@ class Task:
     def set_step(self, step: int) -> None:
         """Called before every step, for tasks whose schedule changes with the step."""
 
+    def carry_over(self, checkpoint: Checkpoint) -> None:
+        """Called when a run resumes ``checkpoint``: keep what it records of the run's start (such as the
+        checkpoint an --init took its weights from), which this run's checkpoints record again."""
+
     def log_fields(self) -> Dict[str, Any]:
         """Extra fields of every log record (CRRN: the schedule's ``phase``)."""
         return {}
@@ -288,6 +292,7 @@ class Trainer:
             self.max_side = checkpoint.metadata.get("max_side")
         training = checkpoint.metadata.get("training", {})
         self.best_val = self._carried_best(training.get("best_val_loss"), training.get("val_set"))
+        self.task.carry_over(checkpoint)
         self._note_other_data(checkpoint)
         self._note_changed_options(checkpoint)
         self._note_later_checkpoints(checkpoint)
@@ -380,8 +385,9 @@ class Trainer:
             if step > checkpoint.step:
                 later.append(f"{path.name} (step {step})")
         if later:
+            shown = ", ".join(later[:6]) + (f" and {len(later) - 6} more" if len(later) > 6 else "")
             print(f"note: {self.run_dir} holds checkpoints further on than step {checkpoint.step} that this run "
-                  f"resumes from: {', '.join(later)}; last, best and final (and a stepN this run reaches) will be "
+                  f"resumes from: {shown}; last, best and final (and a stepN this run reaches) will be "
                   "overwritten by this run's, the others are left as they are")
 
     def save(self, name: str) -> Path:
@@ -690,6 +696,8 @@ def changed_settings(recorded: Dict[str, Any], task: Dict[str, Any], training: D
         for key in _differing_keys(recorded[section], task[section], f"{section}."):
             if key in _UNNOTED_TASK or any(key.startswith(f"{skip}.") for skip in _UNNOTED_TASK):
                 continue
+            if _lookup(recorded, key, _MISSING) is _MISSING:
+                continue  # a setting added since the checkpoint was written: not a change the user made
             changes.append(f"{key} {_shown(_lookup(recorded, key))} -> {_shown(_lookup(task, key))}")
     return changes
 
@@ -700,22 +708,27 @@ def _recipe_sizes(recipe: Any) -> str:
         return ""
     sizes = recipe.get("size")
     if sizes is None and isinstance(recipe.get("mix"), list) and recipe["mix"]:
-        first = recipe["mix"][0]
-        sizes = first.get("size") if isinstance(first, dict) else None
+        first = recipe["mix"][0]  # {"weight", "recipe": {...}}: every part has the run's sizes
+        inner = first.get("recipe") if isinstance(first, dict) else None
+        sizes = inner.get("size") if isinstance(inner, dict) else None
     if not isinstance(sizes, list):
         return ""
     return ",".join(str(h) if h == w else f"{h}x{w}" for h, w in (tuple(size) for size in sizes))
 
 
-def _lookup(record: Dict[str, Any], dotted: str) -> Any:
+_MISSING = object()
+
+
+def _lookup(record: Dict[str, Any], dotted: str, missing: Any = None) -> Any:
+    """The value at key path ``dotted`` ("loss.vgg.input", "mix.0.recipe"), else ``missing``."""
     value: Any = record
     for part in dotted.split("."):
-        if isinstance(value, dict):
-            value = value.get(part)
+        if isinstance(value, dict) and part in value:
+            value = value[part]
         elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
             value = value[int(part)]
         else:
-            return None
+            return missing
     return value
 
 
