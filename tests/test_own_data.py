@@ -168,8 +168,12 @@ def test_every_pair_of_two_sizes_is_named_in_one_error(tmp_path, capsys):
     crrn = make_crrn_export(tmp_path / "crrn")
     with pytest.raises(InputError, match=wanted):
         evaluate(crrn, root, progress=False)
-    # Held out, they are no bar.
+    # Held out, they are no bar; nor are validation pairs beyond --val-count, which are never read.
     assert RealPairs(root, size=64, exclude_names=["a", "c"]).names == ["b", "d"]
+    _resize_target(root, "a", (96, 128))  # back to the input's size: only c differs now
+    assert [pair.name for pair in GroundTruthPairs(root, count=2).pairs] == ["a", "b"]
+    with pytest.raises(InputError, match="1 of 3 pair"):
+        GroundTruthPairs(root, count=3)
 
 
 def test_an_exif_rotation_that_makes_a_pair_one_size_is_no_mismatch(tmp_path):

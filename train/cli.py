@@ -655,7 +655,7 @@ def build_datasets(args: argparse.Namespace, recipe: Recipe) -> RunData:
         except InputError:  # not a dataset with ground truth: photos to synthesise pairs from
             val_set = SyntheticPairs(root, val_recipe, seed=_val_seed(args), length=args.val_count)
         else:
-            val_set = _first_n(GroundTruthPairs(root, layout=layout, max_side=run_side(args)), args.val_count)
+            val_set = GroundTruthPairs(root, layout=layout, max_side=run_side(args), count=args.val_count)
     else:
         photos = find_images(args.data)
         held_out = [path for path in photos if prefix and path.name.startswith(prefix)]
@@ -710,14 +710,6 @@ def make_loaders(args: argparse.Namespace, data: RunData,
                                world_size=context.world_size)
     val_loader = make_loader(data.val, batch, shuffle=False, seed=_val_seed(args), workers=0, drop_last=False)
     return train_loader, (val_loader if context.is_main else None)
-
-
-def _first_n(dataset: Dataset, count: int) -> Dataset:
-    import torch.utils.data
-
-    if len(dataset) <= count:
-        return dataset
-    return torch.utils.data.Subset(dataset, range(count))
 
 
 def _load_loss_vgg(args: argparse.Namespace) -> VGGFeatures:

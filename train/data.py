@@ -763,7 +763,7 @@ class GroundTruthPairs(Dataset):
     training validates on pairs found exactly as the evaluation finds them. Each sample has
     ``input``, ``background``, ``reflection`` = ``clip(input - background, 0, 1)`` (CEILNet's
     label2 up to clipping) and ``name``. See :func:`fit_for_network` for ``size``,
-    ``multiple`` and ``max_side``.
+    ``multiple`` and ``max_side``; ``count`` keeps the first pairs only.
     """
 
     def __init__(
@@ -773,10 +773,13 @@ class GroundTruthPairs(Dataset):
         size: Optional[Union[int, Size]] = None,
         multiple: int = 32,
         max_side: Optional[int] = None,
+        count: Optional[int] = None,
     ):
         from dereflect.tools.datasets import check_pair_sizes, find_pairs
 
         self.layout, self.pairs = find_pairs(root, layout)
+        if count is not None:
+            self.pairs = self.pairs[:count]  # the first ``count`` pairs (--val-count): only those are checked and read
         check_pair_sizes(self.pairs, root)  # every pair of two sizes in one error, before training starts
         self.root = Path(root)
         self.size = size
