@@ -585,6 +585,15 @@ def is_free_folder(out: Path) -> bool:
     return not os.path.lexists(out) or (out.is_dir() and not out.is_symlink() and not any(out.iterdir()))
 
 
+def check_new_folder(out: Path) -> None:
+    """InputError unless ``out`` may become a new folder of outputs (a writable place, nothing there or an
+    empty folder: see :func:`is_free_folder`); commands that write a whole folder check it first."""
+    out = Path(out)
+    check_output_location(out, folder=True)
+    if not is_free_folder(out):
+        raise InputError(f"{out} exists and is not an empty folder; choose a new folder")
+
+
 def _put_in_place(staged: Path, out: Path, replace: bool) -> None:
     if is_free_folder(out):
         if out.is_dir():

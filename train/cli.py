@@ -1119,15 +1119,13 @@ def _check_same_stage1(path: str, resumed: Checkpoint) -> None:
 def run_synthesize(args: argparse.Namespace) -> int:
     require("torch", "train", "data synthesis")
     import numpy as np
-    from dereflect.imageio import check_output_location, is_free_folder, staged_folder, write_image
+    from dereflect.imageio import check_new_folder, staged_folder, write_image
     from tqdm import tqdm
 
     from .data import SyntheticPairs
 
     out = Path(args.out)
-    check_output_location(out, folder=True)
-    if not is_free_folder(out):
-        raise InputError(f"{out} exists and is not an empty folder; choose a new folder")
+    check_new_folder(out)
     for option, value, least in (("--count", args.count, 1), ("--seed", args.seed, 0)):
         if value < least:
             raise InputError(f"{option} must be at least {least}, got {value}")
@@ -1192,7 +1190,7 @@ def run_reflection_layers(args: argparse.Namespace) -> int:
     """One PNG per real pair (its reflection layer), written beside ``--out`` and renamed when complete."""
     require("torch", "train", "reflection layers")
     import numpy as np
-    from dereflect.imageio import check_output_location, is_free_folder, staged_folder, write_image
+    from dereflect.imageio import check_new_folder, staged_folder, write_image
     from dereflect.tools.datasets import read_name_list, read_pair
     from tqdm import tqdm
 
@@ -1200,9 +1198,7 @@ def run_reflection_layers(args: argparse.Namespace) -> int:
     from .synthesis import reflection_layer
 
     out = Path(args.out)
-    check_output_location(out, folder=True)
-    if not is_free_folder(out):
-        raise InputError(f"{out} exists and is not an empty folder; choose a new folder")
+    check_new_folder(out)
     if args.gamma <= 0:
         raise InputError(f"--gamma must be > 0, got {args.gamma:g}")
     _, pairs = read_real_pairs(args.real, read_name_list(args.real_holdout) if args.real_holdout else ())
