@@ -449,3 +449,16 @@ def test_a_free_folder_is_nothing_or_an_empty_folder(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "empty")
     assert is_free_folder(tmp_path / "none") and is_free_folder(tmp_path / "empty")
     assert not any(is_free_folder(tmp_path / name) for name in ("full", "file", "link"))
+
+
+def test_a_new_output_folder_must_be_free(tmp_path):
+    from dereflect.imageio import check_new_folder
+
+    check_new_folder(tmp_path / "new")  # nothing there
+    (tmp_path / "empty").mkdir()
+    check_new_folder(tmp_path / "empty")  # made for the purpose
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.png").write_bytes(b"mine")
+    with pytest.raises(InputError, match="exists and is not an empty folder; choose a new folder"):
+        check_new_folder(tmp_path / "full")
+    assert (tmp_path / "full" / "keep.png").read_bytes() == b"mine"
