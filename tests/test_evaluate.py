@@ -302,7 +302,18 @@ def test_evaluate_scores_baseline_and_model(crrn_dir, paired, tmp_path):
     assert data["protocol"]["resize"] == "native" and len(data["images"]) == 3
     assert data["images"][2]["model"]["ssimr"] is None
     assert data["mean"]["baseline"]["psnr"] == pytest.approx(report.mean("baseline")["psnr"])
+    # What a reader needs to repeat it: the runtime and precision, the weights' checksums, the machine,
+    # the data's whole path, and how many images the region metrics average.
+    from dereflect.manifest import load_manifest
+
+    manifest = load_manifest(crrn_dir)
+    assert data["model"]["runtime"].startswith("onnxruntime") and "fp32" in data["model"]["runtime"]
+    assert data["model"]["networks"] == {name: {"onnx": spec.onnx, "sha256": spec.sha256}
+                                         for name, spec in manifest.networks.items()}
+    assert data["machine"]["python"] and data["machine"]["opencv"] == cv2.__version__
+    assert data["data"]["dir"] == str(paired.resolve()) and data["region_images"] == 2
     markdown = (out / "report.md").read_text()
+    assert "- Region metrics (SSIMr, SIr): over 2 of 3 images (the others' region is empty)" in markdown
     assert BASELINE_LABEL in markdown and "toy-crrn" in markdown and "Resize protocol: native" in markdown
     assert "| | PSNR | SSIM | SI | SSIMr | SIr | s/image |" in markdown
     assert f"| a | 40x56 | {report.images[0].baseline['psnr']:.2f} | {report.images[0].model['psnr']:.2f} |" \

@@ -84,6 +84,7 @@ from dereflect.imageio import (
 )
 from dereflect.remover import at_strength
 from dereflect.stop_signals import StopSignals, exit_status
+from dereflect.tools.bench import machine_info
 from dereflect.tools.datasets import (
     LAYOUTS,
     Pair,
@@ -231,6 +232,13 @@ def describe_model(model: Any, source: Any = None) -> Dict[str, Any]:
     max_hw = getattr(model, "max_hw", None)
     if max_hw:
         info["max_side"] = int(max(max_hw))
+    if hasattr(model, "describe"):
+        # Where and at what precision the networks ran: fp16 and fp32 runs of one model score differently.
+        info["runtime"] = getattr(model.describe(), "text", None)
+    networks = getattr(manifest, "networks", None) or {}
+    if networks:
+        # Which weights were scored: the files' SHA-256 as the manifest checks them.
+        info["networks"] = {name: {"onnx": spec.onnx, "sha256": spec.sha256} for name, spec in networks.items()}
     training = ((getattr(manifest, "checkpoint", None) or {}).get("metadata") or {}).get("training")
     if training:
         info["training"] = training
@@ -311,6 +319,8 @@ class Report:
     sheet_columns: Optional[Tuple[str, ...]] = None
     #: photos (layout "photos") that could not be read and were skipped: one line each, naming the file
     skipped: List[str] = field(default_factory=list)
+    #: where it ran: OS, CPU, Python and library versions (``dereflect.tools.bench.machine_info``)
+    machine: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_label(self) -> str:
@@ -362,9 +372,16 @@ class Report:
                    if self.colour_fitted},
             },
             "gain_baseline": self.gain_baseline,
+            **({"region_images": self.region_images} if set(REGION_METRICS) & set(self.metrics) else {}),
+            "machine": self.machine,
             "images": [s.to_dict() for s in self.images],
             **({"skipped": list(self.skipped)} if self.skipped else {}),
         }
+
+    @property
+    def region_images(self) -> int:
+        """How many images the region metrics (SSIMr, SIr) are averaged over: those whose region is not empty."""
+        return sum(1 for s in self.images if s.model.get("ssimr") is not None)
 
     def to_json(self) -> str:
         return json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False) + "\n"
@@ -415,13 +432,17 @@ class Report:
                                                                if self.model.get("source") else ""),
             f"- Data: {d['dir']} (layout {d['layout']}, {d['images']} images"
             + (f", region masks {_masks_text(d['masks'])}" if d.get("masks") else "") + ")",
+            *([f"- Region metrics (SSIMr, SIr): over {self.region_images} of {len(self.images)} images (the others' "
+               "region is empty)"] if set(REGION_METRICS) & set(self.metrics) else []),
             f"- Resize protocol: {p['resize_description']}",
             f"- Network resolution: {p['network_resolution']}",
             f"- Metrics: {p['metrics']}" if self.ground_truth else
             "- Metrics: none (no ground truth); mean change |output - input| per pixel and channel",
             *([f"- Contact sheet: {REPORT_FILES['contact_sheet']} ({' | '.join(self.contact_columns)})"]
               if self.contact_sheet is not None else []),
-            f"- dereflect {__version__}, {self.created}",
+            f"- dereflect {__version__}, {self.created}"
+            + (f"; {self.model['runtime']}" if self.model.get("runtime") else "")
+            + (f"; {self.machine.get('cpu')}, Python {self.machine.get('python')}" if self.machine else ""),
             *([f"- **Partial**: stopped {p['stopped']}"] if p.get("stopped") else []),
             *([f"- **Skipped**: {len(self.skipped)} unreadable image(s), not in the means: "
                + "; ".join(self.skipped)] if self.skipped else []),
@@ -762,7 +783,8 @@ def evaluate(
     if report.skipped and not report.images and "stopped" not in report.protocol:
         raise InputError(f"{data_dir}: none of the {len(report.skipped)} image(s) could be read (see the warnings "
                          "above); nothing to look at")
-    report.data = {"dir": str(data_dir), "layout": used_layout, "images": len(report.images),
+    report.machine = machine_info()
+    report.data = {"dir": str(Path(data_dir).resolve()), "layout": used_layout, "images": len(report.images),
                    "masks": str(masks) if masks is not None else None, "limit": limit,
                    "names": str(names) if names is not None else None}
     if out_dir is not None:
