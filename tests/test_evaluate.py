@@ -717,3 +717,31 @@ def test_eval_replaces_an_earlier_report_only_with_overwrite(monkeypatch, crrn_d
     assert dereflect.cli.main(command + ["--overwrite", "--limit", "1", "--contact-images", "0"]) == 0
     assert sorted(path.name for path in out.iterdir()) == ["report.json", "report.md"]
     assert json.loads((out / "report.json").read_text())["data"]["images"] == 1
+
+
+def test_outputs_made_elsewhere_are_scored_as_a_models(paired, tmp_path, monkeypatch, capsys):
+    """--predictions: another method's results, one file per pair, scored by the same metrics and protocol."""
+    outputs = tmp_path / "theirs"
+    for name in ("a", "b", "c"):
+        _write(outputs / f"{name}.png", 0.9 * _read(paired / f"transmission_layer/{name}.png"))
+    report = evaluate(outputs, paired, predictions=True, resize="short:20", progress=False)
+    for scores, name in zip(report.images, ("a", "b", "c")):
+        truth = resize_short(_read(paired / f"transmission_layer/{name}.png"), 20)
+        theirs = resize_short(_read(outputs / f"{name}.png"), 20)
+        assert scores.model["psnr"] == pytest.approx(psnr(theirs, truth), abs=1e-6)
+    assert report.model["name"] == "theirs" and report.model["backend"] == "precomputed outputs"
+    (outputs / "c.png").unlink()
+    with pytest.raises(InputError, match="no output for pair 'c'"):
+        evaluate(outputs, paired, predictions=True, progress=False)
+    _write(outputs / "c.png", np.zeros((12, 12, 3), np.float32))
+    with pytest.raises(InputError, match="outputs must have their input's size"):
+        evaluate(outputs, paired, predictions=True, progress=False)
+    with pytest.raises(InputError, match="model options .*strength.* do not apply"):
+        evaluate(outputs, paired, predictions=True, strength=0.5, progress=False)
+    # The command: MODEL is the folder; a model option or --flicker is refused in one line.
+    monkeypatch.setattr(dereflect.cli, "COMMAND_MODULES", ("dereflect.tools.evaluate",))
+    _write(outputs / "c.png", 0.9 * _read(paired / "transmission_layer/c.png"))
+    assert dereflect.cli.main(["eval", str(outputs), "--predictions", "--data", str(paired), "--no-progress"]) == 0
+    assert "theirs on" in capsys.readouterr().out
+    assert dereflect.cli.main(["eval", str(outputs), "--predictions", "--data", str(paired), "--strength", "2"]) == 2
+    assert dereflect.cli.main(["eval", str(outputs), "--predictions", "--flicker"]) == 2

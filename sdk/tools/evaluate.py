@@ -57,6 +57,7 @@ a :class:`~dereflect.remover.Remover`.
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import json
 import math
 import os
@@ -77,6 +78,7 @@ from dereflect.errors import InputError, ModelError
 from dereflect.imageio import (
     as_float_rgb,
     check_output_location,
+    is_image_file,
     one_line_error,
     read_image,
     staged_file,
@@ -214,10 +216,41 @@ def load_model(model: Any, **options: Any) -> Any:
     return open_model(model, **options)
 
 
+class PredictionFolder:
+    """Outputs made elsewhere (another method's, a paper's released results), scored as a model's: the
+    output of pair NAME is ``DIR/NAME.*`` (SIR2's ``<subset>/NAME`` in a sub-folder), at the pair's own
+    size, resized by the same protocol as the pair."""
+
+    backend = "precomputed outputs"
+
+    def __init__(self, folder: PathLike) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise InputError(f"--predictions: {self.folder} is not a folder of outputs")
+        self.name = self.folder.name
+
+    def result(self, pair: Pair, image: np.ndarray, short: Optional[int]) -> Any:
+        """The output for ``pair`` as the model's result would be: ``background`` at ``image``'s size."""
+        from types import SimpleNamespace
+
+        stem = self.folder / pair.name
+        found = sorted(path for path in stem.parent.glob(f"{glob.escape(stem.name)}.*") if is_image_file(path))
+        if not found:
+            raise InputError(f"--predictions: no output for pair '{pair.name}' in {self.folder} "
+                             f"(expected {pair.name}.png or another image file named so)")
+        output = resize_short(read_image(found[0])[0], short)
+        if output.shape != image.shape:
+            raise InputError(f"--predictions: {found[0]} is {output.shape[0]}x{output.shape[1]} after the resize "
+                             f"protocol, the pair's input {image.shape[0]}x{image.shape[1]}: outputs must have "
+                             "their input's size")
+        return SimpleNamespace(background=output, scale=1.0)
+
+
 def describe_model(model: Any, source: Any = None) -> Dict[str, Any]:
     """What the report says about the model: name, method, backend, file and runtime limits."""
     manifest = getattr(model, "manifest", None)
-    path = None if source is None or hasattr(source, "remove_with_intermediates") else Path(source)
+    runs_itself = hasattr(source, "remove_with_intermediates") or isinstance(source, PredictionFolder)
+    path = None if source is None or runs_itself else Path(source)
     method = getattr(model, "method", None)
     info: Dict[str, Any] = {
         "name": getattr(manifest, "name", None) or getattr(model, "name", None)
@@ -741,6 +774,7 @@ def evaluate(
     progress: bool = True,
     stop: Optional[StopSignals] = None,
     overwrite: bool = False,
+    predictions: bool = False,
     **options: Any,
 ) -> Report:
     """Score ``model`` on ``data_dir`` beside the do-nothing baseline; see the module doc.
@@ -773,7 +807,10 @@ def evaluate(
     # Every pair of two sizes in one error before the model is loaded, not the first one mid-run.
     check_pair_sizes(pairs, data_dir)
     gains = read_gain_baseline(gain_baseline) if gain_baseline is not None else None
-    runner = load_model(model, **options)
+    if predictions and options:
+        raise InputError(f"--predictions scores outputs made elsewhere: model options ({', '.join(sorted(options))}) "
+                         "do not apply")
+    runner = PredictionFolder(model) if predictions else load_model(model, **options)
     try:
         report = _run(runner, describe_model(runner, model), pairs, short, masks is not None, auto_mask,
                       contact_images, progress, gains, stop, colour_fitted)
@@ -825,7 +862,8 @@ def _run(runner: Any, model_info: Dict[str, Any], pairs: List[Pair], short: Opti
             bar.write(f"dereflect: warning: skipping {skipped[-1]}", file=sys.stderr)
             continue
         start = time.perf_counter()
-        result = runner.remove_with_intermediates(image, colour_order="RGB")
+        result = (runner.result(pair, image, short) if isinstance(runner, PredictionFolder)
+                  else runner.remove_with_intermediates(image, colour_order="RGB"))
         seconds = time.perf_counter() - start
         background = as_float_rgb(result.background)
         if background.shape != image.shape:
@@ -916,6 +954,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--flicker", action="store_true",
                         help="also measure flicker on a generated sequence (a static scene under a moving "
                              "reflection), per frame and with temporal smoothing (dereflect.temporal)")
+    parser.add_argument("--predictions", action="store_true",
+                        help="MODEL is a folder of outputs made elsewhere (another method's results): the output "
+                             "of pair NAME is MODEL/NAME.* (SIR2: MODEL/<subset>/NAME.*), at its input's size; "
+                             "scored as a model's, with no model options (default: MODEL is a model)")
     parser.add_argument("--layout", default="auto", choices=LAYOUTS, help="dataset layout (default: auto)")
     parser.add_argument("--resize", default="native", metavar="native|short:N",
                         help="resize protocol: native resolution, or short side N px, e.g. short:420 "
@@ -945,9 +987,17 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run_eval)
 
 
+def _set_model_options(args: Any) -> Dict[str, Any]:
+    """The model options the command line set away from their defaults (refused with --predictions)."""
+    defaults = {"backend": None, "device": "auto", "precision": "auto", "large_image": "guided"}
+    return {key: value for key, value in model_options(args).items() if value != defaults.get(key)}
+
+
 def run_eval(args: Any) -> int:
     # Before the flicker measurement too: a bad option is one line before any work, not after it.
     check_options(args.limit, args.contact_images, args.out, args.overwrite)
+    if args.flicker and args.predictions:
+        raise InputError("--flicker runs a model on a generated sequence; --predictions has no model to run")
     if args.flicker:
         from dereflect.tools.flicker import measure_flicker
 
@@ -969,7 +1019,8 @@ def run_eval(args: Any) -> int:
                           limit=args.limit, out_dir=args.out, names=args.names, gain_baseline=args.gain_baseline,
                           colour_fitted=args.colour_fitted, contact_images=args.contact_images,
                           progress=not args.no_progress, stop=signals, overwrite=args.overwrite,
-                          **model_options(args))
+                          predictions=args.predictions,
+                          **(_set_model_options(args) if args.predictions else model_options(args)))
     print(f"{report.model_label} on {report.data['dir']} ({report.data['layout']}, {report.data['images']} "
           f"images, resize {report.protocol['resize']})")
     print(report.mean_table())
