@@ -745,3 +745,20 @@ def test_outputs_made_elsewhere_are_scored_as_a_models(paired, tmp_path, monkeyp
     assert "theirs on" in capsys.readouterr().out
     assert dereflect.cli.main(["eval", str(outputs), "--predictions", "--data", str(paired), "--strength", "2"]) == 2
     assert dereflect.cli.main(["eval", str(outputs), "--predictions", "--flicker"]) == 2
+
+
+def test_sir2_means_are_reported_per_subset_as_published_tables_give_them(crrn_dir, paired, tmp_path):
+    root = tmp_path / "SIR2"
+    _pair(root, "Solid/blended/s1.png", "Solid/transmission_layer/s1.png", seed=0)
+    _pair(root, "Solid/blended/s2.png", "Solid/transmission_layer/s2.png", seed=1)
+    _pair(root, "Wild/withgt/7/m.png", "Wild/withgt/7/g.png", seed=2)
+    report = evaluate(crrn_dir, root, out_dir=tmp_path / "out", progress=False)
+    assert report.subsets == {"Solid": 2, "Wild": 1}
+    solid = [s.model["psnr"] for s in report.images if s.name.startswith("Solid/")]
+    assert report.mean("model", "Solid")["psnr"] == pytest.approx(np.mean(solid))
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["subsets"]["Wild"]["images"] == 1
+    assert data["subsets"]["Solid"]["model"]["psnr"] == pytest.approx(np.mean(solid))
+    assert "## Mean per subset (input -> model)" in (tmp_path / "out" / "report.md").read_text()
+    # Pairs side by side in one folder: no subsets, no such table.
+    assert evaluate(crrn_dir, paired, progress=False).subsets == {}

@@ -216,6 +216,12 @@ def load_model(model: Any, **options: Any) -> Any:
     return open_model(model, **options)
 
 
+def _subset_of(name: str) -> Optional[str]:
+    """The sub-folder a pair's name starts with (SIR2's ``WildScene/54``: ``WildScene``), else None."""
+    head, sep, _ = name.partition("/")
+    return head if sep else None
+
+
 class PredictionFolder:
     """Outputs made elsewhere (another method's, a paper's released results), scored as a model's: the
     output of pair NAME is ``DIR/NAME.*`` (SIR2's ``<subset>/NAME`` in a sub-folder), at the pair's own
@@ -360,12 +366,13 @@ class Report:
         """The model's name, with its strength where that is not the model's own output (1)."""
         return self.model["name"] + at_strength(self.model.get("strength"))
 
-    def mean(self, row: str = "model") -> Dict[str, Optional[float]]:
+    def mean(self, row: str = "model", subset: Optional[str] = None) -> Dict[str, Optional[float]]:
         """Mean of each metric over the images where it is defined (``row``: "model", "baseline", "gain",
-        "model_fitted" or "baseline_fitted")."""
+        "model_fitted" or "baseline_fitted"); ``subset``: over that subset's images only (:attr:`subsets`)."""
+        images = [s for s in self.images if subset is None or _subset_of(s.name) == subset]
         out: Dict[str, Optional[float]] = {}
         for metric in self.metrics:
-            values = [getattr(s, row)[metric] for s in self.images
+            values = [getattr(s, row)[metric] for s in images
                       if getattr(s, row) is not None and getattr(s, row)[metric] is not None]
             out[metric] = float(np.mean(values)) if values else None
         return out
@@ -406,10 +413,25 @@ class Report:
             },
             "gain_baseline": self.gain_baseline,
             **({"region_images": self.region_images} if set(REGION_METRICS) & set(self.metrics) else {}),
+            **({"subsets": {subset: {"images": count,
+                                     "baseline": {k: _clean(v) for k, v in self.mean("baseline", subset).items()},
+                                     "model": {k: _clean(v) for k, v in self.mean("model", subset).items()}}
+                            for subset, count in self.subsets.items()}} if self.subsets else {}),
             "machine": self.machine,
             "images": [s.to_dict() for s in self.images],
             **({"skipped": list(self.skipped)} if self.skipped else {}),
         }
+
+    @property
+    def subsets(self) -> Dict[str, int]:
+        """Subset -> image count, for data sets whose pairs sit in sub-folders (SIR2's ``<subset>/NAME``):
+        published tables report each subset apart. Empty when there are none, or only one."""
+        counts: Dict[str, int] = {}
+        for scores in self.images:
+            subset = _subset_of(scores.name)
+            if subset is not None:
+                counts[subset] = counts.get(subset, 0) + 1
+        return counts if len(counts) > 1 else {}
 
     @property
     def region_images(self) -> int:
@@ -484,6 +506,7 @@ class Report:
             "",
             self.mean_table(),
             "",
+            *(self._subset_table() if self.subsets and self.ground_truth else []),
             "## Per image (input -> model)" if self.ground_truth else "## Per image",
             "",
         ]
@@ -499,6 +522,17 @@ class Report:
             cells = [f"{_fmt(m, s.baseline[m])} | {_fmt(m, s.model[m])}" for m in self.metrics]
             lines.append(f"| {s.name} | {s.height}x{s.width} | " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
+
+    def _subset_table(self) -> List[str]:
+        """Markdown lines: the mean per subset (input -> model), as published tables give SIR2's."""
+        labels = [METRIC_LABELS[m] for m in self.metrics]
+        lines = ["## Mean per subset (input -> model)", "",
+                 "| subset | images | " + " | ".join(labels) + " |", "|---" * (len(labels) + 2) + "|"]
+        for subset, count in self.subsets.items():
+            base, model = self.mean("baseline", subset), self.mean("model", subset)
+            lines.append(f"| {subset} | {count} | "
+                         + " | ".join(f"{_fmt(m, base[m])} -> {_fmt(m, model[m])}" for m in self.metrics) + " |")
+        return lines + [""]
 
     def write(self, out_dir: PathLike) -> Dict[str, Path]:
         """Write report.md, report.json and (when made) contact_sheet.png into ``out_dir``, replacing an
