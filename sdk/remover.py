@@ -647,6 +647,12 @@ class Remover:
         the conversion back to the input's type), with ``settings`` replacing the method's for it.
         ``timer`` times the method's stages and, for a frame larger than the networks take with the
         guided strategy, its "downscale" and "upsample" (what ``dereflect bench`` reports)."""
+        background = self.background_of(rgb, settings, timer)
+        return Layers(background=background, reflection=rgb - background)
+
+    def background_of(self, rgb: np.ndarray, settings: Any = None, timer: Timer = NULL_TIMER) -> np.ndarray:
+        """:meth:`process`'s background alone (a video frame's loop needs no reflection layer: one
+        frame-sized array less to fill per frame)."""
         if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.float32 and rgb.ndim == 3 and rgb.shape[2] == 3):
             # Only what costs nothing to check: remove() validates values too, process() is the fast path.
             what = f"{rgb.dtype} {'x'.join(map(str, rgb.shape))}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
@@ -656,7 +662,7 @@ class Remover:
         out = _Background(frame, strength=self.strength)
         with self._lock:
             self._process(frame, out, intermediates=False, settings=settings, timer=timer)
-        return Layers(background=out.array, reflection=rgb - out.array)
+        return out.array
 
     # -- public API -----------------------------------------------------------------------
 

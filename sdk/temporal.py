@@ -211,7 +211,7 @@ class VideoSession:
 
     def __init__(self, remover: Any, temporal: bool = True, alpha: float = DEFAULT_ALPHA,
                  reset_ratio: float = RESET_RATIO, motion_threshold: float = MOTION_THRESHOLD) -> None:
-        if not (hasattr(remover, "process") and hasattr(remover, "settings")):
+        if not (hasattr(remover, "background_of") and hasattr(remover, "settings")):
             raise InputError(f"VideoSession takes a Remover (for example Remover.load('crrn-lite')), "
                              f"not {type(remover).__name__}")
         if getattr(remover, "closed", False):
@@ -245,7 +245,7 @@ class VideoSession:
         rgb, info = to_float_rgb(frame, colour_order)
         if self.temporal:
             self._follow_stream(np.shape(frame), self.strength)
-        background = self.remover.process(rgb, settings=self.settings).background
+        background = self.remover.background_of(rgb, settings=self.settings)
         if self.change is not None and self.colour is not None:  # both or neither: temporal
             background = self.change(rgb, background)
             if self.change.moved_fraction > CUT_FRACTION:

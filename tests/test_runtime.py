@@ -1475,3 +1475,13 @@ def test_a_frame_within_one_strip_is_converted_once(crrn_dir, monkeypatch):
     # (OpenCV's resize with Intel IPP and the strips' own arithmetic differ in the last float digits.)
     assert np.abs(remover.remove(frame).astype(int) - whole).max() <= 1
     assert len(calls) > 3
+
+
+def test_background_of_is_process_without_the_reflection_layer(crrn_dir):
+    with Remover.load(crrn_dir) as remover:
+        rgb = np.random.default_rng(3).random((40, 56, 3), dtype=np.float32)
+        layers = remover.process(rgb)
+        np.testing.assert_array_equal(remover.background_of(rgb), layers.background)
+        np.testing.assert_allclose(layers.reflection, rgb - layers.background)
+        with pytest.raises(InputError, match="HxWx3 float32 RGB frame"):
+            remover.background_of(rgb.astype(np.float64))

@@ -205,7 +205,7 @@ class BenchPipeline:
     def run_frame(self, image: np.ndarray, timer: Timer) -> np.ndarray:
         """What ``remove`` runs for an HxWx3 float32 RGB frame (:meth:`Remover.process
         <dereflect.remover.Remover.process>`), each stage timed; returns the background."""
-        return self.remover.process(image, timer=timer).background
+        return self.remover.background_of(image, timer=timer)
 
     def timer(self) -> Timer:
         return self.remover.executor.timer()
