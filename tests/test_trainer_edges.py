@@ -388,9 +388,17 @@ def test_crrns_log_and_notes_say_when_gin_trains_alone(photo_folder, tmp_path, c
                  "--cache-mb", "0", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "note: step 1 (--gin-fraction 0.333) train GiN, the gradient network, alone: the background output " \
-           "does not train yet, so val_psnr stays flat until step 1" in printed
+           "does not train yet, so val_psnr stays flat through step 1" in printed
     assert "note: step 2 train the whole network (GiN's phase is over): val_psnr moves from here" in printed
     assert "note: step 3 train the whole network at a tenth of the rate" in printed
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [(record["step"], record.get("phase")) for record in log] == [
         (0, None), (1, "gin"), (2, "joint"), (3, "joint_low_lr")]
+    # Resumed inside GiN's phase (9 steps: GiN alone through step 3), the note starts where the run goes on.
+    first = tmp_path / "first"
+    common = ["train", "crrn", *PAPER, "--data", str(photo_folder), "--size", "64", "--batch-size", "2", "--workers",
+              "0", "--val-count", "2", "--val-every", "0", "--cache-mb", "0", "--out", str(first)]
+    assert main([*common, "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--steps", "9", "--resume", str(first / "final.safetensors")]) == 0
+    assert "note: steps 2-3 (--gin-fraction 0.333) train GiN" in capsys.readouterr().out

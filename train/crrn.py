@@ -175,13 +175,14 @@ class CRRNTask(Task):
             return None
         self._announced = self.phase
         ends = phase_ends(self.total_steps, self.gin_fraction)
-        first = {"gin": 1, "joint": ends["gin"] + 1, "joint_low_lr": ends["joint"] + 1}[self.phase]
+        # From the step about to run: a run resumed mid-phase has done the phase's earlier steps.
+        first = max(step + 1, {"gin": 1, "joint": ends["gin"] + 1, "joint_low_lr": ends["joint"] + 1}[self.phase])
         last = ends[self.phase]
         steps = f"step {first}" if first == last else f"steps {first}-{last}"
         if self.phase == "gin":
             return (f"note: {steps} (--gin-fraction {self.gin_fraction:.3g}) train GiN, the gradient "
-                    f"network, alone: the background output does not train yet, so val_psnr stays flat until step "
-                    f"{last}; log.jsonl's phase says which part trains")
+                    f"network, alone: the background output does not train yet, so val_psnr stays flat through "
+                    f"step {last}; log.jsonl's phase says which part trains")
         if self.phase == "joint":
             return f"note: {steps} train the whole network (GiN's phase is over): val_psnr moves from here"
         return f"note: {steps} train the whole network at a tenth of the rate (the paper's last epochs)"
