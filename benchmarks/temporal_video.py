@@ -18,7 +18,7 @@ prints, in 8-bit levels:
     python benchmarks/temporal_video.py --photos ../shared/data/dev/real45_inputs --model crrn-lite
 
 The first photo (sorted by name) is the scene, the second the moving object and the cut's target.
-One thread (OMP_NUM_THREADS=1 is set for ONNX Runtime's pool); the machine, date and load are printed.
+One thread (the model opens with threads=1); the machine, date and load are printed.
 """
 
 from __future__ import annotations
@@ -140,7 +140,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--model", default="crrn-lite",
                         help="a bundled model, an export or a checkpoint (default crrn-lite)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         lines = measure(args.model, args.photos)
     except DereflectError as exc:

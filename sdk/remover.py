@@ -656,7 +656,7 @@ class Remover:
         if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.float32 and rgb.ndim == 3 and rgb.shape[2] == 3):
             # Only what costs nothing to check: remove() validates values too, process() is the fast path.
             what = f"{rgb.dtype} {'x'.join(map(str, rgb.shape))}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
-            raise InputError(f"process takes an HxWx3 float32 RGB frame in [0, 1], not {what} "
+            raise InputError(f"process and background_of take an HxWx3 float32 RGB frame in [0, 1], not {what} "
                              "(dereflect.imageio.as_float_rgb converts an image; remove() takes any)")
         frame = _Frame(rgb, converted=True)
         out = _Background(frame, strength=self.strength)

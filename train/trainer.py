@@ -706,11 +706,8 @@ def _recipe_sizes(recipe: Any) -> str:
     """A data recipe's crop sizes as --size writes them ('64', '96x160,224x288'; '' when it records none)."""
     if not isinstance(recipe, dict):
         return ""
-    sizes = recipe.get("size")
-    if sizes is None and isinstance(recipe.get("mix"), list) and recipe["mix"]:
-        first = recipe["mix"][0]  # {"weight", "recipe": {...}}: every part has the run's sizes
-        inner = first.get("recipe") if isinstance(first, dict) else None
-        sizes = inner.get("size") if isinstance(inner, dict) else None
+    # A mix (--mix, --clean-fraction) records its parts as {"weight", "recipe"}, each at the run's sizes.
+    sizes = recipe.get("size") if "size" in recipe else _lookup(recipe, "mix.0.recipe.size")
     if not isinstance(sizes, list):
         return ""
     return ",".join(str(h) if h == w else f"{h}x{w}" for h, w in (tuple(size) for size in sizes))

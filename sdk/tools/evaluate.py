@@ -72,6 +72,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 from dereflect import __version__
+from dereflect.backends.base import BackendOptions
 from dereflect.cli import EXIT_OK, EXIT_SOME_FAILED
 from dereflect.cli_options import add_model_options, model_options
 from dereflect.errors import InputError, ModelError
@@ -84,7 +85,7 @@ from dereflect.imageio import (
     staged_file,
     write_image,
 )
-from dereflect.remover import at_strength
+from dereflect.remover import LARGE_IMAGE_STRATEGIES, at_strength
 from dereflect.stop_signals import StopSignals, exit_status
 from dereflect.tools.bench import machine_info
 from dereflect.tools.datasets import (
@@ -1023,7 +1024,10 @@ def register(subparsers: Any) -> None:
 
 def _set_model_options(args: Any) -> Dict[str, Any]:
     """The model options the command line set away from their defaults (refused with --predictions)."""
-    defaults = {"backend": None, "device": "auto", "precision": "auto", "large_image": "guided"}
+    # The defaults add_model_options gives them: a value left at its default was not asked for.
+    backend = BackendOptions()
+    defaults = {"backend": None, "device": backend.device, "precision": backend.precision,
+                "large_image": LARGE_IMAGE_STRATEGIES[0]}
     return {key: value for key, value in model_options(args).items() if value != defaults.get(key)}
 
 
